@@ -1,0 +1,34 @@
+"""Shared test set-up: puts the bundle root on sys.path (as ``monai.bundle run`` does) and names shared paths."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "unipet_bundle"
+SHARED_DIR = Path(os.environ.get("UNIPET_SHARED_DIR", REPO_ROOT.parent / "shared"))
+REAL_PET_DIR = SHARED_DIR / "data" / "real_pet" / "tcia_sts001_fdg_wb" / "FDG_PET" / "image"
+
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+# Small thread count: CI has 2 cores and the suite must stay deterministic and fast.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def bundle_root() -> Path:
+    return BUNDLE_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_pet_dir() -> Path:
+    """The real FDG series in ../shared. Missing in CI is a failure, not a skip: say how to fix it."""
+    if not REAL_PET_DIR.is_dir():
+        pytest.fail(
+            f"real PET series not found at {REAL_PET_DIR}: clone the project with ../shared beside it "
+            "or set UNIPET_SHARED_DIR to the shared folder"
+        )
+    return REAL_PET_DIR

@@ -1,0 +1,1 @@
+"""PET data tools: SUV conversion, simulation, paired-dataset layout, datalists, importers."""

@@ -1,0 +1,1 @@
+"""Ignite engines for two-stage UniPET training."""

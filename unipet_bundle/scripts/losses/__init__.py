@@ -1,0 +1,1 @@
+"""Losses: style alignment (L_align) and the region-aware adversarial terms (RALS)."""

@@ -1,0 +1,1 @@
+"""Networks: the UniPET generator (base denoising network + style alignment network) and the critic."""
