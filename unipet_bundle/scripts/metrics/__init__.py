@@ -1,0 +1,1 @@
+"""Image-quality metrics shared by the training validation handlers and the evaluation workflow."""

@@ -1,0 +1,176 @@
+"""PSNR, 3D SSIM, NRMSE and the texture-fidelity ratio, one implementation for training and evaluation.
+
+Conventions (design notes, section 2): metrics are computed on SUV clipped to ``[0, clip_max]`` with data
+range ``clip_max`` (20 SUV). The networks work in normalised units (SUV / 20); the same numbers come out
+when the inputs are normalised and ``clip_max = data_range = 1``, because every metric here is
+scale-invariant once the data range scales with the data.
+
+All functions take tensors shaped (B, C, X, Y, Z) and return one value per batch item, shape (B,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.metrics.regression import RegressionMetric
+from monai.utils import MetricReduction
+
+__all__ = [
+    "psnr",
+    "ssim3d",
+    "nrmse",
+    "local_std",
+    "texture_ratio",
+    "PSNRMetric",
+    "SSIM3DMetric",
+    "NRMSEMetric",
+]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).double()
+
+
+def _clip(x: torch.Tensor, clip_max: float | None) -> torch.Tensor:
+    return x if clip_max is None else x.clamp(0.0, clip_max)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 20.0, clip_max: float | None = 20.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``; identical volumes give ``inf``."""
+    mse = (_flat(_clip(pred, clip_max)) - _flat(_clip(target, clip_max))).pow(2).mean(dim=1)
+    out = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> +inf, no warning, no NaN
+    return out.float()
+
+
+def nrmse(pred: torch.Tensor, target: torch.Tensor, clip_max: float | None = 20.0) -> torch.Tensor:
+    """Normalised RMSE, ``||pred - target||_2 / ||target||_2`` (the "euclidean" normalisation); 0 when equal."""
+    p, t = _flat(_clip(pred, clip_max)), _flat(_clip(target, clip_max))
+    num = (p - t).pow(2).sum(dim=1).sqrt()
+    den = t.pow(2).sum(dim=1).sqrt()
+    return torch.where(num == 0, torch.zeros_like(num), num / den).float()
+
+
+def _gaussian_1d(win_size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    r = torch.arange(win_size, dtype=dtype, device=device) - (win_size - 1) / 2.0
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _separable_blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """'valid' Gaussian filtering of (N, 1, X, Y, Z) with a 1D kernel along each axis (3 cheap passes)."""
+    k = g.numel()
+    x = F.conv3d(x, g.view(1, 1, k, 1, 1))
+    x = F.conv3d(x, g.view(1, 1, 1, k, 1))
+    return F.conv3d(x, g.view(1, 1, 1, 1, k))
+
+
+def ssim3d(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float = 20.0,
+    clip_max: float | None = 20.0,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """3D SSIM with a ``win_size^3`` Gaussian window (sigma in voxels), mean over valid positions and channels.
+
+    Same definition as ``monai.metrics.SSIMMetric(spatial_dims=3, kernel_type="gaussian")`` but with a
+    separable window, so a whole-body volume costs seconds, not minutes, on a CPU.
+    Needs every spatial size >= ``win_size``.
+    """
+    if min(pred.shape[2:]) < win_size:
+        raise ValueError(f"SSIM needs spatial size >= {win_size}, got {tuple(pred.shape[2:])}")
+    b, c = pred.shape[:2]
+    x = _clip(pred, clip_max).double().reshape(b * c, 1, *pred.shape[2:])
+    y = _clip(target, clip_max).double().reshape(b * c, 1, *target.shape[2:])
+    g = _gaussian_1d(win_size, sigma, x.dtype, x.device)
+    mu_x, mu_y = _separable_blur(x, g), _separable_blur(y, g)
+    cov_scale = win_size**3 / (win_size**3 - 1)  # unbiased, as MONAI and skimage do
+    var_x = cov_scale * (_separable_blur(x * x, g) - mu_x**2)
+    var_y = cov_scale * (_separable_blur(y * y, g) - mu_y**2)
+    cov = cov_scale * (_separable_blur(x * y, g) - mu_x * mu_y)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.reshape(b, c, -1).mean(dim=(1, 2)).float()
+
+
+def local_std(x: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Local standard deviation in a ``window^3`` box (same shape as ``x``, replicate padding)."""
+    pad = window // 2
+    xp = F.pad(x.double(), (pad,) * 6, mode="replicate")
+    mean = F.avg_pool3d(xp, window, stride=1)
+    mean_sq = F.avg_pool3d(xp * xp, window, stride=1)
+    return (mean_sq - mean**2).clamp_min(0).sqrt().to(x.dtype)
+
+
+def texture_ratio(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Mean local std of ``pred`` over that of ``target`` inside ``mask`` (the RALS stylized region).
+
+    1.0 keeps the full-dose texture; below 1 means over-smoothing (style elimination). NaN when the mask
+    is empty for a batch item.
+    """
+    m = mask.bool()
+    sp, st = local_std(pred, window), local_std(target, window)
+    out = []
+    for i in range(pred.shape[0]):
+        mi = m[i]
+        if not mi.any():
+            out.append(torch.tensor(float("nan")))
+            continue
+        out.append((sp[i][mi].double().mean() / st[i][mi].double().mean()).float().cpu())
+    return torch.stack(out)
+
+
+class _PerItemMetric(RegressionMetric):
+    """MONAI cumulative metric returning one value per batch item (shape (B, 1)), for Ignite handlers."""
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__(reduction=reduction, get_not_nans=get_not_nans)
+
+    def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compute_metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._value(y_pred, y).reshape(-1, 1).to(y_pred.device)
+
+
+class PSNRMetric(_PerItemMetric):
+    """PSNR (dB) on data clipped to [0, clip_max] with ``data_range`` (SUV: 20/20; normalised: 1/1)."""
+
+    def __init__(self, data_range: float = 1.0, clip_max: float | None = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.data_range, self.clip_max = data_range, clip_max
+
+    def _value(self, y_pred, y):
+        return psnr(y_pred, y, self.data_range, self.clip_max)
+
+
+class SSIM3DMetric(_PerItemMetric):
+    """3D SSIM, 11^3 Gaussian window (sigma 1.5 voxels), on data clipped to [0, clip_max]."""
+
+    def __init__(self, data_range: float = 1.0, clip_max: float | None = 1.0, win_size: int = 11, sigma: float = 1.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.data_range, self.clip_max, self.win_size, self.sigma = data_range, clip_max, win_size, sigma
+
+    def _value(self, y_pred, y):
+        return ssim3d(y_pred, y, self.data_range, self.clip_max, self.win_size, self.sigma)
+
+
+class NRMSEMetric(_PerItemMetric):
+    """NRMSE ``||pred - target|| / ||target||`` on data clipped to [0, clip_max]."""
+
+    def __init__(self, clip_max: float | None = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clip_max = clip_max
+
+    def _value(self, y_pred, y):
+        return nrmse(y_pred, y, self.clip_max)
+
+
+def analytic_psnr(noise_std: float, data_range: float) -> float:
+    """PSNR of additive noise with standard deviation ``noise_std`` (for tests and sanity checks)."""
+    return 20.0 * math.log10(data_range / noise_std)
