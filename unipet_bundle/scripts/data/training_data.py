@@ -7,12 +7,11 @@ folder) or, when none is given, the same split computed on the fly from the pair
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
-
-from monai.data import load_decathlon_datalist
 
 from scripts.data.datalist import make_datalist
 from scripts.data.io import UniPETInputError
@@ -55,15 +54,17 @@ def paired_datalist(
         if not path.is_file():
             raise UniPETInputError(f"datalist {path} not found: write one with `python -m scripts.data.datalist` or leave datalist_file empty")
         try:
-            entries = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=split, base_dir=str(root))
-        except ValueError:  # MONAI raises when the key is absent
-            entries = []
+            content = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UniPETInputError(f"datalist {path} is not valid JSON ({exc}); re-create it with `python -m scripts.data.datalist`") from exc
+        # read by hand: MONAI's loader fails on an empty split and rewrites any value naming an existing path
+        entries = [dict(e) for e in content.get(split, [])]
     else:
         entries = make_datalist(root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)[split]
-        for e in entries:
-            for key in ("image", "label", "labels"):
-                if key in e:
-                    e[key] = str(root / e[key])
+    for e in entries:
+        for key in ("image", "label", "labels"):
+            if key in e and not Path(e[key]).is_absolute():
+                e[key] = str(root / e[key])
     if drfs:
         wanted = [float(d) for d in drfs]
         entries = [e for e in entries if any(abs(float(e["drf"]) - w) < 1e-6 for w in wanted)]

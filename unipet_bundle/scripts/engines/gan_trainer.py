@@ -280,8 +280,8 @@ class UniPETTrainer(Trainer):
                 Keys.PRED: pred.detach(),
                 Keys.LOSS: loss.item(),
                 "loss_l1": l1.item(),
-                "loss_align": float(align),
-                "loss_adv": float(adv),
+                "loss_align": float(align.detach()),
+                "loss_adv": float(adv.detach()),
             }
         )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

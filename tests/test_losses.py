@@ -1,0 +1,234 @@
+"""Unit tests for the UniPET losses: style alignment (L_align) and region-aware WGAN-GP (RALS)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.losses.align import StyleAlignmentLoss, instance_stats
+from scripts.losses.rals import (
+    DEFAULT_MASK_THRESHOLD,
+    RALSCriticLoss,
+    RALSGeneratorLoss,
+    normalised_threshold,
+    stylized_mask,
+)
+from scripts.networks.critic import PatchCritic
+from scripts.networks.unipet import UniPET
+
+SMALL = dict(channels=8, num_blocks=4, latent_dim=16, san_channels=(8, 8, 16, 16))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class LinearCritic(torch.nn.Module):
+    """``f(x) = <w, x>`` per sample: its input gradient is ``w`` everywhere, so GP = (||w|| - 1)^2 exactly."""
+
+    def __init__(self, shape: tuple[int, ...], norm: float) -> None:
+        super().__init__()
+        w = torch.randn(shape, dtype=torch.float64)
+        self.w = torch.nn.Parameter(w * norm / w.norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).flatten(1).sum(dim=1, keepdim=True)
+
+
+def _textured_half(shape=(1, 1, 16, 16, 16)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised-SUV volume: flat at 0.1 for x < 8, noisy (std 0.05) for x >= 8; and the textured half's mask."""
+    vol = torch.full(shape, 0.1)
+    vol[..., 8:] += 0.05 * torch.randn(*shape[:-1], shape[-1] - 8)
+    return vol, (torch.arange(shape[-1]) >= 8).float().expand(shape)
+
+
+# --- L_align ---------------------------------------------------------------------------------------
+
+
+def test_instance_stats_values():
+    feat = torch.randn(2, 3, 4, 5, 6) * 2 + 1
+    mean, std = instance_stats(feat, eps=1e-6)
+    assert mean.shape == std.shape == (2, 3)
+    flat = feat.flatten(2)
+    torch.testing.assert_close(mean, flat.mean(dim=2))
+    torch.testing.assert_close(std, torch.sqrt(flat.var(dim=2, unbiased=False) + 1e-6))
+    # Constant map: std is sqrt(eps), not NaN, and differentiable.
+    const = torch.ones(1, 1, 3, 3, 3, requires_grad=True)
+    _, s = instance_stats(const, eps=1e-6)
+    s.sum().backward()
+    assert torch.isfinite(const.grad).all()
+
+
+def test_align_loss_by_hand():
+    low = [torch.ones(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4)]
+    full = [3 * torch.ones(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4)]
+    # block 1: |1 - 3| on the mean, std equal; block 2: identical -> mean over 2 blocks = 1.
+    assert StyleAlignmentLoss()(low, full).item() == pytest.approx(1.0)
+    noisy = torch.randn(1, 2, 8, 8, 8) * 2.0
+    mean_n, std_n = instance_stats(noisy)
+    # vs a zero map (mean 0, std sqrt(eps)): mean |mean_n| + mean |std_n - sqrt(eps)|.
+    expected = mean_n.abs().mean() + (std_n - 1e-3).abs().mean()
+    assert StyleAlignmentLoss()([noisy], [torch.zeros_like(noisy)]).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="equally long"):
+        StyleAlignmentLoss()(low, full[:1])
+
+
+def test_align_loss_through_unipet_is_not_always_zero():
+    """The reference code fed the low-dose image to both branches, so L_align was 0: ours must not be."""
+    model = UniPET(use_san=True, **SMALL)
+    full, _ = _textured_half((2, 1, 16, 16, 16))
+    low = full + 0.1 * torch.randn_like(full)  # a noisier, lower-dose-like input
+    loss_fn = StyleAlignmentLoss()
+    _, feats_low = model.forward_with_features(low)
+    with torch.no_grad():
+        _, feats_full = model.forward_with_features(full)
+        _, feats_low_again = model.forward_with_features(low)
+    assert loss_fn(feats_low, feats_full).item() > 1e-3
+    assert loss_fn(feats_low, feats_low_again).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_align_loss_gradients_flow_from_low_dose_branch_only():
+    model = UniPET(use_san=True, **SMALL)
+    full, _ = _textured_half((1, 1, 16, 16, 16))
+    low = (full + 0.1 * torch.randn_like(full)).requires_grad_(True)
+    full = full.clone().requires_grad_(True)
+    # Both passes with autograd on: the loss itself must cut the full-dose branch.
+    _, feats_low = model.forward_with_features(low)
+    _, feats_full = model.forward_with_features(full)
+    loss = StyleAlignmentLoss()(feats_low, feats_full)
+    loss.backward()
+    assert full.grad is None
+    assert low.grad is not None and low.grad.abs().max() > 0
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["input_conv.weight"] is not None and grads["input_conv.weight"].abs().max() > 0
+    first_grad = grads["input_conv.weight"].clone()
+
+    # Same gradient as with the full-dose pass under no_grad: nothing leaked through the full branch.
+    model.zero_grad()
+    _, feats_low = model.forward_with_features(low.detach())
+    with torch.no_grad():
+        _, feats_full = model.forward_with_features(full.detach())
+    StyleAlignmentLoss()(feats_low, feats_full).backward()
+    torch.testing.assert_close(model.input_conv.weight.grad, first_grad)
+
+
+# --- stylized mask ------------------------------------------------------------------------------------
+
+
+def test_threshold_conversion():
+    assert normalised_threshold(0.001, 20.0) == pytest.approx(2.5e-6)
+    assert DEFAULT_MASK_THRESHOLD == pytest.approx(2.5e-6)
+    assert normalised_threshold(0.001, 1.0) == pytest.approx(0.001)
+    with pytest.raises(ValueError):
+        normalised_threshold(0.001, 0.0)
+
+
+def test_mask_zero_on_constant_and_set_on_texture():
+    const = torch.full((1, 1, 12, 12, 12), 0.5)  # a zero-padded variance would light up the borders
+    mask = stylized_mask(const)
+    assert mask.shape == const.shape and mask.dtype == const.dtype
+    assert mask.sum() == 0
+    vol, textured = _textured_half()
+    mask = stylized_mask(vol)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    # Flat half (away from the 3^3 boundary reach) is unmasked; the textured half is masked.
+    assert mask[..., :7].sum() == 0
+    assert mask[..., 8:].mean() > 0.95
+
+
+def test_mask_local_variance_matches_hand_value():
+    """A spike of height a in zeros: every interior 3^3 box holding it has var = a^2 * 26 / 729."""
+    a = 0.1
+    vol = torch.zeros(1, 1, 9, 9, 9, dtype=torch.float64)
+    vol[0, 0, 4, 4, 4] = a
+    var = a * a * 26 / 729
+    below = stylized_mask(vol, threshold=var * 0.999)
+    above = stylized_mask(vol, threshold=var * 1.001)
+    assert below.sum() == 27 and below[0, 0, 3:6, 3:6, 3:6].all()
+    assert above.sum() == 0
+    assert stylized_mask(vol, window=5, threshold=var * 0.999).sum() == 0  # 5^3 box dilutes it
+
+
+def test_mask_threshold_units():
+    """SUV volume with 0.001 SUV^2 == the same volume / 20 with the converted default threshold."""
+    g = torch.Generator().manual_seed(3)
+    ramp = torch.linspace(0.0, 0.08, 24, dtype=torch.float64)  # noise std in SUV grows along x
+    suv = 2.0 + torch.randn(1, 1, 24, 24, 24, generator=g, dtype=torch.float64) * ramp
+    mask_suv = stylized_mask(suv, threshold=0.001)
+    mask_norm = stylized_mask(suv / 20.0)
+    mask_kw = stylized_mask(suv / 20.0, threshold=0.001, suv_scale=20.0)
+    assert 0.1 < mask_suv.mean() < 0.9  # both flat and textured voxels: the comparison means something
+    torch.testing.assert_close(mask_norm, mask_suv, atol=0, rtol=0)
+    torch.testing.assert_close(mask_kw, mask_suv, atol=0, rtol=0)
+    # Using the SUV threshold on normalised data would mask nothing: the unit conversion matters.
+    assert stylized_mask(suv / 20.0, threshold=0.001).sum() == 0
+
+
+# --- RALS adversarial losses -------------------------------------------------------------------------
+
+
+def test_generator_adversarial_gradient_is_zero_outside_mask():
+    vol, _ = _textured_half()
+    mask = stylized_mask(vol)
+    critic = PatchCritic(channels=(4, 8))
+    fake = (vol + 0.02 * torch.randn_like(vol)).requires_grad_(True)
+    loss = RALSGeneratorLoss()(critic, fake, mask)
+    loss.backward()
+    assert fake.grad[mask == 0].abs().max() == 0
+    assert fake.grad[mask == 1].abs().max() > 0
+
+
+def test_critic_loss_ignores_flat_regions():
+    vol, _ = _textured_half()
+    mask = stylized_mask(vol)
+    critic = PatchCritic(channels=(4, 8))
+    fake = vol + 0.02 * torch.randn_like(vol)
+    loss_fn = RALSCriticLoss()
+    _, terms = loss_fn(critic, vol, fake, mask)
+    fake_changed = torch.where(mask == 0, fake + 5.0 * torch.randn_like(fake), fake)
+    real_changed = torch.where(mask == 0, vol - 3.0, vol)
+    _, terms2 = loss_fn(critic, real_changed, fake_changed, mask)
+    assert terms2["d_fake"] == terms["d_fake"]
+    assert terms2["d_real"] == terms["d_real"]
+
+
+def test_critic_loss_trains_critic_only():
+    vol, _ = _textured_half((2, 1, 16, 16, 16))
+    mask = stylized_mask(vol)
+    critic = PatchCritic(channels=(4, 8))
+    fake = (vol + 0.02 * torch.randn_like(vol)).requires_grad_(True)
+    loss, terms = RALSCriticLoss(gp_weight=10.0)(critic, vol, fake, mask)
+    assert torch.isfinite(loss)
+    assert set(terms) == {"d_real", "d_fake", "gradient_penalty", "wasserstein"}
+    assert terms["gradient_penalty"] > 0
+    torch.testing.assert_close(
+        loss.detach(), terms["d_fake"] - terms["d_real"] + 10.0 * terms["gradient_penalty"]
+    )
+    loss.backward()
+    assert fake.grad is None
+    assert all(p.grad is not None for p in critic.parameters())
+    assert critic.model[0].weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("norm, expected_gp", [(1.0, 0.0), (2.0, 1.0), (0.5, 0.25)])
+def test_gradient_penalty_of_linear_critic(norm, expected_gp):
+    shape = (1, 1, 6, 6, 6)
+    critic = LinearCritic(shape, norm)
+    real = torch.rand(3, *shape[1:], dtype=torch.float64)
+    fake = torch.rand(3, *shape[1:], dtype=torch.float64)
+    mask = torch.ones_like(real)
+    loss, terms = RALSCriticLoss(gp_weight=10.0)(critic, real, fake, mask)
+    assert terms["gradient_penalty"].item() == pytest.approx(expected_gp, abs=1e-10)
+    expected_w = (critic(real).mean() - critic(fake).mean()).item()
+    assert terms["wasserstein"].item() == pytest.approx(expected_w, rel=1e-9)
+    assert loss.item() == pytest.approx(-expected_w + 10.0 * expected_gp, rel=1e-9, abs=1e-9)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    critic = PatchCritic(channels=(4, 8))
+    x = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="one shape"):
+        RALSCriticLoss()(critic, x, x, torch.ones(1, 1, 16, 16, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        RALSGeneratorLoss()(critic, x, torch.ones(1, 1, 8, 16, 16))

@@ -1,0 +1,228 @@
+"""Unit tests for the UniPET networks: modulated conv, generator (BDN + SAN) and patch critic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.networks.critic import PatchCritic
+from scripts.networks.modulated_conv import ModulatedConv3d
+from scripts.networks.unipet import UniPET
+
+SMALL = dict(channels=8, num_blocks=4, latent_dim=16, san_channels=(8, 8, 16, 16))
+CPU_CONFIG = dict(channels=16, num_blocks=4, latent_dim=64, san_channels=(16, 32, 64, 64))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _perturb(model: torch.nn.Module, scale: float = 0.05, skip_san: bool = False) -> None:
+    """Add noise to every parameter so zero-initialised layers do not make comparisons trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if skip_san and (name.startswith("san.") or ".style_affine." in name):
+                continue
+            p.add_(scale * torch.randn_like(p))
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- ModulatedConv3d ---------------------------------------------------------------------------------
+
+
+def test_modconv_zero_style_is_conv_with_demodulated_weight():
+    conv = ModulatedConv3d(4, 6, 3)
+    x = torch.randn(2, 4, 7, 8, 9)
+    w = conv.weight
+    w_demod = w / torch.sqrt(w.pow(2).sum(dim=(1, 2, 3, 4), keepdim=True) + conv.eps)
+    expected = F.conv3d(x, w_demod, padding=1)
+    out_zero = conv(x, torch.zeros(2, 4))  # grouped, per-sample path
+    out_none = conv(x, None)  # shared-weight fast path
+    assert out_zero.shape == (2, 6, 7, 8, 9)
+    torch.testing.assert_close(out_zero, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_none, expected, atol=1e-5, rtol=1e-5)
+    # Demodulation must actually change the weights (the raw weight is not unit-norm).
+    assert (F.conv3d(x, w, padding=1) - expected).abs().max() > 1e-2
+
+
+def test_modconv_style_is_per_sample():
+    conv = ModulatedConv3d(4, 4, 3)
+    x = torch.randn(1, 4, 8, 8, 8).repeat(2, 1, 1, 1, 1)
+    style = torch.zeros(2, 4)
+    style[1] = torch.tensor([2.0, -0.5, 0.0, 1.0])
+    out = conv(x, style)
+    torch.testing.assert_close(out[0], conv(x[:1])[0], atol=1e-5, rtol=1e-5)
+    assert (out[1] - out[0]).abs().max() > 1e-2
+    # Per-sample weights by hand for sample 1.
+    w1 = conv.weight * (1 + style[1]).reshape(1, 4, 1, 1, 1)
+    w1 = w1 / torch.sqrt(w1.pow(2).sum(dim=(1, 2, 3, 4), keepdim=True) + conv.eps)
+    torch.testing.assert_close(out[1:], F.conv3d(x[1:], w1, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_modconv_demodulation_bounds_output_variance():
+    x = torch.randn(2, 16, 16, 16, 16)
+    style = 5.0 * torch.randn(2, 16)
+    std_demod = ModulatedConv3d(16, 16, 3, demodulate=True)(x, style).std().item()
+    std_raw = ModulatedConv3d(16, 16, 3, demodulate=False)(x, style).std().item()
+    assert 0.5 < std_demod < 2.0, std_demod
+    assert std_raw > 3.0, std_raw
+    # Without style, the non-demodulated init has unit gain too.
+    assert 0.5 < ModulatedConv3d(16, 16, 3, demodulate=False)(x).std().item() < 2.0
+
+
+def test_modconv_odd_sizes_and_bad_input():
+    conv = ModulatedConv3d(3, 5, 3)
+    assert conv(torch.randn(3, 3, 5, 7, 11), torch.randn(3, 3)).shape == (3, 5, 5, 7, 11)
+    assert ModulatedConv3d(3, 5, 5)(torch.randn(1, 3, 9, 6, 7)).shape == (1, 5, 9, 6, 7)
+    with pytest.raises(ValueError, match="style"):
+        conv(torch.randn(2, 3, 5, 5, 5), torch.randn(3, 3))
+    with pytest.raises(ValueError, match="input"):
+        conv(torch.randn(2, 4, 5, 5, 5))
+    with pytest.raises(ValueError, match="odd"):
+        ModulatedConv3d(3, 5, 4)
+
+
+# --- UniPET generator ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_san", [True, False])
+@pytest.mark.parametrize("size", [(16, 16, 16), (17, 19, 21), (5, 6, 7)])
+def test_unipet_shapes(use_san, size):
+    model = UniPET(use_san=use_san, **SMALL)
+    x = torch.rand(2, 1, *size)
+    out, feats = model.forward_with_features(x)
+    assert out.shape == x.shape
+    assert len(feats) == SMALL["num_blocks"]
+    assert all(f.shape == (2, SMALL["channels"], *size) for f in feats)
+    torch.testing.assert_close(model(x), out)
+
+
+def test_untrained_unipet_is_identity_and_output_conv_matters():
+    x = torch.rand(1, 1, 16, 16, 16)
+    torch.testing.assert_close(UniPET(**SMALL)(x), x)
+    assert (UniPET(zero_init_output=False, **SMALL)(x) - x).abs().max() > 1e-4
+
+
+def test_vanilla_has_no_san_parameters():
+    vanilla = UniPET(use_san=False, **SMALL)
+    names = [n for n, _ in vanilla.named_parameters()]
+    assert not any(n.startswith("san.") or "style_affine" in n for n in names)
+    assert vanilla.san_parameters() == []
+    with_san = UniPET(use_san=True, **SMALL)
+    assert len(with_san.san_parameters()) > 0
+    # use_san=True adds parameters and adds nothing else: BDN parameter names are identical.
+    bdn_names = {n for n, _ in with_san.named_parameters() if not (n.startswith("san.") or "style_affine" in n)}
+    assert bdn_names == set(names)
+
+
+def test_parameter_counts_match_docstring():
+    assert _n_params(UniPET()) == 2_343_909
+    assert _n_params(UniPET(use_san=False)) == 1_774_017
+    assert _n_params(UniPET(**CPU_CONFIG)) == 98_109
+    assert _n_params(UniPET(use_san=False, **CPU_CONFIG)) == 56_305
+    doc = UniPET.__doc__
+    for n in ("2,343,909", "1,774,017", "98,109", "56,305"):
+        assert n in doc
+
+
+def test_latent_to_block_mapping_uses_every_stage():
+    assert UniPET(**{**SMALL, "num_blocks": 8}).latent_index == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert UniPET(**{**SMALL, "num_blocks": 5}).latent_index == [0, 0, 1, 2, 3]
+    assert UniPET(use_san=False, **SMALL).latent_index == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="num_blocks"):
+        UniPET(**{**SMALL, "num_blocks": 3})
+
+
+def test_stage2_starts_from_stage1_function():
+    """Zero-initialised style affines: SAN switched on == the stage-1 BDN it was loaded from."""
+    stage1 = UniPET(use_san=False, zero_init_output=False, **SMALL)
+    _perturb(stage1)
+    x = torch.rand(2, 1, 16, 16, 16)
+    expected = stage1(x)
+
+    stage2 = UniPET(use_san=True, **SMALL)
+    _perturb(stage2, skip_san=True)  # BDN weights differ until loaded; SAN keeps its own init
+    missing = stage2.load_bdn_state_dict(stage1.state_dict())
+    assert missing and all(k.startswith("san.") or "style_affine" in k for k in missing)
+    out, feats1 = stage2.forward_with_features(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    # Plain load_state_dict(strict=False) works the same, DDP prefix is stripped by the helper.
+    stage2b = UniPET(use_san=True, **SMALL)
+    stage2b.load_state_dict(stage1.state_dict(), strict=False)
+    torch.testing.assert_close(stage2b(x), expected, atol=1e-5, rtol=1e-5)
+    stage2c = UniPET(use_san=True, **SMALL)
+    stage2c.load_bdn_state_dict({"module." + k: v for k, v in stage1.state_dict().items()})
+    torch.testing.assert_close(stage2c(x), expected, atol=1e-5, rtol=1e-5)
+
+    # Negative control: once the affines move, the SAN changes the output (and per sample).
+    with torch.no_grad():
+        for block in stage2.blocks:
+            block.style_affine.weight.normal_(0, 0.5)
+    assert (stage2(x) - expected).abs().max() > 1e-4
+
+
+def test_load_bdn_state_dict_rejects_mismatch():
+    with pytest.raises(KeyError, match="checkpoint"):
+        UniPET(use_san=False, **SMALL).load_bdn_state_dict(UniPET(use_san=True, **SMALL).state_dict())
+    bigger = UniPET(use_san=False, **{**SMALL, "num_blocks": 5})
+    with pytest.raises(KeyError, match="checkpoint"):
+        UniPET(use_san=True, **SMALL).load_bdn_state_dict(bigger.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("use_san", [True, False])
+def test_unipet_torchscript_matches_eager(use_san):
+    model = UniPET(use_san=use_san, **SMALL).eval()
+    _perturb(model)
+    scripted = torch.jit.script(model)
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        eager_out, eager_feats = model.forward_with_features(x)
+        ts_out, ts_feats = scripted.forward_with_features(x)
+        assert (scripted(x) - model(x)).abs().max() < 1e-5
+    assert (ts_out - eager_out).abs().max() < 1e-5
+    assert len(ts_feats) == len(eager_feats)
+    assert max((a - b).abs().max().item() for a, b in zip(ts_feats, eager_feats)) < 1e-5
+
+
+def test_one_step_reduces_l1_on_toy_denoising():
+    g = torch.Generator().manual_seed(1)
+    coords = torch.linspace(0, 1, 16)
+    zz, yy, xx = torch.meshgrid(coords, coords, coords, indexing="ij")
+    clean = (0.2 + 0.3 * torch.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2 + (zz - 0.5) ** 2) / 0.05))
+    clean = clean.expand(2, 1, 16, 16, 16)
+    noisy = clean + 0.05 * torch.randn(clean.shape, generator=g)
+    model = UniPET(use_san=True, **SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the published optimiser and lr
+    before = F.l1_loss(model(noisy), clean)
+    before.backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        after = F.l1_loss(model(noisy), clean)
+    assert after < 0.999 * before, (before.item(), after.item())
+
+
+# --- PatchCritic ----------------------------------------------------------------------------------
+
+
+def test_critic_shapes_and_structure():
+    critic = PatchCritic(channels=(4, 8, 16, 32))
+    assert critic(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1, 2, 2, 2)
+    assert critic(torch.randn(1, 1, 64, 48, 33)).shape == (1, 1, 4, 3, 2)
+    norms = [m for m in critic.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert len(norms) == 3 and all(n.affine for n in norms)
+    assert critic.min_size == 32
+    # Published size on a small patch.
+    assert PatchCritic()(torch.randn(1, 1, 32, 32, 32)).shape == (1, 1, 2, 2, 2)
+
+
+def test_critic_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=">= 16"):
+        PatchCritic(channels=(4, 8, 16, 32))(torch.randn(1, 1, 15, 32, 32))

@@ -1,0 +1,237 @@
+"""Two-stage UniPET training: the trainer's logic in-process, and tiny runs through `monai.bundle run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from conftest import BUNDLE_ROOT
+from scripts.data.io import save_nifti
+from scripts.engines.checkpoint import load_checkpoint
+from scripts.engines.gan_trainer import UniPETTrainer
+from scripts.losses.align import StyleAlignmentLoss
+from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, stylized_mask
+from scripts.networks.critic import PatchCritic
+from scripts.networks.unipet import UniPET
+
+TINY = [
+    "--channels", "4", "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]",
+    "--critic_channels", "[4,8]", "--patch_size", "[16,16,16]", "--batch_size", "1", "--num_samples", "2",
+    "--sw_batch_size", "4", "--val_max_items", "2", "--log_interval", "1", "--save_interval", "1",
+]
+
+
+def make_pairs(root: Path, n_subjects: int = 3, shape=(24, 24, 20), drfs=(4, 20), seed: int = 0) -> Path:
+    """Tiny smooth 'activity' volumes with DRF-scaled noise, in the paired layout (SUV)."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    for s in range(n_subjects):
+        act = gaussian_filter(rng.random(shape), 2) * 10
+        act = np.where(act > 4.5, act, 0.2)
+        save_nifti(act + rng.normal(0, 0.05, shape), affine, root / f"sub{s}" / "full_dose.nii.gz")
+        for d in drfs:
+            save_nifti(act + rng.normal(0, 0.05 * np.sqrt(d), shape), affine, root / f"sub{s}" / f"drf_{d}.nii.gz")
+    return root
+
+
+def bundle_run(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer, in-process
+# --------------------------------------------------------------------------------------------------
+class RecordingCriticLoss(RALSCriticLoss):
+    """Records what the critic was shown as real and fake."""
+
+    def __init__(self):
+        super().__init__(gp_weight=10.0)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, critic, real, fake, mask):
+        self.calls.append((real.detach().clone(), fake.detach().clone()))
+        return super().forward(critic, real, fake, mask)
+
+
+def _params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module_params) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, module_params))
+
+
+@pytest.fixture()
+def tiny_setup():
+    torch.manual_seed(0)
+    gen = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    critic = PatchCritic(channels=(4, 8))
+    low = torch.rand(2, 1, 16, 16, 16) * 0.3
+    full = low + 0.2  # distinguishable from the input: "real" must be this one
+    batches = [{"image": low, "label": full}] * 50
+    return gen, critic, batches, low, full
+
+
+def _trainer(gen, critic, batches, stage1, total, pretrain, recorder=None):
+    return UniPETTrainer(
+        device="cpu", max_epochs=1, epoch_length=total, train_data_loader=batches, generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage1_iterations=stage1,
+        align_loss=StyleAlignmentLoss(), critic_loss=recorder or RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x), critic_pretrain_iterations=pretrain,
+    )
+
+
+def test_stage1_trains_base_network_only(tiny_setup):
+    gen, critic, batches, _, _ = tiny_setup
+    san_before, critic_before = [p.detach().clone() for p in gen.san_parameters()], _params(critic)
+    bdn_before = gen.input_conv.weight.detach().clone()
+    trainer = _trainer(gen, critic, batches, stage1=3, total=3, pretrain=0)
+    trainer.run()
+    out = trainer.state.output
+    assert out["stage"] == 1 and "loss_l1" in out and "loss_adv" not in out
+    assert not torch.equal(bdn_before, gen.input_conv.weight.detach()), "stage 1 must train the BDN"
+    assert not _changed(san_before, gen.san_parameters()), "stage 1 must leave the SAN at zero style"
+    assert not _changed(critic_before, critic.parameters()), "stage 1 must not touch the critic"
+
+
+def test_stage2_shows_critic_full_dose_as_real_and_pretrains_it(tiny_setup):
+    gen, critic, batches, low, full = tiny_setup
+    recorder = RecordingCriticLoss()
+    trainer = _trainer(gen, critic, batches, stage1=0, total=2, pretrain=1, recorder=recorder)
+    gen_before, critic_before = _params(gen), _params(critic)
+    # after one iteration (critic pre-training) the generator is untouched, the critic is not
+    trainer.state.max_epochs = 1
+    trainer.state.epoch_length = 1
+    trainer.run()
+    assert trainer.state.output["stage"] == 2
+    assert not _changed(gen_before, gen.parameters()), "critic pre-training must not update the generator"
+    assert _changed(critic_before, critic.parameters())
+    real, fake = recorder.calls[0]
+    assert torch.equal(real, full), "the critic must see the full dose as real (not the low-dose input)"
+    assert not torch.equal(real, low)
+    assert fake.shape == full.shape
+
+
+def test_stage2_joint_step_updates_san_and_logs_all_terms(tiny_setup):
+    gen, critic, batches, _, _ = tiny_setup
+    with torch.no_grad():  # a non-zero style so SAN gradients are not all zero by construction
+        for p in gen.san_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    san_before = [p.detach().clone() for p in gen.san_parameters()]
+    trainer = _trainer(gen, critic, batches, stage1=1, total=3, pretrain=1)
+    trainer.run()
+    out = trainer.state.output
+    for key in ("loss", "loss_l1", "loss_align", "loss_adv", "loss_critic", "critic_gradient_penalty", "critic_wasserstein"):
+        assert key in out and np.isfinite(out[key]), key
+    assert out["loss_align"] > 0, "L_align must be non-zero when low- and full-dose differ"
+    assert _changed(san_before, gen.san_parameters()), "stage 2 must train the SAN"
+
+
+def test_stage2_needs_a_critic(tiny_setup):
+    gen, _, batches, _, _ = tiny_setup
+    with pytest.raises(ValueError, match="critic"):
+        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=2, train_data_loader=batches, generator=gen,
+                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=1)
+
+
+def test_mask_fn_from_config_units():
+    # the train.json mask: the reference 0.001 SUV^2 threshold applied to data normalised by 20
+    x = torch.zeros(1, 1, 8, 8, 8)
+    x[..., 2:6, 2:6, 2:6] = torch.rand(4, 4, 4) * 0.5
+    m = stylized_mask(x, threshold=0.001 / 400)
+    assert 0 < m.mean() < 1
+
+
+# --------------------------------------------------------------------------------------------------
+# through monai.bundle run
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundle_training_run_id_end_to_end(tmp_path):
+    data = make_pairs(tmp_path / "pairs")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    proc = bundle_run(["training", "--config_file", "configs/train.json", "--dataset_dir", str(data),
+                       "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--epochs", "2", "--epoch_length", "2",
+                       "--val_interval", "1", "--critic_pretrain_iterations", "1", "--val_fraction", "0.34", *TINY])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for name in ("checkpoint_latest.pt", "model_stage1.pt", "model.pt"):
+        assert (ckpt / name).is_file(), f"{name} missing; log tail: {log[-2000:]}"
+    assert list((out / "tensorboard").glob("events.out.tfevents*")), "no TensorBoard event file"
+    for term in ("loss_l1", "loss_align", "loss_adv", "loss_critic", "val_psnr", "val_ssim", "val_nrmse"):
+        assert term in log, f"{term} not logged"
+    state = load_checkpoint(ckpt / "checkpoint_latest.pt")
+    assert state["trainer"]["iteration"] == 4
+    # the best stage-2 weights load into the inference network
+    net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    net.load_state_dict(load_checkpoint(ckpt / "model.pt"))
+
+
+@pytest.mark.slow
+def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
+    data = make_pairs(tmp_path / "pairs", n_subjects=2)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    common = ["--config_file", "configs/train.json", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt),
+              "--output_dir", str(out), "--epoch_length", "2", "--val_interval", "5", "--val_fraction", "0",
+              "--critic_pretrain_iterations", "1", "--stage1_epochs", "1", *TINY]
+    first = bundle_run([*common, "--epochs", "1"])
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert load_checkpoint(ckpt / "checkpoint_latest.pt")["trainer"]["iteration"] == 2
+    second = bundle_run([*common, "--epochs", "2"])
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "iteration 2" in log
+    state = load_checkpoint(ckpt / "checkpoint_latest.pt")
+    assert state["trainer"]["iteration"] == 4
+    assert "loss_adv" in log, "the resumed epoch is stage 2"
+
+
+def test_published_size_override_parses():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / "train.json"), str(BUNDLE_ROOT / "configs" / "published_size.json")])
+    net = parser.get_parsed_content("network_def")
+    assert net.channels == 64 and net.num_blocks == 8 and net.latent_dim == 256
+    assert parser.get_parsed_content("patch_size") == [64, 64, 64]
+    assert parser.get_parsed_content("stage1_iterations") == 150 * 1000
+
+
+def test_training_alias_matches_run():
+    cfg = json.loads((BUNDLE_ROOT / "configs" / "train.json").read_text())
+    assert cfg["training"] == "$@run"
+    assert cfg["run"] == ["$@train#trainer.run()"]
+
+
+@pytest.mark.slow
+def test_multi_process_cpu_training_gloo(tmp_path):
+    data = make_pairs(tmp_path / "pairs", n_subjects=3)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+           "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--epochs", "2",
+           "--epoch_length", "2", "--val_interval", "1", "--critic_pretrain_iterations", "1",
+           "--val_fraction", "0.34", *TINY]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("UniPETTrainer - INFO - Engine run resuming from iteration 0") == 2, "expected two ranks"
+    for name in ("checkpoint_latest.pt", "model_stage1.pt", "model.pt"):
+        assert (ckpt / name).is_file(), name
+    state = load_checkpoint(ckpt / "checkpoint_latest.pt")
+    assert state["trainer"]["iteration"] == 4
+    # DDP state dicts are saved unwrapped: they load into a plain network
+    net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    net.load_state_dict(state["generator"])

@@ -1,0 +1,667 @@
+"""PET DICOM series -> body-weight SUV volume (NIfTI + JSON sidecar), and SUV -> Bq/mL back.
+
+Physics (body-weight SUV, as in the QIBA/UPICT SUV pseudo-code)::
+
+    SUVbw = C * suv_factor,   suv_factor = weight_g / decayed_dose_Bq   [g/mL per Bq/mL]
+
+with C the activity concentration in Bq/mL (Units BQML, after the per-slice RescaleSlope/Intercept)
+and ``decayed_dose = RadionuclideTotalDose * 2 ** (-(t_ref - t_inj) / RadionuclideHalfLife)``.
+
+- DecayCorrection START: the images are decay corrected to the series reference time, so the dose is
+  decayed from injection to that time. The reference time is SeriesDate/SeriesTime, unless an
+  AcquisitionDate/AcquisitionTime of the series is earlier (some scanners reset SeriesTime when a
+  series is re-created after the scan) or SeriesTime is missing: then the earliest acquisition time.
+- DecayCorrection ADMIN: the images are decay corrected to the administration time: no dose decay.
+- DecayCorrection NONE: refused. Each bed/slice would need its own decay factor (one SUV factor for the
+  whole volume would be wrong by up to tens of per cent); decay-correct the series on the scanner, or
+  pass ``suv_factor`` if a single factor is acceptable to you.
+- Injection time: RadiopharmaceuticalStartDateTime if present, else RadiopharmaceuticalStartTime on the
+  reference date (SeriesDate). A time-only injection later in the day than the reference time means
+  the injection was the day before (midnight crossing). Time-zone offsets are ignored: all times are
+  taken as scanner local time.
+- Units BQML: SUV factor from the tags above. GML: already SUVbw, factor 1. CNTS or anything else:
+  refused unless ``suv_factor`` is given (it then multiplies the pixel values as they are).
+- The dose is RadionuclideTotalDose in Bq (no residual-activity correction; DICOM has no standard tag).
+
+Never logged or written: PatientName, PatientID or any other identifier of the patient.
+
+CLI (from the bundle root)::
+
+    python -m scripts.data.suv --dicom_dir PET_DIR --output suv.nii.gz        # + suv.json sidecar
+    python -m scripts.data.suv --suv_nifti pred.nii.gz --sidecar suv.json --output pred_bqml.nii.gz
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from scripts.data.dicom_series import DicomVolume, select_series, stack_series
+from scripts.data.io import (
+    UniPETInputError,
+    atomic_write_json,
+    check_output_path,
+    load_nifti,
+    nifti_stem,
+    save_nifti,
+)
+
+__all__ = [
+    "PETSeries",
+    "SUVError",
+    "bqml_to_suv",
+    "compute_suv_factor",
+    "convert_dicom_to_suv",
+    "convert_suv_to_bqml",
+    "read_pet_series",
+    "scan_reference_datetime",
+    "sidecar_path",
+    "suv_to_bqml",
+]
+
+logger = logging.getLogger(__name__)
+
+SUV_FACTOR_UNITS = "g/mL per Bq/mL"
+_UNIT_ALIASES = {"SUV": "GML", "SUVBW": "GML", "G/ML": "GML", "BQ/ML": "BQML"}
+_SUV_FACTOR_HINT = "pass --suv_factor F (SUV = F x pixel value) or --units SUV if the pixels are already SUV"
+# Plausibility ranges: outside them the value is kept but flagged (a physicist decides), since
+# unit slips (dose in MBq, weight in g or lb) are the common SUV errors.
+_WEIGHT_KG_RANGE = (1.0, 350.0)
+_DOSE_BQ_RANGE = (1e6, 5e10)
+_MAX_DECAY_TIME_S = 24 * 3600.0
+
+
+class SUVError(UniPETInputError):
+    """A PET series whose SUV factor cannot be computed from its tags (the message names the tag and the fix)."""
+
+
+# ---------------------------------------------------------------------------------------------- time
+
+
+def _text(value: Any) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _parse_date(value: Any) -> date | None:
+    text = _text(value).replace(".", "").replace("-", "")
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def _parse_time(value: Any) -> time | None:
+    """DICOM TM ``HHMMSS.FFFFFF`` (minutes/seconds optional); the old ``HH:MM:SS`` form is accepted too."""
+    text = _text(value).replace(":", "")
+    m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", text)
+    if not m:
+        return None
+    hh, mm, ss, frac = m.groups()
+    try:
+        return time(int(hh), int(mm or 0), min(int(ss or 0), 59), int((frac or "0").ljust(6, "0")))
+    except ValueError:
+        return None
+
+
+def _parse_datetime(value: Any) -> datetime | None:
+    """DICOM DT ``YYYYMMDDHHMMSS.FFFFFF[+/-ZZXX]``; the offset is dropped (times are taken as local)."""
+    text = re.sub(r"[+-]\d{4}$", "", _text(value))
+    if len(text) < 8:
+        return None
+    day = _parse_date(text[:8])
+    if day is None:
+        return None
+    clock = _parse_time(text[8:]) if len(text) > 8 else time(0)
+    return datetime.combine(day, clock) if clock is not None else None
+
+
+def _combine(day: Any, clock: Any) -> datetime | None:
+    d, t = _parse_date(day), _parse_time(clock)
+    return datetime.combine(d, t) if d is not None and t is not None else None
+
+
+def _acquisition_datetime(ds: Dataset) -> datetime | None:
+    if ds.get("AcquisitionDateTime"):
+        parsed = _parse_datetime(ds.AcquisitionDateTime)
+        if parsed is not None:
+            return parsed
+    return _combine(ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate"), ds.get("AcquisitionTime"))
+
+
+def scan_reference_datetime(slices: Sequence[Dataset]) -> tuple[datetime, str]:
+    """The time a START decay-corrected series is corrected to, and where it came from.
+
+    SeriesDate/SeriesTime, unless the earliest AcquisitionDate/AcquisitionTime of ``slices`` is earlier
+    or SeriesTime is missing; then that earliest acquisition time.
+
+    Raises:
+        SUVError: neither SeriesTime nor AcquisitionTime can be read.
+    """
+    first = slices[0]
+    series = _combine(first.get("SeriesDate") or first.get("AcquisitionDate") or first.get("StudyDate"), first.get("SeriesTime"))
+    acquisitions = [t for t in (_acquisition_datetime(ds) for ds in slices) if t is not None]
+    earliest = min(acquisitions) if acquisitions else None
+    if series is not None and (earliest is None or series <= earliest):
+        return series, "SeriesDate/SeriesTime"
+    if earliest is not None:
+        if series is None:
+            return earliest, "earliest AcquisitionDate/AcquisitionTime (SeriesTime missing)"
+        return earliest, f"earliest AcquisitionDate/AcquisitionTime (earlier than SeriesTime {series.time().isoformat()}, which was probably reset when the series was re-created)"
+    raise SUVError(
+        "SeriesTime (0008,0031) and AcquisitionTime (0008,0032) are missing or unreadable: the scan time needed to decay "
+        f"the dose is unknown; {_SUV_FACTOR_HINT}"
+    )
+
+
+def _injection_datetime(rp: Dataset, reference: datetime) -> tuple[datetime, str]:
+    if rp.get("RadiopharmaceuticalStartDateTime"):
+        parsed = _parse_datetime(rp.RadiopharmaceuticalStartDateTime)
+        if parsed is not None:
+            return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)"
+    clock = _parse_time(rp.get("RadiopharmaceuticalStartTime"))
+    if clock is None:
+        raise SUVError(
+            "injection time missing: RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
+            f"are absent or unreadable in RadiopharmaceuticalInformationSequence, so the dose cannot be decayed; {_SUV_FACTOR_HINT}"
+        )
+    injection = datetime.combine(reference.date(), clock)
+    source = "RadiopharmaceuticalStartTime (0018,1072) on the reference date"
+    if injection > reference:
+        # Only a time of day is known: an injection "after" the scan means the day before.
+        injection -= timedelta(days=1)
+        source += " minus one day (injection before midnight, scan after)"
+    return injection, source
+
+
+# --------------------------------------------------------------------------------------- SUV factor
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _normalise_units(units: Any) -> str:
+    text = _text(units).upper().replace(" ", "")
+    return _UNIT_ALIASES.get(text, text)
+
+
+def _check_factor(factor: Any, what: str = "--suv_factor") -> float:
+    number = _positive_float(factor)
+    if number is None:
+        raise SUVError(f"{what} must be a finite number > 0 (got {factor!r}); e.g. --suv_factor 2.4e-4")
+    return number
+
+
+def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, dict[str, Any]]:
+    """Body-weight SUV factor for a BQML series from its tags (see the module docstring)."""
+    info: dict[str, Any] = {}
+    warnings: list[str] = []
+    decay = _text(ds.get("DecayCorrection")).upper()
+    if not decay:
+        raise SUVError(f"DecayCorrection (0054,1102) is missing: unknown decay reference, SUV cannot be computed; {_SUV_FACTOR_HINT}")
+    if decay == "NONE":
+        raise SUVError(
+            "DecayCorrection is NONE (images not decay corrected): SUV would need a decay factor per bed/slice, which is not "
+            "supported; decay-correct the series on the scanner, or pass --suv_factor to apply one factor to every slice"
+        )
+    if decay not in ("START", "ADMIN"):
+        raise SUVError(f"DecayCorrection {decay!r} is not START, ADMIN or NONE: the decay reference is unknown; {_SUV_FACTOR_HINT}")
+    weight_kg = _positive_float(ds.get("PatientWeight"))
+    if weight_kg is None:
+        raise SUVError(f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; {_SUV_FACTOR_HINT}")
+    sequence = ds.get("RadiopharmaceuticalInformationSequence")
+    if not sequence:
+        raise SUVError(
+            "RadiopharmaceuticalInformationSequence (0054,0016) is missing: no injected dose, injection time or half-life; "
+            f"{_SUV_FACTOR_HINT}"
+        )
+    if len(sequence) > 1:
+        warnings.append(f"RadiopharmaceuticalInformationSequence has {len(sequence)} items; the first one is used")
+    rp = sequence[0]
+    dose_bq = _positive_float(rp.get("RadionuclideTotalDose"))
+    if dose_bq is None:
+        raise SUVError(f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; {_SUV_FACTOR_HINT}")
+    half_life_s = _positive_float(rp.get("RadionuclideHalfLife"))
+    if half_life_s is None and decay == "START":
+        raise SUVError(f"RadionuclideHalfLife (0018,1075) is missing or zero: the dose cannot be decayed to the scan time; {_SUV_FACTOR_HINT}")
+
+    info["decay_correction"] = decay
+    info["patient_weight_kg"] = weight_kg
+    info["injected_dose_bq"] = dose_bq
+    info["half_life_s"] = half_life_s
+    info["radiopharmaceutical"] = _text(rp.get("Radiopharmaceutical")) or None
+    nuclide = rp.get("RadionuclideCodeSequence")
+    info["radionuclide"] = (_text(nuclide[0].get("CodeMeaning")) or None) if nuclide else None
+
+    if decay == "START":
+        reference, reference_source = scan_reference_datetime(slices)
+        injection, injection_source = _injection_datetime(rp, reference)
+        decay_time_s = (reference - injection).total_seconds()
+        if decay_time_s < 0:
+            raise SUVError(
+                f"injection time {injection.isoformat()} is after the scan reference time {reference.isoformat()}: "
+                f"check RadiopharmaceuticalStartDateTime/SeriesTime; {_SUV_FACTOR_HINT}"
+            )
+        if decay_time_s > _MAX_DECAY_TIME_S:
+            warnings.append(f"{decay_time_s / 3600:.1f} h between injection and scan: check the injection date/time")
+        decay_factor = 2.0 ** (-decay_time_s / half_life_s)
+        info.update(
+            reference_datetime=reference.isoformat(),
+            reference_time_source=reference_source,
+            injection_datetime=injection.isoformat(),
+            injection_time_source=injection_source,
+            decay_time_s=decay_time_s,
+        )
+    else:  # ADMIN: pixel values are already referred to the administration time, as the dose is.
+        decay_factor = 1.0
+        info.update(
+            reference_datetime=None,
+            reference_time_source="administration time (DecayCorrection ADMIN): no dose decay",
+            injection_datetime=None,
+            injection_time_source=None,
+            decay_time_s=0.0,
+        )
+    decayed_dose_bq = dose_bq * decay_factor
+    factor = weight_kg * 1000.0 / decayed_dose_bq
+    info.update(decay_factor=decay_factor, decayed_dose_bq=decayed_dose_bq, patient_weight_g=weight_kg * 1000.0)
+
+    if not _WEIGHT_KG_RANGE[0] <= weight_kg <= _WEIGHT_KG_RANGE[1]:
+        warnings.append(f"PatientWeight {weight_kg} kg is implausible: it must be in kg")
+    if not _DOSE_BQ_RANGE[0] <= dose_bq <= _DOSE_BQ_RANGE[1]:
+        warnings.append(f"RadionuclideTotalDose {dose_bq:.4g} Bq is implausible: it must be in Bq (not MBq or mCi)")
+    info["warnings"] = warnings
+    return factor, info
+
+
+def compute_suv_factor(
+    ds: Dataset,
+    units: str | None = None,
+    suv_factor: float | None = None,
+    slices: Sequence[Dataset] | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """Factor that turns this series' pixel values (after rescale) into body-weight SUV.
+
+    Args:
+        ds: a header of the series (tags are read from it).
+        units: override of the Units tag: ``BQML`` (Bq/mL), ``GML``/``SUV`` (already SUVbw), ``CNTS``...
+        suv_factor: user factor; when given it is used as is (the tag-based factor, if computable, is
+            recorded in the info for comparison).
+        slices: all headers of the series, for the earliest AcquisitionTime (default ``[ds]``).
+
+    Returns:
+        (factor in g/mL per Bq/mL (for BQML), JSON-ready info about every tag used).
+
+    Raises:
+        SUVError: a needed tag is missing or invalid, or the units cannot be converted.
+    """
+    slices = list(slices) if slices is not None else [ds]
+    tag_units = _normalise_units(ds.get("Units")) or None
+    used_units = _normalise_units(units) if units is not None else tag_units
+    info: dict[str, Any] = {
+        "units_tag": tag_units,
+        "units": used_units,
+        "units_source": "--units override" if units is not None else "Units (0054,1001)",
+        "decay_correction": _text(ds.get("DecayCorrection")).upper() or None,
+        "suv_type_tag": _text(ds.get("SUVType")) or None,
+        "warnings": [],
+    }
+    if units is not None and tag_units and tag_units != used_units:
+        info["warnings"].append(f"Units tag {tag_units} overridden by --units {used_units}")
+
+    if suv_factor is not None:
+        factor = _check_factor(suv_factor)
+        if used_units == "GML":
+            raise SUVError("--suv_factor and Units GML/--units SUV contradict each other (SUV needs no factor): pass only one")
+        info["suv_factor_source"] = "--suv_factor (user)"
+        try:
+            tag_factor, _ = _suv_bw_from_tags(ds, slices) if used_units == "BQML" else (None, None)
+            info["suv_factor_from_tags"] = tag_factor
+        except SUVError as exc:
+            info["suv_factor_from_tags"] = None
+            info["suv_factor_from_tags_error"] = str(exc)
+        return factor, info
+
+    if used_units is None:
+        raise SUVError(f"Units (0054,1001) is missing: the pixel unit is unknown; pass --units BQML if the pixels are Bq/mL, or --suv_factor/--units SUV")
+    if used_units == "GML":
+        info["suv_factor_source"] = "Units GML: pixels already SUVbw (g/mL)"
+        if info["suv_type_tag"] not in (None, "BW"):
+            info["warnings"].append(f"SUVType {info['suv_type_tag']}: the pixels are not body-weight SUV")
+        return 1.0, info
+    if used_units != "BQML":
+        what = "counts, not a calibrated activity concentration" if used_units == "CNTS" else "not Bq/mL"
+        raise SUVError(f"Units {used_units} ({what}): SUV needs BQML pixels; {_SUV_FACTOR_HINT}")
+    factor, tag_info = _suv_bw_from_tags(ds, slices)
+    info["warnings"].extend(tag_info.pop("warnings"))
+    info.update(tag_info)
+    info["suv_factor_source"] = "DICOM tags (PatientWeight, RadiopharmaceuticalInformationSequence, decay to reference time)"
+    return factor, info
+
+
+def bqml_to_suv(arr: np.ndarray, factor: float) -> np.ndarray:
+    """Activity concentration (Bq/mL, any shape) -> SUVbw as float32: ``arr * factor``."""
+    factor = _check_factor(factor, "suv_factor")
+    return (np.asarray(arr, dtype=np.float64) * factor).astype(np.float32)
+
+
+def suv_to_bqml(arr: np.ndarray, factor: float) -> np.ndarray:
+    """SUVbw (any shape) -> activity concentration in Bq/mL as float32: ``arr / factor``."""
+    factor = _check_factor(factor, "suv_factor")
+    return (np.asarray(arr, dtype=np.float64) / factor).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- series
+
+
+@dataclass
+class PETSeries:
+    """A PET series in SUVbw, with what a writer needs to go back to DICOM.
+
+    Attributes:
+        suv: float32 (X, Y, Z) = (DICOM column, row, slice sorted along the slice normal), SUVbw (g/mL).
+        affine: 4x4 voxel -> RAS mm (NIfTI convention; DICOM LPS x and y negated).
+        suv_factor: SUV = suv_factor * source value (g/mL per Bq/mL for BQML).
+        units: source pixel units (``BQML``, ``CNTS`` (with a user factor) or ``GML``).
+        info: JSON-ready provenance (tags used, geometry, scanner); no patient identifiers.
+        files: slice files in ``k`` order.
+        datasets: their headers (no pixel data), same order; ``reference`` is the first.
+        rescale_slopes, rescale_intercepts: (Z,) per-slice rescale of the source series.
+    """
+
+    suv: np.ndarray
+    affine: np.ndarray
+    suv_factor: float
+    units: str
+    info: dict[str, Any]
+    files: list[Path]
+    datasets: list[Dataset]
+    rescale_slopes: np.ndarray
+    rescale_intercepts: np.ndarray
+
+    @property
+    def reference(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def source_values(self) -> np.ndarray:
+        """Pixel values in the source units (float32, (X, Y, Z)), recovered as ``suv / suv_factor``."""
+        return suv_to_bqml(self.suv, self.suv_factor)
+
+    @property
+    def bqml(self) -> np.ndarray:
+        """Activity concentration in Bq/mL (float32, (X, Y, Z)); only for a BQML series."""
+        if self.units != "BQML":
+            raise SUVError(f"the source series is in {self.units}, not BQML: Bq/mL values are not available")
+        return self.source_values
+
+
+def _descriptive_info(ds: Dataset) -> dict[str, Any]:
+    """Scanner and series facts for the sidecar (identifier-free by construction: an explicit allow-list)."""
+    keys = {
+        "modality": "Modality",
+        "manufacturer": "Manufacturer",
+        "scanner_model": "ManufacturerModelName",
+        "series_description": "SeriesDescription",
+        "series_number": "SeriesNumber",
+        "series_type": "SeriesType",
+        "corrected_image": "CorrectedImage",
+        "reconstruction_method": "ReconstructionMethod",
+        "attenuation_correction_method": "AttenuationCorrectionMethod",
+        "scatter_correction_method": "ScatterCorrectionMethod",
+        "actual_frame_duration_ms": "ActualFrameDuration",
+        "slice_thickness_mm": "SliceThickness",
+        "patient_position": "PatientPosition",
+    }
+    out: dict[str, Any] = {}
+    for name, keyword in keys.items():
+        value = ds.get(keyword)
+        if value is None or value == "":
+            out[name] = None
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            out[name] = [str(v) for v in value]
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _check_consistent(slices: Sequence[Dataset], folder: Path) -> None:
+    """Units, decay reference and weight are per-series facts; differing values mean mixed data."""
+    for keyword in ("Units", "DecayCorrection", "PatientWeight"):
+        values = {_text(ds.get(keyword)) for ds in slices}
+        if len(values) > 1:
+            raise SUVError(f"slices in {folder} disagree on {keyword} ({', '.join(sorted(values))}): not one PET series; keep one series per folder")
+
+
+def read_pet_series(
+    dicom_dir: str | os.PathLike,
+    units: str | None = None,
+    suv_factor: float | None = None,
+    series_uid: str | None = None,
+) -> PETSeries:
+    """Read a single-frame PET DICOM series and convert it to body-weight SUV.
+
+    Args:
+        dicom_dir: folder with the slices of one PT series (non-image objects such as RTSTRUCT are
+            skipped; a second image series is refused unless ``series_uid`` picks one).
+        units: override of the Units tag (``BQML``, ``SUV``/``GML``, ``CNTS``).
+        suv_factor: use this factor (SUV = factor x pixel value) instead of the SUV tags.
+        series_uid: SeriesInstanceUID to read when the folder holds several image series.
+
+    Returns:
+        :class:`PETSeries` with ``suv`` float32 (X, Y, Z) and a RAS ``affine``.
+
+    Raises:
+        UniPETInputError (``DicomSeriesError`` or ``SUVError``): one line naming the problem and the fix.
+    """
+    folder = Path(dicom_dir).expanduser()
+    chosen = select_series(folder, series_uid=series_uid, modality="PT")
+    _check_consistent(chosen.headers, folder)
+    # The factor comes first so a missing tag fails before the pixel data are decoded.
+    factor, info = compute_suv_factor(chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers)
+    volume: DicomVolume = stack_series(chosen)
+    suv = bqml_to_suv(volume.array, factor)
+
+    info = {
+        "description": "body-weight SUV (g/mL) from a PET DICOM series, written by scripts.data.suv",
+        "suv_factor": factor,
+        "suv_factor_units": SUV_FACTOR_UNITS if info.get("units") == "BQML" else "SUV per source pixel unit",
+        "suv_definition": "SUV = suv_factor * pixel value (after per-slice RescaleSlope/RescaleIntercept)",
+        **info,
+        **volume.geometry,
+        **_descriptive_info(volume.reference),
+        "source_dicom_dir": str(folder.resolve()),
+        "suv_max": float(suv.max()),
+        "suv_p99_9": float(np.percentile(suv, 99.9)),
+    }
+    for warning in info["warnings"]:
+        logger.warning("%s", warning)
+    logger.info(
+        "SUV factor %.6g (%s); SUVmax %.3g", factor, info.get("suv_factor_source"), info["suv_max"]
+    )
+    return PETSeries(
+        suv=suv,
+        affine=volume.affine,
+        suv_factor=factor,
+        units=str(info.get("units")),
+        info=info,
+        files=volume.files,
+        datasets=volume.datasets,
+        rescale_slopes=volume.rescale_slopes,
+        rescale_intercepts=volume.rescale_intercepts,
+    )
+
+
+# --------------------------------------------------------------------------------------- conversions
+
+
+def sidecar_path(nifti_path: str | os.PathLike) -> Path:
+    """``/a/x.nii.gz`` -> ``/a/x.json``."""
+    p = Path(nifti_path)
+    return p.with_name(nifti_stem(p) + ".json")
+
+
+def _check_nifti_name(output: str | os.PathLike) -> None:
+    if not str(output).endswith((".nii.gz", ".nii")):
+        raise UniPETInputError(f"output {output} must end in .nii.gz or .nii")
+
+
+def _write_pair(array: np.ndarray, affine: np.ndarray, info: dict[str, Any], out: Path, overwrite: bool) -> None:
+    """NIfTI then sidecar, each atomic; if the sidecar fails the new NIfTI is removed (no half pair)."""
+    save_nifti(array, affine, out, overwrite=overwrite)
+    try:
+        atomic_write_json(sidecar_path(out), info, overwrite=overwrite)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+
+
+def convert_dicom_to_suv(
+    dicom_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    units: str | None = None,
+    suv_factor: float | None = None,
+    series_uid: str | None = None,
+    overwrite: bool = False,
+) -> PETSeries:
+    """DICOM PET series -> SUVbw NIfTI ``output`` and sidecar ``<stem>.json``. Outputs are checked first."""
+    _check_nifti_name(output)
+    folder = Path(dicom_dir).expanduser().resolve()
+    out = check_output_path(output, overwrite=overwrite)
+    check_output_path(sidecar_path(out), overwrite=overwrite)
+    if folder in out.parents:
+        raise UniPETInputError(f"output {out} is inside the DICOM folder {folder}: write it elsewhere (the folder must hold only the series)")
+    series = read_pet_series(folder, units=units, suv_factor=suv_factor, series_uid=series_uid)
+    _write_pair(series.suv, series.affine, series.info, out, overwrite)
+    logger.info("wrote %s and %s", out, sidecar_path(out))
+    return series
+
+
+def convert_suv_to_bqml(
+    suv_nifti: str | os.PathLike,
+    output: str | os.PathLike,
+    sidecar: str | os.PathLike | None = None,
+    suv_factor: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """SUVbw NIfTI -> Bq/mL NIfTI ``output`` (+ ``<stem>.json``), same grid and affine.
+
+    The factor is ``suv_factor`` if given, else the ``suv_factor`` of ``sidecar`` (default: the
+    ``<stem>.json`` beside ``suv_nifti``, as written by the DICOM -> SUV conversion).
+    """
+    _check_nifti_name(output)
+    src = Path(suv_nifti).expanduser()
+    side = Path(sidecar).expanduser() if sidecar is not None else sidecar_path(src)
+    out = check_output_path(output, overwrite=overwrite, inputs=[src, side])
+    check_output_path(sidecar_path(out), overwrite=overwrite, inputs=[src, side])
+    if suv_factor is not None:
+        factor, source, units = _check_factor(suv_factor), "--suv_factor (user)", "BQML"
+    else:
+        if not side.is_file():
+            raise SUVError(f"no SUV factor: sidecar {side} not found; pass --sidecar (the .json written with the SUV volume) or --suv_factor")
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError) as exc:
+            raise SUVError(f"sidecar {side} is not readable JSON ({type(exc).__name__}); pass --suv_factor instead") from None
+        factor = _check_factor(meta.get("suv_factor") if isinstance(meta, dict) else None, f"suv_factor in {side}")
+        units = str(meta.get("units") or "BQML")
+        if units == "GML":
+            raise SUVError(f"{side}: the source series was already SUV (Units GML), there is no Bq/mL scale; pass --suv_factor if you know it")
+        source = f"sidecar {side}"
+    suv, affine = load_nifti(src)
+    values = suv_to_bqml(suv, factor)
+    info = {
+        "description": f"activity concentration ({units}) from an SUVbw volume, written by scripts.data.suv",
+        "units": units,
+        "suv_factor": factor,
+        "suv_factor_units": SUV_FACTOR_UNITS,
+        "suv_factor_source": source,
+        "conversion": "value = SUV / suv_factor",
+        "source_nifti": str(src.resolve()),
+    }
+    _write_pair(values, affine, info, out, overwrite)
+    logger.info("wrote %s (factor %.6g from %s)", out, factor, source)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(
+    dicom_dir: str | None = None,
+    output: str | None = None,
+    suv_nifti: str | None = None,
+    sidecar: str | None = None,
+    suv_factor: float | None = None,
+    units: str | None = None,
+    series_uid: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Convert a PET DICOM series to body-weight SUV (NIfTI + JSON sidecar), or an SUV NIfTI back to Bq/mL.
+
+    DICOM -> SUV:  python -m scripts.data.suv --dicom_dir PET_DIR --output suv.nii.gz
+    SUV -> Bq/mL:  python -m scripts.data.suv --suv_nifti pred.nii.gz --sidecar suv.json --output pred_bqml.nii.gz
+
+    SUVbw = Bq/mL x PatientWeight[g] / (RadionuclideTotalDose x 2^(-(t_ref - t_injection)/RadionuclideHalfLife)),
+    t_ref = SeriesTime (or the earliest AcquisitionTime if earlier); DecayCorrection START or ADMIN
+    (no decay); NONE is refused. RescaleSlope/RescaleIntercept are applied per slice. The sidecar
+    <stem>.json records the factor and every tag used (no patient name or ID).
+
+    Args:
+        dicom_dir: folder holding one PET (Modality PT) single-frame series.
+        output: output NIfTI path (.nii.gz or .nii); its sidecar is <stem>.json beside it.
+        suv_nifti: SUV NIfTI to convert back to Bq/mL (instead of --dicom_dir).
+        sidecar: JSON with the suv_factor for --suv_nifti (default: <stem>.json beside it).
+        suv_factor: SUV = suv_factor x pixel value; overrides the DICOM SUV tags (e.g. 2.4e-4 for Bq/mL,
+            needed for Units CNTS) or the sidecar.
+        units: override the Units tag: BQML (Bq/mL), SUV or GML (pixels already SUV), CNTS.
+        series_uid: SeriesInstanceUID to read when the folder holds several image series.
+        overwrite: replace existing outputs.
+    """
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)  # pydicom warnings go to the log (stdout), keeping stderr for the error line
+    try:
+        if output is None:
+            raise UniPETInputError("--output is required (the .nii.gz to write)")
+        if (dicom_dir is None) == (suv_nifti is None):
+            raise UniPETInputError("pass exactly one of --dicom_dir (DICOM -> SUV) or --suv_nifti (SUV -> Bq/mL)")
+        if dicom_dir is not None:
+            if sidecar is not None:
+                raise UniPETInputError("--sidecar is only for --suv_nifti; with --dicom_dir the sidecar is written next to --output")
+            convert_dicom_to_suv(
+                str(dicom_dir), str(output), units=units, suv_factor=suv_factor,
+                series_uid=None if series_uid is None else str(series_uid), overwrite=bool(overwrite),
+            )
+        else:
+            if units is not None or series_uid is not None:
+                raise UniPETInputError("--units and --series_uid are only for --dicom_dir")
+            convert_suv_to_bqml(str(suv_nifti), str(output), sidecar=sidecar, suv_factor=suv_factor, overwrite=bool(overwrite))
+    except UniPETInputError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # disk full, permissions: still one line, no traceback
+        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
