@@ -82,24 +82,17 @@ class ModulatedConv3d(nn.Module):
             raise ValueError(
                 f"ModulatedConv3d expects style (B={b}, {self.in_channels}), got {list(style.shape)}"
             )
-        # (B, Cout, Cin, k, k, k): per-sample weights.
-        weight = self.weight.unsqueeze(0) * (1.0 + style).reshape(b, 1, self.in_channels, 1, 1, 1)
+        # conv(x, W * (1 + s)) == conv(x * (1 + s), W): scale the input channels per sample and run one
+        # ordinary batched conv with the shared weight, instead of a grouped conv over per-sample weight
+        # copies (the same numbers, several times faster on a CPU and lighter on memory). Demodulation is
+        # then a per-sample, per-output-channel factor on the result.
+        scale = (1.0 + style).to(x.dtype)
+        out = F.conv3d(x * scale.reshape(b, self.in_channels, 1, 1, 1), self.weight.to(x.dtype), None, 1, self.padding)
         if self.demodulate:
-            norm = torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4, 5), keepdim=True) + self.eps)
-            weight = weight * norm
-        k = self.kernel_size
-        weight = weight.reshape(b * self.out_channels, self.in_channels, k, k, k)
-        # Fold the batch into channels so one grouped conv applies each sample's own weights.
-        out = F.conv3d(
-            x.reshape(1, b * self.in_channels, x.shape[2], x.shape[3], x.shape[4]),
-            weight.to(x.dtype),
-            None,
-            1,
-            self.padding,
-            1,
-            b,
-        )
-        return out.reshape(b, self.out_channels, out.shape[2], out.shape[3], out.shape[4])
+            w2 = self.weight.pow(2).sum(dim=(2, 3, 4))  # (Cout, Cin)
+            demod = torch.rsqrt((1.0 + style).pow(2) @ w2.t() + self.eps)  # (B, Cout)
+            out = out * demod.to(out.dtype).reshape(b, self.out_channels, 1, 1, 1)
+        return out
 
     def extra_repr(self) -> str:
         return (
