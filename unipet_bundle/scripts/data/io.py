@@ -75,6 +75,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None], over
     tmp = Path(tmp_name)
     try:
         write_fn(tmp)
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
