@@ -26,6 +26,7 @@ __all__ = [
     "PSNRMetric",
     "SSIM3DMetric",
     "NRMSEMetric",
+    "quality_metrics",
 ]
 
 
@@ -123,6 +124,40 @@ def texture_ratio(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
             continue
         out.append((sp[i][mi].double().mean() / st[i][mi].double().mean()).float().cpu())
     return torch.stack(out)
+
+
+def quality_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    data_range: float = 20.0,
+    clip_max: float | None = 20.0,
+    texture_window: int = 3,
+) -> dict[str, float]:
+    """PSNR, SSIM, NRMSE and texture ratio of one volume pair, as plain floats (the evaluation report's row).
+
+    Args:
+        pred: image to score, shape (1, 1, X, Y, Z) (or (1, X, Y, Z)), in SUV (or any unit matching ``data_range``).
+        target: reference (full dose), same shape and unit.
+        mask: stylized-region mask for the texture ratio (from the full dose), same shape; empty -> NaN.
+        data_range, clip_max: as in :func:`psnr` / :func:`ssim3d` (SUV: 20 and 20).
+        texture_window: box size of the local standard deviation.
+
+    Returns:
+        ``{"psnr", "ssim", "nrmse", "texture_ratio"}``; PSNR is ``inf`` for identical volumes (after clipping).
+        The texture ratio is computed on the same clipped data as the other metrics.
+    """
+    if pred.dim() == 4:
+        pred, target, mask = pred[None], target[None], mask[None]
+    if pred.shape[0] != 1 or pred.shape != target.shape or pred.shape != mask.shape:
+        raise ValueError(f"expected one (1, C, X, Y, Z) pred/target/mask of one shape, got {list(pred.shape)}, "
+                         f"{list(target.shape)}, {list(mask.shape)}")
+    return {
+        "psnr": float(psnr(pred, target, data_range, clip_max)[0]),
+        "ssim": float(ssim3d(pred, target, data_range, clip_max)[0]),
+        "nrmse": float(nrmse(pred, target, clip_max)[0]),
+        "texture_ratio": float(texture_ratio(_clip(pred, clip_max), _clip(target, clip_max), mask, texture_window)[0]),
+    }
 
 
 class _PerItemMetric(RegressionMetric):
