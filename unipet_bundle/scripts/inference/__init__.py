@@ -1,0 +1,30 @@
+"""Whole-volume inference (``configs/inference.json``): denoise every input of a folder, on its own grid.
+
+Usage (from the bundle root)::
+
+    python -m monai.bundle run --config_file configs/inference.json --dataset_dir IN --output_dir OUT \\
+        [--output_format nifti|dicom|both] [--checkpoint models/model.pt] [--overwrite true] [--resample false]
+
+The flow, per input (``IN/*.nii``, ``IN/*.nii.gz`` in SUV, and ``IN/<folder>/`` PET DICOM series):
+
+1. every input and every output path is checked first (:func:`.inputs.prepare_datalist`): a bad input
+   stops the run with one ``error: ...`` line (exit status 2) before anything is written;
+2. load into SUV (a DICOM series in Bq/mL is converted with its own SUV factor) as (X, Y, Z), the axis
+   order training uses;
+3. resample to the training voxel size (``target_spacing``, 4 mm by default) when the input's differs
+   (``resample``, on by default); bilinear, so small hot spots lose some of their peak in the round trip;
+4. divide by ``suv_max`` (20) *without clipping*: hot spots above 20 SUV (a 66 SUV bladder) pass
+   through the network's global skip and keep their value, and negative voxels, which PET
+   reconstructions legitimately contain, are kept as they are;
+5. UniPET on windows of the training patch size (the SAN pools over the whole window), batched
+   (``sw_batch_size``) and blended with a Gaussian; the stitched volume stays on the CPU;
+6. multiply by ``suv_max``, resample back to the input grid (``Invertd``) and write
+   ``OUT/<name>_denoised.nii.gz`` (SUV) with ``<name>_denoised.json`` (units, SUV factor, model, grids),
+   and, with ``output_format`` dicom/both, ``OUT/<name>_denoised_dicom/`` for DICOM inputs (Bq/mL).
+
+Without a checkpoint the untrained UniPET (the identity) runs after a loud WARNING (``allow_untrained``).
+
+Modules (each has one job): :mod:`.options` (option values), :mod:`.errors` (one-line errors),
+:mod:`.inputs` (discover, validate, load), :mod:`.model` (weights), :mod:`.writer` (outputs),
+:mod:`.dicom_writer` (derived PET series), :mod:`.report` (log lines).
+"""

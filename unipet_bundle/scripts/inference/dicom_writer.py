@@ -1,0 +1,272 @@
+"""Write a denoised SUV volume as a derived PET DICOM series that a PACS accepts and that still computes SUV.
+
+Each output slice starts from the header of the source slice at the same position, so everything a
+viewer or an SUV tool needs is kept: patient and study tags, geometry (ImagePositionPatient,
+ImageOrientationPatient, PixelSpacing, SliceThickness, FrameOfReferenceUID), Units, DecayCorrection,
+PatientWeight, RadiopharmaceuticalInformationSequence, SeriesDate/SeriesTime and the acquisition times.
+The SUV factor computed from the output series is therefore the source's, exactly.
+
+What changes:
+
+- pixel values are the denoised SUV divided by the source series' SUV factor (Bq/mL for a BQML
+  series, SUV itself for GML), stored as int16 with a **per-slice RescaleSlope chosen from the slice's
+  largest magnitude** (intercept 0): nothing is clipped (a 66 SUV bladder survives), negative voxels
+  keep their sign, and the quantisation error is at most half a slope, i.e. 1/65534 of the slice
+  maximum. The slope is written as a DS string and then re-read, so the rounding of the text cannot
+  push the peak past 32767;
+- new SeriesInstanceUID and SOPInstanceUIDs (``pydicom.uid.generate_uid``), SeriesNumber + 1000,
+  ImageType ``DERIVED\\SECONDARY``, SeriesDescription naming UniPET and the model version,
+  DerivationDescription, SourceImageSequence pointing at the source slice, InstanceCreationDate/Time;
+- the file is Explicit VR Little Endian, uncompressed;
+- private tags are removed (vendor scale factors in them, e.g. Philips' SUV scale, would no longer
+  match the new slopes), and so are the pixel-statistics tags whose values no longer hold
+  (Smallest/LargestImagePixelValue, ...).
+
+Writing is atomic: the slices go to a hidden temporary folder beside the target, which is renamed
+into place once complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
+
+from scripts.data.dicom_series import select_series
+from scripts.data.io import UniPETInputError
+
+__all__ = ["INT16_MAX", "atomic_write_dir", "quantise_slice", "sorted_series_headers", "write_derived_pet_series"]
+
+logger = logging.getLogger(__name__)
+
+INT16_MAX = 32767
+SERIES_NUMBER_OFFSET = 1000
+# Tags whose values describe the old pixel data (or whose VR depends on the old PixelRepresentation).
+_STALE_TAGS = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "IconImageSequence",
+)
+
+
+def _ds_text(value: float) -> str:
+    """A decimal string of at most 16 characters (the DICOM DS limit)."""
+    text = f"{value:.10g}"
+    return text if len(text) <= 16 else f"{value:.8e}"
+
+
+def quantise_slice(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Float slice -> (int16 stored values, RescaleSlope as DS text) with ``stored * slope ~ values``.
+
+    The slope is ``max|values| / 32767`` (as the DS text reads back), so no value is clipped; an
+    all-zero slice gets slope 1.
+
+    Raises:
+        ValueError: non-finite values.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("cannot quantise NaN/Inf values")
+    peak = float(np.max(np.abs(v))) if v.size else 0.0
+    if peak == 0.0:
+        return np.zeros(v.shape, dtype=np.int16), "1"
+    slope = peak / INT16_MAX
+    text = _ds_text(slope)
+    while peak / float(text) > INT16_MAX:  # the text rounded the slope down: nudge it up
+        slope *= 1.0 + 1e-9
+        text = _ds_text(slope)
+    stored = np.rint(v / float(text))
+    return np.clip(stored, -INT16_MAX, INT16_MAX).astype(np.int16), text
+
+
+def sorted_series_headers(dicom_dir: str | os.PathLike) -> list[Dataset]:
+    """Headers (no pixel data) of the PET series in ``dicom_dir``, in the slice order of
+    :func:`scripts.data.suv.read_pet_series` (``array[..., k]``): sorted along the slice normal.
+
+    Raises:
+        DicomSeriesError: as :func:`scripts.data.dicom_series.select_series`, or missing geometry tags.
+    """
+    chosen = select_series(dicom_dir, modality="PT")
+    try:
+        iop = np.asarray([float(v) for v in chosen.headers[0].ImageOrientationPatient], dtype=np.float64)
+        positions = [np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64) for ds in chosen.headers]
+    except (AttributeError, TypeError, ValueError):
+        raise UniPETInputError(f"{dicom_dir}: ImageOrientationPatient/ImagePositionPatient missing or malformed") from None
+    normal = np.cross(iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:]))
+    along = np.array([float(normal @ p) for p in positions])
+    return [chosen.headers[i] for i in np.argsort(along, kind="stable")]
+
+
+def _default_dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``fill(tmp_dir)`` on a hidden folder beside ``target``, then rename it to ``target``.
+
+    With ``overwrite`` an existing ``target`` is replaced only once the new folder is complete.
+
+    Raises:
+        UniPETInputError: ``target`` exists and ``overwrite`` is False.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise UniPETInputError(f"output {target} already exists: remove it, choose another --output_dir, or pass --overwrite true")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, _default_dir_mode())  # mkdtemp makes it private (0700); the output should not be
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old.rmdir()  # only its unique name is wanted
+            os.replace(target, old)
+            os.replace(tmp, target)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _derived_slice(
+    src: Dataset,
+    values: np.ndarray,
+    series_uid: str,
+    series_description: str,
+    derivation_description: str,
+    created: datetime,
+) -> Dataset:
+    """One output slice: ``values`` (rows, columns) in the source units, on ``src``'s geometry."""
+    ds = copy.deepcopy(src)
+    if "PixelData" in ds:
+        del ds.PixelData
+    ds.remove_private_tags()
+    for keyword in _STALE_TAGS:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+    sop_class = src.get("SOPClassUID") or PositronEmissionTomographyImageStorage
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    try:
+        ds.SeriesNumber = int(src.SeriesNumber) + SERIES_NUMBER_OFFSET
+    except (AttributeError, TypeError, ValueError):
+        ds.SeriesNumber = SERIES_NUMBER_OFFSET
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.SeriesDescription = series_description
+    ds.DerivationDescription = derivation_description
+    source_ref = Dataset()
+    source_ref.ReferencedSOPClassUID = sop_class
+    source_ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    ds.SourceImageSequence = DicomSequence([source_ref])
+    ds.InstanceCreationDate = created.strftime("%Y%m%d")
+    ds.InstanceCreationTime = created.strftime("%H%M%S")
+
+    stored, slope = quantise_slice(values)
+    ds.set_pixel_data(stored, "MONOCHROME2", 16, generate_instance_uid=False)
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = "0"
+    return ds
+
+
+def _series_description(source: Dataset, model_version: str) -> str:
+    """``<source description> UniPET denoised v<version>``, cut to the 64-character LO limit."""
+    tag = f"UniPET denoised v{model_version}"[:64]
+    original = str(source.get("SeriesDescription", "") or "").strip()
+    room = 64 - len(tag) - 1
+    return f"{original[:room].rstrip()} {tag}" if original and room > 0 else tag
+
+
+def write_derived_pet_series(
+    suv: np.ndarray,
+    source_headers: Sequence[Dataset],
+    suv_factor: float,
+    output_dir: str | os.PathLike,
+    model_version: str = "unknown",
+    derivation_description: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``suv`` as a derived PET series in ``output_dir`` (one ``IM00001.dcm``... file per slice).
+
+    Args:
+        suv: float (X, Y, Z) = (column, row, slice), body-weight SUV on the source series' grid.
+        source_headers: the source slices' headers in ``k`` order (:func:`sorted_series_headers`,
+            or ``PETSeries.datasets``); pixel data, if present, is ignored.
+        suv_factor: the source series' factor (SUV = factor x pixel value); pixels are written as
+            ``suv / suv_factor``, i.e. in the source's own Units.
+        output_dir: the series folder to create.
+        model_version: written into SeriesDescription and DerivationDescription.
+        derivation_description: DerivationDescription text (default: a UniPET sentence).
+        overwrite: replace an existing ``output_dir``.
+
+    Returns:
+        The written files, in slice order.
+
+    Raises:
+        UniPETInputError: shape/header mismatch, non-finite values, bad factor, existing output.
+    """
+    volume = np.asarray(suv)
+    if volume.ndim != 3:
+        raise UniPETInputError(f"the denoised volume must be 3D (X, Y, Z), got shape {list(volume.shape)}")
+    if len(source_headers) != volume.shape[2]:
+        raise UniPETInputError(f"the denoised volume has {volume.shape[2]} slices but the source series {len(source_headers)}")
+    for k, ds in enumerate(source_headers):
+        if (int(ds.Rows), int(ds.Columns)) != (volume.shape[1], volume.shape[0]):
+            raise UniPETInputError(
+                f"source slice {k} is {ds.Rows}x{ds.Columns} (rows x columns) but the volume slice is "
+                f"{volume.shape[1]}x{volume.shape[0]}: not the source grid"
+            )
+    if not np.all(np.isfinite(volume)):
+        raise UniPETInputError("the denoised volume has NaN/Inf voxels: not written")
+    if not (np.isfinite(suv_factor) and suv_factor > 0):
+        raise UniPETInputError(f"suv_factor must be a finite number > 0, got {suv_factor!r}")
+
+    values = volume.astype(np.float64) / float(suv_factor)
+    series_uid = generate_uid()
+    created = datetime.now()
+    description = _series_description(source_headers[0], model_version)
+    derivation = derivation_description or (
+        f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}); research use only, "
+        "not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
+    )
+    derivation = derivation[:1024]  # ST limit
+    names = [f"IM{k + 1:05d}.dcm" for k in range(volume.shape[2])]
+
+    def fill(tmp: Path) -> None:
+        for k, src in enumerate(source_headers):
+            ds = _derived_slice(src, values[:, :, k].T, series_uid, description, derivation, created)
+            ds.save_as(tmp / names[k], enforce_file_format=True)
+
+    target = atomic_write_dir(output_dir, fill, overwrite=overwrite)
+    logger.info("wrote derived PET series (%d slices) to %s", len(names), target)
+    return [target / n for n in names]

@@ -1,0 +1,348 @@
+"""The inputs of whole-volume inference: discover them, validate them all, load each into SUV.
+
+What is denoised (only the direct entries of ``dataset_dir``; deeper folders are not searched):
+
+- every ``*.nii`` / ``*.nii.gz`` file: an SUV volume (body weight, g/mL), e.g. one written by
+  ``python -m scripts.data.suv``; its name is the file stem (``sub01.nii.gz`` -> ``sub01``);
+- every sub-folder holding a PET (Modality PT) DICOM series: converted to SUV with the series' own
+  tags (:func:`scripts.data.suv.read_pet_series`); its name is the folder name.
+
+Sub-folders without a PT series (CT, reports, anything not DICOM) and other files are skipped with a
+log line. When ``output_dir`` is ``dataset_dir`` itself, ``*_denoised*`` entries are taken for outputs of
+an earlier run and are not denoised again.
+
+:func:`prepare_datalist` checks *everything* before any work starts (each input is read in full, so a
+truncated file is found; 2D images, 4D volumes and NaN/Inf voxels are refused; every output path is
+checked), so a bad input never leaves some outputs written and others not. The price is that each
+input is read twice (once to check it, once to denoise it); memory holds one volume at a time.
+
+Array convention: (X, Y, Z) in file order, as nibabel and MONAI's ``LoadImage(reader="NibabelReader")``
+give for NIfTI and as training uses; a DICOM series is (column, row, slice sorted along the slice
+normal), the same order ``scripts.data.suv`` writes to NIfTI. Affines map voxels to RAS mm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
+from scripts.data.suv import SUVError, read_pet_series
+from scripts.inference.options import as_bool, check_output_format
+from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
+
+__all__ = [
+    "InferenceInput",
+    "LoadPETd",
+    "LoadedVolume",
+    "check_volume",
+    "discover_inputs",
+    "load_volume",
+    "prepare_datalist",
+    "voxel_spacing",
+]
+
+logger = logging.getLogger(__name__)
+
+# Above this an "SUV" NIfTI almost certainly holds Bq/mL (SUVmax of FDG bladders is ~100 at most).
+_SUSPICIOUS_SUV = 1000.0
+
+
+@dataclass(frozen=True)
+class InferenceInput:
+    """One thing to denoise: a NIfTI file (``kind="nifti"``) or a PET DICOM series folder (``"dicom"``)."""
+
+    name: str
+    path: Path
+    kind: str
+
+    def as_item(self) -> dict[str, str]:
+        """The datalist entry: ``{"image": path, "name": name, "kind": kind}``."""
+        return {"image": str(self.path), "name": self.name, "kind": self.kind}
+
+
+@dataclass
+class LoadedVolume:
+    """An input in SUV, with its geometry.
+
+    Attributes:
+        suv: float32 (X, Y, Z), body-weight SUV (g/mL); negative voxels kept as reconstructed.
+        affine: 4x4 voxel -> RAS mm.
+        suv_factor: SUV = suv_factor x source value (g/mL per Bq/mL for a BQML series; 1.0 for NIfTI).
+        units: source units: ``SUV`` for NIfTI, the DICOM Units tag (``BQML``, ``GML``) for a series.
+    """
+
+    suv: np.ndarray
+    affine: np.ndarray
+    suv_factor: float
+    units: str
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis: the norms of the affine's first three columns."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def _fmt(values: Sequence[float], digits: int = 4) -> str:
+    return "x".join(f"{float(v):.{digits}g}" for v in values)
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def _dicom_modality(folder: Path) -> str | None:
+    """``"PT"`` if any file of ``folder`` is a DICOM object with Modality PT, else the first other
+    modality found, else None (no DICOM file). Headers only; unreadable files are left to validation."""
+    other: str | None = None
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # not DICOM, or damaged: a PET folder with such a file fails validation later
+            continue
+        modality = str(ds.get("Modality", "") or "").strip()
+        if modality == "PT":
+            return "PT"
+        other = other or modality or "unknown-modality"
+    return other
+
+
+def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[InferenceInput]:
+    """NIfTI files and PET DICOM series folders directly in ``dataset_dir``, sorted by name.
+
+    Raises:
+        UniPETInputError: the folder is missing, is a file, or holds nothing to denoise.
+    """
+    folder = Path(dataset_dir).expanduser()
+    if not folder.exists():
+        raise UniPETInputError(f"dataset folder {folder} does not exist: check --dataset_dir")
+    if not folder.is_dir():
+        raise UniPETInputError(
+            f"--dataset_dir {folder} is a file, not a folder: pass the folder that holds the NIfTI files and/or DICOM series folders"
+        )
+    outputs_here = output_dir is not None and Path(output_dir).expanduser().resolve() == folder.resolve()
+    found: list[InferenceInput] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.name.endswith(NIFTI_SUFFIXES):
+            name = nifti_stem(entry)
+            if outputs_here and name.endswith(OUTPUT_SUFFIX):
+                logger.info("skipping %s: an output of an earlier run (output_dir is the dataset folder)", entry.name)
+                continue
+            found.append(InferenceInput(name, entry, "nifti"))
+        elif entry.is_dir():
+            if outputs_here and entry.name.endswith(DICOM_DIR_SUFFIX):
+                logger.info("skipping folder %s: an output of an earlier run (output_dir is the dataset folder)", entry.name)
+                continue
+            modality = _dicom_modality(entry)
+            if modality == "PT":
+                found.append(InferenceInput(entry.name, entry, "dicom"))
+            else:
+                what = "no DICOM files" if modality is None else f"a {modality} series, not PET"
+                logger.info("skipping folder %s: %s", entry.name, what)
+    if not found:
+        hint = ""
+        if _dicom_modality(folder) == "PT":
+            hint = f"; {folder} itself holds PET DICOM files: pass the folder that contains it as --dataset_dir"
+        raise UniPETInputError(
+            f"nothing to denoise in {folder}: looked for *.nii and *.nii.gz files and for sub-folders holding a PET "
+            f"(Modality PT) DICOM series, directly inside it{hint}"
+        )
+    return found
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def check_volume(name: str, array: np.ndarray) -> np.ndarray:
+    """A 3D volume with finite values, or a clear error. Trailing singleton axes (X, Y, Z, 1) are dropped.
+
+    Raises:
+        UniPETInputError: 2D image (or a single slice), 4D volume, NaN/Inf voxels.
+    """
+    arr = np.asarray(array)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim > 3:
+        raise UniPETInputError(
+            f"{name} is a {arr.ndim}D volume (shape {list(arr.shape)}): UniPET denoises one 3D volume at a time; "
+            "split the frames into 3D files (one NIfTI per frame) and denoise those"
+        )
+    if arr.ndim < 3 or min(arr.shape) < 2:
+        raise UniPETInputError(
+            f"{name} is a 2D image (shape {list(arr.shape)}): UniPET is a 3D denoiser; give it the whole 3D volume "
+            "(all slices in one NIfTI file or one DICOM series folder)"
+        )
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise UniPETInputError(
+            f"{name} has {bad} NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before denoising"
+        )
+    return arr
+
+
+def load_volume(item: InferenceInput) -> LoadedVolume:
+    """Read ``item`` into SUV (float32 (X, Y, Z)) with its RAS affine; see the module docstring.
+
+    Raises:
+        UniPETInputError: unreadable/truncated file, bad DICOM series or SUV tags, or a volume
+            :func:`check_volume` refuses (every message names the input).
+    """
+    if item.kind == "nifti":
+        data, affine = load_nifti(item.path, dtype=np.float32)
+        suv = check_volume(str(item.path), data)
+        peak = float(suv.max())
+        if peak > _SUSPICIOUS_SUV:
+            logger.warning(
+                "%s: values up to %.4g: this looks like Bq/mL, not SUV; NIfTI inputs must be SUV "
+                "(convert with python -m scripts.data.suv), or the result will be wrong",
+                item.name, peak,
+            )
+        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), affine, 1.0, "SUV")
+    if item.kind == "dicom":
+        try:
+            series = read_pet_series(item.path)
+        except SUVError as exc:
+            # its hints name options of the SUV tool, which inference does not have
+            raise SUVError(
+                f"{item.path}: {exc} [inference reads SUV from the DICOM tags only: convert this series with "
+                "python -m scripts.data.suv and those options, then denoise the NIfTI]"
+            ) from None
+        suv = check_volume(str(item.path), series.suv)
+        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units)
+    raise UniPETInputError(f"{item.path}: unknown input kind {item.kind!r} (expected 'nifti' or 'dicom')")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str = "scripts.data") -> Iterator[None]:
+    """The readers log a few lines per input; during validation once is enough (when denoising)."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(max(logging.WARNING, level))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------- datalist
+
+
+def _check_names(inputs: Sequence[InferenceInput]) -> None:
+    by_name: dict[str, list[InferenceInput]] = {}
+    for item in inputs:
+        by_name.setdefault(item.name, []).append(item)
+    for name, items in by_name.items():
+        if len(items) > 1:
+            listing = " and ".join(i.path.name + ("/" if i.kind == "dicom" else "") for i in items)
+            raise UniPETInputError(
+                f"inputs {listing} have the same name {name!r}, so their outputs would collide: rename one of them"
+            )
+
+
+def _check_output_dir(output_dir: Path, inputs: Sequence[InferenceInput]) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UniPETInputError(f"--output_dir {output_dir} is a file, not a folder: choose a folder")
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UniPETInputError(f"--output_dir {output_dir}: no permission to write in {existing}; choose another folder")
+    resolved = output_dir.resolve()
+    for item in inputs:
+        if item.kind != "dicom":
+            continue
+        series = item.path.resolve()
+        if resolved == series or series in resolved.parents:
+            raise UniPETInputError(
+                f"--output_dir {output_dir} is inside the DICOM series folder {item.path}: outputs there would mix "
+                "with the series; choose another folder (the dataset folder itself is fine)"
+            )
+
+
+def prepare_datalist(
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    output_format: str = "nifti",
+    overwrite: Any = False,
+) -> list[dict[str, str]]:
+    """Discover the inputs, check every output path and every input, and return the datalist.
+
+    Nothing is written. Returns ``[{"image": path, "name": name, "kind": "nifti" | "dicom"}, ...]``.
+
+    Raises:
+        UniPETInputError: the first problem found (missing folder, nothing to denoise, colliding names,
+            an output that exists without ``overwrite``, an output that would replace an input, an
+            unreadable or unsuitable input).
+    """
+    fmt = check_output_format(output_format)
+    replace = as_bool(overwrite, "overwrite")
+    inputs = discover_inputs(dataset_dir, output_dir)
+    out_dir = Path(output_dir).expanduser()
+    _check_output_dir(out_dir, inputs)
+    _check_names(inputs)
+    input_paths = [item.path for item in inputs]
+    for item in inputs:
+        for path in planned_outputs(out_dir, item.name, item.kind, fmt).values():
+            check_output_path(path, overwrite=replace, inputs=input_paths)
+    if fmt == "dicom" and any(item.kind == "nifti" for item in inputs):
+        logger.warning("output_format dicom: NIfTI inputs get NIfTI outputs (a DICOM series can only be derived from a DICOM input)")
+    for item in inputs:
+        with _quiet():
+            volume = load_volume(item)
+        logger.info(
+            "checked %s (%s, %s): shape %s, spacing %s mm",
+            item.name, item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
+        )
+        del volume
+    logger.info("%d input(s) to denoise in %s", len(inputs), dataset_dir)
+    return [item.as_item() for item in inputs]
+
+
+# ------------------------------------------------------------------------------------------ transform
+
+
+class LoadPETd(MapTransform):
+    """Load a datalist entry (see :func:`prepare_datalist`) into a channel-first SUV ``MetaTensor``.
+
+    ``data[key]`` (a path) becomes a float32 ``MetaTensor`` (1, X, Y, Z) in SUV with the input's RAS
+    ``affine``; ``meta`` also holds ``original_affine`` and ``spatial_shape`` (the grid outputs are
+    written on) and ``filename_or_obj``. Added entries: ``source`` (the path), ``suv_factor`` and
+    ``units`` (see :class:`LoadedVolume`). ``name`` and ``kind`` must be in the entry.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = Path(str(d[key]))
+            volume = load_volume(InferenceInput(str(d["name"]), path, str(d["kind"])))
+            affine = np.asarray(volume.affine, dtype=np.float64)
+            meta = {
+                "original_affine": affine.copy(),
+                "spatial_shape": np.asarray(volume.suv.shape),
+                "filename_or_obj": str(path),
+                "space": "RAS",
+                "original_channel_dim": "no_channel",
+            }
+            d[key] = MetaTensor(torch.from_numpy(volume.suv[None]), affine=torch.as_tensor(affine), meta=meta)
+            d["source"] = str(path)
+            d["suv_factor"] = float(volume.suv_factor)
+            d["units"] = str(volume.units)
+        return d

@@ -1,0 +1,112 @@
+"""Load the inference weights safely, or say loudly that the network is untrained.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`scripts.engines.checkpoint.load_checkpoint`),
+so a crafted file cannot run code. Accepted contents: a plain ``state_dict`` (``models/model.pt`` as
+training writes it), or a dict holding one under ``generator``, ``network``, ``model`` or ``state_dict``
+(e.g. ``checkpoint_latest.pt``); a ``module.`` prefix (DistributedDataParallel) is stripped. A stage-1
+(BDN-only) checkpoint loads too: the SAN keeps its zero-effect initialisation, which is exactly the
+stage-1 network (a warning says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts.engines.checkpoint import CheckpointError, load_checkpoint
+from scripts.inference.options import as_bool
+
+__all__ = ["bundle_version", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEYS = ("generator", "network", "model", "state_dict")
+
+
+def bundle_version(bundle_root: str | os.PathLike) -> str:
+    """``version`` of ``<bundle_root>/configs/metadata.json``, or ``"unknown"``."""
+    try:
+        meta = json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())
+        return str(meta.get("version") or "unknown")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise CheckpointError(
+        f"checkpoint {path} holds no network weights (expected a state_dict, or one under {', '.join(_STATE_KEYS)}): "
+        "point --checkpoint at models/model.pt from training"
+    )
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None, allow_untrained: Any = True) -> dict[str, Any]:
+    """Load ``checkpoint`` into ``network``; without a checkpoint file, warn (or fail) that it is untrained.
+
+    Args:
+        network: the UniPET built from ``network_def`` (on its device).
+        checkpoint: path of the weights; an empty value or a missing file means "no checkpoint".
+        allow_untrained: go on without a checkpoint (the untrained UniPET is the identity, its output
+            conv being zero) after a loud WARNING; False makes that a ``CheckpointError``.
+
+    Returns:
+        JSON-ready provenance: ``checkpoint`` (path or None), ``trained`` (bool), ``checkpoint_sha256``.
+
+    Raises:
+        CheckpointError: unreadable/unsafe checkpoint, weights that do not fit ``network``, or no
+            checkpoint while ``allow_untrained`` is False.
+    """
+    allow = as_bool(allow_untrained, "allow_untrained")
+    path = Path(checkpoint).expanduser().absolute() if checkpoint not in (None, "") else None
+    if path is None or not path.exists():
+        where = f"no checkpoint at {path}" if path is not None else "no checkpoint given"
+        if not allow:
+            raise CheckpointError(
+                f"{where}: train one (configs/train.json), pass --checkpoint PATH, or --allow_untrained true to run the untrained network"
+            )
+        logger.warning(
+            "*** UNTRAINED NETWORK *** %s: UniPET runs with its initial weights, which are the IDENTITY (zero output conv): "
+            "outputs equal the inputs, NOT denoised; pass --checkpoint PATH (or --allow_untrained false to make this an error)",
+            where,
+        )
+        return {"checkpoint": str(path) if path is not None else None, "trained": False, "checkpoint_sha256": None}
+
+    state = _state_dict(load_checkpoint(path, map_location="cpu"), path)
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    try:
+        if hasattr(network, "load_bdn_state_dict"):
+            missing = list(network.load_bdn_state_dict(state))
+        else:
+            network.load_state_dict(state)
+            missing = []
+    except (KeyError, RuntimeError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the network ({first}); set channels/num_blocks/latent_dim/san_channels "
+            "to the values it was trained with"
+        ) from None
+    if missing:
+        logger.warning("checkpoint %s has no SAN weights (%d tensors; a stage-1 checkpoint?): the SAN has no effect", path, len(missing))
+    digest = _sha256(path)
+    logger.info("loaded UniPET weights from %s (sha256 %s)", path, digest[:16])
+    return {"checkpoint": str(path), "trained": True, "checkpoint_sha256": digest}
