@@ -347,6 +347,11 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
         # A missing slope/intercept means identity (DICOM default); values are kept in float64 until the caller casts.
         slopes[k] = float(ds.RescaleSlope) if ds.get("RescaleSlope") not in (None, "") else 1.0
         intercepts[k] = float(ds.RescaleIntercept) if ds.get("RescaleIntercept") not in (None, "") else 0.0
+        if not (np.isfinite(slopes[k]) and np.isfinite(intercepts[k])):
+            raise DicomSeriesError(
+                f"{path}: RescaleSlope/RescaleIntercept {float(slopes[k])}/{float(intercepts[k])} is not a finite number, so every voxel "
+                "of the slice would be NaN/Inf; the file is damaged: re-export the series"
+            )
         volume[:, :, k] = stored.T.astype(np.float64) * slopes[k] + intercepts[k]
         datasets.append(ds)
 

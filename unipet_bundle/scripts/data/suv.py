@@ -491,6 +491,12 @@ def read_pet_series(
         "suv_max": float(suv.max()),
         "suv_p99_9": float(np.percentile(suv, 99.9)),
     }
+    # The converter keeps any volume it can compute exactly; the denoiser's stricter rules
+    # (scripts.data.volume_checks) apply when the volume is used, and these warnings say so early.
+    if not np.any(suv):
+        info["warnings"].append("every voxel is zero (an empty or failed reconstruction?): converted, but inference and training refuse it")
+    if suv.shape[2] < 2:
+        info["warnings"].append("the series has a single slice: converted, but UniPET denoises 3D volumes only")
     for warning in info["warnings"]:
         logger.warning("%s", warning)
     logger.info(
@@ -586,6 +592,9 @@ def convert_suv_to_bqml(
             raise SUVError(f"{side}: the source series was already SUV (Units GML), there is no Bq/mL scale; pass --suv_factor if you know it")
         source = f"sidecar {side}"
     suv, affine = load_nifti(src)
+    bad = int(suv.size - np.count_nonzero(np.isfinite(suv)))
+    if bad:
+        raise UniPETInputError(f"{src} has {bad} NaN/Inf voxel(s): they have no activity concentration; set them to 0 first")
     values = suv_to_bqml(suv, factor)
     info = {
         "description": f"activity concentration ({units}) from an SUVbw volume, written by scripts.data.suv",

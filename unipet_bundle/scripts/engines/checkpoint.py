@@ -1,40 +1,74 @@
-"""Safe checkpoints: atomic saves, resume from the latest one, and loading that cannot run code.
+"""Safe checkpoints: atomic saves, resume from the latest one, loading that cannot run code, and hashes.
 
 Ignite's ``Checkpoint`` names files after the epoch, which a config cannot point a loader at, and a run
 killed mid-write could leave a truncated file under the final name. ``LatestCheckpoint`` keeps exactly
-one file with a fixed name, written to a temporary name and renamed, and resumes from it when the run
-starts. Every load goes through ``torch.load(..., weights_only=True)`` so a crafted pickle cannot execute.
+one file with a fixed name, written to a temporary name, flushed to disk and renamed, and resumes from
+it: the file is read (and every network, optimiser and scheduler state loaded) when the handler is
+attached, so a corrupt or unsafe file stops the run with one line before training starts; the engine's
+counters are restored when the run starts. Every load goes through ``torch.load(..., weights_only=True)``
+so a crafted pickle cannot execute, and :func:`verify_sha256` checks a recorded SHA-256 before a file is
+unpickled at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["CheckpointError", "LatestCheckpoint", "atomic_torch_save", "load_checkpoint", "load_state_into"]
+from scripts.inference.options import as_bool
+
+__all__ = [
+    "CheckpointError",
+    "LatestCheckpoint",
+    "atomic_torch_save",
+    "file_sha256",
+    "load_checkpoint",
+    "load_state_into",
+    "verify_sha256",
+]
 
 logger = logging.getLogger(__name__)
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
+    """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename.
+
+    A run killed at any moment (SIGKILL included) leaves either the previous file or the new one under
+    ``path``, never a truncated one; at worst a hidden ``.<name>.*.tmp`` file stays behind, which
+    :class:`LatestCheckpoint` removes on the next start.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,19 +76,76 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str | None, option: str = "checkpoint_sha256") -> str:
+    """Check a checkpoint's SHA-256 against the recorded one before it is used; return the actual hash.
+
+    Args:
+        path: the file.
+        expected: the recorded hex SHA-256 (any case); None or empty means "not recorded": a warning,
+            no check.
+        option: the config key holding ``expected``, named in messages.
+
+    Raises:
+        CheckpointError: ``expected`` is not 64 hex digits, or the file's hash differs (a damaged
+            download, or another file than the recorded one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: check the path")
+    actual = file_sha256(path)
+    if expected is None or str(expected).strip().lower() in ("", "none", "null"):
+        logger.warning(
+            "no SHA-256 recorded for %s (%s is null): its integrity is not checked; its SHA-256 is %s",
+            path, option, actual,
+        )
+        return actual
+    wanted = str(expected).strip().lower()
+    if not _SHA256_HEX.match(wanted):
+        hint = "" if isinstance(expected, str) else " (the command line read it as a number: quote it as \"'<hash>'\")"
+        raise CheckpointError(f"--{option} {expected!r} is not a SHA-256 (64 hex digits, as sha256sum prints it){hint}")
+    if actual != wanted:
+        raise CheckpointError(
+            f"checkpoint {path} has SHA-256 {actual[:16]}..., not the recorded {wanted[:16]}...: the file is damaged or not the "
+            f"released one; download it again, or for your own checkpoint pass --{option} with its hash (or None to skip the check)"
+        )
+    logger.info("checkpoint %s matches its recorded SHA-256 (%s...)", path, actual[:16])
+    return actual
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``; any failure becomes one clear ``CheckpointError``."""
+    """Load a checkpoint with ``weights_only=True``; any failure becomes one clear ``CheckpointError``.
+
+    A file holding anything but tensors and plain containers (a crafted pickle that would run code, or a
+    whole pickled model) is refused without executing any of it.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: check the path (train first, or set ckpt_dir)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # the weights-only unpickler warns about foreign pickle protocols on stderr: the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError (zip truncated), EOFError, ...
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} refused: it holds Python objects other than tensors (a crafted or foreign pickle, "
+                "or a whole pickled model), and loading it could run code; use a state_dict checkpoint written by this bundle"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {first[:200]}); it is corrupt, "
-            "truncated or contains code: delete it or point to another checkpoint"
-        ) from exc
+            f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first[:160]}); it is corrupt or truncated: "
+            "delete it or point to another checkpoint"
+        ) from None
 
 
 def load_state_into(objects: Mapping[str, Any], state: Mapping[str, Any], strict: bool = True) -> None:
@@ -69,11 +160,23 @@ def load_state_into(objects: Mapping[str, Any], state: Mapping[str, Any], strict
         try:
             target.load_state_dict(state[name])
         except Exception as exc:
-            raise CheckpointError(f"checkpoint entry '{name}' does not fit: {exc}") from exc
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"checkpoint entry '{name}' does not fit ({detail}); the settings (channels, num_blocks, latent_dim, "
+                "san_channels, critic_channels, optimiser) must be those of the run that wrote it"
+            ) from exc
 
 
 class LatestCheckpoint:
-    """Save everything needed to resume every ``save_interval`` iterations and at the end; resume at start.
+    """Save everything needed to resume every ``save_interval`` iterations and at the end; resume on attach.
+
+    Resuming: :meth:`attach` reads the file (when ``resume`` and it exists) and loads every object of
+    ``save_dict`` except Ignite engines at once, so a corrupt, unsafe or mismatched checkpoint fails before
+    the run starts; engines (the trainer's iteration and epoch counters) are restored at
+    ``Events.STARTED``, since ``Engine.run`` resets a finished engine's state first. The next run then
+    starts with the iteration after the saved one, with the same network, critic, optimiser (AdamW
+    moments and step counts) and scheduler states. Data order and random patches are not restored: a
+    resumed epoch draws new ones.
 
     Args:
         save_dir: folder of the checkpoint file.
@@ -81,8 +184,12 @@ class LatestCheckpoint:
             schedulers, and the trainer engine itself for iteration/epoch counters).
         filename: fixed file name inside ``save_dir``.
         save_interval: save every this many iterations (0: only at epoch ends and completion).
-        resume: load the file at ``Events.STARTED`` when it exists.
+        resume: resume from the file when it exists (a bool, or true/false as text from the command line).
         rank: only rank 0 writes under DistributedDataParallel.
+        protect: other files of ``save_dir`` the run will write (the best weights, ``model.pt``): when
+            there is no checkpoint to resume from and one of them exists, it belongs to another run and
+            :meth:`attach` refuses to start rather than replace it.
+        overwrite: allow replacing the ``protect`` files of another run.
     """
 
     def __init__(
@@ -91,16 +198,31 @@ class LatestCheckpoint:
         save_dict: Mapping[str, Any],
         filename: str = "checkpoint_latest.pt",
         save_interval: int = 50,
-        resume: bool = True,
+        resume: Any = True,
         rank: int = 0,
+        protect: Sequence[str] = (),
+        overwrite: Any = False,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")  # `--resume false` arrives as the string "false"
         self.rank = rank
+        self.protect = tuple(protect)
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self._engine_state: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
+        self._remove_stale_temporaries()
+        self._load_now()
+        if self._engine_state is None and not self.overwrite:
+            taken = [name for name in self.protect if (self.path.parent / name).exists()]
+            if taken:
+                raise CheckpointError(
+                    f"{self.path.parent} already holds {', '.join(taken)} of another training run and no {self.path.name} "
+                    "to resume from: this run would replace them; choose another --ckpt_dir, move them away, or pass "
+                    "--overwrite true"
+                )
         engine.add_event_handler(Events.STARTED, self.load)
         if self.save_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
@@ -117,13 +239,39 @@ class LatestCheckpoint:
         atomic_torch_save(state, self.path)
         logger.debug("saved %s at iteration %d", self.path, engine.state.iteration)
 
-    def load(self, engine: Engine) -> None:
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a save that was killed (SIGKILL, power loss) before its rename."""
+        if self.rank != 0 or not self.path.parent.is_dir():
+            return
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            logger.info("removed %s, left by an interrupted save", tmp.name)
+
+    def _load_now(self) -> None:
+        """Read the file and load every non-engine object; keep the engines' states for ``load``."""
+        self._engine_state = None
         if not (self.resume and self.path.is_file()):
             return
-        state = load_checkpoint(self.path)
+        try:
+            state = load_checkpoint(self.path)
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"checkpoint {self.path} is not a dict of states")
+            others = {k: v for k, v in self.save_dict.items() if not isinstance(v, Engine)}
+            load_state_into(others, state, strict=False)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} [resuming from {self.path}: delete or move it to start afresh, or pass --resume false]"
+            ) from None
+        self._engine_state = dict(state)
+
+    def load(self, engine: Engine) -> None:
+        if self._engine_state is None:
+            return
+        state, self._engine_state = self._engine_state, None
+        engines = {k: v for k, v in self.save_dict.items() if isinstance(v, Engine)}
         # the config's epoch count wins over the checkpoint's, so a finished run can be extended
         prior_max_epochs = engine.state.max_epochs
-        load_state_into(self.save_dict, state, strict=False)
+        load_state_into(engines, state, strict=False)
         engine.state.max_epochs = prior_max_epochs
         if engine.state.epoch >= prior_max_epochs:
             logger.warning(

@@ -11,6 +11,9 @@ low-dose input against the full dose, logs one line, and, where a label map exis
 - ``summary.json``: per-DRF means, counts, data kind (simulated or not), checkpoint path and SHA-256;
 - ``montage_<subject>.png``: see :mod:`scripts.evaluation.montage`.
 
+An earlier report in ``eval_dir`` is not replaced unless asked (:func:`check_eval_dir`, run by evaluate.json
+before anything is evaluated, with the ``overwrite`` key).
+
 Units: the evaluator's ``image``/``label``/``pred`` are normalised (SUV clipped to [0, suv_max] / suv_max);
 they are multiplied back by ``suv_max`` and the image metrics use SUV clipped to [0, suv_max] with data
 range ``suv_max`` (20). The region statistics use the unclipped SUV of the input files (the output is as the
@@ -37,10 +40,11 @@ from scripts.data.io import UniPETInputError, atomic_write, atomic_write_json, l
 from scripts.data.layout import format_drf, natural_key, read_grid
 from scripts.evaluation.montage import MontageRow, take_views, write_montage
 from scripts.evaluation.regions import REGION_COLUMNS, hottest_lesion_voxel, load_label_table, region_rows, region_stats, summarise_regions
+from scripts.inference.options import as_bool
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import quality_metrics
 
-__all__ = ["METRIC_COLUMNS", "EvaluationReport", "format_value", "write_csv"]
+__all__ = ["METRIC_COLUMNS", "REPORT_FILES", "EvaluationReport", "check_eval_dir", "format_value", "write_csv"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,26 @@ METRIC_COLUMNS = (
     "subject", "split", "drf", *_METRICS, *(f"input_{m}" for m in _METRICS), "psnr_gain_db", "mask_fraction",
 )
 """metrics.csv columns: no prefix = denoised output vs full dose, ``input_`` = low-dose input vs full dose."""
+
+
+REPORT_FILES = ("metrics.csv", "regions.csv", "summary.json")
+"""The report files of ``eval_dir`` that an earlier evaluation leaves (montages are named per subject)."""
+
+
+def check_eval_dir(eval_dir: str | os.PathLike, overwrite: Any = False) -> Path:
+    """Refuse, before anything is evaluated, to replace the report of an earlier evaluation.
+
+    Raises:
+        UniPETInputError: ``eval_dir`` holds one of :data:`REPORT_FILES` and ``overwrite`` is false.
+    """
+    folder = Path(eval_dir)
+    taken = [name for name in REPORT_FILES if (folder / name).exists()]
+    if taken and not as_bool(overwrite, "overwrite"):
+        raise UniPETInputError(
+            f"{folder} already holds {', '.join(taken)} of an earlier evaluation: choose another --eval_dir "
+            "(or --output_dir), or pass --overwrite true to replace them"
+        )
+    return folder
 
 
 def format_value(value: Any) -> str:

@@ -4,11 +4,13 @@ A missing checkpoint is not an error: the network is then evaluated untrained, w
 initialised output convolution plus global skip) is the identity, so the "denoised" metrics equal those of
 the low-dose input. That is a useful baseline and what the tests rely on, but it must never pass for a
 result: the run logs a loud warning and ``summary.json`` records ``"loaded": false``.
+
+An existing checkpoint is checked against ``checkpoint_sha256`` (:func:`scripts.engines.checkpoint.verify_sha256`)
+before it is unpickled, and read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -17,20 +19,11 @@ from typing import Any
 
 import torch
 
-from scripts.engines.checkpoint import CheckpointError, load_checkpoint
+from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkpoint, verify_sha256
 
 __all__ = ["file_sha256", "load_eval_weights"]
 
 logger = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
@@ -42,8 +35,13 @@ def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     raise CheckpointError(f"checkpoint {path} holds neither a network state dict nor a 'generator' entry; point --checkpoint at model.pt")
 
 
-def load_eval_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> dict[str, Any]:
+def load_eval_weights(
+    network: torch.nn.Module, checkpoint: str | os.PathLike | None, expected_sha256: str | None = None
+) -> dict[str, Any]:
     """Load ``checkpoint`` into ``network`` (``weights_only=True``); warn and go on untrained when it is missing.
+
+    ``expected_sha256`` is the recorded hash of ``checkpoint``, checked before loading (None: not recorded,
+    a warning).
 
     Stage-1 checkpoints (no SAN weights) are accepted: the SAN keeps its zero-style initialisation, which
     reproduces the stage-1 network exactly; a warning says so.
@@ -52,7 +50,8 @@ def load_eval_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | 
         ``{"path", "loaded", "sha256", "note"}`` for the evaluation summary.
 
     Raises:
-        CheckpointError: the file exists but is unreadable, unsafe, or does not fit the network.
+        CheckpointError: the file exists but its SHA-256 differs from ``expected_sha256``, or it is
+            unreadable, unsafe, or does not fit the network.
     """
     path = Path(checkpoint).expanduser().resolve() if checkpoint else None
     if path is None or not path.is_file():
@@ -63,6 +62,7 @@ def load_eval_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | 
         )
         return {"path": str(path) if path else None, "loaded": False, "sha256": None,
                 "note": "checkpoint missing: untrained network (identity), not a result"}
+    sha = verify_sha256(path, expected_sha256)
     state = _state_dict(load_checkpoint(path), path)
     target = network.module if hasattr(network, "module") and isinstance(network, torch.nn.Module) else network
     note = "trained weights"
@@ -77,6 +77,5 @@ def load_eval_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | 
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit the network ({exc}); check channels/num_blocks/"
                               "latent_dim/san_channels against the training run") from exc
-    sha = file_sha256(path)
     logger.info("evaluating checkpoint %s (sha256 %s)", path, sha[:16])
     return {"path": str(path), "loaded": True, "sha256": sha, "note": note}

@@ -12,9 +12,10 @@ log line. When ``output_dir`` is ``dataset_dir`` itself, ``*_denoised*`` entries
 an earlier run and are not denoised again.
 
 :func:`prepare_datalist` checks *everything* before any work starts (each input is read in full, so a
-truncated file is found; 2D images, 4D volumes and NaN/Inf voxels are refused; every output path is
-checked), so a bad input never leaves some outputs written and others not. The price is that each
-input is read twice (once to check it, once to denoise it); memory holds one volume at a time.
+truncated file is found; 2D images, 4D (dynamic) volumes, NaN/Inf voxels and all-zero volumes are
+refused, negative voxels are kept: :mod:`scripts.data.volume_checks`; every output path is checked),
+so a bad input never leaves some outputs written and others not. The price is that each input is read
+twice (once to check it, once to denoise it); memory holds one volume at a time.
 
 Array convention: (X, Y, Z) in file order, as nibabel and MONAI's ``LoadImage(reader="NibabelReader")``
 give for NIfTI and as training uses; a DICOM series is (column, row, slice sorted along the slice
@@ -38,8 +39,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
 from scripts.data.suv import SUVError, read_pet_series
+from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.options import as_bool, check_output_format
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
 
@@ -169,30 +172,13 @@ def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLik
 
 
 def check_volume(name: str, array: np.ndarray) -> np.ndarray:
-    """A 3D volume with finite values, or a clear error. Trailing singleton axes (X, Y, Z, 1) are dropped.
+    """A 3D volume with finite values, not all zero, or a clear error (policy in
+    :mod:`scripts.data.volume_checks`: 4D refused, negative voxels kept). Trailing singleton axes are dropped.
 
     Raises:
-        UniPETInputError: 2D image (or a single slice), 4D volume, NaN/Inf voxels.
+        UniPETInputError: 2D image (or a single slice), 4D volume, NaN/Inf voxels, all-zero volume.
     """
-    arr = np.asarray(array)
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim > 3:
-        raise UniPETInputError(
-            f"{name} is a {arr.ndim}D volume (shape {list(arr.shape)}): UniPET denoises one 3D volume at a time; "
-            "split the frames into 3D files (one NIfTI per frame) and denoise those"
-        )
-    if arr.ndim < 3 or min(arr.shape) < 2:
-        raise UniPETInputError(
-            f"{name} is a 2D image (shape {list(arr.shape)}): UniPET is a 3D denoiser; give it the whole 3D volume "
-            "(all slices in one NIfTI file or one DICOM series folder)"
-        )
-    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-    if bad:
-        raise UniPETInputError(
-            f"{name} has {bad} NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before denoising"
-        )
-    return arr
+    return check_pet_volume(name, array)
 
 
 def load_volume(item: InferenceInput) -> LoadedVolume:
@@ -221,6 +207,12 @@ def load_volume(item: InferenceInput) -> LoadedVolume:
             raise SUVError(
                 f"{item.path}: {exc} [inference reads SUV from the DICOM tags only: convert this series with "
                 "python -m scripts.data.suv and those options, then denoise the NIfTI]"
+            ) from None
+        except DicomSeriesError as exc:
+            # the hints name --dicom_dir/--series_uid of the SUV tool; here every sub-folder is one series
+            raise DicomSeriesError(
+                f"{exc} [inference reads each sub-folder of --dataset_dir as one PET series: give every series its own "
+                "sub-folder holding only its slices]"
             ) from None
         suv = check_volume(str(item.path), series.suv)
         return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units)

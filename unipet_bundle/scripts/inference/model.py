@@ -6,11 +6,14 @@ training writes it), or a dict holding one under ``generator``, ``network``, ``m
 (e.g. ``checkpoint_latest.pt``); a ``module.`` prefix (DistributedDataParallel) is stripped. A stage-1
 (BDN-only) checkpoint loads too: the SAN keeps its zero-effect initialisation, which is exactly the
 stage-1 network (a warning says so).
+
+Before anything is unpickled the file's SHA-256 is checked against ``checkpoint_sha256`` of the config
+(:func:`scripts.engines.checkpoint.verify_sha256`): a mismatch stops the run (exit status 2); a null value
+means "not recorded" and only logs a warning with the file's hash.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from scripts.engines.checkpoint import CheckpointError, load_checkpoint
+from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
 from scripts.inference.options import as_bool
 
 __all__ = ["bundle_version", "load_weights"]
@@ -39,14 +42,6 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in _STATE_KEYS:
@@ -60,7 +55,12 @@ def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     )
 
 
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None, allow_untrained: Any = True) -> dict[str, Any]:
+def load_weights(
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike | None,
+    allow_untrained: Any = True,
+    expected_sha256: str | None = None,
+) -> dict[str, Any]:
     """Load ``checkpoint`` into ``network``; without a checkpoint file, warn (or fail) that it is untrained.
 
     Args:
@@ -68,13 +68,15 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None,
         checkpoint: path of the weights; an empty value or a missing file means "no checkpoint".
         allow_untrained: go on without a checkpoint (the untrained UniPET is the identity, its output
             conv being zero) after a loud WARNING; False makes that a ``CheckpointError``.
+        expected_sha256: the recorded SHA-256 of ``checkpoint``, checked before loading; None: not
+            recorded (a warning).
 
     Returns:
         JSON-ready provenance: ``checkpoint`` (path or None), ``trained`` (bool), ``checkpoint_sha256``.
 
     Raises:
-        CheckpointError: unreadable/unsafe checkpoint, weights that do not fit ``network``, or no
-            checkpoint while ``allow_untrained`` is False.
+        CheckpointError: SHA-256 mismatch, unreadable/unsafe checkpoint, weights that do not fit
+            ``network``, or no checkpoint while ``allow_untrained`` is False.
     """
     allow = as_bool(allow_untrained, "allow_untrained")
     path = Path(checkpoint).expanduser().absolute() if checkpoint not in (None, "") else None
@@ -91,6 +93,7 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None,
         )
         return {"checkpoint": str(path) if path is not None else None, "trained": False, "checkpoint_sha256": None}
 
+    digest = verify_sha256(path, expected_sha256)
     state = _state_dict(load_checkpoint(path, map_location="cpu"), path)
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     try:
@@ -107,6 +110,5 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None,
         ) from None
     if missing:
         logger.warning("checkpoint %s has no SAN weights (%d tensors; a stage-1 checkpoint?): the SAN has no effect", path, len(missing))
-    digest = _sha256(path)
     logger.info("loaded UniPET weights from %s (sha256 %s)", path, digest[:16])
     return {"checkpoint": str(path), "trained": True, "checkpoint_sha256": digest}

@@ -1,0 +1,60 @@
+"""What makes a volume fit to denoise or to train on, checked in one place for every tool.
+
+Policy (the same in inference, training and evaluation; the SUV tool only converts and is laxer):
+
+- **3D only.** A 2D image (or a single slice) is refused: UniPET is a 3D denoiser. Trailing singleton
+  axes (X, Y, Z, 1) are dropped first.
+- **4D (dynamic/gated) volumes are refused, not denoised frame by frame**: each frame of a dynamic scan
+  has its own counts and therefore its own noise level and texture, and the bundle cannot tell frames
+  from gates; the message says to split the frames into 3D files and denoise those.
+- **NaN/Inf voxels are refused** (one would spread through every window that touches it), with the count.
+- **An all-zero volume is refused**: it is an empty or failed reconstruction (or the wrong file); there is
+  nothing to denoise, and a full dose of zeros gives no patch to train on.
+- **Negative voxels are kept as they are**: OSEM/FBP reconstructions legitimately contain them and they
+  carry the zero-mean noise of cold regions; clipping them would bias low-uptake means upwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scripts.data.io import UniPETInputError
+
+__all__ = ["check_pet_volume"]
+
+
+def check_pet_volume(name: str, array: np.ndarray, allow_all_zero: bool = False) -> np.ndarray:
+    """Return ``array`` as a 3D volume, or raise one clear line naming ``name`` (see the module docstring).
+
+    Args:
+        name: what to call the volume in messages (its path).
+        array: the volume, (X, Y, Z) or (X, Y, Z, 1, ...).
+        allow_all_zero: accept a volume whose voxels are all zero (the SUV tool converts it with a warning).
+
+    Raises:
+        UniPETInputError: 2D image or single slice, 4D volume, NaN/Inf voxels, all-zero volume.
+    """
+    arr = np.asarray(array)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim > 3:
+        raise UniPETInputError(
+            f"{name} is a {arr.ndim}D volume (shape {list(arr.shape)}): UniPET denoises one 3D volume at a time and "
+            "does not denoise dynamic/gated frames itself; split the frames into 3D files (one NIfTI per frame) and use those"
+        )
+    if arr.ndim < 3 or min(arr.shape) < 2:
+        raise UniPETInputError(
+            f"{name} is a 2D image (shape {list(arr.shape)}): UniPET is a 3D denoiser; give it the whole 3D volume "
+            "(all slices in one NIfTI file or one DICOM series folder)"
+        )
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise UniPETInputError(
+            f"{name} has {bad} NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before using it"
+        )
+    if not allow_all_zero and not np.any(arr):
+        raise UniPETInputError(
+            f"{name} is all zero (an empty or failed reconstruction, or the wrong file?): nothing to denoise or learn "
+            "from; replace it or remove it"
+        )
+    return arr
