@@ -19,7 +19,6 @@ TorchScript ``model.ts`` (``model_file=...model.ts``), e.g. in a MONAI Deploy pa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -33,6 +32,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose
 
+from scripts.engines.checkpoint import file_sha256
 from scripts.data.io import UniPETInputError
 from scripts.inference.errors import user_error
 from scripts.inference.model import bundle_version
@@ -82,14 +82,6 @@ def suv_metatensor(suv: np.ndarray, affine: np.ndarray, name: str = "memory") ->
     }
     data = torch.from_numpy(np.ascontiguousarray(suv, dtype=np.float32)[None])
     return MetaTensor(data, affine=torch.as_tensor(aff), meta=meta)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BundleDenoiser:
@@ -157,7 +149,7 @@ class BundleDenoiser:
             network = torch.jit.load(str(ts_path), map_location="cpu")
             # the config's network/model_info would build and load the eager network: replace both
             parser["network"] = None
-            parser["model_info"] = {"checkpoint": str(ts_path), "trained": True, "checkpoint_sha256": _sha256(ts_path),
+            parser["model_info"] = {"checkpoint": str(ts_path), "trained": True, "checkpoint_sha256": file_sha256(ts_path),
                                      "format": "torchscript"}
             self.network = network
         else:

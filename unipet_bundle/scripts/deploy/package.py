@@ -40,6 +40,7 @@ from typing import Any
 
 import fire
 
+from scripts.engines.checkpoint import file_sha256
 from scripts.data.io import UniPETInputError, atomic_write
 from scripts.inference.options import as_bool
 
@@ -69,14 +70,6 @@ class PackageResult:
     zoo_pr_dir: Path
     version: str
     weights: dict[str, str]  # bundle-relative path -> sha256
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_version(root: Path) -> str:
@@ -215,7 +208,7 @@ def package_bundle(
             if p.exists():
                 raise PackageError(f"{p} already exists: pass --overwrite true to replace it")
 
-    weights = {rel: _sha256(root / rel) for rel in WEIGHTS if (root / rel).is_file()}
+    weights = {rel: file_sha256(root / rel) for rel in WEIGHTS if (root / rel).is_file()}
     entries = []
     for rel, digest in weights.items():
         name = Path(rel).name
