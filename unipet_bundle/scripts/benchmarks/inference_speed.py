@@ -61,6 +61,7 @@ from scripts.engines.checkpoint import CheckpointError, file_sha256
 
 __all__ = [
     "BenchmarkInputError",
+    "BenchmarkRunError",
     "VARIANTS",
     "one_patch_at_a_time",
     "patch_starts",
@@ -86,6 +87,10 @@ _SLAB = 8  # rows of axis 0 per step when generating/comparing volumes: bounds t
 
 class BenchmarkInputError(ValueError):
     """Bad benchmark option (sizes, repeats, variants, paths); the message names the fix."""
+
+
+class BenchmarkRunError(RuntimeError):
+    """A variant's subprocess failed; its last log lines were printed to stderr first."""
 
 
 # ------------------------------------------------------------------------------------- the volume
@@ -355,7 +360,7 @@ def _run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> 
 def _fail(what: str, code: int, log: Path) -> None:
     tail = log.read_text(errors="replace").strip().splitlines()[-15:]
     sys.stderr.write("\n".join(tail) + "\n")
-    raise RuntimeError(f"{what} failed with exit status {code} (its last lines are above)")
+    raise BenchmarkRunError(f"{what} failed with exit status {code} (its last lines are above)")
 
 
 def _compare(a: Path, b: Path) -> dict[str, float]:
@@ -707,6 +712,9 @@ def main() -> None:
     except (BenchmarkInputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BenchmarkRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
