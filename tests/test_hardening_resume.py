@@ -164,7 +164,7 @@ def test_sigkill_twice_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert losses and np.all(np.isfinite(losses))
 
     assert _final_state(ckpt) == reference, "the resumed chain must end with the uninterrupted run's counters"
-    assert not list(ckpt_dir.glob(".*.tmp")), "temporary files of killed saves must be cleaned up"
+    assert not list(ckpt_dir.glob(".*.tmp*")), "temporary files of killed saves must be cleaned up"
 
 
 # --------------------------------------------------------------------------------------------------

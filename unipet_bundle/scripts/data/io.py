@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "UniPETInputError",
     "atomic_write",
+    "default_file_mode",
     "atomic_write_json",
     "check_output_path",
     "load_nifti",
@@ -60,10 +61,21 @@ def check_output_path(
     return out
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None], overwrite: bool = True) -> Path:
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` makes files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[Path], None], overwrite: bool = True, sync: bool = False
+) -> Path:
     """Call ``write_fn(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    The temporary name keeps the real suffix (``.nii.gz`` etc.) so writers that look at it behave.
+    The temporary name (``.<name>.<random>.tmp<suffix>``) keeps the real suffix (``.nii.gz`` etc.) so
+    writers that look at it behave. ``sync`` flushes the file to disk before the rename, so that after a
+    power loss ``path`` holds the old or the new content, never a truncated one (checkpoints want this).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -75,10 +87,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None], over
     tmp = Path(tmp_name)
     try:
         write_fn(tmp)
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would (umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import fire
 import numpy as np
 import torch
 
-from scripts.data.io import UniPETInputError
+from scripts.data.io import UniPETInputError, atomic_write
 from scripts.engines.checkpoint import CheckpointError
 from scripts.inference.options import as_bool
 
@@ -86,22 +85,14 @@ def export_torchscript(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists: pass --overwrite true to replace it")
     _on_path(root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.ts", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        ckpt_export(
+    # the existence check above already honoured --overwrite
+    atomic_write(
+        out,
+        lambda tmp: ckpt_export(
             net_id="network_def", filepath=str(tmp), ckpt_file=str(ckpt), meta_file=str(meta),
             config_file=str(config), bundle_root=str(root),
-        )
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        ),
+    )
     logger.info("exported %s -> %s", ckpt, out)
     return out
 

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.data.io import atomic_write
 from scripts.inference.options import as_bool
 
 __all__ = [
@@ -46,34 +46,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
 
 
-def _default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename.
 
     A run killed at any moment (SIGKILL included) leaves either the previous file or the new one under
-    ``path``, never a truncated one; at worst a hidden ``.<name>.*.tmp`` file stays behind, which
+    ``path``, never a truncated one; at worst a hidden ``.<name>.*.tmp*`` file stays behind, which
     :class:`LatestCheckpoint` removes on the next start.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write, sync=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -243,7 +227,7 @@ class LatestCheckpoint:
         """Temporary files of a save that was killed (SIGKILL, power loss) before its rename."""
         if self.rank != 0 or not self.path.parent.is_dir():
             return
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp*"):
             tmp.unlink(missing_ok=True)
             logger.info("removed %s, left by an interrupted save", tmp.name)
 
