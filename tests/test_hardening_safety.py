@@ -32,8 +32,9 @@ from ignite.engine import Engine
 
 import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT
-from scripts.data.io import save_nifti
+from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.suv import main as suv_main
+from scripts.deploy.large_files import read_large_files, recorded_sha256, write_large_files
 from scripts.engines.checkpoint import CheckpointError, LatestCheckpoint, atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
 from scripts.evaluation.weights import load_eval_weights
 from scripts.inference.errors import user_error
@@ -216,8 +217,29 @@ def test_recorded_hash_through_the_configs(tmp_path):
         lambda p: _parser(["train.json", "evaluate.json"], checkpoint=str(p), checkpoint_sha256="f" * 64).get_parsed_content("checkpoint_info"),
         ckpt)
     assert "not the recorded ffffffffffffffff" in message
-    assert json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["checkpoint_sha256"] is None, \
-        "no weights ship yet: the shipped config records no hash"
+
+
+def test_large_files_record_is_what_the_configs_check(tmp_path):
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    ckpt = perturbed_checkpoint(root / "models" / "model.pt")
+    other = perturbed_checkpoint(tmp_path / "mine.pt")
+    assert recorded_sha256(ckpt, root) is None, "nothing recorded yet"
+    write_large_files(root, {"models/model.pt": file_sha256(ckpt)})
+    assert read_large_files(root)["models/model.pt"]["hash_type"] == "sha256"
+    assert recorded_sha256(ckpt, root) == file_sha256(ckpt)
+    assert recorded_sha256(root / "models" / ".." / "models" / "model.pt", root) == file_sha256(ckpt)
+    assert recorded_sha256(other, root) is None, "a user's own weights elsewhere are not the shipped file"
+    # the configs' default resolves to the record; a replaced models/model.pt is then refused before loading
+    parsed = _parser(["inference.json"], checkpoint=str(ckpt), bundle_root=str(root))
+    assert parsed.get_parsed_content("checkpoint_sha256") == file_sha256(ckpt)
+    perturbed_checkpoint(ckpt, seed=1)
+    message = _checkpoint_error(
+        lambda p: _parser(["inference.json"], checkpoint=str(p), bundle_root=str(root)).get_parsed_content("model_info"), ckpt)
+    assert "not the recorded" in message
+    (root / "large_files.yml").write_text("large_files: 3\n")
+    with pytest.raises(UniPETInputError, match="not a model-zoo large_files.yml"):
+        recorded_sha256(ckpt, root)
 
 
 def test_hash_mismatch_stops_inference_with_exit_2(tmp_path):

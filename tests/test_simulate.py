@@ -312,3 +312,26 @@ def test_an_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sim.simulate_subject(tmp_path, "p0", shape=(32, 32, 8), spacing=(12.0, 12.0, 40.0), drfs=[4, 20], **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_activity_resampled_to_the_training_grid(tmp_path, capsys):
+    act, _, _ = _cylinder()
+    affine = np.diag([5.0, 5.0, 3.0, 1.0])
+    affine[:3, 3] = [-100.0, -120.0, 30.0]
+    src = _write(tmp_path / "patient.nii.gz", act, affine)
+    subj = sim.simulate_subject(tmp_path / "out", "real01", activity=src, resample_mm=4.0, drfs=[10], seed=1, **FAST)
+    img = nib.load(str(subj / "drf_10.nii.gz"))
+    np.testing.assert_allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)), [4.0, 4.0, 4.0])
+    np.testing.assert_allclose(img.affine[:3, 3], affine[:3, 3], atol=1e-4)  # same first voxel centre
+    extent_in = np.array(act.shape) * [5.0, 5.0, 3.0]
+    assert np.all(np.abs(np.array(img.shape) * 4.0 - extent_in) <= 4.0), (img.shape, act.shape)
+    truth = np.asarray(nib.load(str(subj / "activity.nii.gz")).dataobj)
+    assert truth.min() >= 0 and abs(truth.mean() / act.mean() - 1) < 0.05, "trilinear resampling keeps the mean SUV"
+    meta = json.loads((subj / "simulation.json").read_text())
+    assert meta["source"]["resampled_to_mm"] == 4.0 and meta["source"]["native_spacing_mm"] == [5.0, 5.0, 3.0]
+    with pytest.raises(UniPETInputError, match="resample_mm must be"):
+        sim.simulate_subject(tmp_path / "out", "real02", activity=src, resample_mm=0.0, **FAST)
+    with pytest.raises(SystemExit):
+        sim.main(["--output_dir", str(tmp_path / "o2"), "--n_subjects", "1", "--resample_mm", "4"])
+    assert "resamples a real --activity input" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -139,6 +139,30 @@ def test_stage2_joint_step_updates_san_and_logs_all_terms(tiny_setup):
     assert _changed(san_before, gen.san_parameters()), "stage 2 must train the SAN"
 
 
+def test_ablation_switches_rals_alone_and_san_alone(tiny_setup):
+    gen, critic, batches, _, _ = tiny_setup
+    # "RALS alone": train_san False keeps the SAN at zero style while the base network and critic train
+    san_before, bdn_before, critic_before = [p.detach().clone() for p in gen.san_parameters()], _params(gen), _params(critic)
+    trainer = _trainer(gen, critic, batches, stage1=0, total=2, pretrain=0)
+    trainer.train_san, trainer.align_weight = False, 0.0
+    trainer.run()
+    assert not _changed(san_before, gen.san_parameters()), "train_san=False must leave the SAN untouched"
+    assert _changed(bdn_before, gen.parameters()) and _changed(critic_before, critic.parameters())
+    assert trainer.state.output["loss_adv"] != 0.0
+    # "SAN alone": adv_weight 0 trains no critic, skips critic pre-training and still trains the SAN
+    with torch.no_grad():
+        for p in gen.san_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    san_before, critic_before = [p.detach().clone() for p in gen.san_parameters()], _params(critic)
+    trainer = _trainer(gen, critic, batches, stage1=0, total=2, pretrain=5)
+    trainer.adv_weight = 0.0
+    trainer.run()
+    out = trainer.state.output
+    assert not _changed(critic_before, critic.parameters()), "adv_weight 0 must not train a critic"
+    assert _changed(san_before, gen.san_parameters()), "the generator must train from the first stage-2 step"
+    assert out["loss_adv"] == 0.0 and "loss_critic" not in out and out["loss_align"] > 0
+
+
 def test_stage2_needs_a_critic(tiny_setup):
     gen, _, batches, _, _ = tiny_setup
     with pytest.raises(ValueError, match="critic"):
@@ -195,6 +219,43 @@ def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
     state = load_checkpoint(ckpt / "checkpoint_latest.pt")
     assert state["trainer"]["iteration"] == 4
     assert "loss_adv" in log, "the resumed epoch is stage 2"
+
+
+@pytest.mark.slow
+def test_bundle_training_snapshot_and_branch_from_it(tmp_path):
+    data = make_pairs(tmp_path / "pairs", n_subjects=2)
+    common = ["--config_file", "configs/train.json", "--dataset_dir", str(data), "--epoch_length", "2",
+              "--val_interval", "1", "--val_fraction", "0.5", "--critic_pretrain_iterations", "1", "--epochs", "2",
+              "--stage1_epochs", "1", *TINY]
+    parent = tmp_path / "parent"
+    first = bundle_run([*common, "--ckpt_dir", str(parent), "--output_dir", str(tmp_path / "out1"), "--epochs", "1"])
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    snapshot = parent / "checkpoint_iter000002.pt"  # the default snapshot: the end of stage 1
+    assert snapshot.is_file()
+    assert load_checkpoint(snapshot)["trainer"]["iteration"] == 2
+    # a stage-2 variant ("SAN alone") branches from it into its own folder and leaves the parent alone
+    before = {p.name: p.stat().st_mtime_ns for p in parent.iterdir()}
+    branch = tmp_path / "branch"
+    second = bundle_run([*common, "--ckpt_dir", str(branch), "--output_dir", str(tmp_path / "out2"),
+                         "--init_checkpoint", str(snapshot), "--adv_weight", "0"])
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert f"resumed from {snapshot}" in log and "iteration 2" in log
+    state = load_checkpoint(branch / "checkpoint_latest.pt")
+    assert state["trainer"]["iteration"] == 4
+    assert (branch / "model.pt").is_file(), "the branch's own best stage-2 weights"
+    assert not (branch / "model_stage1.pt").exists(), "the parent's best score must not come along"
+    assert {p.name: p.stat().st_mtime_ns for p in parent.iterdir()} == before
+    # the parent's best score stays behind: a branch that continues stage 1 with unchanged weights (lr 0)
+    # scores exactly the parent's best, so only a fresh best record writes its own model_stage1.pt
+    latest = parent / "checkpoint_latest.pt"
+    assert load_checkpoint(latest)["best"]["best"], "the parent validated after stage 1"
+    third = bundle_run([*common, "--ckpt_dir", str(tmp_path / "b1"), "--output_dir", str(tmp_path / "out3"),
+                        "--init_checkpoint", str(latest), "--stage1_epochs", "2", "--learning_rate", "0"])
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert (tmp_path / "b1" / "model_stage1.pt").is_file()
+    bad = bundle_run([*common, "--ckpt_dir", str(tmp_path / "b2"), "--init_checkpoint", str(tmp_path / "nope.pt")])
+    assert bad.returncode != 0 and "init_checkpoint" in (bad.stdout + bad.stderr) and "Traceback" not in bad.stderr
 
 
 def test_published_size_override_parses():

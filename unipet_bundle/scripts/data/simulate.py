@@ -366,6 +366,26 @@ def load_activity(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tupl
     return data, affine, spacing
 
 
+def resample_activity(
+    activity: np.ndarray, affine: np.ndarray, spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Resample a true activity volume (x, y, z; SUV) to isotropic ``spacing_mm`` (trilinear, border padding).
+
+    The network is trained on 4 mm phantoms; resampling a real activity map to the same grid first makes
+    the simulated scan's noise texture comparable with the training data. Returns (volume, affine, spacing).
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    if not (isinstance(spacing_mm, (int, float)) and not isinstance(spacing_mm, bool) and 0.5 <= spacing_mm <= 20):
+        raise UniPETInputError(f"--resample_mm must be a number of mm between 0.5 and 20; got {spacing_mm!r}")
+    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(activity, dtype=np.float32))[None],
+                     affine=torch.as_tensor(affine, dtype=torch.float64))
+    out = Spacing(pixdim=(float(spacing_mm),) * 3, mode="bilinear", padding_mode="border", dtype=torch.float32)(img)
+    new_affine = out.affine.numpy().astype(np.float64)
+    return out[0].numpy().astype(np.float32), new_affine, (float(spacing_mm),) * 3
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -392,6 +412,7 @@ def simulate_subject(
     subject: str,
     *,
     activity: str | os.PathLike | None = None,
+    resample_mm: float | None = None,
     shape: Sequence[int] = (128, 128, 96),
     spacing: Sequence[float] = (4.0, 4.0, 4.0),
     drfs: Sequence[float] = DEFAULT_DRFS,
@@ -408,6 +429,7 @@ def simulate_subject(
         subject: subject folder name.
         activity: a real full-dose SUV NIfTI (x, y, z; z axial); None: a procedural phantom of ``shape``
             and ``spacing`` (ignored for a real volume, which keeps its own grid and affine).
+        resample_mm: with ``activity``: resample it to this isotropic spacing (mm) first; None keeps its grid.
         drfs: dose reduction factors to simulate.
         seed: subject seed; the phantom and the noise use two seeds derived from it.
         overwrite: replace an existing subject folder (it is swapped out only once the new one is complete).
@@ -447,6 +469,9 @@ def simulate_subject(
         source = {"kind": "procedural phantom", "phantom_seed": phantom_seed, "phantom_info": ph.info}
     else:
         truth, affine, spacing_t = load_activity(activity)
+        native_spacing = spacing_t
+        if resample_mm is not None:
+            truth, affine, spacing_t = resample_activity(truth, affine, resample_mm)
         mu, labels, mu_info = mu_map_from_suv(truth, spacing_t)
         voxel_ml = float(np.prod(spacing_t)) / 1000.0
         note = ("real SUV input without organ labels: only a body mask (smoothed SUV above a threshold) is "
@@ -457,7 +482,8 @@ def simulate_subject(
             if m.any():
                 label_table[str(lab)] = {"name": name, "kind": "organ", "true_suv": round(float(truth[m].mean()), 4),
                                          "volume_ml": round(float(m.sum()) * voxel_ml, 2), "note": note}
-        source = {"kind": "real SUV volume", "file": Path(activity).name, "mu_map": mu_info, "labels_note": note}
+        source = {"kind": "real SUV volume", "file": Path(activity).name, "mu_map": mu_info, "labels_note": note,
+                  "native_spacing_mm": [round(v, 4) for v in native_spacing], "resampled_to_mm": resample_mm}
     logger.info("%s: %s %s at %s mm, DRFs %s", subject, source["kind"], tuple(truth.shape),
                 tuple(round(s, 3) for s in spacing_t), drf_list)
     result = simulate_pet(truth, spacing_t, drf_list, seed=noise_seed, mu_map=mu, progress=progress, **physics)
@@ -524,6 +550,7 @@ def simulate(
     seed: int = 0,
     activity: str | None = None,
     subject: str | None = None,
+    resample_mm: float | None = None,
     overwrite: bool = False,
     counts_per_suv_ml: float = PHYSICS_DEFAULTS["counts_per_suv_ml"],
     n_angles: int | None = None,
@@ -552,6 +579,7 @@ def simulate(
         seed: base seed; subject i uses a seed derived from (seed, i); same seed -> identical files.
         activity: a real full-dose SUV NIfTI to simulate from instead of phantoms (keeps its grid).
         subject: subject folder name for --activity (default: the file name without .nii.gz).
+        resample_mm: with --activity: resample it to this isotropic voxel size first, e.g. 4 (the phantoms' grid).
         overwrite: replace existing subject folders (otherwise they are refused).
         counts_per_suv_ml: full-dose count level: expected true counts from 1 mL at SUV 1 (before attenuation).
         n_angles: projection angles over 180 degrees (default: the matrix size rounded up to a multiple of n_subsets).
@@ -580,6 +608,8 @@ def simulate(
     else:
         if subject is not None:
             raise UniPETInputError("--subject names a real --activity input; phantoms are named phantom_000, ...")
+        if resample_mm is not None:
+            raise UniPETInputError("--resample_mm resamples a real --activity input; phantoms are made on --spacing")
         if int(n_subjects) < 1:
             raise UniPETInputError(f"--n_subjects must be >= 1; got {n_subjects}")
         shape_t, spacing_t = _as_triple(shape, "shape", int), _as_triple(spacing, "spacing", float)
@@ -599,7 +629,7 @@ def simulate(
     logger.info("simulating %d subject(s) into %s (simulated data), DRFs %s", len(jobs), out_root, drf_list)
     t0 = time.perf_counter()
     for name, subject_seed in tqdm(jobs, desc="subjects", unit="subject"):
-        simulate_subject(out_root, name, activity=activity, shape=shape_t, spacing=spacing_t, drfs=drf_list,
+        simulate_subject(out_root, name, activity=activity, resample_mm=resample_mm, shape=shape_t, spacing=spacing_t, drfs=drf_list,
                          seed=subject_seed, overwrite=overwrite, progress=True, provenance=provenance, **physics)
     logger.info("done: %d subject(s) in %.1f s", len(jobs), time.perf_counter() - t0)
 

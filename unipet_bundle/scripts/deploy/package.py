@@ -40,6 +40,7 @@ from typing import Any
 
 import fire
 
+from scripts.deploy.large_files import large_files_yaml
 from scripts.engines.checkpoint import file_sha256
 from scripts.data.io import UniPETInputError, atomic_write
 from scripts.inference.options import as_bool
@@ -111,19 +112,6 @@ def bundle_files(root: Path, weights: bool = True) -> Iterator[tuple[Path, str]]
         for rel in WEIGHTS:
             if (root / rel).is_file():
                 yield root / rel, rel
-
-
-def large_files_yaml(entries: list[dict[str, str]]) -> str:
-    """The zoo's ``large_files.yml`` text (written by hand: no YAML library is needed to read it back)."""
-    lines = ["large_files:"]
-    for e in entries:
-        lines += [
-            f'  - path: "{e["path"]}"',
-            f'    url: "{e["url"]}"',
-            f'    hash_val: "{e["hash_val"]}"',
-            '    hash_type: "sha256"',
-        ]
-    return "\n".join(lines) + "\n"
 
 
 def _write_zip(target: Path, files: list[tuple[Path, str]], extra: dict[str, str], overwrite: bool) -> None:

@@ -174,6 +174,13 @@ class LatestCheckpoint:
             there is no checkpoint to resume from and one of them exists, it belongs to another run and
             :meth:`attach` refuses to start rather than replace it.
         overwrite: allow replacing the ``protect`` files of another run.
+        snapshot_iterations: iterations whose full state is also kept as ``checkpoint_iter<N>.pt`` (e.g. the
+            end of stage 1, so that stage-2 variants can branch from the same point).
+        init_checkpoint: a checkpoint of another run to start from when ``save_dir`` has none of its own
+            (e.g. another run's ``checkpoint_iter<N>.pt``); the run then continues at iteration N + 1 and
+            writes only into ``save_dir``. Empty: start afresh.
+        init_exclude: ``save_dict`` keys not taken from ``init_checkpoint`` (default: ``best``, since another
+            run's best validation score, measured on its own data and for its own files, means nothing here).
     """
 
     def __init__(
@@ -186,15 +193,24 @@ class LatestCheckpoint:
         rank: int = 0,
         protect: Sequence[str] = (),
         overwrite: Any = False,
+        snapshot_iterations: Sequence[int] = (),
+        init_checkpoint: str | os.PathLike | None = None,
+        init_exclude: Sequence[str] = ("best",),
     ) -> None:
         self.path = Path(save_dir) / filename
+        self.snapshot_iterations = frozenset(int(i) for i in (snapshot_iterations or ()))
+        self.init_checkpoint = Path(init_checkpoint).expanduser() if init_checkpoint else None
+        if self.init_checkpoint is not None and not self.init_checkpoint.is_file():
+            raise CheckpointError(f"init_checkpoint {self.init_checkpoint} not found: give an existing checkpoint file or leave it empty")
         self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
         self.resume = as_bool(resume, "resume")  # `--resume false` arrives as the string "false"
         self.rank = rank
         self.protect = tuple(protect)
         self.overwrite = as_bool(overwrite, "overwrite")
+        self.init_exclude = frozenset(init_exclude or ())
         self._engine_state: dict[str, Any] | None = None
+        self._source = self.path
 
     def attach(self, engine: Engine) -> None:
         self._remove_stale_temporaries()
@@ -212,15 +228,31 @@ class LatestCheckpoint:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        if self.snapshot_iterations:
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED(event_filter=lambda _, it: it in self.snapshot_iterations), self.save_snapshot
+            )
 
-    def save(self, engine: Engine) -> None:
-        if self.rank != 0:
-            return
+    def _state(self) -> dict[str, Any]:
         state = {}
         for name, obj in self.save_dict.items():
             target = obj.module if isinstance(obj, torch.nn.Module) and hasattr(obj, "module") else obj
             state[name] = target.state_dict()
-        atomic_torch_save(state, self.path)
+        return state
+
+    def snapshot_path(self, iteration: int) -> Path:
+        return self.path.parent / f"checkpoint_iter{int(iteration):06d}.pt"
+
+    def save_snapshot(self, engine: Engine) -> None:
+        if self.rank != 0:
+            return
+        path = atomic_torch_save(self._state(), self.snapshot_path(engine.state.iteration))
+        logger.info("kept the state at iteration %d as %s", engine.state.iteration, path)
+
+    def save(self, engine: Engine) -> None:
+        if self.rank != 0:
+            return
+        atomic_torch_save(self._state(), self.path)
         logger.debug("saved %s at iteration %d", self.path, engine.state.iteration)
 
     def _remove_stale_temporaries(self) -> None:
@@ -234,19 +266,25 @@ class LatestCheckpoint:
     def _load_now(self) -> None:
         """Read the file and load every non-engine object; keep the engines' states for ``load``."""
         self._engine_state = None
-        if not (self.resume and self.path.is_file()):
+        source = self.path
+        if not self.path.is_file() and self.init_checkpoint is not None:
+            source = self.init_checkpoint
+        elif not (self.resume and self.path.is_file()):
             return
         try:
-            state = load_checkpoint(self.path)
+            state = load_checkpoint(source)
             if not isinstance(state, Mapping):
-                raise CheckpointError(f"checkpoint {self.path} is not a dict of states")
+                raise CheckpointError(f"checkpoint {source} is not a dict of states")
+            if source != self.path:
+                state = {k: v for k, v in state.items() if k not in self.init_exclude}
             others = {k: v for k, v in self.save_dict.items() if not isinstance(v, Engine)}
             load_state_into(others, state, strict=False)
         except CheckpointError as exc:
-            raise CheckpointError(
-                f"{exc} [resuming from {self.path}: delete or move it to start afresh, or pass --resume false]"
-            ) from None
+            how = ("fix --init_checkpoint or leave it empty" if source != self.path
+                   else "delete or move it to start afresh, or pass --resume false")
+            raise CheckpointError(f"{exc} [resuming from {source}: {how}]") from None
         self._engine_state = dict(state)
+        self._source = source
 
     def load(self, engine: Engine) -> None:
         if self._engine_state is None:
@@ -263,5 +301,5 @@ class LatestCheckpoint:
                 self.path, engine.state.epoch, prior_max_epochs,
             )
         logger.info(
-            "resumed from %s: epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration
+            "resumed from %s: epoch %d, iteration %d", self._source, engine.state.epoch, engine.state.iteration
         )

@@ -28,6 +28,8 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.inference.options import as_bool
+
 __all__ = ["UniPETTrainer", "FeatureTap", "loss_terms", "prepare_paired_batch"]
 
 
@@ -89,6 +91,9 @@ class UniPETTrainer(Trainer):
         align_weight, adv_weight, l1_weight: loss weights (reference: 0.001, 0.001, 1).
         n_critic: critic steps per generator step in stage 2.
         critic_pretrain_iterations: stage-2 iterations at the start that train the critic alone.
+        train_san: train the SAN in stage 2 (the method). False keeps it frozen at its zero style, so stage 2
+            fine-tunes the plain base network (the "RALS alone" ablation, with ``align_weight`` 0).
+            ``adv_weight`` 0 trains no critic (the "SAN alone" ablation).
         mixed_precision: bf16 autocast (CUDA only; ignored on the CPU).
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, decollate: as in ``monai.engines.SupervisedTrainer``.
@@ -118,6 +123,7 @@ class UniPETTrainer(Trainer):
         adv_weight: float = 1e-3,
         n_critic: int = 1,
         critic_pretrain_iterations: int = 0,
+        train_san: bool = True,
         mixed_precision: bool = False,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -172,6 +178,7 @@ class UniPETTrainer(Trainer):
         self.adv_weight = float(adv_weight)
         self.n_critic = int(n_critic)
         self.critic_pretrain_iterations = int(critic_pretrain_iterations)
+        self.train_san = as_bool(train_san, "train_san")
         device_type = torch.device(device).type
         self.mixed_precision = bool(mixed_precision) and device_type == "cuda"
         self._device_type = device_type
@@ -226,23 +233,26 @@ class UniPETTrainer(Trainer):
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return output
 
-        engine._set_san(True)
+        engine._set_san(engine.train_san)
         mask = engine.mask_fn(full) if engine.mask_fn is not None else torch.ones_like(full)
-        engine.critic.train()
-        with torch.no_grad(), engine._autocast():
-            fake = engine.generator(low).float()
-        for _ in range(engine.n_critic):
-            engine.d_optimizer.zero_grad(set_to_none=True)
-            with engine._autocast():
-                d_loss, terms = engine.critic_loss(engine.critic, full, fake, mask)
-            d_loss.backward()
-            engine.d_optimizer.step()
-        output["loss_critic"] = d_loss.item()
-        output.update({f"critic_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
         output["mask_fraction"] = mask.float().mean().item()
+        # adv_weight 0 (the "SAN alone" ablation): the critic could not influence the generator, so none is trained
+        adversarial = engine.adv_weight > 0
+        if adversarial:
+            engine.critic.train()
+            with torch.no_grad(), engine._autocast():
+                fake = engine.generator(low).float()
+            for _ in range(engine.n_critic):
+                engine.d_optimizer.zero_grad(set_to_none=True)
+                with engine._autocast():
+                    d_loss, terms = engine.critic_loss(engine.critic, full, fake, mask)
+                d_loss.backward()
+                engine.d_optimizer.step()
+            output["loss_critic"] = d_loss.item()
+            output.update({f"critic_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
 
         stage2_iteration = engine.state.iteration - engine.stage1_iterations
-        if stage2_iteration <= engine.critic_pretrain_iterations:
+        if adversarial and stage2_iteration <= engine.critic_pretrain_iterations:
             # critic pre-training: the generator is frozen and shows the critic its current output
             output.update({Keys.PRED: fake, Keys.LOSS: d_loss.item()})
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
@@ -266,7 +276,7 @@ class UniPETTrainer(Trainer):
                     align = engine.align_loss(feats_low, feats_full)
                 else:
                     align = torch.zeros((), device=pred.device)
-                adv = engine.adv_loss(judge, pred, mask)
+                adv = engine.adv_loss(judge, pred, mask) if adversarial else torch.zeros((), device=pred.device)
                 loss = engine.l1_weight * l1 + engine.align_weight * align + engine.adv_weight * adv
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             loss.backward()

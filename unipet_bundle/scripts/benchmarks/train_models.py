@@ -1,0 +1,177 @@
+"""Reproduce the shipped weights and every model of the quality comparison, with the bundle's own configs.
+
+    cd unipet_bundle && python -m scripts.benchmarks.train_models all --work_dir ../../unipet_work
+
+Each step is one documented command (printed before it runs), so the sequence can also be run by hand;
+every training step is a ``python -m monai.bundle run --config_file configs/train.json`` with overrides and
+resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
+
+1. ``data``: the SIMULATED dataset: 36 procedural phantoms (seed 6) and one subject simulated from the real
+   whole-body series of ``../shared/data/real_pet`` (converted to SUV, resampled to 4 mm, used as the
+   activity map), all at DRFs 4, 10, 20, 30, 50, 100; a datalist holds the split by subject: 28 phantoms
+   train, 4 validate, 4 phantoms + the real-series subject test (never seen in training or validation).
+   Training and validation use DRFs 4, 10, 20, 50, 100 only; DRF 30 is the unseen DRF of the test.
+2. ``unipet``: UniPET with the default ``configs/train.json`` (stage 1: 2000 iterations, stage 2: 1000),
+   which also keeps the state at the end of stage 1 (``checkpoint_iter002000.pt``).
+3. Branches from that state, each into its own folder (same stage 1, same data, same LR schedule):
+   ``vanilla`` (1000 more stage-1 iterations on all DRFs: the vanilla universal model, compute-matched to
+   UniPET), ``drf_specific`` (300 more stage-1 iterations on one DRF each), ``san_only`` (stage 2 without
+   the adversarial RALS term) and ``rals_only`` (stage 2 with the SAN frozen and no alignment loss).
+4. ``ship``: copies UniPET's ``model.pt`` into ``models/`` and records its SHA-256 in ``large_files.yml``.
+
+Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
+The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from scripts.data.io import UniPETInputError, atomic_write, check_output_path
+from scripts.engines.checkpoint import file_sha256
+from scripts.deploy.large_files import LARGE_FILES, write_large_files
+
+logger = logging.getLogger("unipet.train_models")
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+REAL_SERIES = BUNDLE_ROOT.parent.parent / "shared" / "data" / "real_pet" / "tcia_sts001_fdg_wb" / "FDG_PET" / "image"
+ALL_DRFS = (4, 10, 20, 30, 50, 100)
+TRAIN_DRFS = (4, 10, 20, 50, 100)
+N_PHANTOMS, PHANTOM_SEED = 36, 6
+VAL_SUBJECTS = [f"phantom_{i:03d}" for i in range(28, 32)]
+TEST_SUBJECTS = [f"phantom_{i:03d}" for i in range(32, 36)] + ["real_sts001"]
+STAGE1_EPOCHS, EPOCHS, DRF_SPECIFIC_EPOCHS = 20, 30, 3
+SNAPSHOT = "checkpoint_iter002000.pt"  # the end of stage 1 of the default config (20 epochs x 100)
+
+# name -> overrides of configs/train.json for the branches from the end of stage 1
+BRANCHES: dict[str, list[str]] = {
+    "vanilla": ["--stage1_epochs", str(EPOCHS)],
+    "san_only": ["--adv_weight", "0"],
+    "rals_only": ["--train_san", "false", "--align_weight", "0"],
+}
+
+
+def _py() -> list[str]:
+    return [sys.executable]
+
+
+def _run(cmd: list[str], threads: int | None) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    done = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the step above failed with exit code {done.returncode}")
+
+
+class TrainModels:
+    """The command sequence behind the shipped weights and the quality table (see the module docstring).
+
+    Args:
+        work_dir: folder for the simulated data, the trained models and the run logs (outside the repository).
+        threads: CPU threads per training process (OMP_NUM_THREADS); 0 leaves PyTorch's default.
+    """
+
+    def __init__(self, work_dir: str, threads: int = 0) -> None:
+        self.work = Path(work_dir).expanduser().absolute()
+        self.threads = int(threads)
+        self.data = self.work / "sim"
+        self.datalist = self.data / "datalist.json"
+        self.models = self.work / "models"
+
+    # -- data ------------------------------------------------------------------------------------------
+    def data(self, real_series: str = str(REAL_SERIES)) -> None:
+        """Simulate the dataset (phantoms + the real series as an activity map) and write the datalist."""
+        drfs = "[" + ",".join(str(d) for d in ALL_DRFS) + "]"
+        suv = self.work / "real" / "sts001_suv.nii.gz"
+        if not (self.data / f"phantom_{N_PHANTOMS - 1:03d}").is_dir():
+            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--n_subjects", str(N_PHANTOMS),
+                  "--seed", str(PHANTOM_SEED), "--drfs", drfs], None)
+        if not suv.is_file():
+            _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
+        if not (self.data / "real_sts001").is_dir():
+            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--activity", str(suv), "--subject",
+                  "real_sts001", "--resample_mm", "4", "--seed", str(PHANTOM_SEED), "--drfs", drfs], None)
+        if not self.datalist.is_file():
+            _run([*_py(), "-m", "scripts.data.datalist", str(self.data), "--output", str(self.datalist),
+                  "--val_subjects", "[" + ",".join(VAL_SUBJECTS) + "]",
+                  "--test_subjects", "[" + ",".join(TEST_SUBJECTS) + "]",
+                  "--drfs", "[" + ",".join(str(d) for d in TRAIN_DRFS) + "]"], None)
+
+    # -- training ----------------------------------------------------------------------------------------
+    def _train(self, name: str, extra: list[str]) -> None:
+        if not self.datalist.is_file():
+            raise UniPETInputError(f"{self.datalist} not found: run the `data` step first")
+        _run([*_py(), "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
+              "--dataset_dir", str(self.data), "--datalist_file", str(self.datalist),
+              "--ckpt_dir", str(self.models / name), "--output_dir", str(self.work / "runs" / name), *extra],
+             self.threads)
+
+    def _snapshot(self) -> Path:
+        path = self.models / "unipet" / SNAPSHOT
+        if not path.is_file():
+            raise UniPETInputError(f"{path} not found: run the `unipet` step first (at least through stage 1)")
+        return path
+
+    def unipet(self) -> None:
+        """UniPET, both stages, with the default configs/train.json."""
+        self._train("unipet", [])
+
+    def branch(self, name: str) -> None:
+        """One branch from the end of UniPET's stage 1: vanilla, san_only or rals_only."""
+        if name not in BRANCHES:
+            raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted(BRANCHES)}")
+        self._train(name, ["--init_checkpoint", str(self._snapshot()), *BRANCHES[name]])
+
+    def drf_specific(self, drfs: Any = TRAIN_DRFS) -> None:
+        """One model per training DRF: 300 more stage-1 iterations on that DRF alone, from the end of stage 1."""
+        snapshot = self._snapshot()
+        epochs = str(STAGE1_EPOCHS + DRF_SPECIFIC_EPOCHS)
+        for drf in drfs if isinstance(drfs, (list, tuple)) else [drfs]:
+            self._train(f"drf_{int(drf)}", ["--init_checkpoint", str(snapshot), "--drfs", f"[{int(drf)}]",
+                                            "--epochs", epochs, "--stage1_epochs", epochs, "--val_interval", "1"])
+
+    # -- shipping ------------------------------------------------------------------------------------------
+    def ship(self, overwrite: bool = False) -> None:
+        """Copy UniPET's best stage-2 weights to models/model.pt and record their SHA-256 in large_files.yml."""
+        source = self.models / "unipet" / "model.pt"
+        if not source.is_file():
+            raise UniPETInputError(f"{source} not found: run the `unipet` step to the end first")
+        target = BUNDLE_ROOT / "models" / "model.pt"
+        check_output_path(target, overwrite=overwrite, inputs=[source])
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), sync=True)
+        digest = file_sha256(target)
+        write_large_files(BUNDLE_ROOT, {"models/model.pt": digest})
+        print(f"shipped {target} (sha256 {digest}); recorded in {BUNDLE_ROOT / LARGE_FILES}")
+
+    def all(self) -> None:
+        """Every step in order, one process at a time (about 2 h of CPU on 2 cores)."""
+        self.data()
+        self.unipet()
+        for name in BRANCHES:
+            self.branch(name)
+        self.drf_specific()
+        self.ship()
+
+
+def main() -> None:
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(TrainModels, name="python -m scripts.benchmarks.train_models")
+    except UniPETInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
