@@ -22,13 +22,13 @@ from typing import Any
 import fire
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
-from monai.inferers import SlidingWindowInferer
 
 from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, simulate_pet
-from scripts.engines.checkpoint import CheckpointError, load_checkpoint
+from scripts.deploy.large_files import recorded_sha256
+from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
+from scripts.inference.denoise import denoise_volume, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
 
 logger = logging.getLogger("unipet.demo")
@@ -44,13 +44,10 @@ UNTRAINED_BANNER = (
 
 
 def _network(config: str, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any], bool]:
-    parser = ConfigParser()
-    parser.read_config(config)
-    parser["bundle_root"] = str(BUNDLE_ROOT)
-    net = parser.get_parsed_content("network_def")
-    sizes = {k: parser.get_parsed_content(k) for k in ("patch_size", "sw_batch_size", "suv_max")}
+    net, sizes = network_from_config(config, BUNDLE_ROOT)
     trained = checkpoint.is_file()
     if trained:
+        verify_sha256(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))  # before anything is unpickled
         net.load_state_dict(load_checkpoint(checkpoint))
     return net.eval(), sizes, trained
 
@@ -136,13 +133,8 @@ def run(
     low = next(iter(sim["drf"].values())).astype(np.float32)
     logger.info("simulation took %.1f s", time.perf_counter() - t0)
 
-    suv_max = float(sizes["suv_max"])
-    inferer = SlidingWindowInferer(roi_size=sizes["patch_size"], sw_batch_size=int(sizes["sw_batch_size"]),
-                                   overlap=0.25, mode="gaussian", progress=True)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        x = torch.from_numpy(low / suv_max)[None, None]
-        den = (inferer(x, net)[0, 0].numpy() * suv_max).astype(np.float32)
+    den = denoise_volume(net, low, float(sizes["suv_max"]), sizes["patch_size"], int(sizes["sw_batch_size"]), progress=True)
     t_infer = time.perf_counter() - t0
 
     t_full = torch.from_numpy(full)[None, None]
