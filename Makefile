@@ -27,7 +27,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 demo: setup
-	cd unipet_bundle && ../$(VPY) -m scripts.demo
+	cd unipet_bundle && ../$(VPY) -m scripts.demo $(ARGS)
 
 test: setup
 	$(VPY) -m pytest

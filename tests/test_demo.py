@@ -57,3 +57,12 @@ def test_demo_bad_input_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "missing.nii.gz" in proc.stderr
     assert not list(tmp_path.glob("*.nii.gz"))
+
+
+@pytest.mark.slow
+def test_demo_defaults_to_the_shipped_weights(tmp_path):
+    proc = _demo([], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "UNTRAINED" not in out and "UniPET output" in proc.stdout
+    assert "models/model.pt" in proc.stdout and "matches its recorded SHA-256" in out

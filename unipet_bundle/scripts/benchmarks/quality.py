@@ -287,7 +287,8 @@ def update_metadata(metadata: Path, result: Mapping[str, Any]) -> None:
         metrics[f"drf{d}_unipet_mean_abs_lesion_suvmax_bias_pct"] = round(b, 2) if b is not None else None
     metrics["targets_met"] = f"{sum(c['met'] for c in result['targets'])} of {len(result['targets'])}"
     meta["eval_metrics"] = metrics
-    atomic_write_json(metadata, meta)
+    text = json.dumps(meta, indent=4) + "\n"  # the file's own layout, so the diff shows only eval_metrics
+    atomic_write(metadata, lambda tmp: tmp.write_text(text))
 
 
 def run(
