@@ -307,7 +307,7 @@ def test_inference_bundle_run_one_line(tmp_path):
     before = tree_digest(data)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(data), "--output_dir", str(out), "--channels", "4", "--num_blocks", "2",
+                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--channels", "4", "--num_blocks", "2",
                            "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"],
                           cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

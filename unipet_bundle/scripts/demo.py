@@ -5,10 +5,11 @@
 
 By default a procedural digital phantom (simulated data) is made and scanned with the bundle's PET
 simulator at full dose and at the given DRF; with ``--input`` a full-dose SUV NIfTI is used as the
-activity map instead. The low-dose scan is denoised with the network of ``configs/train.json`` (weights
-from ``--checkpoint``; without them the network is UNTRAINED and the demo says so), PSNR/SSIM against the
-simulated full dose are printed for the input and the output, and the volumes plus a PNG montage are
-written to ``--output_dir``.
+activity map instead (resampled to the network's 4 mm grid). The low-dose scan is denoised with the
+network of ``configs/train.json`` (weights from ``--checkpoint``, default the shipped ``models/model.pt``,
+whose SHA-256 is checked against ``large_files.yml``; without weights the network is UNTRAINED and the demo
+says so), PSNR/SSIM against the simulated full dose are printed for the input and the output, and the
+volumes plus a PNG montage are written to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.phantom import make_phantom
-from scripts.data.simulate import load_activity, simulate_pet
+from scripts.data.simulate import load_activity, resample_activity, simulate_pet
 from scripts.deploy.large_files import recorded_sha256
 from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
 from scripts.inference.denoise import denoise_volume, network_from_config
@@ -113,19 +114,21 @@ def run(
     t_start = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     out = Path(output_dir) if output_dir else BUNDLE_ROOT.parent / "demo_output"
-    net, sizes, trained = _network(config or str(BUNDLE_ROOT / "configs" / "train.json"), ckpt)
-    if not trained:
-        print(UNTRAINED_BANNER.format(path=ckpt), flush=True)
-
+    # the input first: a bad --input is one error line, before any weights are read
     if input:
         activity, affine, spacing = load_activity(input)
+        if not np.allclose(spacing, 4.0, atol=0.05):  # the network's training grid
+            activity, affine, spacing = resample_activity(activity, affine, 4.0)
         mu = None
-        source = f"activity map {Path(input).name}"
+        source = f"activity map {Path(input).name} (on a 4 mm grid)"
     else:
         spacing = (4.0, 4.0, 4.0)
         phantom = make_phantom(tuple(int(s) for s in shape), spacing, seed=seed)
         activity, mu, affine = phantom.activity, phantom.mu, phantom.affine
         source = f"procedural phantom (seed {seed}, {tuple(int(s) for s in shape)} voxels of 4 mm)"
+    net, sizes, trained = _network(config or str(BUNDLE_ROOT / "configs" / "train.json"), ckpt)
+    if not trained:
+        print(UNTRAINED_BANNER.format(path=ckpt), flush=True)
     logger.info("simulating full dose and DRF %g from a %s (SIMULATED data)", drf, source)
     t0 = time.perf_counter()
     sim = simulate_pet(activity, spacing, drfs=[drf], seed=seed, mu_map=mu, progress=True)
