@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 
 from conftest import BUNDLE_ROOT
-from scripts.engines.checkpoint import LatestCheckpoint, load_checkpoint
+from scripts.engines.checkpoint import CheckpointError, LatestCheckpoint, load_checkpoint
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss
@@ -227,3 +227,52 @@ def test_resume_continues_the_losses_and_states_exactly(tmp_path):
         for idx in ref_state:
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(state[idx][key], ref_state[idx][key], rtol=1e-5, atol=1e-8, msg=f"{name}[{idx}].{key}")
+
+
+# ------------------------------------------------------------------------- branching from another run
+def _run_parent(folder: Path) -> Path:
+    """A 4-iteration run whose state at iteration 2 is kept as a snapshot; returns the snapshot."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = Engine(lambda e, b: opt.step())
+    LatestCheckpoint(folder, {"generator": net, "g_optimizer": opt, "trainer": trainer}, save_interval=1,
+                     snapshot_iterations=[2]).attach(trainer)
+    trainer.run([0] * 4, max_epochs=1)
+    return folder / "checkpoint_iter000002.pt"
+
+
+def test_branching_from_a_snapshot_and_its_refusals(tmp_path):
+    snapshot = _run_parent(tmp_path / "parent")
+    assert load_checkpoint(snapshot)["trainer"]["iteration"] == 2
+
+    def child(folder, init, **kw):
+        net, trainer = torch.nn.Linear(3, 1), Engine(lambda e, b: None)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        LatestCheckpoint(folder, {"generator": net, "g_optimizer": opt, "trainer": trainer}, init_checkpoint=init,
+                         protect=["model.pt"], **kw).attach(trainer)
+        return net, trainer
+
+    net, trainer = child(tmp_path / "branch", snapshot)
+    trainer.run([0] * 4, max_epochs=1)
+    assert trainer.state.iteration == 4, "the branch goes on from iteration 3"
+    torch.testing.assert_close(net.weight, load_checkpoint(snapshot)["generator"]["weight"])  # its step is a no-op
+
+    # a branch must not replace the weights of a folder that holds another run's model.pt
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.pt").write_bytes(b"shipped")
+    with pytest.raises(CheckpointError, match="already holds model.pt"):
+        child(taken, snapshot)
+    assert (taken / "model.pt").read_bytes() == b"shipped"
+    # weights alone are not a training state: a clear error, not a silent fresh start
+    weights = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(3, 1).state_dict(), weights)
+    with pytest.raises(CheckpointError, match="not a training checkpoint .*--bdn_ckpt"):
+        child(tmp_path / "w", weights)
+    with pytest.raises(CheckpointError, match="init_checkpoint .* not found"):
+        child(tmp_path / "m", tmp_path / "missing.pt")
+    # resume false ignores the folder's own checkpoint but still starts from the given one
+    _, trainer = child(tmp_path / "branch", snapshot, resume=False, overwrite=True)
+    trainer.run([0] * 4, max_epochs=1)
+    assert trainer.state.iteration == 4

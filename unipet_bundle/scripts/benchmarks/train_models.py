@@ -1,6 +1,6 @@
 """Reproduce the shipped weights and every model of the quality comparison, with the bundle's own configs.
 
-    cd unipet_bundle && python -m scripts.benchmarks.train_models all --work_dir ../../unipet_work
+    cd unipet_bundle && python -m scripts.benchmarks.train_models all --work_dir ../../unipet_data
 
 Each step is one documented command (printed before it runs), so the sequence can also be run by hand;
 every training step is a ``python -m monai.bundle run --config_file configs/train.json`` with overrides and
@@ -92,9 +92,11 @@ class TrainModels:
         """Simulate the dataset (phantoms + the real series as an activity map) and write the datalist."""
         drfs = "[" + ",".join(str(d) for d in ALL_DRFS) + "]"
         suv = self.work / "real" / "sts001_suv.nii.gz"
-        if not (self.data / f"phantom_{N_PHANTOMS - 1:03d}").is_dir():
+        phantoms = [self.data / f"phantom_{i:03d}" for i in range(N_PHANTOMS)]
+        if not all(p.is_dir() for p in phantoms):
+            # seeded, so re-simulating an interrupted set (--overwrite) gives the same files
             _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--n_subjects", str(N_PHANTOMS),
-                  "--seed", str(PHANTOM_SEED), "--drfs", drfs], None)
+                  "--seed", str(PHANTOM_SEED), "--drfs", drfs, "--overwrite", "true"], None)
         if not suv.is_file():
             _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
         if not (self.data / "real_sts001").is_dir():

@@ -200,8 +200,6 @@ class LatestCheckpoint:
         self.path = Path(save_dir) / filename
         self.snapshot_iterations = frozenset(int(i) for i in (snapshot_iterations or ()))
         self.init_checkpoint = Path(init_checkpoint).expanduser() if init_checkpoint else None
-        if self.init_checkpoint is not None and not self.init_checkpoint.is_file():
-            raise CheckpointError(f"init_checkpoint {self.init_checkpoint} not found: give an existing checkpoint file or leave it empty")
         self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
         self.resume = as_bool(resume, "resume")  # `--resume false` arrives as the string "false"
@@ -215,7 +213,8 @@ class LatestCheckpoint:
     def attach(self, engine: Engine) -> None:
         self._remove_stale_temporaries()
         self._load_now()
-        if self._engine_state is None and not self.overwrite:
+        # a fresh run, or a branch from another run's checkpoint, must not replace this folder's weights
+        if (self._engine_state is None or self._source != self.path) and not self.overwrite:
             taken = [name for name in self.protect if (self.path.parent / name).exists()]
             if taken:
                 raise CheckpointError(
@@ -224,14 +223,15 @@ class LatestCheckpoint:
                     "--overwrite true"
                 )
         engine.add_event_handler(Events.STARTED, self.load)
+        if self.snapshot_iterations:
+            # before the periodic save: a kill between the two saves must not skip the snapshot on resume
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED(event_filter=lambda _, it: it in self.snapshot_iterations), self.save_snapshot
+            )
         if self.save_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
-        if self.snapshot_iterations:
-            engine.add_event_handler(
-                Events.ITERATION_COMPLETED(event_filter=lambda _, it: it in self.snapshot_iterations), self.save_snapshot
-            )
 
     def _state(self) -> dict[str, Any]:
         state = {}
@@ -266,10 +266,16 @@ class LatestCheckpoint:
     def _load_now(self) -> None:
         """Read the file and load every non-engine object; keep the engines' states for ``load``."""
         self._engine_state = None
-        source = self.path
-        if not self.path.is_file() and self.init_checkpoint is not None:
+        own = self.resume and self.path.is_file()
+        if own:
+            source = self.path
+            if self.init_checkpoint is not None:
+                logger.warning("resuming %s; init_checkpoint %s is not used (it only starts a run)", self.path, self.init_checkpoint)
+        elif self.init_checkpoint is not None:
             source = self.init_checkpoint
-        elif not (self.resume and self.path.is_file()):
+            if not source.is_file():
+                raise CheckpointError(f"init_checkpoint {source} not found: give an existing checkpoint file or leave it empty")
+        else:
             return
         try:
             state = load_checkpoint(source)
@@ -277,6 +283,12 @@ class LatestCheckpoint:
                 raise CheckpointError(f"checkpoint {source} is not a dict of states")
             if source != self.path:
                 state = {k: v for k, v in state.items() if k not in self.init_exclude}
+                lacking = [k for k in self.save_dict if k not in self.init_exclude and k not in state]
+                if lacking:
+                    raise CheckpointError(
+                        f"init_checkpoint {source} is not a training checkpoint (it lacks {', '.join(lacking)}): give a "
+                        "checkpoint_latest.pt or checkpoint_iter<N>.pt; to start from weights alone use --bdn_ckpt"
+                    )
             others = {k: v for k, v in self.save_dict.items() if not isinstance(v, Engine)}
             load_state_into(others, state, strict=False)
         except CheckpointError as exc:
@@ -298,7 +310,7 @@ class LatestCheckpoint:
         if engine.state.epoch >= prior_max_epochs:
             logger.warning(
                 "checkpoint %s is already at epoch %d of %d: nothing left to train (raise `epochs` to continue)",
-                self.path, engine.state.epoch, prior_max_epochs,
+                self._source, engine.state.epoch, prior_max_epochs,
             )
         logger.info(
             "resumed from %s: epoch %d, iteration %d", self._source, engine.state.epoch, engine.state.iteration

@@ -13,6 +13,9 @@ boundary included:
   region-aware (RALS) masked WGAN-GP critic; the first ``critic_pretrain_iterations`` of stage 2 train the
   critic alone against the frozen stage-1 generator (the reference code's critic pre-training, done right),
   then ``n_critic`` critic steps per generator step.
+
+Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-training ("SAN alone");
+``train_san=False`` with ``align_weight=0`` keeps the SAN at zero style ("RALS alone").
 """
 
 from __future__ import annotations
