@@ -16,7 +16,7 @@ set; the DRF-specific column there uses the nearest trained DRF's model (20), ma
 
 Writes ``<out_dir>/quality.json``, ``cases.csv`` (one row per model, subject and DRF), ``quality.md`` and
 ``quality.png``; with ``--update_docs`` (default) also the table in ``docs/README.md`` (between the
-``quality-table`` markers) and ``eval_metrics`` in ``configs/metadata.json``.
+``quality-table`` markers), ``docs/quality.png`` and ``eval_metrics`` in ``configs/metadata.json``.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def check_targets(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: 
         checks.append({"target": f"DRF {d}: UniPET texture ratio closer to 1 than the vanilla model's",
                        "value": f"{tu:.3f} vs {tv:.3f}" if defined else "n/a", "met": bool(defined and abs(1 - tu) < abs(1 - tv))})
     b = u.get("20", {}).get("mean_abs_lesion_suvmax_bias_pct")
-    checks.append({"target": "DRF 20: UniPET mean |lesion SUVmax bias| under 10 %", "value": f"{b:.1f} %" if b is not None else "n/a",
+    checks.append({"target": "DRF 20: UniPET mean absolute lesion SUVmax bias under 10 %", "value": f"{b:.1f} %" if b is not None else "n/a",
                    "met": bool(b is not None and b < 10)})
     return checks
 
@@ -373,6 +373,7 @@ def run(
     atomic_write(out / "quality.md", lambda tmp: tmp.write_text(table))
     plot(result, out / "quality.png")
     if update_docs:
+        plot(result, BUNDLE_ROOT / "docs" / "quality.png")
         update_model_card(BUNDLE_ROOT / "docs" / "README.md", table)
         update_metadata(BUNDLE_ROOT / "configs" / "metadata.json", result)
     print(table)
