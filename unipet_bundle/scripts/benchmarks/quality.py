@@ -21,6 +21,7 @@ Writes ``<out_dir>/quality.json``, ``cases.csv`` (one row per model, subject and
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkp
 from scripts.evaluation.regions import load_label_table, region_rows
 from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.inference.inputs import voxel_spacing
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import psnr, quality_metrics
 
@@ -51,8 +53,6 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("psnr", "ssim", "nrmse", "texture_ratio")
 GAUSSIAN_FWHM_MM = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 14.0)
 TABLE_BEGIN, TABLE_END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
-SUV_MAX = 20.0
-RALS_THRESHOLD_SUV2, RALS_WINDOW = 1e-3, 3
 CASE_COLUMNS = ("model", "subject", "drf", *METRICS, "lesions", "mean_abs_lesion_suvmax_bias_pct")
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
@@ -73,7 +73,7 @@ def _nearest_trained(drf: float, trained: Sequence[float] = TRAIN_DRFS) -> int:
 
 def _subject_volumes(data: Path, subject: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], Any, Any]:
     full, affine = load_nifti(data / subject / "full_dose.nii.gz")
-    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    spacing = tuple(float(v) for v in voxel_spacing(affine))
     labels = table = None
     if (data / subject / "labels.nii.gz").is_file():
         labels, _ = load_nifti(data / subject / "labels.nii.gz", dtype=np.int32)
@@ -82,11 +82,14 @@ def _subject_volumes(data: Path, subject: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def score(pred: np.ndarray, full: np.ndarray, labels: np.ndarray | None, table: Mapping | None,
-          low: np.ndarray, spacing: Sequence[float], subject: str, drf: str) -> dict[str, Any]:
-    """The evaluate workflow's metrics of one output, plus the mean |lesion SUVmax bias| of its lesions."""
+          low: np.ndarray, spacing: Sequence[float], subject: str, drf: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluate workflow's metrics of one output, plus the mean |lesion SUVmax bias| of its lesions.
+
+    ``settings``: the training config's ``suv_max`` (clip and data range) and RALS mask keys."""
+    s = float(settings["suv_max"])
     p, f = torch.from_numpy(pred)[None, None], torch.from_numpy(full)[None, None]
-    mask = stylized_mask(f.clamp(0.0, SUV_MAX), window=RALS_WINDOW, threshold=RALS_THRESHOLD_SUV2)
-    row: dict[str, Any] = quality_metrics(p, f, mask, data_range=SUV_MAX, clip_max=SUV_MAX)
+    mask = stylized_mask(f.clamp(0.0, s), window=int(settings["rals_window"]), threshold=float(settings["rals_threshold_suv2"]))
+    row: dict[str, Any] = quality_metrics(p, f, mask, data_range=s, clip_max=s)
     biases = []
     if labels is not None:
         voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -99,7 +102,7 @@ def score(pred: np.ndarray, full: np.ndarray, labels: np.ndarray | None, table: 
     return row
 
 
-def tune_gaussian(data: Path, subjects: Sequence[str], drfs: Sequence[float],
+def tune_gaussian(data: Path, subjects: Sequence[str], drfs: Sequence[float], suv_max: float,
                   fwhms: Sequence[float] = GAUSSIAN_FWHM_MM) -> dict[str, dict[str, Any]]:
     """Per DRF, the FWHM (mm) with the best mean PSNR on ``subjects`` (validation), and that PSNR."""
     psnrs = {format_drf(d): np.zeros(len(fwhms)) for d in drfs}
@@ -110,7 +113,7 @@ def tune_gaussian(data: Path, subjects: Sequence[str], drfs: Sequence[float],
             low, _ = load_nifti(data / subject / f"drf_{format_drf(d)}.nii.gz")
             for i, fwhm in enumerate(fwhms):
                 g = torch.from_numpy(gaussian_filter_mm(low, spacing, fwhm))[None, None]
-                psnrs[format_drf(d)][i] += float(psnr(g, f, SUV_MAX, SUV_MAX)[0]) / len(subjects)
+                psnrs[format_drf(d)][i] += float(psnr(g, f, suv_max, suv_max)[0]) / len(subjects)
     return {d: {"fwhm_mm": float(fwhms[int(np.argmax(v))]), "val_psnr": float(v.max())} for d, v in psnrs.items()}
 
 
@@ -118,13 +121,12 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
     """{(model key, drf or None): network}, and provenance {model key: {drf: path, sha256}}."""
     nets: dict[tuple[str, int | None], torch.nn.Module] = {}
     info: dict[str, Any] = {}
-    sizes: dict[str, Any] = {}
+    template, settings = network_from_config(config, BUNDLE_ROOT)  # parsed once; each model gets a copy
 
     def load(path: Path, expected: str | None = None) -> torch.nn.Module:
-        nonlocal sizes
         if not path.is_file():
             raise UniPETInputError(f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first")
-        net, sizes = network_from_config(config, BUNDLE_ROOT)
+        net = copy.deepcopy(template)
         digest = verify_sha256(path, expected) if expected else file_sha256(path)
         net.load_state_dict(load_checkpoint(path))
         info[str(path)] = digest
@@ -138,7 +140,7 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
                 nets[(key, d)] = load(work / "models" / rel.format(drf=d))
         else:
             nets[(key, None)] = load(work / "models" / rel)
-    return nets, {"checkpoints_sha256": info, **sizes}
+    return nets, {"checkpoints_sha256": info, **settings}
 
 
 def _simulated_from_real(subject_dir: Path) -> bool:
@@ -206,10 +208,11 @@ def _fmt(v: Any, digits: int) -> str:
 def markdown(result: Mapping[str, Any]) -> str:
     """The model card's table: one block per DRF, one row per model, and the targets."""
     s, drfs = result["summary"], result["drfs"]
+    clip = float(result["provenance"]["suv_max"])
     order = ["input", "gaussian", "vanilla", "drf_specific", "san_only", "rals_only", "unipet"]
     lines = [
         f"Results on **simulated data** ({result['data']}), produced by `{result['command']}`.",
-        "PSNR/SSIM on SUV clipped to [0, 20] (data range 20), NRMSE, texture ratio (1 = full-dose texture, "
+        f"PSNR/SSIM on SUV clipped to [0, {clip:g}] (data range {clip:g}), NRMSE, texture ratio (1 = full-dose texture, "
         "< 1 = over-smoothed) inside the RALS mask, mean |lesion SUVmax bias| vs the full dose over the "
         f"{result['lesions_per_drf']} lesions of the phantom test subjects. Means over {result['n_test_subjects']} "
         "test subjects. DRF 30 is unseen in training (`*`: the DRF-20 model stands in for a DRF-specific one).",
@@ -326,7 +329,7 @@ def run(
     config = BUNDLE_ROOT / "configs" / "train.json"
 
     nets, provenance = _load_networks(work, ckpt, config, drf_list)
-    gaussian = tune_gaussian(data, val, drf_list)
+    gaussian = tune_gaussian(data, val, drf_list, float(provenance["suv_max"]))
     logger.info("Gaussian FWHM per DRF (tuned on %d validation subjects): %s", len(val),
                 {d: g["fwhm_mm"] for d, g in gaussian.items()})
 
@@ -343,7 +346,7 @@ def run(
             net = nets[(key, _nearest_trained(drf))] if key == "drf_specific" else nets[(key, None)]
             outputs[key] = denoise_volume(net, low, provenance["suv_max"], provenance["patch_size"], provenance["sw_batch_size"])
         for model, pred in outputs.items():
-            row = score(pred, full, labels, table, low, spacing, subject, d)
+            row = score(pred, full, labels, table, low, spacing, subject, d, provenance)
             biases.setdefault((model, d), []).extend(row.pop("_lesion_biases"))
             rows.append({"model": model, "subject": subject, "drf": d, **row})
         case = {r["model"]: r["psnr"] for r in rows[-len(outputs):]}

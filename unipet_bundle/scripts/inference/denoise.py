@@ -21,13 +21,14 @@ __all__ = ["denoise_volume", "network_from_config"]
 def network_from_config(
     config_file: str | os.PathLike, bundle_root: str | os.PathLike
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The untrained ``network_def`` of a training config, and its ``patch_size``, ``sw_batch_size``, ``suv_max``."""
+    """The untrained ``network_def`` of a training config, and its settings that scoring and inference need:
+    ``patch_size``, ``sw_batch_size``, ``suv_max``, ``rals_threshold_suv2``, ``rals_window``."""
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(Path(bundle_root))
     net = parser.get_parsed_content("network_def")
-    sizes = {k: parser.get_parsed_content(k) for k in ("patch_size", "sw_batch_size", "suv_max")}
-    return net.eval(), sizes
+    keys = ("patch_size", "sw_batch_size", "suv_max", "rals_threshold_suv2", "rals_window")
+    return net.eval(), {k: parser.get_parsed_content(k) for k in keys}
 
 
 @torch.no_grad()
