@@ -31,6 +31,7 @@ from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.io import UniPETInputError
 from scripts.data.suv import (
     SUVError,
+    SUVOverrides,
     bqml_to_suv,
     compute_suv_factor,
     convert_dicom_to_suv,
@@ -87,13 +88,17 @@ def test_start_datetime_preferred_and_midnight_crossing():
     assert info["decay_time_s"] == pytest.approx(3600.0)
     assert "StartDateTime" in info["injection_time_source"]
     assert factor == pytest.approx(expected_factor(), rel=1e-9)
-    # Time only: an injection at 23:30 for a scan at 00:30 was the day before.
+    # Time only: 23:30 for a scan at 00:30 may be the day before, or a clock ahead: never guessed (issue 12,
+    # finding 1); the user's --injection_datetime settles it.
     del radiopharm(ds).RadiopharmaceuticalStartDateTime
     radiopharm(ds).RadiopharmaceuticalStartTime = "233000"
-    factor, info = compute_suv_factor(ds)
+    with pytest.raises(SUVError, match=r"23:30:00 vs scan time .* 00:30:00.*never assumed.*--injection_datetime"):
+        compute_suv_factor(ds)
+    factor, info = compute_suv_factor(ds, overrides=SUVOverrides(injection_datetime="20240101233000"))
     assert info["decay_time_s"] == pytest.approx(3600.0)
-    assert "minus one day" in info["injection_time_source"]
+    assert info["injection_time_source"] == "--injection_datetime (user)"
     assert info["injection_datetime"].startswith("2024-01-01T23:30")
+    assert factor == pytest.approx(expected_factor(), rel=1e-9)
 
 
 def test_earliest_acquisition_time_used_when_before_series_time_or_series_time_missing():

@@ -16,9 +16,18 @@ and ``decayed_dose = RadionuclideTotalDose * 2 ** (-(t_ref - t_inj) / Radionucli
   whole volume would be wrong by up to tens of per cent); decay-correct the series on the scanner, or
   pass ``suv_factor`` if a single factor is acceptable to you.
 - Injection time: RadiopharmaceuticalStartDateTime if present, else RadiopharmaceuticalStartTime on the
-  reference date (SeriesDate). A time-only injection later in the day than the reference time means
-  the injection was the day before (midnight crossing). Time-zone offsets are ignored: all times are
-  taken as scanner local time.
+  reference date (SeriesDate). A time-only injection later in the day than the reference time is
+  refused, never taken as "the day before": it is far more often a dose-calibrator clock ahead of the
+  scanner's (an injection 10 min "after" the scan would otherwise get 23.8 h of decay, SUV x 6000).
+  ``--injection_datetime`` (full date) or ``--injection_time`` settles it. Also refused: a time-only
+  uptake over 12 h (FDG imaging is at 1-3 h; a longer gap is a wrong clock or day) and any uptake over
+  10 half-lives (under 0.1 % of the activity left: no usable image). Time-zone offsets are ignored: all
+  times are taken as scanner local time.
+- Plausibility (each catches a unit slip of ~1000x, the common SUV error): PatientWeight 1-350 kg,
+  RadionuclideTotalDose 1 MBq-10 GBq, and the median SUV of the body (voxels above 5 % of the 99.5th
+  percentile) 0.05-20. Outside them the series is refused with the tag and the override named
+  (``--patient_weight``, ``--injected_dose``, ``--suv_factor``); ``--allow_implausible_suv`` keeps such a
+  value as a warning instead (the physicist's explicit decision, recorded in the sidecar).
 - Units BQML: SUV factor from the tags above. GML: already SUVbw, factor 1. CNTS or anything else:
   refused unless ``suv_factor`` is given (it then multiplies the pixel values as they are).
 - The dose is RadionuclideTotalDose in Bq (no residual-activity correction; DICOM has no standard tag).
@@ -41,7 +50,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +70,13 @@ from scripts.data.io import (
 __all__ = [
     "PETSeries",
     "SUVError",
+    "SUVOverrides",
     "bqml_to_suv",
+    "check_body_suv",
+    "check_suv_inputs",
     "compute_suv_factor",
+    "suv_bw_factor",
+    "uptake_time_s",
     "convert_dicom_to_suv",
     "convert_suv_to_bqml",
     "read_pet_series",
@@ -76,15 +90,55 @@ logger = logging.getLogger(__name__)
 SUV_FACTOR_UNITS = "g/mL per Bq/mL"
 _UNIT_ALIASES = {"SUV": "GML", "SUVBW": "GML", "G/ML": "GML", "BQ/ML": "BQML"}
 _SUV_FACTOR_HINT = "pass --suv_factor F (SUV = F x pixel value) or --units SUV if the pixels are already SUV"
-# Plausibility ranges: outside them the value is kept but flagged (a physicist decides), since
-# unit slips (dose in MBq, weight in g or lb) are the common SUV errors.
+# Plausibility ranges. Unit slips are the common SUV errors and each moves a value ~1000x: a weight in
+# grams (71 kg stored as 71000), a dose in MBq, kBq or mCi stored as Bq. Outside a range the input is
+# refused (``allow_implausible`` turns that into a warning: an explicit human decision).
+# Weight: a pre-term newborn is ~1 kg; the heaviest patients scanned are ~250-300 kg (PET/CT tables
+# carry 200-300 kg). A weight in grams (>= 1000) or in tonnes falls outside.
 _WEIGHT_KG_RANGE = (1.0, 350.0)
-_DOSE_BQ_RANGE = (1e6, 5e10)
-_MAX_DECAY_TIME_S = 24 * 3600.0
+# Injected activity: paediatric F-18 doses start at ~10-26 MBq (EANM minimum), adult FDG is 150-800 MBq,
+# Rb-82 (2D) and O-15 water reach ~2.2 GBq. So 1 MBq-10 GBq: a dose in MBq or mCi stored as Bq (<= ~2000)
+# or in kBq (< 1e6 up to 1 GBq) falls below it; 1000x too much (a slip the other way) above it.
+_DOSE_BQ_RANGE = (1e6, 1e10)
+# Body median SUV: SUVbw averages to ~1 over the body by construction (activity / weight, density ~1 g/mL);
+# the median over body voxels of any tracer is ~0.3-3 (FDG ~0.6-1.2; PSMA/DOTATATE backgrounds ~0.3-1
+# with hot organs). A weight in grams gives ~1000 x that, a dose in MBq ~1e6 x, so 0.05-20 leaves
+# >= 6x margin for real studies and still catches every 1000x slip. The body is the voxels above 5 % of
+# the 99.5th percentile (robust to a single hot voxel; independent of the image's scale).
+_BODY_MEDIAN_SUV_RANGE = (0.05, 20.0)
+_BODY_FRACTION_OF_P995 = 0.05
+_WARN_DECAY_TIME_S = 24 * 3600.0  # dated times: a gap over a day is possible (long-lived tracers) but flagged
+_MAX_TIME_ONLY_UPTAKE_S = 12 * 3600.0  # time-only tags: a longer gap is a wrong clock or day, not an uptake
+_MAX_HALF_LIVES = 10.0  # under 2**-10 = 0.1 % of the activity left: no usable image, a wrong time or unit
+_ALLOW_HINT = "--allow_implausible_suv true to keep it anyway"
 
 
 class SUVError(UniPETInputError):
     """A PET series whose SUV factor cannot be computed from its tags (the message names the tag and the fix)."""
+
+
+@dataclass(frozen=True)
+class SUVOverrides:
+    """User values that replace SUV tags (the SUV tool's options), and the plausibility escape hatch.
+
+    Attributes:
+        patient_weight_kg: replaces PatientWeight (kg).
+        injected_dose_bq: replaces RadionuclideTotalDose (Bq) at the injection time.
+        injection_time: replaces the injection time: time of day ``HHMMSS`` on the reference date.
+        injection_datetime: replaces the injection date-time ``YYYYMMDDHHMMSS`` (wins over ``injection_time``).
+        allow_implausible_suv: keep a weight, dose or body median SUV outside the plausible ranges as a
+            warning instead of refusing it.
+    """
+
+    patient_weight_kg: float | None = None
+    injected_dose_bq: float | None = None
+    injection_time: str | None = None
+    injection_datetime: str | None = None
+    allow_implausible_suv: bool = False
+
+    def used(self) -> dict[str, Any]:
+        """The overrides given (JSON-ready), for the sidecar."""
+        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
 
 
 # ---------------------------------------------------------------------------------------------- time
@@ -167,24 +221,98 @@ def scan_reference_datetime(slices: Sequence[Dataset]) -> tuple[datetime, str]:
     )
 
 
-def _injection_datetime(rp: Dataset, reference: datetime) -> tuple[datetime, str]:
+_TIME_FIX = (
+    "pass --injection_datetime YYYYMMDDHHMMSS (or --injection_time HHMMSS on the scan date) with the real injection time"
+)
+
+
+def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverrides) -> tuple[datetime, str, bool]:
+    """(injection date-time, where it came from, whether only a time of day was known)."""
+    if overrides.injection_datetime is not None:
+        parsed = _parse_datetime(overrides.injection_datetime)
+        if parsed is None:
+            raise SUVError(f"--injection_datetime {overrides.injection_datetime!r} is not a date-time: use YYYYMMDDHHMMSS, e.g. 20240102103500")
+        return parsed, "--injection_datetime (user)", False
+    if overrides.injection_time is not None:
+        clock = _parse_time(overrides.injection_time)
+        if clock is None:
+            raise SUVError(f"--injection_time {overrides.injection_time!r} is not a time of day: use HHMMSS, e.g. 103500")
+        return datetime.combine(reference.date(), clock), "--injection_time (user) on the reference date", True
     if rp.get("RadiopharmaceuticalStartDateTime"):
         parsed = _parse_datetime(rp.RadiopharmaceuticalStartDateTime)
         if parsed is not None:
-            return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)"
+            return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)", False
     clock = _parse_time(rp.get("RadiopharmaceuticalStartTime"))
     if clock is None:
         raise SUVError(
             "injection time missing: RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
-            f"are absent or unreadable in RadiopharmaceuticalInformationSequence, so the dose cannot be decayed; {_SUV_FACTOR_HINT}"
+            f"are absent or unreadable in RadiopharmaceuticalInformationSequence, so the dose cannot be decayed; {_TIME_FIX}, or {_SUV_FACTOR_HINT}"
         )
-    injection = datetime.combine(reference.date(), clock)
-    source = "RadiopharmaceuticalStartTime (0018,1072) on the reference date"
-    if injection > reference:
-        # Only a time of day is known: an injection "after" the scan means the day before.
-        injection -= timedelta(days=1)
-        source += " minus one day (injection before midnight, scan after)"
-    return injection, source
+    return datetime.combine(reference.date(), clock), "RadiopharmaceuticalStartTime (0018,1072) on the reference date", True
+
+
+def uptake_time_s(
+    injection: datetime,
+    reference: datetime,
+    half_life_s: float | None,
+    *,
+    time_only: bool,
+    injection_what: str = "injection time",
+    reference_what: str = "scan reference time",
+    fix: str = _TIME_FIX,
+) -> tuple[float, list[str]]:
+    """Seconds from injection to the decay reference time, by the one rule every SUV computation uses.
+
+    Refused (never guessed): an injection after the reference time (with ``time_only`` the day is
+    unknown and an injection "the day before" is never assumed: a clock ahead of the scanner's is far
+    likelier), a time-only uptake over 12 h, and any uptake over 10 half-lives. A dated uptake over 24 h
+    is kept with a warning.
+
+    Args:
+        injection, reference: the two instants (for ``time_only``, both on the same, arbitrary day).
+        half_life_s: radionuclide half-life in s (None: the half-life rule is skipped).
+        time_only: only times of day are known (no date tag).
+        injection_what, reference_what: how to name the two in the message (tag names).
+        fix: the caller's remedy, appended to the message (its options differ by tool).
+
+    Returns:
+        (uptake time in s, warnings).
+
+    Raises:
+        SUVError: one of the refusals above, naming both times and ``fix``.
+    """
+    seconds = (reference - injection).total_seconds()
+    both = f"{injection_what} {_show(injection, time_only)} vs {reference_what} {_show(reference, time_only)}"
+    if seconds < 0:
+        if time_only:
+            raise SUVError(
+                f"{both}: the injection is {_duration(-seconds)} after the scan and no injection date is given, so the day is "
+                f"unknown (a clock ahead of the scanner's? an injection the day before is never assumed: it would mean "
+                f"{_duration(seconds + 86400)} of decay); {fix}"
+            )
+        raise SUVError(f"{both}: the injection time is after the scan reference time; {fix}")
+    if time_only and seconds > _MAX_TIME_ONLY_UPTAKE_S:
+        raise SUVError(
+            f"{both}: {seconds / 3600:.1f} h between injection and scan with times of day only (over 12 h: a wrong clock or "
+            f"day?); {fix}"
+        )
+    if half_life_s is not None and seconds > _MAX_HALF_LIVES * half_life_s:
+        raise SUVError(
+            f"{both}: {seconds / 3600:.1f} h between injection and scan is {seconds / half_life_s:.1f} half-lives "
+            f"({half_life_s:g} s), under 0.1 % of the activity left: a wrong date, time or half-life unit; {fix}"
+        )
+    warnings = []
+    if seconds > _WARN_DECAY_TIME_S:
+        warnings.append(f"{seconds / 3600:.1f} h between injection and scan: check the injection date/time")
+    return seconds, warnings
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _show(moment: datetime, time_only: bool) -> str:
+    return moment.time().isoformat() if time_only else moment.isoformat(sep=" ")
 
 
 # --------------------------------------------------------------------------------------- SUV factor
@@ -210,8 +338,101 @@ def _check_factor(factor: Any, what: str = "--suv_factor") -> float:
     return number
 
 
-def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, dict[str, Any]]:
-    """Body-weight SUV factor for a BQML series from its tags (see the module docstring)."""
+def _refuse_or_warn(message: str, allow: bool, warnings: list[str]) -> None:
+    if not allow:
+        raise SUVError(message)
+    warnings.append(f"{message.split('; ')[0]} (kept: --allow_implausible_suv)")
+
+
+def check_suv_inputs(
+    weight_kg: float,
+    dose_bq: float,
+    *,
+    allow_implausible: bool = False,
+    weight_what: str = "PatientWeight (0010,1030)",
+    dose_what: str = "RadionuclideTotalDose (0018,1074)",
+    weight_fix: str = f"pass --patient_weight KG, or {_ALLOW_HINT}",
+    dose_fix: str = f"pass --injected_dose BQ, or {_ALLOW_HINT}",
+) -> list[str]:
+    """Refuse a physically impossible weight (kg) or injected dose (Bq); see the ranges above.
+
+    Returns:
+        warnings (only with ``allow_implausible``, one per value kept outside its range).
+
+    Raises:
+        SUVError: a value outside its range, naming it, the likely unit slip and the caller's ``*_fix``.
+    """
+    warnings: list[str] = []
+    low, high = _WEIGHT_KG_RANGE
+    if not low <= weight_kg <= high:
+        slip = " (grams?)" if weight_kg > high else ""
+        _refuse_or_warn(
+            f"{weight_what} {weight_kg:g} kg is outside the plausible {low:g}-{high:g} kg{slip}: body-weight SUV needs the "
+            f"weight in kg; {weight_fix}",
+            allow_implausible, warnings,
+        )
+    low, high = _DOSE_BQ_RANGE
+    if not low <= dose_bq <= high:
+        slip = " (stored in MBq, kBq or mCi instead of Bq?)" if dose_bq < low else ""
+        _refuse_or_warn(
+            f"{dose_what} {dose_bq:.4g} Bq is outside the plausible {low / 1e6:g} MBq-{high / 1e9:g} GBq{slip}: the "
+            f"injected dose must be in Bq; {dose_fix}",
+            allow_implausible, warnings,
+        )
+    return warnings
+
+
+def suv_bw_factor(weight_kg: float, dose_bq: float, uptake_s: float, half_life_s: float | None, decay_correction: str = "START") -> tuple[float, float]:
+    """Body-weight SUV factor (g/mL per Bq/mL) and the decay factor used.
+
+    ``weight_g / (dose_Bq * 2 ** (-uptake_s / half_life_s))``; with ``decay_correction="ADMIN"`` the image
+    is referred to the administration time, so the dose is not decayed (decay factor 1).
+    """
+    decay = 1.0 if decay_correction.upper() == "ADMIN" else 2.0 ** (-uptake_s / float(half_life_s))
+    return weight_kg * 1000.0 / (dose_bq * decay), decay
+
+
+def check_body_suv(
+    suv: np.ndarray,
+    name: str,
+    *,
+    allow_implausible: bool = False,
+    fix: str = f"check PatientWeight (kg) and RadionuclideTotalDose (Bq) and pass --patient_weight/--injected_dose or --suv_factor, or {_ALLOW_HINT}",
+) -> tuple[float | None, list[str]]:
+    """Refuse an SUV volume whose body median is far outside what any PET tracer gives (a unit slip).
+
+    Args:
+        suv: SUV volume, any shape.
+        name: how the message names the volume (path, or the tags the factor came from).
+        allow_implausible: keep it with a warning instead.
+        fix: the caller's remedy, appended to the message.
+
+    Returns:
+        (body median SUV, or None when no voxel is positive (nothing to judge); warnings).
+
+    Raises:
+        SUVError: body median outside 0.05-20.
+    """
+    values = np.asarray(suv)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or not np.any(finite > 0):
+        return None, []
+    threshold = _BODY_FRACTION_OF_P995 * float(np.percentile(finite, 99.5))
+    body = finite[finite > threshold] if threshold > 0 else finite[finite > 0]
+    median = float(np.median(body))
+    warnings: list[str] = []
+    low, high = _BODY_MEDIAN_SUV_RANGE
+    if not low <= median <= high:
+        _refuse_or_warn(
+            f"{name}: the median SUV of the body is {median:.4g}, outside {low:g}-{high:g} for any PET tracer (body SUV averages ~1): "
+            f"a unit slip in the weight (grams?) or dose (MBq?), or pixels not in SUV/Bq/mL; {fix}",
+            allow_implausible, warnings,
+        )
+    return median, warnings
+
+
+def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOverrides) -> tuple[float, dict[str, Any]]:
+    """Body-weight SUV factor for a BQML series from its tags and the user's overrides (see the module docstring)."""
     info: dict[str, Any] = {}
     warnings: list[str] = []
     decay = _text(ds.get("DecayCorrection")).upper()
@@ -224,9 +445,14 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, di
         )
     if decay not in ("START", "ADMIN"):
         raise SUVError(f"DecayCorrection {decay!r} is not START, ADMIN or NONE: the decay reference is unknown; {_SUV_FACTOR_HINT}")
-    weight_kg = _positive_float(ds.get("PatientWeight"))
+    if overrides.patient_weight_kg is not None:
+        weight_kg, weight_what = _positive_float(overrides.patient_weight_kg), "--patient_weight"
+        if weight_kg is None:
+            raise SUVError(f"--patient_weight must be a number of kg > 0 (got {overrides.patient_weight_kg!r})")
+    else:
+        weight_kg, weight_what = _positive_float(ds.get("PatientWeight")), "PatientWeight (0010,1030)"
     if weight_kg is None:
-        raise SUVError(f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; {_SUV_FACTOR_HINT}")
+        raise SUVError(f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; pass --patient_weight KG, or {_SUV_FACTOR_HINT}")
     sequence = ds.get("RadiopharmaceuticalInformationSequence")
     if not sequence:
         raise SUVError(
@@ -236,16 +462,25 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, di
     if len(sequence) > 1:
         warnings.append(f"RadiopharmaceuticalInformationSequence has {len(sequence)} items; the first one is used")
     rp = sequence[0]
-    dose_bq = _positive_float(rp.get("RadionuclideTotalDose"))
+    if overrides.injected_dose_bq is not None:
+        dose_bq, dose_what = _positive_float(overrides.injected_dose_bq), "--injected_dose"
+        if dose_bq is None:
+            raise SUVError(f"--injected_dose must be a number of Bq > 0 (got {overrides.injected_dose_bq!r})")
+    else:
+        dose_bq, dose_what = _positive_float(rp.get("RadionuclideTotalDose")), "RadionuclideTotalDose (0018,1074)"
     if dose_bq is None:
-        raise SUVError(f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; {_SUV_FACTOR_HINT}")
+        raise SUVError(f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; pass --injected_dose BQ, or {_SUV_FACTOR_HINT}")
     half_life_s = _positive_float(rp.get("RadionuclideHalfLife"))
     if half_life_s is None and decay == "START":
         raise SUVError(f"RadionuclideHalfLife (0018,1075) is missing or zero: the dose cannot be decayed to the scan time; {_SUV_FACTOR_HINT}")
 
+    # Impossible values are refused before anything else is computed from them.
+    warnings.extend(check_suv_inputs(weight_kg, dose_bq, allow_implausible=overrides.allow_implausible_suv, weight_what=weight_what, dose_what=dose_what))
     info["decay_correction"] = decay
     info["patient_weight_kg"] = weight_kg
+    info["patient_weight_source"] = weight_what
     info["injected_dose_bq"] = dose_bq
+    info["injected_dose_source"] = dose_what
     info["half_life_s"] = half_life_s
     info["radiopharmaceutical"] = _text(rp.get("Radiopharmaceutical")) or None
     nuclide = rp.get("RadionuclideCodeSequence")
@@ -253,16 +488,12 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, di
 
     if decay == "START":
         reference, reference_source = scan_reference_datetime(slices)
-        injection, injection_source = _injection_datetime(rp, reference)
-        decay_time_s = (reference - injection).total_seconds()
-        if decay_time_s < 0:
-            raise SUVError(
-                f"injection time {injection.isoformat()} is after the scan reference time {reference.isoformat()}: "
-                f"check RadiopharmaceuticalStartDateTime/SeriesTime; {_SUV_FACTOR_HINT}"
-            )
-        if decay_time_s > _MAX_DECAY_TIME_S:
-            warnings.append(f"{decay_time_s / 3600:.1f} h between injection and scan: check the injection date/time")
-        decay_factor = 2.0 ** (-decay_time_s / half_life_s)
+        injection, injection_source, time_only = _injection_datetime(rp, reference, overrides)
+        decay_time_s, time_warnings = uptake_time_s(
+            injection, reference, half_life_s, time_only=time_only,
+            injection_what=f"injection time {injection_source.split(' (')[0]}", reference_what=f"scan time {reference_source.split(' (')[0]}",
+        )
+        warnings.extend(time_warnings)
         info.update(
             reference_datetime=reference.isoformat(),
             reference_time_source=reference_source,
@@ -271,7 +502,7 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, di
             decay_time_s=decay_time_s,
         )
     else:  # ADMIN: pixel values are already referred to the administration time, as the dose is.
-        decay_factor = 1.0
+        decay_time_s = 0.0
         info.update(
             reference_datetime=None,
             reference_time_source="administration time (DecayCorrection ADMIN): no dose decay",
@@ -279,14 +510,8 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset]) -> tuple[float, di
             injection_time_source=None,
             decay_time_s=0.0,
         )
-    decayed_dose_bq = dose_bq * decay_factor
-    factor = weight_kg * 1000.0 / decayed_dose_bq
-    info.update(decay_factor=decay_factor, decayed_dose_bq=decayed_dose_bq, patient_weight_g=weight_kg * 1000.0)
-
-    if not _WEIGHT_KG_RANGE[0] <= weight_kg <= _WEIGHT_KG_RANGE[1]:
-        warnings.append(f"PatientWeight {weight_kg} kg is implausible: it must be in kg")
-    if not _DOSE_BQ_RANGE[0] <= dose_bq <= _DOSE_BQ_RANGE[1]:
-        warnings.append(f"RadionuclideTotalDose {dose_bq:.4g} Bq is implausible: it must be in Bq (not MBq or mCi)")
+    factor, decay_factor = suv_bw_factor(weight_kg, dose_bq, decay_time_s, half_life_s, decay)
+    info.update(decay_factor=decay_factor, decayed_dose_bq=dose_bq * decay_factor, patient_weight_g=weight_kg * 1000.0)
     info["warnings"] = warnings
     return factor, info
 
@@ -296,6 +521,7 @@ def compute_suv_factor(
     units: str | None = None,
     suv_factor: float | None = None,
     slices: Sequence[Dataset] | None = None,
+    overrides: SUVOverrides | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Factor that turns this series' pixel values (after rescale) into body-weight SUV.
 
@@ -305,13 +531,17 @@ def compute_suv_factor(
         suv_factor: user factor; when given it is used as is (the tag-based factor, if computable, is
             recorded in the info for comparison).
         slices: all headers of the series, for the earliest AcquisitionTime (default ``[ds]``).
+        overrides: user weight/dose/injection time replacing the tags, and the plausibility escape
+            hatch (default: none, tags only, implausible values refused).
 
     Returns:
         (factor in g/mL per Bq/mL (for BQML), JSON-ready info about every tag used).
 
     Raises:
-        SUVError: a needed tag is missing or invalid, or the units cannot be converted.
+        SUVError: a needed tag is missing or invalid, a value is physically impossible (weight, dose,
+            injection time after the scan...), or the units cannot be converted.
     """
+    overrides = overrides if overrides is not None else SUVOverrides()
     slices = list(slices) if slices is not None else [ds]
     tag_units = _normalise_units(ds.get("Units")) or None
     used_units = _normalise_units(units) if units is not None else tag_units
@@ -321,8 +551,10 @@ def compute_suv_factor(
         "units_source": "--units override" if units is not None else "Units (0054,1001)",
         "decay_correction": _text(ds.get("DecayCorrection")).upper() or None,
         "suv_type_tag": _text(ds.get("SUVType")) or None,
+        "overrides": overrides.used(),
         "warnings": [],
     }
+    tag_overrides = {k: v for k, v in overrides.used().items() if k != "allow_implausible_suv"}
     if units is not None and tag_units and tag_units != used_units:
         info["warnings"].append(f"Units tag {tag_units} overridden by --units {used_units}")
 
@@ -330,9 +562,14 @@ def compute_suv_factor(
         factor = _check_factor(suv_factor)
         if used_units == "GML":
             raise SUVError("--suv_factor and Units GML/--units SUV contradict each other (SUV needs no factor): pass only one")
+        if tag_overrides:
+            raise SUVError(
+                f"--suv_factor and {', '.join('--' + k.removesuffix('_kg').removesuffix('_bq') for k in tag_overrides)} contradict each other "
+                "(a given factor replaces every SUV tag): pass only one"
+            )
         info["suv_factor_source"] = "--suv_factor (user)"
         try:
-            tag_factor, _ = _suv_bw_from_tags(ds, slices) if used_units == "BQML" else (None, None)
+            tag_factor, _ = _suv_bw_from_tags(ds, slices, SUVOverrides()) if used_units == "BQML" else (None, None)
             info["suv_factor_from_tags"] = tag_factor
         except SUVError as exc:
             info["suv_factor_from_tags"] = None
@@ -342,6 +579,8 @@ def compute_suv_factor(
     if used_units is None:
         raise SUVError(f"Units (0054,1001) is missing: the pixel unit is unknown; pass --units BQML if the pixels are Bq/mL, or --suv_factor/--units SUV")
     if used_units == "GML":
+        if tag_overrides:
+            raise SUVError(f"Units GML (pixels already SUV) needs no {', '.join('--' + k.removesuffix('_kg').removesuffix('_bq') for k in tag_overrides)}: drop it, or pass --units BQML if the pixels are Bq/mL")
         info["suv_factor_source"] = "Units GML: pixels already SUVbw (g/mL)"
         if info["suv_type_tag"] not in (None, "BW"):
             info["warnings"].append(f"SUVType {info['suv_type_tag']}: the pixels are not body-weight SUV")
@@ -349,7 +588,7 @@ def compute_suv_factor(
     if used_units != "BQML":
         what = "counts, not a calibrated activity concentration" if used_units == "CNTS" else "not Bq/mL"
         raise SUVError(f"Units {used_units} ({what}): SUV needs BQML pixels; {_SUV_FACTOR_HINT}")
-    factor, tag_info = _suv_bw_from_tags(ds, slices)
+    factor, tag_info = _suv_bw_from_tags(ds, slices, overrides)
     info["warnings"].extend(tag_info.pop("warnings"))
     info.update(tag_info)
     info["suv_factor_source"] = "DICOM tags (PatientWeight, RadiopharmaceuticalInformationSequence, decay to reference time)"
@@ -455,6 +694,7 @@ def read_pet_series(
     units: str | None = None,
     suv_factor: float | None = None,
     series_uid: str | None = None,
+    overrides: SUVOverrides | None = None,
 ) -> PETSeries:
     """Read a single-frame PET DICOM series and convert it to body-weight SUV.
 
@@ -464,20 +704,32 @@ def read_pet_series(
         units: override of the Units tag (``BQML``, ``SUV``/``GML``, ``CNTS``).
         suv_factor: use this factor (SUV = factor x pixel value) instead of the SUV tags.
         series_uid: SeriesInstanceUID to read when the folder holds several image series.
+        overrides: user weight/dose/injection time and the plausibility escape hatch (:class:`SUVOverrides`).
 
     Returns:
         :class:`PETSeries` with ``suv`` float32 (X, Y, Z) and a RAS ``affine``.
 
     Raises:
-        UniPETInputError (``DicomSeriesError`` or ``SUVError``): one line naming the problem and the fix.
+        UniPETInputError (``DicomSeriesError`` or ``SUVError``): one line naming the problem and the fix;
+            also for a physically impossible result (weight, dose or body median SUV out of range).
     """
+    overrides = overrides if overrides is not None else SUVOverrides()
     folder = Path(dicom_dir).expanduser()
     chosen = select_series(folder, series_uid=series_uid, modality="PT")
     _check_consistent(chosen.headers, folder)
     # The factor comes first so a missing tag fails before the pixel data are decoded.
-    factor, info = compute_suv_factor(chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers)
+    factor, info = compute_suv_factor(chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers, overrides=overrides)
     volume: DicomVolume = stack_series(chosen)
     suv = bqml_to_suv(volume.array, factor)
+    source = {
+        "BQML": "SUV from PatientWeight and RadionuclideTotalDose",
+        "GML": "Units GML (pixels already SUV)",
+    }.get(str(info.get("units")), "SUV")
+    if suv_factor is not None:
+        source = f"SUV from --suv_factor {factor:g}"
+    body_median, body_warnings = check_body_suv(suv, f"{folder}: {source}", allow_implausible=overrides.allow_implausible_suv)
+    info["warnings"].extend(body_warnings)
+    info["body_median_suv"] = body_median
 
     info = {
         "description": "body-weight SUV (g/mL) from a PET DICOM series, written by scripts.data.suv",
@@ -546,15 +798,17 @@ def convert_dicom_to_suv(
     suv_factor: float | None = None,
     series_uid: str | None = None,
     overwrite: bool = False,
+    overrides: SUVOverrides | None = None,
 ) -> PETSeries:
-    """DICOM PET series -> SUVbw NIfTI ``output`` and sidecar ``<stem>.json``. Outputs are checked first."""
+    """DICOM PET series -> SUVbw NIfTI ``output`` and sidecar ``<stem>.json``. Outputs are checked first
+    and nothing is written when the series is refused (``overrides``: see :class:`SUVOverrides`)."""
     _check_nifti_name(output)
     folder = Path(dicom_dir).expanduser().resolve()
     out = check_output_path(output, overwrite=overwrite)
     check_output_path(sidecar_path(out), overwrite=overwrite)
     if folder in out.parents:
         raise UniPETInputError(f"output {out} is inside the DICOM folder {folder}: write it elsewhere (the folder must hold only the series)")
-    series = read_pet_series(folder, units=units, suv_factor=suv_factor, series_uid=series_uid)
+    series = read_pet_series(folder, units=units, suv_factor=suv_factor, series_uid=series_uid, overrides=overrides)
     _write_pair(series.suv, series.affine, series.info, out, overwrite)
     logger.info("wrote %s and %s", out, sidecar_path(out))
     return series
@@ -613,6 +867,35 @@ def convert_suv_to_bqml(
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+def _cli_number(value: Any, flag: str, example: str) -> float | None:
+    if value is None:
+        return None
+    number = _positive_float(value)
+    if number is None or isinstance(value, bool):
+        raise UniPETInputError(f"{flag} must be a number > 0 in {example} (got {value!r})")
+    return number
+
+
+def _cli_clock(value: Any, digits: int) -> str | None:
+    """fire turns ``--injection_time 093000`` into a str but ``103500`` into an int: give both back as text."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).zfill(digits)
+    return str(value)
+
+
+def _cli_bool(value: Any, flag: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UniPETInputError(f"{flag} must be true or false (got {value!r})")
+
+
 def main(
     dicom_dir: str | None = None,
     output: str | None = None,
@@ -622,6 +905,11 @@ def main(
     units: str | None = None,
     series_uid: str | None = None,
     overwrite: bool = False,
+    patient_weight: float | None = None,
+    injected_dose: float | None = None,
+    injection_time: str | None = None,
+    injection_datetime: str | None = None,
+    allow_implausible_suv: bool = False,
 ) -> None:
     """Convert a PET DICOM series to body-weight SUV (NIfTI + JSON sidecar), or an SUV NIfTI back to Bq/mL.
 
@@ -633,6 +921,12 @@ def main(
     (no decay); NONE is refused. RescaleSlope/RescaleIntercept are applied per slice. The sidecar
     <stem>.json records the factor and every tag used (no patient name or ID).
 
+    Refused, with the tag and the fix named (exit 2, nothing written): an injection time of day later
+    than the scan time without a date (never taken as the day before: give --injection_datetime or
+    --injection_time), a time-only uptake over 12 h, an uptake over 10 half-lives, PatientWeight outside
+    1-350 kg (grams?), RadionuclideTotalDose outside 1 MBq-10 GBq (MBq stored as Bq?), and a body median
+    SUV outside 0.05-20 (any tracer gives ~0.3-3). Override the tag, or pass --allow_implausible_suv true.
+
     Args:
         dicom_dir: folder holding one PET (Modality PT) single-frame series.
         output: output NIfTI path (.nii.gz or .nii); its sidecar is <stem>.json beside it.
@@ -643,6 +937,16 @@ def main(
         units: override the Units tag: BQML (Bq/mL), SUV or GML (pixels already SUV), CNTS.
         series_uid: SeriesInstanceUID to read when the folder holds several image series.
         overwrite: replace existing outputs.
+        patient_weight: body weight in kg, replacing PatientWeight (0010,1030) (e.g. 71, when the tag holds grams).
+        injected_dose: injected activity in Bq at the injection time, replacing RadionuclideTotalDose (0018,1074)
+            (e.g. 3.9e8 for 390 MBq).
+        injection_time: injection time of day HHMMSS on the scan date, replacing RadiopharmaceuticalStartTime
+            (0018,1072) (e.g. 103500; must be before the scan time: for an injection the day before use
+            --injection_datetime).
+        injection_datetime: injection date-time YYYYMMDDHHMMSS, replacing RadiopharmaceuticalStartDateTime
+            (0018,1078) and the time-only tag (e.g. 20240101233000).
+        allow_implausible_suv: true keeps a weight, dose or body median SUV outside the plausible ranges
+            (warning in the log and the sidecar) instead of refusing the series. Only after checking the tags.
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # pydicom warnings go to the log (stdout), keeping stderr for the error line
@@ -654,13 +958,26 @@ def main(
         if dicom_dir is not None:
             if sidecar is not None:
                 raise UniPETInputError("--sidecar is only for --suv_nifti; with --dicom_dir the sidecar is written next to --output")
+            overrides = SUVOverrides(
+                patient_weight_kg=_cli_number(patient_weight, "--patient_weight", "kg, e.g. 71"),
+                injected_dose_bq=_cli_number(injected_dose, "--injected_dose", "Bq, e.g. 3.9e8"),
+                injection_time=_cli_clock(injection_time, 6),
+                injection_datetime=_cli_clock(injection_datetime, 14),
+                allow_implausible_suv=_cli_bool(allow_implausible_suv, "--allow_implausible_suv"),
+            )
             convert_dicom_to_suv(
                 str(dicom_dir), str(output), units=units, suv_factor=suv_factor,
-                series_uid=None if series_uid is None else str(series_uid), overwrite=bool(overwrite),
+                series_uid=None if series_uid is None else str(series_uid), overwrite=bool(overwrite), overrides=overrides,
             )
         else:
-            if units is not None or series_uid is not None:
-                raise UniPETInputError("--units and --series_uid are only for --dicom_dir")
+            dicom_only = {
+                "--units": units, "--series_uid": series_uid, "--patient_weight": patient_weight, "--injected_dose": injected_dose,
+                "--injection_time": injection_time, "--injection_datetime": injection_datetime,
+                "--allow_implausible_suv": allow_implausible_suv or None,
+            }
+            given = [k for k, v in dicom_only.items() if v is not None]
+            if given:
+                raise UniPETInputError(f"{', '.join(given)}: only for --dicom_dir (the SUV -> Bq/mL direction reads the factor from the sidecar)")
             convert_suv_to_bqml(str(suv_nifti), str(output), sidecar=sidecar, suv_factor=suv_factor, overwrite=bool(overwrite))
     except UniPETInputError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

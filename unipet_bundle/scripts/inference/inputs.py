@@ -41,7 +41,7 @@ from monai.transforms import MapTransform
 
 from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
-from scripts.data.suv import SUVError, read_pet_series
+from scripts.data.suv import SUVError, check_body_suv, read_pet_series
 from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.options import as_bool, check_output_format
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
@@ -191,6 +191,7 @@ def load_volume(item: InferenceInput) -> LoadedVolume:
     if item.kind == "nifti":
         data, affine = load_nifti(item.path, dtype=np.float32)
         suv = check_volume(str(item.path), data)
+        check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
         peak = float(suv.max())
         if peak > _SUSPICIOUS_SUV:
             logger.warning(
