@@ -156,7 +156,7 @@ def test_tolerant_headers_units_times_and_suv_column(tmp_path):
     csv_path.write_text(
         "subject id;Patient Weight (g);Injected dose [MBq];half life (min);Injection Time;Acquisition Time\n"
         "Anonymous-01;55000;203,5;109.8;10:00:00;10:56:26\n"
-        "Anonymous-02;47000;166.5;109.8;235500;005520\n"
+        "Anonymous-02;47000;166.5;109.8;2024-01-01 23:55:00;20240102005520\n"
     )
     out = tmp_path / "paired"
     convert_udpet(inp, csv_path, out)
@@ -164,8 +164,13 @@ def test_tolerant_headers_units_times_and_suv_column(tmp_path):
     assert f1["delay_s"] == pytest.approx(3386.0) and f1["half_life_s"] == pytest.approx(6588.0)
     assert f1["suv_factor"] == pytest.approx(_hand_factor(55.0, 203.5e6, 3386.0))
     f2 = json.loads((out / "Anonymous-02" / "udpet.json").read_text())["files"]["full_dose.nii.gz"]
-    assert f2["delay_s"] == pytest.approx(3620.0)  # 23:55:00 -> 00:55:20 crosses midnight
+    assert f2["delay_s"] == pytest.approx(3620.0)  # 23:55:00 -> 00:55:20 crosses midnight, with dates
     assert f2["suv_factor"] == pytest.approx(_hand_factor(47.0, 166.5e6, 3620.0))
+    # Times of day only: the injection day is unknown and never assumed (issue 12, finding 1).
+    csv_path.write_text(csv_path.read_text().replace("2024-01-01 23:55:00;20240102005520", "235500;005520"))
+    with pytest.raises(UniPETInputError, match=r"line 3: injection time .*23:55:00 vs acquisition time .*00:55:20.*never assumed.*give dates"):
+        convert_udpet(inp, csv_path, tmp_path / "paired2")
+    _assert_nothing_written(tmp_path / "paired2")
 
 
 def test_suv_factor_column_and_column_map(tmp_path):

@@ -74,6 +74,7 @@ __all__ = [
     "bqml_to_suv",
     "check_body_suv",
     "check_suv_inputs",
+    "check_uptake_s",
     "compute_suv_factor",
     "suv_bw_factor",
     "uptake_time_s",
@@ -283,28 +284,47 @@ def uptake_time_s(
     """
     seconds = (reference - injection).total_seconds()
     both = f"{injection_what} {_show(injection, time_only)} vs {reference_what} {_show(reference, time_only)}"
+    return seconds, check_uptake_s(seconds, half_life_s, time_only=time_only, what=both, fix=fix)
+
+
+def check_uptake_s(seconds: float, half_life_s: float | None, *, time_only: bool, what: str, fix: str = _TIME_FIX) -> list[str]:
+    """The uptake-time rule of :func:`uptake_time_s` for an uptake already in seconds (e.g. a CSV delay column).
+
+    Args:
+        seconds: injection -> decay reference time, s.
+        half_life_s: half-life in s (None: that rule is skipped).
+        time_only: the uptake came from times of day without dates.
+        what: names the two times (or the column) in the message.
+        fix: the caller's remedy.
+
+    Returns:
+        warnings (a dated uptake over 24 h).
+
+    Raises:
+        SUVError: negative, time-only over 12 h, or over 10 half-lives.
+    """
     if seconds < 0:
         if time_only:
             raise SUVError(
-                f"{both}: the injection is {_duration(-seconds)} after the scan and no injection date is given, so the day is "
+                f"{what}: the injection is {_duration(-seconds)} after the scan and no injection date is given, so the day is "
                 f"unknown (a clock ahead of the scanner's? an injection the day before is never assumed: it would mean "
                 f"{_duration(seconds + 86400)} of decay); {fix}"
             )
-        raise SUVError(f"{both}: the injection time is after the scan reference time; {fix}")
+        raise SUVError(f"{what}: the scan is {_duration(-seconds)} before injection; {fix}")
     if time_only and seconds > _MAX_TIME_ONLY_UPTAKE_S:
         raise SUVError(
-            f"{both}: {seconds / 3600:.1f} h between injection and scan with times of day only (over 12 h: a wrong clock or "
+            f"{what}: {seconds / 3600:.1f} h between injection and scan with times of day only (over 12 h: a wrong clock or "
             f"day?); {fix}"
         )
     if half_life_s is not None and seconds > _MAX_HALF_LIVES * half_life_s:
         raise SUVError(
-            f"{both}: {seconds / 3600:.1f} h between injection and scan is {seconds / half_life_s:.1f} half-lives "
+            f"{what}: {seconds / 3600:.1f} h between injection and scan is {seconds / half_life_s:.1f} half-lives "
             f"({half_life_s:g} s), under 0.1 % of the activity left: a wrong date, time or half-life unit; {fix}"
         )
     warnings = []
     if seconds > _WARN_DECAY_TIME_S:
         warnings.append(f"{seconds / 3600:.1f} h between injection and scan: check the injection date/time")
-    return seconds, warnings
+    return warnings
 
 
 def _duration(seconds: float) -> str:
@@ -367,7 +387,7 @@ def check_suv_inputs(
     if not low <= weight_kg <= high:
         slip = " (grams?)" if weight_kg > high else ""
         _refuse_or_warn(
-            f"{weight_what} {weight_kg:g} kg is outside the plausible {low:g}-{high:g} kg{slip}: body-weight SUV needs the "
+            f"{weight_what} {weight_kg:g} kg is implausible (outside {low:g}-{high:g} kg){slip}: body-weight SUV needs the "
             f"weight in kg; {weight_fix}",
             allow_implausible, warnings,
         )
@@ -375,8 +395,8 @@ def check_suv_inputs(
     if not low <= dose_bq <= high:
         slip = " (stored in MBq, kBq or mCi instead of Bq?)" if dose_bq < low else ""
         _refuse_or_warn(
-            f"{dose_what} {dose_bq:.4g} Bq is outside the plausible {low / 1e6:g} MBq-{high / 1e9:g} GBq{slip}: the "
-            f"injected dose must be in Bq; {dose_fix}",
+            f"{dose_what} {dose_bq:.4g} Bq is implausibly {'small' if dose_bq < low else 'large'} (outside {low / 1e6:g} MBq-"
+            f"{high / 1e9:g} GBq){slip}: the injected dose must be in Bq; {dose_fix}",
             allow_implausible, warnings,
         )
     return warnings

@@ -24,7 +24,11 @@ Conversion (body-weight SUV, g/mL)::
 
     SUV = Bq/mL * weight_g / (injected_dose_Bq * 2 ** (-delay_s / half_life_s))
 
-``delay_s`` is ``TimeFromInjectionToAcquisition`` or acquisition time minus injection time. With
+``delay_s`` is ``TimeFromInjectionToAcquisition`` or acquisition time minus injection time. The rules
+are :mod:`scripts.data.suv`'s, so a UDPET import and a DICOM series agree: times of day without dates
+with the injection "after" the acquisition are refused (never taken as the day before; give dates),
+a time-only delay over 12 h and any delay over 10 half-lives are refused, and so are a weight outside
+1-350 kg or a dose outside 1 MBq-10 GBq (a column in g or MBq without its unit in the header). With
 ``DecayCorrection = ADMIN`` the image is already corrected to injection time, so the dose is not
 decayed; ``START`` (the UDPET value, and the default) and ``NONE`` decay it to the acquisition start
 (``NONE`` logs a warning: per-frame decay is then not exact). ``ImageUnits`` ``GML``/``SUV`` means the
@@ -69,7 +73,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,7 @@ from tqdm import tqdm
 
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, atomic_write, atomic_write_json, nifti_stem
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
+from scripts.data.suv import check_suv_inputs, check_uptake_s, suv_bw_factor, uptake_time_s
 
 __all__ = [
     "FIELD_ALIASES",
@@ -132,9 +137,12 @@ _SUFFIX_UNITS = sorted({u for table in _UNITS_BY_FIELD.values() for u in table i
 _SUFFIX_RE = re.compile(r"^(?P<base>.*?)[ _]+(?P<unit>" + "|".join(map(re.escape, _SUFFIX_UNITS)) + r")$", re.I)
 _BRACKET_RE = re.compile(r"[\(\[]\s*(?P<unit>[^\)\]]*?)\s*[\)\]]")
 
-# Below this an "injected dose" is almost surely in MBq or mCi without a unit in its header.
-_MIN_PLAUSIBLE_DOSE_BQ = 1e5
-_MAX_HALF_LIVES = 10.0
+# The plausibility ranges (weight, dose, body median SUV) and the uptake-time rules are those of
+# scripts.data.suv (one rule wherever SUV is computed); here the fix is the CSV header's unit or the value.
+_CSV_UNIT_FIX = "say the unit in the column header (e.g. '{header} [{unit}]') or via --column_map, or correct the value"
+_CSV_TIME_FIX = (
+    "give dates with the times (YYYYMMDDHHMMSS or ISO 'YYYY-MM-DD HH:MM:SS') or a TimeFromInjectionToAcquisition column in s"
+)
 
 _FULL_DOSE_TOKENS = {"normal", "full", "fulldose", "fd", "1"}
 _DRF_RE = re.compile(r"^(?P<subject>.+?)[ _-]+DRF[ _-]*(?P<drf>.*)$", re.I)
@@ -436,9 +444,16 @@ def _delay_s(row: _Row, table: MetadataTable) -> float:
     acq = _clock(row.values.get("acquisition_time", ""), row, table.columns["acquisition_time"].header)
     if isinstance(inj, datetime) and isinstance(acq, datetime):
         return (acq - inj).total_seconds()
+    # Times of day only: the day is unknown, so an injection "after" the scan is refused, never taken as
+    # the day before (the rule of scripts.data.suv.uptake_time_s).
     to_s = lambda v: v.hour * 3600 + v.minute * 60 + v.second + v.microsecond / 1e6 if isinstance(v, datetime) else v  # noqa: E731
-    delay = to_s(acq) - to_s(inj)
-    return delay + 86400.0 if delay < 0 else delay  # times of day only: the scan crossed midnight
+    day = datetime(2000, 1, 1)
+    delay, _ = uptake_time_s(  # SUVError is a UniPETInputError
+        day + timedelta(seconds=to_s(inj)), day + timedelta(seconds=to_s(acq)), None, time_only=True,
+        injection_what=f"metadata CSV line {row.number}: injection time '{table.columns['injection_time'].header}'",
+        reference_what=f"acquisition time '{table.columns['acquisition_time'].header}'", fix=_CSV_TIME_FIX,
+    )
+    return delay
 
 
 def compute_suv_factor(
@@ -452,6 +467,9 @@ def compute_suv_factor(
 
     With ``decay_correction="ADMIN"`` the dose is not decayed (the image is corrected to injection time).
 
+    The rules (uptake time, formula) are :mod:`scripts.data.suv`'s, so DICOM and UDPET agree; the weight
+    and dose ranges are checked by the caller (:func:`_row_factor`), which can name the CSV column.
+
     Raises:
         UniPETInputError: a non-positive weight/dose/half-life, a negative delay, or a delay over 10 half-lives.
     """
@@ -459,15 +477,11 @@ def compute_suv_factor(
         raise UniPETInputError(
             f"weight ({weight_kg} kg), injected dose ({injected_dose_bq} Bq) and half-life ({half_life_s} s) must be positive"
         )
-    if delay_s < 0:
-        raise UniPETInputError(f"acquisition is {-delay_s:.0f} s before injection: check the injection and acquisition times")
-    if delay_s / half_life_s > _MAX_HALF_LIVES:
-        raise UniPETInputError(
-            f"delay {delay_s:g} s is {delay_s / half_life_s:.1f} half-lives ({half_life_s:g} s): check the time units "
-            "(seconds unless the header says otherwise, e.g. 'half life [min]')"
-        )
-    decay = 1.0 if decay_correction.upper() == "ADMIN" else 2.0 ** (-delay_s / half_life_s)
-    return weight_kg * 1000.0 / (injected_dose_bq * decay)
+    check_uptake_s(
+        delay_s, half_life_s, time_only=False, what=f"delay {delay_s:g} s from injection to acquisition",
+        fix="check the injection and acquisition times and their units (seconds unless the header says otherwise, e.g. 'half life [min]')",
+    )
+    return suv_bw_factor(weight_kg, injected_dose_bq, delay_s, half_life_s, decay_correction)[0]
 
 
 _REQUIRED = ("weight", "dose", "half_life")
@@ -514,11 +528,14 @@ def _row_factor(row: _Row, table: MetadataTable) -> tuple[float, dict[str, Any]]
     dose_bq = _number(row, "dose", table)
     half_life_s = _number(row, "half_life", table)
     delay_s = _delay_s(row, table)
-    if dose_bq < _MIN_PLAUSIBLE_DOSE_BQ:
-        raise UniPETInputError(
-            f"metadata CSV line {row.number}: injected dose {dose_bq:g} Bq is implausibly small; if the column is in MBq "
-            f"or mCi, say so in its header (e.g. '{table.columns['dose'].header} [MBq]') or via --column_map"
-        )
+    # Impossible values (a weight in g, a dose in MBq, without a unit in the header) are refused.
+    check_suv_inputs(
+        weight_g / 1000.0, dose_bq,
+        weight_what=f"metadata CSV line {row.number}: weight (column '{table.columns['weight'].header}')",
+        dose_what=f"metadata CSV line {row.number}: injected dose",
+        weight_fix=_CSV_UNIT_FIX.format(header=table.columns["weight"].header, unit="g"),
+        dose_fix=_CSV_UNIT_FIX.format(header=table.columns["dose"].header, unit="MBq"),
+    )
     correction = (row.values.get("decay_correction") or "START").upper()
     if correction not in {"START", "ADMIN", "NONE"}:
         raise UniPETInputError(f"metadata CSV line {row.number}: DecayCorrection '{correction}' not supported (START, ADMIN, NONE)")
