@@ -184,3 +184,30 @@ def copy_real_slices(
 def radiopharm(ds: Dataset) -> Dataset:
     """The first RadiopharmaceuticalInformationSequence item (for edits)."""
     return ds.RadiopharmaceuticalInformationSequence[0]
+
+
+def transcode_jpeg_lossless(files: Sequence[Path], dst: Path) -> list[Path]:
+    """Write copies of ``files`` in JPEG Lossless (Process 14, Selection Value 1: transfer syntax
+    1.2.840.10008.1.2.4.70, the usual PACS archive syntax) into ``dst``, with GDCM (a pinned requirement)."""
+    import gdcm
+
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(f))
+        if not reader.Read():
+            raise RuntimeError(f"GDCM cannot read {f}")
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise RuntimeError(f"GDCM cannot encode {f} as JPEG Lossless")
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(dst / f.name))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise RuntimeError(f"GDCM cannot write {dst / f.name}")
+        out.append(dst / f.name)
+    return out
