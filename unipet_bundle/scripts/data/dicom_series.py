@@ -9,7 +9,9 @@ This module knows DICOM files and geometry, not PET physics (that is :mod:`scrip
 - sorts the slices along the slice normal (cross product of the two ImageOrientationPatient vectors),
 - checks that the slices form one regular stack (same matrix, spacing and orientation, no duplicated
   positions, no gaps, no shear),
-- applies RescaleSlope/RescaleIntercept per slice (PET scanners store a different slope in every slice).
+- applies RescaleSlope/RescaleIntercept per slice (PET scanners store a different slope in every slice),
+- decodes uncompressed, RLE, JPEG 2000 and JPEG Lossless (1.2.840.10008.1.2.4.70, the usual PACS archive
+  syntax) pixel data: pydicom with GDCM (``python-gdcm``, a pinned requirement) as the JPEG decoder.
 
 Array convention: ``array[i, j, k]`` with i = DICOM column index, j = DICOM row index and k = slice
 index in increasing order along the slice normal, i.e. the (x, y, z) order that nibabel and MONAI's
@@ -238,6 +240,11 @@ def _check_same(values: list[Any], keyword: str, folder: Path, tol: float | None
             raise DicomSeriesError(f"slices in {folder} differ in {keyword} ({first} vs {v}): not one image stack; keep a single series per folder")
 
 
+def _syntax(ds: Dataset) -> str:
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return f"{uid.name} {uid}" if uid is not None else "unknown"
+
+
 def _decode(path: Path, rows: int, cols: int) -> tuple[np.ndarray, Dataset]:
     try:
         ds = pydicom.dcmread(path)
@@ -252,7 +259,8 @@ def _decode(path: Path, rows: int, cols: int) -> tuple[np.ndarray, Dataset]:
     except Exception as exc:
         raise DicomSeriesError(
             f"{path}: cannot decode pixel data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "the file may be truncated, or compressed in a transfer syntax with no installed decoder (decompress it with dcmdjpeg/gdcmconv)"
+            f"the file may be truncated, or its transfer syntax ({_syntax(ds)}) has no installed decoder: install the pinned "
+            "requirements (python-gdcm decodes JPEG Lossless) or decompress it with gdcmconv --raw"
         ) from None
     if stored.shape != (rows, cols):
         raise DicomSeriesError(f"{path}: pixel array shape {stored.shape} does not match Rows x Columns ({rows} x {cols}); the file is damaged")

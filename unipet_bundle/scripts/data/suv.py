@@ -37,6 +37,7 @@ Never logged or written: PatientName, PatientID or any other identifier of the p
 CLI (from the bundle root)::
 
     python -m scripts.data.suv --dicom_dir PET_DIR --output suv.nii.gz        # + suv.json sidecar
+    python -m scripts.data.suv --dicom_dir PET_DIR --output suv.nii.gz --injection_time 103500 --patient_weight 71
     python -m scripts.data.suv --suv_nifti pred.nii.gz --sidecar suv.json --output pred_bqml.nii.gz
 """
 
