@@ -196,6 +196,22 @@ def test_suv_factor_column_and_column_map(tmp_path):
         read_metadata_csv(odd, {"weight": "Gewicht"})
 
 
+def test_impossible_values_are_refused_with_the_column_named(tmp_path):
+    """Issue 12, finding 4: the SUV tool's plausibility rules apply to the UDPET import too."""
+    inp, csv_path = make_udpet(tmp_path)
+    text = csv_path.read_text()
+    grams = text.replace(",55,BQML,", ",55000,BQML,", 1)  # a weight in g under a _kg header
+    (tmp_path / "g.csv").write_text(grams)
+    with pytest.raises(UniPETInputError, match=r"line 2: weight \(column 'PatientWeight_kg'\) 55000 kg is implausible.*grams.*\[g\]"):
+        convert_udpet(inp, tmp_path / "g.csv", tmp_path / "o1")
+    _assert_nothing_written(tmp_path / "o1")
+    # Images declared as SUV (GML) that hold Bq/mL: no column is wrong, the body median SUV (~10000) is.
+    (tmp_path / "gml.csv").write_text(text.replace(",BQML,", ",GML,"))
+    with pytest.raises(UniPETInputError, match=r"Anonymous-01_NORMAL.nii.gz: the median SUV of the body is \d+"):
+        convert_udpet(inp, tmp_path / "gml.csv", tmp_path / "o2")
+    _assert_nothing_written(tmp_path / "o2")
+
+
 def _assert_nothing_written(out: Path) -> None:
     assert not out.exists()
     assert not any(p.name.startswith(f".{out.name}.staging") for p in out.parent.iterdir())

@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, atomic_write, atomic_write_json, nifti_stem
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
-from scripts.data.suv import check_suv_inputs, check_uptake_s, suv_bw_factor, uptake_time_s
+from scripts.data.suv import check_body_suv, check_suv_inputs, check_uptake_s, suv_bw_factor, uptake_time_s
 
 __all__ = [
     "FIELD_ALIASES",
@@ -674,13 +674,17 @@ def _write_suv(source: Path, factor: float, dest: Path) -> None:
         data = np.asarray(src.dataobj, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for truncated files
         raise UniPETInputError(f"{source}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?") from exc
+    suv = data * factor
+    # A unit slip that no column shows (an "SUV" file holding Bq/mL, a wrong SUV factor column) is caught here:
+    # refused like the SUV tool does, and nothing reaches output_dir (this runs in the staging folder).
+    check_body_suv(suv, str(source), fix="check the CSV's units, weight, dose and SUV factor for this file (see udpet.json)")
     header = src.header.copy()
     header.set_data_dtype(np.float32)
     header.set_slope_inter(1.0, 0.0)
     header["cal_min"], header["cal_max"] = 0.0, 0.0  # display range of the Bq/mL image no longer applies
     header["descrip"] = b"SUVbw g/mL (UniPET UDPET import)"
     # affine=None keeps the source qform/sform (codes and values) instead of rebuilding them.
-    img = type(src)((data * factor).astype(np.float32), None, header=header)
+    img = type(src)(suv.astype(np.float32), None, header=header)
     atomic_write(dest, lambda tmp: nib.save(img, str(tmp)))
 
 
