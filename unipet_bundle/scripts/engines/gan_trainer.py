@@ -20,7 +20,6 @@ Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-traini
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.engines.precision import autocast, config_precision, resolve_precision
 from scripts.inference.options import as_bool
 
 __all__ = ["UniPETTrainer", "FeatureTap", "loss_terms", "prepare_paired_batch"]
@@ -97,7 +97,11 @@ class UniPETTrainer(Trainer):
         train_san: train the SAN in stage 2 (the method). False keeps it frozen at its zero style, so stage 2
             fine-tunes the plain base network (the "RALS alone" ablation, with ``align_weight`` 0).
             ``adv_weight`` 0 trains no critic (the "SAN alone" ablation).
-        mixed_precision: bf16 autocast (CUDA only; ignored on the CPU).
+        precision: ``"fp32"`` or ``"bf16"``: bf16 autocast of the networks (CPU or CUDA); weights, optimiser
+            state and losses stay float32. Falls back to fp32, with one log line, on hardware without native
+            bf16 (``scripts.engines.precision.resolve_precision``). :attr:`precision` is what runs.
+        mixed_precision: deprecated (before ``precision``): None (default) defers to ``precision``; True/False
+            keeps its old meaning and overrides ``precision``: bf16 autocast on CUDA, fp32 on the CPU.
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, decollate: as in ``monai.engines.SupervisedTrainer``.
 
@@ -127,7 +131,8 @@ class UniPETTrainer(Trainer):
         n_critic: int = 1,
         critic_pretrain_iterations: int = 0,
         train_san: bool = True,
-        mixed_precision: bool = False,
+        precision: str = "fp32",
+        mixed_precision: bool | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = prepare_paired_batch,
@@ -183,7 +188,9 @@ class UniPETTrainer(Trainer):
         self.critic_pretrain_iterations = int(critic_pretrain_iterations)
         self.train_san = as_bool(train_san, "train_san")
         device_type = torch.device(device).type
-        self.mixed_precision = bool(mixed_precision) and device_type == "cuda"
+        # mixed_precision (deprecated) True/False keeps its old meaning and wins over precision
+        self.precision = resolve_precision(config_precision(precision, mixed_precision, device), device)
+        self.mixed_precision = self.precision == "bf16"
         self._device_type = device_type
         self._san_enabled: bool | None = None
 
@@ -193,9 +200,7 @@ class UniPETTrainer(Trainer):
         return 1 if iteration <= self.stage1_iterations else 2
 
     def _autocast(self):
-        if self.mixed_precision:
-            return torch.autocast(device_type=self._device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self._device_type)
 
     def _set_san(self, enabled: bool) -> None:
         """Freeze (stage 1) or train (stage 2) the SAN and its per-block style layers.

@@ -51,6 +51,11 @@ DEFAULT_MASK_THRESHOLD = normalised_threshold()
 """2.5e-6 (SUV/20)^2: the reference 0.001 SUV^2 in our normalised units."""
 
 
+def _widen(scores: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 critic scores (autocast) to float32 before a reduction; float32/float64 unchanged."""
+    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+
+
 def stylized_mask(
     target: torch.Tensor,
     window: int = 3,
@@ -121,13 +126,14 @@ class RALSCriticLoss(nn.Module):
         mask = mask.detach()
         real_m = real.detach() * mask
         fake_m = fake.detach() * mask
-        d_real = critic(real_m).mean()
-        d_fake = critic(fake_m).mean()
+        # scores at least float32 before any reduction: under bf16 autocast the critic's output is bf16
+        d_real = _widen(critic(real_m)).mean()
+        d_fake = _widen(critic(fake_m)).mean()
 
         alpha_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
         alpha = torch.rand(alpha_shape, device=real.device, dtype=real_m.dtype)
         interp = (alpha * real_m + (1.0 - alpha) * fake_m).requires_grad_(True)
-        scores = critic(interp)
+        scores = _widen(critic(interp))
         (grad,) = torch.autograd.grad(scores.sum(), interp, create_graph=True)
         gp = (grad.flatten(1).norm(2, dim=1) - 1.0).pow(2).mean()
 
@@ -150,4 +156,4 @@ class RALSGeneratorLoss(nn.Module):
     def forward(self, critic: Critic, fake: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if fake.shape != mask.shape:
             raise ValueError(f"fake and mask must have one shape, got {list(fake.shape)} and {list(mask.shape)}")
-        return -critic(fake * mask.detach()).mean()
+        return -_widen(critic(fake * mask.detach())).mean()  # float32 reduction under bf16 autocast

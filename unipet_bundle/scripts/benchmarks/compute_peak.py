@@ -1,0 +1,228 @@
+"""Achieved network GFLOP/s next to a measured conv3d peak of the same machine (issue 14).
+
+The UniPET base network is a stack of full-resolution 3x3x3 convolutions at one channel width, so the
+natural floor for its inference time is this machine's throughput on one large plain ``conv3d`` at that
+width. This module measures that peak (fp32 and bf16) and the network's achieved GFLOP/s at a given
+precision, and prints both with their ratio (issue target: the network stage within 1.3x of the peak).
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products,
+2 FLOPs per multiply-add; element-wise work is not counted, so it shows up as a lower achieved rate).
+
+    cd unipet_bundle && python -m scripts.benchmarks.compute_peak [--config configs/inference.json]
+        [--override my.json] [--precisions "['fp32','bf16']"] [--repeats 5] [--output runs/benchmarks/compute_peak.json]
+
+Other benchmarks call :func:`conv3d_peak`, :func:`network_flops`, :func:`sliding_window_flops` and
+:func:`gflops_line` (e.g. ``inference_speed`` prints the line for its network stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+from torch.utils.flop_counter import FlopCounterMode
+
+from scripts.data.io import atomic_write_json
+from scripts.engines.precision import PrecisionNetwork, autocast, check_precision, resolve_precision
+
+__all__ = [
+    "TARGET_RATIO",
+    "conv3d_peak",
+    "gflops_line",
+    "median_time",
+    "network_flops",
+    "network_gflops",
+    "run",
+    "sliding_window_flops",
+]
+
+logger = logging.getLogger("unipet.benchmark")
+
+TARGET_RATIO = 1.3  # issue 14: the network stage within 1.3x of the conv3d peak (peak / achieved)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device | str, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (device-synchronised)."""
+    dev = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def conv3d_peak(
+    channels: int,
+    precision: str = "fp32",
+    size: int = 32,
+    batch: int = 8,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Throughput of one plain ``conv3d`` (``channels -> channels``, 3x3x3, "same" padding, no bias).
+
+    The input is ``(batch, channels, size, size, size)`` in the precision's dtype (bf16 tensors for
+    ``"bf16"``: the best case, no autocast casts). Returns ``{"gflops": ..., "gflop": ..., "seconds": ...}``
+    (GFLOP of one call, median seconds of one call, GFLOP/s).
+    """
+    dev = torch.device(device)
+    dtype = _DTYPES[check_precision(precision)]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, channels, size, size, size, generator=gen).to(dev, dtype)
+    w = (torch.randn(channels, channels, 3, 3, 3, generator=gen) / (27 * channels) ** 0.5).to(dev, dtype)
+    gflop = 2.0 * batch * channels * channels * 27 * size**3 / 1e9
+
+    def call() -> None:
+        with torch.no_grad():
+            F.conv3d(x, w, None, 1, 1)
+
+    seconds = median_time(call, dev, repeats=repeats, warmup=1)
+    return {"gflop": gflop, "seconds": seconds, "gflops": gflop / seconds}
+
+
+def network_flops(network: torch.nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward of ``network`` on ``example`` (``FlopCounterMode``: convolutions and matmuls)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(example)
+    return int(counter.get_total_flops())
+
+
+def sliding_window_flops(
+    network: torch.nn.Module, image_shape: Sequence[int], roi_size: Sequence[int], overlap: float, device: torch.device | str = "cpu"
+) -> tuple[int, int]:
+    """``(total FLOPs, number of windows)`` of a MONAI sliding-window pass over a ``image_shape`` volume.
+
+    The windows are those of ``SlidingWindowInferer`` (MONAI's own scan interval and patch slicing); every
+    window costs the same, so the total is ``n_windows * network_flops(one window)``. A volume smaller
+    than ``roi_size`` along an axis is padded to it by MONAI, so a window is always ``roi_size``.
+    """
+    shape = [int(s) for s in image_shape]
+    roi = [int(r) for r in roi_size]
+    padded = [max(s, r) for s, r in zip(shape, roi)]  # MONAI pads a smaller volume up to the window
+    interval = _get_scan_interval(padded, roi, len(roi), [float(overlap)] * len(roi))
+    n_windows = len(dense_patch_slices(padded, roi, interval))
+    example = torch.zeros(1, 1, *roi, device=device)
+    return n_windows * network_flops(network, example), n_windows
+
+
+def network_gflops(
+    network: torch.nn.Module,
+    precision: str = "fp32",
+    window: Sequence[int] = (32, 32, 32),
+    batch: int = 8,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Achieved GFLOP/s of ``network`` (in eval mode) on a batch of windows at ``precision``.
+
+    Returns ``gflop`` (one batch), ``seconds`` (median), ``gflops`` and ``precision`` (what ran, after the
+    hardware fallback of :func:`scripts.engines.precision.resolve_precision`).
+    """
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 1, *[int(w) for w in window], generator=gen) * 0.3).to(dev)
+    wrapped = PrecisionNetwork(network, precision, dev).eval()
+    gflop = network_flops(network, x) / 1e9
+
+    def call() -> None:
+        with torch.no_grad():
+            wrapped(x)
+
+    seconds = median_time(call, dev, repeats=repeats, warmup=1)
+    return {"precision": wrapped.precision, "gflop": gflop, "seconds": seconds, "gflops": gflop / seconds}
+
+
+def gflops_line(label: str, achieved_gflops: float, peak_gflops: float, precision: str) -> str:
+    """One printed line: achieved vs peak GFLOP/s, the ratio peak/achieved and the 1.3x target."""
+    ratio = peak_gflops / achieved_gflops if achieved_gflops > 0 else float("inf")
+    verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
+    return (f"{label}: {achieved_gflops:.1f} GFLOP/s achieved ({precision}) vs conv3d peak {peak_gflops:.1f} GFLOP/s "
+            f"-> peak/achieved {ratio:.2f} (target <= {TARGET_RATIO}: {verdict})")
+
+
+def _network_from_config(config: str, override: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    parser = ConfigParser()
+    parser.read_config([config] + ([override] if override else []))
+    net = parser.get_parsed_content("network_def").eval()
+    keys = ("channels", "patch_size", "sw_batch_size")
+    return net, {k: parser.get_parsed_content(k) for k in keys}
+
+
+def run(
+    config: str = "configs/inference.json",
+    override: str | None = None,
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    repeats: int = 5,
+    device: str | None = None,
+    output: str = "runs/benchmarks/compute_peak.json",
+) -> dict[str, Any]:
+    """Measure the conv3d peak and the network's achieved GFLOP/s at each precision; print; write JSON.
+
+    Args:
+        config: bundle config whose ``network_def``, ``channels``, ``patch_size`` and ``sw_batch_size`` are used.
+        override: optional override file (e.g. configs/published_size.json).
+        precisions: which of "fp32", "bf16" to measure (bf16 falls back to fp32 without native support).
+        repeats: timed repeats (medians), interleaved between the peak and the network at each precision.
+        device: "cpu" or "cuda" (default: cuda when available).
+        output: JSON result path.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precisions = [check_precision(p) for p in ([precisions] if isinstance(precisions, str) else precisions)]
+    net, sizes = _network_from_config(config, override)
+    net = net.to(dev)
+    window = [int(w) for w in sizes["patch_size"]]
+    batch = int(sizes["sw_batch_size"])
+    peaks: dict[str, list[dict]] = {p: [] for p in precisions}
+    nets: dict[str, list[dict]] = {p: [] for p in precisions}
+    for _ in range(max(1, repeats)):  # interleaved rounds of one timing each; medians over rounds
+        for p in precisions:
+            ran = resolve_precision(p, dev)
+            peaks[p].append(conv3d_peak(int(sizes["channels"]), ran, window[0], batch, dev, repeats=1))
+            nets[p].append(network_gflops(net, p, window, batch, dev, repeats=1))
+    result: dict[str, Any] = {
+        "device": str(dev), "platform": platform.platform(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "channels": int(sizes["channels"]), "window": window, "batch": batch,
+        "repeats": repeats, "target_peak_over_achieved_max": TARGET_RATIO, "precisions": {},
+    }
+    print(f"\nconv3d peak vs UniPET network on {dev} ({torch.get_num_threads()} threads), batch {batch} of {window}, "
+          f"medians of {repeats}")
+    for p in precisions:
+        peak = statistics.median(r["gflops"] for r in peaks[p])
+        achieved = statistics.median(r["gflops"] for r in nets[p])
+        ran = nets[p][0]["precision"]
+        result["precisions"][p] = {
+            "ran_as": ran, "conv3d_peak_gflops": peak, "network_gflops": achieved,
+            "network_gflop_per_batch": nets[p][0]["gflop"], "peak_over_achieved": peak / achieved,
+            "target_met": peak / achieved <= TARGET_RATIO,
+        }
+        print(gflops_line(f"network (requested {p})", achieved, peak, ran))
+    atomic_write_json(Path(output), result)
+    print(f"wrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(run, serialize=lambda _: None)
