@@ -420,8 +420,9 @@ def test_cli_help(bundle_root):
     res = _cli(bundle_root, "--help")
     assert res.returncode == 0
     text = res.stdout + res.stderr
-    for flag in ("--dicom_dir", "--suv_nifti", "--suv_factor", "--units", "--overwrite", "SUVbw"):
-        assert flag in text
+    for flag in ("--dicom_dir", "--suv_nifti", "--suv_factor", "--units", "--overwrite", "SUVbw", "--patient_weight",
+                 "--injected_dose", "--injection_time", "--injection_datetime", "--allow_implausible_suv", "never taken as the day before"):
+        assert flag in text, flag
 
 
 def test_cli_round_trip_and_no_identifiers(tmp_path, real_pet_dir, bundle_root):

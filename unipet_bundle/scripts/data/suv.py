@@ -962,8 +962,8 @@ def main(
         injected_dose: injected activity in Bq at the injection time, replacing RadionuclideTotalDose (0018,1074)
             (e.g. 3.9e8 for 390 MBq).
         injection_time: injection time of day HHMMSS on the scan date, replacing RadiopharmaceuticalStartTime
-            (0018,1072) (e.g. 103500; must be before the scan time: for an injection the day before use
-            --injection_datetime).
+            (0018,1072) (e.g. 103500; it must precede the scan time, and an injection on another day
+            needs --injection_datetime).
         injection_datetime: injection date-time YYYYMMDDHHMMSS, replacing RadiopharmaceuticalStartDateTime
             (0018,1078) and the time-only tag (e.g. 20240101233000).
         allow_implausible_suv: true keeps a weight, dose or body median SUV outside the plausible ranges
