@@ -24,7 +24,7 @@ and ``decayed_dose = RadionuclideTotalDose * 2 ** (-(t_ref - t_inj) / Radionucli
   10 half-lives (under 0.1 % of the activity left: no usable image). Time-zone offsets are ignored: all
   times are taken as scanner local time.
 - Plausibility (each catches a unit slip of ~1000x, the common SUV error): PatientWeight 1-350 kg,
-  RadionuclideTotalDose 1 MBq-10 GBq, and the median SUV of the body (voxels above 5 % of the 99.5th
+  RadionuclideTotalDose 1 MBq-10 GBq, and the median SUV of the body (voxels above 1 % of the 99.9th
   percentile) 0.05-20. Outside them the series is refused with the tag and the override named
   (``--patient_weight``, ``--injected_dose``, ``--suv_factor``); ``--allow_implausible_suv`` keeps such a
   value as a warning instead (the physicist's explicit decision, recorded in the sidecar).
@@ -105,10 +105,13 @@ _DOSE_BQ_RANGE = (1e6, 1e10)
 # Body median SUV: SUVbw averages to ~1 over the body by construction (activity / weight, density ~1 g/mL);
 # the median over body voxels of any tracer is ~0.3-3 (FDG ~0.6-1.2; PSMA/DOTATATE backgrounds ~0.3-1
 # with hot organs). A weight in grams gives ~1000 x that, a dose in MBq ~1e6 x, so 0.05-20 leaves
-# >= 6x margin for real studies and still catches every 1000x slip. The body is the voxels above 5 % of
-# the 99.5th percentile (robust to a single hot voxel; independent of the image's scale).
+# >= 6x margin for real studies and still catches every 1000x slip. The body is the voxels above 1 % of
+# the 99.9th percentile: independent of the image's scale, not moved by a few hot voxels, and low enough
+# that a hot organ filling much of a small field of view (a full bladder in a pelvic scan, SUV ~100)
+# still leaves the ordinary tissue (above ~1) in the body, while air (~0.01) stays out.
 _BODY_MEDIAN_SUV_RANGE = (0.05, 20.0)
-_BODY_FRACTION_OF_P995 = 0.05
+_BODY_FRACTION = 0.01
+_BODY_PERCENTILE = 99.9
 _WARN_DECAY_TIME_S = 24 * 3600.0  # dated times: a gap over a day is possible (long-lived tracers) but flagged
 _MAX_TIME_ONLY_UPTAKE_S = 12 * 3600.0  # time-only tags: a longer gap is a wrong clock or day, not an uptake
 _MAX_HALF_LIVES = 10.0  # under 2**-10 = 0.1 % of the activity left: no usable image, a wrong time or unit
@@ -438,7 +441,7 @@ def check_body_suv(
     finite = values[np.isfinite(values)]
     if finite.size == 0 or not np.any(finite > 0):
         return None, []
-    threshold = _BODY_FRACTION_OF_P995 * float(np.percentile(finite, 99.5))
+    threshold = _BODY_FRACTION * float(np.percentile(finite, _BODY_PERCENTILE))
     body = finite[finite > threshold] if threshold > 0 else finite[finite > 0]
     median = float(np.median(body))
     warnings: list[str] = []
