@@ -101,6 +101,7 @@ def identity_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_identity")
     data = make_labelled_pairs(tmp / "pairs")
     proc = bundle_run(["--config_file", EVAL_CONFIG, "--dataset_dir", str(data), "--ckpt_dir", str(tmp / "ckpt"),
+                       "--checkpoint", "", "--allow_untrained", "true",
                        "--output_dir", str(tmp / "out"), "--eval_split", "all", *TINY])
     return proc, tmp / "out" / "eval"
 
@@ -255,8 +256,12 @@ def test_evaluation_datalist_splits_and_fallback(tmp_path, caplog):
 def test_load_eval_weights(tmp_path, caplog):
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     with caplog.at_level(logging.WARNING):
-        info = load_eval_weights(net, tmp_path / "missing.pt")
+        info = load_eval_weights(net, "", allow_untrained=True)
     assert info["loaded"] is False and "UNTRAINED" in caplog.text
+    with pytest.raises(CheckpointError, match="missing.pt: the file does not exist"):  # a typo never evaluates untrained
+        load_eval_weights(net, tmp_path / "missing.pt", allow_untrained=True)
+    with pytest.raises(CheckpointError, match="no checkpoint given"):
+        load_eval_weights(net, None)
     src = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     with torch.no_grad():
         src.output_conv.weight.fill_(0.01)

@@ -307,7 +307,7 @@ def test_inference_bundle_run_one_line(tmp_path):
     before = tree_digest(data)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--channels", "4", "--num_blocks", "2",
+                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", "--channels", "4", "--num_blocks", "2",
                            "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"],
                           cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -438,7 +438,8 @@ def test_evaluation_bundle_run_one_line_without_logged_traceback(tmp_path):
     put(_nan((16, 16, 12)), root / "sub1" / "drf_20.nii.gz")  # evaluated after sub0's pairs
     ckpt, out = tmp_path / "ckpt", tmp_path / "runs"
     proc = bundle_run(["--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir", str(root),
-                       "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--eval_split", "all", *TINY])
+                       "--ckpt_dir", str(ckpt), "--checkpoint", "", "--allow_untrained", "true", "--output_dir", str(out),
+                       "--eval_split", "all", *TINY])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "sub1/drf_20.nii.gz has 1 NaN/Inf voxel" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]

@@ -316,7 +316,8 @@ def test_evaluation_never_replaces_an_earlier_report_unless_asked(tmp_path):
     eval_dir = tmp_path / "runs" / "eval"
     eval_dir.mkdir(parents=True)
     (eval_dir / "summary.json").write_text("{}")
-    common = dict(dataset_dir=str(tmp_path / "absent"), ckpt_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "runs"))
+    common = dict(dataset_dir=str(tmp_path / "absent"), ckpt_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "runs"),
+                  checkpoint="", allow_untrained=True)
     with pytest.raises(Exception) as info:
         _workflow(["train.json", "evaluate.json"], **common).initialize()
     message = str(user_error(info.value))
@@ -398,7 +399,7 @@ def test_patient_identifiers_never_reach_logs_or_outputs(tmp_path, caplog, capfd
                               logging_file=False, workflow_type="eval", bundle_root=str(BUNDLE_ROOT),
                               dataset_dir=str(tmp_path / "pairs"), ckpt_dir=str(tmp_path / "ckpt"),
                               output_dir=str(tmp_path / "runs"), eval_split="all", patch_size=[16, 16, 16],
-                              **NET_OVERRIDES)
+                              checkpoint="", allow_untrained=True, **NET_OVERRIDES)
     workflow.initialize()
     workflow.run()
     workflow.finalize()

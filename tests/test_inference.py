@@ -137,7 +137,8 @@ def test_config_matches_training_and_has_inference_properties(tmp_path):
     assert isinstance(parser.get_parsed_content("network_def"), UniPET)
     save_nifti(phantom((8, 8, 8)), np.eye(4), tmp_path / "in" / "a.nii.gz")
     workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer", bundle_root=str(BUNDLE_ROOT),
-                              dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), checkpoint="")
+                              dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), checkpoint="",
+                              allow_untrained=True)
     workflow.initialize()
     assert workflow.check_properties() == [], "model-zoo inference properties missing"
     assert not (tmp_path / "out").exists()
@@ -272,10 +273,10 @@ def test_loader_keeps_the_training_axis_order(tmp_path):
 def test_load_weights(tmp_path, caplog):
     net = UniPET(**TINY_KW)
     caplog.set_level("WARNING")
-    info = load_weights(net, tmp_path / "none.pt", "true")
-    assert info["trained"] is False and "UNTRAINED" in caplog.text
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_weights(net, tmp_path / "none.pt", False)
+    info = load_weights(net, "", "true")
+    assert info["trained"] is False and info["checkpoint"] is None and "UNTRAINED" in caplog.text
+    with pytest.raises(CheckpointError, match="no checkpoint given"):
+        load_weights(net, None, False)
     ckpt = perturbed_checkpoint(tmp_path / "p.pt")
     state = torch.load(ckpt, weights_only=True)
     torch.save({"generator": {f"module.{k}": v for k, v in state.items()}, "trainer": {"iteration": 3}}, tmp_path / "latest.pt")
@@ -350,7 +351,7 @@ def test_dicom_input_writes_nifti_sidecar_and_derived_series(tmp_path):
     factory.write_synthetic_series(data / "ct", np.ones((6, 5, 4)), modality="CT")
     save_nifti(phantom((20, 20, 16), seed=4), np.diag([4.0, 4.0, 4.0, 1.0]), data / "c.nii.gz")
     proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--output_format", "both",
-                       "--checkpoint", str(tmp_path / "none.pt"), *TINY])
+                       "--checkpoint", "", "--allow_untrained", "true", *TINY])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "UNTRAINED" in log and "skipping folder ct" in log
@@ -382,7 +383,7 @@ def test_bad_input_one_error_line_and_nothing_written(tmp_path):
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a_good.nii.gz")
     bad = _truncate(save_nifti(np.random.default_rng(0).random((40, 40, 40)), np.eye(4), data / "b_cut.nii.gz"))
     # no checkpoint: the shipped weights do not fit the tiny network, and the input is what is under test
-    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", *TINY])
+    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", *TINY])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and str(bad) in lines[0] and "cannot read as NIfTI" in lines[0]
@@ -446,7 +447,7 @@ def test_resampling_round_trip_moves_only_the_correction(tmp_path):
     x = phantom((30, 22, 26), seed=3)
     affine = oblique_affine((2.0, 3.0, 2.5), angle_deg=-15.0)
     save_nifti(x, affine, data / "c.nii.gz")
-    run_in_process(dataset_dir=str(data), output_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "none.pt"),
+    run_in_process(dataset_dir=str(data), output_dir=str(tmp_path / "out"), checkpoint="", allow_untrained=True,
                    **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()}, patch_size=[16, 16, 16])
     y, y_aff, _ = nifti(tmp_path / "out" / "c_denoised.nii.gz")
     side = json.loads((tmp_path / "out" / "c_denoised.json").read_text())
@@ -454,3 +455,47 @@ def test_resampling_round_trip_moves_only_the_correction(tmp_path):
     np.testing.assert_allclose(y_aff, affine, atol=1e-5)
     np.testing.assert_allclose(y, x, atol=1e-4)
     assert y.max() == pytest.approx(x.max(), abs=1e-4)
+
+
+# ------------------------------------------------------------------- a mistyped checkpoint (issue 12 #3)
+
+
+@pytest.mark.parametrize("allow", [False, True, "true"])
+def test_a_given_checkpoint_that_does_not_exist_is_an_error(tmp_path, allow):
+    """A typo in --checkpoint must never fall back to the untrained network, whatever allow_untrained says."""
+    net = UniPET(**TINY_KW)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*typo\.pt: the file does not exist; check --checkpoint"):
+        load_weights(net, tmp_path / "typo.pt", allow)
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
+        load_weights(net, tmp_path, allow)
+
+
+def test_untrained_runs_are_an_explicit_choice_in_the_configs():
+    for name in ("inference.json", "evaluate.json"):
+        config = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
+        assert config["allow_untrained"] is False, f"{name}: running untrained must be opt-in"
+
+
+def test_mistyped_checkpoint_through_the_bundle_exits_2_and_writes_nothing(tmp_path):
+    data, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a.nii.gz")
+    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", str(tmp_path / "modle.pt"),
+                       "--allow_untrained", "true", *TINY])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "modle.pt: the file does not exist" in lines[0], proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_explicit_untrained_run_says_untrained_in_the_dicom_series_and_the_sidecar(tmp_path):
+    data, out = tmp_path / "in", tmp_path / "out"
+    suv = phantom((12, 10, 8), seed=5, hot=None)
+    factory.write_synthetic_series(data / "pet", suv / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
+    run_in_process(dataset_dir=str(data), output_dir=str(out), checkpoint="", allow_untrained=True, output_format="both",
+                   **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()}, patch_size=[16, 16, 16])
+    side = json.loads((out / "pet_denoised.json").read_text())
+    assert side["model"]["trained"] is False and side["model"]["checkpoint"] is None and "UNTRAINED" in side["warning"]
+    derived = read_pet_series(out / "pet_denoised_dicom")
+    assert "UNTRAINED" in derived.reference.SeriesDescription and "NOT denoised" in derived.reference.SeriesDescription
+    assert len(derived.reference.SeriesDescription) <= 64
+    assert "UNTRAINED" in derived.reference.DerivationDescription

@@ -1,9 +1,12 @@
 """Load the weights to evaluate, and say exactly which weights they were (path and SHA-256).
 
-A missing checkpoint is not an error: the network is then evaluated untrained, which for UniPET (zero-
-initialised output convolution plus global skip) is the identity, so the "denoised" metrics equal those of
-the low-dose input. That is a useful baseline and what the tests rely on, but it must never pass for a
-result: the run logs a loud warning and ``summary.json`` records ``"loaded": false``.
+The rule is inference's (:func:`scripts.inference.model.resolve_checkpoint`): a checkpoint path that does
+not exist is an error (a typo in ``--ckpt_dir`` or ``--checkpoint`` must never evaluate the untrained
+network as if it were the model). Evaluating the untrained network is an explicit choice: no checkpoint
+(``--checkpoint ""``) and ``--allow_untrained true`` (default false in ``evaluate.json``). For UniPET (zero-
+initialised output convolution plus global skip) that network is the identity, so the "denoised" metrics
+equal those of the low-dose input: a useful baseline, but it must never pass for a result, so the run logs
+a loud warning and ``summary.json`` records ``"loaded": false``.
 
 An existing checkpoint is checked against ``checkpoint_sha256`` (:func:`scripts.engines.checkpoint.verify_sha256`)
 before it is unpickled, and read with ``weights_only=True``.
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 
 from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkpoint, verify_sha256
+from scripts.inference.model import resolve_checkpoint
+from scripts.inference.options import as_bool
 
 __all__ = ["file_sha256", "load_eval_weights"]
 
@@ -36,12 +41,16 @@ def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def load_eval_weights(
-    network: torch.nn.Module, checkpoint: str | os.PathLike | None, expected_sha256: str | None = None
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike | None,
+    expected_sha256: str | None = None,
+    allow_untrained: Any = False,
 ) -> dict[str, Any]:
-    """Load ``checkpoint`` into ``network`` (``weights_only=True``); warn and go on untrained when it is missing.
+    """Load ``checkpoint`` into ``network`` (``weights_only=True``); see the module docstring for the rules.
 
     ``expected_sha256`` is the recorded hash of ``checkpoint``, checked before loading (None: not recorded,
-    a warning).
+    a warning). ``allow_untrained``: with no checkpoint (``None`` or ``""``), evaluate the untrained
+    network (a loud warning) instead of failing.
 
     Stage-1 checkpoints (no SAN weights) are accepted: the SAN keeps its zero-style initialisation, which
     reproduces the stage-1 network exactly; a warning says so.
@@ -50,18 +59,24 @@ def load_eval_weights(
         ``{"path", "loaded", "sha256", "note"}`` for the evaluation summary.
 
     Raises:
-        CheckpointError: the file exists but its SHA-256 differs from ``expected_sha256``, or it is
-            unreadable, unsafe, or does not fit the network.
+        CheckpointError: a given checkpoint that does not exist; no checkpoint without ``allow_untrained``;
+            a file whose SHA-256 differs from ``expected_sha256``, or that is unreadable, unsafe, or does not
+            fit the network.
     """
-    path = Path(checkpoint).expanduser().resolve() if checkpoint else None
-    if path is None or not path.is_file():
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
+        if not as_bool(allow_untrained, "allow_untrained"):
+            raise CheckpointError(
+                "no checkpoint given: pass --checkpoint PATH (or --ckpt_dir of a training run), or --allow_untrained true "
+                "to evaluate the UNTRAINED network (identity) on purpose"
+            )
         logger.warning(
-            "!!! checkpoint %s not found: evaluating an UNTRAINED network (identity for UniPET: output = input), "
-            "so 'denoised' metrics equal the low-dose input's. Train first or set --checkpoint PATH. !!!",
-            path if path is not None else "(none given)",
+            "!!! no checkpoint given and --allow_untrained true: evaluating an UNTRAINED network (identity for UniPET: "
+            "output = input), so 'denoised' metrics equal the low-dose input's; not a result !!!"
         )
-        return {"path": str(path) if path else None, "loaded": False, "sha256": None,
-                "note": "checkpoint missing: untrained network (identity), not a result"}
+        return {"path": None, "loaded": False, "sha256": None,
+                "note": "no checkpoint (allow_untrained): untrained network (identity), not a result"}
+    path = path.resolve()
     sha = verify_sha256(path, expected_sha256)
     state = _state_dict(load_checkpoint(path), path)
     target = network.module if hasattr(network, "module") and isinstance(network, torch.nn.Module) else network

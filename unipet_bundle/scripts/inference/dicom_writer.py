@@ -15,15 +15,17 @@ What changes:
   maximum. The slope is written as a DS string and then re-read, so the rounding of the text cannot
   push the peak past 32767;
 - new SeriesInstanceUID and SOPInstanceUIDs (``pydicom.uid.generate_uid``), SeriesNumber + 1000,
-  ImageType ``DERIVED\\SECONDARY``, SeriesDescription naming UniPET and the model version,
+  ImageType ``DERIVED\\SECONDARY``, SeriesDescription naming UniPET and the model version (or, for the
+  untrained network, ``UniPET UNTRAINED NOT denoised``: a PACS user sees it in the series list),
   DerivationDescription, SourceImageSequence pointing at the source slice, InstanceCreationDate/Time;
 - the file is Explicit VR Little Endian, uncompressed;
 - private tags are removed (vendor scale factors in them, e.g. Philips' SUV scale, would no longer
   match the new slopes), and so are the pixel-statistics tags whose values no longer hold
   (Smallest/LargestImagePixelValue, ...).
 
-Writing is atomic: the slices go to a hidden temporary folder beside the target, which is renamed
-into place once complete.
+Writing is atomic: the slices go to a hidden temporary folder beside the target (named by
+:func:`scripts.inference.claims.temporary_path`: host, PID), which is renamed into place once complete
+without replacing anything unless ``overwrite`` is asked for.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -44,8 +44,16 @@ from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageS
 
 from scripts.data.dicom_series import select_series
 from scripts.data.io import UniPETInputError
+from scripts.inference.claims import publish, remove_path, temporary_path
 
-__all__ = ["INT16_MAX", "atomic_write_dir", "quantise_slice", "sorted_series_headers", "write_derived_pet_series"]
+__all__ = [
+    "INT16_MAX",
+    "atomic_write_dir",
+    "quantise_slice",
+    "sorted_series_headers",
+    "stage_derived_pet_series",
+    "write_derived_pet_series",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -121,32 +129,28 @@ def _default_dir_mode() -> int:
 def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``fill(tmp_dir)`` on a hidden folder beside ``target``, then rename it to ``target``.
 
-    With ``overwrite`` an existing ``target`` is replaced only once the new folder is complete.
+    Without ``overwrite`` nothing is ever replaced, not even a folder that another run renamed into place
+    while this one was filling (no-replace rename). With ``overwrite`` an existing ``target`` is replaced
+    only once the new folder is complete. On failure only the temporary folder is removed.
 
     Raises:
-        UniPETInputError: ``target`` exists and ``overwrite`` is False.
+        UniPETInputError: ``target`` exists (or appeared meanwhile) and ``overwrite`` is False.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise UniPETInputError(f"output {target} already exists: remove it, choose another --output_dir, or pass --overwrite true")
+    exists = f"output {target} already exists: remove it, choose another --output_dir, or pass --overwrite true"
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise UniPETInputError(exists)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = temporary_path(target)
+    tmp.mkdir(mode=_default_dir_mode())
     try:
         fill(tmp)
-        os.chmod(tmp, _default_dir_mode())  # mkdtemp makes it private (0700); the output should not be
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            old.rmdir()  # only its unique name is wanted
-            os.replace(target, old)
-            os.replace(tmp, target)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, target)
+        try:
+            publish(tmp, target, replace=overwrite)
+        except FileExistsError:
+            raise UniPETInputError(exists) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return target
 
@@ -199,43 +203,16 @@ def _derived_slice(
     return ds
 
 
-def _series_description(source: Dataset, model_version: str) -> str:
-    """``<source description> UniPET denoised v<version>``, cut to the 64-character LO limit."""
-    tag = f"UniPET denoised v{model_version}"[:64]
+def _series_description(source: Dataset, model_version: str, trained: bool = True) -> str:
+    """``<source description> UniPET denoised v<version>`` (untrained network: ``UniPET UNTRAINED NOT
+    denoised v<version>``, which is kept whole), cut to the 64-character LO limit."""
+    tag = (f"UniPET denoised v{model_version}" if trained else f"UniPET UNTRAINED NOT denoised v{model_version}")[:64]
     original = str(source.get("SeriesDescription", "") or "").strip()
     room = 64 - len(tag) - 1
     return f"{original[:room].rstrip()} {tag}" if original and room > 0 else tag
 
 
-def write_derived_pet_series(
-    suv: np.ndarray,
-    source_headers: Sequence[Dataset],
-    suv_factor: float,
-    output_dir: str | os.PathLike,
-    model_version: str = "unknown",
-    derivation_description: str | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
-    """Write ``suv`` as a derived PET series in ``output_dir`` (one ``IM00001.dcm``... file per slice).
-
-    Args:
-        suv: float (X, Y, Z) = (column, row, slice), body-weight SUV on the source series' grid.
-        source_headers: the source slices' headers in ``k`` order (:func:`sorted_series_headers`,
-            or ``PETSeries.datasets``); pixel data, if present, is ignored.
-        suv_factor: the source series' factor (SUV = factor x pixel value); pixels are written as
-            ``suv / suv_factor``, i.e. in the source's own Units.
-        output_dir: the series folder to create.
-        model_version: written into SeriesDescription and DerivationDescription.
-        derivation_description: DerivationDescription text (default: a UniPET sentence).
-        overwrite: replace an existing ``output_dir``.
-
-    Returns:
-        The written files, in slice order.
-
-    Raises:
-        UniPETInputError: shape/header mismatch, non-finite values, bad factor, existing output.
-    """
-    volume = np.asarray(suv)
+def _check_series_input(volume: np.ndarray, source_headers: Sequence[Dataset], suv_factor: float) -> None:
     if volume.ndim != 3:
         raise UniPETInputError(f"the denoised volume must be 3D (X, Y, Z), got shape {list(volume.shape)}")
     if len(source_headers) != volume.shape[2]:
@@ -251,22 +228,87 @@ def write_derived_pet_series(
     if not (np.isfinite(suv_factor) and suv_factor > 0):
         raise UniPETInputError(f"suv_factor must be a finite number > 0, got {suv_factor!r}")
 
+
+def stage_derived_pet_series(
+    suv: np.ndarray,
+    source_headers: Sequence[Dataset],
+    suv_factor: float,
+    folder: str | os.PathLike,
+    model_version: str = "unknown",
+    derivation_description: str | None = None,
+    trained: bool = True,
+) -> tuple[list[Path], str]:
+    """Write the slices of the derived series into the existing, empty ``folder`` (no renaming).
+
+    The arguments are those of :func:`write_derived_pet_series`; callers that publish several outputs
+    together (:class:`scripts.inference.writer.SaveDenoisedd`) stage into a temporary folder with this.
+
+    Returns:
+        (the written files in slice order, the new SeriesInstanceUID).
+
+    Raises:
+        UniPETInputError: shape/header mismatch, non-finite values, bad factor.
+        OSError: the write failed (disk full...); files already written stay in ``folder``.
+    """
+    volume = np.asarray(suv)
+    _check_series_input(volume, source_headers, suv_factor)
     values = volume.astype(np.float64) / float(suv_factor)
     series_uid = generate_uid()
     created = datetime.now()
-    description = _series_description(source_headers[0], model_version)
+    description = _series_description(source_headers[0], model_version, trained)
+    state = "" if trained else ", UNTRAINED network (identity: NOT denoised)"
     derivation = derivation_description or (
-        f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}); research use only, "
+        f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}{state}); research use only, "
         "not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
     )
     derivation = derivation[:1024]  # ST limit
+    folder = Path(folder)
     names = [f"IM{k + 1:05d}.dcm" for k in range(volume.shape[2])]
+    for k, src in enumerate(source_headers):
+        ds = _derived_slice(src, values[:, :, k].T, series_uid, description, derivation, created)
+        ds.save_as(folder / names[k], enforce_file_format=True)
+    return [folder / n for n in names], str(series_uid)
+
+
+def write_derived_pet_series(
+    suv: np.ndarray,
+    source_headers: Sequence[Dataset],
+    suv_factor: float,
+    output_dir: str | os.PathLike,
+    model_version: str = "unknown",
+    derivation_description: str | None = None,
+    overwrite: bool = False,
+    trained: bool = True,
+) -> list[Path]:
+    """Write ``suv`` as a derived PET series in ``output_dir`` (one ``IM00001.dcm``... file per slice).
+
+    Args:
+        suv: float (X, Y, Z) = (column, row, slice), body-weight SUV on the source series' grid.
+        source_headers: the source slices' headers in ``k`` order (:func:`sorted_series_headers`,
+            or ``PETSeries.datasets``); pixel data, if present, is ignored.
+        suv_factor: the source series' factor (SUV = factor x pixel value); pixels are written as
+            ``suv / suv_factor``, i.e. in the source's own Units.
+        output_dir: the series folder to create.
+        model_version: written into SeriesDescription and DerivationDescription.
+        derivation_description: DerivationDescription text (default: a UniPET sentence).
+        overwrite: replace an existing ``output_dir``.
+        trained: False for the untrained network: SeriesDescription then says ``UNTRAINED NOT denoised``.
+
+    Returns:
+        The written files, in slice order.
+
+    Raises:
+        UniPETInputError: shape/header mismatch, non-finite values, bad factor, existing output.
+    """
+    volume = np.asarray(suv)
+    _check_series_input(volume, source_headers, suv_factor)
+    written: list[str] = []
 
     def fill(tmp: Path) -> None:
-        for k, src in enumerate(source_headers):
-            ds = _derived_slice(src, values[:, :, k].T, series_uid, description, derivation, created)
-            ds.save_as(tmp / names[k], enforce_file_format=True)
+        files, _ = stage_derived_pet_series(volume, source_headers, suv_factor, tmp, model_version,
+                                            derivation_description, trained)
+        written.extend(f.name for f in files)
 
     target = atomic_write_dir(output_dir, fill, overwrite=overwrite)
-    logger.info("wrote derived PET series (%d slices) to %s", len(names), target)
-    return [target / n for n in names]
+    logger.info("wrote derived PET series (%d slices) to %s", len(written), target)
+    return [target / n for n in written]

@@ -10,6 +10,15 @@ also when a DataLoader worker raised it) or an ``OSError`` (disk full, permissio
 is a bug and keeps Python's full traceback. Only uncaught exceptions reach the hook, so library callers
 (and tests run in-process) still get the exception itself.
 
+An ``OSError`` is shown as its own errno text and file name (``OSError: No space left on device:
+'/out/x.dcm'``), never as its flattened message: pydicom re-raises write errors with a whole traceback
+(venv paths included) in the message. Writers that know what they were doing raise
+:class:`OutputWriteError` instead, one sentence that says what happened and what to do (:func:`write_error`).
+
+Log lines cannot be forged through a name: :func:`install_error_hook` also makes every record of the
+bundle's own loggers (``scripts.*``) show control characters (newline, carriage return, escape...) as
+``\n``-style escapes, so a folder named ``"x\nerror: ..."`` stays on its own log line.
+
 Inside an Ignite engine run, MONAI's ``StatsHandler`` answers ``Events.EXCEPTION_RAISED`` by logging the
 full traceback before re-raising. :class:`ErrorPassthrough`, listed first among a config's handlers,
 re-raises every exception before that handler runs, so the hook alone reports it: one line for bad
@@ -18,6 +27,8 @@ input, Python's own traceback (once) for a bug.
 
 from __future__ import annotations
 
+import errno
+import logging
 import re
 import sys
 import threading
@@ -29,10 +40,72 @@ from ignite.engine import Engine, Events
 from scripts.data.io import UniPETInputError
 from scripts.engines.checkpoint import CheckpointError
 
-__all__ = ["EXIT_BAD_INPUT", "ErrorPassthrough", "install_error_hook", "user_error", "worker_user_error"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "ErrorPassthrough",
+    "OutputWriteError",
+    "escape_controls",
+    "install_error_hook",
+    "os_error_root",
+    "shown",
+    "user_error",
+    "worker_user_error",
+    "write_error",
+]
 
 EXIT_BAD_INPUT = 2
 _USER_ERRORS = (UniPETInputError, CheckpointError, OSError)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutputWriteError(UniPETInputError):
+    """Writing an output failed for a reason outside the bundle (disk full, read-only, no permission)."""
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters (newline, CR, tab, ESC, line separators...) as ``\\n``-style escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def shown(name: object) -> str:
+    """A name (file stem, folder name) as log lines and messages show it: as is when it is plain printable
+    text, else quoted like ``repr`` (``'a\\nb'``), so that no name can start a log line of its own."""
+    text = str(name)
+    plain = text.isprintable() and text == text.strip() and "'" not in text and '"' not in text and text != ""
+    return text if plain else repr(text)
+
+
+def os_error_root(exc: BaseException | None) -> OSError | None:
+    """The first ``OSError`` with an ``errno`` in ``exc``'s chain (pydicom re-raises without one), or None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_error(exc: BaseException, what: str, folder: object) -> BaseException:
+    """One sentence for an ``OSError`` met while writing ``what`` (e.g. ``"the outputs of 'sub01'"``) in
+    ``folder``: disk full, quota, read-only filesystem, no permission; any other error is returned as is."""
+    root = os_error_root(exc)
+    if root is None:
+        return exc
+    if root.errno in _DISK_FULL:
+        return OutputWriteError(
+            f"the disk holding {folder} is full (no space left on device) while writing {what}: nothing of it was "
+            "kept; free some space or choose another --output_dir, then run again"
+        )
+    if root.errno == errno.EROFS:
+        return OutputWriteError(f"{folder} is on a read-only filesystem: cannot write {what}; choose another --output_dir")
+    if root.errno in (errno.EACCES, errno.EPERM):
+        return OutputWriteError(f"no permission to write {what} in {folder}: nothing of it was kept; choose another --output_dir")
+    return OutputWriteError(
+        f"cannot write {what} in {folder}: {root.strerror or type(root).__name__}"
+        + (f" ({shown(root.filename)})" if root.filename else "") + "; nothing of it was kept"
+    )
 
 
 def user_error(exc: BaseException | None) -> BaseException | None:
@@ -77,10 +150,37 @@ def worker_user_error(exc: BaseException | None) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
     if isinstance(exc, OSError) and not isinstance(exc, (UniPETInputError, CheckpointError)):
-        return f"{type(exc).__name__}: {text}"
-    return text
+        root = os_error_root(exc)
+        if root is not None and root.strerror:
+            where = f": {shown(root.filename)}" if root.filename else ""
+            return f"{type(root).__name__}: {root.strerror}{where}"
+        # no errno: the message's first line (pydicom appends a whole traceback to it)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first[:300]}"
+    return " ".join(str(exc).split())
+
+
+def _install_log_guard() -> None:
+    """Make the messages of the bundle's own log records (``scripts.*``) escape control characters."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_unipet_guard", False):
+        return
+
+    def guarded(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if record.name.startswith("scripts"):
+            try:
+                message = record.getMessage()
+            except Exception:  # a bad format string is the handler's to report, as without the guard
+                return record
+            safe = escape_controls(message)
+            if safe != message:
+                record.msg, record.args = safe, None
+        return record
+
+    guarded._unipet_guard = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(guarded)
 
 
 def _close_progress_bars() -> None:
@@ -110,7 +210,8 @@ def _settle_pool_workers(timeout_s: float = 10.0) -> None:
 
 
 def install_error_hook() -> None:
-    """Install the hook (idempotent); see the module docstring."""
+    """Install the hook and the log guard (idempotent); see the module docstring."""
+    _install_log_guard()
     if getattr(sys.excepthook, "_unipet_hook", False):
         return
     previous = sys.excepthook
@@ -124,7 +225,7 @@ def install_error_hook() -> None:
             return
         _close_progress_bars()
         sys.stdout.flush()
-        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        print(f"error: {escape_controls(' '.join(message.split()))}", file=sys.stderr, flush=True)
         # SystemExit raised inside sys.excepthook sets the exit status without a second traceback.
         sys.exit(EXIT_BAD_INPUT)
 

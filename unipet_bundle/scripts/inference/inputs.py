@@ -8,14 +8,19 @@ What is denoised (only the direct entries of ``dataset_dir``; deeper folders are
   tags (:func:`scripts.data.suv.read_pet_series`); its name is the folder name.
 
 Sub-folders without a PT series (CT, reports, anything not DICOM) and other files are skipped with a
-log line. When ``output_dir`` is ``dataset_dir`` itself, ``*_denoised*`` entries are taken for outputs of
-an earlier run and are not denoised again.
+log line that says why; hidden entries (names starting with ``.``) are skipped too, with a warning for a
+hidden folder or NIfTI file (rename it to denoise it). Names are shown quoted when they hold control
+characters (a newline in a folder name cannot forge a log line). When ``output_dir`` is ``dataset_dir``
+itself, ``*_denoised*`` entries are taken for outputs of an earlier run and are not denoised again.
 
 :func:`prepare_datalist` checks *everything* before any work starts (each input is read in full, so a
 truncated file is found; 2D images, 4D (dynamic) volumes, NaN/Inf voxels and all-zero volumes are
 refused, negative voxels are kept: :mod:`scripts.data.volume_checks`; every output path is checked),
-so a bad input never leaves some outputs written and others not. The price is that each input is read
-twice (once to check it, once to denoise it); memory holds one volume at a time.
+so a bad input never leaves some outputs written and others not. An input whose outputs another live
+run is writing is refused; one whose earlier run was killed while publishing is redone without
+``overwrite`` (only the partial outputs that run recorded are replaced: :mod:`scripts.inference.claims`).
+The price is that each input is read twice (once to check it, once to denoise it); memory holds one
+volume at a time.
 
 Array convention: (X, Y, Z) in file order, as nibabel and MONAI's ``LoadImage(reader="NibabelReader")``
 give for NIfTI and as training uses; a DICOM series is (column, row, slice sorted along the slice
@@ -43,6 +48,8 @@ from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
 from scripts.data.suv import SUVError, check_body_suv, read_pet_series
 from scripts.data.volume_checks import check_pet_volume
+from scripts.inference.claims import OutputBusyError, busy_message, claim_path, inspect_claim, is_our_temporary
+from scripts.inference.errors import shown
 from scripts.inference.options import as_bool, check_output_format
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
 
@@ -139,24 +146,38 @@ def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLik
     outputs_here = output_dir is not None and Path(output_dir).expanduser().resolve() == folder.resolve()
     found: list[InferenceInput] = []
     for entry in sorted(folder.iterdir()):
+        label = shown(entry.name)  # quoted when it holds a newline or other control characters: no forged log lines
         if entry.name.startswith("."):
+            if is_our_temporary(entry.name):
+                logger.info("skipping %s: a temporary or claim file of a UniPET inference run", label)
+            elif entry.is_dir() or entry.name.endswith(NIFTI_SUFFIXES):
+                logger.warning(
+                    "skipping hidden %s %s: names starting with '.' are hidden (system or temporary files) and are not "
+                    "denoised; rename it without the leading dot to denoise it", "folder" if entry.is_dir() else "file", label,
+                )
+            else:
+                logger.info("skipping hidden file %s", label)
             continue
         if entry.is_file() and entry.name.endswith(NIFTI_SUFFIXES):
             name = nifti_stem(entry)
             if outputs_here and name.endswith(OUTPUT_SUFFIX):
-                logger.info("skipping %s: an output of an earlier run (output_dir is the dataset folder)", entry.name)
+                logger.info("skipping %s: an output of an earlier run (output_dir is the dataset folder)", label)
                 continue
             found.append(InferenceInput(name, entry, "nifti"))
         elif entry.is_dir():
             if outputs_here and entry.name.endswith(DICOM_DIR_SUFFIX):
-                logger.info("skipping folder %s: an output of an earlier run (output_dir is the dataset folder)", entry.name)
+                logger.info("skipping folder %s: an output of an earlier run (output_dir is the dataset folder)", label)
                 continue
             modality = _dicom_modality(entry)
             if modality == "PT":
                 found.append(InferenceInput(entry.name, entry, "dicom"))
             else:
                 what = "no DICOM files" if modality is None else f"a {modality} series, not PET"
-                logger.info("skipping folder %s: %s", entry.name, what)
+                logger.info("skipping folder %s: %s", label, what)
+        elif outputs_here and entry.name.endswith(f"{OUTPUT_SUFFIX}.json"):
+            logger.info("skipping %s: an output of an earlier run (output_dir is the dataset folder)", label)
+        else:
+            logger.info("skipping file %s: not a NIfTI file (*.nii, *.nii.gz) nor a DICOM series folder", label)
     if not found:
         hint = ""
         if _dicom_modality(folder) == "PT":
@@ -267,6 +288,30 @@ def _check_output_dir(output_dir: Path, inputs: Sequence[InferenceInput]) -> Non
             )
 
 
+def _partial_outputs(output_dir: Path, item: InferenceInput, planned: Mapping[str, Path]) -> set[Path]:
+    """The planned outputs of ``item`` that a killed run left half-published (may be replaced without
+    ``overwrite``; :mod:`scripts.inference.claims`). Nothing is changed here.
+
+    Raises:
+        OutputBusyError: a live run is writing this input's outputs into ``output_dir`` right now.
+    """
+    claim = claim_path(output_dir, f"{item.name}{OUTPUT_SUFFIX}")
+    state = inspect_claim(claim)
+    if state["state"] == "busy":
+        raise OutputBusyError(busy_message(claim, state["owner"], shown(item.name)))
+    owner = state["owner"]
+    if state["state"] != "stale" or not owner or owner.get("phase") != "publishing":
+        return set()
+    left = {output_dir / n for n in owner.get("outputs", []) if isinstance(n, str) and "/" not in n}
+    partial = {p for p in planned.values() if p in left and (p.exists() or p.is_symlink())}
+    if partial:
+        logger.warning(
+            "%s: an earlier run (PID %s) was killed while writing its outputs; the partial set %s is redone",
+            shown(item.name), owner.get("pid"), sorted(p.name for p in partial),
+        )
+    return partial
+
+
 def prepare_datalist(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -290,8 +335,10 @@ def prepare_datalist(
     _check_names(inputs)
     input_paths = [item.path for item in inputs]
     for item in inputs:
-        for path in planned_outputs(out_dir, item.name, item.kind, fmt).values():
-            check_output_path(path, overwrite=replace, inputs=input_paths)
+        planned = planned_outputs(out_dir, item.name, item.kind, fmt)
+        partial = _partial_outputs(out_dir, item, planned)
+        for path in planned.values():
+            check_output_path(path, overwrite=replace or path in partial, inputs=input_paths)
     if fmt == "dicom" and any(item.kind == "nifti" for item in inputs):
         logger.warning("output_format dicom: NIfTI inputs get NIfTI outputs (a DICOM series can only be derived from a DICOM input)")
     for item in inputs:
@@ -299,7 +346,7 @@ def prepare_datalist(
             volume = load_volume(item)
         logger.info(
             "checked %s (%s, %s): shape %s, spacing %s mm",
-            item.name, item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
+            shown(item.name), item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
         )
         del volume
     logger.info("%d input(s) to denoise in %s", len(inputs), dataset_dir)

@@ -7,6 +7,11 @@ training writes it), or a dict holding one under ``generator``, ``network``, ``m
 (BDN-only) checkpoint loads too: the SAN keeps its zero-effect initialisation, which is exactly the
 stage-1 network (a warning says so).
 
+A checkpoint path that is given but does not exist (a typo, a model not downloaded) is an error, never a
+silent fall-back to the untrained network. Running untrained is an explicit choice: no checkpoint
+(``--checkpoint ""`` or ``None``) *and* ``--allow_untrained true`` (default false in the configs); the
+outputs then say UNTRAINED (sidecar, DICOM SeriesDescription, log).
+
 Before anything is unpickled the file's SHA-256 is checked against ``checkpoint_sha256`` of the config
 (:func:`scripts.engines.checkpoint.verify_sha256`): a mismatch stops the run (exit status 2); a null value
 means "not recorded" and only logs a warning with the file's hash.
@@ -26,7 +31,7 @@ import torch
 from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
 from scripts.inference.options import as_bool
 
-__all__ = ["bundle_version", "load_weights"]
+__all__ = ["bundle_version", "load_weights", "resolve_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +60,40 @@ def _state_dict(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
     )
 
 
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
+    """The checkpoint file as an absolute path, or None when none is given (``None`` or an empty string).
+
+    Raises:
+        CheckpointError: a path is given but no file is there (a typo must never run the untrained
+            network), or it names a folder.
+    """
+    if checkpoint is None or str(checkpoint).strip() == "":
+        return None
+    path = Path(checkpoint).expanduser().absolute()
+    if path.is_dir():
+        raise CheckpointError(f"--checkpoint {path} is a folder, not a checkpoint file: point it at the weights file (e.g. models/model.pt)")
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}: the file does not exist; check --checkpoint (a typo?), train one (configs/train.json) "
+            "or download the bundle's models/model.pt. To run the UNTRAINED network on purpose: --checkpoint \"\" --allow_untrained true"
+        )
+    return path
+
+
 def load_weights(
     network: torch.nn.Module,
     checkpoint: str | os.PathLike | None,
-    allow_untrained: Any = True,
+    allow_untrained: Any = False,
     expected_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Load ``checkpoint`` into ``network``; without a checkpoint file, warn (or fail) that it is untrained.
+    """Load ``checkpoint`` into ``network``; run untrained only when asked to (see the module docstring).
 
     Args:
         network: the UniPET built from ``network_def`` (on its device).
-        checkpoint: path of the weights; an empty value or a missing file means "no checkpoint".
-        allow_untrained: go on without a checkpoint (the untrained UniPET is the identity, its output
-            conv being zero) after a loud WARNING; False makes that a ``CheckpointError``.
+        checkpoint: path of the weights; ``None`` or an empty value means "no checkpoint" (then
+            ``allow_untrained`` must be true). A path that does not exist is an error.
+        allow_untrained: with no checkpoint, run the untrained UniPET (the identity, its output conv
+            being zero) after a loud WARNING; False (the default) makes "no checkpoint" a ``CheckpointError``.
         expected_sha256: the recorded SHA-256 of ``checkpoint``, checked before loading; None: not
             recorded (a warning).
 
@@ -75,23 +101,22 @@ def load_weights(
         JSON-ready provenance: ``checkpoint`` (path or None), ``trained`` (bool), ``checkpoint_sha256``.
 
     Raises:
-        CheckpointError: SHA-256 mismatch, unreadable/unsafe checkpoint, weights that do not fit
-            ``network``, or no checkpoint while ``allow_untrained`` is False.
+        CheckpointError: a given checkpoint that does not exist, SHA-256 mismatch, unreadable/unsafe
+            checkpoint, weights that do not fit ``network``, or no checkpoint while ``allow_untrained`` is False.
     """
     allow = as_bool(allow_untrained, "allow_untrained")
-    path = Path(checkpoint).expanduser().absolute() if checkpoint not in (None, "") else None
-    if path is None or not path.exists():
-        where = f"no checkpoint at {path}" if path is not None else "no checkpoint given"
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
         if not allow:
             raise CheckpointError(
-                f"{where}: train one (configs/train.json), pass --checkpoint PATH, or --allow_untrained true to run the untrained network"
+                "no checkpoint given: pass --checkpoint PATH (the bundle's models/model.pt, or one you trained with "
+                "configs/train.json), or --allow_untrained true to run the UNTRAINED network on purpose"
             )
         logger.warning(
-            "*** UNTRAINED NETWORK *** %s: UniPET runs with its initial weights, which are the IDENTITY (zero output conv): "
-            "outputs equal the inputs, NOT denoised; pass --checkpoint PATH (or --allow_untrained false to make this an error)",
-            where,
+            "*** UNTRAINED NETWORK *** no checkpoint given and --allow_untrained true: UniPET runs with its initial weights, "
+            "which are the IDENTITY (zero output conv): outputs equal the inputs, NOT denoised, and say UNTRAINED"
         )
-        return {"checkpoint": str(path) if path is not None else None, "trained": False, "checkpoint_sha256": None}
+        return {"checkpoint": None, "trained": False, "checkpoint_sha256": None}
 
     digest = verify_sha256(path, expected_sha256)
     state = _state_dict(load_checkpoint(path, map_location="cpu"), path)

@@ -1,6 +1,7 @@
 """Progress lines of whole-volume inference: one per input, and a summary.
 
-Each line names the input (its file stem or series folder name; never a DICOM patient name or ID),
+Each line names the input (its file stem or series folder name, quoted when it holds control characters
+so that a newline in a name cannot forge a log line; never a DICOM patient name or ID),
 its grid, the grid the network ran on, the seconds it took (reading, resampling, network, writing)
 and what was written.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+
+from scripts.inference.errors import shown
 
 __all__ = ["InferenceReport"]
 
@@ -65,7 +68,7 @@ class InferenceReport:
             written = ", ".join(Path(p).name for p in summary.get("written", []))
             logger.info(
                 "denoised %s (%s, %s): shape %s, spacing %s mm; network grid %s at %s mm; %.1f s -> %s",
-                summary["name"], summary["kind"], summary["units"], _fmt(summary["shape"]), _fmt(summary["spacing_mm"]),
+                shown(summary["name"]), summary["kind"], summary["units"], _fmt(summary["shape"]), _fmt(summary["spacing_mm"]),
                 _fmt(summary["network_shape"]), _fmt(summary["network_spacing_mm"]), seconds, written,
             )
 

@@ -14,27 +14,45 @@ Outputs of an input named ``<name>`` (the NIfTI stem or the DICOM series folder 
 ``output_format`` ``nifti`` (default) writes the NIfTI and sidecar; ``dicom`` writes only the DICOM series
 for DICOM inputs (NIfTI inputs still get a NIfTI); ``both`` writes all of them.
 
-Every file is written to a temporary name in ``output_dir`` and renamed; if one output of an input
-fails, the ones already written for that input are removed again.
+Safe with other runs writing into the same ``output_dir`` (:mod:`scripts.inference.claims`): the outputs
+of an input are written by one run at a time (a per-input claim; a run that finds another live run
+writing the same input stops with one line), staged under temporary names that record this host and
+PID, and renamed into place only when all of them are complete, the sidecar last. Without ``overwrite``
+nothing is ever replaced, not even an output another run published while this one worked; a run only
+removes paths it created. The sidecar records the SHA-256 of the NIfTI and the SeriesInstanceUID of the
+DICOM series it describes. An input whose earlier run was killed while publishing is redone (its partial
+outputs replaced) without ``--overwrite``; temporaries of interrupted runs are cleaned up.
+Disk full (or another write error) gives one sentence, and nothing of that input is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.data.io import UniPETInputError, atomic_write_json, save_nifti
+from scripts.data.io import UniPETInputError, _json_default, default_file_mode
 from scripts.data.suv import SUV_FACTOR_UNITS, compute_suv_factor
-from scripts.inference.dicom_writer import sorted_series_headers, write_derived_pet_series
+from scripts.inference.claims import (
+    OutputClaim,
+    OutputConflictError,
+    clean_stale_temporaries,
+    publish,
+    remove_path,
+    temporary_path,
+)
+from scripts.inference.dicom_writer import sorted_series_headers, stage_derived_pet_series
+from scripts.inference.errors import shown, write_error
 from scripts.inference.options import as_bool, check_output_format
 
 __all__ = ["DICOM_DIR_SUFFIX", "OUTPUT_SUFFIX", "SaveDenoisedd", "planned_outputs"]
@@ -77,12 +95,39 @@ def _spacing(affine: np.ndarray) -> list[float]:
     return [float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)]
 
 
-def _remove(paths: Sequence[Path]) -> None:
-    for p in paths:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_nifti(suv: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """float32 SUV with scl_slope 1 and q/sform code 1, as :func:`scripts.data.io.save_nifti` writes it, but
+    straight to ``path`` (a temporary of ours already; a second temporary inside it would not carry our PID)."""
+    img = nib.Nifti1Image(np.asarray(suv, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.header.set_data_dtype(np.float32)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, str(path))
+    os.chmod(path, default_file_mode())
+
+
+def _window_warning(name: str, network_shape: Sequence[int], patch_size: Any) -> None:
+    """Say so when the volume (on the network grid) is smaller than the network window along an axis."""
+    try:
+        window = [int(v) for v in (patch_size if isinstance(patch_size, (list, tuple)) else [patch_size] * 3)]
+    except (TypeError, ValueError):
+        return
+    if len(window) == 3 and any(n < w for n, w in zip(network_shape, window)):
+        logger.warning(
+            "%s: the volume is %s voxels on the network grid, smaller than the %s window: it was padded with its "
+            "edge values (replicate) to the window size and cropped back; the network has little context, check "
+            "this output (a whole-body or organ volume is normally much larger)",
+            shown(name), "x".join(map(str, network_shape)), "x".join(map(str, window)),
+        )
 
 
 class SaveDenoisedd(MapTransform):
@@ -103,6 +148,8 @@ class SaveDenoisedd(MapTransform):
         model_version: the bundle version, written into the sidecar and the DICOM descriptions.
         processing: JSON-ready settings recorded in the sidecar (suv_max, resampling, window size).
         image_key: the key of the network input (its meta holds the input grid).
+        stale_minutes: temporaries of interrupted runs (this host, PID gone) older than this are removed
+            from ``output_dir`` once per run (:func:`scripts.inference.claims.clean_stale_temporaries`).
     """
 
     def __init__(
@@ -115,6 +162,7 @@ class SaveDenoisedd(MapTransform):
         model_version: str = "unknown",
         processing: Mapping[str, Any] | None = None,
         image_key: str = "image",
+        stale_minutes: float = 30.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -125,6 +173,8 @@ class SaveDenoisedd(MapTransform):
         self.model_version = str(model_version)
         self.processing = dict(processing or {})
         self.image_key = image_key
+        self.stale_minutes = float(stale_minutes)
+        self._swept = False
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -148,8 +198,9 @@ class SaveDenoisedd(MapTransform):
         pred_affine = getattr(pred, "affine", None)
         if pred_affine is not None and not np.allclose(_as_numpy(pred_affine), affine, atol=1e-3):
             raise RuntimeError(f"{name}: prediction affine differs from the input's (inverse resampling failed)")
+        label = shown(name)
         if not np.all(np.isfinite(suv)):
-            raise UniPETInputError(f"{name}: the network produced NaN/Inf voxels; nothing written for it (check the checkpoint)")
+            raise UniPETInputError(f"{label}: the network produced NaN/Inf voxels; nothing written for it (check the checkpoint)")
 
         paths = planned_outputs(self.output_dir, name, kind, self.output_format)
         headers = None
@@ -166,27 +217,46 @@ class SaveDenoisedd(MapTransform):
             logger.warning(
                 "%s: the network ran at %s mm, not at the voxel size it was trained for (%s mm; resample is off?): "
                 "its noise texture is foreign to the network, expect a weaker result",
-                name, "x".join(f"{v:.3g}" for v in network_spacing), "x".join(f"{float(v):.3g}" for v in target),
+                label, "x".join(f"{v:.3g}" for v in network_spacing), "x".join(f"{float(v):.3g}" for v in target),
             )
-        written: list[Path] = []
-        try:
-            if "nifti" in paths:
-                save_nifti(suv, affine, paths["nifti"], overwrite=self.overwrite)
-                written.append(paths["nifti"])
-                sidecar = self._sidecar(name, kind, source, units, suv_factor, suv_details, suv, affine,
-                                        network_shape, network_spacing, paths)
-                atomic_write_json(paths["sidecar"], sidecar, overwrite=self.overwrite)
-                written.append(paths["sidecar"])
-            if "dicom" in paths:
-                assert headers is not None
-                write_derived_pet_series(
-                    suv, headers, suv_factor, paths["dicom"], model_version=self.model_version,
-                    derivation_description=self._derivation(), overwrite=self.overwrite,
-                )
-                written.append(paths["dicom"])
-        except BaseException:
-            _remove(written)
-            raise
+        _window_warning(name, network_shape, self.processing.get("patch_size"))
+        if not self._swept:  # once per run: leftovers of runs killed long ago
+            self._swept = True
+            clean_stale_temporaries(self.output_dir, self.stale_minutes)
+        what = f"the outputs of {label}"
+        with OutputClaim(self.output_dir, f"{name}{OUTPUT_SUFFIX}", label) as claim:
+            claim.clean_temporaries(paths.values())
+            for path in paths.values():
+                if (path.exists() or path.is_symlink()) and not self.overwrite and path not in claim.replaceable:
+                    raise OutputConflictError(
+                        f"output {path} already exists (another run wrote it after this one started?): it is kept and "
+                        f"nothing of {label} was written; remove it, choose another --output_dir, or pass --overwrite true"
+                    )
+            staged: dict[str, Path] = {}
+            try:
+                try:
+                    self._stage(staged, paths, name, kind, source, units, suv_factor, suv_details, suv, affine,
+                                network_shape, network_spacing, headers)
+                except OSError as exc:
+                    raise write_error(exc, what, self.output_dir) from None
+                order = [k for k in ("nifti", "dicom", "sidecar") if k in paths]  # the sidecar last: it marks a set done
+                claim.publishing(paths[k] for k in order)
+                for k in order:
+                    replace = self.overwrite or paths[k] in claim.replaceable
+                    try:
+                        publish(staged[k], paths[k], replace=replace)
+                    except FileExistsError:
+                        raise OutputConflictError(
+                            f"output {paths[k]} appeared while this run was writing it (another run?): it is kept and "
+                            f"nothing of {label} was kept from this run; remove it, choose another --output_dir, or pass --overwrite true"
+                        ) from None
+                    except OSError as exc:
+                        raise write_error(exc, what, self.output_dir) from None
+                    claim.published.append(paths[k])
+            finally:
+                for tmp in staged.values():  # published ones were renamed away; the rest are ours to remove
+                    remove_path(tmp)
+        written = [paths[k] for k in ("nifti", "sidecar", "dicom") if k in paths]
         return {
             "name": name,
             "kind": kind,
@@ -197,6 +267,46 @@ class SaveDenoisedd(MapTransform):
             "network_spacing_mm": network_spacing,
             "written": [str(p) for p in written],
         }
+
+    def _stage(
+        self,
+        staged: dict[str, Path],
+        paths: Mapping[str, Path],
+        name: str,
+        kind: str,
+        source: Path,
+        units: str,
+        suv_factor: float,
+        suv_details: dict[str, Any] | None,
+        suv: np.ndarray,
+        affine: np.ndarray,
+        network_shape: list[int],
+        network_spacing: list[float] | None,
+        headers: Any,
+    ) -> None:
+        """Write every output of one input under a temporary name (``staged``: output key -> temporary)."""
+        nifti_sha = None
+        series_uid = None
+        if "nifti" in paths:
+            staged["nifti"] = temporary_path(paths["nifti"])
+            _write_nifti(suv, affine, staged["nifti"])
+            nifti_sha = _file_sha256(staged["nifti"])
+        if "dicom" in paths:
+            assert headers is not None
+            staged["dicom"] = temporary_path(paths["dicom"])
+            staged["dicom"].mkdir()
+            _, series_uid = stage_derived_pet_series(
+                suv, headers, suv_factor, staged["dicom"], model_version=self.model_version,
+                derivation_description=self._derivation(), trained=bool(self.model_info.get("trained", False)),
+            )
+        if "sidecar" in paths:
+            sidecar = self._sidecar(name, kind, source, units, suv_factor, suv_details, suv, affine,
+                                    network_shape, network_spacing, paths)
+            sidecar["nifti_sha256"] = nifti_sha
+            sidecar["dicom_series_instance_uid"] = series_uid
+            staged["sidecar"] = temporary_path(paths["sidecar"])
+            staged["sidecar"].write_text(json.dumps(sidecar, indent=2, default=_json_default) + "\n")
+            os.chmod(staged["sidecar"], default_file_mode())
 
     def _derivation(self) -> str:
         trained = bool(self.model_info.get("trained", False))

@@ -218,7 +218,7 @@ def write_denoised(
     series_dir = out / f"{item.source.name}{DICOM_SUFFIX}"
     write_derived_pet_series(
         suv, item.source.headers, item.source.suv_factor, series_dir, model_version=item.model_version,
-        derivation_description=derivation, overwrite=overwrite,
+        derivation_description=derivation, overwrite=overwrite, trained=trained,
     )
     try:
         err = verify_written_series(series_dir, suv, item.source.suv_factor)
