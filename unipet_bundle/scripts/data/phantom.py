@@ -122,6 +122,9 @@ def make_phantom(
     lesion_diameter_mm: tuple[float, float] = (6.0, 30.0),
     lesion_suv: tuple[float, float] = (3.0, 15.0),
     texture: bool = True,
+    lesion_contrast: tuple[float, float] | None = None,
+    lesion_hosts: dict[str, float] | None = None,
+    lesion_partial_volume: bool = False,
 ) -> Phantom:
     """Build a random whole-body FDG phantom.
 
@@ -133,6 +136,17 @@ def make_phantom(
         lesion_diameter_mm: range of lesion diameters (mm), drawn log-uniformly.
         lesion_suv: range of lesion SUVs, drawn uniformly.
         texture: add smooth per-organ heterogeneity (multiplicative, a few % to 15 %).
+        lesion_contrast: None: lesion SUVs are drawn from ``lesion_suv`` (the original model). A range
+            (e.g. (2, 15)): each lesion's SUV is a contrast drawn log-uniformly from it times the base SUV
+            of the tissue at its centre (its background), so lung and liver lesions get realistic levels.
+        lesion_hosts: relative chance of each host (default ``{"liver": 3, "lungs": 3, "muscle": 2, "spine": 1,
+            "spleen": 1, "neck": 1}``). Hosts: organ names, ``neck`` (soft tissue between the lungs and the
+            brain) and ``nodes`` (soft tissue 4-25 mm from a hot organ: heart, kidneys, bladder, blood pool,
+            like mediastinal, para-aortic and pelvic lymph nodes).
+        lesion_partial_volume: False: a lesion is the set of voxels whose centre lies in its sphere, all at
+            the lesion SUV (the original model; a 4 mm lesion becomes a whole 5 mm voxel). True: each voxel
+            holds the volume-weighted mix of lesion and background (4^3 or, for small lesions, 8^3 sub-samples per voxel), so the
+            truth is the sphere itself; the label is the voxels at least half inside (at least the centre).
 
     Returns:
         A :class:`Phantom` (activity in SUV, mu in 1/cm, int16 labels, label table).
@@ -250,13 +264,32 @@ def make_phantom(
     # --- lesions ---
     table: dict[int, dict[str, Any]] = {}
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    lesions = _place_lesions(rng, labels, spacing, k, n_lesions, lesion_diameter_mm, lesion_suv)
-    for i, (centre_idx, diameter, suv, host) in enumerate(lesions):
+    hosts = dict(lesion_hosts) if lesion_hosts is not None else dict(_LESION_HOSTS)
+    lesions = _place_lesions(rng, labels, spacing, k, n_lesions, lesion_diameter_mm,
+                             lesion_contrast if lesion_contrast is not None else lesion_suv, hosts,
+                             log_level=lesion_contrast is not None)
+    for i, (centre_idx, diameter, level, host) in enumerate(lesions):
         label = LESION_LABEL_START + i
-        m = _sphere_mask(shape, spacing, centre_idx, diameter / 2.0)
+        host_label = int(labels[tuple(centre_idx)])
+        background = base_suv.get(host_label, float(activity[tuple(centre_idx)]))
+        suv = round(level * background, 4) if lesion_contrast is not None else level
+        entry: dict[str, Any] = {}
+        if lesion_partial_volume:
+            # small spheres need finer sub-sampling for their volume to come out right (8^3: ~1-2 %)
+            sub = 8 if diameter < 4.0 * max(spacing) else 4
+            sl, frac = _sphere_fraction(shape, spacing, centre_idx, diameter / 2.0, sub)
+            m = np.zeros(shape, dtype=bool)
+            m[sl] = frac >= 0.5
+            m[tuple(centre_idx)] = True
+            act = activity[sl]
+            activity[sl] = np.where(frac > 0, act * (1.0 - frac) + suv * frac, act).astype(np.float32)
+            mu[sl] = np.where(frac > 0, MU_WATER, mu[sl])
+            entry["sphere_volume_ml"] = round(math.pi / 6.0 * diameter**3 / 1000.0, 4)
+        else:
+            m = _sphere_mask(shape, spacing, centre_idx, diameter / 2.0)
+            activity[m] = suv
+            mu[m] = MU_WATER
         labels[m] = label
-        activity[m] = suv
-        mu[m] = MU_WATER
         table[label] = {
             "name": f"lesion_{i:02d}",
             "kind": "lesion",
@@ -265,6 +298,10 @@ def make_phantom(
             "diameter_mm": round(float(diameter), 2),
             "host": host,
             "centre_voxel": [int(c) for c in centre_idx],
+            "background_suv": round(float(background), 4),
+            "host_label": host_label,
+            "contrast": round(float(suv / background), 4) if background > 0 else None,
+            **entry,
         }
     organ_table = {}
     for label, (name, *_rest) in _ORGANS.items():
@@ -299,15 +336,41 @@ def _sphere_mask(shape, spacing, centre_idx, radius_mm: float) -> np.ndarray:
     return m
 
 
-def _place_lesions(rng, labels, spacing, k, n_range, diam_range, suv_range) -> list:
-    """Non-overlapping lesion centres inside host organs; returns (centre voxel, diameter mm, SUV, host)."""
+def _sphere_fraction(shape, spacing, centre_idx, radius_mm: float, sub: int = 4) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Fraction of each voxel inside a sphere (``sub^3`` sub-samples per voxel) over its bounding box.
+
+    Returns (the box as slices, the float32 fractions in the box)."""
+    sl, grids = [], []
+    offs = (np.arange(sub) + 0.5) / sub - 0.5  # sub-sample positions within a voxel, in voxels
+    for n, c, s in zip(shape, centre_idx, spacing):
+        r = int(math.ceil(radius_mm / s)) + 1
+        lo, hi = max(0, c - r), min(n, c + r + 1)
+        sl.append(slice(lo, hi))
+        grids.append(((np.arange(lo, hi)[:, None] - c) + offs[None, :]) * s)  # (voxels, sub) in mm
+    X = grids[0][:, None, None, :, None, None]
+    Y = grids[1][None, :, None, None, :, None]
+    Z = grids[2][None, None, :, None, None, :]
+    inside = (X**2 + Y**2 + Z**2) <= radius_mm**2
+    return tuple(sl), inside.mean(axis=(3, 4, 5)).astype(np.float32)
+
+
+def _place_lesions(rng, labels, spacing, k, n_range, diam_range, level_range, host_weights=None,
+                   log_level: bool = False) -> list:
+    """Non-overlapping lesion centres inside host tissues; returns (centre voxel, diameter mm, level, host).
+
+    ``level`` is drawn from ``level_range``: uniformly (an SUV, the original model) or log-uniformly
+    (``log_level``: a contrast to the background)."""
     n = int(rng.integers(n_range[0], n_range[1] + 1))
     body = labels > 0
     # distance to outside the body (mm), so lesions stay inside it
     depth = ndimage.distance_transform_edt(body, sampling=spacing)
     name_to_label = {v: kk for kk, v in ORGAN_NAMES.items()}
-    hosts = list(_LESION_HOSTS)
-    probs = np.array([_LESION_HOSTS[h] for h in hosts])
+    weights = host_weights if host_weights is not None else _LESION_HOSTS
+    unknown = set(weights) - set(name_to_label) - {"neck", "nodes"}
+    if unknown:
+        raise ValueError(f"unknown lesion host(s) {sorted(unknown)}; known: organ names, 'neck', 'nodes'")
+    hosts = list(weights)
+    probs = np.array([float(weights[h]) for h in hosts])
     # neck: soft tissue in the slices between the torso top and the head
     z_has_lung = np.flatnonzero((labels == name_to_label["lungs"]).any(axis=(0, 1)))
     z_has_brain = np.flatnonzero((labels == name_to_label["brain"]).any(axis=(0, 1)))
@@ -321,13 +384,21 @@ def _place_lesions(rng, labels, spacing, k, n_range, diam_range, suv_range) -> l
                 m[:, :, z_has_brain.min():] = False
             else:
                 m = np.zeros_like(m)
+        elif h == "nodes":
+            hot = np.isin(labels, [name_to_label[o] for o in ("myocardium", "kidneys", "bladder", "blood_pool")])
+            dist = ndimage.distance_transform_edt(~hot, sampling=spacing) if hot.any() else np.full(labels.shape, np.inf)
+            soft = np.isin(labels, [name_to_label["muscle"], name_to_label["fat"]])
+            m = soft & (dist >= 4.0) & (dist <= 25.0)
         else:
             m = labels == name_to_label[h]
         candidates[h] = np.argwhere(m)
     placed: list = []
     for _ in range(n):
         diameter = float(math.exp(rng.uniform(math.log(diam_range[0]), math.log(diam_range[1]))))
-        suv = round(float(rng.uniform(*suv_range)), 4)  # the label table then states it exactly
+        if log_level:
+            level = float(math.exp(rng.uniform(math.log(level_range[0]), math.log(level_range[1]))))
+        else:
+            level = round(float(rng.uniform(*level_range)), 4)  # the label table then states it exactly
         for _try in range(200):
             avail = np.array([len(candidates[h]) > 0 for h in hosts])
             if not avail.any():
@@ -340,7 +411,7 @@ def _place_lesions(rng, labels, spacing, k, n_range, diam_range, suv_range) -> l
             cmm = np.asarray(c) * spacing
             gaps = [np.linalg.norm(cmm - np.asarray(pc) * spacing) - (diameter + pd) / 2.0 for pc, pd, _, _ in placed]
             if all(g > 4.0 for g in gaps):
-                placed.append((tuple(int(v) for v in c), diameter, suv, h))
+                placed.append((tuple(int(v) for v in c), diameter, level, h))
                 break
     return placed
 

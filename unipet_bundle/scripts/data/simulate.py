@@ -16,9 +16,18 @@ Output layout (what the paired-data readers expect), per subject folder::
 
 Command line (run from the bundle root)::
 
-    python -m scripts.data.simulate --output_dir D [--n_subjects 3] [--shape "[128,128,96]"]
-        [--spacing "[4.0,4.0,4.0]"] [--drfs "[2,4,10,20,50,100]"] [--seed 0]
-        [--activity X.nii.gz --subject NAME] [--overwrite]
+    python -m scripts.data.simulate --output_dir D [--n_subjects 3] [--profile fixed|randomised|unseen_recon]
+        [--shape "[128,128,96]"] [--spacing "[4.0,4.0,4.0]"] [--drfs "[2,4,10,20,50,100]"] [--seed 0]
+        [--activity X.nii.gz --subject NAME] [--overwrite] [any physics knob, e.g. --scatter_fwhm_mm 150]
+
+Profiles (``configs/simulation/*.json``) are data: the default ``fixed`` is the single 0.2.0 setting
+(bit-identical output); ``randomised`` draws a scanner and reconstruction per subject (seeded by the subject
+seed, recorded in ``simulation.json``); ``unseen_recon`` is the held-out test family, made with one command::
+
+    python -m scripts.data.simulate --output_dir D --profile unseen_recon --n_subjects 4 --seed 1313
+
+Speed: the 128 x 128 x 96 subject with 6-7 dose levels takes ~11 s (fixed) and up to ~40 s (randomised,
+6 x 24 OSEM with resolution modelling) on one CPU thread.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from .recon import OSEMReconstructor, gaussian_filter_mm
 __all__ = [
     "DEFAULT_DRFS",
     "PHYSICS_DEFAULTS",
+    "draw_subject",
+    "load_profile",
     "drf_name",
     "load_activity",
     "main",
@@ -80,7 +91,14 @@ PHYSICS_DEFAULTS: dict[str, Any] = {
     "randoms_fraction": 0.15,  # randoms / prompts
     "scatter_fwhm_mm": 150.0,  # width of the (smooth) scatter kernel across the detector
     "low_dose_mode": "thin",  # "thin": binomial subsample of the full-dose counts; "independent": new Poisson
+    "psf_modelling": False,  # resolution modelling in OSEM (PSF reconstruction) with the detector PSF
 }
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "simulation"
+# knobs a profile may draw per subject: the physics keys (but not n_angles / low_dose_mode) and these
+_GRID_DRAWS = ("voxel_inplane_mm", "voxel_axial_mm")
+_DRAWABLE = tuple(k for k in PHYSICS_DEFAULTS if k not in ("n_angles", "low_dose_mode")) + ("count_level_factor", *_GRID_DRAWS)
+_INT_KNOBS = ("n_iterations", "n_subsets")
+_PROFILE_SEED_KEY = 0x9E57  # the draws use their own stream, so the phantom and the noise seeds are unchanged
 _MAX_SLICES_PER_CHUNK = 128  # OSEM columns per batch: bounds memory for long real volumes
 
 
@@ -141,6 +159,8 @@ def _check_physics(params: dict[str, Any]) -> None:
     for key in ("psf_fwhm_mm", "postfilter_fwhm_mm", "postfilter_axial_fwhm_mm", "scatter_fwhm_mm"):
         if p[key] < 0:
             raise UniPETInputError(f"{key} must be >= 0 mm")
+    if not isinstance(p["psf_modelling"], (bool, np.bool_)):
+        raise UniPETInputError(f"psf_modelling must be true or false; got {p['psf_modelling']!r}")
 
 
 def _check_activity(activity: np.ndarray, what: str = "activity") -> np.ndarray:
@@ -201,6 +221,7 @@ def simulate_pet(
     randoms_fraction: float = PHYSICS_DEFAULTS["randoms_fraction"],
     scatter_fwhm_mm: float = PHYSICS_DEFAULTS["scatter_fwhm_mm"],
     low_dose_mode: str = PHYSICS_DEFAULTS["low_dose_mode"],
+    psf_modelling: bool = PHYSICS_DEFAULTS["psf_modelling"],
     progress: bool = False,
 ) -> dict[str, Any]:
     """Simulate a full-dose scan and low-dose scans at every DRF from one true activity volume.
@@ -226,6 +247,9 @@ def simulate_pet(
         scatter_fwhm_mm: width of the scatter kernel across the detector (mm).
         low_dose_mode: ``"thin"`` keeps each full-dose count with probability 1/DRF (like list-mode
             subsampling, so low dose and full dose share counts); ``"independent"`` draws new Poisson data.
+        psf_modelling: resolution modelling in the reconstruction ("PSF" / "HD" reconstruction): OSEM's
+            system model includes the detector PSF (``psf_fwhm_mm``, 3D Gaussian), which recovers contrast,
+            gives edge overshoot and coarser, blobbier noise than the same OSEM without it.
         progress: show a progress bar over dose levels.
 
     Returns:
@@ -238,6 +262,7 @@ def simulate_pet(
         n_subsets=int(n_subsets), psf_fwhm_mm=float(psf_fwhm_mm), postfilter_fwhm_mm=float(postfilter_fwhm_mm),
         postfilter_axial_fwhm_mm=float(postfilter_axial_fwhm_mm), scatter_fraction=float(scatter_fraction),
         randoms_fraction=float(randoms_fraction), scatter_fwhm_mm=float(scatter_fwhm_mm), low_dose_mode=low_dose_mode,
+        psf_modelling=bool(psf_modelling),
     )
     _check_physics(physics)
     activity = _check_activity(activity)
@@ -307,12 +332,17 @@ def simulate_pet(
     del full_counts
 
     eff_t = efficiency.float()
+    # resolution modelling: the reconstruction's system model blurs with the detector PSF. Long volumes
+    # are reconstructed in axial chunks; the modelled axial blur then replicates each chunk's end slices,
+    # a small approximation only at chunk borders.
+    psf_model_mm = float(psf_fwhm_mm) if psf_modelling else 0.0
     bg_t = torch.from_numpy(background.astype(np.float32))
     recon = {name: np.empty((nx * ny, nz), dtype=np.float32) for name, _ in levels}
     chunks = [slice(k0, min(nz, k0 + _MAX_SLICES_PER_CHUNK)) for k0 in range(0, nz, _MAX_SLICES_PER_CHUNK)]
     with tqdm(total=len(chunks) * len(levels), desc="OSEM", unit="dose", leave=False, disable=not progress) as bar:
         for sl in chunks:
-            model = OSEMReconstructor(proj, eff_t[:, sl].contiguous(), bg_t[:, sl].contiguous(), n_subsets)
+            model = OSEMReconstructor(proj, eff_t[:, sl].contiguous(), bg_t[:, sl].contiguous(), n_subsets,
+                                       psf_fwhm_mm=psf_model_mm, slice_mm=spacing[2])
             for name, _ in levels:
                 bar.set_postfix_str(name)
                 recon[name][:, sl] = model(data[name][:, sl].contiguous(), n_iterations).numpy()
@@ -341,6 +371,140 @@ def simulate_pet(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return {"full_dose": images["full_dose"], "drf": {d: images[drf_name(d)] for d in drf_list}, "info": info}
+
+
+# ----------------------------------------------------------------------------------------------------
+# profiles: which scanner and reconstruction each subject gets (data in configs/simulation/*.json)
+
+_DISTRIBUTIONS = ("value", "uniform", "loguniform", "integers", "choice")
+_PHANTOM_KEYS = ("n_lesions", "lesion_diameter_mm", "lesion_suv", "texture", "lesion_contrast", "lesion_hosts",
+                 "lesion_partial_volume")
+
+
+def load_profile(profile: str | os.PathLike | dict[str, Any] = "fixed") -> dict[str, Any]:
+    """Read and check a simulation profile: a name in ``configs/simulation/`` or a path to a JSON file.
+
+    A profile holds ``drfs`` (default dose levels), ``grid`` (``shape`` + ``spacing_mm``, or
+    ``field_of_view_mm`` + ``max_shape`` when the voxel size is drawn), ``physics`` (fixed physics keys),
+    ``draws`` (per-subject random knobs: ``{"<knob>": {"uniform" | "loguniform" | "integers": [lo, hi]}``,
+    ``{"choice": [...]}`` or ``{"value": v}``) and ``phantom`` (keyword arguments of
+    :func:`scripts.data.phantom.make_phantom`: lesion count, sizes, contrasts, hosts).
+
+    Raises:
+        UniPETInputError: unknown profile, unreadable JSON, unknown keys or bad ranges (says which).
+    """
+    if isinstance(profile, dict):
+        prof, where = dict(profile), "profile"
+    else:
+        text = str(profile)
+        path = Path(text).expanduser() if text.endswith(".json") else PROFILE_DIR / f"{text}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+            raise UniPETInputError(f"--profile {text!r}: no such profile; use one of {known} or a path to a .json file")
+        try:
+            prof = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UniPETInputError(f"{path}: not a readable JSON profile ({exc})") from exc
+        if not isinstance(prof, dict):
+            raise UniPETInputError(f"{path}: a profile must be a JSON object")
+        prof.setdefault("name", path.stem)
+        prof["file"], where = str(path), str(path)
+    unknown = set(prof) - {"name", "description", "drfs", "grid", "physics", "draws", "phantom", "file"}
+    if unknown:
+        raise UniPETInputError(f"{where}: unknown profile key(s) {sorted(unknown)}")
+    prof.setdefault("physics", {})
+    prof.setdefault("draws", {})
+    prof.setdefault("phantom", {})
+    prof.setdefault("grid", {"shape": [128, 128, 96], "spacing_mm": [4.0, 4.0, 4.0]})
+    prof["drfs"] = _as_drfs(prof.get("drfs", DEFAULT_DRFS))
+    bad_phys = set(prof["physics"]) - set(PHYSICS_DEFAULTS)
+    if bad_phys:
+        raise UniPETInputError(f"{where}: unknown physics key(s) {sorted(bad_phys)}; known: {sorted(PHYSICS_DEFAULTS)}")
+    for knob, spec in prof["draws"].items():
+        if knob not in _DRAWABLE:
+            raise UniPETInputError(f"{where}: cannot draw {knob!r}; drawable knobs: {sorted(_DRAWABLE)}")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+            raise UniPETInputError(f"{where}: draw {knob!r} must be one of {{\"uniform\"|\"loguniform\"|\"integers\": "
+                                   f"[lo, hi]}}, {{\"choice\": [...]}}, {{\"value\": v}}; got {spec!r}")
+        kind, arg = next(iter(spec.items()))
+        if kind in ("uniform", "loguniform", "integers"):
+            if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg) and arg[0] <= arg[1]):
+                raise UniPETInputError(f"{where}: draw {knob!r}: {kind} needs [lo, hi] with lo <= hi; got {arg!r}")
+            if kind == "loguniform" and arg[0] <= 0:
+                raise UniPETInputError(f"{where}: draw {knob!r}: loguniform needs lo > 0; got {arg!r}")
+        if kind == "choice" and not (isinstance(arg, list) and arg):
+            raise UniPETInputError(f"{where}: draw {knob!r}: choice needs a non-empty list; got {arg!r}")
+    bad_ph = set(prof["phantom"]) - set(_PHANTOM_KEYS)
+    if bad_ph:
+        raise UniPETInputError(f"{where}: unknown phantom key(s) {sorted(bad_ph)}; known: {list(_PHANTOM_KEYS)}")
+    grid = prof["grid"]
+    if not (("shape" in grid and "spacing_mm" in grid) or ("field_of_view_mm" in grid and "max_shape" in grid)):
+        raise UniPETInputError(f"{where}: grid needs shape + spacing_mm, or field_of_view_mm + max_shape")
+    return prof
+
+
+def _draw(rng: np.random.Generator, spec: dict[str, Any]) -> Any:
+    kind, arg = next(iter(spec.items()))
+    if kind == "value":
+        return arg
+    if kind == "uniform":
+        return float(rng.uniform(arg[0], arg[1]))
+    if kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(arg[0]), math.log(arg[1]))))
+    if kind == "integers":
+        return int(rng.integers(int(arg[0]), int(arg[1]) + 1))
+    return arg[int(rng.integers(len(arg)))]
+
+
+def draw_subject(
+    profile: dict[str, Any], subject_seed: int, overrides: dict[str, Any] | None = None,
+    shape: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """One subject's scanner and reconstruction under ``profile`` (see :func:`load_profile`).
+
+    Draws come from their own random stream, ``SeedSequence([subject_seed, 0x9E57])``, in a fixed order
+    (the profile's draw order), so the same subject seed gives the same draws, and the phantom and noise
+    (seeded from the same subject seed by other streams) are those of the fixed profile.
+
+    Args:
+        profile: a loaded profile.
+        subject_seed: the subject's seed.
+        overrides: physics knobs given explicitly (CLI); they replace the profile's value or draw.
+        shape: explicit grid size: with a drawn voxel size it is the cap (instead of ``max_shape``).
+        spacing: explicit voxel size (mm): replaces the profile's spacing or its voxel-size draws.
+
+    Returns:
+        ``{"physics": simulate_pet keywords, "shape": (nx, ny, nz), "spacing": (mm, mm, mm),
+        "draws": {knob: drawn value}, "overridden": [...]}``.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    rng = np.random.default_rng(np.random.SeedSequence([int(subject_seed) & 0xFFFFFFFF, _PROFILE_SEED_KEY]))
+    draws = {knob: _draw(rng, spec) for knob, spec in profile["draws"].items()}
+    physics = {**PHYSICS_DEFAULTS, **profile["physics"]}
+    for knob, value in draws.items():
+        if knob in physics:
+            physics[knob] = int(value) if knob in _INT_KNOBS else (bool(value) if knob == "psf_modelling" else value)
+    factor = float(draws.get("count_level_factor", 1.0))
+    physics["counts_per_suv_ml"] = float(physics["counts_per_suv_ml"]) * factor
+    physics.update(overrides)
+    grid = profile["grid"]
+    if spacing is not None:
+        spacing_t = _as_triple(spacing, "spacing", float)
+    elif "spacing_mm" in grid:
+        spacing_t = _as_triple(grid["spacing_mm"], "spacing", float)
+    else:
+        vin = float(draws.get("voxel_inplane_mm", 4.0))
+        vax = float(draws.get("voxel_axial_mm", vin))
+        spacing_t = (vin, vin, vax)
+    if "field_of_view_mm" in grid:
+        cap = _as_triple(shape if shape is not None else grid["max_shape"], "shape", int)
+        fov = _as_triple(grid["field_of_view_mm"], "field_of_view_mm", float)
+        shape_t = tuple(int(min(c, max(16 if i < 2 else 4, round(f / v)))) for i, (c, f, v) in enumerate(zip(cap, fov, spacing_t)))
+    else:
+        shape_t = _as_triple(shape if shape is not None else grid["shape"], "shape", int)
+    return {"physics": physics, "shape": shape_t, "spacing": spacing_t,
+            "draws": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in draws.items()},
+            "overridden": sorted(overrides)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,6 +584,7 @@ def simulate_subject(
     overwrite: bool = False,
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
+    phantom_options: dict[str, Any] | None = None,
     **physics: Any,
 ) -> Path:
     """Simulate one subject and write its folder ``<output_dir>/<subject>/`` atomically.
@@ -434,7 +599,10 @@ def simulate_subject(
         seed: subject seed; the phantom and the noise use two seeds derived from it.
         overwrite: replace an existing subject folder (it is swapped out only once the new one is complete).
         progress: progress bar over dose levels.
-        provenance: extra entries for simulation.json (the CLI records the base seed and subject index).
+        provenance: extra entries for simulation.json (the CLI records the base seed, the profile and the
+            subject's draws under ``randomisation``).
+        phantom_options: keyword arguments of :func:`scripts.data.phantom.make_phantom` (a profile's
+            ``phantom`` entry: lesion count, sizes, contrasts, hosts); None: its defaults.
         **physics: keyword arguments of :func:`simulate_pet` (see ``PHYSICS_DEFAULTS``).
 
     Returns:
@@ -461,9 +629,9 @@ def simulate_subject(
         shape_t = _as_triple(shape, "shape", int)
         spacing_t = _as_triple(spacing, "spacing", float)
         try:
-            ph = make_phantom(shape_t, spacing_t, seed=phantom_seed)
-        except ValueError as exc:
-            raise UniPETInputError(f"{exc}") from exc
+            ph = make_phantom(shape_t, spacing_t, seed=phantom_seed, **(phantom_options or {}))
+        except (ValueError, TypeError) as exc:
+            raise UniPETInputError(f"phantom: {exc}") from exc
         truth, mu, labels, affine, spacing_t = ph.activity, ph.mu, ph.labels, ph.affine, ph.spacing
         label_table = {str(k): v for k, v in ph.label_table.items()}
         source = {"kind": "procedural phantom", "phantom_seed": phantom_seed, "phantom_info": ph.info}
@@ -544,38 +712,51 @@ def simulate_subject(
 def simulate(
     output_dir: str,
     n_subjects: int = 3,
-    shape: Any = (128, 128, 96),
-    spacing: Any = (4.0, 4.0, 4.0),
-    drfs: Any = DEFAULT_DRFS,
+    profile: str = "fixed",
+    shape: Any = None,
+    spacing: Any = None,
+    drfs: Any = None,
     seed: int = 0,
     activity: str | None = None,
     subject: str | None = None,
     resample_mm: float | None = None,
     overwrite: bool = False,
-    counts_per_suv_ml: float = PHYSICS_DEFAULTS["counts_per_suv_ml"],
+    counts_per_suv_ml: float | None = None,
     n_angles: int | None = None,
-    n_iterations: int = PHYSICS_DEFAULTS["n_iterations"],
-    n_subsets: int = PHYSICS_DEFAULTS["n_subsets"],
-    psf_fwhm_mm: float = PHYSICS_DEFAULTS["psf_fwhm_mm"],
-    postfilter_fwhm_mm: float = PHYSICS_DEFAULTS["postfilter_fwhm_mm"],
-    postfilter_axial_fwhm_mm: float = PHYSICS_DEFAULTS["postfilter_axial_fwhm_mm"],
-    scatter_fraction: float = PHYSICS_DEFAULTS["scatter_fraction"],
-    randoms_fraction: float = PHYSICS_DEFAULTS["randoms_fraction"],
-    low_dose_mode: str = PHYSICS_DEFAULTS["low_dose_mode"],
+    n_iterations: int | None = None,
+    n_subsets: int | None = None,
+    psf_fwhm_mm: float | None = None,
+    psf_modelling: bool | None = None,
+    postfilter_fwhm_mm: float | None = None,
+    postfilter_axial_fwhm_mm: float | None = None,
+    scatter_fraction: float | None = None,
+    randoms_fraction: float | None = None,
+    scatter_fwhm_mm: float | None = None,
+    low_dose_mode: str | None = None,
 ) -> None:
     """Simulate paired full-dose / low-dose PET (simulated data) into <output_dir>/<subject>/.
 
     Each subject folder gets full_dose.nii.gz, drf_<N>.nii.gz per DRF (SUV, float32), activity.nii.gz
-    (noise-free truth), labels.nii.gz + labels.json (organs and lesions) and simulation.json.
-    Physics: PSF blur, attenuated 2D projection, scatter + randoms, Poisson counts, 1/DRF thinning,
-    OSEM with a 3D post-filter.
+    (noise-free truth), labels.nii.gz + labels.json (organs and lesions, one label per lesion with its
+    diameter, true SUV, background and contrast) and simulation.json (every physics value used and, under
+    "randomisation", the profile and this subject's draws). Physics: PSF blur, attenuated 2D projection,
+    scatter + randoms, Poisson counts, 1/DRF thinning, OSEM (optionally with resolution modelling) and a
+    3D post-filter.
+
+    Profiles (configs/simulation/<name>.json, or a path) say which scanner and reconstruction each subject
+    gets: "fixed" (default; the single setting of 0.2.0, output unchanged), "randomised" (per-subject draws
+    over count level, OSEM schedule, PSF modelling, post-filters, voxel size, scatter, randoms: the
+    training data) and "unseen_recon" (the held-out test family: reconstructions outside the training
+    ranges and DRFs 7, 30, 150). A physics option given here replaces the profile's value or draw.
 
     Args:
         output_dir: dataset folder to write subject folders into.
         n_subjects: number of procedural phantoms (phantom_000, phantom_001, ...); ignored with --activity.
-        shape: phantom size in voxels, e.g. "[128,128,96]" (x, y, z; z axial).
-        spacing: phantom voxel size in mm, e.g. "[4.0,4.0,4.0]".
-        drfs: dose reduction factors, e.g. "[2,4,10,20,50,100]".
+        profile: simulation profile name (fixed, randomised, unseen_recon) or a .json path.
+        shape: phantom size in voxels, e.g. "[128,128,96]" (x, y, z; z axial); with a drawn voxel size,
+            the cap on the grid (default: the profile's).
+        spacing: phantom voxel size in mm, e.g. "[4.0,4.0,4.0]" (default: the profile's, or its draw).
+        drfs: dose reduction factors, e.g. "[2,4,10,20,50,100]" (default: the profile's).
         seed: base seed; subject i uses a seed derived from (seed, i); same seed -> identical files.
         activity: a real full-dose SUV NIfTI to simulate from instead of phantoms (keeps its grid).
         subject: subject folder name for --activity (default: the file name without .nii.gz).
@@ -586,25 +767,32 @@ def simulate(
         n_iterations: OSEM iterations.
         n_subsets: OSEM subsets.
         psf_fwhm_mm: detector resolution (3D Gaussian FWHM, mm).
+        psf_modelling: model the detector PSF in the reconstruction (true/false).
         postfilter_fwhm_mm: in-plane post-filter FWHM (mm).
         postfilter_axial_fwhm_mm: axial post-filter FWHM (mm).
         scatter_fraction: scatter / (trues + scatter).
         randoms_fraction: randoms / prompts.
+        scatter_fwhm_mm: width of the smooth scatter kernel across the detector (mm).
         low_dose_mode: "thin" (subsample the full-dose counts, like list mode) or "independent".
     """
-    physics = dict(
+    prof = load_profile(profile)
+    overrides = dict(
         counts_per_suv_ml=counts_per_suv_ml, n_angles=n_angles, n_iterations=n_iterations, n_subsets=n_subsets,
-        psf_fwhm_mm=psf_fwhm_mm, postfilter_fwhm_mm=postfilter_fwhm_mm,
+        psf_fwhm_mm=psf_fwhm_mm, psf_modelling=psf_modelling, postfilter_fwhm_mm=postfilter_fwhm_mm,
         postfilter_axial_fwhm_mm=postfilter_axial_fwhm_mm, scatter_fraction=scatter_fraction,
-        randoms_fraction=randoms_fraction, low_dose_mode=low_dose_mode,
+        randoms_fraction=randoms_fraction, scatter_fwhm_mm=scatter_fwhm_mm, low_dose_mode=low_dose_mode,
     )
-    _check_physics(physics)
-    drf_list = _as_drfs(drfs)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "psf_modelling" in overrides:
+        from scripts.inference.options import as_bool  # raises UniPETInputError naming the option
+
+        overrides["psf_modelling"] = as_bool(overrides["psf_modelling"], "psf_modelling")
+    _check_physics({**prof["physics"], **overrides})
+    drf_list = _as_drfs(drfs) if drfs is not None else prof["drfs"]
     out_root = Path(str(output_dir)).expanduser()
     if activity is not None:
         jobs = [(_check_subject_name(subject if subject else nifti_stem(activity)), int(seed))]
         provenance = {"base_seed": int(seed), "seed_rule": "the subject seed is the base seed"}
-        shape_t, spacing_t = shape, spacing
     else:
         if subject is not None:
             raise UniPETInputError("--subject names a real --activity input; phantoms are named phantom_000, ...")
@@ -612,25 +800,45 @@ def simulate(
             raise UniPETInputError("--resample_mm resamples a real --activity input; phantoms are made on --spacing")
         if int(n_subjects) < 1:
             raise UniPETInputError(f"--n_subjects must be >= 1; got {n_subjects}")
-        shape_t, spacing_t = _as_triple(shape, "shape", int), _as_triple(spacing, "spacing", float)
-        if shape_t[0] < 16 or shape_t[1] < 16 or shape_t[2] < 4:
-            raise UniPETInputError(f"--shape must be at least [16,16,4]; got {list(shape_t)}")
+        if shape is not None:
+            shape_chk = _as_triple(shape, "shape", int)
+            if shape_chk[0] < 16 or shape_chk[1] < 16 or shape_chk[2] < 4:
+                raise UniPETInputError(f"--shape must be at least [16,16,4]; got {list(shape_chk)}")
+        if spacing is not None:
+            _as_triple(spacing, "spacing", float)
         seeds = np.random.SeedSequence(int(seed) & 0xFFFFFFFF).spawn(int(n_subjects))
         jobs = [(f"phantom_{i:03d}", int(s.generate_state(1)[0])) for i, s in enumerate(seeds)]
         provenance = {
             "base_seed": int(seed),
             "seed_rule": "subject_seed of subject i = SeedSequence(base_seed).spawn(n)[i].generate_state(1)[0]",
         }
+    # every subject's draws first: a bad combination is refused before any work
+    plans = []
+    for name, subject_seed in jobs:
+        plan = draw_subject(prof, subject_seed, overrides, shape, spacing)
+        _check_physics(plan["physics"])
+        plans.append((name, subject_seed, plan))
     # refuse before any work, so a clash at subject 3 does not leave subjects 1-2 behind half a dataset
     for name, _ in jobs:
         check_output_path(out_root / name, overwrite=overwrite, inputs=[activity] if activity else [])
     if activity is not None:
         load_activity(activity)  # validate before the progress bar starts; cheap next to the simulation
-    logger.info("simulating %d subject(s) into %s (simulated data), DRFs %s", len(jobs), out_root, drf_list)
+    logger.info("simulating %d subject(s) into %s (simulated data), profile %s, DRFs %s", len(jobs), out_root,
+                prof["name"], drf_list)
     t0 = time.perf_counter()
-    for name, subject_seed in tqdm(jobs, desc="subjects", unit="subject"):
-        simulate_subject(out_root, name, activity=activity, resample_mm=resample_mm, shape=shape_t, spacing=spacing_t, drfs=drf_list,
-                         seed=subject_seed, overwrite=overwrite, progress=True, provenance=provenance, **physics)
+    for name, subject_seed, plan in tqdm(plans, desc="subjects", unit="subject"):
+        randomisation = {"profile": prof["name"], "profile_file": Path(prof.get("file", "")).name or None,
+                         "draws": plan["draws"], "overridden_on_the_command_line": plan["overridden"],
+                         "draw_seed_rule": "SeedSequence([subject_seed, 0x9E57])"}
+        if activity is not None and any(k in plan["draws"] for k in _GRID_DRAWS):
+            randomisation["note"] = "voxel-size draws unused: a real --activity keeps its grid (or --resample_mm)"
+        if prof["phantom"] and activity is not None:
+            randomisation.setdefault("note", "")
+            randomisation["note"] += "; the profile's phantom (lesion) options do not apply to a real --activity"
+        simulate_subject(out_root, name, activity=activity, resample_mm=resample_mm, shape=plan["shape"],
+                         spacing=plan["spacing"], drfs=drf_list, seed=subject_seed, overwrite=overwrite, progress=True,
+                         provenance={**provenance, "randomisation": randomisation},
+                         phantom_options=prof["phantom"] or None, **plan["physics"])
     logger.info("done: %d subject(s) in %.1f s", len(jobs), time.perf_counter() - t0)
 
 
