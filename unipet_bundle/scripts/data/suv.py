@@ -112,6 +112,7 @@ _DOSE_BQ_RANGE = (1e6, 1e10)
 _BODY_MEDIAN_SUV_RANGE = (0.05, 20.0)
 _BODY_FRACTION = 0.01
 _BODY_PERCENTILE = 99.9
+_BODY_SAMPLE = 4_000_000  # voxels used at most (memory and time stay small on a 100 M-voxel study)
 _WARN_DECAY_TIME_S = 24 * 3600.0  # dated times: a gap over a day is possible (long-lived tracers) but flagged
 _MAX_TIME_ONLY_UPTAKE_S = 12 * 3600.0  # time-only tags: a longer gap is a wrong clock or day, not an uptake
 _MAX_HALF_LIVES = 10.0  # under 2**-10 = 0.1 % of the activity left: no usable image, a wrong time or unit
@@ -437,7 +438,9 @@ def check_body_suv(
     Raises:
         SUVError: body median outside 0.05-20.
     """
-    values = np.asarray(suv)
+    values = np.asarray(suv).reshape(-1)
+    if values.size > _BODY_SAMPLE:  # a regular subsample (a view): the median needs no 100 M voxels, nor their copy
+        values = values[:: values.size // _BODY_SAMPLE + 1]
     finite = values[np.isfinite(values)]
     if finite.size == 0 or not np.any(finite > 0):
         return None, []
