@@ -6,11 +6,16 @@ Each step is one documented command (printed before it runs), so the sequence ca
 every training step is a ``python -m monai.bundle run --config_file configs/train.json`` with overrides and
 resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
 
-1. ``data``: the SIMULATED dataset: 36 procedural phantoms (seed 6) and one subject simulated from the real
+1. ``data``: the SIMULATED datasets. ``sim/``: 36 procedural phantoms (seed 6) under the domain-randomised
+   profile (``configs/simulation/randomised.json``: every subject its own count level, OSEM schedule, PSF
+   modelling, post-filters, voxel size, scatter and randoms) and one subject simulated from the real
    whole-body series of ``../shared/data/real_pet`` (converted to SUV, resampled to 4 mm, used as the
-   activity map), all at DRFs 4, 10, 20, 30, 50, 100; a datalist holds the split by subject: 28 phantoms
-   train, 4 validate, 4 phantoms + the real-series subject test (never seen in training or validation).
+   activity map, randomised physics), all at DRFs 4, 10, 20, 30, 50, 100; a datalist holds the split by
+   subject: the last 4 phantoms + the real-series subject test, the 4 before them validate, the rest train.
    Training and validation use DRFs 4, 10, 20, 50, 100 only; DRF 30 is the unseen DRF of the test.
+   ``sim_unseen/``: the held-out unseen-reconstruction family (``unseen_recon`` profile, seed 1313, DRFs
+   4, 7, 20, 30, 100, 150; never trained on): 6 phantoms, the first 2 tune the Gaussian baseline, the other
+   4 are its test subjects (``family.json`` says which). ``--profile fixed`` gives the 0.2.0 data.
 2. ``unipet``: UniPET with the default ``configs/train.json`` (stage 1: 2000 iterations, stage 2: 1000),
    which also keeps the state at the end of stage 1 (``checkpoint_iter002000.pt``).
 3. Branches from that state, each into its own folder (same stage 1, same data, same LR schedule):
@@ -25,6 +30,7 @@ The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -44,8 +50,9 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 REAL_SERIES = BUNDLE_ROOT.parent.parent / "shared" / "data" / "real_pet" / "tcia_sts001_fdg_wb" / "FDG_PET" / "image"
 ALL_DRFS = (4, 10, 20, 30, 50, 100)
 TRAIN_DRFS = (4, 10, 20, 50, 100)
-N_PHANTOMS, PHANTOM_SEED = 36, 6
-VAL_SUBJECTS = [f"phantom_{i:03d}" for i in range(28, 32)]
+N_PHANTOMS, PHANTOM_SEED, N_VAL, N_TEST = 36, 6, 4, 4
+UNSEEN_PROFILE, N_UNSEEN, N_UNSEEN_VAL, UNSEEN_SEED = "unseen_recon", 6, 2, 1313
+VAL_SUBJECTS = [f"phantom_{i:03d}" for i in range(28, 32)]  # with the defaults (36 phantoms)
 TEST_SUBJECTS = [f"phantom_{i:03d}" for i in range(32, 36)] + ["real_sts001"]
 STAGE1_EPOCHS, EPOCHS, DRF_SPECIFIC_EPOCHS = 20, 30, 3
 SNAPSHOT = "checkpoint_iter002000.pt"  # the end of stage 1 of the default config (20 epochs x 100)
@@ -88,25 +95,64 @@ class TrainModels:
         self.models = self.work / "models"
 
     # -- data ------------------------------------------------------------------------------------------
-    def data(self, real_series: str = str(REAL_SERIES)) -> None:
-        """Simulate the dataset (phantoms + the real series as an activity map) and write the datalist."""
+    def data(self, real_series: str = str(REAL_SERIES), profile: str = "randomised", n_phantoms: int = N_PHANTOMS,
+             n_val: int = N_VAL, n_test: int = N_TEST, real: bool = True, n_unseen: int = N_UNSEEN,
+             n_unseen_val: int = N_UNSEEN_VAL) -> None:
+        """Simulate the datasets (see the module docstring) and write the datalist and ``family.json``.
+
+        Args:
+            real_series: the real DICOM series used as an activity map (``--real false`` skips it).
+            profile: simulation profile of ``sim/`` (randomised; ``fixed`` for the 0.2.0 data).
+            n_phantoms, n_val, n_test: phantoms of ``sim/`` and how many of the last ones validate / test.
+            real: add the real-series subject to ``sim/``'s test split.
+            n_unseen, n_unseen_val: phantoms of ``sim_unseen/`` and how many of the first ones tune the
+                Gaussian (the rest are test subjects); 0 skips the family.
+        """
+        from scripts.inference.options import as_bool
+
+        n_phantoms, n_val, n_test, real = int(n_phantoms), int(n_val), int(n_test), as_bool(real, "real")
+        if n_phantoms - n_val - n_test < 1 or n_val < 1 or n_test < 1:
+            raise UniPETInputError(f"--n_phantoms {n_phantoms} must leave >= 1 training subject after --n_val {n_val} "
+                                   f"and --n_test {n_test} (each >= 1)")
         drfs = "[" + ",".join(str(d) for d in ALL_DRFS) + "]"
-        suv = self.work / "real" / "sts001_suv.nii.gz"
-        phantoms = [self.data / f"phantom_{i:03d}" for i in range(N_PHANTOMS)]
-        if not all(p.is_dir() for p in phantoms):
+        names = [f"phantom_{i:03d}" for i in range(n_phantoms)]
+        test = names[n_phantoms - n_test:]
+        val = names[n_phantoms - n_test - n_val: n_phantoms - n_test]
+        if not all((self.data / p).is_dir() for p in names):
             # seeded, so re-simulating an interrupted set (--overwrite) gives the same files
-            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--n_subjects", str(N_PHANTOMS),
-                  "--seed", str(PHANTOM_SEED), "--drfs", drfs, "--overwrite", "true"], None)
-        if not suv.is_file():
-            _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
-        if not (self.data / "real_sts001").is_dir():
-            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--activity", str(suv), "--subject",
-                  "real_sts001", "--resample_mm", "4", "--seed", str(PHANTOM_SEED), "--drfs", drfs], None)
+            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--n_subjects", str(n_phantoms),
+                  "--profile", profile, "--seed", str(PHANTOM_SEED), "--drfs", drfs, "--overwrite", "true"], None)
+        if real:
+            suv = self.work / "real" / "sts001_suv.nii.gz"
+            if not suv.is_file():
+                _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
+            if not (self.data / "real_sts001").is_dir():
+                _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--activity", str(suv), "--subject",
+                      "real_sts001", "--profile", profile, "--resample_mm", "4", "--seed", str(PHANTOM_SEED),
+                      "--drfs", drfs], None)
+            test = test + ["real_sts001"]
         if not self.datalist.is_file():
             _run([*_py(), "-m", "scripts.data.datalist", str(self.data), "--output", str(self.datalist),
-                  "--val_subjects", "[" + ",".join(VAL_SUBJECTS) + "]",
-                  "--test_subjects", "[" + ",".join(TEST_SUBJECTS) + "]",
+                  "--val_subjects", "[" + ",".join(val) + "]",
+                  "--test_subjects", "[" + ",".join(test) + "]",
                   "--drfs", "[" + ",".join(str(d) for d in TRAIN_DRFS) + "]"], None)
+        if int(n_unseen) > 0:
+            self.unseen_family(int(n_unseen), int(n_unseen_val))
+
+    def unseen_family(self, n_subjects: int = N_UNSEEN, n_val: int = N_UNSEEN_VAL) -> None:
+        """The held-out unseen-reconstruction test family in ``sim_unseen/`` (one simulate command + family.json)."""
+        if n_subjects - n_val < 1 or n_val < 1:
+            raise UniPETInputError(f"the unseen family needs >= 1 Gaussian-tuning and >= 1 test subject; got "
+                                   f"{n_subjects} subjects, {n_val} for tuning")
+        folder = self.work / "sim_unseen"
+        names = [f"phantom_{i:03d}" for i in range(n_subjects)]
+        if not all((folder / p).is_dir() for p in names):
+            _run([*_py(), "-m", "scripts.data.simulate", str(folder), "--profile", UNSEEN_PROFILE, "--n_subjects",
+                  str(n_subjects), "--seed", str(UNSEEN_SEED), "--overwrite", "true"], None)
+        family = {"description": "unseen-reconstruction test family (simulated data): never used in training",
+                  "profile": UNSEEN_PROFILE, "seed": UNSEEN_SEED, "validation": names[:n_val], "test": names[n_val:],
+                  "note": "validation subjects only tune the Gaussian baseline's FWHM per DRF"}
+        atomic_write(folder / "family.json", lambda tmp: tmp.write_text(json.dumps(family, indent=2) + "\n"))
 
     # -- training ----------------------------------------------------------------------------------------
     def _train(self, name: str, extra: list[str]) -> None:
