@@ -275,6 +275,11 @@ INFER_REFUSED = {
     "all-zero NIfTI": (lambda data: save_nifti(np.zeros((8, 8, 8)), AFFINE, data / "zero.nii.gz"), r"zero\.nii\.gz is all zero"),
     "Inf voxels": (lambda data: save_nifti(np.where(np.arange(512).reshape(8, 8, 8) % 97 == 0, np.inf, 1.0), AFFINE, data / "inf.nii.gz"),
                    r"inf\.nii\.gz has 6 NaN/Inf voxel"),
+    # issue 12: all-negative volumes were denoised silently
+    "all-negative NIfTI": (lambda data: save_nifti(-RNG.uniform(0.1, 2.0, size=(8, 8, 8)), AFFINE, data / "neg.nii.gz"),
+                           r"neg\.nii\.gz has no positive voxel \(maximum -0\.\d+.*sign is inverted"),
+    "zero and negative NIfTI": (lambda data: save_nifti(np.minimum(0.0, RNG.normal(0, 1, size=(8, 8, 8))), AFFINE, data / "nonpos.nii.gz"),
+                                r"nonpos\.nii\.gz has no positive voxel \(maximum 0,"),
 }
 
 
@@ -461,3 +466,34 @@ def test_error_raised_in_a_dataloader_worker_is_still_one_line(tmp_path):
     found = user_error(info.value)  # PyTorch 2.13 re-raises it as a RuntimeError: then the text is parsed
     message = str(found) if found is not None else worker_user_error(info.value)
     assert message is not None and message.endswith("drf_4.nii.gz has 1 NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before using it")
+
+
+# ------------------------------------------------------------------ names in logs, hidden entries (issue 12)
+
+FORGED = "p1\nerror: forged line\x1b[2J"
+
+
+def test_a_newline_in_a_folder_name_cannot_forge_log_lines_and_hidden_entries_are_reported(tmp_path):
+    data, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / "a.nii.gz")
+    series(data / FORGED)
+    save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / ".hidden_scan.nii.gz")
+    series(data / ".hidden_series")
+    (data / ".DS_Store").write_text("x")
+    (data / "notes.txt").write_text("x")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true",
+                           "--progress", "false", "--channels", "4", "--num_blocks", "2", "--latent_dim", "8",
+                           "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"],
+                          cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert not [line for line in log.splitlines() if line.startswith("error:")], "a folder name forged an error line"
+    assert "\x1b" not in log, "terminal escape sequences from a name reached the log"
+    assert "'p1\\nerror: forged line\\x1b[2J'" in log, "the name must be shown quoted, with its control characters escaped"
+    assert re.search(r"skipping hidden folder \.hidden_series: names starting with '\.' are hidden.*rename it", log)
+    assert "skipping hidden file .hidden_scan.nii.gz" in log and "skipping hidden file .DS_Store" in log
+    assert "skipping file notes.txt: not a NIfTI file" in log
+    assert (out / f"{FORGED}_denoised.nii.gz").is_file() and (out / "a_denoised.nii.gz").is_file()
+    assert not (out / ".hidden_scan_denoised.nii.gz").exists()

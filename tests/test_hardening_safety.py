@@ -421,3 +421,54 @@ def test_patient_identifiers_never_reach_logs_or_outputs(tmp_path, caplog, capfd
     # the derived series is filed with the patient's other images, so it keeps them (by design)
     derived = pydicom.dcmread(next((tmp_path / "denoised" / "scan1_denoised_dicom").glob("*.dcm")))
     assert str(derived.PatientID) == factory.PATIENT_ID
+
+
+# ------------------------------------------------------------------------- disk full (issue 12, "Also")
+
+_ENOSPC_RUN = """
+import errno, runpy, sys
+import pydicom.filewriter as fw
+real = fw.write_data_element
+def full(fp, elem, *args, **kwargs):
+    if elem.tag == 0x7FE00010:  # PixelData: the disk fills up in the middle of the series
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fp, elem, *args, **kwargs)
+fw.write_data_element = full
+sys.argv = ["monai.bundle"] + sys.argv[1:]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_disk_full_while_writing_the_dicom_series_is_one_sentence(tmp_path):
+    """pydicom re-raises a write error with the whole traceback (venv paths) in its message: 564 characters
+    of it used to be the "one line". Now: what happened, what to do, nothing of that input kept."""
+    data, out = tmp_path / "in", tmp_path / "out"
+    factory.write_synthetic_series(data / "pet", phantom((10, 9, 6), hot=None) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENOSPC_RUN, "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
+         "--output_dir", str(out), "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true",
+         "--progress", "false", *[str(a) for kv in NET_OVERRIDES.items() for a in (f"--{kv[0]}", json.dumps(kv[1]))],
+         "--patch_size", "[16,16,16]"],
+        cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    line = lines[0]
+    assert "is full (no space left on device) while writing the outputs of pet" in line and "free some space" in line, line
+    assert len(line) < 300 and "site-packages" not in line and "Traceback" not in proc.stderr, line
+    assert sorted(p.name for p in out.iterdir()) == [], "nothing of the input kept: no NIfTI, no series, no temporaries"
+
+
+def test_a_write_error_without_errno_is_shown_by_its_first_line():
+    from scripts.inference.errors import _one_line
+
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/out/x.dcm")
+        except OSError as exc:  # what pydicom's tag_in_exception does
+            raise OSError(f"With tag (7FE0,0010) got exception: {exc}\nTraceback (most recent call last):\n  File \"/venv/...\"") from exc
+    except OSError as wrapped:
+        assert _one_line(wrapped) == "OSError: No space left on device: /out/x.dcm"
+        assert _one_line(OSError("first line\nTraceback ...")) == "OSError: first line"

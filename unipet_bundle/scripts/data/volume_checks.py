@@ -10,6 +10,10 @@ Policy (the same in inference, training and evaluation; the SUV tool only conver
 - **NaN/Inf voxels are refused** (one would spread through every window that touches it), with the count.
 - **An all-zero volume is refused**: it is an empty or failed reconstruction (or the wrong file); there is
   nothing to denoise, and a full dose of zeros gives no patch to train on.
+- **A volume with no positive voxel (all negative, or negative and zero) is refused**: PET activity is
+  never below zero everywhere; such a file has its sign inverted, an offset subtracted, or is not a PET
+  image at all. Denoising it would "work" and give nonsense, so the message names the maximum and the
+  likely causes.
 - **Negative voxels are kept as they are**: OSEM/FBP reconstructions legitimately contain them and they
   carry the zero-mean noise of cold regions; clipping them would bias low-uptake means upwards.
 """
@@ -29,10 +33,11 @@ def check_pet_volume(name: str, array: np.ndarray, allow_all_zero: bool = False)
     Args:
         name: what to call the volume in messages (its path).
         array: the volume, (X, Y, Z) or (X, Y, Z, 1, ...).
-        allow_all_zero: accept a volume whose voxels are all zero (the SUV tool converts it with a warning).
+        allow_all_zero: accept a volume whose voxels are all zero, or that has no positive voxel at all (the
+            SUV tool converts it with a warning).
 
     Raises:
-        UniPETInputError: 2D image or single slice, 4D volume, NaN/Inf voxels, all-zero volume.
+        UniPETInputError: 2D image or single slice, 4D volume, NaN/Inf voxels, all-zero volume, no positive voxel.
     """
     arr = np.asarray(array)
     while arr.ndim > 3 and arr.shape[-1] == 1:
@@ -56,5 +61,11 @@ def check_pet_volume(name: str, array: np.ndarray, allow_all_zero: bool = False)
         raise UniPETInputError(
             f"{name} is all zero (an empty or failed reconstruction, or the wrong file?): nothing to denoise or learn "
             "from; replace it or remove it"
+        )
+    if not allow_all_zero and float(np.max(arr)) <= 0.0:
+        raise UniPETInputError(
+            f"{name} has no positive voxel (maximum {float(np.max(arr)):.4g}, minimum {float(np.min(arr)):.4g}): PET "
+            "activity is never negative everywhere; the sign is inverted, an offset was subtracted, or this is not a PET "
+            "image: fix the file or remove it"
         )
     return arr
