@@ -22,7 +22,9 @@ The flow, per input (``IN/*.nii``, ``IN/*.nii.gz`` in SUV, and ``IN/<folder>/`` 
    ``OUT/<name>_denoised.nii.gz`` (SUV) with ``<name>_denoised.json`` (units, SUV factor, model, grids),
    and, with ``output_format`` dicom/both, ``OUT/<name>_denoised_dicom/`` for DICOM inputs (Bq/mL).
 
-Without a checkpoint the untrained UniPET (the identity) runs after a loud WARNING (``allow_untrained``).
+A ``--checkpoint`` that does not exist is an error; the untrained UniPET (the identity) runs only when asked
+(``--checkpoint "" --allow_untrained true``) and its outputs say UNTRAINED. Runs sharing ``output_dir`` never
+remove each other's outputs (:mod:`.claims`).
 
 Modules (each has one job): :mod:`.options` (option values), :mod:`.errors` (one-line errors),
 :mod:`.inputs` (discover, validate, load), :mod:`.model` (weights), :mod:`.writer` (outputs),
