@@ -90,8 +90,8 @@ class TrainModels:
     def __init__(self, work_dir: str, threads: int = 0) -> None:
         self.work = Path(work_dir).expanduser().absolute()
         self.threads = int(threads)
-        self.data = self.work / "sim"
-        self.datalist = self.data / "datalist.json"
+        self.sim_dir = self.work / "sim"  # not "data": that name is the step (a method)
+        self.datalist = self.sim_dir / "datalist.json"
         self.models = self.work / "models"
 
     # -- data ------------------------------------------------------------------------------------------
@@ -118,21 +118,21 @@ class TrainModels:
         names = [f"phantom_{i:03d}" for i in range(n_phantoms)]
         test = names[n_phantoms - n_test:]
         val = names[n_phantoms - n_test - n_val: n_phantoms - n_test]
-        if not all((self.data / p).is_dir() for p in names):
+        if not all((self.sim_dir / p).is_dir() for p in names):
             # seeded, so re-simulating an interrupted set (--overwrite) gives the same files
-            _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--n_subjects", str(n_phantoms),
+            _run([*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--n_subjects", str(n_phantoms),
                   "--profile", profile, "--seed", str(PHANTOM_SEED), "--drfs", drfs, "--overwrite", "true"], None)
         if real:
             suv = self.work / "real" / "sts001_suv.nii.gz"
             if not suv.is_file():
                 _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
-            if not (self.data / "real_sts001").is_dir():
-                _run([*_py(), "-m", "scripts.data.simulate", str(self.data), "--activity", str(suv), "--subject",
+            if not (self.sim_dir / "real_sts001").is_dir():
+                _run([*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--activity", str(suv), "--subject",
                       "real_sts001", "--profile", profile, "--resample_mm", "4", "--seed", str(PHANTOM_SEED),
                       "--drfs", drfs], None)
             test = test + ["real_sts001"]
         if not self.datalist.is_file():
-            _run([*_py(), "-m", "scripts.data.datalist", str(self.data), "--output", str(self.datalist),
+            _run([*_py(), "-m", "scripts.data.datalist", str(self.sim_dir), "--output", str(self.datalist),
                   "--val_subjects", "[" + ",".join(val) + "]",
                   "--test_subjects", "[" + ",".join(test) + "]",
                   "--drfs", "[" + ",".join(str(d) for d in TRAIN_DRFS) + "]"], None)
@@ -159,7 +159,7 @@ class TrainModels:
         if not self.datalist.is_file():
             raise UniPETInputError(f"{self.datalist} not found: run the `data` step first")
         _run([*_py(), "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-              "--dataset_dir", str(self.data), "--datalist_file", str(self.datalist),
+              "--dataset_dir", str(self.sim_dir), "--datalist_file", str(self.datalist),
               "--ckpt_dir", str(self.models / name), "--output_dir", str(self.work / "runs" / name), *extra],
              self.threads)
 
