@@ -167,6 +167,21 @@ def test_impossible_suv_tags_are_refused_with_tag_and_override_named(tmp_path, b
     assert 0.2 < meta["body_median_suv"] < 2.0
 
 
+@pytest.mark.parametrize("tag, value, needle", [
+    ("PatientWeight", "71000", "PatientWeight (0010,1030) 71000 kg is implausible"),
+    ("rp.RadionuclideTotalDose", "388.777472", "RadionuclideTotalDose (0018,1074) 388.8 Bq is implausibly small"),
+])
+def test_real_series_with_weight_in_grams_or_dose_in_mbq_is_refused(tmp_path, real_pet_dir, bundle_root, tag, value, needle):
+    """The issue's cases on the real series: SUVmax 63,170 and 6e7, exit 0, outputs written before the fix."""
+    target = (lambda ds: radiopharm(ds)) if tag.startswith("rp.") else (lambda ds: ds)
+    copy_real_slices(real_pet_dir, tmp_path / "d", count=3, edit=lambda ds: setattr(target(ds), tag.removeprefix("rp."), value))
+    before = _digest(tmp_path / "d")
+    out = tmp_path / "o" / "suv.nii.gz"
+    line = _one_line_error(_cli(bundle_root, "--dicom_dir", str(tmp_path / "d"), "--output", str(out)))
+    assert needle in line and "--allow_implausible_suv" in line, line
+    assert not out.parent.exists() and _digest(tmp_path / "d") == before
+
+
 def test_escape_hatch_keeps_an_implausible_series_with_warnings(tmp_path, bundle_root):
     write_synthetic_series(tmp_path / "d", BQML, edit=_set("PatientWeight", "80000"))
     out = tmp_path / "o" / "suv.nii.gz"
