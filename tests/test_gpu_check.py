@@ -1,0 +1,120 @@
+"""`python -m scripts.benchmarks.gpu_check`: on a CPU-only machine it says so, dry-runs every GPU code path on tiny
+sizes and exits 0 with one JSON; the compute-peak and precision-benchmark helpers it shares are checked here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import BUNDLE_ROOT
+from scripts.benchmarks import gpu_check
+from scripts.benchmarks.compute_peak import gflops_line, network_flops, sliding_window_flops
+from scripts.benchmarks.precision import RULE, choose_default
+from scripts.networks.unipet import UniPET
+
+
+def _cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "scripts.benchmarks.gpu_check", *args], cwd=BUNDLE_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run is what this machine can check")
+def test_cpu_only_machine_says_so_and_dry_runs_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = _cli(["--out", str(out), "--iterations", "2"])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "No CUDA device" in log and "DRY RUN" in log
+    result = json.loads(out.read_text())
+    assert result["cuda"] is False and result["dry_run"] is True and result["errors"] == {}
+    sections = result["sections"]
+    assert set(sections) == {"train_stage1", "train_stage2", "inference_network", "inference_e2e", "multi_gpu_train"}
+    for stage in ("train_stage1", "train_stage2"):
+        assert sections[stage]["iterations_per_s"] > 0 and sections[stage]["precision"] in ("bf16", "fp32")
+    assert sections["multi_gpu_train"]["backend"] == "gloo" and sections["multi_gpu_train"]["processes"] == 2
+    assert sections["inference_network"]["seconds"] > 0 and sections["inference_e2e"]["seconds"] > 0
+    for sec in sections.values():  # a memory figure for each
+        assert any("peak" in k and v > 0 for k, v in sec.items()), sec
+    assert not list(tmp_path.glob("*.tmp*")), "no half-written output"
+
+
+def test_help():
+    proc = _cli(["--help"], timeout=300)
+    assert proc.returncode == 0 and "dry_run" in proc.stdout + proc.stderr
+
+
+def test_bad_options_are_one_line_errors_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert gpu_check.run(out=str(out), sections=["train", "bogus"]) == 2
+    assert "unknown sections ['bogus']" in capsys.readouterr().err
+    assert gpu_check.run(out=str(out), dry_run="maybe") == 2
+    assert "--dry_run must be true or false" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert gpu_check.run(out=str(out), dry_run="false") == 2  # fire passes the string "false"
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_failing_section_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(gpu_check, "inference_network_section", boom)
+    out = tmp_path / "g.json"
+    code = gpu_check.run(out=str(out), sections=["inference_network"])
+    assert code == 1
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"inference_network": "RuntimeError: simulated failure"}
+    assert "section inference_network failed: RuntimeError: simulated failure" in capsys.readouterr().err
+
+
+def test_synthetic_study_is_a_plausible_suv_volume():
+    vol = gpu_check.synthetic_study((40, 36, 48))
+    assert vol.shape == (40, 36, 48) and vol.dtype.name == "float32" and vol.min() >= 0
+    body = vol[vol > 0]
+    assert 0.5 < float(sorted(body)[len(body) // 2]) < 2.0 and vol.max() > 5.0
+
+
+# ------------------------------------------------------------------------ compute peak / precision helpers
+def test_network_flops_match_the_layer_shapes():
+    net = UniPET(channels=4, num_blocks=2, use_san=False).eval()
+    x = torch.zeros(2, 1, 8, 8, 8)
+    vox = 2 * 8**3
+    # input conv 1->4, 2 blocks x 2 convs 4->4, output conv 4->1; 3x3x3 kernels, 2 FLOPs per multiply-add
+    expected = 2 * 27 * vox * (1 * 4 + 2 * 2 * 4 * 4 + 4 * 1)
+    assert network_flops(net, x) == expected
+    total, n = sliding_window_flops(net, (20, 8, 8), (8, 8, 8), 0.25)
+    assert n == 3 and total == 3 * expected // 2  # windows at 0, 6, 12 along x (MONAI's scan), batch 1 each
+
+
+def test_gflops_line_states_the_ratio_and_target():
+    assert "peak/achieved 2.00 (target <= 1.3: NOT met)" in gflops_line("net", 10.0, 20.0, "bf16")
+    assert "(target <= 1.3: met)" in gflops_line("net", 18.0, 20.0, "fp32")
+
+
+def _result(**acc):
+    base = {"max_rel_voxel_diff": 0.001, "max_abs_lesion_suvmax_change_pct": 0.2, "max_abs_organ_mean_change_pct": 0.01,
+            "psnr_change_db": -0.01}
+    base.update(acc)
+    return {"ran_as": {"fp32": "fp32", "bf16": "bf16"}, "inference": {"volume_speedup": 1.4},
+            "training": {"min_speedup": 1.3}, "accuracy": base}
+
+
+def test_default_is_chosen_by_the_rule():
+    assert choose_default(_result())[0] == "bf16"
+    assert choose_default(_result(psnr_change_db=-2 * RULE["max_abs_psnr_change_db"]))[0] == "fp32"
+    worse = choose_default(_result(max_abs_lesion_suvmax_change_pct=5.0))
+    assert worse[0] == "fp32" and "lesion SUVmax" in worse[1]
+    slow = _result()
+    slow["training"]["min_speedup"] = 1.0
+    assert choose_default(slow)[0] == "fp32"
+    native = _result()
+    native["ran_as"]["bf16"] = "fp32"
+    assert choose_default(native) == ("fp32", "bf16 is not native on this machine (fell back to fp32)")
