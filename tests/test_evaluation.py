@@ -182,7 +182,7 @@ def test_identity_run_regions_by_hand(identity_run):
     assert {r["subject"] for r in rows} == {"sub0", "sub1"}
     n_lesion = int(_ball(LESION_AT, 1.5).sum())
     for r in rows:
-        f = {k: float(r[k]) for k in columns if k not in ("subject", "drf", "name", "kind")}
+        f = {k: float(r[k]) for k in columns if k not in ("subject", "drf", "name", "kind", "size_bin", "host")}
         if r["name"] == "lesion_1":
             assert r["kind"] == "lesion" and int(f["voxels"]) == n_lesion
             assert f["full_suvmax"] == pytest.approx(10.0, abs=1e-5) and f["input_suvmax"] == pytest.approx(12.0, abs=1e-5)

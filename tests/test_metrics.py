@@ -110,5 +110,5 @@ def test_quality_metrics_shape_checks():
     with pytest.raises(ValueError, match="one shape"):
         quality_metrics(x, x[..., :20], torch.ones_like(x))
     m = quality_metrics(x[0], x[0] + 0.1, torch.ones_like(x[0]))  # (C, X, Y, Z) accepted
-    assert set(m) == {"psnr", "ssim", "nrmse", "texture_ratio"}
+    assert set(m) == {"psnr", "psnr_refmax", "ssim", "nrmse", "texture_ratio"}
     assert m["psnr"] == pytest.approx(20 * math.log10(20 / 0.1), abs=1e-3)

@@ -6,6 +6,10 @@ when the inputs are normalised and ``clip_max = data_range = 1``, because every 
 scale-invariant once the data range scales with the data.
 
 All functions take tensors shaped (B, C, X, Y, Z) and return one value per batch item, shape (B,).
+
+Two PSNRs, never to be mixed: ``psnr`` is UniPET's (SUV clipped to [0, 20], peak 20: comparable across
+subjects, the paper's number) and ``psnr_refmax`` is UDPET's and most peers' (no clipping, peak = the
+maximum of the reference volume: higher for a subject with a hot bladder, not comparable across subjects).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from monai.utils import MetricReduction
 
 __all__ = [
     "psnr",
+    "psnr_refmax",
+    "noise_autocorrelation",
     "ssim3d",
     "nrmse",
     "local_std",
@@ -43,6 +49,15 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 20.0, cli
     mse = (_flat(_clip(pred, clip_max)) - _flat(_clip(target, clip_max))).pow(2).mean(dim=1)
     out = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> +inf, no warning, no NaN
     return out.float()
+
+
+def psnr_refmax(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB as UDPET and most peers define it: ``10 log10(max(target)^2 / MSE)`` on unclipped data,
+    the peak being the maximum of each reference volume. Not comparable with :func:`psnr` (UniPET's)."""
+    t = _flat(target)
+    mse = (_flat(pred) - t).pow(2).mean(dim=1)
+    peak = t.max(dim=1).values
+    return (10.0 * torch.log10(peak**2 / mse)).float()
 
 
 def nrmse(pred: torch.Tensor, target: torch.Tensor, clip_max: float | None = 20.0) -> torch.Tensor:
@@ -144,7 +159,9 @@ def quality_metrics(
         texture_window: box size of the local standard deviation.
 
     Returns:
-        ``{"psnr", "ssim", "nrmse", "texture_ratio"}``; PSNR is ``inf`` for identical volumes (after clipping).
+        ``{"psnr", "psnr_refmax", "ssim", "nrmse", "texture_ratio"}``: ``psnr`` is UniPET's (clipped, peak
+        ``data_range``), ``psnr_refmax`` UDPET's (unclipped, peak = max of ``target``); PSNR is ``inf`` for
+        identical volumes.
         The texture ratio is computed on the same clipped data as the other metrics.
     """
     if pred.dim() == 4:
@@ -154,6 +171,7 @@ def quality_metrics(
                          f"{list(target.shape)}, {list(mask.shape)}")
     return {
         "psnr": float(psnr(pred, target, data_range, clip_max)[0]),
+        "psnr_refmax": float(psnr_refmax(pred, target)[0]),
         "ssim": float(ssim3d(pred, target, data_range, clip_max)[0]),
         "nrmse": float(nrmse(pred, target, clip_max)[0]),
         "texture_ratio": float(texture_ratio(_clip(pred, clip_max), _clip(target, clip_max), mask, texture_window)[0]),
@@ -204,6 +222,67 @@ class NRMSEMetric(_PerItemMetric):
 
     def _value(self, y_pred, y):
         return nrmse(y_pred, y, self.clip_max)
+
+
+def noise_autocorrelation(
+    volume: "np.ndarray",
+    mask: "np.ndarray",
+    spacing: tuple[float, float, float],
+    max_lag: int = 4,
+    detrend_fwhm_mm: float = 20.0,
+) -> dict[str, list[float]]:
+    """Noise texture in a uniform region: the normalised autocorrelation of the noise versus lag, in-plane
+    (mean of x and y) and axially, plus the noise CoV.
+
+    The noise is the image minus its local mean inside ``mask`` (a normalised Gaussian convolution of
+    ``detrend_fwhm_mm``, so organ edges and slow uptake gradients do not count as noise); the
+    autocorrelation at lag ``k`` along an axis is ``sum n(v) n(v + k) / sum n(v)^2`` over voxel pairs both in
+    ``mask``. White noise gives 1, 0, 0...; a smoother (or axially more correlated) texture decays slower.
+
+    Args:
+        volume: (x, y, z) image (SUV).
+        mask: (x, y, z) bool region, e.g. the liver eroded by a voxel.
+        spacing: voxel size in mm (for the lags in mm and the detrending).
+        max_lag: largest lag in voxels.
+        detrend_fwhm_mm: FWHM of the local mean removed before measuring.
+
+    Returns:
+        ``{"lags_inplane_mm", "acf_inplane", "lags_axial_mm", "acf_axial", "cov_pct"}`` (lists; NaN where
+        no pairs exist).
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    v = np.asarray(volume, dtype=np.float64)
+    m = np.asarray(mask, dtype=bool)
+    sig = [detrend_fwhm_mm / 2.3548 / s for s in spacing]
+    num = ndimage.gaussian_filter(np.where(m, v, 0.0), sig, mode="constant")
+    den = ndimage.gaussian_filter(m.astype(np.float64), sig, mode="constant")
+    noise = np.where(m, v - num / np.maximum(den, 1e-12), 0.0)
+    var = float((noise[m] ** 2).mean()) if m.any() else float("nan")
+
+    def acf(axis: int) -> list[float]:
+        out = [1.0]
+        n = v.shape[axis]
+        for k in range(1, max_lag + 1):
+            if k >= n:
+                out.append(float("nan"))
+                continue
+            a = np.take(noise, range(n - k), axis=axis)
+            b = np.take(noise, range(k, n), axis=axis)
+            both = np.take(m, range(n - k), axis=axis) & np.take(m, range(k, n), axis=axis)
+            out.append(float((a * b)[both].mean() / var) if both.any() and var > 0 else float("nan"))
+        return out
+
+    inplane = [(a + b) / 2.0 for a, b in zip(acf(0), acf(1))]
+    mean = float(v[m].mean()) if m.any() else float("nan")
+    return {
+        "lags_inplane_mm": [k * 0.5 * (spacing[0] + spacing[1]) for k in range(max_lag + 1)],
+        "acf_inplane": inplane,
+        "lags_axial_mm": [k * spacing[2] for k in range(max_lag + 1)],
+        "acf_axial": acf(2),
+        "cov_pct": 100.0 * math.sqrt(var) / mean if mean and math.isfinite(var) else float("nan"),
+    }
 
 
 def analytic_psnr(noise_std: float, data_range: float) -> float:
