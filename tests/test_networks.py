@@ -121,12 +121,14 @@ def test_vanilla_has_no_san_parameters():
 
 
 def test_parameter_counts_match_docstring():
-    assert _n_params(UniPET()) == 2_343_909
+    assert _n_params(UniPET()) == 2_466_789
+    assert _n_params(UniPET(san_variant="v1")) == 2_343_909
     assert _n_params(UniPET(use_san=False)) == 1_774_017
-    assert _n_params(UniPET(**CPU_CONFIG)) == 98_109
+    assert _n_params(UniPET(**CPU_CONFIG)) == 109_373
+    assert _n_params(UniPET(san_variant="v1", **CPU_CONFIG)) == 98_109
     assert _n_params(UniPET(use_san=False, **CPU_CONFIG)) == 56_305
     doc = UniPET.__doc__
-    for n in ("2,343,909", "1,774,017", "98,109", "56,305"):
+    for n in ("2,466,789", "2,343,909", "1,774,017", "109,373", "98,109", "56,305"):
         assert n in doc
 
 
@@ -226,3 +228,87 @@ def test_critic_shapes_and_structure():
 def test_critic_too_small_input_is_a_clear_error():
     with pytest.raises(ValueError, match=">= 16"):
         PatchCritic(channels=(4, 8, 16, 32))(torch.randn(1, 1, 15, 32, 32))
+
+
+# --- SAN alive at initialisation (issue 15: the 0.2.0 SAN was structurally dead) ------------------------
+
+
+def _noise_windows(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two windows with the same level (2 SUV, normalised) and smooth noise, std 0.1 vs 1 SUV (low vs high DRF)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 1, size, size, size, generator=g)
+    base = F.avg_pool3d(F.pad(base, [1] * 6, mode="replicate"), 3, 1)  # PET noise is correlated
+    base = base / base.std()
+    return (2.0 + 0.1 * base) / 20.0, (2.0 + 1.0 * base) / 20.0
+
+
+@pytest.mark.parametrize("variant,alive", [("v2", True), ("v1", False)])
+def test_san_keeps_activation_scale_and_reads_the_noise_level_at_init(variant, alive):
+    net = UniPET(san_variant=variant, **CPU_CONFIG).eval()
+    low_noise, high_noise = _noise_windows()
+    with torch.no_grad():
+        feat = net.input_conv(high_noise)
+        scales = [feat.abs().mean().item()]
+        for stage in net.san.stages:
+            feat, _ = stage(feat)
+            scales.append(feat.abs().mean().item())
+        la = net.san(net.input_conv(low_noise))
+        lb = net.san(net.input_conv(high_noise))
+    ratios = [b / a for a, b in zip(scales, scales[1:])]
+    diffs = [((a - b).norm() / torch.maximum(a.norm(), b.norm())).item() for a, b in zip(la, lb)]
+    if alive:
+        # every stage keeps the scale of its input within 4x (v1: ~40x smaller per stage)
+        assert all(0.25 < r < 4.0 for r in ratios), ratios
+        # the latents of a low- and a high-noise window differ clearly at every stage (v1: < 0.1 %)
+        assert min(diffs) > 0.2, diffs
+    else:  # documents the defect that v2 fixes
+        assert min(ratios) < 0.1 and max(diffs) < 0.05, (ratios, diffs)
+
+
+def test_block_styles_and_forward_without_styles():
+    net = UniPET(**SMALL).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    styles = net.block_styles(x)
+    assert len(styles) == SMALL["num_blocks"] and all(s.shape == (2, 2 * SMALL["channels"]) for s in styles)
+    assert all(s.abs().max() == 0 for s in styles)  # zero-initialised affine layers
+    torch.testing.assert_close(net.forward_without_styles(x), net(x))
+    _perturb(net)
+    assert max(s.abs().max().item() for s in net.block_styles(x)) > 0
+    assert (net.forward_without_styles(x) - net(x)).abs().max() > 1e-4
+    assert UniPET(use_san=False, **SMALL).block_styles(x) == []
+
+
+@pytest.mark.parametrize("mode", ["replicate", "reflect"])
+def test_flat_volume_stays_flat_to_the_faces_with_non_zero_padding(mode):
+    """Zero padding makes every window face look like a drop to zero activity: the output sags there."""
+    x = torch.full((1, 1, 12, 13, 14), 0.1)
+    net = UniPET(padding_mode=mode, zero_init_output=False, **SMALL).eval()
+    _perturb(net)
+    with torch.no_grad():
+        out = net(x)
+    assert (out.max() - out.min()).item() < 1e-6 * max(1.0, out.abs().max().item()) + 1e-7
+    zero = UniPET(padding_mode="zeros", zero_init_output=False, **SMALL).eval()
+    zero.load_state_dict(net.state_dict())  # padding has no parameters: the same weights load
+    with torch.no_grad():
+        out_zero = zero(x)
+    assert (out_zero.max() - out_zero.min()).item() > 1e-3
+    with pytest.raises(ValueError, match="padding_mode"):
+        UniPET(padding_mode="circular", **SMALL)
+
+
+def test_modconv_padding_modes_match_nn_conv3d():
+    x = torch.randn(2, 3, 6, 7, 8)
+    for mode in ("zeros", "replicate", "reflect"):
+        conv = ModulatedConv3d(3, 4, 3, demodulate=False, padding_mode=mode)
+        ref = torch.nn.Conv3d(3, 4, 3, padding=1, bias=False, padding_mode=mode)
+        ref.weight.data.copy_(conv.weight.data)
+        torch.testing.assert_close(conv(x), ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv(x, torch.zeros(2, 3)), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_v1_and_v2_checkpoints_do_not_cross_load():
+    v1 = UniPET(san_variant="v1", **SMALL)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        UniPET(san_variant="v2", **SMALL).load_state_dict(v1.state_dict())
+    with pytest.raises(ValueError, match="san_variant"):
+        UniPET(san_variant="v3", **SMALL)

@@ -12,6 +12,7 @@ from scripts.deploy.large_files import read_large_files, recorded_sha256
 from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha256
 from scripts.inference.denoise import denoise_volume, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
+from scripts.networks.unipet import checkpoint_san_variant, match_checkpoint_san_variant
 
 SHIPPED = BUNDLE_ROOT / "models" / "model.pt"
 
@@ -27,7 +28,10 @@ def test_shipped_weights_are_recorded_and_intact():
 def test_shipped_weights_beat_the_low_dose_input_on_a_fresh_drf20_scan():
     net, sizes = network_from_config(BUNDLE_ROOT / "configs" / "train.json", BUNDLE_ROOT)
     verify_sha256(SHIPPED, recorded_sha256(SHIPPED, BUNDLE_ROOT))
-    net.load_state_dict(load_checkpoint(SHIPPED))  # strict: every key of the default network
+    state = load_checkpoint(SHIPPED)
+    assert checkpoint_san_variant(state) == "v1"  # the 0.2.0 SAN; train.json builds v2 since issue 15
+    net = match_checkpoint_san_variant(net, state)
+    net.load_state_dict(state)  # strict: every key of the default network (with the shipped SAN variant)
     # a phantom and noise seed no training subject used (those come from SeedSequence(6))
     spacing = (4.0, 4.0, 4.0)
     ph = make_phantom((96, 96, 64), spacing, seed=20261125)

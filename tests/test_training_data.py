@@ -44,3 +44,117 @@ def test_max_items_and_errors(tmp_path):
         paired_datalist(root, "training", datalist_file=tmp_path / "stale.json")
     with pytest.raises(UniPETInputError, match="unknown split"):
         paired_datalist(root, "train")
+
+
+# --- where training patches are centred (issue 15) ----------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import BUNDLE_ROOT  # noqa: E402
+from scripts.data.io import save_nifti  # noqa: E402
+from scripts.data.training_data import PatchSamplingWeightsd, dose_balanced_sampler, hotspot_mask  # noqa: E402
+
+SPACING = (4.0, 4.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def phantom_pair(tmp_path_factory):
+    """A simulated subject (full dose, DRF 20, lesion labels) written as NIfTI, 72 x 64 x 48 at 4 mm."""
+    from scripts.data.phantom import make_phantom
+    from scripts.data.simulate import simulate_pet
+
+    root = tmp_path_factory.mktemp("sampling")
+    ph = make_phantom((72, 64, 48), SPACING, seed=11, n_lesions=(8, 8), lesion_diameter_mm=(6.0, 14.0))
+    sim = simulate_pet(ph.activity, SPACING, drfs=[20], seed=3, mu_map=ph.mu)
+    full = sim["full_dose"].astype(np.float32)
+    low = next(iter(sim["drf"].values())).astype(np.float32)
+    affine = np.diag([*SPACING, 1.0])
+    save_nifti(full, affine, root / "full_dose.nii.gz")
+    save_nifti(low, affine, root / "drf_20.nii.gz")
+    return {"image": str(root / "drf_20.nii.gz"), "label": str(root / "full_dose.nii.gz")}, full, ph.labels
+
+
+def _centre_values(entry, draws: int, **overrides) -> dict[str, np.ndarray]:
+    """The value at the centre of each patch that train.json's own transforms cut from ``entry``, per key.
+
+    train.json's preprocessing, sampling weights and crop, without the random flips (which would move the
+    centre voxel of an even-sized patch by one).
+    """
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, RandFlipd
+
+    keys = list(entry)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "num_samples": draws, "load_keys": keys, **overrides})
+    pre = parser.get_parsed_content("preprocessing_transforms")
+    rand = [t for t in parser.get_parsed_content("train#random_transforms") if not isinstance(t, RandFlipd)]
+    transform = Compose([*pre, parser.get_parsed_content("train#sampling_weights"), *rand])
+    transform.set_random_state(seed=0)
+    size = parser.get_parsed_content("patch_size")
+    patches = transform(dict(entry))
+    assert all(tuple(p["label"].shape[1:]) == tuple(size) and "crop_weight" not in p for p in patches)
+    centre = tuple(s // 2 for s in size)
+    return {k: np.array([float(p[k][(0, *centre)]) for p in patches]) for k in keys}
+
+
+def test_patch_centres_lie_in_tissue_and_hot_spots_are_oversampled(phantom_pair):
+    entry, full, labels = phantom_pair
+    tissue = full > 0.5
+    # within 2 voxels of a lesion, saved as a third image key so the same crop cuts it
+    near = torch.nn.functional.max_pool3d(torch.from_numpy((labels >= 100).astype(np.float32))[None, None], 5, 1, 2)[0, 0]
+    path = str(Path(entry["label"]).with_name("near_lesion.nii.gz"))
+    save_nifti(near.numpy() + 1.0, np.diag([*SPACING, 1.0]), path)  # +1: the loader refuses all-zero regions
+    entry = {**entry, "near": path}
+    on = _centre_values(entry, 400)
+    off = _centre_values(entry, 400, hotspot_fraction=0.0)
+    # 0.2.0 (every voxel "foreground"): centres spread like the volume, tissue.mean() of them in tissue
+    frac = np.mean(on["label"] * 20 > 0.5)
+    assert frac > 0.95 and frac > tissue.mean() + 0.3, (frac, tissue.mean())
+    near_on, near_off = np.mean(on["near"] * 20 > 1.5), np.mean(off["near"] * 20 > 1.5)
+    # 0.2.0 drew centres in proportion to volume: near.mean() ~ 0.9 % here
+    assert near_on > 2 * near_off and near_on > 5 * float(near.mean()), (near_on, near_off, float(near.mean()))
+
+
+def test_hotspot_mask_finds_small_hot_spheres_not_large_organs():
+    x = np.ones((40, 40, 40), np.float32)
+    x[5:35, 5:35, 5:20] = 6.0  # a large hot organ (30 x 30 x 15 voxels)
+    x[10:13, 10:13, 28:31] = 4.0  # a 3-voxel lesion in 1 SUV background
+    x[20:22, 20:22, 10:12] = 12.0  # a 2-voxel lesion inside the hot organ
+    hot = hotspot_mask(x, smooth_sigma_voxels=0.0)
+    assert hot[10:13, 10:13, 28:31].all() and hot[20:22, 20:22, 10:12].all()
+    assert hot.sum() == 27 + 8
+    smoothed = hotspot_mask(x)  # the default light smoothing keeps the lesion, nothing of the organ
+    assert smoothed[11, 11, 29] and not smoothed[5:35, 5:35, 5:8].any()
+    with pytest.raises(ValueError, match="max_size_voxels"):
+        hotspot_mask(x, max_size_voxels=1)
+
+
+def test_sampling_weights_shares_and_air_fallback(caplog):
+    full = np.full((1, 20, 20, 20), 0.1 / 20, np.float32)
+    full[:, 2:18, 2:18, 2:18] = 1.0 / 20
+    full[:, 8:10, 8:10, 8:10] = 5.0 / 20
+    w = PatchSamplingWeightsd("label", hotspot_fraction=0.25)({"label": torch.from_numpy(full)})["crop_weight"]
+    assert w.shape == full.shape and abs(w.sum() - 1) < 1e-5
+    assert w[full * 20 < 0.5].sum() == 0  # never centred in air
+    hot_share = w[:, 6:12, 6:12, 6:12].sum() - 0.75 * 6**3 / 16**3
+    assert abs(hot_share - 0.25) < 1e-5  # the one hot structure (the 2-voxel cube, smoothed) takes its share
+    air = PatchSamplingWeightsd("label").weights(np.zeros((1, 4, 4, 4), np.float32))
+    assert (air == 1).all() and "uniformly" in caplog.text
+    with pytest.raises(ValueError, match="hotspot_fraction"):
+        PatchSamplingWeightsd("label", hotspot_fraction=1.0)
+
+
+def test_dose_balanced_sampler_equalises_drfs():
+    datalist = [{"drf": d} for d in (4, 4, 100, 100)]
+    assert dose_balanced_sampler(datalist, 0.0) is None
+    sampler = dose_balanced_sampler(datalist, 0.5, seed=1)
+    weights = sampler.weights.numpy()
+    np.testing.assert_allclose(weights[0] / weights[2], 5.0, rtol=1e-6)  # sqrt(100 / 4)
+    draws = np.array([datalist[i]["drf"] for _ in range(50) for i in sampler])
+    assert 0.75 < (draws == 4).mean() < 0.92  # expected 5 / 6
+    with pytest.raises(ValueError, match="dose_balance"):
+        dose_balanced_sampler(datalist, -1.0)

@@ -29,6 +29,7 @@ from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, resample_activity, simulate_pet
 from scripts.deploy.large_files import recorded_sha256
 from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
+from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.denoise import denoise_volume, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
 
@@ -49,7 +50,9 @@ def _network(config: str, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, 
     trained = checkpoint.is_file()
     if trained:
         verify_sha256(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))  # before anything is unpickled
-        net.load_state_dict(load_checkpoint(checkpoint))
+        state = load_checkpoint(checkpoint)
+        net = match_checkpoint_san_variant(net, state)  # the shipped weights use the 0.2.0 SAN (v1)
+        net.load_state_dict(state)
     return net.eval(), sizes, trained
 
 

@@ -43,6 +43,7 @@ from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkp
 from scripts.evaluation.regions import load_label_table, region_rows
 from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.inputs import voxel_spacing
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import psnr, quality_metrics
@@ -128,7 +129,9 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
             raise UniPETInputError(f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first")
         net = copy.deepcopy(template)
         digest = verify_sha256(path, expected) if expected else file_sha256(path)
-        net.load_state_dict(load_checkpoint(path))
+        state = load_checkpoint(path)
+        net = match_checkpoint_san_variant(net, state)  # the shipped weights use the 0.2.0 SAN (v1)
+        net.load_state_dict(state)
         info[str(path)] = digest
         return net.eval()
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.transforms import LoadImaged
+from monai.transforms import LoadImaged, MapTransform
 
 from scripts.data.datalist import make_datalist
 from scripts.data.io import UniPETInputError
 from scripts.data.layout import check_3d, check_same_grid, parse_drf, read_grid
 from scripts.data.volume_checks import check_pet_volume
 
-__all__ = ["CheckedLoadImaged", "paired_datalist"]
+__all__ = ["CheckedLoadImaged", "paired_datalist", "PatchSamplingWeightsd", "hotspot_mask", "dose_balanced_sampler"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +166,142 @@ class CheckedLoadImaged(LoadImaged):
             listing = " vs ".join(f"{p} {list(shape)}" for p, shape in shapes.items())
             raise UniPETInputError(f"the pair differs in shape ({listing}): resample it onto one grid")
         return d
+
+
+# --- where training patches are centred (issue 15) ----------------------------------------------------
+
+
+def hotspot_mask(
+    full_suv: np.ndarray,
+    max_size_voxels: int = 7,
+    min_excess_suv: float = 1.0,
+    min_contrast: float = 1.5,
+    smooth_sigma_voxels: float = 1.0,
+) -> np.ndarray:
+    """Voxels of small hot structures in a full-dose SUV volume, found without labels.
+
+    A white top-hat on the lightly smoothed volume (Gaussian, ``smooth_sigma_voxels``, so single-voxel
+    noise does not count): the grey opening (minimum then maximum filter over a ``max_size_voxels``
+    cube) removes every bright structure narrower than the cube and keeps larger ones (liver, bladder
+    interior), so ``excess = suv - opening`` is what small structures add over their surroundings. A
+    voxel is hot when the excess is at least ``min_excess_suv`` SUV *and* ``suv >= min_contrast *
+    opening`` (a noise bump in a hot organ has excess but little contrast).
+
+    Shapes: ``(X, Y, Z)`` SUV -> bool of the same shape.
+    """
+    from scipy.ndimage import gaussian_filter, maximum_filter, minimum_filter
+
+    x = np.asarray(full_suv, dtype=np.float32)
+    size = int(max_size_voxels)
+    if size < 3:
+        raise ValueError(f"hotspot max_size_voxels must be >= 3, got {size}")
+    if smooth_sigma_voxels > 0:
+        x = gaussian_filter(x, float(smooth_sigma_voxels), mode="nearest")
+    opening = maximum_filter(minimum_filter(x, size=size, mode="nearest"), size=size, mode="nearest")
+    excess = x - opening
+    return (excess >= float(min_excess_suv)) & (x >= float(min_contrast) * np.maximum(opening, 1e-6))
+
+
+class PatchSamplingWeightsd(MapTransform):
+    """Writes the patch-centre weight map for ``RandWeightedCropd`` from the full-dose image.
+
+    MONAI's ``RandCropByPosNegLabeld`` counts every non-zero label voxel as foreground; a simulated or
+    reconstructed full dose is positive almost everywhere, so in 0.2.0 only ~16 % of patch centres were in
+    tissue. Here the centres are drawn from:
+
+    * tissue: full dose above ``tissue_threshold_suv`` (share ``1 - hotspot_fraction``, uniform over tissue);
+    * hot spots (:func:`hotspot_mask`, no labels needed): share ``hotspot_fraction`` (0 turns it off),
+      split equally between the connected hot structures (then uniform over each one's voxels), so a
+      4-voxel lesion is a centre as often as the kidneys, far more often than its volume would give.
+
+    A volume with no tissue above the threshold gets uniform weights and a warning (never silently).
+
+    Args:
+        keys: the full-dose key (``label``), in network units (SUV / ``suv_max``), shape (1, X, Y, Z).
+        weight_key: where the weight map goes (same shape); delete it after cropping.
+        suv_max: the intensity normalisation (SUV per network unit).
+        tissue_threshold_suv: SUV above which a voxel is tissue (0.5: above air and lung noise).
+        hotspot_fraction: share of patch centres on hot spots, in [0, 1).
+        hotspot_max_size_voxels, hotspot_min_excess_suv, hotspot_min_contrast: see :func:`hotspot_mask`.
+    """
+
+    def __init__(
+        self,
+        keys: Any = "label",
+        weight_key: str = "crop_weight",
+        suv_max: float = 20.0,
+        tissue_threshold_suv: float = 0.5,
+        hotspot_fraction: float = 0.0,
+        hotspot_max_size_voxels: int = 7,
+        hotspot_min_excess_suv: float = 1.0,
+        hotspot_min_contrast: float = 1.5,
+    ) -> None:
+        super().__init__(keys)
+        if not 0.0 <= float(hotspot_fraction) < 1.0:
+            raise ValueError(f"hotspot_fraction must be in [0, 1), got {hotspot_fraction}")
+        if float(suv_max) <= 0:
+            raise ValueError(f"suv_max must be > 0, got {suv_max}")
+        self.weight_key = weight_key
+        self.suv_max = float(suv_max)
+        self.tissue_threshold_suv = float(tissue_threshold_suv)
+        self.hotspot_fraction = float(hotspot_fraction)
+        self.hotspot_kw = dict(max_size_voxels=int(hotspot_max_size_voxels), min_excess_suv=float(hotspot_min_excess_suv),
+                               min_contrast=float(hotspot_min_contrast))
+
+    def weights(self, full: np.ndarray) -> np.ndarray:
+        """Weight map (float32, same shape) for a full dose in network units."""
+        suv = np.asarray(full, dtype=np.float32) * self.suv_max
+        tissue = suv > self.tissue_threshold_suv
+        n_tissue = int(tissue.sum())
+        if n_tissue == 0:
+            logger.warning("no voxel above %.2f SUV in a full-dose volume: patch centres drawn uniformly",
+                           self.tissue_threshold_suv)
+            return np.ones_like(suv)
+        w = tissue.astype(np.float32) / n_tissue
+        if self.hotspot_fraction > 0:
+            spatial = suv[0] if suv.ndim == 4 else suv
+            from scipy.ndimage import label as connected_components
+
+            components, n = connected_components(hotspot_mask(spatial, **self.hotspot_kw))
+            if n > 0:
+                sizes = np.bincount(components.ravel(), minlength=n + 1).astype(np.float64)
+                per_voxel = np.zeros(n + 1)
+                per_voxel[1:] = 1.0 / (n * sizes[1:])  # every structure gets 1/n of the hot share
+                hot = per_voxel[components].astype(np.float32).reshape(suv.shape)
+                w = (1.0 - self.hotspot_fraction) * w + self.hotspot_fraction * hot
+        return w.astype(np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            full = d[key]
+            array = full.detach().cpu().numpy() if hasattr(full, "detach") else np.asarray(full)
+            d[self.weight_key] = self.weights(array)
+        return d
+
+
+def dose_balanced_sampler(
+    datalist: list[dict[str, Any]], dose_balance: float = 0.0, seed: int = 0
+) -> Any:
+    """A sampler that draws each (low-dose, full-dose) pair with probability ``~ DRF ** -dose_balance``.
+
+    The L1 loss of a pair grows with its noise, ~sqrt(DRF), so with uniform sampling the highest DRFs
+    dominate the gradient; ``dose_balance=0.5`` makes every DRF's expected share of the L1 loss equal,
+    ``0`` (the default) is uniform sampling (returns None: the DataLoader then shuffles). Sampling is with
+    replacement, ``len(datalist)`` draws per epoch, seeded.
+
+    Returns:
+        ``torch.utils.data.WeightedRandomSampler`` or None.
+    """
+    import torch
+
+    alpha = float(dose_balance)
+    if alpha == 0.0 or not datalist:
+        return None
+    if alpha < 0:
+        raise ValueError(f"dose_balance must be >= 0, got {dose_balance}")
+    drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
+    weights = drfs**-alpha
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.utils.data.WeightedRandomSampler(weights.tolist(), num_samples=len(datalist), replacement=True,
+                                                  generator=generator)

@@ -132,6 +132,33 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
 
 
+def checkpoint_san_variant_or(
+    path: str | os.PathLike | None, default: str = "v2", expected_sha256: str | None = None
+) -> str:
+    """The SAN variant (``"v1"``/``"v2"``) of the UniPET weights in ``path``, or ``default`` when it cannot tell.
+
+    For configs whose network must match the weights they load (inference.json, evaluate.json): the
+    shipped 0.2.0 ``models/model.pt`` holds a v1 SAN, models trained since issue 15 a v2 one. A missing,
+    unreadable or SHA-mismatching file gives ``default`` silently: the config's own weight loading then
+    reports the problem in its words. Reads the file with ``weights_only=True`` like every load here.
+    """
+    from scripts.networks.unipet import checkpoint_san_variant
+
+    if not path or not Path(path).is_file():
+        return default
+    try:
+        if expected_sha256 and file_sha256(path).lower() != str(expected_sha256).lower():
+            return default
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return default
+    if isinstance(state, Mapping) and isinstance(state.get("generator"), Mapping):  # a full training checkpoint
+        state = state["generator"]
+    if not isinstance(state, Mapping):
+        return default
+    return checkpoint_san_variant(state) or default
+
+
 def load_state_into(objects: Mapping[str, Any], state: Mapping[str, Any], strict: bool = True) -> None:
     """Load ``state[name]`` into each object with ``load_state_dict`` (networks, optimisers, engines)."""
     missing = [k for k in objects if k not in state]

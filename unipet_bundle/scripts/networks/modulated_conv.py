@@ -6,13 +6,16 @@ Reference: Karras et al., "Analyzing and Improving the Image Quality of StyleGAN
 
 # No ``from __future__ import annotations``: TorchScript must see real annotations.
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedConv3d"]
+__all__ = ["ModulatedConv3d", "PADDING_MODES"]
+
+PADDING_MODES = ("zeros", "replicate", "reflect")
+"""Padding modes of the UniPET convolutions (``torch.nn.Conv3d`` names)."""
 
 
 class ModulatedConv3d(nn.Module):
@@ -23,8 +26,11 @@ class ModulatedConv3d(nn.Module):
     filter of ``W_b`` is divided by ``sqrt(sum over (Cin, kd, kh, kw) of W_b^2 + eps)``, so for
     independent unit-variance inputs each output channel has unit variance whatever the style: this is
     what keeps activations bounded in a network with no normalisation layers. The per-sample weights
-    are applied as one grouped convolution (one group per sample). Stride 1, "same" zero padding, no
-    bias.
+    are applied as one grouped convolution (one group per sample). Stride 1, "same" padding, no bias.
+
+    ``padding_mode`` chooses what the kernel sees beyond the input's faces: ``"zeros"`` (0.2.0; a window
+    face then looks like a drop to zero activity, which biases every window's border low),
+    ``"replicate"`` (the edge voxel repeated: a flat region stays flat up to the face) or ``"reflect"``.
 
     ``style=None`` means ``s = 0`` for every sample: the result is then an ordinary convolution with the
     (demodulated) shared weight, computed without the grouped path (cheaper, same numbers up to float
@@ -36,6 +42,7 @@ class ModulatedConv3d(nn.Module):
         kernel_size: odd cubic kernel size (3 by default).
         demodulate: divide each per-sample output filter by its L2 norm (StyleGAN2 demodulation).
         eps: added under the square root of the demodulation norm.
+        padding_mode: ``"zeros"``, ``"replicate"`` or ``"reflect"`` (as ``torch.nn.Conv3d``'s).
 
     Shapes:
         ``x``: ``(B, Cin, D, H, W)``; ``style``: ``(B, Cin)`` or ``None``; output ``(B, Cout, D, H, W)``.
@@ -43,11 +50,20 @@ class ModulatedConv3d(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, demodulate: bool = True, eps: float = 1e-8
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        demodulate: bool = True,
+        eps: float = 1e-8,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer for 'same' padding, got {kernel_size}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -64,6 +80,13 @@ class ModulatedConv3d(nn.Module):
         fan_in = self.in_channels * self.kernel_size**3
         nn.init.normal_(self.weight, mean=0.0, std=1.0 / math.sqrt(fan_in))
 
+    def _pad(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """The input padded for a "valid" conv (non-zero modes), or unchanged with the conv's own zero padding."""
+        if self.padding_mode == "zeros" or self.padding == 0:
+            return x, self.padding
+        p = self.padding
+        return F.pad(x, [p, p, p, p, p, p], mode=self.padding_mode), 0
+
     def forward(self, x: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Convolve ``x`` (B, Cin, D, H, W) with weights modulated by ``style`` (B, Cin); returns (B, Cout, D, H, W)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:
@@ -75,7 +98,8 @@ class ModulatedConv3d(nn.Module):
             if self.demodulate:
                 norm = torch.rsqrt(weight.pow(2).sum(dim=(1, 2, 3, 4), keepdim=True) + self.eps)
                 weight = weight * norm
-            return F.conv3d(x, weight.to(x.dtype), None, 1, self.padding)
+            xp, pad = self._pad(x)
+            return F.conv3d(xp, weight.to(x.dtype), None, 1, pad)
 
         b = x.shape[0]
         if style.dim() != 2 or style.shape[0] != b or style.shape[1] != self.in_channels:
@@ -87,7 +111,9 @@ class ModulatedConv3d(nn.Module):
         # copies (the same numbers, several times faster on a CPU and lighter on memory). Demodulation is
         # then a per-sample, per-output-channel factor on the result.
         scale = (1.0 + style).to(x.dtype)
-        out = F.conv3d(x * scale.reshape(b, self.in_channels, 1, 1, 1), self.weight.to(x.dtype), None, 1, self.padding)
+        # scaling before padding is exact for every mode (padding copies or zeros voxels, channel-wise)
+        xp, pad = self._pad(x * scale.reshape(b, self.in_channels, 1, 1, 1))
+        out = F.conv3d(xp, self.weight.to(x.dtype), None, 1, pad)
         if self.demodulate:
             w2 = self.weight.pow(2).sum(dim=(2, 3, 4))  # (Cout, Cin)
             demod = torch.rsqrt((1.0 + style).pow(2) @ w2.t() + self.eps)  # (B, Cout)
@@ -97,5 +123,5 @@ class ModulatedConv3d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"demodulate={self.demodulate}, eps={self.eps}"
+            f"demodulate={self.demodulate}, eps={self.eps}, padding_mode={self.padding_mode}"
         )

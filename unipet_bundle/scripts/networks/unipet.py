@@ -14,29 +14,52 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .modulated_conv import ModulatedConv3d
+from .modulated_conv import PADDING_MODES, ModulatedConv3d
 
-__all__ = ["ChannelAttention3d", "SANStage", "StyleAlignmentNetwork", "ModulatedResBlock", "UniPET"]
+__all__ = [
+    "ChannelAttention3d",
+    "SANStage",
+    "StyleAlignmentNetwork",
+    "ModulatedResBlock",
+    "UniPET",
+    "SAN_VARIANTS",
+    "checkpoint_san_variant",
+    "match_checkpoint_san_variant",
+]
+
+SAN_VARIANTS = ("v1", "v2")
+"""SAN designs. ``v1``: version 0.2.0 (the shipped ``models/model.pt``): PyTorch default initialisation,
+SE gate ``sigmoid`` (halves the signal), global *mean* pooling; its activations shrink ~40x per stage
+and every latent ends up equal to its head's bias (dead). ``v2``: He-normal initialisation with the
+PReLU gain, unit-gain SE gate (``2 * sigmoid``), latent head on the per-channel *mean and standard
+deviation* (the std carries the noise level the SAN must read) with a zero bias, so the latent is the
+features' and not the bias's."""
 
 logger = logging.getLogger(__name__)
 
 
 class ChannelAttention3d(nn.Module):
-    """Squeeze-and-excitation channel attention: ``x * sigmoid(MLP(global_avg_pool(x)))``.
+    """Squeeze-and-excitation channel attention: ``x * gain * sigmoid(MLP(global_avg_pool(x)))``.
+
+    ``gain`` 1 is the classic gate (0.2.0), which halves the signal at initialisation (sigmoid ~ 0.5);
+    the v2 SAN uses ``gain=2`` so the gate starts at unit gain and stacked stages keep their scale.
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
     """
 
-    def __init__(self, channels: int, reduction: int = 4) -> None:
+    def __init__(self, channels: int, reduction: int = 4, gain: float = 1.0) -> None:
         super().__init__()
         hidden = max(channels // reduction, 4)
         self.fc1 = nn.Linear(channels, hidden)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden, channels)
+        self.gain = float(gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = x.mean(dim=(2, 3, 4))
         w = torch.sigmoid(self.fc2(self.act(self.fc1(w))))
+        if self.gain != 1.0:
+            w = w * self.gain
         return x * w.reshape(w.shape[0], w.shape[1], 1, 1, 1)
 
 
@@ -44,29 +67,62 @@ class SANStage(nn.Module):
     """One stride-2 encoder stage of the style alignment network, plus its latent head.
 
     1x1 conv (in -> mid) + PReLU, SE channel attention, strided 3x3x3 conv (mid -> mid) + PReLU,
-    1x1 conv (mid -> out) + PReLU; then global average pooling and a linear layer to the latent.
+    1x1 conv (mid -> out) + PReLU; then global pooling and a linear layer to the latent: ``v1`` pools
+    the per-channel mean (``out`` values), ``v2`` the mean and the standard deviation (``2 * out``
+    values, the statistics that define a style; the std is what carries the noise level). See
+    :data:`SAN_VARIANTS` for the initialisation.
 
     Shapes: ``(B, in, D, H, W) -> ((B, out, ceil(D/2), ceil(H/2), ceil(W/2)), (B, latent_dim))``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, latent_dim: int, reduction: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        latent_dim: int,
+        reduction: int = 4,
+        variant: str = "v2",
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
+        if variant not in SAN_VARIANTS:
+            raise ValueError(f"san_variant must be one of {SAN_VARIANTS}, got {variant!r}")
+        self.use_std = variant != "v1"
         mid = max(out_channels // reduction, 8)
         self.reduce = nn.Conv3d(in_channels, mid, 1, bias=False)
         self.act1 = nn.PReLU()
-        self.attention = ChannelAttention3d(mid)
-        self.down = nn.Conv3d(mid, mid, 3, stride=2, padding=1, bias=False)
+        self.attention = ChannelAttention3d(mid, gain=1.0 if variant == "v1" else 2.0)
+        self.down = nn.Conv3d(mid, mid, 3, stride=2, padding=1, bias=False, padding_mode=padding_mode)
         self.act2 = nn.PReLU()
         self.expand = nn.Conv3d(mid, out_channels, 1, bias=False)
         self.act3 = nn.PReLU()
-        self.to_latent = nn.Linear(out_channels, latent_dim)
+        self.to_latent = nn.Linear(out_channels * (2 if self.use_std else 1), latent_dim)
         self.latent_act = nn.LeakyReLU(0.2)
+        if variant != "v1":
+            self._init_v2()
+
+    def _init_v2(self) -> None:
+        # He-normal with the PReLU gain (slope 0.25 at init): each conv + PReLU keeps the activation's
+        # second moment, instead of shrinking it by the default init's ~1/sqrt(3) per layer (which, with
+        # the 1x1 convs, the sigmoid gate and the stride, compounded to ~40x per stage in v1).
+        slope = 0.25
+        for conv in (self.reduce, self.down, self.expand):
+            nn.init.kaiming_normal_(conv.weight, a=slope, nonlinearity="leaky_relu")
+        # The head: unit-gain weights and a zero bias, so the latent is a function of the pooled
+        # statistics from the first step (in v1 the default bias, ~1/sqrt(fan_in), dwarfed them).
+        nn.init.kaiming_normal_(self.to_latent.weight, a=0.2, nonlinearity="leaky_relu")
+        nn.init.zeros_(self.to_latent.bias)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.attention(self.act1(self.reduce(x)))
         x = self.act2(self.down(x))
         x = self.act3(self.expand(x))
-        latent = self.latent_act(self.to_latent(x.mean(dim=(2, 3, 4))))
+        if self.use_std:
+            var, mean = torch.var_mean(x.float().flatten(2), dim=2, correction=0)
+            pooled = torch.cat([mean, torch.sqrt(var + 1e-12)], dim=1).to(x.dtype)
+        else:
+            pooled = x.mean(dim=(2, 3, 4))
+        latent = self.latent_act(self.to_latent(pooled))
         return x, latent
 
 
@@ -81,12 +137,20 @@ class StyleAlignmentNetwork(nn.Module):
     Shapes: ``(B, in_channels, D, H, W) -> [(B, latent_dim)] * len(channels)``.
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int], latent_dim: int, reduction: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        latent_dim: int,
+        reduction: int = 4,
+        variant: str = "v2",
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         stages = []
         prev = in_channels
         for ch in channels:
-            stages.append(SANStage(prev, ch, latent_dim, reduction))
+            stages.append(SANStage(prev, ch, latent_dim, reduction, variant, padding_mode))
             prev = ch
         self.stages = nn.ModuleList(stages)
 
@@ -108,12 +172,18 @@ class ModulatedResBlock(nn.Module):
     Shapes: ``x (B, C, D, H, W)``, ``latent (B, latent_dim)`` -> ``(B, C, D, H, W)``.
     """
 
-    def __init__(self, channels: int, latent_dim: Optional[int] = None, residual_scale_init: float = 0.1) -> None:
+    def __init__(
+        self,
+        channels: int,
+        latent_dim: Optional[int] = None,
+        residual_scale_init: float = 0.1,
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         self.channels = channels
-        self.conv1 = ModulatedConv3d(channels, channels, 3)
+        self.conv1 = ModulatedConv3d(channels, channels, 3, padding_mode=padding_mode)
         self.act = nn.PReLU(channels)
-        self.conv2 = ModulatedConv3d(channels, channels, 3)
+        self.conv2 = ModulatedConv3d(channels, channels, 3, padding_mode=padding_mode)
         self.residual_scale = nn.Parameter(torch.full((1, channels, 1, 1, 1), float(residual_scale_init)))
         # None unless SAN-driven; TorchScript resolves the `is not None` test at compile time.
         self.style_affine = None
@@ -165,9 +235,9 @@ class UniPET(nn.Module):
     default) leaves the deepest stages a single voxel: it runs but their latents carry little
     information; use windows of at least 16 (training uses 64^3 patches).
 
-    Parameter counts (``use_san=True`` / ``False``): default (channels 64, 8 blocks, latent 256,
-    SAN 32-64-128-256) 2,343,909 / 1,774,017; small CPU config (channels 16, 4 blocks, latent 64, SAN
-    16-32-64-64) 98,109 / 56,305.
+    Parameter counts (``use_san=True`` with SAN v2 / v1, ``use_san=False``): default (channels 64, 8
+    blocks, latent 256, SAN 32-64-128-256) 2,466,789 / 2,343,909 / 1,774,017; small CPU config
+    (channels 16, 4 blocks, latent 64, SAN 16-32-64-64) 109,373 / 98,109 / 56,305.
 
     Args:
         in_channels: input channels (1: the low-dose PET).
@@ -180,6 +250,15 @@ class UniPET(nn.Module):
         residual_scale_init: initial value of every block's per-channel residual scale.
         san_reduction: SAN bottleneck ratio (a stage's inner width is ``max(out // san_reduction, 8)``).
         zero_init_output: zero-initialise the output conv (untrained network = identity).
+        padding_mode: what every 3x3x3 conv sees beyond a window's faces: ``"zeros"`` (0.2.0: each window
+            face looks like a drop to zero activity, so sliding-window outputs sag at every window
+            border, a lattice on a flat volume), ``"replicate"`` (the default: a flat region stays flat
+            up to the face) or ``"reflect"``. Train and infer with the same mode. It has no parameters,
+            so weights load under any mode.
+        san_variant: ``"v2"`` (default: a SAN whose signal survives every stage and whose latents read
+            the noise level) or ``"v1"`` (0.2.0, the design of the shipped ``models/model.pt``; its
+            latents are dead); see :data:`SAN_VARIANTS`. The two differ in the latent heads' shapes,
+            so a checkpoint loads only into the variant it was trained with.
     """
 
     def __init__(
@@ -194,8 +273,14 @@ class UniPET(nn.Module):
         residual_scale_init: float = 0.1,
         san_reduction: int = 4,
         zero_init_output: bool = True,
+        padding_mode: str = "replicate",
+        san_variant: str = "v2",
     ) -> None:
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if san_variant not in SAN_VARIANTS:
+            raise ValueError(f"san_variant must be one of {SAN_VARIANTS}, got {san_variant!r}")
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         san_channels = tuple(int(c) for c in san_channels)
@@ -213,13 +298,25 @@ class UniPET(nn.Module):
         self.latent_dim = latent_dim
         self.san_channels = san_channels
         self.use_san = use_san
+        self.padding_mode = padding_mode
+        self.san_variant = san_variant
+        # constructor arguments, so a copy with another SAN variant can be built (match_checkpoint_san_variant)
+        self.init_kwargs = dict(
+            in_channels=in_channels, out_channels=out_channels, channels=channels, num_blocks=num_blocks,
+            latent_dim=latent_dim, san_channels=san_channels, use_san=use_san,
+            residual_scale_init=residual_scale_init, san_reduction=san_reduction,
+            zero_init_output=zero_init_output, padding_mode=padding_mode, san_variant=san_variant,
+        )
         self.global_skip = in_channels == out_channels
 
-        self.input_conv = nn.Conv3d(in_channels, channels, 3, padding=1)
+        self.input_conv = nn.Conv3d(in_channels, channels, 3, padding=1, padding_mode=padding_mode)
         self.blocks = nn.ModuleList(
-            [ModulatedResBlock(channels, latent_dim if use_san else None, residual_scale_init) for _ in range(num_blocks)]
+            [
+                ModulatedResBlock(channels, latent_dim if use_san else None, residual_scale_init, padding_mode)
+                for _ in range(num_blocks)
+            ]
         )
-        self.output_conv = nn.Conv3d(channels, out_channels, 3, padding=1)
+        self.output_conv = nn.Conv3d(channels, out_channels, 3, padding=1, padding_mode=padding_mode)
         if zero_init_output:
             nn.init.zeros_(self.output_conv.weight)
             nn.init.zeros_(self.output_conv.bias)
@@ -227,19 +324,19 @@ class UniPET(nn.Module):
         self.san = None
         n_stages = len(san_channels) if use_san else 0
         if use_san:
-            self.san = StyleAlignmentNetwork(channels, san_channels, latent_dim, san_reduction)
+            self.san = StyleAlignmentNetwork(channels, san_channels, latent_dim, san_reduction, san_variant, padding_mode)
         # Even spread of blocks over stages; with num_blocks divisible by n_stages this is
         # ceil(num_blocks / n_stages) consecutive blocks per latent, and every latent is always used
         # (an unused stage would break DistributedDataParallel without find_unused_parameters).
         self.latent_index: List[int] = [i * n_stages // num_blocks for i in range(num_blocks)]
 
-    def _run(self, x: torch.Tensor, keep_features: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _run(self, x: torch.Tensor, keep_features: bool, use_styles: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UniPET expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}")
         feat = self.input_conv(x)
         latents: List[torch.Tensor] = []
         san = self.san
-        if san is not None:
+        if san is not None and use_styles:
             latents = san(feat)
         features: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -265,6 +362,28 @@ class UniPET(nn.Module):
         For the style alignment loss; :meth:`forward` does not keep these maps (saves memory in inference).
         """
         return self._run(x, True)
+
+    @torch.jit.export
+    def forward_without_styles(self, x: torch.Tensor) -> torch.Tensor:
+        """The base network alone (every style zero), for checking that the styles matter: same shapes as forward."""
+        return self._run(x, False, False)[0]
+
+    @torch.jit.export
+    def block_styles(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The style vectors of every block, ``num_blocks`` tensors ``(B, 2 * channels)`` (``s1`` then ``s2``).
+
+        Empty for ``use_san=False``. For monitoring (mean |s|, spread across a batch) and SAN checks.
+        """
+        styles: List[torch.Tensor] = []
+        san = self.san
+        if san is None:
+            return styles
+        latents = san(self.input_conv(x))
+        for i, block in enumerate(self.blocks):
+            affine = block.style_affine
+            if affine is not None:
+                styles.append(affine(latents[self.latent_index[i]]))
+        return styles
 
     def san_parameters(self) -> List[nn.Parameter]:
         """Parameters added by stage 2 (SAN and the per-block style affine layers); empty when ``use_san=False``."""
@@ -292,3 +411,31 @@ class UniPET(nn.Module):
         if result.missing_keys:
             logger.info("loaded BDN weights; %d SAN tensors keep their initial values", len(result.missing_keys))
         return list(result.missing_keys)
+
+
+def checkpoint_san_variant(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """The SAN variant a UniPET ``state_dict`` was saved from (``"v1"``/``"v2"``), None without a SAN.
+
+    Told apart by the first latent head's input width: the stage's channels (v1, mean pooling) or twice
+    that (v2, mean and std pooling). A ``module.`` prefix is ignored.
+    """
+    cleaned = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    head = cleaned.get("san.stages.0.to_latent.weight")
+    expand = cleaned.get("san.stages.0.expand.weight")
+    if head is None or expand is None:
+        return None
+    return "v2" if int(head.shape[1]) == 2 * int(expand.shape[0]) else "v1"
+
+
+def match_checkpoint_san_variant(net: "UniPET", state_dict: Mapping[str, Any]) -> "UniPET":
+    """``net`` itself, or a fresh copy built for the checkpoint's SAN variant when they differ (logged).
+
+    For tools that build the network from ``configs/train.json`` (v2 since 0.3) and load weights that
+    may come from an earlier version (the shipped v1 ``models/model.pt``); every other setting is kept.
+    """
+    variant = checkpoint_san_variant(state_dict)
+    if variant is None or not isinstance(net, UniPET) or variant == net.san_variant:
+        return net
+    logger.info("checkpoint holds a SAN %s; building the network with san_variant=%s (config: %s)", variant, variant, net.san_variant)
+    device = next(net.parameters()).device
+    return UniPET(**{**net.init_kwargs, "san_variant": variant}).to(device).train(net.training)
