@@ -359,3 +359,53 @@ def test_two_bundle_runs_into_one_folder(tmp_path):
                 assert str(side["processing"]["overlap"]) == winner
                 img = nib.load(str(out / f"s{k}_denoised.nii.gz"))
                 assert img.shape == (16, 16, 12)
+
+
+# ------------------------------------------------------------- kill -9 between the NIfTI and the DICOM series
+
+_KILLABLE_RUN = """
+import runpy, sys, time
+sys.path.insert(0, ".")
+import scripts.inference.writer as writer
+real = writer.publish
+def publish_then_hang(tmp, target, replace):
+    real(tmp, target, replace)
+    if target.name.endswith(".nii.gz"):  # the NIfTI is in place, the DICOM series and the sidecar are not
+        print("PUBLISHED-NIFTI", flush=True)
+        time.sleep(120)
+writer.publish = publish_then_hang
+sys.argv = ["monai.bundle"] + sys.argv[1:]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp_path):
+    import pet_dicom_factory as factory
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    factory.write_synthetic_series(data / "pet", body((10, 9, 6)) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
+    args = ["run", "--config_file", "configs/inference.json", "--dataset_dir", str(data), "--output_dir", str(out),
+            "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true", "--progress", "false", *TINY]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, *args], cwd=BUNDLE_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "PUBLISHED-NIFTI" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(p.name for p in out.iterdir())
+    assert "pet_denoised.nii.gz" in left and "pet_denoised_dicom" not in left and "pet_denoised.json" not in left, left
+    assert any(".unipet-" in n for n in left), f"the killed run's temporaries and claim are there: {left}"
+    rerun = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE_ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]  # no --overwrite needed: the set was ours and partial
+    assert "killed while writing its outputs" in rerun.stdout + rerun.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom"]
+    assert_consistent(out)
+    side = json.loads((out / "pet_denoised.json").read_text())
+    import pydicom
+
+    first = sorted((out / "pet_denoised_dicom").iterdir())[0]
+    assert pydicom.dcmread(first).SeriesInstanceUID == side["dicom_series_instance_uid"]
