@@ -472,3 +472,30 @@ def test_a_write_error_without_errno_is_shown_by_its_first_line():
     except OSError as wrapped:
         assert _one_line(wrapped) == "OSError: No space left on device: /out/x.dcm"
         assert _one_line(OSError("first line\nTraceback ...")) == "OSError: first line"
+
+
+def test_disk_full_while_writing_the_nifti_keeps_nothing_of_that_input(tmp_path, monkeypatch):
+    import errno
+
+    from scripts.inference import writer as writer_module
+    from scripts.inference.errors import OutputWriteError
+    from test_output_races import body, item, writer
+
+    def full(suv, affine, path):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(writer_module, "_write_nifti", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputWriteError, match=r"out is full \(no space left on device\) while writing the outputs of a: nothing"):
+        writer(out, "full")(item(body()))
+    assert list(out.iterdir()) == [], "no partial NIfTI, temporary or claim left"
+
+
+def test_names_are_shown_so_that_they_cannot_start_a_line():
+    from scripts.inference.errors import escape_controls, shown
+
+    assert shown("sub01") == "sub01" and shown("PET WB") == "PET WB"
+    assert shown("a\nerror: x") == "'a\\nerror: x'" and "\n" not in shown("a\r\nb")
+    assert shown("x\x1b[2J") == "'x\\x1b[2J'" and shown(" lead") == "' lead'"
+    assert escape_controls("ok\nerror: forged\x1b") == "ok\\nerror: forged\\x1b"

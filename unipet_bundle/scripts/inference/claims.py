@@ -313,7 +313,10 @@ class OutputClaim:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0), 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0), 0o644)
+            except FileExistsError:  # pragma: no cover - without fcntl an existing claim is taken as busy
+                raise OutputBusyError(busy_message(self.path, inspect_claim(self.path)["owner"], self.label)) from None
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
