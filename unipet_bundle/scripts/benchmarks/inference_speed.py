@@ -14,7 +14,17 @@ RSS is its own), interleaved (A, B, C, A, B, C, ...) and repeated, medians repor
   volume ``--large_baseline_windows N`` times its first N windows and scales to all of them (marked
   "extrapolated"; every window costs the same);
 - ``e2e``: ``python -m monai.bundle run --config_file configs/inference.json`` on a NIfTI of the volume
-  (load, resample, infer, invert, residual, write: what a user waits for), python start-up included.
+  (load, reorient, resample, infer, correction back to the native grid, write: what a user waits for),
+  python start-up included;
+- ``e2e_today``: the same run with :data:`TODAY_PIPELINE` layered on the config: the 0.2.0 pipeline
+  (a deep copy of the native volume, float64 ``Spacingd``, ``Invertd`` of both the prediction and the
+  network input back to the native grid in float64, then the residual), kept here so the memory/speed
+  gain of the correction-only inverse (issue 14) is measured against it in the same run.
+
+For issue 14's whole-body target run the Quadra-size study at its own voxel size, e.g.
+``--sizes "[[440,440,644]]" --e2e_spacing 1.65 --large_variants "['e2e_today','e2e']" --repeats 1``:
+the table then prints each variant's peak RSS as a multiple of the float32 input and the speed-up of
+``e2e`` over ``e2e_today`` (targets: <= 3 GB and <= 6x the input; >= 1.5x faster).
 
 All variants use one random but fixed, non-identity network (the zero-initialised output conv and style
 layers perturbed), saved as a checkpoint and loaded through the bundle's own loader. The largest
@@ -74,13 +84,16 @@ __all__ = [
 logger = logging.getLogger("unipet.benchmark")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("ours", "ours_window64", "baseline", "e2e")
+VARIANTS = ("ours", "ours_window64", "baseline", "e2e_today", "e2e")
 SMALL_SHAPE = (128, 128, 267)  # the issue's targets name these two sizes
 LARGE_SHAPE = (440, 440, 644)
 LARGE_VOXELS = 50_000_000  # default of --large_voxels: 1 repeat by default, --skip_large skips it
 TARGET_SPEEDUP = 2.0
 TARGET_LARGE_RSS_GB = 8.0
 TARGET_SMALL_S = 60.0
+TARGET_E2E_SPEEDUP = 1.5  # issue 14: e2e vs e2e_today on the Quadra-size study
+TARGET_E2E_RSS_GB = 3.0
+TARGET_E2E_RSS_OVER_INPUT = 6.0
 _GB = 1e9
 _SLAB = 8  # rows of axis 0 per step when generating/comparing volumes: bounds the temporaries
 
@@ -91,6 +104,59 @@ class BenchmarkInputError(ValueError):
 
 class BenchmarkRunError(RuntimeError):
     """A variant's subprocess failed; its last log lines were printed to stderr first."""
+
+
+# ------------------------------------------------------------------------------ today's pipeline
+
+
+class LegacyNativeResidualSUVd:
+    """The 0.2.0 residual step, for the ``e2e_today`` baseline only: ``native + suv_max * (pred - input)``
+    where both ``pred`` and the network input were already inverted (``Invertd``) to the native grid."""
+
+    def __init__(self, keys: str = "pred", image_key: str = "net_input", native_key: str = "native_suv",
+                 suv_max: float = 20.0) -> None:
+        self.key, self.image_key, self.native_key, self.suv_max = keys, image_key, native_key, float(suv_max)
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        native = torch.as_tensor(d[self.native_key]).float().cpu()
+        back = torch.as_tensor(d[self.image_key]).float().cpu()
+        pred = d[self.key]
+        suv = native + self.suv_max * (torch.as_tensor(pred).float().cpu() - back)
+        if isinstance(pred, MetaTensor):
+            out = pred.clone()
+            out.set_array(suv)
+            d[self.key] = out
+        else:
+            d[self.key] = suv
+        return d
+
+
+def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
+    """Config overrides that turn ``config`` (inference.json) back into the 0.2.0 pipeline (see ``e2e_today``).
+
+    The writer is taken from the config itself, so both variants write the same files.
+    """
+    content = json.loads(Path(config).read_text())
+    writer = [t for t in content["postprocessing"]["transforms"]
+              if isinstance(t, dict) and str(t.get("_target_", "")).endswith("SaveDenoisedd")]
+    if len(writer) != 1:
+        raise BenchmarkInputError(f"{config}: no single SaveDenoisedd in postprocessing; cannot build the e2e_today baseline")
+    return {
+        "keep_native": {"_target_": "CopyItemsd", "keys": "image", "names": "native_suv"},
+        "resample_transform#dtype": "$numpy.float64",
+        "preprocessing#transforms": "$[@load_transform, @keep_native] + ([@resample_transform] if @resample_enabled else []) + @intensity_transforms",
+        "postprocessing#transforms": [
+            {"_target_": "CopyItemsd", "keys": "image", "names": "net_input"},
+            {"_target_": "Invertd", "keys": ["pred", "net_input"], "transform": "@preprocessing", "orig_keys": ["image", "image"],
+             "nearest_interp": False, "to_tensor": True, "device": "cpu"},
+            {"_target_": "scripts.benchmarks.inference_speed.LegacyNativeResidualSUVd", "keys": "pred", "image_key": "net_input",
+             "native_key": "native_suv", "suv_max": "@suv_max"},
+            writer[0],
+        ],
+    }
 
 
 # ------------------------------------------------------------------------------------- the volume
@@ -425,6 +491,7 @@ def _labels(s: dict[str, Any], bw: int, bs: int) -> dict[str, str]:
         "ours": f"ours: inference.json ({_fmt_shape(p)}, ov {s['overlap']:g}, b{s['sw_batch_size']}, {s['blend_mode']})",
         "ours_window64": f"ours at baseline windows ({bw}^3, ov {1 - bs / bw:g}, b{s['sw_batch_size']})",
         "baseline": f"baseline: {bw}^3 stride {bs}, one at a time",
+        "e2e_today": "end to end, 0.2.0 pipeline (Invertd float64)",
         "e2e": "end to end: monai.bundle run on NIfTI",
     }
 
@@ -435,8 +502,8 @@ def _print_table(dev: str, s: dict[str, Any], n_params: int, entry: dict[str, An
           f"({torch.get_num_threads()} threads), network {s['channels']} ch / {s['num_blocks']} blocks "
           f"({n_params:,} parameters), medians of {entry['repeats']} interleaved repeat(s), load average "
           f"{entry['load_average_1min'][0]:.1f} -> {entry['load_average_1min'][1]:.1f}")
-    print(f"{'variant':52s} {'windows':>8s} {'median s':>9s} {'CPU s':>8s} {'peak RSS GB':>12s} {'max|diff| SUV':>14s} "
-          f"{'mean|diff|':>11s}")
+    print(f"{'variant':52s} {'windows':>8s} {'median s':>9s} {'CPU s':>8s} {'peak RSS GB':>12s} {'x input':>8s} "
+          f"{'max|diff| SUV':>14s} {'mean|diff|':>11s}")
     for name, v in entry["variants"].items():
         diff = entry["vs_baseline"].get(name, {}).get("max_abs_diff_suv")
         mean = entry["vs_baseline"].get(name, {}).get("mean_abs_diff_suv")
@@ -447,10 +514,17 @@ def _print_table(dev: str, s: dict[str, Any], n_params: int, entry: dict[str, An
         mean_s = f"{mean:.5f}" if mean is not None else ""
         win = str(v["windows"]) if v.get("windows") is not None else "-"
         print(f"{label:52s} {win:>8s} {v['median_s']:9.2f} {v['median_cpu_s']:8.1f} {v['peak_rss_gb']:12.2f} "
-              f"{diff_s:>14s} {mean_s:>11s}")
+              f"{v['peak_rss_over_input']:8.1f} {diff_s:>14s} {mean_s:>11s}")
     if entry.get("correction_max_suv") is not None:
-        print(f"{'(network correction, max |out - in|, SUV)':52s} {'':8s} {'':9s} {'':8s} {'':12s} "
+        print(f"{'(network correction, max |out - in|, SUV)':52s} {'':8s} {'':9s} {'':8s} {'':12s} {'':8s} "
               f"{entry['correction_max_suv']:14.4f}")
+    if entry.get("speedup_e2e") is not None:
+        verdict = "met" if entry["speedup_e2e"] >= TARGET_E2E_SPEEDUP else "NOT met"
+        print(f"{'speed-up e2e_today / e2e':52s} {'':8s} {entry['speedup_e2e']:9.2f} {entry['cpu_speedup_e2e']:8.2f}  "
+              f"target >= {TARGET_E2E_SPEEDUP:g} (wall): {verdict}")
+    if entry.get("vs_e2e_today"):
+        d = entry["vs_e2e_today"]
+        print(f"{'e2e vs e2e_today outputs: max / mean |diff| SUV':52s} {d['max_abs_diff_suv']:.4g} / {d['mean_abs_diff_suv']:.3g}")
     for key, text in (("speedup_ours", "speed-up baseline / ours"),
                       ("speedup_ours_window64", "speed-up baseline / ours at baseline windows")):
         if entry.get(key) is not None:
@@ -461,8 +535,19 @@ def _print_table(dev: str, s: dict[str, Any], n_params: int, entry: dict[str, An
 
 def _targets(entries: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(targets_met, how each was judged); a target whose size or variant was not run is None."""
-    met: dict[str, Any] = {"speedup_2x": None, "large_peak_rss_under_8gb": None, "small_under_60s": None}
+    met: dict[str, Any] = {"speedup_2x": None, "large_peak_rss_under_8gb": None, "small_under_60s": None,
+                           "e2e_speedup_1_5x": None, "e2e_peak_rss_3gb_6x_input": None}
     basis: dict[str, str] = {}
+    for e in entries:  # issue 14: judged on the largest size that ran both end-to-end variants
+        v = e["variants"]
+        if e.get("speedup_e2e") is not None:
+            met["e2e_speedup_1_5x"] = e["speedup_e2e"] >= TARGET_E2E_SPEEDUP
+            basis["e2e_speedup_1_5x"] = f"{_fmt_shape(e['shape'])}: e2e_today / e2e median wall {e['speedup_e2e']:.2f}"
+        if "e2e" in v:
+            ok = v["e2e"]["peak_rss_gb"] <= TARGET_E2E_RSS_GB and v["e2e"]["peak_rss_over_input"] <= TARGET_E2E_RSS_OVER_INPUT
+            met["e2e_peak_rss_3gb_6x_input"] = ok
+            basis["e2e_peak_rss_3gb_6x_input"] = (f"{_fmt_shape(e['shape'])}: e2e {v['e2e']['peak_rss_gb']:.2f} GB = "
+                                                  f"{v['e2e']['peak_rss_over_input']:.1f}x the float32 input")
     ratios = [(e["shape"], e["speedup_ours"], " (baseline extrapolated)" if e.get("baseline_extrapolated_from_windows") else "")
               for e in entries if e.get("speedup_ours") is not None]
     if ratios:
@@ -512,7 +597,7 @@ def run(
         sizes: volumes to run, X,Y,Z voxels on the network grid: "[[128,128,267],[440,440,644]]".
         repeats: interleaved repeats per size: one integer for all, or one per size (default 3, and 1
             for large sizes).
-        variants: variants for normal sizes, from ours, ours_window64, baseline, e2e.
+        variants: variants for normal sizes, from ours, ours_window64, baseline, e2e_today, e2e.
         large_variants: variants for large sizes (the baseline on 440x440x644 takes ~20-80 min on 2 cores).
         skip_large: skip large sizes.
         large_voxels: sizes with more voxels than this are "large".
@@ -580,6 +665,13 @@ def run(
                                        device, seed, spacing, baseline_window, baseline_stride,
                                        large_baseline_windows if large else None, work))
             _print_table(dev, s, n_params, entries[-1], labels)
+            if "ours" in entries[-1]["variants"]:  # network-stage GFLOP/s next to this machine's conv3d peak (issue 14)
+                from scripts.benchmarks.compute_peak import network_stage_report
+
+                ours = entries[-1]["variants"]["ours"]
+                entries[-1]["gflops"] = network_stage_report(str(cfg), str(ovr) if ovr else None, shape, ours["median_s"],
+                                                             ours.get("precision", "fp32"), dev)
+                print(entries[-1]["gflops"]["line"])
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -602,7 +694,10 @@ def run(
         "labels": labels,
         "sizes": entries,
         "targets": {"speedup_min": TARGET_SPEEDUP, "large_shape": list(LARGE_SHAPE), "large_peak_rss_gb_max": TARGET_LARGE_RSS_GB,
-                    "small_shape": list(SMALL_SHAPE), "small_seconds_max": TARGET_SMALL_S},
+                    "small_shape": list(SMALL_SHAPE), "small_seconds_max": TARGET_SMALL_S,
+                    "e2e_speedup_min": TARGET_E2E_SPEEDUP, "e2e_peak_rss_gb_max": TARGET_E2E_RSS_GB,
+                    "e2e_peak_rss_over_input_max": TARGET_E2E_RSS_OVER_INPUT},
+        "today_pipeline_overrides": today_pipeline(cfg),
         "targets_met": met,
         "targets_basis": basis,
     }
@@ -621,7 +716,8 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
     checkpoint, sha = weights
     tag = _fmt_shape(shape)
     e2e_in = work / f"e2e_in_{tag}"
-    if "e2e" in variants:
+    e2e_variants = [v for v in variants if v.startswith("e2e")]
+    if e2e_variants:
         e2e_in.mkdir(exist_ok=True)
         affine = np.diag([spacing, spacing, spacing, 1.0])
         save_nifti(synthetic_suv(shape, seed).numpy(), affine, e2e_in / f"synthetic_{tag}.nii", overwrite=True)
@@ -634,9 +730,10 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
     for r in range(reps):
         for v in variants:  # interleaved: a slow phase of the shared machine hits every variant
             log = work / f"{v}_{tag}_{r}.log"
-            if v == "e2e":
-                out_dir = work / f"e2e_out_{tag}_{r}"
-                cfgs = json.dumps([cfg] + ([str(ovr)] if ovr else []))
+            if v in ("e2e", "e2e_today"):
+                out_dir = work / f"{v}_out_{tag}_{r}"
+                extra_cfg = [str(_today_override(cfg, work))] if v == "e2e_today" else []
+                cfgs = json.dumps([cfg] + ([str(ovr)] if ovr else []) + extra_cfg)
                 cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cfgs,
                        "--bundle_root", str(BUNDLE_ROOT), "--dataset_dir", str(e2e_in), "--output_dir", str(out_dir),
                        "--checkpoint", str(checkpoint), "--checkpoint_sha256", sha, "--allow_untrained", "false"]
@@ -644,7 +741,10 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
                     cmd += ["--device", f"$torch.device('{device}')"]
                 code, wall, cpu, peak = _run_child(cmd, log, env)
                 if code != 0 or not list(out_dir.glob("*_denoised.nii.gz")):
-                    _fail(f"e2e run on {tag}", code, log)
+                    _fail(f"{v} run on {tag}", code, log)
+                if r == 0 and len(e2e_variants) == 2:  # keep the first outputs to compare the two pipelines
+                    kept = work / f"{v}_{tag}.nii.gz"
+                    next(out_dir.glob("*_denoised.nii.gz")).replace(kept)
                 shutil.rmtree(out_dir, ignore_errors=True)
                 times[v].append(wall)
                 cpus[v].append(cpu)
@@ -677,6 +777,7 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
             "median_s": statistics.median(times[v]), "all_s": times[v],
             "median_cpu_s": statistics.median(cpus[v]), "all_cpu_s": cpus[v],
             "peak_rss_gb": max(peaks[v]) / _GB, "all_peak_rss_gb": [p / _GB for p in peaks[v]],
+            "peak_rss_over_input": max(peaks[v]) / (4.0 * math.prod(shape)),  # x the float32 volume
             "windows": _windows(shape, *roi[v]) if v in roi else None,
             **extra[v],
         }
@@ -700,9 +801,36 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
             if v in variants:
                 entry[f"speedup_{v}"] = base["median_s"] / entry["variants"][v]["median_s"]
                 entry[f"cpu_speedup_{v}"] = base["median_cpu_s"] / entry["variants"][v]["median_cpu_s"]
-    for f in work.glob(f"*_{tag}.npy"):
+    if "e2e" in variants and "e2e_today" in variants:
+        entry["speedup_e2e"] = entry["variants"]["e2e_today"]["median_s"] / entry["variants"]["e2e"]["median_s"]
+        entry["cpu_speedup_e2e"] = entry["variants"]["e2e_today"]["median_cpu_s"] / entry["variants"]["e2e"]["median_cpu_s"]
+        entry["vs_e2e_today"] = _compare_nifti(work / f"e2e_{tag}.nii.gz", work / f"e2e_today_{tag}.nii.gz")
+    for f in list(work.glob(f"*_{tag}.npy")) + list(work.glob(f"e2e*_{tag}.nii.gz")):
         f.unlink()
     return entry
+
+
+def _today_override(config: str, work: Path) -> Path:
+    """:func:`today_pipeline` as a JSON file the bundle runner can layer on the config."""
+    path = work / "today_pipeline.json"
+    if not path.exists():
+        atomic_write_json(path, today_pipeline(config))
+    return path
+
+
+def _compare_nifti(a: Path, b: Path) -> dict[str, float]:
+    """Max and mean absolute difference (SUV) of two NIfTI outputs on one grid, slab by slab."""
+    import nibabel as nib
+
+    # read whole (slicing a .nii.gz re-decompresses it from the start for every slab); the parent is not measured
+    x, y = (np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in (a, b))
+    if x.shape != y.shape:
+        raise RuntimeError(f"outputs {a.name} {x.shape} and {b.name} {y.shape} differ in shape")
+    mx, total = 0.0, 0.0
+    for s in range(0, x.shape[2], _SLAB):
+        d = np.abs(x[:, :, s:s + _SLAB].astype(np.float64) - y[:, :, s:s + _SLAB])
+        mx, total = max(mx, float(d.max())), total + float(d.sum())
+    return {"max_abs_diff_suv": mx, "mean_abs_diff_suv": total / x.size}
 
 
 def main() -> None:

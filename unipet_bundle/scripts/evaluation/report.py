@@ -37,6 +37,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
 from scripts.data.io import UniPETInputError, atomic_write, atomic_write_json, load_nifti
+from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 from scripts.data.layout import format_drf, natural_key, read_grid
 from scripts.evaluation.montage import MontageRow, take_views, write_montage
 from scripts.evaluation.regions import REGION_COLUMNS, hottest_lesion_voxel, load_label_table, region_rows, region_stats, summarise_regions
@@ -114,6 +115,11 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def network_array(array: np.ndarray, affine: np.ndarray, axcodes: str) -> np.ndarray:
+    """A volume read from disk in the network orientation (a view), like the evaluated arrays."""
+    return to_network_view(array, affine, axcodes)[0]
+
+
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
@@ -122,9 +128,13 @@ class _Subject:
     """What the report keeps per subject across its DRFs: grid, montage slices, and (while the subject is
     being evaluated) its label map and full-dose SUV, released when the next subject starts."""
 
-    def __init__(self, name: str, label_path: str, labels_path: str | None, full_suv: np.ndarray) -> None:
-        self.name, self.label_path, self.labels_path = name, label_path, labels_path
+    def __init__(self, name: str, label_path: str, labels_path: str | None, full_suv: np.ndarray,
+                 axcodes: str = DEFAULT_AXCODES) -> None:
+        self.name, self.label_path, self.labels_path, self.axcodes = name, label_path, labels_path, axcodes
         shape, affine = read_grid(label_path)
+        # the evaluated arrays are in the network orientation (train.json's Orientationd): so are the files' here
+        dummy, affine = to_network_view(np.broadcast_to(np.float32(0), tuple(shape)), affine, axcodes)
+        shape = dummy.shape
         if tuple(shape) != tuple(full_suv.shape):
             raise UniPETInputError(
                 f"{name}: the evaluated volume has shape {tuple(full_suv.shape)} but {label_path} has {tuple(shape)}; "
@@ -149,8 +159,8 @@ class _Subject:
         """Read the label map, its table and the unclipped full dose (for the region statistics)."""
         if not self.labels_path or self.labels is not None:
             return
-        full_raw, _ = load_nifti(self.label_path)
-        labels, _ = load_nifti(self.labels_path, dtype=np.int32)
+        full_raw = network_array(*load_nifti(self.label_path), self.axcodes)
+        labels = network_array(*load_nifti(self.labels_path, dtype=np.int32), self.axcodes)
         if labels.shape != full_raw.shape:
             raise UniPETInputError(f"{self.name}: label map {self.labels_path} has shape {labels.shape}, image "
                                    f"{full_raw.shape}; write the label map on the image grid")
@@ -180,6 +190,8 @@ class EvaluationReport:
         texture_window: box of the local standard deviation in the texture ratio.
         write_montages: draw ``montage_<subject>.png``.
         montage_suv_window: image display range (SUV); montage_diff_max: difference range (+-SUV).
+        axcodes: ``network_axcodes``: the orientation of the evaluated arrays; label maps and raw volumes
+            read from disk are reoriented to it.
     """
 
     def __init__(
@@ -194,8 +206,10 @@ class EvaluationReport:
         write_montages: bool = True,
         montage_suv_window: Sequence[float] = (0.0, 7.0),
         montage_diff_max: float = 2.0,
+        axcodes: str = DEFAULT_AXCODES,
     ) -> None:
         self.eval_dir = Path(eval_dir)
+        self.axcodes = check_axcodes(axcodes)
         self.suv_max = float(suv_max)
         self.checkpoint_info = dict(checkpoint_info or {})
         self.dataset_dir = str(dataset_dir) if dataset_dir is not None else None
@@ -252,7 +266,7 @@ class EvaluationReport:
 
         if subject not in self.subjects:
             self.subjects[subject] = _Subject(subject, str(item["label_path"]), item.get("labels") or None,
-                                              full[0, 0].numpy())
+                                              full[0, 0].numpy(), self.axcodes)
         subj = self.subjects[subject]
         if self._current not in (None, subject):
             self.subjects[self._current].release()
@@ -260,7 +274,7 @@ class EvaluationReport:
         subj.load_arrays()
         pred_np, low_np = pred[0, 0].numpy(), low[0, 0].numpy()
         if subj.labels is not None:
-            low_raw = load_nifti(item["image_path"])[0] if item.get("image_path") else low_np
+            low_raw = network_array(*load_nifti(item["image_path"]), self.axcodes) if item.get("image_path") else low_np
             self.region_rows += region_rows(subject, drf, subj.labels, subj.table, subj.full_raw, low_raw, pred_np,
                                             subj.voxel_ml, subj.full_stats)
         if self.write_montages:

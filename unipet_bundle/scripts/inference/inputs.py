@@ -55,6 +55,7 @@ from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_ou
 
 __all__ = [
     "InferenceInput",
+    "KeepNatived",
     "LoadPETd",
     "LoadedVolume",
     "check_volume",
@@ -88,7 +89,8 @@ class LoadedVolume:
     """An input in SUV, with its geometry.
 
     Attributes:
-        suv: float32 (X, Y, Z), body-weight SUV (g/mL); negative voxels kept as reconstructed.
+        suv: float32 (X, Y, Z), body-weight SUV (g/mL); negative voxels kept as reconstructed. Not
+            necessarily C-contiguous (a NIfTI file's array is kept in its Fortran order: no copy).
         affine: 4x4 voxel -> RAS mm.
         suv_factor: SUV = suv_factor x source value (g/mL per Bq/mL for a BQML series; 1.0 for NIfTI).
         units: source units: ``SUV`` for NIfTI, the DICOM Units tag (``BQML``, ``GML``) for a series.
@@ -220,7 +222,8 @@ def load_volume(item: InferenceInput) -> LoadedVolume:
                 "(convert with python -m scripts.data.suv), or the result will be wrong",
                 item.name, peak,
             )
-        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), affine, 1.0, "SUV")
+        # no C-order copy: nibabel gives a float32 file as a Fortran-ordered array; every consumer takes strides
+        return LoadedVolume(np.asarray(suv, dtype=np.float32), affine, 1.0, "SUV")
     if item.kind == "dicom":
         try:
             series = read_pet_series(item.path)
@@ -385,4 +388,26 @@ class LoadPETd(MapTransform):
             d["source"] = str(path)
             d["suv_factor"] = float(volume.suv_factor)
             d["units"] = str(volume.units)
+        return d
+
+
+class KeepNatived(MapTransform):
+    """Keep the loaded native SUV under ``native_key`` for the residual step, *without copying it*.
+
+    ``data[native_key]`` becomes a plain tensor sharing ``data[key]``'s memory (MONAI's ``CopyItemsd``
+    would deep-copy a 0.5 GB whole-body volume). Safe because the later preprocessing transforms
+    (``Orientationd``, ``Spacingd``, intensity scaling) return new tensors and never write into their
+    input; :class:`scripts.inference.residual.NativeResidualSUVd` finally adds the correction into it.
+    Not named ``image_*``: MONAI's Spacingd treats every ``image_*`` key as the image's meta dict.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", native_key: str = "native_suv", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.native_key = native_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            d[self.native_key] = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
         return d
