@@ -43,6 +43,7 @@ __all__ = [
     "median_time",
     "network_flops",
     "network_gflops",
+    "network_stage_report",
     "run",
     "sliding_window_flops",
 ]
@@ -160,6 +161,40 @@ def gflops_line(label: str, achieved_gflops: float, peak_gflops: float, precisio
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
     return (f"{label}: {achieved_gflops:.1f} GFLOP/s achieved ({precision}) vs conv3d peak {peak_gflops:.1f} GFLOP/s "
             f"-> peak/achieved {ratio:.2f} (target <= {TARGET_RATIO}: {verdict})")
+
+
+def network_stage_report(
+    config: str,
+    override: str | None,
+    shape: Sequence[int],
+    seconds: float,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """GFLOP/s of a timed network + sliding-window stage next to this machine's conv3d peak.
+
+    For a benchmark that timed ``config``'s network over a ``shape`` volume (on the network grid) with the
+    config's ``inferer`` windows in ``seconds`` at ``precision``: counts the stage's FLOPs
+    (:func:`sliding_window_flops`), measures :func:`conv3d_peak` at the network's width and the same
+    precision, and returns ``network_gflops``, ``conv3d_peak_gflops``, ``peak_over_achieved``, ``target_met``,
+    ``windows``, ``network_gflop`` and the printable ``line``.
+    """
+    net, sizes = _network_from_config(config, override)
+    parser = ConfigParser()
+    parser.read_config([config] + ([override] if override else []))
+    overlap = float(parser.get_parsed_content("overlap"))
+    roi = [int(v) for v in sizes["patch_size"]]
+    ran = resolve_precision(precision, device)
+    flops, n_windows = sliding_window_flops(net, shape, roi, overlap)
+    peak = conv3d_peak(int(sizes["channels"]), ran, roi[0], int(sizes["sw_batch_size"]), device, repeats=repeats)
+    achieved = flops / 1e9 / float(seconds)
+    return {
+        "precision": ran, "windows": n_windows, "network_gflop": flops / 1e9, "seconds": float(seconds),
+        "network_gflops": achieved, "conv3d_peak_gflops": peak["gflops"],
+        "peak_over_achieved": peak["gflops"] / achieved, "target_met": peak["gflops"] / achieved <= TARGET_RATIO,
+        "line": gflops_line("network stage GFLOP/s", achieved, peak["gflops"], ran),
+    }
 
 
 def _network_from_config(config: str, override: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -301,8 +301,9 @@ def _pairs(root: Path, shape: Sequence[int], n_subjects: int = 2, seed: int = 0)
     for s in range(n_subjects):
         act = synthetic_study(shape, seed + s)
         save_nifti(act, affine, root / f"sub{s}" / "full_dose.nii.gz")
-        save_nifti(act + rng.normal(0, 0.2, act.shape).astype(np.float32) * np.sqrt(act), affine,
-                   root / f"sub{s}" / "drf_20.nii.gz")
+        for drf in (4, 20):  # two items per subject
+            noise = rng.normal(0, 0.05 * np.sqrt(drf), act.shape).astype(np.float32) * np.sqrt(act)
+            save_nifti(act + noise, affine, root / f"sub{s}" / f"drf_{drf}.nii.gz")
     return root
 
 
@@ -312,10 +313,11 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
     nproc = max(1, torch.cuda.device_count()) if cuda else 2
     files = ["configs/train.json", "configs/multi_gpu_train.json"] + ([] if dry else ["configs/published_size.json"])
     patch = TINY["patch_size"][0] if dry else 64
-    data = _pairs(work / "pairs", [patch + 8] * 3, n_subjects=max(3, nproc + 1))
+    # every rank needs at least one validation item (DistributedSampler): 2 items per subject, a third of them
+    data = _pairs(work / "pairs", [patch + 8] * 3, n_subjects=max(3, 2 * nproc))
     overrides = {**(TINY if dry else {}), "epochs": 2, "epoch_length": 2, "stage1_epochs": 1, "val_interval": 2,
-                 "critic_pretrain_iterations": 1, "val_fraction": 0.34, "val_max_items": 1, "num_workers": 0,
-                 "precision": "bf16"}
+                 "critic_pretrain_iterations": 1, "val_fraction": 0.34, "val_max_items": max(2, nproc),
+                 "num_workers": 0, "precision": "bf16"}
     port = 29500 + os.getpid() % 1000
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            "-m", "monai.bundle", "run", "--config_file", repr(files), "--dataset_dir", str(data),
