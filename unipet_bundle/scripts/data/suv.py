@@ -315,7 +315,7 @@ def check_uptake_s(seconds: float, half_life_s: float | None, *, time_only: bool
                 f"unknown (a clock ahead of the scanner's? an injection the day before is never assumed: it would mean "
                 f"{_duration(seconds + 86400)} of decay); {fix}"
             )
-        raise SUVError(f"{what}: the scan is {_duration(-seconds)} before injection; {fix}")
+        raise SUVError(f"{what}: the injection time is after the scan reference time (the scan is {_duration(-seconds)} before injection); {fix}")
     if time_only and seconds > _MAX_TIME_ONLY_UPTAKE_S:
         raise SUVError(
             f"{what}: {seconds / 3600:.1f} h between injection and scan with times of day only (over 12 h: a wrong clock or "
