@@ -124,8 +124,8 @@ def _window_warning(name: str, network_shape: Sequence[int], patch_size: Any) ->
     if len(window) == 3 and any(n < w for n, w in zip(network_shape, window)):
         logger.warning(
             "%s: the volume is %s voxels on the network grid, smaller than the %s window: it was padded with its "
-            "edge values (replicate) to the window size and cropped back; the network has little context, check "
-            "this output (a whole-body or organ volume is normally much larger)",
+            "edge values to the window size (the inferer's padding_mode, replicate by default; zero padding would "
+            "lower its level) and cropped back; the network has little context, check this output",
             shown(name), "x".join(map(str, network_shape)), "x".join(map(str, window)),
         )
 
