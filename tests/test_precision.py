@@ -222,3 +222,11 @@ def test_rals_losses_reduce_critic_scores_in_float32_under_bf16_autocast():
         adv = RALSGeneratorLoss()(critic, fake, mask)
     assert loss.dtype == torch.float32 and adv.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+def test_inference_sidecar_records_the_precision_that_ran(no_bf16_cpu):
+    """The output's processing record says what arithmetic made it: the resolved precision, not the request."""
+    parser = _parser(["inference.json"], precision="bf16")
+    transforms = parser.config["postprocessing"]["transforms"]
+    idx = next(i for i, t in enumerate(transforms) if isinstance(t, dict) and "processing" in t)
+    assert parser.get_parsed_content(f"postprocessing#transforms#{idx}#processing#precision") == "fp32"
