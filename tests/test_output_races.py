@@ -145,6 +145,9 @@ def test_temporary_names_record_host_and_pid():
     assert tmp.name.endswith(".tmp.nii.gz"), "nibabel needs the real suffix"
     info = parse_temporary(tmp.name)
     assert info["target"] == "a_denoised.nii.gz" and info["pid"] == os.getpid() and info["kind"] == "tmp"
+    assert temporary_path(Path("/out/a_denoised_qc.png")).name.endswith(".tmp.png")
+    assert temporary_path(Path("/out/a_denoised_dicom")).name.endswith(".tmp")
+    assert parse_temporary(temporary_path(Path("/out/a_denoised.json")).name)["target"] == "a_denoised.json"
     assert parse_temporary("a_denoised.nii.gz") is None
     assert parse_temporary(".a_denoised.nii.gz.x1y2.tmp.nii.gz") is None, "not ours (no host/PID): never touched"
 

@@ -94,11 +94,16 @@ def _host_id() -> str:
 def temporary_path(target: str | os.PathLike, kind: str = "tmp") -> Path:
     """A fresh hidden name beside ``target`` that records this host and PID (see the module docstring).
 
-    ``kind`` is ``tmp`` (being written) or ``old`` (a replaced output on its way out). A NIfTI target keeps
-    its ``.nii.gz`` / ``.nii`` suffix so nibabel writes the right format.
+    ``kind`` is ``tmp`` (being written) or ``old`` (a replaced output on its way out). The target's own
+    suffix is kept (``.nii.gz``, ``.nii``, ``.json``, ``.png``...) so writers that pick the format from the
+    name (nibabel, matplotlib) write the right one.
     """
     target = Path(target)
-    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else (".nii" if target.name.endswith(".nii") else "")
+    if target.name.endswith(".nii.gz"):
+        suffix = ".nii.gz"
+    else:
+        suffix = Path(target.name).suffix
+        suffix = suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix) else ""
     return target.parent / f".{target.name}.unipet-{_host_id()}-{os.getpid()}-{secrets.token_hex(4)}.{kind}{suffix}"
 
 
