@@ -232,3 +232,44 @@ def test_shape_mismatch_is_a_clear_error():
         RALSCriticLoss()(critic, x, x, torch.ones(1, 1, 16, 16, 8))
     with pytest.raises(ValueError, match="one shape"):
         RALSGeneratorLoss()(critic, x, torch.ones(1, 1, 8, 16, 16))
+
+
+# --- regional SUV-consistency loss (issue 15) -----------------------------------------------------------
+
+from scripts.losses.regional import RegionalSUVLoss  # noqa: E402
+
+
+def test_regional_loss_sees_level_shifts_and_lesion_peaks_that_voxel_l1_barely_sees():
+    torch.manual_seed(0)
+    full = 0.1 + 0.02 * torch.randn(1, 1, 24, 24, 24)
+    full[..., 10:12, 10:12, 10:12] = 0.6  # a 2-voxel hot lesion (12 SUV at SUV/20)
+    loss = RegionalSUVLoss((5, 9, 17))
+    assert loss(full, full).item() == 0
+    # a denoiser that smooths the noise away but keeps the lesion and the level: low regional loss
+    smooth = torch.nn.functional.avg_pool3d(full, 3, 1, 1, count_include_pad=False)
+    smooth[..., 10:12, 10:12, 10:12] = 0.6
+    # one that also halves the lesion (-50 % SUVmax): the local max term sees it
+    flat_lesion = smooth.clone()
+    flat_lesion[..., 10:12, 10:12, 10:12] = 0.3
+    # one that lowers every level by 2 %
+    low_level = smooth * 0.98
+    l_smooth, l_lesion, l_level = (loss(x, full).item() for x in (smooth, flat_lesion, low_level))
+    assert l_lesion > 1.5 * l_smooth, (l_lesion, l_smooth)
+    assert l_level > l_smooth
+    # voxel-wise L1 hardly tells the halved lesion from the good output (8 of 13824 voxels)
+    l1 = torch.nn.functional.l1_loss
+    assert l1(flat_lesion, full) / l1(smooth, full) < 1.05
+
+
+def test_regional_loss_gradient_shapes_and_errors():
+    loss = RegionalSUVLoss((3, 17))
+    pred = torch.rand(2, 1, 8, 10, 12, requires_grad=True)  # smaller than the 17 window: clipped per axis
+    full = torch.rand(2, 1, 8, 10, 12, requires_grad=True)
+    loss(pred, full).backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0 and full.grad is None  # no gradient to the target
+    with pytest.raises(ValueError, match="odd"):
+        RegionalSUVLoss((4,))
+    with pytest.raises(ValueError, match="mean_weight"):
+        RegionalSUVLoss(mean_weight=0, max_weight=0)
+    with pytest.raises(ValueError, match="equal"):
+        loss(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 5))

@@ -296,3 +296,101 @@ def test_multi_process_cpu_training_gloo(tmp_path):
     # DDP state dicts are saved unwrapped: they load into a plain network
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     net.load_state_dict(state["generator"])
+
+
+# --- issue 15: one stage clock, stage 2 as its own optimisation, monitoring, regional loss ---------------
+
+from scripts.engines.best_checkpoint import StageBestCheckpoint  # noqa: E402
+import io  # noqa: E402
+
+from ignite.engine import Events  # noqa: E402
+
+from scripts.engines.gan_trainer import StageClock, TwoStageLR, generator_param_groups, loss_terms, style_statistics  # noqa: E402
+from scripts.losses.regional import RegionalSUVLoss  # noqa: E402
+
+
+def test_two_stage_schedule_restarts_for_stage2_with_its_own_san_rate():
+    net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    groups = generator_param_groups(net, 2e-4, 1e-4, 1e-3)
+    assert [g["name"] for g in groups] == ["bdn", "san"]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in net.san_parameters()}
+    opt = torch.optim.AdamW(groups)
+    clock = StageClock(10)
+    sched = TwoStageLR(opt, clock, total_iterations=30, stage2_warmup=4, stage2_offset=2, min_ratio=0.05)
+    lrs = []  # the rate each 1-based iteration uses
+    for _ in range(30):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    bdn, san = [r[0] for r in lrs], [r[1] for r in lrs]
+    assert bdn[0] == pytest.approx(2e-4) and bdn[9] < 0.2 * 2e-4  # stage 1 cosine
+    assert bdn[10] == 0 and bdn[11] == 0  # iterations 11-12: critic pre-training, no generator step
+    assert san[12] == pytest.approx(1e-3 / 4) and san[15] == pytest.approx(1e-3)  # warm-up to the SAN's own peak
+    assert bdn[15] == pytest.approx(1e-4)  # the BDN's stage-2 peak
+    assert san[-1] == pytest.approx(1e-3 * 0.05, rel=0.2)
+    # 0.2.0: one cosine over both stages left stage 2 starting at a fraction of the rate
+    state = sched.state_dict()
+    assert "clock" not in state and "optimizer" not in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # checkpoints stay weights-only
+
+
+def test_trainer_and_best_checkpoint_share_the_stage_clock(tiny_setup, tmp_path):
+    from ignite.engine import Engine
+
+    gen, critic, batches, _, _ = tiny_setup
+    clock = StageClock(3)
+    with pytest.raises(ValueError, match="disagrees"):
+        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=3, train_data_loader=batches, generator=gen,
+                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=2, stage_clock=clock)
+    trainer = UniPETTrainer(device="cpu", max_epochs=1, epoch_length=3, train_data_loader=batches, generator=gen,
+                            g_optimizer=torch.optim.AdamW(gen.parameters()), stage_clock=clock)
+    saver = StageBestCheckpoint(tmp_path, gen, stage1_epochs=99, stage_clock=clock)  # epochs ignored with a clock
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.metrics = {"val_psnr": 30.0}
+    trainer.run()
+    assert clock.iteration == 3 and clock.stage == 1
+    saver(evaluator)
+    assert (tmp_path / "model_stage1.pt").is_file() and not (tmp_path / "model.pt").exists()
+    clock.iteration = 4  # the trainer's next iteration is in stage 2
+    saver(evaluator)
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):
+    gen, critic, batches, _, _ = tiny_setup
+    trainer = UniPETTrainer(
+        device="cpu", max_epochs=1, epoch_length=2, train_data_loader=batches, generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage1_iterations=1,
+        align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x), regional_loss=RegionalSUVLoss((3, 5)), regional_weight=0.5,
+        monitor_interval=1,
+    )
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    s1, s2 = outputs
+    assert s1["grad_l1"] > 0 and s1["grad_regional"] > 0 and "style_abs_b0" not in s1
+    for key in ("grad_l1", "grad_align", "grad_adv", "grad_regional", "loss_regional"):
+        assert key in s2 and s2[key] >= 0, key
+    assert {f"style_abs_b{i}" for i in range(2)} <= set(s2) and {f"style_spread_b{i}" for i in range(2)} <= set(s2)
+    assert loss_terms(s2)["grad_adv"] == s2["grad_adv"]  # reaches the Stats/TensorBoard handlers
+    with pytest.raises(ValueError, match="regional_loss"):
+        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=1, train_data_loader=batches, generator=gen,
+                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=1, regional_weight=1.0)
+
+
+def test_style_statistics_see_a_dead_and_a_live_san():
+    torch.manual_seed(0)
+    net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    x = torch.rand(3, 1, 16, 16, 16) * torch.tensor([0.1, 1.0, 3.0]).reshape(3, 1, 1, 1, 1)
+    dead = style_statistics(net, x)
+    assert dead["style_abs_b0"] == 0 and dead["style_spread_b0"] == 0  # zero-initialised style layers
+    with torch.no_grad():
+        for block in net.blocks:
+            block.style_affine.weight.normal_(0, 0.5)
+    live = style_statistics(net, x)
+    assert live["style_abs_b0"] > 0 and live["style_spread_b0"] > 0

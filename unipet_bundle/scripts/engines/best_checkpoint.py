@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -31,8 +32,11 @@ class StageBestCheckpoint:
         save_dir: folder for the files.
         generator: the network to save (a DDP wrapper is unwrapped).
         stage1_epochs: epochs of stage 1; the evaluator's epoch (the trainer's, set by ``ValidationHandler``)
-            tells the stage of the weights being judged.
-        metric_name: evaluator metric to maximise (e.g. ``val_psnr``).
+            tells the stage of the weights being judged. Used only without ``stage_clock``.
+        metric_name: evaluator metric to maximise (``val_score``: the selection score of
+            ``scripts.metrics.selection``; ``val_psnr``: PSNR alone).
+        stage_clock: the trainer's ``StageClock`` (``scripts.engines.gan_trainer``): the stage of the weights
+            is then the trainer's own, by iteration, so the two cannot disagree (preferred).
         filenames: file name per stage.
         rank: only rank 0 writes.
         cmp_fn: ``cmp_fn(new, best)`` is True when ``new`` is better (default: greater).
@@ -42,11 +46,12 @@ class StageBestCheckpoint:
         self,
         save_dir: str | os.PathLike,
         generator: torch.nn.Module,
-        stage1_epochs: int,
+        stage1_epochs: int = 0,
         metric_name: str = "val_psnr",
         filenames: dict[int, str] | None = None,
         rank: int = 0,
         cmp_fn: Callable[[float, float], bool] | None = None,
+        stage_clock: Any = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.generator = generator
@@ -56,6 +61,7 @@ class StageBestCheckpoint:
         self.rank = rank
         self.cmp_fn = cmp_fn or (lambda new, best: new > best)
         self.best: dict[int, float] = {}
+        self.stage_clock = stage_clock
 
     def state_dict(self) -> dict:
         return {"best": {str(k): v for k, v in self.best.items()}}
@@ -72,7 +78,7 @@ class StageBestCheckpoint:
             return
         value = float(value)
         epoch = engine.state.epoch
-        stage = 1 if epoch <= self.stage1_epochs else 2
+        stage = self.stage_clock.stage if self.stage_clock is not None else (1 if epoch <= self.stage1_epochs else 2)
         best = self.best.get(stage)
         if best is not None and not self.cmp_fn(value, best):
             return

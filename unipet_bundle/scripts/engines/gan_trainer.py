@@ -20,6 +20,7 @@ Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-traini
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,7 +34,16 @@ from torch.optim import Optimizer
 from scripts.engines.precision import autocast, config_precision, resolve_precision
 from scripts.inference.options import as_bool
 
-__all__ = ["UniPETTrainer", "FeatureTap", "loss_terms", "prepare_paired_batch"]
+__all__ = [
+    "UniPETTrainer",
+    "FeatureTap",
+    "StageClock",
+    "TwoStageLR",
+    "generator_param_groups",
+    "style_statistics",
+    "loss_terms",
+    "prepare_paired_batch",
+]
 
 
 class FeatureTap(nn.Module):
@@ -66,6 +76,141 @@ def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in output.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class StageClock:
+    """The one source of the stage boundary: iterations ``1 .. stage1_iterations`` are stage 1, the rest stage 2.
+
+    The trainer, the learning-rate schedule (:class:`TwoStageLR`) and the best-checkpoint saver
+    (``StageBestCheckpoint``) all ask this object, so they cannot disagree about which stage the
+    weights are in (0.2.0 split by iterations in the trainer and by epochs in the saver). The trainer
+    sets :attr:`iteration` at every iteration; :attr:`stage` is the stage of the weights as they are now.
+    """
+
+    def __init__(self, stage1_iterations: int) -> None:
+        if int(stage1_iterations) < 0:
+            raise ValueError(f"stage1_iterations must be >= 0, got {stage1_iterations}")
+        self.stage1_iterations = int(stage1_iterations)
+        self.iteration = 0
+
+    def stage_of(self, iteration: int) -> int:
+        """1 or 2 for a 1-based iteration number."""
+        return 1 if iteration <= self.stage1_iterations else 2
+
+    @property
+    def stage(self) -> int:
+        """The stage of the last iteration run (1 before any)."""
+        return self.stage_of(max(self.iteration, 1))
+
+
+def generator_param_groups(
+    generator: nn.Module, learning_rate: float, stage2_learning_rate: float, san_learning_rate: float
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the base network (``bdn``) and the SAN with the style layers (``san``).
+
+    Each group carries its peak learning rate per stage (``stage1_lr``, ``stage2_lr``), which
+    :class:`TwoStageLR` reads: the BDN learns at ``learning_rate`` in stage 1 and fine-tunes at
+    ``stage2_learning_rate``; the SAN and the zero-initialised style layers, new in stage 2, get their own
+    ``san_learning_rate`` (they must move from zero within stage 2). A generator without a SAN gives one group.
+    """
+    net = _unwrap(generator)
+    san_ids = {id(p) for p in net.san_parameters()} if hasattr(net, "san_parameters") else set()
+    bdn = [p for p in net.parameters() if id(p) not in san_ids]
+    san = [p for p in net.parameters() if id(p) in san_ids]
+    groups = [{"params": bdn, "lr": float(learning_rate), "name": "bdn",
+               "stage1_lr": float(learning_rate), "stage2_lr": float(stage2_learning_rate)}]
+    if san:
+        groups.append({"params": san, "lr": float(san_learning_rate), "name": "san",
+                       "stage1_lr": float(san_learning_rate), "stage2_lr": float(san_learning_rate)})
+    return groups
+
+
+class TwoStageLR(torch.optim.lr_scheduler.LRScheduler):
+    """Per-iteration learning rate with a fresh schedule for stage 2 (step it every iteration).
+
+    Stage 1: cosine from each group's ``stage1_lr`` down to ``min_ratio`` of it over the stage. Stage 2
+    restarts: after ``stage2_offset`` iterations (the critic pre-training, when the generator does not
+    step) a linear warm-up over ``stage2_warmup`` iterations to each group's ``stage2_lr``, then cosine to
+    ``min_ratio`` of it at the end of training. 0.2.0 ran one cosine over both stages, so the
+    zero-initialised style layers started at a fraction of the rate and decayed to 5 %.
+
+    Args:
+        optimizer: with groups from :func:`generator_param_groups` (groups without ``stage1_lr`` /
+            ``stage2_lr`` use their initial ``lr`` for both).
+        stage_clock: the :class:`StageClock` the trainer uses.
+        total_iterations: iterations of the whole run (both stages).
+        stage2_warmup: warm-up iterations of stage 2.
+        stage2_offset: stage-2 iterations before the generator's first step (critic pre-training).
+        min_ratio: the final fraction of each peak.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        stage_clock: StageClock,
+        total_iterations: int,
+        stage2_warmup: int = 50,
+        stage2_offset: int = 0,
+        min_ratio: float = 0.05,
+        last_epoch: int = -1,
+    ) -> None:
+        self.clock = stage_clock
+        self.total = max(1, int(total_iterations))
+        self.stage2_warmup = max(0, int(stage2_warmup))
+        self.stage2_offset = max(0, int(stage2_offset))
+        self.min_ratio = float(min_ratio)
+        for g in optimizer.param_groups:
+            g.setdefault("stage1_lr", g.get("initial_lr", g["lr"]))
+            g.setdefault("stage2_lr", g.get("initial_lr", g["lr"]))
+        super().__init__(optimizer, last_epoch)
+
+    def _cosine(self, t: float) -> float:
+        t = min(max(t, 0.0), 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def factor(self, iteration: int, stage: int) -> float:
+        """Fraction of the stage's peak at a 1-based iteration."""
+        s1 = self.clock.stage1_iterations
+        if stage == 1:
+            return self._cosine((iteration - 1) / max(1, s1))
+        j = iteration - s1 - self.stage2_offset  # 1-based generator step within stage 2
+        if j <= 0:
+            return 0.0
+        if j <= self.stage2_warmup:
+            return j / self.stage2_warmup
+        span = max(1, self.total - s1 - self.stage2_offset - self.stage2_warmup)
+        return self._cosine((j - self.stage2_warmup) / span)
+
+    def state_dict(self) -> dict[str, Any]:
+        # the clock is the trainer's (restored with it), not part of the schedule; keeps checkpoints weights-only
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "clock")}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__.update({k: v for k, v in state_dict.items() if k not in ("optimizer", "clock")})
+
+    def get_lr(self) -> list[float]:
+        iteration = self.last_epoch + 1  # the rate set now is used by the next iteration
+        stage = self.clock.stage_of(iteration)
+        key = "stage1_lr" if stage == 1 else "stage2_lr"
+        return [g[key] * self.factor(iteration, stage) for g in self.optimizer.param_groups]
+
+
+@torch.no_grad()
+def style_statistics(generator: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per-block style monitoring: ``style_abs_b{i}`` (mean |s|) and ``style_spread_b{i}`` (std across the
+    batch, averaged over channels: 0 means every input gets the same style, i.e. a dead SAN).
+
+    Empty for a generator without styles. ``x``: (B, 1, D, H, W) low-dose batch.
+    """
+    net = _unwrap(generator)
+    if not hasattr(net, "block_styles"):
+        return {}
+    out: dict[str, float] = {}
+    for i, s in enumerate(net.block_styles(x)):
+        s = s.float()
+        out[f"style_abs_b{i}"] = s.abs().mean().item()
+        out[f"style_spread_b{i}"] = s.std(dim=0).mean().item() if s.shape[0] > 1 else 0.0
+    return out
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module"):  # DistributedDataParallel / DataParallel
         module = module.module
@@ -92,6 +237,14 @@ class UniPETTrainer(Trainer):
         critic_loss: ``RALSCriticLoss`` (masked WGAN-GP); ``adv_loss``: ``RALSGeneratorLoss``.
         mask_fn: maps the full-dose batch to the RALS stylized-region mask (same shape, {0, 1}).
         align_weight, adv_weight, l1_weight: loss weights (reference: 0.001, 0.001, 1).
+        regional_loss: ``RegionalSUVLoss`` (local means and maxima vs the full dose), used in both stages
+            with ``regional_weight`` (0: off).
+        stage_clock: the :class:`StageClock` shared with the schedule and the best-checkpoint saver; when
+            given, ``stage1_iterations`` must be left at 0 or agree with it.
+        monitor_interval: every this many iterations (0: never) the output also holds the generator
+            gradient norm of each weighted loss term (``grad_l1``, ``grad_align``, ``grad_adv``,
+            ``grad_regional``; one extra backward pass each; not under DDP) and, in stage 2, the style
+            statistics of :func:`style_statistics`, so a dead SAN shows while training.
         n_critic: critic steps per generator step in stage 2.
         critic_pretrain_iterations: stage-2 iterations at the start that train the critic alone.
         train_san: train the SAN in stage 2 (the method). False keeps it frozen at its zero style, so stage 2
@@ -128,6 +281,10 @@ class UniPETTrainer(Trainer):
         l1_weight: float = 1.0,
         align_weight: float = 1e-3,
         adv_weight: float = 1e-3,
+        regional_loss: Callable | None = None,
+        regional_weight: float = 0.0,
+        stage_clock: StageClock | None = None,
+        monitor_interval: int = 0,
         n_critic: int = 1,
         critic_pretrain_iterations: int = 0,
         train_san: bool = True,
@@ -165,6 +322,14 @@ class UniPETTrainer(Trainer):
         )
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        if stage_clock is None:
+            stage_clock = StageClock(stage1_iterations)
+        elif stage1_iterations and int(stage1_iterations) != stage_clock.stage1_iterations:
+            raise ValueError(
+                f"stage1_iterations ({stage1_iterations}) disagrees with the stage clock ({stage_clock.stage1_iterations}): "
+                "give one of them"
+            )
+        stage1_iterations = stage_clock.stage1_iterations
         total = max_epochs * (self.state.epoch_length or 0)
         if stage1_iterations < total and (critic is None or d_optimizer is None or critic_loss is None or adv_loss is None):
             raise ValueError(
@@ -176,8 +341,14 @@ class UniPETTrainer(Trainer):
         self.g_optimizer = g_optimizer
         self.critic = critic
         self.d_optimizer = d_optimizer
-        self.stage1_iterations = int(stage1_iterations)
         self.align_loss = align_loss
+        self.stage_clock = stage_clock
+        self.stage1_iterations = stage_clock.stage1_iterations
+        self.regional_loss = regional_loss
+        self.regional_weight = float(regional_weight)
+        if self.regional_weight > 0 and regional_loss is None:
+            raise ValueError("regional_weight > 0 needs a regional_loss (scripts.losses.regional.RegionalSUVLoss)")
+        self.monitor_interval = int(monitor_interval)
         self.critic_loss = critic_loss
         self.adv_loss = adv_loss
         self.mask_fn = mask_fn
@@ -196,8 +367,29 @@ class UniPETTrainer(Trainer):
 
     # -- helpers -------------------------------------------------------------------------------------
     def stage_of(self, iteration: int) -> int:
-        """1 or 2 for a 1-based iteration number."""
-        return 1 if iteration <= self.stage1_iterations else 2
+        """1 or 2 for a 1-based iteration number (from the shared :class:`StageClock`)."""
+        return self.stage_clock.stage_of(iteration)
+
+    def _monitoring(self) -> bool:
+        return self.monitor_interval > 0 and self.state.iteration % self.monitor_interval == 0
+
+    def _term_grad_norms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Generator gradient norm of each (weighted) loss term; the graph is kept for the real backward."""
+        if isinstance(self.feature_tap, nn.parallel.DistributedDataParallel):
+            return {}  # autograd.grad would bypass DDP's gradient synchronisation
+        params = [p for p in _unwrap(self.generator).parameters() if p.requires_grad]
+        norms: dict[str, float] = {}
+        for name, term in terms.items():
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            norms[f"grad_{name}"] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+        return norms
+
+    def _regional(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        if self.regional_loss is None or self.regional_weight <= 0:
+            return torch.zeros((), device=pred.device)
+        return self.regional_loss(pred, full)
 
     def _autocast(self):
         return autocast(self.precision, self._device_type)
@@ -221,6 +413,7 @@ class UniPETTrainer(Trainer):
             raise ValueError("must provide batch data for current iteration.")
         low, full = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         engine.state.output = output = {Keys.IMAGE: low, Keys.LABEL: full}
+        engine.stage_clock.iteration = engine.state.iteration
         stage = engine.stage_of(engine.state.iteration)
         output["stage"] = stage
         engine.generator.train()
@@ -232,12 +425,16 @@ class UniPETTrainer(Trainer):
                 pred, _ = engine.feature_tap(low)
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 l1 = torch.nn.functional.l1_loss(pred.float(), full)
-            loss = engine.l1_weight * l1
+                regional = engine._regional(pred.float(), full)
+            loss = engine.l1_weight * l1 + engine.regional_weight * regional
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            if engine._monitoring():
+                output.update(engine._term_grad_norms({"l1": engine.l1_weight * l1, "regional": engine.regional_weight * regional}))
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.g_optimizer.step()
-            output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "loss_l1": l1.item()})
+            output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "loss_l1": l1.item(),
+                           "loss_regional": float(regional.detach())})
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return output
 
@@ -285,8 +482,16 @@ class UniPETTrainer(Trainer):
                 else:
                     align = torch.zeros((), device=pred.device)
                 adv = engine.adv_loss(judge, pred, mask) if adversarial else torch.zeros((), device=pred.device)
-                loss = engine.l1_weight * l1 + engine.align_weight * align + engine.adv_weight * adv
+                regional = engine._regional(pred, full)
+                loss = (engine.l1_weight * l1 + engine.align_weight * align + engine.adv_weight * adv
+                        + engine.regional_weight * regional)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            if engine._monitoring():
+                output.update(engine._term_grad_norms({
+                    "l1": engine.l1_weight * l1, "align": engine.align_weight * align,
+                    "adv": engine.adv_weight * adv, "regional": engine.regional_weight * regional,
+                }))
+                output.update(style_statistics(engine.generator, low))
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.g_optimizer.step()
@@ -300,6 +505,7 @@ class UniPETTrainer(Trainer):
                 "loss_l1": l1.item(),
                 "loss_align": float(align.detach()),
                 "loss_adv": float(adv.detach()),
+                "loss_regional": float(regional.detach()),
             }
         )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

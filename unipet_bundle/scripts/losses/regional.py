@@ -1,0 +1,67 @@
+"""Regional SUV-consistency loss: local means and local maxima of the output match the full dose.
+
+Beyond the UniPET paper (issue 15, lesion safety). Every 0.2.0 network lowered small-lesion SUVmax by
+20-35 % and the shipped one lowers hot uptake by 1-2 % on flat regions: a voxel-wise L1 barely notices
+either (a lesion is a handful of voxels, a 1 % level shift is far below the noise). Clinical readers
+quantify regions, not voxels: SUVmean of an organ or a VOI, SUVmax and SUVpeak of a lesion. This loss
+compares exactly those, with no labels, over box windows of several sizes (5, 9, 17 voxels by default:
+a 20-70 mm region at 4 mm voxels, from a small lesion's SUVpeak to an organ's mean):
+
+``L = mean over windows k of [ mean_weight * L1(avgpool_k(pred), avgpool_k(full))
+                              + max_weight * L1(maxpool_k(pred), maxpool_k(full)) ]``
+
+Stride 1, "same" size (average pools ignore the padding, max pools pad with -inf), in the network's
+units (SUV / 20). No gradient flows to ``full``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RegionalSUVLoss"]
+
+
+class RegionalSUVLoss(nn.Module):
+    """Local-mean and local-max consistency of ``pred`` with ``full`` over several box windows.
+
+    Args:
+        windows: odd box sizes in voxels (each >= 1; 1 would be plain voxel-wise L1).
+        mean_weight: weight of the local-mean term (regional levels: organ SUVmean, body totals).
+        max_weight: weight of the local-max term (lesion SUVmax; with the larger windows, SUVpeak-like).
+
+    Shapes: ``pred`` and ``full`` ``(B, C, D, H, W)``, equal; returns a scalar.
+    """
+
+    def __init__(self, windows: Sequence[int] = (5, 9, 17), mean_weight: float = 1.0, max_weight: float = 1.0) -> None:
+        super().__init__()
+        windows = tuple(int(k) for k in windows)
+        if not windows or any(k < 1 or k % 2 == 0 for k in windows):
+            raise ValueError(f"windows must be a non-empty list of odd sizes >= 1, got {list(windows)}")
+        if mean_weight < 0 or max_weight < 0 or mean_weight + max_weight == 0:
+            raise ValueError(f"mean_weight and max_weight must be >= 0 and not both 0, got {mean_weight}, {max_weight}")
+        self.windows = windows
+        self.mean_weight = float(mean_weight)
+        self.max_weight = float(max_weight)
+
+    def forward(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        if pred.shape != full.shape or pred.dim() != 5:
+            raise ValueError(f"RegionalSUVLoss expects equal (B, C, D, H, W) tensors, got {list(pred.shape)} and {list(full.shape)}")
+        pred = pred.float()
+        full = full.detach().float()
+        total = pred.new_zeros(())
+        for k in self.windows:
+            # a window larger than the patch is clipped to the largest odd size that fits, per axis
+            kernel = tuple(min(k, n if n % 2 else n - 1) for n in pred.shape[2:])
+            pad = tuple(kk // 2 for kk in kernel)
+            k = kernel
+            if self.mean_weight > 0:
+                mp = F.avg_pool3d(pred, k, 1, pad, count_include_pad=False)
+                mf = F.avg_pool3d(full, k, 1, pad, count_include_pad=False)
+                total = total + self.mean_weight * F.l1_loss(mp, mf)
+            if self.max_weight > 0:
+                total = total + self.max_weight * F.l1_loss(F.max_pool3d(pred, k, 1, pad), F.max_pool3d(full, k, 1, pad))
+        return total / len(self.windows)
