@@ -20,7 +20,7 @@ On a machine without CUDA it says so, runs the same code paths at tiny sizes on 
 nccl, peak RSS instead of GPU memory), marks the JSON ``"dry_run": true`` and exits 0 when they all work.
 A failing section is reported in one line and in the JSON, and makes the exit status 1.
 
-    cd unipet_bundle && python -m scripts.benchmarks.gpu_check [--out gpu_check.json] [--iterations 10]
+    cd unipet_bundle && python -m scripts.benchmarks.gpu_check [--out runs/benchmarks/gpu_check.json] [--iterations 10]
         [--sections "['train','inference_network','inference_e2e','multi_gpu_train']"] [--dry_run false]
 """
 
@@ -336,7 +336,7 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
 
 # ---------------------------------------------------------------------------------------------- main
 def run(
-    out: str = "gpu_check.json",
+    out: str = "runs/benchmarks/gpu_check.json",
     iterations: int = 10,
     sections: Sequence[str] = SECTIONS,
     dry_run: bool | None = None,
@@ -345,7 +345,7 @@ def run(
     """Measure the GPU paths (or dry-run them on tiny sizes without CUDA) and write one JSON.
 
     Args:
-        out: JSON result path (written atomically, also when a section fails).
+        out: JSON result path (written atomically, also when a section fails; default under runs/, git-ignored).
         iterations: timed training iterations per stage (after 2 warm-up iterations).
         sections: any of "train", "inference_network", "inference_e2e", "multi_gpu_train".
         dry_run: force (true) or forbid (false) the tiny CPU dry run; default: dry run exactly when CUDA is
