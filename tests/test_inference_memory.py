@@ -22,6 +22,7 @@ from scipy.ndimage import gaussian_filter
 from conftest import BUNDLE_ROOT
 from scripts.data.io import save_nifti
 from scripts.data.phantom import phantom_affine
+from scripts.inference.memory import collate_native_by_reference
 from scripts.inference.residual import add_resampled
 from scripts.networks.unipet import UniPET
 
@@ -125,3 +126,17 @@ def test_correction_is_added_in_place_through_a_flipped_view():
         rot = np.eye(4)
         rot[0, 1] = 0.3
         add_resampled(view, source, rot)
+
+
+def test_collation_keeps_the_native_volume_by_reference():
+    """batch_size 1: the native SUV gets its batch axis as a view (MONAI's default collation copies it)."""
+    from monai.data import MetaTensor
+
+    native = torch.from_numpy(np.zeros((1, 30, 20, 10), dtype=np.float32, order="F"))
+    item = {"image": MetaTensor(torch.ones(1, 4, 4, 4)), "native_suv": native, "name": "a"}
+    batch = collate_native_by_reference([item])
+    assert batch["native_suv"].shape == (1, 1, 30, 20, 10)
+    assert batch["native_suv"].data_ptr() == native.data_ptr() and batch["native_suv"].stride()[1:] == native.stride()
+    assert batch["image"].shape == (1, 1, 4, 4, 4) and batch["name"] == ["a"]
+    two = collate_native_by_reference([item, dict(item)])
+    assert two["native_suv"].shape == (2, 1, 30, 20, 10)

@@ -438,7 +438,7 @@ def check_body_suv(
     Raises:
         SUVError: body median outside 0.05-20.
     """
-    values = np.asarray(suv).reshape(-1)
+    values = np.asarray(suv).ravel(order="K")  # memory order: no copy of a Fortran-ordered (NIfTI) volume either
     if values.size > _BODY_SAMPLE:  # a regular subsample (a view): the median needs no 100 M voxels, nor their copy
         values = values[:: values.size // _BODY_SAMPLE + 1]
     finite = values[np.isfinite(values)]
