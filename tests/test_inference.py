@@ -170,8 +170,8 @@ def test_nothing_to_denoise_says_what_was_looked_for(tmp_path):
     with pytest.raises(UniPETInputError, match=r"nothing to denoise .*\*\.nii and \*\.nii\.gz .*Modality PT"):
         discover_inputs(tmp_path / "in")
     factory.write_synthetic_series(tmp_path / "series", np.ones((6, 5, 4)) * 1000.0)
-    with pytest.raises(UniPETInputError, match="pass the folder that contains it"):
-        discover_inputs(tmp_path / "series")
+    # one series folder is one study (issue 16: one-file denoising)
+    assert [(i.name, i.kind) for i in discover_inputs(tmp_path / "series")] == [("series", "dicom")]
     with pytest.raises(UniPETInputError, match="does not exist"):
         discover_inputs(tmp_path / "missing")
 
@@ -357,7 +357,8 @@ def test_dicom_input_writes_nifti_sidecar_and_derived_series(tmp_path):
     assert "UNTRAINED" in log and "skipping folder ct" in log
     assert factory.PATIENT_NAME.split("^")[0] not in log and factory.PATIENT_ID not in log, "patient identifiers logged"
     assert sorted(p.name for p in out.iterdir()) == [
-        "c_denoised.json", "c_denoised.nii.gz", "pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom"]
+        "c_denoised.json", "c_denoised.nii.gz", "c_denoised_qc.json", "c_denoised_qc.png",
+        "pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom", "pet_denoised_qc.json", "pet_denoised_qc.png"]
 
     source = read_pet_series(data / "pet")
     y, y_aff, _ = nifti(out / "pet_denoised.nii.gz")

@@ -405,7 +405,8 @@ def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # no --overwrite needed: the set was ours and partial
     assert "killed while writing its outputs" in rerun.stdout + rerun.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom"]
+    assert sorted(p.name for p in out.iterdir()) == ["pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom",
+                                                     "pet_denoised_qc.json", "pet_denoised_qc.png"]
     assert_consistent(out)
     side = json.loads((out / "pet_denoised.json").read_text())
     import pydicom

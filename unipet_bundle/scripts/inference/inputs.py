@@ -135,16 +135,26 @@ def _dicom_modality(folder: Path) -> str | None:
 def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[InferenceInput]:
     """NIfTI files and PET DICOM series folders directly in ``dataset_dir``, sorted by name.
 
+    ``dataset_dir`` may also be one study: a single NIfTI file, or a single PET DICOM series folder (a folder
+    whose own files are PET DICOM); its output name is the file stem or the folder name.
+
     Raises:
         UniPETInputError: the folder is missing, is a file, or holds nothing to denoise.
     """
     folder = Path(dataset_dir).expanduser()
     if not folder.exists():
         raise UniPETInputError(f"dataset folder {folder} does not exist: check --dataset_dir")
+    if folder.is_file() and folder.name.endswith(NIFTI_SUFFIXES):  # one-file denoising
+        logger.info("one study: the NIfTI file %s", shown(folder.name))
+        return [InferenceInput(nifti_stem(folder), folder, "nifti")]
     if not folder.is_dir():
         raise UniPETInputError(
-            f"--dataset_dir {folder} is a file, not a folder: pass the folder that holds the NIfTI files and/or DICOM series folders"
+            f"--dataset_dir {folder} is a file but not a NIfTI file (*.nii, *.nii.gz): pass a NIfTI file, a PET DICOM "
+            "series folder, or the folder that holds NIfTI files and/or DICOM series folders"
         )
+    if _dicom_modality(folder) == "PT":  # one series: the folder itself holds the PET DICOM files
+        logger.info("one study: the PET DICOM series folder %s", shown(folder.name))
+        return [InferenceInput(folder.name, folder, "dicom")]
     outputs_here = output_dir is not None and Path(output_dir).expanduser().resolve() == folder.resolve()
     found: list[InferenceInput] = []
     for entry in sorted(folder.iterdir()):
@@ -181,12 +191,9 @@ def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLik
         else:
             logger.info("skipping file %s: not a NIfTI file (*.nii, *.nii.gz) nor a DICOM series folder", label)
     if not found:
-        hint = ""
-        if _dicom_modality(folder) == "PT":
-            hint = f"; {folder} itself holds PET DICOM files: pass the folder that contains it as --dataset_dir"
         raise UniPETInputError(
             f"nothing to denoise in {folder}: looked for *.nii and *.nii.gz files and for sub-folders holding a PET "
-            f"(Modality PT) DICOM series, directly inside it{hint}"
+            "(Modality PT) DICOM series, directly inside it (or pass one NIfTI file or one PET series folder)"
         )
     return found
 
@@ -320,6 +327,7 @@ def prepare_datalist(
     output_dir: str | os.PathLike,
     output_format: str = "nifti",
     overwrite: Any = False,
+    qc_report: Any = False,
 ) -> list[dict[str, str]]:
     """Discover the inputs, check every output path and every input, and return the datalist.
 
@@ -338,7 +346,7 @@ def prepare_datalist(
     _check_names(inputs)
     input_paths = [item.path for item in inputs]
     for item in inputs:
-        planned = planned_outputs(out_dir, item.name, item.kind, fmt)
+        planned = planned_outputs(out_dir, item.name, item.kind, fmt, qc=as_bool(qc_report, "qc_report"))
         partial = _partial_outputs(out_dir, item, planned)
         for path in planned.values():
             check_output_path(path, overwrite=replace or path in partial, inputs=input_paths)

@@ -10,6 +10,8 @@ Outputs of an input named ``<name>`` (the NIfTI stem or the DICOM series folder 
   (and ``"trained": false`` with a warning when the network was untrained), and the grids used;
 - ``<name>_denoised_dicom/``: with ``output_format`` ``dicom`` or ``both``, for DICOM inputs only: a
   derived PET series in the source's units (:mod:`scripts.inference.dicom_writer`).
+- ``<name>_denoised_qc.png`` and ``<name>_denoised_qc.json``: with ``qc_report`` (the default), the per-study
+  QC report (:mod:`scripts.inference.qc`); part of the output set, published before the sidecar.
 
 ``output_format`` ``nifti`` (default) writes the NIfTI and sidecar; ``dicom`` writes only the DICOM series
 for DICOM inputs (NIfTI inputs still get a NIfTI); ``both`` writes all of them.
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +66,9 @@ OUTPUT_SUFFIX = "_denoised"
 DICOM_DIR_SUFFIX = "_denoised_dicom"
 
 
-def planned_outputs(output_dir: str | os.PathLike, name: str, kind: str, output_format: str) -> dict[str, Path]:
-    """The outputs an input gets: keys ``nifti`` and ``sidecar`` and/or ``dicom`` (see the module docstring)."""
+def planned_outputs(output_dir: str | os.PathLike, name: str, kind: str, output_format: str, qc: bool = False) -> dict[str, Path]:
+    """The outputs an input gets: keys ``nifti`` and ``sidecar`` and/or ``dicom``, and ``qc_png`` and ``qc_json``
+    with ``qc`` (see the module docstring)."""
     fmt = check_output_format(output_format)
     out = Path(output_dir).expanduser()
     paths: dict[str, Path] = {}
@@ -73,6 +77,9 @@ def planned_outputs(output_dir: str | os.PathLike, name: str, kind: str, output_
         paths["sidecar"] = out / f"{name}{OUTPUT_SUFFIX}.json"
     if kind == "dicom" and fmt in ("dicom", "both"):
         paths["dicom"] = out / f"{name}{DICOM_DIR_SUFFIX}"
+    if qc:
+        paths["qc_png"] = out / f"{name}{OUTPUT_SUFFIX}_qc.png"
+        paths["qc_json"] = out / f"{name}{OUTPUT_SUFFIX}_qc.json"
     return paths
 
 
@@ -150,6 +157,9 @@ class SaveDenoisedd(MapTransform):
         image_key: the key of the network input (its meta holds the input grid).
         stale_minutes: temporaries of interrupted runs (this host, PID gone) older than this are removed
             from ``output_dir`` once per run (:func:`scripts.inference.claims.clean_stale_temporaries`).
+        qc: the :class:`scripts.inference.qc.QCReport` handler of the run (also attached to the evaluator):
+            the sidecar gets the input's SUVmax and the stage times from it, and with its ``enabled`` the
+            QC PNG and JSON are written as part of the output set. None: neither.
     """
 
     def __init__(
@@ -163,6 +173,7 @@ class SaveDenoisedd(MapTransform):
         processing: Mapping[str, Any] | None = None,
         image_key: str = "image",
         stale_minutes: float = 30.0,
+        qc: Any = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -175,6 +186,7 @@ class SaveDenoisedd(MapTransform):
         self.image_key = image_key
         self.stale_minutes = float(stale_minutes)
         self._swept = False
+        self.qc = qc
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -183,6 +195,7 @@ class SaveDenoisedd(MapTransform):
         return d
 
     def _save(self, d: dict[Hashable, Any], key: Hashable) -> dict[str, Any]:
+        self._write_started = time.perf_counter()
         name, kind = str(_scalar(d["name"])), str(_scalar(d["kind"]))
         source = Path(str(_scalar(d["source"])))
         suv_factor, units = float(_scalar(d["suv_factor"])), str(_scalar(d["units"]))
@@ -202,7 +215,8 @@ class SaveDenoisedd(MapTransform):
         if not np.all(np.isfinite(suv)):
             raise UniPETInputError(f"{label}: the network produced NaN/Inf voxels; nothing written for it (check the checkpoint)")
 
-        paths = planned_outputs(self.output_dir, name, kind, self.output_format)
+        paths = planned_outputs(self.output_dir, name, kind, self.output_format,
+                                qc=bool(self.qc is not None and getattr(self.qc, "enabled", False)))
         headers = None
         suv_details: dict[str, Any] | None = None
         if kind == "dicom":
@@ -239,7 +253,7 @@ class SaveDenoisedd(MapTransform):
                                 network_shape, network_spacing, headers)
                 except OSError as exc:
                     raise write_error(exc, what, self.output_dir) from None
-                order = [k for k in ("nifti", "dicom", "sidecar") if k in paths]  # the sidecar last: it marks a set done
+                order = [k for k in ("nifti", "dicom", "qc_png", "qc_json", "sidecar") if k in paths]  # the sidecar last: it marks a set done
                 claim.publishing(paths[k] for k in order)
                 for k in order:
                     replace = self.overwrite or paths[k] in claim.replaceable
@@ -256,7 +270,7 @@ class SaveDenoisedd(MapTransform):
             finally:
                 for tmp in staged.values():  # published ones were renamed away; the rest are ours to remove
                     remove_path(tmp)
-        written = [paths[k] for k in ("nifti", "sidecar", "dicom") if k in paths]
+        written = [paths[k] for k in ("nifti", "sidecar", "dicom", "qc_png", "qc_json") if k in paths]
         return {
             "name": name,
             "kind": kind,
@@ -299,11 +313,19 @@ class SaveDenoisedd(MapTransform):
                 suv, headers, suv_factor, staged["dicom"], model_version=self.model_version,
                 derivation_description=self._derivation(), trained=bool(self.model_info.get("trained", False)),
             )
+        if "qc_png" in paths:
+            staged["qc_png"], staged["qc_json"] = temporary_path(paths["qc_png"]), temporary_path(paths["qc_json"])
+            self.qc.stage(name, suv, staged["qc_png"], staged["qc_json"], self._write_started,
+                          model={"version": self.model_version, **self.model_info})
         if "sidecar" in paths:
             sidecar = self._sidecar(name, kind, source, units, suv_factor, suv_details, suv, affine,
                                     network_shape, network_spacing, paths)
             sidecar["nifti_sha256"] = nifti_sha
             sidecar["dicom_series_instance_uid"] = series_uid
+            if self.qc is not None:  # input SUVmax and stage times (write_outputs_s: up to the sidecar)
+                sidecar.update(self.qc.sidecar_fields(name, self._write_started))
+            if "qc_json" in paths:
+                sidecar["qc_report"] = {"png": paths["qc_png"].name, "json": paths["qc_json"].name}
             staged["sidecar"] = temporary_path(paths["sidecar"])
             staged["sidecar"].write_text(json.dumps(sidecar, indent=2, default=_json_default) + "\n")
             os.chmod(staged["sidecar"], default_file_mode())
