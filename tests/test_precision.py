@@ -230,3 +230,38 @@ def test_inference_sidecar_records_the_precision_that_ran(no_bf16_cpu):
     transforms = parser.config["postprocessing"]["transforms"]
     idx = next(i for i, t in enumerate(transforms) if isinstance(t, dict) and "processing" in t)
     assert parser.get_parsed_content(f"postprocessing#transforms#{idx}#processing#precision") == "fp32"
+
+
+def _bench_result(lesion_changes: list[float]) -> dict:
+    """A precision-benchmark result that passes every threshold of RULE, with the given lesion changes (%)."""
+    return {
+        "ran_as": {"bf16": "bf16"},
+        "inference": {"volume_speedup": 1.3},
+        "training": {"min_speedup": 1.6},
+        "accuracy": {"psnr_change_db": -0.01, "max_rel_voxel_diff": 0.01,
+                     "max_abs_lesion_suvmax_change_pct": max(abs(c) for c in lesion_changes),
+                     "max_abs_organ_mean_change_pct": 0.05,
+                     "lesions": [{"change_pct": c} for c in lesion_changes]},
+    }
+
+
+def test_inference_default_refuses_bf16_when_every_lesion_moves_the_same_way():
+    from scripts.benchmarks.precision import choose_default, choose_inference_default
+
+    one_way = _bench_result([-0.04, -0.2, -0.5, -0.79])
+    assert choose_default(one_way)[0] == "bf16"  # training: the thresholds alone
+    default, reason = choose_inference_default(one_way)
+    assert default == "fp32" and "systematic" in reason and "lower" in reason
+    assert choose_inference_default(_bench_result([-0.04, 0.2, -0.5, 0.3]))[0] == "bf16"  # mixed signs: noise
+    assert choose_inference_default(_bench_result([-0.1, -0.2]))[0] == "bf16"  # too few lesions to call a sign
+    failing = _bench_result([-0.1, 0.1, -0.1, 0.1])
+    failing["inference"]["volume_speedup"] = 1.0
+    assert choose_inference_default(failing)[0] == "fp32"
+
+
+def test_shipped_defaults_follow_the_measurement_rules():
+    """Inference defaults to fp32 (bf16 moved every lesion down on the demo phantom), training to bf16."""
+    for name, expected in (("inference.json", "fp32"), ("train.json", "bf16")):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE_ROOT / "configs" / name))
+        assert parser["precision"] == expected, name

@@ -17,7 +17,9 @@ bf16 needs native hardware support (``scripts.engines.precision``); where it fal
 says so and the comparison is void. The recommendation line applies the rule used to choose the configs'
 default (:data:`RULE`): bf16 when it is at least 1.1x faster for inference and for training, changes PSNR by
 at most 0.05 dB, moves no voxel by more than 2 % of its SUV (floor 1 SUV), no lesion SUVmax by more than 1 %
-and no organ mean by more than 0.1 %.
+and no organ mean by more than 0.1 % (the training default). The inference default adds one more check
+(:func:`choose_inference_default`): the lesion SUVmax changes must not all share one sign, because a clinical
+output that moves every lesion the same way depending on the arithmetic carries a bias, however small.
 
     cd unipet_bundle && python -m scripts.benchmarks.precision [--repeats 3] [--shape "[128,128,96]"]
         [--drf 20] [--checkpoint models/model.pt] [--output runs/benchmarks/precision.json]
@@ -55,7 +57,7 @@ from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_th
 from scripts.metrics.image_quality import psnr
 from scripts.networks.critic import PatchCritic
 
-__all__ = ["RULE", "choose_default", "run"]
+__all__ = ["MIN_LESIONS_FOR_SIGN", "RULE", "choose_default", "choose_inference_default", "run"]
 
 logger = logging.getLogger("unipet.benchmark")
 
@@ -65,6 +67,10 @@ RULE = {"min_speedup": 1.1, "max_abs_psnr_change_db": 0.05, "max_rel_voxel_diff"
 """bf16 becomes the default only if it passes all of these against fp32 in the same run: speed-up (inference
 and training), PSNR change vs full dose, largest voxel difference relative to the voxel's SUV (floor 1 SUV:
 ``|bf16 - fp32| / max(SUV_fp32, 1)``), largest lesion SUVmax change and largest organ-mean change."""
+
+
+MIN_LESIONS_FOR_SIGN = 4
+"""Lesions needed before "all moved the same way" counts as a systematic shift rather than chance."""
 
 
 def choose_default(result: dict[str, Any]) -> tuple[str, str]:
@@ -91,6 +97,25 @@ def choose_default(result: dict[str, Any]) -> tuple[str, str]:
     if failed:
         return "fp32", "bf16 fails: " + "; ".join(failed)
     return "bf16", "bf16 passes: " + "; ".join(checks)
+
+
+def choose_inference_default(result: dict[str, Any]) -> tuple[str, str]:
+    """``("bf16" | "fp32", reason)`` for the clinical output: :func:`choose_default` plus no systematic shift.
+
+    A quantitative output must not depend on the arithmetic: when every lesion's SUVmax moves the same way
+    under bf16 (at least :data:`MIN_LESIONS_FOR_SIGN` lesions), the shift is a bias, however small, and the
+    inference default stays fp32. Training keeps :func:`choose_default`: its weights, optimiser state and
+    losses are float32, and bf16 only rounds the activations of each step.
+    """
+    default, reason = choose_default(result)
+    if default != "bf16":
+        return default, reason
+    changes = [float(r["change_pct"]) for r in result["accuracy"].get("lesions", [])]
+    if len(changes) >= MIN_LESIONS_FOR_SIGN and (all(c < 0 for c in changes) or all(c > 0 for c in changes)):
+        sign = "lower" if changes[0] < 0 else "higher"
+        return "fp32", (f"bf16 passes the thresholds but every one of {len(changes)} lesion SUVmax values comes out "
+                        f"{sign} ({min(changes):+.2f} % to {max(changes):+.2f} %): a systematic shift")
+    return "bf16", reason
 
 
 def _interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
@@ -280,6 +305,7 @@ def run(
     }
     result["training"]["min_speedup"] = min(result["training"]["stage1_speedup"], result["training"]["stage2_speedup"])
     result["recommended_default"], result["reason"] = choose_default(result)
+    result["recommended_inference_default"], result["inference_reason"] = choose_inference_default(result)
     result["wall_s"] = time.perf_counter() - t_start
 
     i, t, a = result["inference"], result["training"], result["accuracy"]
@@ -304,7 +330,8 @@ def run(
           f"{a['body_total_change_pct']:+.4f} %")
     for p in PRECISIONS:
         print(gflops_line(f"network windows ({p})", achieved[p], peak[p], ran_as[p]))
-    print(f"recommended default: {result['recommended_default']} ({result['reason']})")
+    print(f"recommended training default: {result['recommended_default']} ({result['reason']})")
+    print(f"recommended inference default: {result['recommended_inference_default']} ({result['inference_reason']})")
     atomic_write_json(Path(output), result)
     print(f"wrote {output} ({result['wall_s']:.0f} s)")
     return result
