@@ -46,51 +46,81 @@ def work(tmp_path_factory):
 
     (data / "datalist.json").write_text(json.dumps(
         {"training": [], "validation": entries("phantom_000"), "test": entries("phantom_001") + entries("real_x")}))
+    unseen = work / "sim_unseen"
+    for i in range(2):  # a tiny unseen family: other reconstruction, DRFs 7 and 150
+        sim.simulate_subject(unseen, f"phantom_{i:03d}", shape=(32, 32, 24), drfs=[7, 150], seed=10 + i,
+                             n_angles=64, n_subsets=8, n_iterations=8, postfilter_fwhm_mm=10.0,
+                             phantom_options={"lesion_contrast": (2.0, 15.0), "lesion_partial_volume": True,
+                                              "n_lesions": (4, 4), "lesion_hosts": {"liver": 1, "lungs": 1}})
+    (unseen / "family.json").write_text(json.dumps({"validation": ["phantom_000"], "test": ["phantom_001"]}))
     for seed, rel in enumerate(["vanilla/model_stage1.pt", "drf_4/model_stage1.pt", "drf_20/model_stage1.pt",
-                                "san_only/model.pt", "rals_only/model.pt"]):
+                                "san_only/model.pt", "rals_only/model.pt", "drf_10/model_stage1.pt",
+                                "drf_100/model_stage1.pt"]):
         _perturbed_default_net(work / "models" / rel, seed)
     _perturbed_default_net(work / "unipet.pt", 9)
     return work
 
 
 def test_quality_benchmark_end_to_end(work):
-    result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), drfs=[4, 20, 30], update_docs=False)
+    result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False,
+                         families="[in_family,unseen_recon]")
     out = work / "quality"
-    for name in ("quality.json", "cases.csv", "quality.md", "quality.png"):
+    for name in ("quality.json", "cases.csv", "regions.csv", "quality.md", "quality.png", "texture_in_family.png",
+                 "texture_unseen_recon.png", "rc_in_family_drf_20.png", "rc_unseen_recon_drf_150.png"):
         assert (out / name).is_file(), name
-    assert result["test_subjects"] == ["phantom_001", "real_x"]
-    assert set(result["gaussian"]) == {"4", "20", "30"}
+    fam = result["families"]["in_family"]
+    assert fam["test_subjects"] == ["phantom_001", "real_x"]
+    assert set(fam["gaussian"]) == {"4", "20", "30"} and fam["unseen_drfs"] == ["30"]
     # a heavier DRF never wants a narrower optimal filter on the same subject
-    assert result["gaussian"]["4"]["fwhm_mm"] <= result["gaussian"]["30"]["fwhm_mm"]
-    s = result["summary"]
+    assert fam["gaussian"]["4"]["fwhm_mm"] <= fam["gaussian"]["30"]["fwhm_mm"]
+    s = fam["summary"]
     assert set(s) == {"input", "gaussian", "unipet", "vanilla", "drf_specific", "san_only", "rals_only"}
     for m in s:
         for d in ("4", "20", "30"):
-            assert s[m][d]["subjects"] == 2 and math.isfinite(s[m][d]["psnr"])
+            assert s[m][d]["subjects"] == 2 and math.isfinite(s[m][d]["psnr"]) and math.isfinite(s[m][d]["psnr_refmax"])
     # the tuned filter beats the raw input at a high DRF (it was tuned on another subject)
     assert s["gaussian"]["30"]["psnr"] > s["input"]["30"]["psnr"]
     # lesions come from the phantom only; the real-series subject has none, and is reported on its own
-    assert s["unipet"]["20"]["lesions"] > 0
-    assert result["real_subject"]["subject"] == "real_x"
+    assert s["unipet"]["20"]["lesions"] > 0 and s["unipet"]["20"]["lesions_all"]["n"] == s["unipet"]["20"]["lesions"]
+    assert s["unipet"]["20"]["liver"]["n"] == 1 and s["input"]["20"]["liver"]["mean_cov_pct"] > 0
+    assert fam["real_subject"]["subject"] == "real_x"
+    beaten = fam["baselines_beaten"]["20"]
+    assert sorted(beaten["beaten_on_psnr"] + beaten["not_beaten_on_psnr"]) == sorted(quality.BASELINES)
+    unseen = result["families"]["unseen_recon"]
+    assert unseen["drfs"] == ["7", "150"] and unseen["unseen_drfs"] == ["7", "150"]
+    assert unseen["summary"]["unipet"]["150"]["lesions"] == 4
     rows = (out / "cases.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 * 2 * 3
-    assert len(result["targets"]) == 4 * 3 + 1
+    assert len(rows) == 1 + 7 * (2 * 3 + 1 * 2)
+    # per DRF: Gaussian margin, texture, lesions, liver, vanilla, DRF-specific
+    assert len(fam["targets"]) == 3 * 6
     table = (out / "quality.md").read_text()
-    assert "simulated data" in table and "| 30 | DRF-specific * |" in table and "Targets (" in table
+    assert "simulated data" in table and "| 30 | DRF-specific * |" in table and "targets on this family" in table
+    assert "PSNR dB (UDPET, ref max)" in table and "does **not** beat" in table
     assert "sha256" not in table and result["provenance"]["checkpoints_sha256"]
 
 
-def _summary(unipet: float, specific: float, vanilla: float, tex_u: float, tex_v: float, bias: float) -> dict:
-    def e(psnr, tex=1.0, b=None):
-        return {"psnr": psnr, "texture_ratio": tex, "mean_abs_lesion_suvmax_bias_pct": b}
-    return {"input": {"20": e(30.0)}, "gaussian": {"20": e(32.0)}, "unipet": {"20": e(unipet, tex_u, bias)},
-            "drf_specific": {"20": e(specific)}, "vanilla": {"20": e(vanilla, tex_v)}}
+def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
+    result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, families="unseen_recon",
+                         models="unipet", out_dir=str(tmp_path / "q"))
+    s = result["families"]["unseen_recon"]["summary"]
+    assert set(s) == {"input", "gaussian", "unipet"}
+    assert len(result["families"]["unseen_recon"]["targets"]) == 2 * 4  # no vanilla / DRF-specific rows
+
+
+def _summary(unipet: float, specific: float, vanilla: float, tex_u: float, bias: float, bias_g: float, liver: float) -> dict:
+    def e(psnr, tex=1.0, b=None, lv=None):
+        return {"psnr": psnr, "texture_ratio": tex, "mean_lesion_suvmax_bias_pct": b,
+                "liver": {"max_abs_suvmean_bias_pct": lv, "mean_suvmean_bias_pct": lv} if lv is not None else None}
+    return {"input": {"20": e(30.0)}, "gaussian": {"20": e(32.0, b=bias_g)}, "unipet": {"20": e(unipet, tex_u, bias, liver)},
+            "drf_specific": {"20": e(specific)}, "vanilla": {"20": e(vanilla)}}
 
 
 @pytest.mark.parametrize("args, met", [
-    ((34.0, 34.1, 33.9, 0.9, 0.8, 5.0), [True, True, True, True, True]),
-    ((32.5, 34.0, 33.0, 0.7, 0.8, 12.0), [False, False, False, False, False]),  # < 1 dB over the Gaussian
-    ((33.5, 33.8, 33.6, 1.05, 0.9, 9.9), [True, False, False, True, True]),
+    ((34.0, 34.1, 33.9, 0.9, -5.0, -8.0, 2.0), [True, True, True, True, True, True]),
+    # < 1 dB over the Gaussian, over-smoothed, lesions -12 %, liver 6 % off, 0.1 dB under vanilla, 0.5 under DRF-specific
+    ((32.5, 33.0, 32.6, 0.7, -12.0, -8.0, 6.0), [False, False, False, False, False, False]),
+    # lesion bias within 10 % but worse than the Gaussian's: not met
+    ((33.5, 33.8, 33.5, 1.15, -9.0, -4.0, 5.0), [True, True, False, True, True, True]),
 ])
 def test_targets_are_judged_from_the_numbers(args, met):
     checks = quality.check_targets(_summary(*args), ["20"])
@@ -115,7 +145,13 @@ def test_missing_model_is_a_clear_error(tmp_path, work):
     (bare / "sim").mkdir(parents=True)
     (bare / "sim" / "datalist.json").write_text((work / "sim" / "datalist.json").read_text())
     with pytest.raises(UniPETInputError, match="train it with `python -m scripts.benchmarks.train_models`"):
+        quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False, families="in_family", drfs="[4,20]")
+    with pytest.raises(UniPETInputError, match="phantom_001 is missing or not simulated"):
+        quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False, families="in_family")
+    with pytest.raises(UniPETInputError, match="family.json not found: run `python -m scripts.benchmarks.train_models unseen_family"):
         quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False)
+    with pytest.raises(UniPETInputError, match="must include unipet"):
+        quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, models="vanilla")
 
 
 def test_train_models_commands(tmp_path, monkeypatch):
@@ -175,3 +211,19 @@ def test_help(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=BUNDLE_ROOT, capture_output=True, text=True,
                           timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and "work_dir" in (proc.stdout + proc.stderr).lower().replace("-", "_")
+
+
+def test_train_models_data_step_makes_both_families(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_models, "_run", lambda cmd, threads: calls.append(cmd))
+    tm = train_models.TrainModels(str(tmp_path / "w"))
+    tm.data(n_phantoms=6, n_val=2, n_test=3, real="false", n_unseen=5, n_unseen_val=2)
+    sim_cmd, datalist_cmd, unseen_cmd = calls
+    assert sim_cmd[sim_cmd.index("--profile") + 1] == "randomised" and sim_cmd[sim_cmd.index("--n_subjects") + 1] == "6"
+    assert datalist_cmd[datalist_cmd.index("--val_subjects") + 1] == "[phantom_001,phantom_002]"
+    assert datalist_cmd[datalist_cmd.index("--test_subjects") + 1] == "[phantom_003,phantom_004,phantom_005]"
+    assert unseen_cmd[unseen_cmd.index("--profile") + 1] == "unseen_recon"
+    family = json.loads((tmp_path / "w" / "sim_unseen" / "family.json").read_text())
+    assert family["validation"] == ["phantom_000", "phantom_001"] and len(family["test"]) == 3
+    with pytest.raises(UniPETInputError, match="must leave >= 1 training subject"):
+        tm.data(n_phantoms=4, n_val=2, n_test=2, real=False)
