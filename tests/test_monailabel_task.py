@@ -77,6 +77,9 @@ def test_core_accepts_bqml_with_suv_factor(served, tmp_path):
     back = np.asarray(nib.load(str(out)).dataobj) * factor
     np.testing.assert_allclose(back, np.asarray(reference.dataobj), rtol=1e-4, atol=1e-4)
     assert "SUV = 0.00025 x value" in result["units"]
+    # a factor that does not make SUV (here 1000x too large) is refused after the conversion, like any NIfTI
+    with pytest.raises(UniPETInputError, match="suv_factor"):
+        core.infer(bqml, device="cpu", suv_factor=str(factor * 1000))
 
 
 @pytest.mark.skipif(int(pydicom.__version__.split(".")[0]) < 3, reason="the test DICOM factory needs pydicom 3 (the main pin)")

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from scripts.data.io import UniPETInputError, nifti_stem, save_nifti
+from scripts.data.suv import check_body_suv
 from scripts.deploy.bundle_inference import BundleDenoiser
 from scripts.inference.inputs import InferenceInput, load_volume
 
@@ -90,7 +91,8 @@ class UniPETLabelCore:
         path = Path(str(image)).expanduser()
         kind = "dicom" if path.is_dir() else "nifti"
         name = path.name if kind == "dicom" else nifti_stem(path)
-        volume = load_volume(InferenceInput(name, path, kind))
+        # a NIfTI with suv_factor holds another unit: its SUV plausibility is checked after the conversion
+        volume = load_volume(InferenceInput(name, path, kind), check_body=suv_factor in (None, ""))
         factor = 1.0
         if suv_factor not in (None, ""):
             try:
@@ -101,8 +103,11 @@ class UniPETLabelCore:
                 raise UniPETInputError(f"suv_factor must be > 0, got {suv_factor!r}")
             if kind == "dicom":
                 raise UniPETInputError("suv_factor is for NIfTI inputs; a DICOM series carries its own SUV tags")
-        net = self.denoiser(device)
         suv_in = volume.suv * np.float32(factor)
+        if factor != 1.0:
+            check_body_suv(suv_in, f"{path} x suv_factor {factor:g}",
+                           fix="suv_factor must turn the input's values into body-weight SUV (SUV = suv_factor x value)")
+        net = self.denoiser(device)
         suv_out = net(suv_in, volume.affine, name=name)
         values = suv_out / np.float32(factor)  # back to the input's unit (SUV unless suv_factor was given)
         fd, tmp = tempfile.mkstemp(prefix=f"unipet_{name}_", suffix=".nii.gz")

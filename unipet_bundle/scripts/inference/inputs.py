@@ -211,8 +211,11 @@ def check_volume(name: str, array: np.ndarray) -> np.ndarray:
     return check_pet_volume(name, array)
 
 
-def load_volume(item: InferenceInput) -> LoadedVolume:
+def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
     """Read ``item`` into SUV (float32 (X, Y, Z)) with its RAS affine; see the module docstring.
+
+    ``check_body=False`` skips the body-median SUV plausibility check of a NIfTI input, for a caller that
+    converts the values to SUV itself (the MONAI Label task's ``suv_factor``) and checks the converted volume.
 
     Raises:
         UniPETInputError: unreadable/truncated file, bad DICOM series or SUV tags, or a volume
@@ -221,7 +224,8 @@ def load_volume(item: InferenceInput) -> LoadedVolume:
     if item.kind == "nifti":
         data, affine = load_nifti(item.path, dtype=np.float32)
         suv = check_volume(str(item.path), data)
-        check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
+        if check_body:
+            check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
         peak = float(suv.max())
         if peak > _SUSPICIOUS_SUV:
             logger.warning(
