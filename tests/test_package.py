@@ -147,3 +147,47 @@ def test_download_from_zip_then_run_inference_json(packaged, tmp_path):
     assert side["model"]["trained"] is True
     assert side["model"]["checkpoint_sha256"] == sha256(root / "models" / "model.pt")
     assert Path(side["model"]["checkpoint"]).resolve() == (copy / "models" / "model.pt").resolve()
+
+
+def test_zip_carries_the_metadata_pins_as_requirements_txt(packaged):
+    """Issue 16: the model card says `pip install -r requirements.txt`; the zip must carry it, with metadata's pins."""
+    root, result = packaged
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    with zipfile.ZipFile(result.zip_path) as zf:
+        text = zf.read(f"{BUNDLE_NAME}/requirements.txt").decode()
+    pins = dict(line.split("==") for line in text.splitlines() if line and not line.startswith("#"))
+    assert pins == {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"],
+                    **meta["required_packages_version"]}
+    assert (result.zoo_pr_dir / "requirements.txt").read_text() == text
+    card = (root / "docs" / "README.md").read_text()
+    assert "pip install -r requirements.txt" in card
+
+
+def test_every_third_party_import_of_the_scripts_is_pinned_in_metadata():
+    """A package the shipped code imports but metadata.json does not pin would be missing after
+    `pip install -r requirements.txt` (PyYAML was: scripts.deploy.large_files, imported by inference.json)."""
+    import ast
+    import importlib.metadata as md
+
+    from conftest import BUNDLE_ROOT
+
+    meta = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
+    norm = lambda s: s.lower().replace("_", "-")  # noqa: E731
+    pinned = {norm(p) for p in ("torch", "monai", "numpy", *meta["required_packages_version"])}
+    exempt = {"monailabel"}  # the MONAI Label app runs inside a MONAI Label server install (docs/deployment.md)
+    dists = md.packages_distributions()
+    missing = {}
+    for f in (BUNDLE_ROOT / "scripts").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module.split(".")[0]]
+            else:
+                continue
+            for m in mods:
+                if m in sys.stdlib_module_names or m in ("scripts", *exempt):
+                    continue
+                if not any(norm(d) in pinned for d in dists.get(m, [m])):
+                    missing.setdefault(m, f.relative_to(BUNDLE_ROOT).as_posix())
+    assert not missing, f"imported but not pinned in metadata.json required_packages_version: {missing}"

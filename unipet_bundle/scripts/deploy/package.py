@@ -3,7 +3,8 @@
 Writes into ``output_dir``:
 
 - ``unipet_bundle_v<version>.zip``: the downloadable bundle, one top folder ``unipet_bundle/`` holding
-  ``configs/``, ``scripts/``, ``docs/``, ``LICENSE``, ``large_files.yml`` and the weights ``models/model.pt``
+  ``configs/``, ``scripts/``, ``docs/``, ``LICENSE``, ``large_files.yml``, ``requirements.txt`` (the exact
+  pins of ``configs/metadata.json``: ``pip install -r unipet_bundle/requirements.txt``) and the weights ``models/model.pt``
   (and ``models/model.ts`` when exported). This is what ``python -m monai.bundle download --url`` fetches
   and unpacks to ``<bundle_dir>/unipet_bundle``;
 - ``large_files.yml``: the weights' path, download URL and SHA-256, in the zoo's format
@@ -45,7 +46,7 @@ from scripts.engines.checkpoint import file_sha256
 from scripts.data.io import UniPETInputError, atomic_write
 from scripts.inference.options import as_bool
 
-__all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle"]
+__all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle", "requirements_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,29 @@ def bundle_version(root: Path) -> str:
     if version not in (meta.get("changelog") or {}):
         raise PackageError(f"{meta_path}: version {version} has no 'changelog' entry; add one before packaging")
     return version
+
+
+def requirements_text(root: Path) -> str:
+    """``requirements.txt`` for the packaged bundle: the exact pins of ``configs/metadata.json`` (torch, monai,
+    numpy and ``required_packages_version``), so the zip installs what the metadata promises and nothing drifts.
+
+    Raises:
+        PackageError: unreadable metadata or a missing pin.
+    """
+    meta_path = root / "configs" / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        pins = {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"],
+                **meta["required_packages_version"]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise PackageError(f"{meta_path}: cannot read the version pins ({exc!r}): fix metadata.json") from None
+    lines = [
+        f"# UniPET bundle {meta.get('version', '?')}: exact pins from configs/metadata.json (Python 3.11).",
+        "# Install: pip install -r requirements.txt   (from the unipet_bundle folder)",
+        f"# torch: on a GPU host install the CUDA wheel of torch=={pins['torch']} first (see pytorch.org), then this file.",
+    ]
+    lines += [f"{name}=={version}" for name, version in pins.items()]
+    return "\n".join(lines) + "\n"
 
 
 def bundle_files(root: Path, weights: bool = True) -> Iterator[tuple[Path, str]]:
@@ -212,7 +236,7 @@ def package_bundle(
 
     shipped = list(bundle_files(root, weights=True))
     code_only = list(bundle_files(root, weights=False))
-    extra = {"large_files.yml": yml_text}
+    extra = {"large_files.yml": yml_text, "requirements.txt": requirements_text(root)}
     _write_zip(zip_path, shipped, extra, overwrite=overwrite)
     atomic_write(yml_path, lambda tmp: tmp.write_text(yml_text), overwrite=overwrite)
     _write_tree(pr_dir, code_only, extra, overwrite=overwrite)

@@ -4,6 +4,10 @@ Training (``train.json``) splits a bare dataset folder with no test fraction, so
 there are no test subjects: evaluation then falls back to the validation subjects (never seen in
 training, but used to pick the best checkpoint, so slightly optimistic) and says so. ``"all"`` scores every
 subject, training ones included, e.g. to look at a dataset that was never used for training.
+
+Without ``datalist_file``, a ``datalist.json`` in the dataset folder (what ``python -m scripts.data.datalist``
+writes by default) is used, and the log says so: its test split is the held-out one. The run logs which
+subjects and DRFs it evaluates.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def evaluation_datalist(
     """
     if eval_split not in EVAL_SPLITS:
         raise UniPETInputError(f"eval_split '{eval_split}' is not one of {EVAL_SPLITS}: set --eval_split accordingly")
+    if not datalist_file:
+        found = Path(dataset_dir).expanduser() / "datalist.json"
+        if found.is_file():
+            logger.info("using the datalist %s found in the dataset folder (written by scripts.data.datalist); "
+                        "pass --datalist_file to use another", found)
+            datalist_file = found
 
     def _get(split: str) -> list[dict[str, Any]]:
         entries = paired_datalist(dataset_dir, split, datalist_file, drfs, val_fraction, test_fraction, seed)
@@ -82,5 +92,10 @@ def evaluation_datalist(
         if os.sep in e["subject"]:
             e["subject"] = Path(e["subject"]).name
     entries.sort(key=lambda e: (natural_key(e["subject"]), float(e["drf"])))
-    logger.info("evaluating %d pairs (%d subjects)", len(entries), len({e["subject"] for e in entries}))
+    subjects = sorted({e["subject"] for e in entries}, key=natural_key)
+    shown_subjects = ", ".join(subjects[:20]) + (f", ... ({len(subjects) - 20} more)" if len(subjects) > 20 else "")
+    drf_list = ", ".join(f"{d:g}" for d in sorted({float(e["drf"]) for e in entries}))
+    splits = ", ".join(sorted({e["split"] for e in entries}))
+    logger.info("evaluating %d pairs: %d subjects (%s) of the %s split(s) from %s, DRFs %s", len(entries), len(subjects),
+                shown_subjects, splits, datalist_file or "the on-the-fly split", drf_list)
     return entries
