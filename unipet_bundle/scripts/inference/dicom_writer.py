@@ -15,9 +15,17 @@ What changes:
   maximum. The slope is written as a DS string and then re-read, so the rounding of the text cannot
   push the peak past 32767;
 - new SeriesInstanceUID and SOPInstanceUIDs (``pydicom.uid.generate_uid``), SeriesNumber + 1000,
-  ImageType ``DERIVED\\SECONDARY``, SeriesDescription naming UniPET and the model version (or, for the
+  ImageType ``DERIVED\\PRIMARY`` (the PET Image module allows only PRIMARY as value 2), SeriesDescription naming UniPET and the model version (or, for the
   untrained network, ``UniPET UNTRAINED NOT denoised``: a PACS user sees it in the series list),
-  DerivationDescription, SourceImageSequence pointing at the source slice, InstanceCreationDate/Time;
+  DerivationDescription, SourceImageSequence pointing at the source slice, InstanceCreationDate/Time and
+  ContentDate/ContentTime set to the creation time (the content is new; the acquisition and series times that
+  SUV decay correction uses are kept);
+- conformance (``dciodvfy`` of dicom3tools is clean on the series of the real GE scan): PatientPosition is
+  dropped when the PET PatientOrientationCodeSequence is present (the standard forbids both),
+  NumberOfTimeSlices is dropped unless SeriesType is DYNAMIC, and an empty Laterality (Type 2C: unknown) is
+  added when BodyPartExamined is absent or a paired structure and no laterality is given;
+- the files ``IM00001.dcm``, ... are written in the source's InstanceNumber order (kept from the source;
+  slice-position order when the source's numbers are missing or repeated);
 - the file is Explicit VR Little Endian, uncompressed;
 - private tags are removed (vendor scale factors in them, e.g. Philips' SUV scale, would no longer
   match the new slopes), and so are the pixel-statistics tags whose values no longer hold
@@ -69,6 +77,25 @@ _STALE_TAGS = (
     "PixelPaddingRangeLimit",
     "IconImageSequence",
 )
+# BodyPartExamined values (PS3.16 Annex L) of paired structures: Laterality (Type 2C) is then required.
+_PAIRED_PARTS = frozenset({
+    "EXTREMITY", "ARM", "LEG", "HAND", "FOOT", "KNEE", "HIP", "SHOULDER", "ELBOW", "WRIST", "ANKLE", "BREAST", "EYE",
+    "EAR", "KIDNEY", "LUNG", "FEMUR", "TIBIA", "FIBULA", "HUMERUS", "RADIUS", "ULNA", "CLAVICLE", "SCAPULA", "HEEL",
+    "TOE", "FINGER", "THUMB", "THIGH", "LOWER LEG", "UPPER ARM", "FOREARM", "ADRENAL", "OVARY", "TESTIS", "PAROTID",
+})
+
+
+def _conform(ds: Dataset) -> None:
+    """Remove the conditional attributes a source may carry against the PET IOD rules (module docstring)."""
+    if "PatientOrientationCodeSequence" in ds and "PatientPosition" in ds:
+        del ds.PatientPosition
+    series_type = ds.get("SeriesType")
+    if "NumberOfTimeSlices" in ds and not (series_type and str(series_type[0]).upper() == "DYNAMIC"):
+        del ds.NumberOfTimeSlices
+    if "Laterality" not in ds and "ImageLaterality" not in ds:
+        part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+        if not part or part in _PAIRED_PARTS:
+            ds.Laterality = ""  # Type 2: present and empty means "not known"; no value is invented
 
 
 def _ds_text(value: float) -> str:
@@ -186,7 +213,7 @@ def _derived_slice(
         ds.SeriesNumber = int(src.SeriesNumber) + SERIES_NUMBER_OFFSET
     except (AttributeError, TypeError, ValueError):
         ds.SeriesNumber = SERIES_NUMBER_OFFSET
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.SeriesDescription = series_description
     ds.DerivationDescription = derivation_description
     source_ref = Dataset()
@@ -195,6 +222,9 @@ def _derived_slice(
     ds.SourceImageSequence = DicomSequence([source_ref])
     ds.InstanceCreationDate = created.strftime("%Y%m%d")
     ds.InstanceCreationTime = created.strftime("%H%M%S")
+    ds.ContentDate = created.strftime("%Y%m%d")
+    ds.ContentTime = created.strftime("%H%M%S")
+    _conform(ds)
 
     stored, slope = quantise_slice(values)
     ds.set_pixel_data(stored, "MONOCHROME2", 16, generate_instance_uid=False)
@@ -263,11 +293,24 @@ def stage_derived_pet_series(
     )
     derivation = derivation[:1024]  # ST limit
     folder = Path(folder)
-    names = [f"IM{k + 1:05d}.dcm" for k in range(volume.shape[2])]
-    for k, src in enumerate(source_headers):
-        ds = _derived_slice(src, values[:, :, k].T, series_uid, description, derivation, created)
+    order = _instance_order(source_headers)
+    names = {k: f"IM{rank + 1:05d}.dcm" for rank, k in enumerate(order)}
+    for k in order:  # in InstanceNumber order, so a reader that goes by file order sees the source's order
+        ds = _derived_slice(source_headers[k], values[:, :, k].T, series_uid, description, derivation, created)
         ds.save_as(folder / names[k], enforce_file_format=True)
-    return [folder / n for n in names], str(series_uid)
+    return [folder / names[k] for k in range(volume.shape[2])], str(series_uid)
+
+
+def _instance_order(headers: Sequence[Dataset]) -> list[int]:
+    """Indices of ``headers`` (slice-position order) sorted by InstanceNumber; position order when the numbers
+    are missing or not unique."""
+    try:
+        numbers = [int(ds.InstanceNumber) for ds in headers]
+    except (AttributeError, TypeError, ValueError):
+        return list(range(len(headers)))
+    if len(set(numbers)) != len(numbers):
+        return list(range(len(headers)))
+    return sorted(range(len(headers)), key=lambda k: numbers[k])
 
 
 def write_derived_pet_series(
