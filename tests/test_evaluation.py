@@ -193,6 +193,8 @@ def test_identity_run_regions_by_hand(identity_run):
             assert f["full_suvmax_bias_true_pct"] == pytest.approx(25.0, abs=1e-3)  # 10 vs true 8
             assert f["suvmax_bias_true_pct"] == pytest.approx(50.0, abs=0.01)  # 12 vs true 8
             assert f["volume_ml"] == pytest.approx(n_lesion * 0.048, rel=1e-6)
+            # the evaluate workflow passes the voxel size: SUVpeak (1 mL) is scored, and lies below SUVmax
+            assert 0 < f["full_suvpeak"] <= f["full_suvmax"] and 0 < f["input_suvpeak"] <= f["input_suvmax"]
         elif r["name"] == "lesion_hot":
             # input and full dose agree at 25 SUV; the network sees it unclipped, so nothing is lost at 20
             assert f["input_suvmax_bias_pct"] == pytest.approx(0.0, abs=1e-6)

@@ -39,6 +39,7 @@ from monai.data import decollate_batch
 from scripts.data.io import UniPETInputError, atomic_write, atomic_write_json, load_nifti
 from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 from scripts.data.layout import format_drf, natural_key, read_grid
+from scripts.evaluation.display import axcodes_affine
 from scripts.evaluation.montage import MontageRow, take_views, write_montage
 from scripts.evaluation.regions import REGION_COLUMNS, hottest_lesion_voxel, load_label_table, region_rows, region_stats, summarise_regions
 from scripts.inference.options import as_bool
@@ -49,7 +50,7 @@ __all__ = ["METRIC_COLUMNS", "REPORT_FILES", "EvaluationReport", "check_eval_dir
 
 logger = logging.getLogger(__name__)
 
-_METRICS = ("psnr", "ssim", "nrmse", "texture_ratio")
+_METRICS = ("psnr", "psnr_refmax", "ssim", "nrmse", "texture_ratio")
 METRIC_COLUMNS = (
     "subject", "split", "drf", *_METRICS, *(f"input_{m}" for m in _METRICS), "psnr_gain_db", "mask_fraction",
 )
@@ -152,7 +153,8 @@ class _Subject:
             self.position, self.where = where[0], f"hottest lesion ({where[1]})"
         else:
             self.position, self.where = tuple(s // 2 for s in full_suv.shape), "volume centre"
-        self.full_views = take_views(full_suv, self.position)
+        self.display_affine = axcodes_affine(axcodes, self.spacing)  # the montage orients its panels from it
+        self.full_views = take_views(full_suv, self.position, self.display_affine)
         self.montage_rows: list[MontageRow] = []
 
     def load_arrays(self) -> None:
@@ -276,10 +278,10 @@ class EvaluationReport:
         if subj.labels is not None:
             low_raw = network_array(*load_nifti(item["image_path"]), self.axcodes) if item.get("image_path") else low_np
             self.region_rows += region_rows(subject, drf, subj.labels, subj.table, subj.full_raw, low_raw, pred_np,
-                                            subj.voxel_ml, subj.full_stats)
+                                            subj.voxel_ml, subj.full_stats, spacing=subj.spacing)
         if self.write_montages:
-            subj.montage_rows.append(MontageRow(drf, take_views(low_np, subj.position), take_views(pred_np, subj.position),
-                                                den["psnr"], inp["psnr"]))
+            views = [take_views(v, subj.position, subj.display_affine) for v in (low_np, pred_np)]
+            subj.montage_rows.append(MontageRow(drf, views[0], views[1], den["psnr"], inp["psnr"], den["ssim"], inp["ssim"]))
         return row
 
     # ------------------------------------------------------------------ at the end
@@ -294,6 +296,8 @@ class EvaluationReport:
             for col in ("psnr", "input_psnr"):
                 entry[f"{col}_inf_count"] = sum(1 for r in at if math.isinf(r[col]))
             entry["texture_ratio_nan_count"] = sum(1 for r in at if math.isnan(r["texture_ratio"]))
+            if entry["psnr"] is not None and entry["input_psnr"] is not None:
+                entry["beats_input_psnr"] = bool(entry["psnr"] > entry["input_psnr"])
             per_drf[drf] = entry
         n_sim = sum(s.simulated for s in self.subjects.values())
         n = len(self.subjects)
@@ -314,14 +318,21 @@ class EvaluationReport:
             "checkpoint": self.checkpoint_info,
             "definitions": {
                 "intensity": f"SUV clipped to [0, {self.suv_max:g}], data range {self.suv_max:g}",
-                "psnr": "10 log10(range^2 / MSE) dB; means exclude inf (identical volumes), counted in *_inf_count",
+                "psnr": "UniPET's PSNR: 10 log10(range^2 / MSE) dB on the clipped SUV above; means exclude inf "
+                        "(identical volumes), counted in *_inf_count",
+                "psnr_refmax": "UDPET's PSNR (most peers): 10 log10(max(full dose)^2 / MSE) dB on unclipped SUV; "
+                               "not comparable with psnr",
+                "beats_input_psnr": "per DRF: the mean output PSNR is above the mean input PSNR (the only baseline "
+                                    "here; the quality benchmark adds the tuned Gaussian and other models)",
                 "ssim": "3D SSIM, 11^3 Gaussian window, sigma 1.5 voxels",
                 "nrmse": "||x - full|| / ||full||",
                 "texture_ratio": f"mean local std ({self.texture_window}^3) of x over that of the full dose inside the RALS "
                                  f"stylized mask (full-dose local variance >= {self.rals_threshold_suv2:g} SUV^2); 1 = full-dose texture",
                 "prefix input_": "the low-dose input itself; no prefix: the denoised output",
                 "regions": "SUVmean/SUVmax bias % = 100 (x - ref) / ref, unclipped SUV; ref = full dose (*_bias_pct) "
-                           "or labels.json true_suv (*_bias_true_pct)",
+                           "or labels.json true_suv (*_bias_true_pct); lesions also SUVpeak (1 mL sphere), rc_max = "
+                           "SUVmax / true SUV, cr = contrast recovery vs a 4-10 mm host-tissue shell, by size bin "
+                           "(regions_per_drf.*.lesions_by_size, signed means); liver: SUVmean bias (QIBA bar 5 %) and CoV",
             },
             "per_drf": per_drf,
         }
@@ -346,7 +357,7 @@ class EvaluationReport:
                 title = (f"{subj.name}: slices through the {subj.where}; images {self.montage_suv_window[0]:g}-"
                          f"{self.montage_suv_window[1]:g} SUV, difference +-{self.montage_diff_max:g} SUV")
                 write_montage(self.eval_dir / name, title, subj.full_views, rows_sorted, subj.spacing,
-                              subj.position, self.montage_suv_window, self.montage_diff_max)
+                              subj.position, self.montage_suv_window, self.montage_diff_max, affine=subj.display_affine)
                 montages.append(name)
         files["montages"] = montages
         summary = self.summary()
