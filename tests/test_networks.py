@@ -312,3 +312,18 @@ def test_v1_and_v2_checkpoints_do_not_cross_load():
         UniPET(san_variant="v2", **SMALL).load_state_dict(v1.state_dict())
     with pytest.raises(ValueError, match="san_variant"):
         UniPET(san_variant="v3", **SMALL)
+
+
+def test_plain_unet_baseline_is_residual_identity_without_normalisation():
+    from scripts.benchmarks.train_models import FULL_RUNS
+    from scripts.networks.plain_unet import ResidualUNet
+
+    net = ResidualUNet(channels=(4, 8), strides=(2,), num_res_units=1)
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.testing.assert_close(net(x), x)  # untrained = identity, like UniPET
+    pred, feats = net.forward_with_features(x)
+    assert feats == [] and pred.shape == x.shape
+    assert not any("Norm" in type(m).__name__ for m in net.modules())
+    pred.sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None) > 0
+    assert "scripts.networks.plain_unet.ResidualUNet" in " ".join(FULL_RUNS["unet"])

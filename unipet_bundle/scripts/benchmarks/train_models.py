@@ -22,6 +22,10 @@ resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
    ``vanilla`` (1000 more stage-1 iterations on all DRFs: the vanilla universal model, compute-matched to
    UniPET), ``drf_specific`` (300 more stage-1 iterations on one DRF each), ``san_only`` (stage 2 without
    the adversarial RALS term) and ``rals_only`` (stage 2 with the SAN frozen and no alignment loss).
+   Issue 15 adds ``reference_weights`` (0.2.0's 0.001 loss weights) and ``psnr_selection`` (best by PSNR).
+   ``full_run NAME``: a whole run with other settings, same compute: ``unet`` (MONAI ``UNet``, no
+   normalisation, residual, L1: ``scripts.networks.plain_unet.ResidualUNet``), ``no_hotspot``
+   (``hotspot_fraction`` 0), ``no_regional`` (``regional_weight`` 0), ``dose_balanced`` (``dose_balance`` 0.5).
 4. ``ship``: copies UniPET's ``model.pt`` into ``models/`` and records its SHA-256 in ``large_files.yml``.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
@@ -62,6 +66,20 @@ BRANCHES: dict[str, list[str]] = {
     "vanilla": ["--stage1_epochs", str(EPOCHS)],
     "san_only": ["--adv_weight", "0"],
     "rals_only": ["--train_san", "false", "--align_weight", "0"],
+    # issue 15 ablations of stage-2-only settings (same stage 1)
+    "reference_weights": ["--align_weight", "0.001", "--adv_weight", "0.001"],  # 0.2.0's loss weights
+    "psnr_selection": ["--selection_metric", "val_psnr"],  # best checkpoint by PSNR alone
+}
+
+# name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `unipet`):
+# the settings that change stage 1 too, and the plain MONAI UNet a user would pick instead
+FULL_RUNS: dict[str, list[str]] = {
+    "no_hotspot": ["--hotspot_fraction", "0"],  # patches centred on tissue only
+    "no_regional": ["--regional_weight", "0"],  # no regional SUV-consistency loss
+    "dose_balanced": ["--dose_balance", "0.5"],  # every DRF an equal share of the L1 loss (option, off by default)
+    # MONAI UNet, no normalisation, residual, L1 only (stage 1 for the whole run), same iterations
+    "unet": ["--network_def", "{'_target_': 'scripts.networks.plain_unet.ResidualUNet'}",
+             "--stage1_epochs", str(EPOCHS), "--regional_weight", "0"],
 }
 
 
@@ -179,6 +197,12 @@ class TrainModels:
             raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted(BRANCHES)}")
         self._train(name, ["--init_checkpoint", str(self._snapshot()), *BRANCHES[name]])
 
+    def full_run(self, name: str) -> None:
+        """One full two-stage run with the overrides of ``FULL_RUNS[name]`` (ablations, the plain UNet)."""
+        if name not in FULL_RUNS:
+            raise UniPETInputError(f"unknown full run {name!r}: use one of {sorted(FULL_RUNS)}")
+        self._train(name, FULL_RUNS[name])
+
     def drf_specific(self, drfs: Any = TRAIN_DRFS) -> None:
         """One model per training DRF: 300 more stage-1 iterations on that DRF alone, from the end of stage 1."""
         snapshot = self._snapshot()
@@ -206,6 +230,8 @@ class TrainModels:
         self.unipet()
         for name in BRANCHES:
             self.branch(name)
+        for name in FULL_RUNS:
+            self.full_run(name)
         self.drf_specific()
         self.ship()
 

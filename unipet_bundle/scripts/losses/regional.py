@@ -25,6 +25,23 @@ from torch import nn
 __all__ = ["RegionalSUVLoss"]
 
 
+def _box(x: torch.Tensor, kernel: tuple[int, int, int], mode: str) -> torch.Tensor:
+    """Box mean or max, stride 1, same size, as three 1D passes (exact for a box; ~k^2 times cheaper than
+    one 3D pool on a CPU). Means ignore the padding (per-axis counts multiply), maxima pad with -inf."""
+    for axis, k in enumerate(kernel):
+        if k == 1:
+            continue
+        size = [1, 1, 1]
+        size[axis] = k
+        pad = [0, 0, 0]
+        pad[axis] = k // 2
+        if mode == "mean":
+            x = F.avg_pool3d(x, tuple(size), 1, tuple(pad), count_include_pad=False)
+        else:
+            x = F.max_pool3d(x, tuple(size), 1, tuple(pad))
+    return x
+
+
 class RegionalSUVLoss(nn.Module):
     """Local-mean and local-max consistency of ``pred`` with ``full`` over several box windows.
 
@@ -56,12 +73,8 @@ class RegionalSUVLoss(nn.Module):
         for k in self.windows:
             # a window larger than the patch is clipped to the largest odd size that fits, per axis
             kernel = tuple(min(k, n if n % 2 else n - 1) for n in pred.shape[2:])
-            pad = tuple(kk // 2 for kk in kernel)
-            k = kernel
             if self.mean_weight > 0:
-                mp = F.avg_pool3d(pred, k, 1, pad, count_include_pad=False)
-                mf = F.avg_pool3d(full, k, 1, pad, count_include_pad=False)
-                total = total + self.mean_weight * F.l1_loss(mp, mf)
+                total = total + self.mean_weight * F.l1_loss(_box(pred, kernel, "mean"), _box(full, kernel, "mean"))
             if self.max_weight > 0:
-                total = total + self.max_weight * F.l1_loss(F.max_pool3d(pred, k, 1, pad), F.max_pool3d(full, k, 1, pad))
+                total = total + self.max_weight * F.l1_loss(_box(pred, kernel, "max"), _box(full, kernel, "max"))
         return total / len(self.windows)
