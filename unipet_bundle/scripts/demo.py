@@ -8,8 +8,10 @@ simulator at full dose and at the given DRF; with ``--input`` a full-dose SUV NI
 activity map instead (resampled to the network's 4 mm grid). The low-dose scan is denoised with the
 network of ``configs/train.json`` (weights from ``--checkpoint``, default the shipped ``models/model.pt``,
 whose SHA-256 is checked against ``large_files.yml``; without weights the network is UNTRAINED and the demo
-says so), PSNR/SSIM against the simulated full dose are printed for the input and the output, and the
-volumes plus a PNG montage are written to ``--output_dir``.
+says so), PSNR/SSIM against the simulated full dose are printed for the input and the output, with the
+SUVmax of the hottest lesion (full dose, low dose, denoised), and the volumes plus a PNG montage (coronal and
+axial slices through that lesion, radiological orientation from the affine, R/L/A/P/S/I letters, a mm scale
+bar) are written to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, resample_activity, simulate_pet
 from scripts.deploy.large_files import recorded_sha256
 from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
+from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
+from scripts.evaluation.regions import hottest_lesion_voxel
+from scripts.inference.qc import find_hotspots
 from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.denoise import denoise_volume, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
@@ -56,35 +61,55 @@ def _network(config: str, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, 
     return net.eval(), sizes, trained
 
 
-def _montage(path: Path, low: np.ndarray, den: np.ndarray, full: np.ndarray, spacing, drf: float, scores) -> None:
+def hottest_lesion(full: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
+                   table: dict[int, Any] | None = None) -> tuple[tuple[int, int, int], np.ndarray, str]:
+    """Where the demo slices go: the lesion with the highest full-dose SUVmax (phantom label map), else the
+    hottest focus of the full dose (an ``--input`` map has no labels). Returns (voxel, mask of the voxels its
+    SUVmax is taken over, a name)."""
+    if labels is not None and table:
+        found = hottest_lesion_voxel(full, labels, table)
+        if found is not None:
+            pos, name = found
+            label = int(labels[pos])  # hottest_lesion_voxel returns a voxel inside the lesion
+            return tuple(int(v) for v in pos), labels == label, f"lesion '{name}'"
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spots = find_hotspots(full, spacing, 1, float(np.percentile(full, 99.0)), 20.0, affine)
+    pos = spots[0] if spots else tuple(int(v) for v in np.unravel_index(int(np.argmax(full)), full.shape))
+    grid = np.meshgrid(*[(np.arange(n) - p) * s for n, p, s in zip(full.shape, pos, spacing)], indexing="ij")
+    return pos, (grid[0] ** 2 + grid[1] ** 2 + grid[2] ** 2) <= 10.0**2, "hottest focus (10 mm sphere)"
+
+
+def _montage(path: Path, low: np.ndarray, den: np.ndarray, full: np.ndarray, affine: np.ndarray, drf: float,
+             scores: dict[str, Any], position: tuple[int, int, int], lesion: str, convention: str = "radiological") -> None:
+    """2 x 4 panels (coronal and axial through ``position``; low dose, UniPET, full dose, difference), oriented
+    from ``affine`` (:mod:`scripts.evaluation.display`: radiological by default), letters, scale bar, PSNR/SSIM."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # planes through the most soft tissue (0.5-5 SUV), where texture and noise are judged, not the bladder
-    tissue = (full > 0.5) & (full < 5.0)
-    y = int(np.argmax(tissue.sum(axis=(0, 2))))
-    z = int(np.argmax(tissue.sum(axis=(0, 1))))
     vmax = 7.0
-    cols = [(f"low dose (DRF {drf:g})\nPSNR {scores['input_psnr']:.2f} dB", low),
-            (f"UniPET\nPSNR {scores['output_psnr']:.2f} dB", den),
-            ("full dose", full), ("UniPET - full dose", den - full)]
-    fig, axes = plt.subplots(2, 4, figsize=(14, 7.5), constrained_layout=True)
+    suvmax = scores["lesion_suvmax"]
+    cols = [(f"low dose (DRF {drf:g})\nPSNR {scores['input_psnr']:.2f} dB, SSIM {scores['input_ssim']:.3f}\n"
+             f"lesion SUVmax {suvmax['low']:.2f}", low),
+            (f"UniPET\nPSNR {scores['output_psnr']:.2f} dB, SSIM {scores['output_ssim']:.3f}\n"
+             f"lesion SUVmax {suvmax['denoised']:.2f}", den),
+            (f"full dose\n\nlesion SUVmax {suvmax['full']:.2f}", full), ("UniPET - full dose\n\n", den - full)]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 8.5), constrained_layout=True)
+    point = ras_index(position, affine, full.shape)
     for c, (title, vol) in enumerate(cols):
         diff = c == 3
-        kw = dict(cmap="RdBu_r", vmin=-2, vmax=2) if diff else dict(cmap="gray_r", vmin=0, vmax=vmax)
-        im = axes[0, c].imshow(vol[:, y, :].T, origin="lower", aspect=spacing[2] / spacing[0], **kw)
-        axes[1, c].imshow(vol[:, :, z].T, origin="lower", aspect=spacing[1] / spacing[0], **kw)
-        axes[0, c].set_title(title, fontsize=10)
-        for r in range(2):
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-        if c in (2, 3):
-            fig.colorbar(im, ax=axes[:, c], shrink=0.6, label="SUV difference" if diff else "SUV")
+        ras, spacing, oblique = to_ras(vol, affine)
+        for r, view in enumerate(("coronal", "axial")):
+            p = panel(ras, spacing, view, index=point[1 if view == "coronal" else 2], convention=convention,
+                      oblique=oblique, point=point)
+            draw_panel(axes[r, c], p, -2.0 if diff else 0.0, 2.0 if diff else vmax, cmap="RdBu_r" if diff else "gray_r",
+                       title=title if r == 0 else None, colorbar=c >= 2,
+                       colorbar_label="SUV difference" if diff else "SUV", scale_bar=c == 0, marker=True)
     axes[0, 0].set_ylabel("coronal")
     axes[1, 0].set_ylabel("axial")
-    fig.suptitle("UniPET demo on SIMULATED data" + ("" if scores["trained"] else " (UNTRAINED network)"))
+    fig.suptitle(f"UniPET demo on SIMULATED data{'' if scores['trained'] else ' (UNTRAINED network)'}: slices through "
+                 f"the {lesion} (circled); {convention} view")
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
@@ -122,12 +147,13 @@ def run(
         activity, affine, spacing = load_activity(input)
         if not np.allclose(spacing, 4.0, atol=0.05):  # the network's training grid
             activity, affine, spacing = resample_activity(activity, affine, 4.0)
-        mu = None
+        mu = labels = table = None
         source = f"activity map {Path(input).name} (on a 4 mm grid)"
     else:
         spacing = (4.0, 4.0, 4.0)
         phantom = make_phantom(tuple(int(s) for s in shape), spacing, seed=seed)
         activity, mu, affine = phantom.activity, phantom.mu, phantom.affine
+        labels, table = phantom.labels, phantom.label_table
         source = f"procedural phantom (seed {seed}, {tuple(int(s) for s in shape)} voxels of 4 mm)"
     net, sizes, trained = _network(config or str(BUNDLE_ROOT / "configs" / "train.json"), ckpt)
     if not trained:
@@ -151,11 +177,13 @@ def run(
         "input_ssim": float(ssim3d(torch.from_numpy(low)[None, None], t_full)[0]),
         "output_ssim": float(ssim3d(torch.from_numpy(den)[None, None], t_full)[0]),
     }
+    position, mask, lesion = hottest_lesion(full, affine, labels, table)
+    scores["lesion_suvmax"] = {k: float(v[mask].max()) for k, v in (("full", full), ("low", low), ("denoised", den))}
     names = {"full_dose.nii.gz": full, f"low_dose_drf{drf:g}.nii.gz": low, f"denoised_drf{drf:g}.nii.gz": den}
     for name, vol in names.items():
         save_nifti(vol, affine, out / name, overwrite=overwrite)
     png = out / f"montage_drf{drf:g}.png"
-    _montage(png, low, den, full, spacing, drf, scores)
+    _montage(png, low, den, full, affine, drf, scores, position, lesion)
 
     print(f"\nUniPET demo (SIMULATED data: {source}, DRF {drf:g}, PSNR/SSIM vs the simulated full dose,")
     print(f"SUV clipped to [0, 20], data range 20)")
@@ -163,6 +191,9 @@ def run(
     print(f"{'low-dose input':24s} {scores['input_psnr']:9.2f} {scores['input_ssim']:8.4f}")
     label = "UniPET output" if trained else "UNTRAINED network output"
     print(f"{label:24s} {scores['output_psnr']:9.2f} {scores['output_ssim']:8.4f}")
+    m = scores["lesion_suvmax"]
+    print(f"{lesion} SUVmax: full dose {m['full']:.2f}, low dose {m['low']:.2f} ({100 * (m['low'] / m['full'] - 1):+.1f} %), "
+          f"denoised {m['denoised']:.2f} ({100 * (m['denoised'] / m['full'] - 1):+.1f} %)")
     print(f"weights: {ckpt if trained else 'none (untrained network)'}; inference {t_infer:.1f} s, "
           f"total {time.perf_counter() - t_start:.1f} s")
     print(f"wrote {', '.join(names)} and {png.name} to {out}")

@@ -33,6 +33,7 @@ __all__ = [
     "CONVENTIONS",
     "VIEWS",
     "Panel",
+    "axcodes_affine",
     "draw_panel",
     "panel",
     "ras_index",
@@ -102,6 +103,18 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for axis, (target, _) in enumerate(ornt):
         spacing[int(target)] = _spacing(affine)[axis]
     return ras, spacing, _is_oblique(affine)
+
+
+def axcodes_affine(axcodes: str, spacing: Sequence[float]) -> np.ndarray:
+    """A 4x4 affine of an array stored in ``axcodes`` orientation (e.g. ``RAS``, ``LPS``: the direction each
+    axis points to) with voxel size ``spacing`` (mm); for arrays that were reoriented (MONAI ``Orientationd``)
+    and whose original affine is not at hand. The origin is 0."""
+    ornt = nib.orientations.axcodes2ornt(tuple(str(axcodes).upper()))
+    affine = np.eye(4)
+    for axis, (target, flip) in enumerate(ornt):
+        affine[:3, axis] = 0.0
+        affine[int(target), axis] = float(flip) * float(spacing[axis])
+    return affine
 
 
 def ras_index(index: Sequence[int], affine: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int]:

@@ -4,8 +4,9 @@ One row per (DRF, view), four columns: low-dose input | denoised | full dose | d
 share a fixed SUV window (default 0-7 SUV, inverted grey: hot is dark, as PET is usually read) and the
 difference a symmetric one (default +-2 SUV, blue = under, red = over the full dose), so figures of
 different subjects and runs compare at a glance. Panels keep the physical aspect from the voxel spacing.
-Arrays are (x, y, z) with a RAS affine: coronal = fixed y, shown x across and z up; axial = fixed z,
-shown x across and y (anterior) up. The slices are those the image metrics score (SUV clipped to [0, 20]
+Panels are oriented from the affine by :mod:`scripts.evaluation.display` (radiological by default: the
+patient's right on the viewer's left; superior up on coronal, anterior up on axial views), with R/L, S/I,
+A/P letters and a mm scale bar; PSNR and SSIM are printed under each panel. The slices are those the image metrics score (SUV clipped to [0, 20]
 for the network), so the difference panel shows no error above 20 SUV; regions.csv reports that part.
 """
 
@@ -16,19 +17,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from scripts.data.io import atomic_write
+from scripts.evaluation.display import Panel, draw_panel, panel, ras_index, to_ras
 
 __all__ = ["VIEWS", "MontageRow", "take_views", "write_montage"]
 
 VIEWS = ("coronal", "axial")
 
 
-def take_views(volume: np.ndarray, position: Sequence[int]) -> dict[str, np.ndarray]:
-    """2D slices through ``position`` (x, y, z index) of a (x, y, z) volume: coronal (x, z) and axial (x, y)."""
-    _, y, z = (int(p) for p in position)
-    return {"coronal": np.array(volume[:, y, :], dtype=np.float32), "axial": np.array(volume[:, :, z], dtype=np.float32)}
+def take_views(volume: np.ndarray, position: Sequence[int], affine: np.ndarray | None = None,
+               convention: str = "radiological") -> dict[str, np.ndarray]:
+    """2D display slices (row 0 at the top) through ``position`` (a voxel index of ``volume``): coronal and axial.
+
+    Args:
+        volume: (X, Y, Z) in its storage order.
+        position: the voxel the slices go through.
+        affine: voxel -> RAS+ mm (e.g. :func:`scripts.evaluation.display.axcodes_affine`); None: stored RAS.
+        convention: ``radiological`` (patient's right on the viewer's left) or ``neurological``.
+    """
+    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    ras, spacing, _ = to_ras(volume, aff)
+    p = ras_index(position, aff, volume.shape)
+    return {view: panel(ras, spacing, view, index=p[1 if view == "coronal" else 2], convention=convention).image
+            for view in VIEWS}
 
 
 @dataclass
@@ -40,11 +54,14 @@ class MontageRow:
     pred: dict[str, np.ndarray]
     psnr: float = float("nan")
     input_psnr: float = float("nan")
+    ssim: float = float("nan")
+    input_ssim: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _psnr_text(value: float) -> str:
-    return "PSNR inf" if np.isinf(value) else f"PSNR {value:.2f} dB"
+def _psnr_text(value: float, ssim: float = float("nan")) -> str:
+    text = "PSNR inf" if np.isinf(value) else f"PSNR {value:.2f} dB"
+    return text if np.isnan(ssim) else f"{text}, SSIM {ssim:.3f}"
 
 
 def write_montage(
@@ -59,6 +76,8 @@ def write_montage(
     panel_width_in: float = 2.6,
     max_height_in: float = 40.0,
     dpi: int = 110,
+    affine: np.ndarray | None = None,
+    convention: str = "radiological",
 ) -> Path:
     """Draw the figure and save it as PNG atomically.
 
@@ -67,9 +86,10 @@ def write_montage(
         title: figure title (subject id and slice position; never a patient name).
         full: full-dose slices from :func:`take_views`.
         rows: one :class:`MontageRow` per DRF, in display order.
-        spacing: voxel size (x, y, z) in mm, for the aspect ratio.
+        spacing: voxel size (x, y, z) in mm of the stored volume, for the aspect ratio.
         position: the (x, y, z) voxel the slices go through; red ticks on the panel edges mark where the
             other view cuts (axial level on coronal panels, coronal plane on axial panels).
+        affine, convention: as given to :func:`take_views` (None: the volume is stored RAS).
         suv_window: display range of the images (SUV).
         diff_max: the difference panel shows [-diff_max, +diff_max] SUV.
         panel_width_in, max_height_in, dpi: figure size (panels shrink to keep the height bounded).
@@ -79,12 +99,26 @@ def write_montage(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sx, sy, sz = (float(s) for s in spacing)
-    nx = full["coronal"].shape[0]
+    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    # voxel size along the RAS axes: the stored axes reordered like the panels
+    ornt = nib.orientations.io_orientation(aff)
+    ras_sp = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        ras_sp[int(target)] = float(spacing[axis])
+    sx, sy, sz = ras_sp
+    nz, nx = full["coronal"].shape
+    ny = full["axial"].shape[0]
     extents = {  # (left, right, bottom, top) in mm
-        "coronal": (0.0, nx * sx, 0.0, full["coronal"].shape[1] * sz),
-        "axial": (0.0, nx * sx, 0.0, full["axial"].shape[1] * sy),
+        "coronal": (0.0, nx * sx, 0.0, nz * sz),
+        "axial": (0.0, nx * sx, 0.0, ny * sy),
     }
+    letters = {v: panel(np.zeros((1, 1, 1), np.float32), (1.0, 1.0, 1.0), v, convention=convention).letters for v in VIEWS}
+    ras_pos = None
+    if position is not None:
+        shape = [0, 0, 0]
+        for axis, (target, _) in enumerate(ornt):
+            shape[axis] = (nx, ny, nz)[int(target)]
+        ras_pos = ras_index(position, aff, shape)
     ratio = {v: (e[3] - e[2]) / (e[1] - e[0]) for v, e in extents.items()}
     grid_rows = [(r, v) for r in rows for v in VIEWS]
     heights = [ratio[v] for _, v in grid_rows]
@@ -101,24 +135,25 @@ def write_montage(
         hspace=0.22, wspace=0.04,
     )
     lo, hi = suv_window
-    img_kw = {"cmap": "gray_r", "vmin": lo, "vmax": hi, "origin": "lower", "interpolation": "nearest"}
-    diff_kw = {"cmap": "RdBu_r", "vmin": -diff_max, "vmax": diff_max, "origin": "lower", "interpolation": "nearest"}
     columns = ("low dose", "denoised", "full dose", "denoised - full dose")
     im_img = im_diff = None
     for i, (row, view) in enumerate(grid_rows):
         panels = (row.low[view], row.pred[view], full[view], row.pred[view] - full[view])
-        notes = (_psnr_text(row.input_psnr), _psnr_text(row.psnr), "reference", "")
+        notes = (_psnr_text(row.input_psnr, row.input_ssim), _psnr_text(row.psnr, row.ssim), "reference", "")
         for j, (data, note) in enumerate(zip(panels, notes)):
             ax = fig.add_subplot(gs[i, j])
-            im = ax.imshow(data.T, extent=extents[view], aspect="equal", **(diff_kw if j == 3 else img_kw))
+            e = extents[view]
+            p = Panel(data, e[1], e[3], letters[view], view)
+            im = (draw_panel(ax, p, -diff_max, diff_max, cmap="RdBu_r", scale_bar=False) if j == 3
+                  else draw_panel(ax, p, lo, hi, scale_bar=j == 0))
             if j == 3:
                 im_diff = im
             else:
                 im_img = im
             ax.set_xticks([])
             ax.set_yticks([])
-            if position is not None:  # where the other view's plane cuts this one
-                cut_mm = (position[2] + 0.5) * sz if view == "coronal" else (position[1] + 0.5) * sy
+            if ras_pos is not None:  # where the other view's plane cuts this one
+                cut_mm = (ras_pos[2] + 0.5) * sz if view == "coronal" else (ras_pos[1] + 0.5) * sy
                 ax.set_yticks([cut_mm], labels=[""])
                 ax.tick_params(axis="y", color="red", length=6, width=1.5, left=True, right=True, direction="inout")
             if i == 0:
