@@ -50,6 +50,15 @@ def test_hotspots_are_local_maxima_above_the_threshold_and_apart():
     assert find_hotspots(suv, np.array([4.0] * 3), count=5, min_suv=13.0, separation_mm=20.0) == []
 
 
+def test_hotspots_found_in_slabs_equal_the_whole_volume_search(monkeypatch):
+    rng = np.random.default_rng(5)
+    suv = (rng.gamma(2.0, 1.5, (30, 26, 22)) ).astype(np.float32)
+    spacing = np.array([3.0, 2.5, 4.0])
+    whole = find_hotspots(suv, spacing, count=8, min_suv=6.0, separation_mm=12.0)
+    monkeypatch.setattr(qcmod, "_SLAB_VOXELS", 26 * 22 * 3)  # 3 planes per slab: halo larger than the slab
+    assert find_hotspots(suv, spacing, count=8, min_suv=6.0, separation_mm=12.0) == whole and len(whole) == 8
+
+
 def test_numbers_before_and_after_are_measured_on_the_same_voxels():
     suv, aff = body_with_foci()
     before = analyse_input(suv, aff)

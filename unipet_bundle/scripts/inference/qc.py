@@ -69,6 +69,7 @@ QC_JSON_SUFFIX = "_denoised_qc.json"
 _REF_MM = 30.0  # PERCIST liver VOI: 3 cm
 _REF_BLOCK_MM = 8.0
 _REF_RANGE = (1.3, 3.5)  # FDG liver SUVmean range used to pick the automatic reference cube
+_SLAB_VOXELS = 4_000_000  # voxels per slab of the whole-volume passes: bounds their temporaries
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
@@ -103,8 +104,22 @@ def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: flo
     Equal values (a plateau) are ordered by their RAS+ mm position (with ``affine``), so the same study
     stored in another axis order gives the same foci."""
     size = [max(3, 2 * int(round(separation_mm / 2.0 / s)) + 1) for s in spacing]
-    local = ndimage.maximum_filter(suv, size=size, mode="nearest")
-    cand = np.argwhere((suv >= min_suv) & (suv >= local))
+    # in slabs along axis 0 with a halo (exact; bounded memory on a whole-body study: no full-size filter output)
+    halo, n0 = size[0] // 2, suv.shape[0]
+    rows = max(1, _SLAB_VOXELS // max(1, int(np.prod(suv.shape[1:]))))
+    found = []
+    for start in range(0, n0, rows):
+        stop = min(n0, start + rows)
+        lo, hi = max(0, start - halo), min(n0, stop + halo)
+        block = np.asarray(suv[lo:hi], dtype=np.float32)
+        if not block.max() >= min_suv:
+            continue
+        local = ndimage.maximum_filter(block, size=size, mode="nearest")
+        core = slice(start - lo, stop - lo)
+        c = np.argwhere((block[core] >= min_suv) & (block[core] >= local[core]))
+        c[:, 0] += start
+        found.append(c)
+    cand = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     if cand.size == 0:
         return []
     world = (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3] if affine is not None else cand
@@ -141,8 +156,12 @@ def _reference_cube(suv: np.ndarray, affine: np.ndarray, body: np.ndarray) -> tu
         return None
     crop = tuple(slice(0, n[a] * block[a]) for a in range(3))
 
-    def blocks(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x[crop], dtype=np.float32).reshape(n[0], block[0], n[1], block[1], n[2], block[2]).mean(axis=(1, 3, 5))
+    def blocks(x: np.ndarray) -> np.ndarray:  # block means, one block row at a time (no full-size float copy)
+        out = np.empty(n, dtype=np.float32)
+        for i in range(n[0]):
+            part = np.asarray(x[i * block[0]:(i + 1) * block[0], crop[1], crop[2]], dtype=np.float32)
+            out[i] = part.reshape(block[0], n[1], block[1], n[2], block[2]).mean(axis=(0, 2, 4))
+        return out
 
     coarse, inside = blocks(ras), blocks(ras_body)
     k = [max(2, int(round(_REF_MM / (block[a] * spacing[a])))) for a in range(3)]
@@ -258,7 +277,7 @@ def compare_output(before: Mapping[str, Any], out: np.ndarray, convention: str =
     affine = before["affine"]
     spacing = _spacing(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    body = np.unpackbits(before["body_bits"], count=int(np.prod(before["shape"]))).reshape(before["shape"]).astype(bool)
+    body = np.unpackbits(before["body_bits"], count=int(np.prod(before["shape"]))).reshape(before["shape"]).view(bool)
     n = dict(before["numbers"])
     n["body_total_after_suv_ml"] = float(np.sum(out, where=body, dtype=np.float64)) * voxel_ml
     n["body_total_change_pct"] = _pct(n["body_total_after_suv_ml"], n["body_total_before_suv_ml"])
