@@ -106,13 +106,41 @@ def test_inference_benchmark_cli(tmp_path: Path):
     diff = entry["vs_baseline"]["ours"]["max_abs_diff_suv"]
     assert math.isfinite(diff) and diff > 0
     assert entry["correction_max_suv"] > 0.1
-    assert set(res["targets_met"]) == {"speedup_2x", "large_peak_rss_under_8gb", "small_under_60s"}
+    assert set(res["targets_met"]) == {"speedup_2x", "large_peak_rss_under_8gb", "small_under_60s",
+                                       "e2e_speedup_1_5x", "e2e_peak_rss_3gb_6x_input"}
     assert large["baseline_extrapolated_from_windows"] == 3 and large["variants"]["baseline"]["windows"] == 64
     assert large["variants"]["baseline"]["timed_fraction"] == pytest.approx(3 / 64)
     assert _finite_positive(large["speedup_ours"]) and large["vs_baseline"] == {}  # a partial output is not compared
     assert "[x from 3]" in proc.stdout
     assert res["targets_met"]["speedup_2x"] == (min(entry["speedup_ours"], large["speedup_ours"]) >= 2.0)
     assert res["targets_met"]["large_peak_rss_under_8gb"] is None  # that size was not run
+
+
+def test_inference_benchmark_end_to_end_against_todays_pipeline(tmp_path: Path):
+    """Issue 14's comparison: e2e (correction-only inverse) vs e2e_today (the 0.2.0 Invertd pipeline), one run.
+
+    At 1.65 mm the tiny study is resampled to the 4 mm network grid and back, so both inverses are
+    exercised; their outputs must agree closely (they differ only in float64 vs float32 interpolation).
+    """
+    override = tmp_path / "tiny.json"
+    override.write_text(json.dumps({**TINY_NET, "patch_size": [16, 16, 16]}))
+    out = tmp_path / "bench.json"
+    proc = _cli("scripts.benchmarks.inference_speed", [
+        "--override", str(override), "--sizes", "[[60,50,70]]", "--repeats", "1", "--e2e_spacing", "1.65",
+        "--variants", "e2e_today,e2e", "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "speed-up e2e_today / e2e" in proc.stdout and "x input" in proc.stdout
+    res = json.loads(out.read_text())
+    (entry,) = res["sizes"]
+    assert set(entry["variants"]) == {"e2e_today", "e2e"}
+    for v in entry["variants"].values():
+        assert _finite_positive(v["peak_rss_over_input"])
+        assert v["peak_rss_over_input"] == pytest.approx(v["peak_rss_gb"] * 1e9 / (4 * 60 * 50 * 70))
+    assert _finite_positive(entry["speedup_e2e"]) and _finite_positive(entry["cpu_speedup_e2e"])
+    assert entry["vs_e2e_today"]["max_abs_diff_suv"] < 0.05  # same method, only the inverse's arithmetic differs
+    assert res["targets_met"]["e2e_speedup_1_5x"] == (entry["speedup_e2e"] >= 1.5)
+    assert res["targets_met"]["e2e_peak_rss_3gb_6x_input"] is not None
+    assert "Invertd" in json.dumps(res["today_pipeline_overrides"])
 
 
 def test_inference_benchmark_bad_sizes_is_one_error_line(tmp_path: Path):
