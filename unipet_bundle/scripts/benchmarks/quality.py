@@ -29,7 +29,7 @@ DRF-specific model was trained at, the nearest trained DRF's model stands in (ma
 
 Writes ``<out_dir>/quality.json`` (with, per family and DRF, which baselines UniPET beat), ``cases.csv``,
 ``regions.csv``, ``quality.md`` and the PNGs; with ``--update_docs`` (default) also the table in
-``docs/README.md`` (between the ``quality-families-table`` markers) and ``docs/quality.png``.
+``docs/README.md`` (between the ``quality-families-table`` markers) and ``docs/quality_families.png``.
 """
 
 from __future__ import annotations
@@ -341,9 +341,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines += ["", "Baselines beaten by UniPET on PSNR (UniPET's), per DRF:", ""]
         for d in drfs:
             b = fr["baselines_beaten"][d]
-            lines.append(f"- DRF {d}: beats {', '.join(LABELS[x] for x in b['beaten_on_psnr']) or 'none'}; "
-                         f"does **not** beat {', '.join(LABELS[x] for x in b['not_beaten_on_psnr']) or 'none'} "
-                         f"({', '.join(f'{LABELS[k]} {v:+.2f} dB' for k, v in b['psnr_margin_db'].items())})")
+            lost = b["not_beaten_on_psnr"]
+            lines.append(f"- DRF {d}: beats {'; '.join(LABELS[x] for x in b['beaten_on_psnr']) or 'none'}"
+                         + (f"; does **not** beat {'; '.join(LABELS[x] for x in lost)}" if lost else "")
+                         + f" (UniPET minus each: {'; '.join(f'{LABELS[k]} {v:+.2f} dB' for k, v in b['psnr_margin_db'].items())})")
         met = sum(c["met"] for c in fr["targets"])
         lines += ["", f"Issue-15 targets on this family ({met} of {len(fr['targets'])} met):", "",
                   "| target | value | met |", "|---|---|---|"]
@@ -528,6 +529,9 @@ def run(
         update_docs: write the table into docs/README.md and docs/quality.png.
         threads: torch CPU threads (0: PyTorch's default).
     """
+    from scripts.inference.options import as_bool
+
+    update_docs = as_bool(update_docs, "update_docs")  # "--update_docs false" arrives as a string
     if threads:
         torch.set_num_threads(int(threads))
     work = Path(work_dir).expanduser().absolute()
@@ -627,7 +631,7 @@ def run(
     atomic_write(out / "quality.md", lambda tmp: tmp.write_text(table))
     plot(result, out / "quality.png")
     if update_docs:
-        plot(result, BUNDLE_ROOT / "docs" / "quality.png")
+        plot(result, BUNDLE_ROOT / "docs" / "quality_families.png")
         update_model_card(BUNDLE_ROOT / "docs" / "README.md", table)
     print(table)
     print(f"wrote {out / 'quality.json'}, cases.csv, regions.csv, quality.md and the PNGs"
