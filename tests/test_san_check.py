@@ -43,7 +43,7 @@ def test_check_tells_a_live_san_from_a_dead_one(windows):
     assert san_is_alive(live), (live, SAN_ALIVE)
 
 
-@pytest.mark.xfail(strict=True, reason="shipped model's SAN is dead; retrain (issue 15)")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="shipped model's SAN is dead; retrain (issue 15)")
 def test_shipped_model_styles_depend_on_the_dose(windows):
     state = load_checkpoint(BUNDLE_ROOT / "models" / "model.pt")
     net = UniPET(san_variant=checkpoint_san_variant(state), **SMALL)
