@@ -5,7 +5,8 @@ Usage (from the bundle root)::
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir IN --output_dir OUT \\
         [--output_format nifti|dicom|both] [--checkpoint models/model.pt] [--overwrite true] [--resample false]
 
-The flow, per input (``IN/*.nii``, ``IN/*.nii.gz`` in SUV, and ``IN/<folder>/`` PET DICOM series):
+The flow, per input (``IN/*.nii``, ``IN/*.nii.gz`` in SUV, and ``IN/<folder>/`` PET DICOM series; ``IN`` may
+also be one NIfTI file or one series folder, and ``python -m scripts.denoise IN OUT`` runs this config):
 
 1. every input and every output path is checked first (:func:`.inputs.prepare_datalist`): a bad input
    stops the run with one ``error: ...`` line (exit status 2) before anything is written;
@@ -23,7 +24,8 @@ The flow, per input (``IN/*.nii``, ``IN/*.nii.gz`` in SUV, and ``IN/<folder>/`` 
    float32 to the input grid and add it in place to the native SUV through a view that undoes the
    reorientation (:mod:`.residual`; memory: about one native volume), and write
    ``OUT/<name>_denoised.nii.gz`` (SUV) with ``<name>_denoised.json`` (units, SUV factor, model, grids),
-   and, with ``output_format`` dicom/both, ``OUT/<name>_denoised_dicom/`` for DICOM inputs (Bq/mL).
+   and, with ``output_format`` dicom/both, ``OUT/<name>_denoised_dicom/`` for DICOM inputs (Bq/mL), and
+   with ``qc_report`` (default) the QC report ``OUT/<name>_denoised_qc.png`` / ``_qc.json`` (:mod:`.qc`).
 
 A ``--checkpoint`` that does not exist is an error; the untrained UniPET (the identity) runs only when asked
 (``--checkpoint "" --allow_untrained true``) and its outputs say UNTRAINED. Runs sharing ``output_dir`` never
@@ -32,5 +34,5 @@ remove each other's outputs (:mod:`.claims`).
 Modules (each has one job): :mod:`.options` (option values), :mod:`.errors` (one-line errors),
 :mod:`.inputs` (discover, validate, load), :mod:`.model` (weights), :mod:`.writer` (outputs),
 :mod:`.dicom_writer` (derived PET series), :mod:`.report` (log lines), :mod:`.residual` (the correction
-back on the native grid), :mod:`.memory` (one study in memory at a time).
+back on the native grid), :mod:`.memory` (one study in memory at a time), :mod:`.qc` (the per-study QC report).
 """

@@ -471,7 +471,7 @@ class QCReport:
         trained = bool((model or {}).get("trained", True))
         foci = "; ".join(f"focus {s['rank']} SUVmax {s['before']['suv_max']:.1f}->{s['after']['suv_max']:.1f} "
                          f"({s['change_pct']['suv_max']:+.1f} %)" for s in n["hotspots"][:3]) or "no focus above threshold"
-        title = (f"{name}  |  UniPET {(model or {}).get('version', '')}{'' if trained else ' UNTRAINED (identity)'}  |  "
+        title = (f"{label}  |  UniPET {(model or {}).get('version', '')}{'' if trained else ' UNTRAINED (identity)'}  |  "
                  f"body total {change:+.2f} %  |  {foci}")
         render_png(png_path, title, entry, result, self.suv_window, self.diff_window)
         json_path.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True) + "\n")
