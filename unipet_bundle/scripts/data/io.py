@@ -134,8 +134,11 @@ def save_nifti(
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
 
 
-def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti(path: str | os.PathLike, dtype: type = np.float32, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Load a NIfTI volume as (array in file order (x, y, z), 4x4 affine).
+
+    ``mmap`` (nibabel's default, True) maps an uncompressed ``.nii`` instead of reading it; False reads it
+    into memory (for a volume that is read in full and then written into, as inference does).
 
     Raises:
         UniPETInputError: missing, truncated or unreadable file.
@@ -144,7 +147,7 @@ def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> tuple[np.nd
     if not p.is_file():
         raise UniPETInputError(f"{p}: no such NIfTI file; check the path")
     try:
-        img = nib.load(str(p))
+        img = nib.load(str(p), mmap=mmap)
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # nibabel raises many types for truncated/corrupt files
         raise UniPETInputError(f"{p}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?") from exc

@@ -222,7 +222,9 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
             :func:`check_volume` refuses (every message names the input).
     """
     if item.kind == "nifti":
-        data, affine = load_nifti(item.path, dtype=np.float32)
+        # read into memory, not a memory map of the file: the residual step adds the correction into this
+        # array in place, and page faults on a mapped whole-body file cost more than one sequential read
+        data, affine = load_nifti(item.path, dtype=np.float32, mmap=False)
         suv = check_volume(str(item.path), data)
         if check_body:
             check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
