@@ -31,6 +31,14 @@ def test_demo_without_weights_says_untrained_and_writes_outputs(tmp_path):
     assert low.shape == (64, 64, 24) and np.isfinite(den).all()
     # the untrained network is the identity (zero-initialised output conv): the demo must show exactly that
     np.testing.assert_allclose(den, low, atol=1e-4)
+    # issue 16: the hottest lesion's SUVmax at full dose, low dose and denoised (identity: low == denoised)
+    import re
+
+    line = re.search(r"lesion '[^']+' SUVmax: full dose ([\d.]+), low dose ([\d.]+) \([-+\d.]+ %\), denoised ([\d.]+)",
+                     proc.stdout)
+    assert line, proc.stdout[-2000:]
+    full = nib.load(tmp_path / "full_dose.nii.gz").get_fdata()
+    assert float(line[1]) <= full.max() + 0.01 and line[2] == line[3]
 
 
 @pytest.mark.slow

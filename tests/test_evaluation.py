@@ -230,10 +230,10 @@ def test_trained_run_on_test_split(trained_run):
     assert {r["subject"] for r in rows} == test_subjects and {r["split"] for r in rows} == {"test"}
     assert len(rows) == len(datalist["test"]) == 2
     assert all(abs(float(r["psnr"]) - float(r["input_psnr"])) > 1e-3 for r in rows), "weights were not loaded"
-    # the evaluator's own val_psnr (normalised units, same metric code) equals the report's mean PSNR
-    line = next(ln for ln in log.splitlines() if "Metrics -- val_psnr:" in ln)
-    val_psnr = float(line.split("val_psnr:")[1].split()[0])
-    assert val_psnr == pytest.approx(np.mean([float(r["psnr"]) for r in rows]), abs=2e-3)
+    # issue 16: an evaluation run has no key metric, so no "best metric" line (a mean PSNR across DRFs selects
+    # nothing here); the per-DRF numbers are the report's (same metric code as training validation)
+    assert "best metric" not in log.lower() and "best value" not in log.lower()
+    assert "Metrics -- val_psnr:" not in log
 
 
 # --------------------------------------------------------------------------------------------------
