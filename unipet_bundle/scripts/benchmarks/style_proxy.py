@@ -86,8 +86,12 @@ def _windows(subject: Path, suv_max: float, size: int = 32, n: int = 6, seed: in
 
 
 def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1", "v2"), n_subjects: int = 4,
-        work: str = "/tmp/unipet_style_proxy", output: str = "runs/benchmarks/style_proxy.json") -> dict[str, Any]:
-    """Simulate the data once (kept in ``work``), train each SAN variant, print and write the report."""
+        work: str = "/tmp/unipet_style_proxy", output: str = "runs/benchmarks/style_proxy.json",
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Simulate the data once (kept in ``work``), train each SAN variant, print and write the report.
+
+    ``overrides``: more train.json keys for every run (e.g. ``{"san_learning_rate": 2e-4}``).
+    """
     work_dir = Path(work)
     data = work_dir / "data"
     if not (data / f"phantom_{n_subjects - 1:03d}").is_dir():
@@ -101,7 +105,8 @@ def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1",
                 "validation": [{"image": str(held_out / "drf_20.nii.gz"), "label": str(held_out / "full_dose.nii.gz"),
                                 "drf": 20, "subject": held_out.name}]}
     (work_dir / "datalist.json").write_text(json.dumps(datalist))
-    results: dict[str, Any] = {"stage1_iterations": stage1, "stage2_iterations": stage2, "drfs": list(DRFS)}
+    results: dict[str, Any] = {"stage1_iterations": stage1, "stage2_iterations": stage2, "drfs": list(DRFS),
+                               "overrides": dict(overrides or {})}
     for variant in variants:
         torch.manual_seed(0)
         parser = ConfigParser()
@@ -113,6 +118,7 @@ def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1",
             "critic_pretrain_iterations": min(20, stage2 // 5), "val_interval": 1000, "save_interval": 100000,
             "snapshot_iterations": [], "resume": False, "overwrite": True, "san_variant": variant,
             "stage2_warmup_iterations": min(20, stage2 // 5), "precision": "fp32", "monitor_interval": 0,
+            **(overrides or {}),
         })
         trainer = parser.get_parsed_content("train#trainer")
         net = parser.get_parsed_content("network")
