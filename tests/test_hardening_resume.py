@@ -159,7 +159,7 @@ def test_sigkill_twice_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     lines = _logged_iterations(text)
     assert [it for it, _ in lines] == list(range(saved + 1, TOTAL + 1)), "iterations must continue without gap or repeat"
     first_terms = lines[0][1]
-    assert "loss_adv" in first_terms and "loss_l1" in first_terms, "joint stage 2 must continue (no new critic pre-training)"
+    assert "g_adv" in first_terms and "g_l1" in first_terms, "joint stage 2 must continue (no new critic pre-training)"
     losses = [float(m) for _, terms in lines for m in re.findall(r"(?<!_)loss: ([-\d.e+]+)", terms)]
     assert losses and np.all(np.isfinite(losses))
 
@@ -191,7 +191,7 @@ def _build(seed: int, ckpt_dir: Path, kill_after: int | None = None) -> tuple[Un
     losses: dict[int, float] = {}
     # the GP interpolation draws random numbers: pin them to the iteration so runs are comparable
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: torch.manual_seed(1000 + e.state.iteration))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.__setitem__(e.state.iteration, float(e.state.output["loss"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.__setitem__(e.state.iteration, float(e.state.output.get("loss", e.state.output.get("d_loss")))))
     if kill_after is not None:
         def kill(engine):
             if engine.state.iteration == kill_after + 1:

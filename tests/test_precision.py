@@ -151,7 +151,7 @@ def test_trainer_bf16_on_cpu_autocasts_both_stages_with_float32_losses_and_weigh
     assert rec_g.dtypes == {torch.bfloat16} and rec_d.dtypes == {torch.bfloat16}
     for o in outputs:
         assert o["pred"].dtype == torch.float32
-        for k in ("loss", "loss_l1"):
+        for k in ("loss", "g_l1"):
             assert isinstance(o[k], float) and torch.isfinite(torch.tensor(o[k]))
     assert all(p.dtype == torch.float32 for p in trainer.generator.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.critic.parameters())

@@ -100,7 +100,7 @@ def test_stage1_trains_base_network_only(tiny_setup):
     trainer = _trainer(gen, critic, batches, stage1=3, total=3, pretrain=0)
     trainer.run()
     out = trainer.state.output
-    assert out["stage"] == 1 and "loss_l1" in out and "loss_adv" not in out
+    assert out["stage"] == 1 and "g_l1" in out and "g_adv" not in out and out["loss"] == out["g_total"]
     assert not torch.equal(bdn_before, gen.input_conv.weight.detach()), "stage 1 must train the BDN"
     assert not _changed(san_before, gen.san_parameters()), "stage 1 must leave the SAN at zero style"
     assert not _changed(critic_before, critic.parameters()), "stage 1 must not touch the critic"
@@ -116,6 +116,8 @@ def test_stage2_shows_critic_full_dose_as_real_and_pretrains_it(tiny_setup):
     trainer.state.epoch_length = 1
     trainer.run()
     assert trainer.state.output["stage"] == 2
+    # no generator step ran: the critic's loss is logged as d_loss, never as the generator's ``loss``
+    assert "d_loss" in trainer.state.output and "loss" not in trainer.state.output and "g_total" not in trainer.state.output
     assert not _changed(gen_before, gen.parameters()), "critic pre-training must not update the generator"
     assert _changed(critic_before, critic.parameters())
     real, fake = recorder.calls[0]
@@ -133,9 +135,11 @@ def test_stage2_joint_step_updates_san_and_logs_all_terms(tiny_setup):
     trainer = _trainer(gen, critic, batches, stage1=1, total=3, pretrain=1)
     trainer.run()
     out = trainer.state.output
-    for key in ("loss", "loss_l1", "loss_align", "loss_adv", "loss_critic", "critic_gradient_penalty", "critic_wasserstein"):
+    for key in ("loss", "g_total", "g_l1", "g_align", "g_adv", "g_regional", "d_loss", "d_gp", "d_wasserstein",
+                "lr_generator", "lr_critic"):
         assert key in out and np.isfinite(out[key]), key
-    assert out["loss_align"] > 0, "L_align must be non-zero when low- and full-dose differ"
+    assert out["loss"] == out["g_total"] == pytest.approx(out["g_l1"] + 1e-3 * out["g_align"] + 1e-3 * out["g_adv"])
+    assert out["g_align"] > 0, "L_align must be non-zero when low- and full-dose differ"
     assert _changed(san_before, gen.san_parameters()), "stage 2 must train the SAN"
 
 
@@ -148,7 +152,7 @@ def test_ablation_switches_rals_alone_and_san_alone(tiny_setup):
     trainer.run()
     assert not _changed(san_before, gen.san_parameters()), "train_san=False must leave the SAN untouched"
     assert _changed(bdn_before, gen.parameters()) and _changed(critic_before, critic.parameters())
-    assert trainer.state.output["loss_adv"] != 0.0
+    assert trainer.state.output["g_adv"] != 0.0
     # "SAN alone": adv_weight 0 trains no critic, skips critic pre-training and still trains the SAN
     with torch.no_grad():
         for p in gen.san_parameters():
@@ -160,7 +164,7 @@ def test_ablation_switches_rals_alone_and_san_alone(tiny_setup):
     out = trainer.state.output
     assert not _changed(critic_before, critic.parameters()), "adv_weight 0 must not train a critic"
     assert _changed(san_before, gen.san_parameters()), "the generator must train from the first stage-2 step"
-    assert out["loss_adv"] == 0.0 and "loss_critic" not in out and out["loss_align"] > 0
+    assert out["g_adv"] == 0.0 and "d_loss" not in out and "lr_critic" not in out and out["g_align"] > 0
 
 
 def test_stage2_needs_a_critic(tiny_setup):
@@ -193,7 +197,7 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
     for name in ("checkpoint_latest.pt", "model_stage1.pt", "model.pt"):
         assert (ckpt / name).is_file(), f"{name} missing; log tail: {log[-2000:]}"
     assert list((out / "tensorboard").glob("events.out.tfevents*")), "no TensorBoard event file"
-    for term in ("loss_l1", "loss_align", "loss_adv", "loss_critic", "val_psnr", "val_ssim", "val_nrmse"):
+    for term in ("g_l1", "g_align", "g_adv", "d_loss", "val_psnr", "val_ssim", "val_nrmse"):
         assert term in log, f"{term} not logged"
     state = load_checkpoint(ckpt / "checkpoint_latest.pt")
     assert state["trainer"]["iteration"] == 4
@@ -218,7 +222,7 @@ def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
     assert "resumed from" in log and "iteration 2" in log
     state = load_checkpoint(ckpt / "checkpoint_latest.pt")
     assert state["trainer"]["iteration"] == 4
-    assert "loss_adv" in log, "the resumed epoch is stage 2"
+    assert "g_adv" in log, "the resumed epoch is stage 2"
 
 
 @pytest.mark.slow
@@ -374,7 +378,7 @@ def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):
     trainer.run()
     s1, s2 = outputs
     assert s1["grad_l1"] > 0 and s1["grad_regional"] > 0 and "style_abs_b0" not in s1
-    for key in ("grad_l1", "grad_align", "grad_adv", "grad_regional", "loss_regional"):
+    for key in ("grad_l1", "grad_align", "grad_adv", "grad_regional", "g_regional"):
         assert key in s2 and s2[key] >= 0, key
     assert {f"style_abs_b{i}" for i in range(2)} <= set(s2) and {f"style_spread_b{i}" for i in range(2)} <= set(s2)
     assert loss_terms(s2)["grad_adv"] == s2["grad_adv"]  # reaches the Stats/TensorBoard handlers

@@ -72,7 +72,8 @@ def prepare_paired_batch(
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries of a trainer output (``loss``, every loss term, ``stage``), for Stats/TensorBoard handlers."""
+    """The scalar entries of a trainer output (``loss``, every loss term, the learning rates, ``stage``), for
+    Stats/TensorBoard handlers. See :class:`UniPETTrainer` for the names."""
     return {k: float(v) for k, v in output.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -211,6 +212,10 @@ def style_statistics(generator: nn.Module, x: torch.Tensor) -> dict[str, float]:
     return out
 
 
+# RALSCriticLoss term -> output key (other terms get a ``d_`` prefix)
+_CRITIC_TERM_NAMES = {"gradient_penalty": "d_gp", "wasserstein": "d_wasserstein", "d_real": "d_real", "d_fake": "d_fake"}
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module"):  # DistributedDataParallel / DataParallel
         module = module.module
@@ -258,9 +263,18 @@ class UniPETTrainer(Trainer):
         epoch_length, non_blocking, prepare_batch, iteration_update, postprocessing, key_train_metric,
         additional_metrics, metric_cmp_fn, train_handlers, decollate: as in ``monai.engines.SupervisedTrainer``.
 
-    The engine output holds ``image``, ``label``, ``pred`` and ``loss`` plus every loss term
-    (``loss_l1``, ``loss_align``, ``loss_adv``, ``loss_critic``, ``critic_wdist``, ``critic_gp``), and
-    ``stage``, so StatsHandler/TensorBoardStatsHandler can log each of them.
+    The engine output holds ``image``, ``label``, ``pred``, ``stage`` and scalars named for what they are, so
+    StatsHandler/TensorBoardStatsHandler (through :func:`loss_terms`) log each under its own name:
+
+    * generator (every iteration that steps the generator): ``g_l1``, ``g_regional`` and, in stage 2,
+      ``g_align``, ``g_adv`` (unweighted terms), ``g_total`` (the weighted sum that is back-propagated) and
+      ``loss`` (always the same value as ``g_total``: one curve across both stages, never the critic's);
+    * critic (stage 2, adversarial): ``d_loss`` (``-wasserstein + gp_weight * gp``: it is dominated by the
+      gradient penalty and can be in the thousands), ``d_wasserstein``, ``d_gp``, ``d_real``, ``d_fake``.
+      During critic pre-training no generator step runs and the output holds no ``loss`` / ``g_*`` keys;
+    * learning rates used by this iteration: ``lr_<group>`` per generator group (``lr_bdn``, ``lr_san``) and
+      ``lr_critic`` (stage 2, adversarial);
+    * monitoring (see ``monitor_interval``): ``grad_*`` and ``style_*``.
     """
 
     def __init__(
@@ -386,6 +400,16 @@ class UniPETTrainer(Trainer):
             norms[f"grad_{name}"] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
         return norms
 
+    def _learning_rates(self, critic: bool) -> dict[str, float]:
+        """The rates this iteration steps with (before the per-iteration scheduler moves them)."""
+        groups = self.g_optimizer.param_groups
+        # named groups (generator_param_groups: bdn, san); a plain optimiser's single group is "generator"
+        rates = {f"lr_{g.get('name') or ('generator' if len(groups) == 1 else f'g{i}')}": float(g["lr"])
+                 for i, g in enumerate(groups)}
+        if critic and self.d_optimizer is not None:
+            rates["lr_critic"] = float(self.d_optimizer.param_groups[0]["lr"])
+        return rates
+
     def _regional(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         if self.regional_loss is None or self.regional_weight <= 0:
             return torch.zeros((), device=pred.device)
@@ -417,6 +441,7 @@ class UniPETTrainer(Trainer):
         stage = engine.stage_of(engine.state.iteration)
         output["stage"] = stage
         engine.generator.train()
+        output.update(engine._learning_rates(critic=stage == 2 and engine.adv_weight > 0))
         if stage == 1:
             engine._set_san(False)
             engine.g_optimizer.zero_grad(set_to_none=True)
@@ -433,8 +458,8 @@ class UniPETTrainer(Trainer):
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.g_optimizer.step()
-            output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "loss_l1": l1.item(),
-                           "loss_regional": float(regional.detach())})
+            output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "g_total": loss.item(), "g_l1": l1.item(),
+                           "g_regional": float(regional.detach())})
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return output
 
@@ -453,13 +478,16 @@ class UniPETTrainer(Trainer):
                     d_loss, terms = engine.critic_loss(engine.critic, full, fake, mask)
                 d_loss.backward()
                 engine.d_optimizer.step()
-            output["loss_critic"] = d_loss.item()
-            output.update({f"critic_{k}": float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+            # the critic's own names: its loss is not the generator's and must never reach ``loss``
+            output["d_loss"] = d_loss.item()
+            output.update({_CRITIC_TERM_NAMES.get(k, f"d_{k}"): float(v.detach()) if torch.is_tensor(v) else float(v)
+                           for k, v in terms.items()})
 
         stage2_iteration = engine.state.iteration - engine.stage1_iterations
         if adversarial and stage2_iteration <= engine.critic_pretrain_iterations:
             # critic pre-training: the generator is frozen and shows the critic its current output
-            output.update({Keys.PRED: fake, Keys.LOSS: d_loss.item()})
+            # no generator step ran: no ``loss`` (the generator's total), so its curve shows a gap, not the critic
+            output[Keys.PRED] = fake
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             return output
 
@@ -502,10 +530,11 @@ class UniPETTrainer(Trainer):
             {
                 Keys.PRED: pred.detach(),
                 Keys.LOSS: loss.item(),
-                "loss_l1": l1.item(),
-                "loss_align": float(align.detach()),
-                "loss_adv": float(adv.detach()),
-                "loss_regional": float(regional.detach()),
+                "g_total": loss.item(),
+                "g_l1": l1.item(),
+                "g_align": float(align.detach()),
+                "g_adv": float(adv.detach()),
+                "g_regional": float(regional.detach()),
             }
         )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
