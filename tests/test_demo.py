@@ -18,9 +18,20 @@ def _demo(args, tmp_path):
                           cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_demo_refuses_a_missing_checkpoint_and_an_implicit_untrained_run(tmp_path):
+    """Issue 12 finding 3, the demo's side: a mistyped --checkpoint is an error, never a silent untrained run."""
+    out_dir = tmp_path / "out"
+    proc = _demo(["--checkpoint", str(tmp_path / "no_such_model.pt")], out_dir)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
+    assert "no_such_model.pt does not exist" in proc.stderr and "--allow_untrained true" in proc.stderr
+    assert "UNTRAINED" not in proc.stdout and not out_dir.exists()
+    proc = _demo(["--checkpoint", ""], out_dir)
+    assert proc.returncode == 2 and "--allow_untrained true" in proc.stderr and not out_dir.exists()
+
+
 @pytest.mark.slow
 def test_demo_without_weights_says_untrained_and_writes_outputs(tmp_path):
-    proc = _demo(["--checkpoint", str(tmp_path / "no_such_model.pt")], tmp_path)
+    proc = _demo(["--checkpoint", "", "--allow_untrained", "true"], tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "UNTRAINED" in proc.stdout and "SIMULATED" in proc.stdout

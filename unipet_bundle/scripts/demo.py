@@ -36,6 +36,7 @@ from scripts.evaluation.regions import hottest_lesion_voxel
 from scripts.inference.qc import find_hotspots
 from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.inference.options import as_bool
 from scripts.metrics.image_quality import psnr, ssim3d
 
 logger = logging.getLogger("unipet.demo")
@@ -43,16 +44,16 @@ logger = logging.getLogger("unipet.demo")
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 UNTRAINED_BANNER = (
     "\n" + "!" * 78 + "\n"
-    "!!  NO TRAINED WEIGHTS: {path} does not exist.\n"
+    "!!  NO TRAINED WEIGHTS: run untrained on request (--checkpoint '' --allow_untrained true).\n"
     "!!  The network below is UNTRAINED (its output layer starts at zero, so it returns its input).\n"
     "!!  The numbers show the pipeline working, not UniPET's quality.\n"
     + "!" * 78 + "\n"
 )
 
 
-def _network(config: str, checkpoint: Path) -> tuple[torch.nn.Module, dict[str, Any], bool]:
+def _network(config: str, checkpoint: Path | None) -> tuple[torch.nn.Module, dict[str, Any], bool]:
     net, sizes = network_from_config(config, BUNDLE_ROOT)
-    trained = checkpoint.is_file()
+    trained = checkpoint is not None
     if trained:
         verify_sha256(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))  # before anything is unpickled
         state = load_checkpoint(checkpoint)
@@ -125,22 +126,36 @@ def run(
     shape: Any = (128, 128, 96),
     seed: int = 0,
     overwrite: bool = True,
+    allow_untrained: bool = False,
 ) -> None:
     """Simulate a DRF-`drf` scan, denoise it with UniPET, print PSNR/SSIM and save NIfTI + PNG.
 
     Args:
         drf: dose reduction factor of the simulated low-dose scan.
         input: optional full-dose SUV NIfTI used as the activity map (default: a procedural phantom).
-        checkpoint: generator weights (default: models/model.pt in the bundle).
+        checkpoint: generator weights (default: models/model.pt in the bundle). A path that does not exist is an
+            error; ``""`` with ``allow_untrained`` runs the untrained network (the identity), on request only.
         output_dir: where to write (default: demo_output/ beside the bundle).
         config: training config that defines the network (default: configs/train.json).
         shape: phantom size (x, y, z) in voxels of 4 mm.
         seed: seed of the phantom and of the counts.
         overwrite: replace earlier demo outputs in output_dir.
+        allow_untrained: with ``checkpoint=""``, run the untrained network to show the pipeline (loudly labelled).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     t_start = time.perf_counter()
-    ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
+    # the same rule as inference: a named checkpoint must exist; untrained only when asked for explicitly
+    if checkpoint is not None and str(checkpoint) == "":
+        if not as_bool(allow_untrained, "allow_untrained"):
+            raise UniPETInputError("--checkpoint '' runs the UNTRAINED network (its output equals its input): "
+                                   "add --allow_untrained true to do that on purpose, or name a checkpoint")
+        ckpt: Path | None = None
+    else:
+        ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
+        if not ckpt.is_file():
+            raise UniPETInputError(f"checkpoint {ckpt} does not exist: check the path (the shipped weights are "
+                                   "models/model.pt), or run the untrained network on purpose with "
+                                   "--checkpoint '' --allow_untrained true")
     out = Path(output_dir) if output_dir else BUNDLE_ROOT.parent / "demo_output"
     # the input first: a bad --input is one error line, before any weights are read
     if input:
@@ -157,7 +172,7 @@ def run(
         source = f"procedural phantom (seed {seed}, {tuple(int(s) for s in shape)} voxels of 4 mm)"
     net, sizes, trained = _network(config or str(BUNDLE_ROOT / "configs" / "train.json"), ckpt)
     if not trained:
-        print(UNTRAINED_BANNER.format(path=ckpt), flush=True)
+        print(UNTRAINED_BANNER, flush=True)
     logger.info("simulating full dose and DRF %g from a %s (SIMULATED data)", drf, source)
     t0 = time.perf_counter()
     sim = simulate_pet(activity, spacing, drfs=[drf], seed=seed, mu_map=mu, progress=True)
@@ -198,7 +213,7 @@ def run(
           f"total {time.perf_counter() - t_start:.1f} s")
     print(f"wrote {', '.join(names)} and {png.name} to {out}")
     if not trained:
-        print(UNTRAINED_BANNER.format(path=ckpt), flush=True)
+        print(UNTRAINED_BANNER, flush=True)
 
 
 def main() -> None:
