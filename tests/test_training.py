@@ -185,6 +185,32 @@ def test_mask_fn_from_config_units():
 # --------------------------------------------------------------------------------------------------
 # through monai.bundle run
 # --------------------------------------------------------------------------------------------------
+def check_tensorboard_logs(log_dir: Path) -> None:
+    """The TensorBoard logs of the 4-iteration run above (stage 1: iterations 1-2; stage 2: critic pre-training at
+    3, joint step at 4; validation after each epoch, one subject at DRFs 4 and 20): issue 16's named terms."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, dict[int, float]] = {}
+    images: dict[str, int] = {}
+    for event_file in sorted(log_dir.glob("events.out.tfevents*")):
+        acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        for tag in acc.Tags()["images"]:
+            images[tag] = images.get(tag, 0) + len(acc.Images(tag))
+    for key in ("g_l1", "g_regional", "g_total", "g_align", "g_adv", "d_loss", "d_gp", "d_wasserstein",
+                "lr_bdn", "lr_san", "lr_critic", "val_psnr", "val_psnr_drf4", "val_psnr_drf20"):
+        assert key in scalars, f"{key} not in TensorBoard (tags: {sorted(scalars)})"
+    # ``loss`` is the generator's total in both stages and never the critic's: absent at the pre-training step
+    assert sorted(scalars["loss"]) == [1, 2, 4]
+    assert all(scalars["loss"][i] == pytest.approx(scalars["g_total"][i]) for i in (1, 2, 4))
+    assert sorted(scalars["d_loss"]) == [3, 4] and sorted(scalars["g_adv"]) == [4]
+    assert scalars["lr_bdn"][1] > 0 and scalars["lr_san"][4] > 0
+    assert sorted(scalars["val_psnr_drf4"]) == [1, 2]
+    assert images.get("val_slice_low_output_full") == 2, images
+
+
 @pytest.mark.slow
 def test_bundle_training_run_id_end_to_end(tmp_path):
     data = make_pairs(tmp_path / "pairs")
@@ -201,6 +227,7 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
         assert term in log, f"{term} not logged"
     state = load_checkpoint(ckpt / "checkpoint_latest.pt")
     assert state["trainer"]["iteration"] == 4
+    check_tensorboard_logs(out / "tensorboard")
     # the best stage-2 weights load into the inference network
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     net.load_state_dict(load_checkpoint(ckpt / "model.pt"))
