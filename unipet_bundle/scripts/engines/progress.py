@@ -124,9 +124,20 @@ class LossProgressBar(ProgressBar):
             return {k: float(output[k]) for k in keys if isinstance(output.get(k), (int, float))}
 
         kwargs.setdefault("output_transform", _show)
+        owner = self
+
+        class _LabelledBar(tqdm):
+            """ignite sets "Epoch [e/E]" on every update; this bar shows :meth:`description` instead (no flicker)."""
+
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                kw["desc"] = owner.description(engine) + ": "  # as tqdm.set_description writes it
+                super().__init__(*a, **kw)
+
+            def set_description(self, desc: str | None = None, refresh: bool | None = True) -> None:
+                super().set_description(owner.description(engine), refresh=refresh)
+
+        self.pbar_cls = _LabelledBar
         super().attach(engine, *args, **kwargs)
-        # after ignite's own handler, which sets "Epoch [e/E]" on every update
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._label)
         engine.add_event_handler(Events.STARTED, self._route)
         engine.add_event_handler(Events.EPOCH_STARTED, self._rescan)
         # not on EXCEPTION_RAISED: a handler there makes ignite swallow the exception (a routed handler left
@@ -134,10 +145,6 @@ class LossProgressBar(ProgressBar):
         for event in (Events.COMPLETED, Events.TERMINATE):
             engine.add_event_handler(event, self._unroute)
         self._routed = False
-
-    def _label(self, engine: Engine) -> None:
-        if self.pbar is not None:
-            self.pbar.set_description(self.description(engine))
 
     def _route(self, engine: Engine) -> None:
         if not self._routed:
