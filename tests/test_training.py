@@ -228,6 +228,8 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
     state = load_checkpoint(ckpt / "checkpoint_latest.pt")
     assert state["trainer"]["iteration"] == 4
     check_tensorboard_logs(out / "tensorboard")
+    for label in ("train epoch 1/2 (iterations)", "train epoch 2/2 (iterations)", "validation (volumes)"):
+        assert label in proc.stderr, f"no progress bar labelled {label!r}"
     # the best stage-2 weights load into the inference network
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     net.load_state_dict(load_checkpoint(ckpt / "model.pt"))
