@@ -116,3 +116,27 @@ def test_validation_image_written_once_per_run(tmp_path):
     acc.Reload()
     images = acc.Images("val_slice_low_output_full")
     assert len(images) == 1 and images[0].width == 3 * 8 + 2 and images[0].height == 4
+
+
+def test_per_drf_psnr_without_decollation():
+    # decollate=False engines give one dict of (B, ...) tensors and a collated DRF tensor
+    torch.manual_seed(1)
+    label = torch.rand(2, 1, 6, 6, 6)
+    pred = label + torch.tensor([0.01, 0.1]).reshape(2, 1, 1, 1, 1) * torch.randn_like(label)
+    batch = {"image": pred, "label": label, "pred": pred, "drf": torch.tensor([4.0, 50.0])}
+    engine = Engine(lambda e, b: {"image": b["image"], "label": b["label"], "pred": b["pred"]})
+    PerDRFPSNR().attach(engine)
+    engine.run([batch], max_epochs=1)
+    expect = psnr(pred, label, 1.0, 1.0)
+    assert engine.state.metrics["val_psnr_drf4"] == pytest.approx(float(expect[0]), rel=1e-6)
+    assert engine.state.metrics["val_psnr_drf50"] == pytest.approx(float(expect[1]), rel=1e-6)
+
+
+def test_per_drf_psnr_items_without_a_drf_log_once_and_invent_nothing(caplog):
+    label = torch.rand(1, 6, 6, 6)
+    engine, data = _validation_engine([{"image": label, "label": label, "pred": label * 0.9}] * 2)
+    PerDRFPSNR().attach(engine)
+    with caplog.at_level(logging.WARNING):
+        engine.run(data, max_epochs=1)
+    assert not [k for k in engine.state.metrics if k.startswith("val_psnr_drf")]
+    assert sum("no per-DRF PSNR" in r.getMessage() for r in caplog.records) == 1
