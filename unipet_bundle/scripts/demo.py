@@ -181,7 +181,8 @@ def run(
     logger.info("simulation took %.1f s", time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    den = denoise_volume(net, low, float(sizes["suv_max"]), sizes["patch_size"], int(sizes["sw_batch_size"]), progress=True)
+    den = denoise_volume(net, low, float(sizes["suv_max"]), sizes["patch_size"], int(sizes["sw_batch_size"]), progress=True,
+                         affine=affine)
     t_infer = time.perf_counter() - t0
 
     t_full = torch.from_numpy(full)[None, None]

@@ -578,11 +578,12 @@ def run(
                 textures.setdefault("full", {}).setdefault("full", []).append(noise_autocorrelation(full, liver, spacing))
             for drf in drf_list:
                 d = format_drf(drf)
-                low, _ = load_nifti(data / subject / f"drf_{d}.nii.gz")
+                low, low_affine = load_nifti(data / subject / f"drf_{d}.nii.gz")
                 outputs = {"input": low, "gaussian": gaussian_filter_mm(low, spacing, gaussian[d]["fwhm_mm"])}
                 for key in model_list:
                     net = nets[(key, _nearest_trained(drf))] if key == "drf_specific" else nets[(key, None)]
-                    outputs[key] = denoise_volume(net, low, provenance["suv_max"], provenance["patch_size"], provenance["sw_batch_size"])
+                    outputs[key] = denoise_volume(net, low, provenance["suv_max"], provenance["patch_size"],
+                                                  provenance["sw_batch_size"], affine=low_affine)
                 for model, pred in outputs.items():
                     row = score(pred, full, labels, table, low, spacing, subject, d, provenance)
                     biases.setdefault((model, d), []).extend(row.pop("_lesion_biases"))

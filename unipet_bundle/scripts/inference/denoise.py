@@ -15,6 +15,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
+from scripts.data.orientation import DEFAULT_AXCODES, from_network_view, to_network_view
+
 __all__ = ["denoise_volume", "network_from_config"]
 
 
@@ -40,6 +42,8 @@ def denoise_volume(
     sw_batch_size: int = 8,
     overlap: float = 0.25,
     progress: bool = False,
+    affine: np.ndarray | None = None,
+    axcodes: str = DEFAULT_AXCODES,
 ) -> np.ndarray:
     """Denoise one low-dose volume.
 
@@ -49,11 +53,17 @@ def denoise_volume(
         suv_max: the training normalisation (SUV).
         roi_size, sw_batch_size, overlap: the Gaussian-blended sliding window of training validation.
         progress: progress bar over windows.
+        affine: the volume's voxel->RAS affine. Given, the network sees the volume in ``axcodes`` order (the
+            orientation it was trained in, as ``inference.json`` does) and the result comes back in the input's
+            storage order; ``None`` feeds the array as stored (only for arrays already in ``axcodes`` order).
+        axcodes: the network's orientation (``network_axcodes`` of the configs).
 
     Returns:
         (x, y, z) float32 SUV.
     """
     inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=int(sw_batch_size), overlap=overlap,
                                    mode="gaussian", progress=progress)
-    x = torch.from_numpy(np.ascontiguousarray(low_suv, dtype=np.float32) / float(suv_max))[None, None]
-    return (inferer(x, net)[0, 0].numpy() * float(suv_max)).astype(np.float32)
+    view = low_suv if affine is None else to_network_view(low_suv, affine, axcodes)[0]
+    x = torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32) / float(suv_max))[None, None]
+    out = (inferer(x, net)[0, 0].numpy() * float(suv_max)).astype(np.float32)
+    return out if affine is None else np.ascontiguousarray(from_network_view(out, affine, axcodes))
