@@ -517,3 +517,21 @@ def test_a_volume_smaller_than_the_window_keeps_its_level_and_is_flagged(tmp_pat
     y, _, _ = nifti(out / "small_denoised.nii.gz")
     assert abs(y.mean() / x.mean() - 1) < 0.03, f"level changed by {100 * (y.mean() / x.mean() - 1):.1f} %"
     assert "smaller than the 32x32x32 window: it was padded with its edge values" in caplog.text
+
+
+def test_study_progress_bar_is_labelled_and_follows_progress():
+    """Issue 16: the inference bar says what it counts (studies); `--progress false` turns it off."""
+    from monai.bundle import ConfigParser
+
+    from scripts.engines.progress import LossProgressBar
+
+    for progress, expected in ((True, 1), (False, 0)):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIG))
+        parser["bundle_root"] = str(BUNDLE_ROOT)
+        parser["progress"] = progress
+        parser["qc"] = None  # not under test; its handler needs the output folder
+        bars = [h for h in parser.get_parsed_content("handlers") if isinstance(h, LossProgressBar)]
+        assert len(bars) == expected
+    assert bars == [] and parser.get_parsed_content("study_progress_bar").description(
+        type("E", (), {"state": type("S", (), {"max_epochs": 1, "epoch": 1})()})()) == "inference (studies)"
