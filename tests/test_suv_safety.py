@@ -275,3 +275,28 @@ def test_jpeg_lossless_synthetic_signed_values_and_per_slice_slopes(tmp_path):
     series = read_pet_series(tmp_path / "jpeg")
     np.testing.assert_allclose(series.suv, (decoded * expected_factor()).astype(np.float32), rtol=1e-6, atol=1e-7)
     assert len(set(series.rescale_slopes.tolist())) > 1 and series.suv.min() < 0
+
+
+def test_a_date_only_datetime_is_never_taken_as_midnight():
+    """DICOM DT may hold a date alone; taking "20240102" as 00:00 decays the dose over hours that never passed."""
+    ds = _header()
+    reference, info = compute_suv_factor(ds)  # the factory's time-only tags: the right answer
+    assert "RadiopharmaceuticalStartTime" in info["injection_time_source"]
+    # a date-only StartDateTime: its date with the StartTime of day, the same factor (was 38x too large)
+    radiopharm(ds).RadiopharmaceuticalStartDateTime = ds.SeriesDate
+    factor, info = compute_suv_factor(ds)
+    assert factor == pytest.approx(reference, rel=1e-9)
+    assert "date of RadiopharmaceuticalStartDateTime" in info["injection_time_source"]
+    # hour precision only is not a time of day either
+    radiopharm(ds).RadiopharmaceuticalStartDateTime = ds.SeriesDate + "09"
+    assert compute_suv_factor(ds)[0] == pytest.approx(reference, rel=1e-9)
+    # a date-only StartDateTime and no StartTime: refused, never midnight
+    del radiopharm(ds).RadiopharmaceuticalStartTime
+    with pytest.raises(SUVError, match=r"injection time missing.*--injection_datetime"):
+        compute_suv_factor(ds)
+    # the user's override needs hours and minutes too
+    with pytest.raises(SUVError, match=r"--injection_datetime '20240102' is not a date-time with hours and minutes"):
+        compute_suv_factor(ds, overrides=SUVOverrides(injection_datetime="20240102"))
+    # a date-only AcquisitionDateTime falls back to AcquisitionDate/AcquisitionTime (not midnight)
+    ds = _header(AcquisitionDateTime="20240102")
+    assert compute_suv_factor(ds)[0] == pytest.approx(reference, rel=1e-9)

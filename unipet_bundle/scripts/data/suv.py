@@ -178,9 +178,14 @@ def _parse_time(value: Any) -> time | None:
 
 
 def _parse_datetime(value: Any) -> datetime | None:
-    """DICOM DT ``YYYYMMDDHHMMSS.FFFFFF[+/-ZZXX]``; the offset is dropped (times are taken as local)."""
+    """DICOM DT ``YYYYMMDDHHMMSS.FFFFFF[+/-ZZXX]``; the offset is dropped (times are taken as local).
+
+    A DT needs at least hours and minutes here: DICOM allows a date alone (``YYYYMMDD``) or an hour alone,
+    and taking that as midnight or the full hour would decay the dose over hours that never passed (an SUV
+    tens of times too high, silently). Such a value gives None, so the caller falls back or refuses.
+    """
     text = re.sub(r"[+-]\d{4}$", "", _text(value))
-    if len(text) < 8:
+    if len(text) < 12:
         return None
     day = _parse_date(text[:8])
     if day is None:
@@ -237,18 +242,24 @@ def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverride
     if overrides.injection_datetime is not None:
         parsed = _parse_datetime(overrides.injection_datetime)
         if parsed is None:
-            raise SUVError(f"--injection_datetime {overrides.injection_datetime!r} is not a date-time: use YYYYMMDDHHMMSS, e.g. 20240102103500")
+            raise SUVError(f"--injection_datetime {overrides.injection_datetime!r} is not a date-time with hours and minutes: use YYYYMMDDHHMMSS, e.g. 20240102103500")
         return parsed, "--injection_datetime (user)", False
     if overrides.injection_time is not None:
         clock = _parse_time(overrides.injection_time)
         if clock is None:
             raise SUVError(f"--injection_time {overrides.injection_time!r} is not a time of day: use HHMMSS, e.g. 103500")
         return datetime.combine(reference.date(), clock), "--injection_time (user) on the reference date", True
+    dated = None
     if rp.get("RadiopharmaceuticalStartDateTime"):
         parsed = _parse_datetime(rp.RadiopharmaceuticalStartDateTime)
         if parsed is not None:
             return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)", False
+        # a date without a time of day: its date is still the injection day, the time must come from elsewhere
+        dated = _parse_date(_text(rp.RadiopharmaceuticalStartDateTime)[:8])
     clock = _parse_time(rp.get("RadiopharmaceuticalStartTime"))
+    if clock is not None and dated is not None:
+        return (datetime.combine(dated, clock),
+                "RadiopharmaceuticalStartTime (0018,1072) on the date of RadiopharmaceuticalStartDateTime (which has no time)", False)
     if clock is None:
         raise SUVError(
             "injection time missing: RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
