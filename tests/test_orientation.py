@@ -276,3 +276,21 @@ def test_in_memory_denoise_reorients_by_affine_like_the_bundle():
     # without the affine the network sees the stored order, and the result differs: the check can fail
     raw = np.transpose(denoise_volume(net, stored, **kw), (1, 0, 2))[::-1]
     assert np.abs(raw - ref).max() > 1e-2
+
+
+def test_a_sheared_nifti_is_refused_before_the_network(tmp_path):
+    """A sheared grid cannot be reoriented/rescaled to the network grid: one clear error, nothing written."""
+    from scripts.data.io import UniPETInputError, save_nifti
+    from scripts.inference.inputs import InferenceInput, load_volume
+
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[0, 1] = 1.5  # x drifts with y: shear
+    vol = np.full((12, 10, 8), 1.0, dtype=np.float32)
+    path = save_nifti(vol, affine, tmp_path / "sheared.nii.gz")
+    with pytest.raises(UniPETInputError, match="sheared"):
+        load_volume(InferenceInput("sheared", path, "nifti"))
+    oblique = np.eye(4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) * 4.0  # rotated, not sheared: accepted
+    path = save_nifti(vol, oblique, tmp_path / "oblique.nii.gz")
+    assert load_volume(InferenceInput("oblique", path, "nifti")).suv.shape == vol.shape

@@ -48,7 +48,14 @@ from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
 from scripts.data.suv import SUVError, check_body_suv, read_pet_series
 from scripts.data.volume_checks import check_pet_volume
-from scripts.inference.claims import OutputBusyError, busy_message, claim_path, inspect_claim, is_our_temporary
+from scripts.inference.claims import (
+    OutputBusyError,
+    busy_message,
+    claim_path,
+    inspect_claim,
+    is_our_temporary,
+    partial_outputs,
+)
 from scripts.inference.errors import shown
 from scripts.inference.options import as_bool, check_output_format
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
@@ -211,6 +218,25 @@ def check_volume(name: str, array: np.ndarray) -> np.ndarray:
     return check_pet_volume(name, array)
 
 
+def check_orthogonal_axes(name: str, affine: np.ndarray, tol: float = 1e-3) -> None:
+    """Refuse a sheared voxel grid (axes not at right angles), before any network work.
+
+    The network grid is the input grid reoriented and rescaled; a sheared grid cannot be mapped to it and
+    back without interpolating the whole image (the DICOM reader refuses shear for the same reason).
+
+    Raises:
+        UniPETInputError: the affine's axes are not orthogonal (cosine above ``tol``).
+    """
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = axes / np.maximum(np.linalg.norm(axes, axis=0, keepdims=True), 1e-12)
+    worst = float(np.max(np.abs(unit.T @ unit - np.eye(3))))
+    if worst > tol:
+        raise UniPETInputError(
+            f"{name}: the voxel axes are sheared (not at right angles; largest cosine {worst:.3g}), which the "
+            "network grid cannot follow: resample the image to an orthogonal grid first (e.g. with ITK or nibabel)"
+        )
+
+
 def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
     """Read ``item`` into SUV (float32 (X, Y, Z)) with its RAS affine; see the module docstring.
 
@@ -226,6 +252,7 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
         # array in place, and page faults on a mapped whole-body file cost more than one sequential read
         data, affine = load_nifti(item.path, dtype=np.float32, mmap=False)
         suv = check_volume(str(item.path), data)
+        check_orthogonal_axes(str(item.path), affine)
         if check_body:
             check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
         peak = float(suv.max())
@@ -316,14 +343,17 @@ def _partial_outputs(output_dir: Path, item: InferenceInput, planned: Mapping[st
     if state["state"] == "busy":
         raise OutputBusyError(busy_message(claim, state["owner"], shown(item.name)))
     owner = state["owner"]
-    if state["state"] != "stale" or not owner or owner.get("phase") != "publishing":
+    if state["state"] != "stale" or not owner:
         return set()
-    left = {output_dir / n for n in owner.get("outputs", []) if isinstance(n, str) and "/" not in n}
+    # a killed run's publishing list, or a partial set a later run inherited and did not replace (it failed)
+    left = {output_dir / n for n in partial_outputs(owner)}
     partial = {p for p in planned.values() if p in left and (p.exists() or p.is_symlink())}
     if partial:
+        first = owner.get("inherited_from")
         logger.warning(
             "%s: an earlier run (PID %s) was killed while writing its outputs; the partial set %s is redone",
-            shown(item.name), owner.get("pid"), sorted(p.name for p in partial),
+            shown(item.name), (first if isinstance(first, dict) and first else owner).get("pid"),
+            sorted(p.name for p in partial),
         )
     return partial
 
