@@ -9,6 +9,7 @@ processes racing into one folder; after every race each sidecar left must descri
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -413,3 +414,90 @@ def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp
 
     first = sorted((out / "pet_denoised_dicom").iterdir())[0]
     assert pydicom.dcmread(first).SeriesInstanceUID == side["dicom_series_instance_uid"]
+
+
+# ------------------------------------------- the partial set of a dead run outlives a retry that fails or dies
+
+
+def _die(claim: OutputClaim) -> None:
+    """What ``kill -9`` does to a claim's owner: the lock goes with the process, the claim file stays as written."""
+    os.close(claim._fd)
+    claim._fd = None
+
+
+def _killed_while_publishing(out: Path, names: tuple[str, ...] = ("a_denoised.nii.gz", "a_denoised.json")) -> None:
+    """Run A: records that it publishes ``names`` (the NIfTI first), puts the NIfTI in place and dies."""
+    a = OutputClaim(out, "a_denoised", "a")
+    a.acquire()
+    a.publishing([out / n for n in names])
+    (out / "a_denoised.nii.gz").write_text("half")
+    _die(a)
+
+
+def test_a_retry_that_fails_keeps_the_dead_runs_partial_set_on_record(tmp_path, monkeypatch):
+    """A dies while publishing; B (no --overwrite) takes its claim and fails (disk full while staging);
+    C must still replace A's partial NIfTI without --overwrite. Before the fix B's failure removed the
+    claim file, A's NIfTI stayed behind for good and C refused the input ("already exists")."""
+    data, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(body(), AFFINE, data / "a.nii.gz")
+    out.mkdir()
+    _killed_while_publishing(out)
+
+    def disk_full(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(SaveDenoisedd, "_stage", disk_full)
+        with pytest.raises(UniPETInputError, match="no space left on device"):
+            writer(out, "B")(item(body(), "a", data / "a.nii.gz"))
+    claim = out / ".a_denoised.unipet-claim"
+    state = inspect_claim(claim)
+    assert state["state"] == "stale", "B's failure must not remove the record of A's partial set"
+    # only what A recorded and left: A never wrote the sidecar, so it is not on record as replaceable
+    assert claims.partial_outputs(state["owner"]) == ["a_denoised.nii.gz"]
+    assert (out / "a_denoised.nii.gz").read_text() == "half", "B never deletes a file it did not create"
+    # C: accepted without --overwrite, replaces the partial set, and leaves a complete, consistent one
+    assert [i["name"] for i in prepare_datalist(data, out, "nifti", False)] == ["a"]
+    writer(out, "C")(item(body(), "a", data / "a.nii.gz"))
+    assert_consistent(out)  # the claim is gone too: nothing of A's partial set is left
+    assert json.loads((out / "a_denoised.json").read_text())["processing"]["run"] == "C"
+    with pytest.raises(UniPETInputError, match="a_denoised.nii.gz already exists"):
+        prepare_datalist(data, out, "nifti", False)
+
+
+def test_a_retry_that_fails_on_a_conflict_keeps_the_record_and_widens_nothing(tmp_path):
+    """B meets an output A never recorded (someone else's): it stops; A's partial NIfTI stays replaceable,
+    the other file never becomes so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _killed_while_publishing(out, ("a_denoised.nii.gz",))
+    (out / "a_denoised.json").write_text("someone's")
+    with pytest.raises(OutputConflictError, match="a_denoised.json already exists"):
+        writer(out, "B")(item(body()))
+    with OutputClaim(out, "a_denoised", "a") as c:
+        assert c.replaceable == {out / "a_denoised.nii.gz"}
+    assert (out / "a_denoised.json").read_text() == "someone's"
+
+
+@pytest.mark.parametrize("when", ["before-publishing", "while-publishing"])
+def test_a_retry_killed_keeps_the_dead_runs_partial_set_on_record(tmp_path, when):
+    """B takes A's claim and is killed (simulated: its lock goes, its claim file stays as it wrote it),
+    before it starts publishing or after its own NIfTI replaced A's: C still replaces the partial set."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _killed_while_publishing(out)
+    b = OutputClaim(out, "a_denoised", "a")
+    b.acquire()
+    assert out / "a_denoised.nii.gz" in b.replaceable
+    if when == "while-publishing":
+        b.publishing([out / "a_denoised.nii.gz", out / "a_denoised_qc.json", out / "a_denoised.json"])
+        (out / "a_denoised.nii.gz").write_text("B's")
+    _die(b)
+    with OutputClaim(out, "a_denoised", "a") as c:
+        assert c.replaceable == {out / "a_denoised.nii.gz"}  # listed and still there; nothing else
+    assert inspect_claim(out / ".a_denoised.unipet-claim")["state"] == "stale", "C replaced nothing: still on record"
+    # a sweep of old leftovers keeps such a claim; a real rerun completes the set and removes it
+    os.utime(out / ".a_denoised.unipet-claim", (time.time() - 7200,) * 2)
+    assert clean_stale_temporaries(out, 30) == []
+    writer(out, "C")(item(body()))
+    assert_consistent(out)

@@ -20,7 +20,12 @@ run deleted the winner's finished NIfTI while cleaning up its own work). The rul
 - **Interrupted runs.** A claim file that can be locked but is not empty was left by a run that died
   while writing that input. If it died while publishing, the outputs it lists are a partial set of
   ours: the next run redoes the input and replaces exactly those files, without ``--overwrite`` (any other
-  existing output is still refused). Stale temporaries are removed: those of an input whose claim a run
+  existing output is still refused). The run that takes such a claim records the partial set it inherited
+  (``inherited_outputs``, with the dead run's PID in ``inherited_from``) in its own claim at once, so the
+  record survives that run too: killed (``kill -9``) at any point, it leaves a claim that still lists them;
+  failing (an error, a conflict, a full disk), it keeps its claim file (phase ``interrupted``) listing
+  those of them it did not replace and that still exist, instead of removing it. Only a run that
+  replaced all of them removes the claim. Stale temporaries are removed: those of an input whose claim a run
   holds (nobody else can be writing them), and, once per run, any whose owner PID on this host is gone
   and that are older than ``stale_minutes``. Temporaries of other hosts, of live processes or of unknown
   origin are never touched.
@@ -65,6 +70,7 @@ __all__ = [
     "inspect_claim",
     "is_our_temporary",
     "parse_temporary",
+    "partial_outputs",
     "process_alive",
     "publish",
     "remove_path",
@@ -239,11 +245,37 @@ def claim_path(output_dir: str | os.PathLike, output_stem: str) -> Path:
 
 
 def _read_json(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
+    try:  # the first JSON value: a shorter record written over a longer one may leave its tail behind
+        value, _ = json.JSONDecoder().raw_decode(text.lstrip())
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _safe_names(value: Any) -> set[str]:
+    """The plain file names in a claim's list (anything with a path separator, or not a name, is ignored)."""
+    if not isinstance(value, list):
+        return set()
+    return {n for n in value if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and os.sep not in n}
+
+
+def partial_outputs(owner: Mapping[str, Any] | None) -> list[str]:
+    """The output names (in the claim's folder) that a claim left by an ended run records as a partial set.
+
+    That is the outputs it was publishing (phase ``publishing``) and the partial set it had inherited from
+    an earlier interrupted run and not yet replaced (``inherited_outputs``, any phase). Whether each still
+    exists is for the caller to check.
+    """
+    if not owner:
+        return []
+    names = _safe_names(owner.get("inherited_outputs"))
+    if owner.get("phase") == "publishing":
+        names |= _safe_names(owner.get("outputs"))
+    return sorted(names)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def inspect_claim(path: Path) -> dict[str, Any]:
@@ -287,7 +319,8 @@ class OutputClaim:
         label: how to name the input in messages (already quoted for logs).
 
     Attributes (after entering):
-        replaceable: outputs an interrupted run left while publishing (may be replaced without overwrite).
+        replaceable: existing outputs that an interrupted run recorded as a partial set (may be replaced
+            without overwrite); recorded in this run's claim too (``inherited_outputs``) until replaced.
         published: outputs this run renamed into place (removed again if a later step fails).
     """
 
@@ -341,34 +374,48 @@ class OutputClaim:
         else:  # pragma: no cover - five finished runs in a row between open and lock
             raise OutputBusyError(busy_message(self.path, None, self.label))
         left = os.read(self._fd, 1 << 16).decode("utf-8", "replace")
+        dead: dict[str, Any] = {}
         if left.strip():
             owner = _read_json(left)
-            if owner and owner.get("phase") == "publishing":
-                self.replaceable = {self.path.parent / n for n in owner.get("outputs", []) if "/" not in n}
+            # only what the dead run recorded and is still there: nothing else becomes ours to replace
+            self.replaceable = {p for p in (self.path.parent / n for n in partial_outputs(owner)) if _exists(p)}
+            dead = _dead_run(owner)
             logger.warning(
                 "%s: outputs of a run that was interrupted while writing them (PID %s, started %s) are redone%s",
-                self.label, owner.get("pid") if owner else "?", owner.get("started") if owner else "?",
+                self.label, dead.get("pid", "?"), dead.get("started", "?"),
                 f"; its partial outputs {sorted(p.name for p in self.replaceable)!r} are replaced" if self.replaceable else "",
             )
-        self._write({
+        content: dict[str, Any] = {
             "pid": os.getpid(),
             "host": _host_id(),
             "start_ticks": _start_ticks(os.getpid()),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "phase": "writing",
             "outputs": [],
-        })
+        }
+        if self.replaceable:  # written before any work: a kill -9 from here on still leaves the partial set on record
+            content["inherited_outputs"] = sorted(p.name for p in self.replaceable)
+            content["inherited_from"] = dead
+        try:
+            self._write(content)
+        except BaseException:  # not taken after all (e.g. a full disk); the dead run's record is left as it was
+            os.close(self._fd)
+            self._fd = None
+            raise
 
     def _write(self, content: dict[str, Any]) -> None:
         assert self._fd is not None
-        self._content = content
         data = (json.dumps(content) + "\n").encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        # over the old record, then cut: if the write fails (a full disk) the old record is not lost first
+        if os.pwrite(self._fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        os.ftruncate(self._fd, len(data))
         os.fsync(self._fd)
+        self._content = content
 
     def publishing(self, targets: Iterable[Path]) -> None:
-        """Record that ``targets`` (in ``output_dir``) are about to be renamed into place."""
+        """Record that ``targets`` (in ``output_dir``) are about to be renamed into place (an inherited
+        partial set stays on record: ``inherited_outputs`` is kept)."""
         self._write({**self._content, "phase": "publishing", "outputs": [Path(t).name for t in targets]})
 
     def clean_temporaries(self, targets: Iterable[Path]) -> list[Path]:
@@ -392,15 +439,47 @@ class OutputClaim:
         return removed
 
     def release(self) -> None:
-        """Drop the claim: its file is removed first (while still locked), so a waiting run starts clean."""
+        """Drop the claim: its file is removed first (while still locked), so a waiting run starts clean.
+
+        Unless outputs of an interrupted run that this run inherited (:attr:`replaceable`) were not all
+        replaced by it (it failed, or did not plan them) and some are still there: then the file stays,
+        rewritten to list just those (phase ``interrupted``), so that the next run still replaces them.
+        """
         if self._fd is None:
             return
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
-        self._fd = None
+            done = {p.name for p in self.published}
+            left = sorted(n for n in _safe_names(self._content.get("inherited_outputs"))
+                          if n not in done and _exists(self.path.parent / n))
+            if not left:
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                return
+            try:
+                self._write({**self._content, "phase": "interrupted", "outputs": [], "inherited_outputs": left,
+                             "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            except OSError as exc:  # the record written when the claim was taken still lists them
+                logger.warning("%s: could not update the claim %s (%s); it is kept as it was", self.label, self.path.name, exc)
+            logger.warning(
+                "%s: the partial outputs %r of an interrupted run (PID %s) are still there; the claim %r keeps "
+                "them on record, so the next run of this input replaces them",
+                self.label, left, _dead_run(self._content).get("pid", "?"), self.path.name,
+            )
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _dead_run(owner: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Who left a partial set: the run that first died while publishing it (``inherited_from``), else the owner."""
+    if not owner:
+        return {}
+    first = owner.get("inherited_from")
+    if isinstance(first, dict) and first:
+        return {k: first[k] for k in ("pid", "host", "started") if k in first}
+    return {k: owner[k] for k in ("pid", "host", "started") if k in owner}
 
 
 # ------------------------------------------------------------------------------------ stale leftovers
@@ -454,7 +533,7 @@ def _remove_unused_claim(path: Path) -> list[Path]:
         except BlockingIOError:
             return []
         owner = _read_json(os.read(fd, 1 << 16).decode("utf-8", "replace"))
-        if owner is not None and owner.get("phase") == "publishing":
+        if partial_outputs(owner):
             logger.warning("%r: a run was interrupted while publishing these outputs; re-run that input to redo it", path.name)
             return []
         try:
