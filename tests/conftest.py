@@ -32,3 +32,16 @@ def real_pet_dir() -> Path:
             "or set UNIPET_SHARED_DIR to the shared folder"
         )
     return REAL_PET_DIR
+
+
+def run_inference_in_process(**overrides) -> None:
+    """``configs/inference.json`` through MONAI's ConfigWorkflow in this interpreter (no logging.conf, no
+    progress bars), with ``overrides`` as config keys: the one in-process inference runner of the tests."""
+    from monai.bundle import ConfigWorkflow
+
+    overrides.setdefault("progress", False)
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), logging_file=False,
+                              workflow_type="infer", bundle_root=str(BUNDLE_ROOT), **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()

@@ -22,7 +22,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import pet_dicom_factory as factory
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_inference_in_process
 from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.engines.checkpoint import CheckpointError
@@ -48,15 +48,7 @@ def bundle_run(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
     )
 
 
-def run_in_process(**overrides) -> None:
-    """The same config through MONAI's ConfigWorkflow, without a new interpreter (no logging.conf)."""
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer",
-                              bundle_root=str(BUNDLE_ROOT), progress=False, **overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+run_in_process = run_inference_in_process  # the same config without a new interpreter (no logging.conf)
 
 
 def perturbed_checkpoint(path: Path, seed: int = 0, **net_kw) -> Path:

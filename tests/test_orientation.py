@@ -18,7 +18,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import pet_dicom_factory as factory
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_inference_in_process
 from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.orientation import check_axcodes, from_network_view, to_network_view
 from scripts.data.phantom import phantom_affine
@@ -76,15 +76,8 @@ def _to_ras(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _run(dataset_dir: Path, output_dir: Path, checkpoint: Path, **extra) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer", bundle_root=str(BUNDLE_ROOT),
-                              progress=False, dataset_dir=str(dataset_dir), output_dir=str(output_dir),
-                              checkpoint=str(checkpoint), checkpoint_sha256=None, allow_untrained=False,
-                              patch_size=[16, 16, 16], **TINY_KW, **extra)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_inference_in_process(dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint),
+                             checkpoint_sha256=None, allow_untrained=False, patch_size=[16, 16, 16], **TINY_KW, **extra)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -20,13 +20,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_inference_in_process
 from scripts.data.io import UniPETInputError, save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.inference import qc as qcmod
 from scripts.inference.qc import QCReport, analyse_input, compare_output, find_hotspots
 
-CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 TINY = dict(channels=2, num_blocks=1, latent_dim=4, san_channels=[2], patch_size=[16, 16, 16])
 TINY_CLI = ["--channels", "2", "--num_blocks", "1", "--latent_dim", "4", "--san_channels", "[2]", "--patch_size", "[16,16,16]"]
 
@@ -110,14 +109,7 @@ def test_the_same_numbers_whatever_the_storage_order():
 # --------------------------------------------------------------------------------------------- whole runs
 
 
-def run_in_process(**overrides) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer",
-                              bundle_root=str(BUNDLE_ROOT), progress=False, **overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+run_in_process = run_inference_in_process
 
 
 def input_error(fn, *args, **kwargs) -> UniPETInputError:

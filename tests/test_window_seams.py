@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_inference_in_process
 from scripts.data.io import save_nifti
 
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
@@ -31,14 +31,7 @@ LEVEL = 2.0  # SUV
 
 
 def _infer(data: Path, out: Path, **overrides) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer",
-                              bundle_root=str(BUNDLE_ROOT), progress=False, dataset_dir=str(data),
-                              output_dir=str(out), **overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_inference_in_process(dataset_dir=str(data), output_dir=str(out), **overrides)
 
 
 @pytest.fixture(scope="module")
