@@ -335,3 +335,17 @@ def test_real_activity_resampled_to_the_training_grid(tmp_path, capsys):
         sim.main(["--output_dir", str(tmp_path / "o2"), "--n_subjects", "1", "--resample_mm", "4"])
     assert "resamples a real --activity input" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_first_subject_writes_what_the_whole_set_would(tmp_path):
+    """Two processes given disjoint subject ranges (--first_subject) write the same files as one process."""
+    kw = dict(n_subjects=3, seed=5, shape="[32,32,12]", spacing="[12,12,32]", drfs="[4,20]", n_angles=32, n_subsets=8)
+    sim.simulate(str(tmp_path / "all"), **kw)
+    sim.simulate(str(tmp_path / "part"), first_subject=2, **kw)
+    assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["phantom_002"]
+    for name in ("drf_4", "full_dose", "labels"):
+        a = np.asarray(nib.load(str(tmp_path / "all" / "phantom_002" / f"{name}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "part" / "phantom_002" / f"{name}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UniPETInputError, match="first_subject"):
+        sim.simulate(str(tmp_path / "bad"), first_subject=3, **kw)

@@ -713,6 +713,7 @@ def simulate(
     output_dir: str,
     n_subjects: int = 3,
     profile: str = "fixed",
+    first_subject: int = 0,
     shape: Any = None,
     spacing: Any = None,
     drfs: Any = None,
@@ -753,6 +754,8 @@ def simulate(
         output_dir: dataset folder to write subject folders into.
         n_subjects: number of procedural phantoms (phantom_000, phantom_001, ...); ignored with --activity.
         profile: simulation profile name (fixed, randomised, unseen_recon) or a .json path.
+        first_subject: simulate only phantoms first_subject .. n_subjects-1 (each subject's seed depends on
+            its index alone, so two processes given disjoint ranges write what one process would).
         shape: phantom size in voxels, e.g. "[128,128,96]" (x, y, z; z axial); with a drawn voxel size,
             the cap on the grid (default: the profile's).
         spacing: phantom voxel size in mm, e.g. "[4.0,4.0,4.0]" (default: the profile's, or its draw).
@@ -800,6 +803,9 @@ def simulate(
             raise UniPETInputError("--resample_mm resamples a real --activity input; phantoms are made on --spacing")
         if int(n_subjects) < 1:
             raise UniPETInputError(f"--n_subjects must be >= 1; got {n_subjects}")
+        if not 0 <= int(first_subject) < int(n_subjects):
+            raise UniPETInputError(f"--first_subject must be in [0, n_subjects - 1 = {int(n_subjects) - 1}]; "
+                                   f"got {first_subject}")
         if shape is not None:
             shape_chk = _as_triple(shape, "shape", int)
             if shape_chk[0] < 16 or shape_chk[1] < 16 or shape_chk[2] < 4:
@@ -807,7 +813,8 @@ def simulate(
         if spacing is not None:
             _as_triple(spacing, "spacing", float)
         seeds = np.random.SeedSequence(int(seed) & 0xFFFFFFFF).spawn(int(n_subjects))
-        jobs = [(f"phantom_{i:03d}", int(s.generate_state(1)[0])) for i, s in enumerate(seeds)]
+        jobs = [(f"phantom_{i:03d}", int(s.generate_state(1)[0])) for i, s in enumerate(seeds)
+                if i >= int(first_subject)]
         provenance = {
             "base_seed": int(seed),
             "seed_rule": "subject_seed of subject i = SeedSequence(base_seed).spawn(n)[i].generate_state(1)[0]",
