@@ -392,6 +392,35 @@ def test_trainer_and_best_checkpoint_share_the_stage_clock(tiny_setup, tmp_path)
     assert (tmp_path / "model.pt").is_file()
 
 
+def test_each_iteration_runs_the_step_of_its_phase(tiny_setup, monkeypatch):
+    """_iteration is split into a stage-1, a critic and a generator step; which run is decided by the stage clock
+    (stage 1 vs 2) and, within stage 2, by critic_pretrain_iterations (adversarial runs only)."""
+    gen, critic, batches, _, _ = tiny_setup
+    trainer = UniPETTrainer(
+        device="cpu", max_epochs=1, epoch_length=6, train_data_loader=batches, generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage_clock=StageClock(2),
+        align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x), critic_pretrain_iterations=2,
+    )
+    calls: list[tuple[int, str]] = []
+    for name in ("_stage1_step", "_critic_step", "_generator_step"):
+        step = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _n=name, _s=step: (calls.append((trainer.state.iteration, _n)), _s(*a))[1])
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.run()
+    assert [trainer.phase_of(i) for i in range(1, 7)] == ["stage1"] * 2 + ["critic_pretrain"] * 2 + ["joint"] * 2
+    assert calls == [(1, "_stage1_step"), (2, "_stage1_step"), (3, "_critic_step"), (4, "_critic_step"),
+                     (5, "_critic_step"), (5, "_generator_step"), (6, "_critic_step"), (6, "_generator_step")]
+    assert [o["stage"] for o in outputs] == [1, 1, 2, 2, 2, 2]
+    # critic pre-training: the critic's loss under its own name, no generator ``loss``
+    assert all("d_loss" in o and "loss" not in o and "g_total" not in o for o in outputs[2:4])
+    assert all(o["loss"] == o["g_total"] and "d_loss" in o for o in outputs[4:])
+    trainer.adv_weight = 0.0  # the "SAN alone" ablation trains no critic, so it has no critic pre-training
+    assert [trainer.phase_of(i) for i in (2, 3, 4)] == ["stage1", "joint", "joint"]
+
+
 def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):
     gen, critic, batches, _, _ = tiny_setup
     trainer = UniPETTrainer(

@@ -431,98 +431,133 @@ class UniPETTrainer(Trainer):
             p.requires_grad_(enabled)
         self._san_enabled = enabled
 
+    def phase_of(self, iteration: int) -> str:
+        """What a 1-based iteration trains: ``"stage1"`` (the BDN with L1), ``"critic_pretrain"`` (stage 2's first
+        ``critic_pretrain_iterations``, adversarial runs only: the critic alone) or ``"joint"`` (stage 2: critic
+        and generator steps). The stage (1 or 2) comes from the shared :class:`StageClock`."""
+        if self.stage_clock.stage_of(iteration) == 1:
+            return "stage1"
+        if self.adv_weight > 0 and iteration - self.stage_clock.stage1_iterations <= self.critic_pretrain_iterations:
+            return "critic_pretrain"
+        return "joint"
+
     # -- one iteration -------------------------------------------------------------------------------
     def _iteration(self, engine: UniPETTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        """One training iteration: the stage-1 step, or in stage 2 the critic step(s) and then (after the critic
+        pre-training) the generator step. Each step adds its scalars to ``engine.state.output`` as it runs."""
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         low, full = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         engine.state.output = output = {Keys.IMAGE: low, Keys.LABEL: full}
         engine.stage_clock.iteration = engine.state.iteration
-        stage = engine.stage_of(engine.state.iteration)
+        phase = engine.phase_of(engine.state.iteration)
+        stage = 1 if phase == "stage1" else 2
         output["stage"] = stage
         engine.generator.train()
-        output.update(engine._learning_rates(critic=stage == 2 and engine.adv_weight > 0))
-        if stage == 1:
-            engine._set_san(False)
-            engine.g_optimizer.zero_grad(set_to_none=True)
-            with engine._autocast():
-                # through the feature tap: under DDP it is the one wrapper that synchronises gradients
-                pred, _ = engine.feature_tap(low)
-                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                l1 = torch.nn.functional.l1_loss(pred.float(), full)
-                regional = engine._regional(pred.float(), full)
-            loss = engine.l1_weight * l1 + engine.regional_weight * regional
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            if engine._monitoring():
-                output.update(engine._term_grad_norms({"l1": engine.l1_weight * l1, "regional": engine.regional_weight * regional}))
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.g_optimizer.step()
-            output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "g_total": loss.item(), "g_l1": l1.item(),
-                           "g_regional": float(regional.detach())})
-            engine.fire_event(IterationEvents.MODEL_COMPLETED)
-            return output
-
-        engine._set_san(engine.train_san)
-        mask = engine.mask_fn(full) if engine.mask_fn is not None else torch.ones_like(full)
-        output["mask_fraction"] = mask.float().mean().item()
         # adv_weight 0 (the "SAN alone" ablation): the critic could not influence the generator, so none is trained
-        adversarial = engine.adv_weight > 0
-        if adversarial:
-            engine.critic.train()
-            with torch.no_grad(), engine._autocast():
-                fake = engine.generator(low).float()
-            for _ in range(engine.n_critic):
-                engine.d_optimizer.zero_grad(set_to_none=True)
-                with engine._autocast():
-                    d_loss, terms = engine.critic_loss(engine.critic, full, fake, mask)
-                d_loss.backward()
-                engine.d_optimizer.step()
-            # the critic's own names: its loss is not the generator's and must never reach ``loss``
-            output["d_loss"] = d_loss.item()
-            output.update({_CRITIC_TERM_NAMES.get(k, f"d_{k}"): float(v.detach()) if torch.is_tensor(v) else float(v)
-                           for k, v in terms.items()})
+        adversarial = stage == 2 and engine.adv_weight > 0
+        output.update(engine._learning_rates(critic=adversarial))
+        if stage == 1:
+            engine._stage1_step(low, full, output)
+        else:
+            engine._set_san(engine.train_san)
+            mask = engine.mask_fn(full) if engine.mask_fn is not None else torch.ones_like(full)
+            output["mask_fraction"] = mask.float().mean().item()
+            fake = engine._critic_step(low, full, mask, output) if adversarial else None
+            if phase == "critic_pretrain":
+                # the generator is frozen and shows the critic its current output; no generator step ran, so no
+                # ``loss`` (the generator's total): its curve shows a gap, never the critic's loss (``d_loss``)
+                output[Keys.PRED] = fake
+            else:
+                engine._generator_step(low, full, mask, adversarial, output)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return output
 
-        stage2_iteration = engine.state.iteration - engine.stage1_iterations
-        if adversarial and stage2_iteration <= engine.critic_pretrain_iterations:
-            # critic pre-training: the generator is frozen and shows the critic its current output
-            # no generator step ran: no ``loss`` (the generator's total), so its curve shows a gap, not the critic
-            output[Keys.PRED] = fake
-            engine.fire_event(IterationEvents.MODEL_COMPLETED)
-            return output
+    def _stage1_step(self, low: torch.Tensor, full: torch.Tensor, output: dict[str, Any]) -> None:
+        """Stage 1: one step of the base network with L1 (+ the regional term); SAN frozen at zero style.
 
-        engine.g_optimizer.zero_grad(set_to_none=True)
+        ``low``, ``full``: (B, 1, X, Y, Z) normalised SUV. Adds ``pred``, ``loss``, ``g_total``, ``g_l1``,
+        ``g_regional`` (and ``grad_*`` when monitoring) to ``output``.
+        """
+        self._set_san(False)
+        self.g_optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            # through the feature tap: under DDP it is the one wrapper that synchronises gradients
+            pred, _ = self.feature_tap(low)
+            self.fire_event(IterationEvents.FORWARD_COMPLETED)
+            l1 = torch.nn.functional.l1_loss(pred.float(), full)
+            regional = self._regional(pred.float(), full)
+        loss = self.l1_weight * l1 + self.regional_weight * regional
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
+        if self._monitoring():
+            output.update(self._term_grad_norms({"l1": self.l1_weight * l1, "regional": self.regional_weight * regional}))
+        loss.backward()
+        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self.g_optimizer.step()
+        output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "g_total": loss.item(), "g_l1": l1.item(),
+                       "g_regional": float(regional.detach())})
+
+    def _critic_step(self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, output: dict[str, Any]) -> torch.Tensor:
+        """Stage 2: ``n_critic`` RALS critic steps, full dose (masked) as real, the generator's output as fake.
+
+        Returns the fake (the generator's current output, float32, no gradient). Adds ``d_loss`` and the critic
+        terms (``d_gp``, ``d_wasserstein``, ``d_real``, ``d_fake``) of the last step to ``output``.
+        """
+        self.critic.train()
+        with torch.no_grad(), self._autocast():
+            fake = self.generator(low).float()
+        for _ in range(self.n_critic):
+            self.d_optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                d_loss, terms = self.critic_loss(self.critic, full, fake, mask)
+            d_loss.backward()
+            self.d_optimizer.step()
+        # the critic's own names: its loss is not the generator's and must never reach ``loss``
+        output["d_loss"] = d_loss.item()
+        output.update({_CRITIC_TERM_NAMES.get(k, f"d_{k}"): float(v.detach()) if torch.is_tensor(v) else float(v)
+                       for k, v in terms.items()})
+        return fake
+
+    def _generator_step(self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, adversarial: bool,
+                        output: dict[str, Any]) -> None:
+        """Stage 2: one generator step, ``l1_weight * L1 + align_weight * L_align + adv_weight * L_adv +
+        regional_weight * L_regional`` (L_adv only when ``adversarial``).
+
+        Adds ``pred``, ``loss``, ``g_total``, ``g_l1``, ``g_align``, ``g_adv``, ``g_regional`` (and, when
+        monitoring, ``grad_*`` and ``style_*``) to ``output``.
+        """
+        self.g_optimizer.zero_grad(set_to_none=True)
         # The critic is a fixed judge for the generator step: frozen, and called unwrapped so that a DDP
         # critic does not wait for gradients that this step never produces.
-        judge = _unwrap(engine.critic)
+        judge = _unwrap(self.critic)
         for p in judge.parameters():
             p.requires_grad_(False)
         try:
-            with engine._autocast():
-                pred, feats_low = engine.feature_tap(low)
-                engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            with self._autocast():
+                pred, feats_low = self.feature_tap(low)
+                self.fire_event(IterationEvents.FORWARD_COMPLETED)
                 pred = pred.float()
                 l1 = torch.nn.functional.l1_loss(pred, full)
-                if engine.align_loss is not None and engine.align_weight > 0:
+                if self.align_loss is not None and self.align_weight > 0:
                     with torch.no_grad():
-                        _, feats_full = engine.feature_tap(full)
-                    align = engine.align_loss(feats_low, feats_full)
+                        _, feats_full = self.feature_tap(full)
+                    align = self.align_loss(feats_low, feats_full)
                 else:
                     align = torch.zeros((), device=pred.device)
-                adv = engine.adv_loss(judge, pred, mask) if adversarial else torch.zeros((), device=pred.device)
-                regional = engine._regional(pred, full)
-                loss = (engine.l1_weight * l1 + engine.align_weight * align + engine.adv_weight * adv
-                        + engine.regional_weight * regional)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            if engine._monitoring():
-                output.update(engine._term_grad_norms({
-                    "l1": engine.l1_weight * l1, "align": engine.align_weight * align,
-                    "adv": engine.adv_weight * adv, "regional": engine.regional_weight * regional,
+                adv = self.adv_loss(judge, pred, mask) if adversarial else torch.zeros((), device=pred.device)
+                regional = self._regional(pred, full)
+                loss = (self.l1_weight * l1 + self.align_weight * align + self.adv_weight * adv
+                        + self.regional_weight * regional)
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+            if self._monitoring():
+                output.update(self._term_grad_norms({
+                    "l1": self.l1_weight * l1, "align": self.align_weight * align,
+                    "adv": self.adv_weight * adv, "regional": self.regional_weight * regional,
                 }))
-                output.update(style_statistics(engine.generator, low))
+                output.update(style_statistics(self.generator, low))
             loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.g_optimizer.step()
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.g_optimizer.step()
         finally:
             for p in judge.parameters():
                 p.requires_grad_(True)
@@ -537,5 +572,3 @@ class UniPETTrainer(Trainer):
                 "g_regional": float(regional.detach()),
             }
         )
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return output
