@@ -230,6 +230,11 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
     check_tensorboard_logs(out / "tensorboard")
     for label in ("train epoch 1/2 (iterations)", "train epoch 2/2 (iterations)", "validation (volumes)"):
         assert label in proc.stderr, f"no progress bar labelled {label!r}"
+    # the log names the metric that selects the files (selection_metric is MONAI's key metric), per stage
+    assert "of val_psnr" not in log and "Key metric: val_psnr" not in log, log[-3000:]
+    assert log.count("Got new best metric of val_score") == 2, log[-3000:]  # the first validation of each stage
+    assert "stage 2: new best val_score (the selection metric)" in log
+    assert "d_loss=" in proc.stderr, "the progress bar shows the critic's loss under its own name"
     # the best stage-2 weights load into the inference network
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     net.load_state_dict(load_checkpoint(ckpt / "model.pt"))
@@ -380,7 +385,7 @@ def test_trainer_and_best_checkpoint_share_the_stage_clock(tiny_setup, tmp_path)
                       g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=2, stage_clock=clock)
     trainer = UniPETTrainer(device="cpu", max_epochs=1, epoch_length=3, train_data_loader=batches, generator=gen,
                             g_optimizer=torch.optim.AdamW(gen.parameters()), stage_clock=clock)
-    saver = StageBestCheckpoint(tmp_path, gen, stage1_epochs=99, stage_clock=clock)  # epochs ignored with a clock
+    saver = StageBestCheckpoint(tmp_path, gen, stage_clock=clock)  # the clock is the saver's only source of the stage
     evaluator = Engine(lambda e, b: None)
     evaluator.state.metrics = {"val_psnr": 30.0}
     trainer.run()
@@ -419,6 +424,41 @@ def test_each_iteration_runs_the_step_of_its_phase(tiny_setup, monkeypatch):
     assert all(o["loss"] == o["g_total"] and "d_loss" in o for o in outputs[4:])
     trainer.adv_weight = 0.0  # the "SAN alone" ablation trains no critic, so it has no critic pre-training
     assert [trainer.phase_of(i) for i in (2, 3, 4)] == ["stage1", "joint", "joint"]
+
+
+def test_best_metric_of_the_evaluator_is_the_selection_metric_of_the_current_stage(tiny_setup, tmp_path):
+    from ignite.engine import Engine
+
+    from scripts.engines.best_checkpoint import split_metrics
+
+    with pytest.raises(ValueError, match="stage_clock"):
+        StageBestCheckpoint(tmp_path, tiny_setup[0], stage_clock=None)
+    clock = StageClock(2)
+    saver = StageBestCheckpoint(tmp_path, tiny_setup[0], stage_clock=clock, metric_name="val_score")
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.key_metric_name, evaluator.state.best_metric, evaluator.state.best_metric_epoch = "val_score", -1, -1
+    clock.iteration, evaluator.state.epoch, evaluator.state.metrics = 2, 1, {"val_score": 30.0}
+    saver.key_metric_of_stage(evaluator)
+    saver(evaluator)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = 30.0, 1  # MONAI's comparison did the same
+    clock.iteration, evaluator.state.epoch = 3, 2  # stage 2: no best yet, whatever stage 1 reached
+    saver.key_metric_of_stage(evaluator)
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (-1, -1)
+    evaluator.state.metrics = {"val_score": 25.0}
+    saver(evaluator)
+    assert saver.best == {1: 30.0, 2: 25.0} and (tmp_path / "model.pt").is_file()
+    resumed = StageBestCheckpoint(tmp_path, tiny_setup[0], stage_clock=clock, metric_name="val_score")
+    resumed.load_state_dict(saver.state_dict())
+    resumed.key_metric_of_stage(evaluator)
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (25.0, 2)
+    evaluator.state.key_metric_name = "val_psnr"  # another key metric: MONAI's own best is left alone
+    evaluator.state.best_metric = 31.0
+    resumed.key_metric_of_stage(evaluator)
+    assert evaluator.state.best_metric == 31.0
+    key, others = split_metrics({"val_psnr": 1, "val_score": 2, "val_ssim": 3}, "val_score")
+    assert key == {"val_score": 2} and others == {"val_psnr": 1, "val_ssim": 3}
+    with pytest.raises(ValueError, match="selection_metric 'psnr' is not a validation metric"):
+        split_metrics({"val_psnr": 1}, "psnr")
 
 
 def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):

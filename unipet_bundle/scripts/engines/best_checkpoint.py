@@ -11,32 +11,57 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ignite.engine import Engine, Events
 
 from scripts.engines.checkpoint import atomic_torch_save
+from scripts.data.io import UniPETInputError
 
-__all__ = ["StageBestCheckpoint"]
+if TYPE_CHECKING:
+    from scripts.engines.gan_trainer import StageClock
+
+__all__ = ["StageBestCheckpoint", "split_metrics"]
 
 logger = logging.getLogger(__name__)
+
+
+def split_metrics(metrics: Mapping[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({key: metric}, {the others})``: the evaluator's key metric and its additional metrics.
+
+    ``train.json`` makes the selection metric (``selection_metric``) the key metric, so that MONAI's "best
+    metric" lines name what selects the saved files (see :class:`StageBestCheckpoint`).
+
+    Raises:
+        UniPETInputError: ``key`` is not one of ``metrics``.
+    """
+    if key not in metrics:
+        raise UniPETInputError(f"selection_metric {key!r} is not a validation metric: use one of {sorted(metrics)}")
+    return {key: metrics[key]}, {k: v for k, v in metrics.items() if k != key}
 
 
 class StageBestCheckpoint:
     """Attach to the validation evaluator; saves the generator when ``metric_name`` improves within a stage.
 
+    The stage of the weights being judged is the trainer's own: ``stage_clock`` is the trainer's
+    :class:`~scripts.engines.gan_trainer.StageClock` (by iteration), the one source of the stage boundary for
+    the trainer, the learning-rate schedule and this saver (0.2.0's saver counted epochs and could disagree).
+
+    When ``metric_name`` is also the evaluator's key metric (``train.json`` makes ``selection_metric`` the key
+    metric), MONAI's "Got new best metric of <name>" and StatsHandler's "Key metric: <name> best value" lines
+    follow this saver's per-stage best: at the start of each validation the evaluator's best is set to the best
+    of the current stage, so the log names the metric that selects the files and says when a file is written.
+
     Args:
         save_dir: folder for the files.
         generator: the network to save (a DDP wrapper is unwrapped).
-        stage1_epochs: epochs of stage 1; the evaluator's epoch (the trainer's, set by ``ValidationHandler``)
-            tells the stage of the weights being judged. Used only without ``stage_clock``.
+        stage_clock: the trainer's ``StageClock`` (``scripts.engines.gan_trainer``); its ``stage`` is the stage
+            of the weights being judged.
         metric_name: evaluator metric to maximise (``val_score``: the selection score of
             ``scripts.metrics.selection``; ``val_psnr``: PSNR alone).
-        stage_clock: the trainer's ``StageClock`` (``scripts.engines.gan_trainer``): the stage of the weights
-            is then the trainer's own, by iteration, so the two cannot disagree (preferred).
         filenames: file name per stage.
         rank: only rank 0 writes.
         cmp_fn: ``cmp_fn(new, best)`` is True when ``new`` is better (default: greater).
@@ -46,31 +71,47 @@ class StageBestCheckpoint:
         self,
         save_dir: str | os.PathLike,
         generator: torch.nn.Module,
-        stage1_epochs: int = 0,
+        stage_clock: StageClock,
         metric_name: str = "val_psnr",
         filenames: dict[int, str] | None = None,
         rank: int = 0,
         cmp_fn: Callable[[float, float], bool] | None = None,
-        stage_clock: Any = None,
     ) -> None:
+        if stage_clock is None or not hasattr(stage_clock, "stage"):
+            raise ValueError("StageBestCheckpoint needs the trainer's stage_clock (scripts.engines.gan_trainer.StageClock)")
         self.save_dir = Path(save_dir)
         self.generator = generator
-        self.stage1_epochs = int(stage1_epochs)
         self.metric_name = metric_name
         self.filenames = {1: "model_stage1.pt", 2: "model.pt"} if filenames is None else {int(k): v for k, v in filenames.items()}
         self.rank = rank
         self.cmp_fn = cmp_fn or (lambda new, best: new > best)
         self.best: dict[int, float] = {}
+        self.best_epoch: dict[int, int] = {}
         self.stage_clock = stage_clock
 
     def state_dict(self) -> dict:
-        return {"best": {str(k): v for k, v in self.best.items()}}
+        return {"best": {str(k): v for k, v in self.best.items()},
+                "best_epoch": {str(k): v for k, v in self.best_epoch.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.best = {int(k): float(v) for k, v in state.get("best", {}).items()}
+        self.best_epoch = {int(k): int(v) for k, v in state.get("best_epoch", {}).items()}  # absent before 0.3.x
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.key_metric_of_stage)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def key_metric_of_stage(self, engine: Engine) -> None:
+        """Before a validation: the evaluator's best key metric becomes the current stage's best (none yet: MONAI's
+        "no best" state), when the key metric is ``metric_name``; otherwise MONAI's best would span both stages."""
+        if getattr(engine.state, "key_metric_name", None) != self.metric_name:
+            return
+        stage = self.stage_clock.stage
+        if stage in self.best:
+            engine.state.best_metric = self.best[stage]
+            engine.state.best_metric_epoch = self.best_epoch.get(stage, 0)
+        else:
+            engine.state.best_metric, engine.state.best_metric_epoch = -1, -1  # MONAI's initial values
 
     def __call__(self, engine: Engine) -> None:
         value = engine.state.metrics.get(self.metric_name)
@@ -78,13 +119,14 @@ class StageBestCheckpoint:
             return
         value = float(value)
         epoch = engine.state.epoch
-        stage = self.stage_clock.stage if self.stage_clock is not None else (1 if epoch <= self.stage1_epochs else 2)
+        stage = self.stage_clock.stage
         best = self.best.get(stage)
         if best is not None and not self.cmp_fn(value, best):
             return
-        self.best[stage] = value
+        self.best[stage], self.best_epoch[stage] = value, int(epoch)
         if self.rank != 0:
             return
         net = self.generator.module if hasattr(self.generator, "module") else self.generator
         path = atomic_torch_save(net.state_dict(), self.save_dir / self.filenames[stage])
-        logger.info("stage %d: new best %s %.4f at epoch %d -> %s", stage, self.metric_name, value, epoch, path)
+        logger.info("stage %d: new best %s (the selection metric) %.4f at epoch %d -> %s", stage, self.metric_name, value,
+                    epoch, path)
