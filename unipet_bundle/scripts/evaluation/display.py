@@ -159,7 +159,7 @@ def panel(
         plane = np.max(ras, axis=fixed)
     else:
         i = ras.shape[fixed] // 2 if index is None else int(np.clip(index, 0, ras.shape[fixed] - 1))
-        plane = np.take(ras, i, axis=fixed)
+        plane = ras[(slice(None),) * fixed + (i,)]  # a view: np.take would copy a whole non-C-ordered volume
     radiological = convention == "radiological"
     # plane axes: coronal/axial (x, z|y), sagittal (y, z). Rows run top -> bottom, cols left -> right.
     if view == "coronal":

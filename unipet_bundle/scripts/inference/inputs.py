@@ -19,8 +19,10 @@ refused, negative voxels are kept: :mod:`scripts.data.volume_checks`; every outp
 so a bad input never leaves some outputs written and others not. An input whose outputs another live
 run is writing is refused; one whose earlier run was killed while publishing is redone without
 ``overwrite`` (only the partial outputs that run recorded are replaced: :mod:`scripts.inference.claims`).
-The price is that each input is read twice (once to check it, once to denoise it); memory holds one
-volume at a time.
+The first input (the one denoised first; a one-study run's only one) is read once: the volume its check
+loaded is kept and handed to :class:`LoadPETd`, unless the file changed in between (size, modification
+time, inode; for a DICOM folder, those of every file). The others are read twice (once to check them,
+once to denoise them), so memory holds at most two volumes while checking and one while denoising.
 
 Array convention: (X, Y, Z) in file order, as nibabel and MONAI's ``LoadImage(reader="NibabelReader")``
 give for NIfTI and as training uses; a DICOM series is (column, row, slice sorted along the slice
@@ -284,6 +286,41 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
     raise UniPETInputError(f"{item.path}: unknown input kind {item.kind!r} (expected 'nifti' or 'dicom')")
 
 
+def _source_key(path: Path) -> tuple[Any, ...]:
+    """What identifies the content of an input file or DICOM folder without reading it: the path, and the size,
+    modification time and inode of the file (of every file of the folder)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return (str(path.absolute()),) + tuple((p.name, st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()])
+
+
+class _CheckedVolume:
+    """The volume :func:`prepare_datalist` loaded to check the first input, kept for :class:`LoadPETd`, so a
+    one-study run reads its (whole-body, 0.5 GB) input once. Handed out at most once (the residual step writes
+    into it), and only while the input is unchanged on disk."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[str, str, str], tuple[Any, ...], LoadedVolume] | None = None
+
+    def keep(self, item: InferenceInput, volume: LoadedVolume) -> None:
+        self._entry = ((item.name, str(item.path), item.kind), _source_key(item.path), volume)
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def take(self, item: InferenceInput) -> LoadedVolume | None:
+        entry, self._entry = self._entry, None
+        if entry is None or entry[0] != (item.name, str(item.path), item.kind):
+            return None
+        try:
+            same = entry[1] == _source_key(item.path)
+        except OSError:
+            same = False
+        return entry[2] if same else None
+
+
+_checked = _CheckedVolume()
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str = "scripts.data") -> Iterator[None]:
     """The readers log a few lines per input; during validation once is enough (when denoising)."""
@@ -388,14 +425,22 @@ def prepare_datalist(
             check_output_path(path, overwrite=replace or path in partial, inputs=input_paths)
     if fmt == "dicom" and any(item.kind == "nifti" for item in inputs):
         logger.warning("output_format dicom: NIfTI inputs get NIfTI outputs (a DICOM series can only be derived from a DICOM input)")
-    for item in inputs:
-        with _quiet():
-            volume = load_volume(item)
-        logger.info(
-            "checked %s (%s, %s): shape %s, spacing %s mm",
-            shown(item.name), item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
-        )
-        del volume
+    _checked.clear()
+    try:
+        for i, item in enumerate(inputs):
+            # the first input's volume is kept for LoadPETd (read once); its readers log now, as they would then
+            with contextlib.nullcontext() if i == 0 else _quiet():
+                volume = load_volume(item)
+            logger.info(
+                "checked %s (%s, %s): shape %s, spacing %s mm",
+                shown(item.name), item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
+            )
+            if i == 0:
+                _checked.keep(item, volume)
+            del volume
+    except BaseException:
+        _checked.clear()
+        raise
     logger.info("%d input(s) to denoise in %s", len(inputs), dataset_dir)
     return [item.as_item() for item in inputs]
 
@@ -419,7 +464,8 @@ class LoadPETd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = Path(str(d[key]))
-            volume = load_volume(InferenceInput(str(d["name"]), path, str(d["kind"])))
+            item = InferenceInput(str(d["name"]), path, str(d["kind"]))
+            volume = _checked.take(item) or load_volume(item)  # the first input was loaded by its check
             affine = np.asarray(volume.affine, dtype=np.float64)
             meta = {
                 "original_affine": affine.copy(),

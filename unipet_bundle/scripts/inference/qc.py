@@ -84,6 +84,11 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _order(x: np.ndarray) -> str:
+    """``"F"`` for a Fortran-ordered array (NIfTI), else ``"C"``: the order that reads ``x`` without a copy."""
+    return "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+
+
 def _pct(after: float, before: float) -> float:
     return float(100.0 * (after - before) / before) if before not in (0.0,) and math.isfinite(before) else float("nan")
 
@@ -97,29 +102,77 @@ def _sphere_box(shape: Sequence[int], spacing: np.ndarray, centre: Sequence[int]
     return box, (grids[0] ** 2 + grids[1] ** 2 + grids[2] ** 2) <= radius_mm**2
 
 
+def _maxima_in_box(suv: np.ndarray, box: tuple[slice, ...], size: Sequence[int], min_suv: float) -> np.ndarray:
+    """Voxels (absolute (N, 3) indices) of ``suv[box]`` that are at least ``min_suv`` and the maximum of their
+    ``size`` neighbourhood, the neighbourhood clipped to the box ("nearest" padding at its faces).
+
+    In slabs along axis 0 with a halo (exact; bounded memory: no box-size filter output)."""
+    halo = size[0] // 2
+    a0, a1 = box[0].start, box[0].stop
+    rows = max(1, _SLAB_VOXELS // max(1, int(np.prod([s.stop - s.start for s in box[1:]]))))
+    found = [np.zeros((0, 3), dtype=np.int64)]
+    for start in range(a0, a1, rows):
+        stop = min(a1, start + rows)
+        lo, hi = max(a0, start - halo), min(a1, stop + halo)
+        block = np.asarray(suv[lo:hi, box[1], box[2]], dtype=np.float32)
+        core = slice(start - lo, stop - lo)
+        if not block[core].max() >= min_suv:
+            continue
+        local = ndimage.maximum_filter(block, size=size, mode="nearest")
+        c = np.argwhere((block[core] >= min_suv) & (block[core] >= local[core]))
+        c += np.array([start, box[1].start, box[2].start])
+        found.append(c)
+    return np.concatenate(found)
+
+
+def _hot_blocks(suv: np.ndarray, min_suv: float, block: Sequence[int]) -> np.ndarray:
+    """Which ``block``-sized blocks (the last of an axis may be shorter) hold a voxel of at least ``min_suv``:
+    bool, ``ceil(shape / block)``. One thresholding pass, in slabs along the array's slowest axis in memory
+    (a NIfTI array is Fortran-ordered: slabs along axis 0 would stride through all of it for each slab);
+    such voxels are few, so their indices are cheap, and a slab bounds them when they are not."""
+    perm = [int(a) for a in np.argsort([-abs(st) for st in suv.strides], kind="stable")]
+    view = suv.transpose(perm)
+    blk = [block[a] for a in perm]
+    out = np.zeros([-(-view.shape[a] // blk[a]) for a in range(3)], dtype=bool)
+    rows = max(1, _SLAB_VOXELS // max(1, int(np.prod(view.shape[1:]))))
+    for start in range(0, view.shape[0], rows):
+        slab = np.asarray(view[start:start + rows])
+        i, j, k = np.unravel_index(np.flatnonzero(slab >= min_suv), slab.shape)
+        out[(i + start) // blk[0], j // blk[1], k // blk[2]] = True
+    return out.transpose(np.argsort(perm))
+
+
 def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: float, separation_mm: float,
                   affine: np.ndarray | None = None) -> list[tuple[int, int, int]]:
     """Voxel indices of the ``count`` highest local maxima at least ``min_suv`` and ``separation_mm`` apart.
 
+    A local maximum is a voxel whose value is the largest of its neighbourhood (``separation_mm`` wide, at
+    least 3 voxels; "nearest" padding at the volume's faces), as ``scipy.ndimage.maximum_filter`` finds it.
+    Only neighbourhoods around voxels of at least ``min_suv`` can hold a focus, so the filter runs only
+    there (exactly the whole-volume result, several times faster on a whole-body study): the volume is cut
+    into blocks of at least one halo (half the neighbourhood), the blocks holding such voxels and their neighbour
+    blocks are grouped into connected regions, and each region's bounding box (which holds the whole
+    neighbourhood of every voxel of its hot blocks) is filtered on its own, in slabs.
+
     Equal values (a plateau) are ordered by their RAS+ mm position (with ``affine``), so the same study
     stored in another axis order gives the same foci."""
     size = [max(3, 2 * int(round(separation_mm / 2.0 / s)) + 1) for s in spacing]
-    # in slabs along axis 0 with a halo (exact; bounded memory on a whole-body study: no full-size filter output)
-    halo, n0 = size[0] // 2, suv.shape[0]
-    rows = max(1, _SLAB_VOXELS // max(1, int(np.prod(suv.shape[1:]))))
-    found = []
-    for start in range(0, n0, rows):
-        stop = min(n0, start + rows)
-        lo, hi = max(0, start - halo), min(n0, stop + halo)
-        block = np.asarray(suv[lo:hi], dtype=np.float32)
-        if not block.max() >= min_suv:
+    # blocks of at least one halo: a voxel's neighbourhood lies in its block and the 26 around it (4 voxels at
+    # least, so the block grid stays small when the neighbourhood is only a few voxels wide)
+    block = [max(s // 2, 4) for s in size]
+    coarse_hot = _hot_blocks(suv, min_suv, block)
+    labels, _ = ndimage.label(ndimage.binary_dilation(coarse_hot, structure=np.ones((3, 3, 3), dtype=bool)),
+                              structure=np.ones((3, 3, 3), dtype=int))
+    found = [np.zeros((0, 3), dtype=np.int64)]
+    for k, region in enumerate(ndimage.find_objects(labels), 1):
+        if region is None:
             continue
-        local = ndimage.maximum_filter(block, size=size, mode="nearest")
-        core = slice(start - lo, stop - lo)
-        c = np.argwhere((block[core] >= min_suv) & (block[core] >= local[core]))
-        c[:, 0] += start
-        found.append(c)
-    cand = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+        box = tuple(slice(r.start * b, min(r.stop * b, n)) for r, b, n in zip(region, block, suv.shape))
+        c = _maxima_in_box(suv, box, size, min_suv)
+        # keep the voxels of this region's own blocks: their neighbourhoods lie inside the box (so the box's
+        # faces change nothing for them); the box may overlap another region's, whose voxels that one keeps
+        found.append(c[labels[tuple((c // np.asarray(block)).T)] == k])
+    cand = np.concatenate(found)
     if cand.size == 0:
         return []
     world = (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3] if affine is not None else cand
@@ -144,6 +197,26 @@ def _focus_stats(suv: np.ndarray, box: tuple[slice, ...], sphere: np.ndarray, me
     }
 
 
+def _block_means(x: np.ndarray, block: Sequence[int]) -> np.ndarray:
+    """Means of ``x`` over ``block``-sized blocks (each axis a multiple of its block): float32, ``shape / block``.
+
+    In slabs of whole block rows along the array's slowest axis in memory (a NIfTI array is Fortran-ordered:
+    block rows of its axis 0 would stride through the whole volume), summed in float64, so the result does
+    not depend on how the array is stored (the reference cube must not move with the storage order)."""
+    perm = [int(a) for a in np.argsort([-abs(st) for st in x.strides], kind="stable")]
+    view = x.transpose(perm)
+    b = [int(block[a]) for a in perm]
+    n = [view.shape[a] // b[a] for a in range(3)]
+    out = np.empty(n, dtype=np.float32)
+    step = max(1, _SLAB_VOXELS // max(1, b[0] * int(np.prod(view.shape[1:]))))
+    for i0 in range(0, n[0], step):
+        i1 = min(n[0], i0 + step)
+        part = np.ascontiguousarray(view[i0 * b[0]:i1 * b[0]], dtype=np.float32)
+        sums = part.reshape(i1 - i0, b[0], n[1], b[1], n[2], b[2]).sum(axis=(1, 3, 5), dtype=np.float64)
+        out[i0:i1] = sums / float(b[0] * b[1] * b[2])
+    return out.transpose(np.argsort(perm))
+
+
 def _reference_cube(suv: np.ndarray, affine: np.ndarray, body: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """The automatic liver-like reference cube (see the module docstring) as a box of the stored array, or None
     when no cube qualifies. The search runs on the RAS+ view (:func:`scripts.evaluation.display.to_ras`), so
@@ -156,14 +229,7 @@ def _reference_cube(suv: np.ndarray, affine: np.ndarray, body: np.ndarray) -> tu
         return None
     crop = tuple(slice(0, n[a] * block[a]) for a in range(3))
 
-    def blocks(x: np.ndarray) -> np.ndarray:  # block means, one block row at a time (no full-size float copy)
-        out = np.empty(n, dtype=np.float32)
-        for i in range(n[0]):
-            part = np.asarray(x[i * block[0]:(i + 1) * block[0], crop[1], crop[2]], dtype=np.float32)
-            out[i] = part.reshape(block[0], n[1], block[1], n[2], block[2]).mean(axis=(0, 2, 4))
-        return out
-
-    coarse, inside = blocks(ras), blocks(ras_body)
+    coarse, inside = _block_means(ras[crop], block), _block_means(ras_body[crop], block)
     k = [max(2, int(round(_REF_MM / (block[a] * spacing[a])))) for a in range(3)]
     mean = ndimage.uniform_filter(coarse, size=k, mode="constant")
     sq = ndimage.uniform_filter(coarse**2, size=k, mode="constant")
@@ -252,7 +318,9 @@ def analyse_input(
     return {
         "affine": affine,
         "shape": suv.shape,
-        "body_bits": np.packbits(body.reshape(-1)),
+        # packed in memory order (a C-order reshape of a Fortran-ordered mask would copy and transpose it)
+        "body_bits": np.packbits(body.ravel(order=_order(body))),
+        "body_order": _order(body),
         "spots": spots,
         "ref": ref,
         "slice_y": int(hot[1]),
@@ -277,7 +345,8 @@ def compare_output(before: Mapping[str, Any], out: np.ndarray, convention: str =
     affine = before["affine"]
     spacing = _spacing(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    body = np.unpackbits(before["body_bits"], count=int(np.prod(before["shape"]))).reshape(before["shape"]).view(bool)
+    body = np.unpackbits(before["body_bits"], count=int(np.prod(before["shape"]))).view(bool)
+    body = body.reshape(before["shape"], order=before.get("body_order", "C"))
     n = dict(before["numbers"])
     n["body_total_after_suv_ml"] = float(np.sum(out, where=body, dtype=np.float64)) * voxel_ml
     n["body_total_change_pct"] = _pct(n["body_total_after_suv_ml"], n["body_total_before_suv_ml"])
