@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
+from scripts.common.errors import UniPETInputError
 from scripts.data.datalist import make_datalist, split_subjects, write_datalist
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.data.io import save_nifti
 
 SHAPE = (8, 8, 6)
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 import pet_dicom_factory as factory
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
 from scripts.deploy.deploy_app.pet_series import (
@@ -160,7 +160,7 @@ def test_written_series_is_verified_and_an_integer_volume_is_never_written(deplo
 
 
 def test_denoiser_refuses_to_run_untrained(tmp_path):
-    from scripts.engines.checkpoint import CheckpointError
+    from scripts.common.errors import CheckpointError
 
     bare = make_bundle_copy(tmp_path, with_weights=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):

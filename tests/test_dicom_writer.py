@@ -8,7 +8,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 import pet_dicom_factory as factory
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
 from scripts.inference import dicom_writer
 from scripts.inference.dicom_writer import (

@@ -15,9 +15,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.io import atomic_write_json
 from scripts.data.datalist import write_datalist
-from scripts.data.io import UniPETInputError, atomic_write_json, save_nifti
-from scripts.engines.checkpoint import CheckpointError, atomic_torch_save
+from scripts.data.io import save_nifti
+from scripts.engines.checkpoint import atomic_torch_save
 from scripts.evaluation.regions import bias_pct, hottest_lesion_voxel, region_rows, summarise_regions
 from scripts.evaluation.report import METRIC_COLUMNS, EvaluationReport, write_csv
 from scripts.evaluation.split import evaluation_datalist

@@ -35,9 +35,9 @@ from pydicom.uid import MRImageStorage, generate_uid
 
 import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError, user_error, worker_user_error
+from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
-from scripts.inference.errors import user_error, worker_user_error
 from scripts.inference.inputs import prepare_datalist
 from test_training import TINY, bundle_run
 

@@ -30,7 +30,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from conftest import BUNDLE_ROOT
-from scripts.engines.checkpoint import CheckpointError, LatestCheckpoint, load_checkpoint
+from scripts.common.errors import CheckpointError
+from scripts.engines.checkpoint import LatestCheckpoint, load_checkpoint
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss

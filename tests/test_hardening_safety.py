@@ -32,12 +32,12 @@ from ignite.engine import Engine
 
 import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import CheckpointError, UniPETInputError, user_error
+from scripts.common.large_files import read_large_files, recorded_sha256, write_large_files
+from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
-from scripts.deploy.large_files import read_large_files, recorded_sha256, write_large_files
-from scripts.engines.checkpoint import CheckpointError, LatestCheckpoint, atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
+from scripts.engines.checkpoint import LatestCheckpoint, atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
 from scripts.evaluation.weights import load_eval_weights
-from scripts.inference.errors import user_error
 from scripts.inference.model import load_weights
 from scripts.networks.unipet import UniPET
 from test_hardening_inputs import one_error_line
@@ -462,7 +462,7 @@ def test_disk_full_while_writing_the_dicom_series_is_one_sentence(tmp_path):
 
 
 def test_a_write_error_without_errno_is_shown_by_its_first_line():
-    from scripts.inference.errors import _one_line
+    from scripts.common.errors import _one_line
 
     try:
         try:
@@ -478,7 +478,7 @@ def test_disk_full_while_writing_the_nifti_keeps_nothing_of_that_input(tmp_path,
     import errno
 
     from scripts.inference import writer as writer_module
-    from scripts.inference.errors import OutputWriteError
+    from scripts.common.errors import OutputWriteError
     from test_output_races import body, item, writer
 
     def full(suv, affine, path):
@@ -493,7 +493,7 @@ def test_disk_full_while_writing_the_nifti_keeps_nothing_of_that_input(tmp_path,
 
 
 def test_names_are_shown_so_that_they_cannot_start_a_line():
-    from scripts.inference.errors import escape_controls, shown
+    from scripts.common.errors import escape_controls, shown
 
     assert shown("sub01") == "sub01" and shown("PET WB") == "PET WB"
     assert shown("a\nerror: x") == "'a\\nerror: x'" and "\n" not in shown("a\r\nb")

@@ -23,12 +23,12 @@ from scipy.ndimage import gaussian_filter
 
 import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_inference_in_process
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.options import as_bool, check_output_format, check_spacing
+from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
-from scripts.engines.checkpoint import CheckpointError
 from scripts.inference.inputs import LoadPETd, discover_inputs, prepare_datalist
 from scripts.inference.model import load_weights
-from scripts.inference.options import as_bool, check_output_format, check_spacing
 from scripts.networks.unipet import UniPET
 
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"

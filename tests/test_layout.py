@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.data.layout import format_drf, parse_drf, scan_paired_dataset
 
 SHAPE = (8, 8, 6)

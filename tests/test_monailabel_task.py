@@ -18,7 +18,8 @@ import pydicom
 import pytest
 
 import pet_dicom_factory as factory
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.deploy.monailabel_task import TASK_NAME, UniPETLabelCore
 from test_torchscript import make_bundle_copy
 

@@ -19,7 +19,8 @@ from scipy.ndimage import gaussian_filter
 
 import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_inference_in_process
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.data.orientation import check_axcodes, from_network_view, to_network_view
 from scripts.data.phantom import phantom_affine
 from scripts.networks.unipet import UniPET
@@ -273,7 +274,8 @@ def test_in_memory_denoise_reorients_by_affine_like_the_bundle():
 
 def test_a_sheared_nifti_is_refused_before_the_network(tmp_path):
     """A sheared grid cannot be reoriented/rescaled to the network grid: one clear error, nothing written."""
-    from scripts.data.io import UniPETInputError, save_nifti
+    from scripts.common.errors import UniPETInputError
+    from scripts.data.io import save_nifti
     from scripts.inference.inputs import InferenceInput, load_volume
 
     affine = np.diag([4.0, 4.0, 4.0, 1.0])

@@ -26,7 +26,8 @@ import torch
 from monai.data import MetaTensor
 
 from conftest import BUNDLE_ROOT
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.inference import claims
 from scripts.inference.claims import (
     OutputBusyError,

@@ -165,7 +165,7 @@ def test_zip_carries_the_metadata_pins_as_requirements_txt(packaged):
 
 def test_every_third_party_import_of_the_scripts_is_pinned_in_metadata():
     """A package the shipped code imports but metadata.json does not pin would be missing after
-    `pip install -r requirements.txt` (PyYAML was: scripts.deploy.large_files, imported by inference.json)."""
+    `pip install -r requirements.txt` (PyYAML was: scripts.common.large_files, imported by inference.json)."""
     import ast
     import importlib.metadata as md
 

@@ -10,7 +10,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.engines import precision as P
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_ROOT, run_inference_in_process
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.inference import qc as qcmod
 from scripts.inference.qc import QCReport, analyse_input, compare_output, find_hotspots

@@ -14,8 +14,8 @@ import torch
 
 from conftest import BUNDLE_ROOT
 from scripts.benchmarks import quality, train_models
+from scripts.common.errors import UniPETInputError
 from scripts.data import simulate as sim
-from scripts.data.io import UniPETInputError
 from scripts.inference.denoise import network_from_config
 
 FAST = dict(n_angles=64, n_subsets=8, n_iterations=3)
@@ -197,7 +197,7 @@ def test_ship_copies_weights_and_records_their_hash(tmp_path, monkeypatch):
         tm.ship()
     src = _perturbed_default_net(tm.models / "unipet" / "model.pt", 0)
     tm.ship()
-    from scripts.deploy.large_files import recorded_sha256
+    from scripts.common.large_files import recorded_sha256
     from scripts.engines.checkpoint import file_sha256
 
     assert (root / "models" / "model.pt").read_bytes() == src.read_bytes()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import scripts.data.simulate as sim
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.data.phantom import make_phantom
 
 # A uniform elliptic water cylinder (SUV 2): every voxel of the central region has the same truth, so

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import scripts.data.simulate as sim
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 
 def test_fixed_profile_is_the_old_default_setting():

@@ -27,8 +27,8 @@ from pet_dicom_factory import (
 )
 from pydicom.uid import generate_uid
 
+from scripts.common.errors import UniPETInputError
 from scripts.data.dicom_series import DicomSeriesError
-from scripts.data.io import UniPETInputError
 from scripts.data.suv import (
     SUVError,
     SUVOverrides,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from scripts.common.errors import UniPETInputError
 from scripts.data.datalist import write_datalist
-from scripts.data.io import UniPETInputError
 from scripts.data.training_data import paired_datalist
 from test_training import make_pairs
 
@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import BUNDLE_ROOT  # noqa: E402
-from scripts.data.io import save_nifti  # noqa: E402
+from scripts.data.io import save_nifti
 from scripts.data.training_data import PatchSamplingWeightsd, dose_balanced_sampler, hotspot_mask  # noqa: E402
 
 SPACING = (4.0, 4.0, 4.0)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.data.layout import scan_paired_dataset
 from scripts.data.udpet import compute_suv_factor, convert_udpet, parse_udpet_name, read_metadata_csv
 

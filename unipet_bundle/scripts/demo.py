@@ -26,18 +26,19 @@ import fire
 import numpy as np
 import torch
 
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.large_files import recorded_sha256
+from scripts.common.options import as_bool
+from scripts.data.io import save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, resample_activity, simulate_pet
-from scripts.deploy.large_files import recorded_sha256
-from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
+from scripts.engines.checkpoint import load_checkpoint, verify_sha256
 from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
 from scripts.evaluation.regions import hottest_lesion_voxel
-from scripts.inference.qc import find_hotspots
-from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.denoise import denoise_volume, network_from_config
-from scripts.inference.options import as_bool
+from scripts.inference.qc import find_hotspots
 from scripts.metrics.image_quality import psnr, ssim3d
+from scripts.networks.unipet import match_checkpoint_san_variant
 
 logger = logging.getLogger("unipet.demo")
 

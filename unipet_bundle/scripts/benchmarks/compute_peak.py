@@ -33,7 +33,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.data.io import atomic_write_json
+from scripts.common.io import atomic_write_json
 from scripts.engines.precision import PrecisionNetwork, autocast, check_precision, resolve_precision
 
 __all__ = [

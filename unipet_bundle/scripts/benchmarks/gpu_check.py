@@ -48,10 +48,12 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data.io import UniPETInputError, atomic_write_json, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write_json
+from scripts.common.options import as_bool
+from scripts.data.io import save_nifti
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.engines.precision import PrecisionNetwork
-from scripts.inference.options import as_bool
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask
 from scripts.networks.critic import PatchCritic

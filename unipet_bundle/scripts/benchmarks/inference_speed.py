@@ -66,8 +66,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.data.io import atomic_write, atomic_write_json, save_nifti
-from scripts.engines.checkpoint import CheckpointError, file_sha256
+from scripts.common.errors import CheckpointError
+from scripts.common.io import atomic_write, atomic_write_json
+from scripts.data.io import save_nifti
+from scripts.engines.checkpoint import file_sha256
 
 __all__ = [
     "BenchmarkInputError",

@@ -32,7 +32,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import RandWeightedCropd
 
-from scripts.data.io import atomic_write_json
+from scripts.common.io import atomic_write_json
 from scripts.data.training_data import PatchSamplingWeightsd
 from scripts.engines.checkpoint import load_checkpoint
 from scripts.losses.align import StyleAlignmentLoss

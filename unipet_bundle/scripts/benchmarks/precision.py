@@ -45,10 +45,10 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.benchmarks.compute_peak import conv3d_peak, gflops_line, network_flops
-from scripts.data.io import atomic_write_json
+from scripts.common.io import atomic_write_json
+from scripts.common.large_files import recorded_sha256
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import simulate_pet
-from scripts.deploy.large_files import recorded_sha256
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.engines.precision import PRECISIONS, PrecisionNetwork, resolve_precision
 from scripts.inference.model import load_weights

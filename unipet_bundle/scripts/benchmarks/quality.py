@@ -48,18 +48,20 @@ import torch
 from tqdm.auto import tqdm
 
 from scripts.benchmarks.train_models import ALL_DRFS, TRAIN_DRFS
-from scripts.data.io import UniPETInputError, atomic_write, atomic_write_json, load_nifti
+from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.io import atomic_write, atomic_write_json
+from scripts.common.large_files import recorded_sha256
+from scripts.data.io import load_nifti
 from scripts.data.layout import format_drf
 from scripts.data.recon import gaussian_filter_mm
-from scripts.deploy.large_files import recorded_sha256
-from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkpoint, verify_sha256
+from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha256
 from scripts.evaluation.regions import REGION_COLUMNS, load_label_table, region_rows, summarise_regions
 from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import denoise_volume, network_from_config
-from scripts.networks.unipet import match_checkpoint_san_variant
 from scripts.inference.inputs import voxel_spacing
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
+from scripts.networks.unipet import match_checkpoint_san_variant
 
 logger = logging.getLogger("unipet.quality")
 
@@ -529,7 +531,7 @@ def run(
         update_docs: write the table into docs/README.md and docs/quality.png.
         threads: torch CPU threads (0: PyTorch's default).
     """
-    from scripts.inference.options import as_bool
+    from scripts.common.options import as_bool
 
     update_docs = as_bool(update_docs, "update_docs")  # "--update_docs false" arrives as a string
     if threads:

@@ -33,7 +33,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from scripts.data.io import atomic_write_json
+from scripts.common.io import atomic_write_json
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 DRFS = (4, 20, 100)

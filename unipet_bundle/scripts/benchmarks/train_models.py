@@ -44,9 +44,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.data.io import UniPETInputError, atomic_write, check_output_path
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write, check_output_path
+from scripts.common.large_files import LARGE_FILES, write_large_files
 from scripts.engines.checkpoint import file_sha256
-from scripts.deploy.large_files import LARGE_FILES, write_large_files
 
 logger = logging.getLogger("unipet.train_models")
 
@@ -126,7 +127,7 @@ class TrainModels:
             n_unseen, n_unseen_val: phantoms of ``sim_unseen/`` and how many of the first ones tune the
                 Gaussian (the rest are test subjects); 0 skips the family.
         """
-        from scripts.inference.options import as_bool
+        from scripts.common.options import as_bool
 
         n_phantoms, n_val, n_test, real = int(n_phantoms), int(n_val), int(n_test), as_bool(real, "real")
         if n_phantoms - n_val - n_test < 1 or n_val < 1 or n_test < 1:

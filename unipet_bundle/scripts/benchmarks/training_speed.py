@@ -25,7 +25,7 @@ import fire
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.data.io import atomic_write_json
+from scripts.common.io import atomic_write_json
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask

@@ -46,7 +46,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.data.io import UniPETInputError, atomic_write_json, check_output_path
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write_json, check_output_path
 from scripts.data.layout import PairedSubject, natural_key, scan_paired_dataset
 
 __all__ = ["make_datalist", "split_subjects", "write_datalist", "main"]

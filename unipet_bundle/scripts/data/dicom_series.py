@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 __all__ = [
     "DicomSeriesError",

@@ -1,38 +1,29 @@
-"""Safe file I/O shared by every tool: NIfTI read/write, atomic writes, and the bundle's input-error type.
+"""NIfTI read/write for every tool: atomic, float-safe, and with one clear error for a bad file.
 
-Every output is first written to a temporary name in the destination folder and then renamed, so an
-interrupted run never leaves a half-written file behind; an existing output is kept unless the caller
-asks to overwrite it, and an output path that is one of the inputs is refused.
+Writes go through :func:`scripts.common.io.atomic_write` (a temporary name, then a rename), so an
+interrupted run never leaves a half-written volume behind. The bundle's error type and the generic atomic
+writes live on the common floor (:mod:`scripts.common.errors`, :mod:`scripts.common.io`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write
+
 __all__ = [
-    "UniPETInputError",
-    "atomic_write",
-    "default_file_mode",
-    "atomic_write_json",
-    "check_output_path",
+    "NIFTI_SUFFIXES",
     "load_nifti",
     "nifti_stem",
     "save_nifti",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-class UniPETInputError(ValueError):
-    """Bad user input (path, file, tag or value). The message names the problem and how to fix it."""
 
 
 def nifti_stem(path: str | os.PathLike) -> str:
@@ -42,76 +33,6 @@ def nifti_stem(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
-
-
-def check_output_path(
-    output: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
-) -> Path:
-    """Validate an output path before any work is done.
-
-    Raises:
-        UniPETInputError: the output exists and ``overwrite`` is False, or it is one of ``inputs``.
-    """
-    out = Path(output).expanduser().resolve()
-    for inp in inputs:
-        if out == Path(inp).expanduser().resolve():
-            raise UniPETInputError(f"output {out} is also an input: choose another output path (inputs are never modified)")
-    if out.exists() and not overwrite:
-        raise UniPETInputError(f"output {out} already exists: remove it, choose another path, or pass --overwrite")
-    return out
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(
-    path: str | os.PathLike, write_fn: Callable[[Path], None], overwrite: bool = True, sync: bool = False
-) -> Path:
-    """Call ``write_fn(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
-
-    The temporary name (``.<name>.<random>.tmp<suffix>``) keeps the real suffix (``.nii.gz`` etc.) so
-    writers that look at it behave. ``sync`` flushes the file to disk before the rename, so that after a
-    power loss ``path`` holds the old or the new content, never a truncated one (checkpoints want this).
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UniPETInputError(f"output {path} already exists: remove it, choose another path, or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        if sync:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, overwrite: bool = True) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def save_nifti(

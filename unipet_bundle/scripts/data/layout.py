@@ -32,7 +32,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, nifti_stem
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
 
 __all__ = [
     "PairedSubject",

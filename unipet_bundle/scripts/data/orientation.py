@@ -20,7 +20,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 __all__ = ["DEFAULT_AXCODES", "check_axcodes", "from_network_view", "network_ornt", "to_network_view"]
 

@@ -51,7 +51,9 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .io import UniPETInputError, atomic_write_json, check_output_path, load_nifti, nifti_stem, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write_json, check_output_path
+from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
 from .projector import get_projector
 from .recon import OSEMReconstructor, gaussian_filter_mm
@@ -787,7 +789,7 @@ def simulate(
     )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "psf_modelling" in overrides:
-        from scripts.inference.options import as_bool  # raises UniPETInputError naming the option
+        from scripts.common.options import as_bool
 
         overrides["psf_modelling"] = as_bool(overrides["psf_modelling"], "psf_modelling")
     _check_physics({**prof["physics"], **overrides})

@@ -58,15 +58,10 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write_json, check_output_path
 from scripts.data.dicom_series import DicomVolume, select_series, stack_series
-from scripts.data.io import (
-    UniPETInputError,
-    atomic_write_json,
-    check_output_path,
-    load_nifti,
-    nifti_stem,
-    save_nifti,
-)
+from scripts.data.io import load_nifti, nifti_stem, save_nifti
 
 __all__ = [
     "PETSeries",

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import LoadImaged, MapTransform
 
+from scripts.common.errors import UniPETInputError
 from scripts.data.datalist import make_datalist
-from scripts.data.io import UniPETInputError
 from scripts.data.layout import check_3d, check_same_grid, parse_drf, read_grid
 from scripts.data.volume_checks import check_pet_volume
 

@@ -81,7 +81,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, atomic_write, atomic_write_json, nifti_stem
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write, atomic_write_json
+from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
 from scripts.data.suv import check_body_suv, check_suv_inputs, check_uptake_s, suv_bw_factor, uptake_time_s
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 __all__ = ["check_pet_volume"]
 

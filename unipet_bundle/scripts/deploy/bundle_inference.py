@@ -32,9 +32,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose
 
+from scripts.common.errors import UniPETInputError, user_error
 from scripts.engines.checkpoint import file_sha256
-from scripts.data.io import UniPETInputError
-from scripts.inference.errors import user_error
 from scripts.inference.model import bundle_version
 from scripts.inference.writer import SaveDenoisedd
 

@@ -33,9 +33,9 @@ import fire
 import numpy as np
 import torch
 
-from scripts.data.io import UniPETInputError, atomic_write
-from scripts.engines.checkpoint import CheckpointError
-from scripts.inference.options import as_bool
+from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.io import atomic_write
+from scripts.common.options import as_bool
 
 __all__ = ["ExportError", "compare_with_eager", "eager_network", "export_torchscript", "verify_export"]
 

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from scripts.data.io import UniPETInputError, nifti_stem, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import nifti_stem, save_nifti
 from scripts.data.suv import check_body_suv
 from scripts.deploy.bundle_inference import BundleDenoiser
 from scripts.inference.inputs import InferenceInput, load_volume

@@ -41,10 +41,11 @@ from typing import Any
 
 import fire
 
-from scripts.deploy.large_files import large_files_yaml
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write
+from scripts.common.large_files import large_files_yaml
+from scripts.common.options import as_bool
 from scripts.engines.checkpoint import file_sha256
-from scripts.data.io import UniPETInputError, atomic_write
-from scripts.inference.options import as_bool
 
 __all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle", "requirements_text"]
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.common.errors import UniPETInputError
 from scripts.engines.checkpoint import atomic_torch_save
-from scripts.data.io import UniPETInputError
 
 if TYPE_CHECKING:
     from scripts.engines.gan_trainer import StageClock

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.data.io import atomic_write
-from scripts.inference.options import as_bool
+from scripts.common.errors import CheckpointError
+from scripts.common.io import atomic_write
+from scripts.common.options import as_bool
 
 __all__ = [
-    "CheckpointError",
     "LatestCheckpoint",
     "atomic_torch_save",
     "file_sha256",
@@ -40,10 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

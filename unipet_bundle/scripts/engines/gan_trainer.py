@@ -31,8 +31,8 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.common.options import as_bool
 from scripts.engines.precision import autocast, config_precision, resolve_precision
-from scripts.inference.options import as_bool
 
 __all__ = [
     "UniPETTrainer",

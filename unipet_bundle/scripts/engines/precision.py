@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scripts.data.io import UniPETInputError
-from scripts.inference.options import as_bool
+from scripts.common.errors import UniPETInputError
+from scripts.common.options import as_bool
 
 __all__ = [
     "PRECISIONS",

@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.data.io import atomic_write
+from scripts.common.io import atomic_write
 from scripts.evaluation.display import Panel, draw_panel, panel, ras_index, to_ras
 
 __all__ = ["VIEWS", "MontageRow", "take_views", "write_montage"]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 __all__ = [
     "REGION_COLUMNS",

@@ -36,13 +36,15 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
-from scripts.data.io import UniPETInputError, atomic_write, atomic_write_json, load_nifti
-from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write, atomic_write_json
+from scripts.common.options import as_bool
+from scripts.data.io import load_nifti
 from scripts.data.layout import format_drf, natural_key, read_grid
+from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 from scripts.evaluation.display import axcodes_affine
 from scripts.evaluation.montage import MontageRow, take_views, write_montage
 from scripts.evaluation.regions import REGION_COLUMNS, hottest_lesion_voxel, load_label_table, region_rows, region_stats, summarise_regions
-from scripts.inference.options import as_bool
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import quality_metrics
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 from scripts.data.layout import natural_key
 from scripts.data.training_data import paired_datalist
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from scripts.engines.checkpoint import CheckpointError, file_sha256, load_checkpoint, verify_sha256
+from scripts.common.errors import CheckpointError
+from scripts.common.options import as_bool
+from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha256
 from scripts.inference.model import resolve_checkpoint
-from scripts.inference.options import as_bool
 
 __all__ = ["file_sha256", "load_eval_weights"]
 

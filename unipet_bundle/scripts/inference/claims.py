@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 try:  # POSIX
     import fcntl

@@ -50,8 +50,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 
+from scripts.common.errors import UniPETInputError
 from scripts.data.dicom_series import select_series
-from scripts.data.io import UniPETInputError
 from scripts.inference.claims import publish, remove_path, temporary_path
 
 __all__ = [

@@ -46,8 +46,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.common.errors import UniPETInputError, shown
+from scripts.common.io import check_output_path
+from scripts.common.options import as_bool, check_output_format
 from scripts.data.dicom_series import DicomSeriesError
-from scripts.data.io import NIFTI_SUFFIXES, UniPETInputError, check_output_path, load_nifti, nifti_stem
+from scripts.data.io import NIFTI_SUFFIXES, load_nifti, nifti_stem
 from scripts.data.suv import SUVError, check_body_suv, read_pet_series
 from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.claims import (
@@ -58,8 +61,6 @@ from scripts.inference.claims import (
     is_our_temporary,
     partial_outputs,
 )
-from scripts.inference.errors import shown
-from scripts.inference.options import as_bool, check_output_format
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
 
 __all__ = [

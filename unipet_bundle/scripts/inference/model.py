@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from scripts.engines.checkpoint import CheckpointError, load_checkpoint, verify_sha256
-from scripts.inference.options import as_bool
+from scripts.common.errors import CheckpointError
+from scripts.common.options import as_bool
+from scripts.engines.checkpoint import load_checkpoint, verify_sha256
 
 __all__ = ["bundle_version", "load_weights", "resolve_checkpoint"]
 

@@ -54,11 +54,11 @@ import torch
 from ignite.engine import Engine, Events
 from scipy import ndimage
 
-from scripts.data.io import _json_default, default_file_mode
+from scripts.common.errors import shown
+from scripts.common.io import default_file_mode, json_default
+from scripts.common.options import as_bool
 from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
 from scripts.evaluation.regions import suv_peak
-from scripts.inference.errors import shown
-from scripts.inference.options import as_bool
 
 __all__ = ["QC_JSON_SUFFIX", "QC_PNG_SUFFIX", "QCReport", "analyse_input", "compare_output"]
 
@@ -543,7 +543,7 @@ class QCReport:
         title = (f"{label}  |  UniPET {(model or {}).get('version', '')}{'' if trained else ' UNTRAINED (identity)'}  |  "
                  f"body total {change:+.2f} %  |  {foci}")
         render_png(png_path, title, entry, result, self.suv_window, self.diff_window)
-        json_path.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True) + "\n")
+        json_path.write_text(json.dumps(report, indent=2, default=json_default, allow_nan=True) + "\n")
         os.chmod(json_path, default_file_mode())
         ref = n.get("liver") or n.get("reference_region")
         ref_text = (f"; {'liver' if 'liver' in n else 'reference region (liver-like cube)'} SUVmean "

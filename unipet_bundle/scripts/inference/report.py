@@ -16,7 +16,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from scripts.inference.errors import shown
+from scripts.common.errors import shown
 
 __all__ = ["InferenceReport"]
 

@@ -44,7 +44,9 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.data.io import UniPETInputError, _json_default, default_file_mode
+from scripts.common.errors import UniPETInputError, shown, write_error
+from scripts.common.io import default_file_mode, json_default
+from scripts.common.options import as_bool, check_output_format
 from scripts.data.suv import SUV_FACTOR_UNITS, compute_suv_factor
 from scripts.inference.claims import (
     OutputClaim,
@@ -55,8 +57,6 @@ from scripts.inference.claims import (
     temporary_path,
 )
 from scripts.inference.dicom_writer import sorted_series_headers, stage_derived_pet_series
-from scripts.inference.errors import shown, write_error
-from scripts.inference.options import as_bool, check_output_format
 
 __all__ = ["DICOM_DIR_SUFFIX", "OUTPUT_SUFFIX", "SaveDenoisedd", "planned_outputs"]
 
@@ -327,7 +327,7 @@ class SaveDenoisedd(MapTransform):
             if "qc_json" in paths:
                 sidecar["qc_report"] = {"png": paths["qc_png"].name, "json": paths["qc_json"].name}
             staged["sidecar"] = temporary_path(paths["sidecar"])
-            staged["sidecar"].write_text(json.dumps(sidecar, indent=2, default=_json_default) + "\n")
+            staged["sidecar"].write_text(json.dumps(sidecar, indent=2, default=json_default) + "\n")
             os.chmod(staged["sidecar"], default_file_mode())
 
     def _derivation(self) -> str:

@@ -11,8 +11,7 @@ import argparse
 import logging
 import sys
 
-from scripts.data.io import UniPETInputError
-from scripts.engines.checkpoint import CheckpointError
+from scripts.common.errors import CheckpointError, UniPETInputError
 
 
 def _without_sdk(argv: list[str]) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from scripts.data.io import UniPETInputError, save_nifti
+from scripts.common.errors import UniPETInputError
+from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
 from scripts.inference.dicom_writer import INT16_MAX, write_derived_pet_series

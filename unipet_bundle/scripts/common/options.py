@@ -1,4 +1,4 @@
-"""Checks of the option values of ``configs/inference.json``.
+"""Checks of option values given to the configs and the command-line tools.
 
 ``monai.bundle run`` hands command-line values over as ``fire`` parsed them: ``--overwrite true`` arrives
 as the *string* ``"true"`` (only ``True`` with a capital becomes a bool), which Python would take as true
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.data.io import UniPETInputError
+from scripts.common.errors import UniPETInputError
 
 __all__ = ["OUTPUT_FORMATS", "as_bool", "check_output_format", "check_spacing"]
 

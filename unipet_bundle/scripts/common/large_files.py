@@ -3,6 +3,8 @@
 The bundle root's ``large_files.yml`` records the SHA-256 of the shipped ``models/model.pt``; inference,
 evaluation and the demo check the file against it before unpickling anything (``checkpoint_sha256`` in the
 configs resolves to :func:`recorded_sha256`). The packaging tool writes the zoo's copy with download URLs.
+Reader and writer share this floor module because the configs, the weight loader and the training tools
+all read the record, and none of them may import the packaging tools (``scripts.deploy``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from scripts.data.io import UniPETInputError, atomic_write
+from scripts.common.errors import UniPETInputError
+from scripts.common.io import atomic_write
 
 __all__ = ["LARGE_FILES", "large_files_yaml", "read_large_files", "recorded_sha256", "write_large_files"]
 

@@ -1,10 +1,14 @@
-"""One clear line and exit status 2 for bad input when a config runs through ``monai.bundle run``.
+"""The bundle's error types, and one clear line with exit status 2 for bad input (configs and CLIs alike).
+
+:class:`UniPETInputError` (bad user input: path, file, tag or value) and :class:`CheckpointError` (a
+checkpoint that is missing, corrupt, unsafe or does not fit the network) are defined here, on the common
+floor, so that every package can raise them and the one hook below can recognise them.
 
 ``monai.bundle run`` has no error handling of its own: an exception raised while the config is
 evaluated reaches the interpreter wrapped in MONAI's ``RuntimeError("Failed to evaluate ...")`` with a
 long traceback. :func:`install_error_hook` (the first ``initialize`` step of ``configs/inference.json``,
 ``train.json`` and ``evaluate.json``) installs a ``sys.excepthook`` that looks through the chain of causes:
-a bad-input error (:class:`~scripts.data.io.UniPETInputError`, :class:`~scripts.engines.checkpoint.CheckpointError`,
+a bad-input error (:class:`UniPETInputError`, :class:`CheckpointError`,
 also when a DataLoader worker raised it) or an ``OSError`` (disk full, permission denied) is printed as
 ``error: <message>`` on stderr, on a line of its own, and the process exits with status 2; anything else
 is a bug and keeps Python's full traceback. Only uncaught exceptions reach the hook, so library callers
@@ -37,13 +41,12 @@ from types import TracebackType
 
 from ignite.engine import Engine, Events
 
-from scripts.data.io import UniPETInputError
-from scripts.engines.checkpoint import CheckpointError
-
 __all__ = [
+    "CheckpointError",
     "EXIT_BAD_INPUT",
     "ErrorPassthrough",
     "OutputWriteError",
+    "UniPETInputError",
     "escape_controls",
     "install_error_hook",
     "os_error_root",
@@ -54,6 +57,16 @@ __all__ = [
 ]
 
 EXIT_BAD_INPUT = 2
+
+
+class UniPETInputError(ValueError):
+    """Bad user input (path, file, tag or value). The message names the problem and how to fix it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
+
+
 _USER_ERRORS = (UniPETInputError, CheckpointError, OSError)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
