@@ -17,6 +17,7 @@ from scripts.benchmarks import quality, train_models
 from scripts.common.errors import UniPETInputError
 from scripts.data import simulate as sim
 from scripts.inference.denoise import network_from_config
+from scripts.networks.plain_unet import ResidualUNet
 
 FAST = dict(n_angles=64, n_subsets=8, n_iterations=3)
 
@@ -55,8 +56,12 @@ def work(tmp_path_factory):
     (unseen / "family.json").write_text(json.dumps({"validation": ["phantom_000"], "test": ["phantom_001"]}))
     for seed, rel in enumerate(["vanilla/model_stage1.pt", "drf_4/model_stage1.pt", "drf_20/model_stage1.pt",
                                 "san_only/model.pt", "rals_only/model.pt", "drf_10/model_stage1.pt",
-                                "drf_100/model_stage1.pt"]):
+                                "drf_100/model_stage1.pt", "no_regional/model.pt"]):
         _perturbed_default_net(work / "models" / rel, seed)
+    # the plain MONAI UNet baseline: its own network class (no no_hotspot run: optional models are skipped)
+    torch.manual_seed(3)
+    (work / "models" / "unet").mkdir(parents=True)
+    torch.save(ResidualUNet().state_dict(), work / "models" / "unet" / "model_stage1.pt")
     _perturbed_default_net(work / "unipet.pt", 9)
     return work
 
@@ -74,7 +79,8 @@ def test_quality_benchmark_end_to_end(work):
     # a heavier DRF never wants a narrower optimal filter on the same subject
     assert fam["gaussian"]["4"]["fwhm_mm"] <= fam["gaussian"]["30"]["fwhm_mm"]
     s = fam["summary"]
-    assert set(s) == {"input", "gaussian", "unipet", "vanilla", "drf_specific", "san_only", "rals_only"}
+    assert set(s) == {"input", "gaussian", "unipet", "unet", "vanilla", "drf_specific", "san_only", "rals_only",
+                      "no_regional"}
     for m in s:
         for d in ("4", "20", "30"):
             assert s[m][d]["subjects"] == 2 and math.isfinite(s[m][d]["psnr"]) and math.isfinite(s[m][d]["psnr_refmax"])
@@ -85,16 +91,17 @@ def test_quality_benchmark_end_to_end(work):
     assert s["unipet"]["20"]["liver"]["n"] == 1 and s["input"]["20"]["liver"]["mean_cov_pct"] > 0
     assert fam["real_subject"]["subject"] == "real_x"
     beaten = fam["baselines_beaten"]["20"]
-    assert sorted(beaten["beaten_on_psnr"] + beaten["not_beaten_on_psnr"]) == sorted(quality.BASELINES)
+    assert sorted(beaten["beaten_on_psnr"] + beaten["not_beaten_on_psnr"]) == sorted(set(quality.BASELINES) - {"no_hotspot"})
     unseen = result["families"]["unseen_recon"]
     assert unseen["drfs"] == ["7", "150"] and unseen["unseen_drfs"] == ["7", "150"]
     assert unseen["summary"]["unipet"]["150"]["lesions"] == 4
     rows = (out / "cases.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 * (2 * 3 + 1 * 2)
-    # per DRF: Gaussian margin, texture, lesions, liver, vanilla, DRF-specific
-    assert len(fam["targets"]) == 3 * 6
+    assert len(rows) == 1 + 9 * (2 * 3 + 1 * 2)
+    # per DRF: Gaussian margin, texture, lesions, liver, vanilla, DRF-specific, plain UNet
+    assert len(fam["targets"]) == 3 * 7
     table = (out / "quality.md").read_text()
     assert "simulated data" in table and "| 30 | DRF-specific * |" in table and "targets on this family" in table
+    assert "| 20 | plain MONAI UNet (residual, L1) |" in table and "ahead of the plain MONAI UNet" in table
     assert "PSNR dB (UDPET, ref max)" in table and "does **not** beat" in table
     assert "sha256" not in table and result["provenance"]["checkpoints_sha256"]
 

@@ -35,6 +35,7 @@ Writes ``<out_dir>/quality.json`` (with, per family and DRF, which baselines Uni
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import math
@@ -76,7 +77,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "in_family": ("sim", "in-family (training distribution)"),
     "unseen_recon": ("sim_unseen", "unseen reconstruction (outside the training ranges)"),
 }
-BASELINES = ("input", "gaussian", "vanilla", "drf_specific", "san_only", "rals_only")
+BASELINES = ("input", "gaussian", "unet", "vanilla", "drf_specific", "san_only", "rals_only", "no_hotspot",
+             "no_regional")
+MODEL_ORDER = ("input", "gaussian", "unet", "vanilla", "drf_specific", "san_only", "rals_only", "no_hotspot",
+               "no_regional", "unipet")
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
 NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
@@ -85,7 +89,14 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "drf_specific": ("DRF-specific", "drf_{drf}/model_stage1.pt"),
     "san_only": ("ablation: SAN alone", "san_only/model.pt"),
     "rals_only": ("ablation: RALS alone", "rals_only/model.pt"),
+    "unet": ("plain MONAI UNet (residual, L1)", "unet/model_stage1.pt"),
+    "no_hotspot": ("ablation: no hot-spot sampling", "no_hotspot/model.pt"),
+    "no_regional": ("ablation: no regional SUV loss", "no_regional/model.pt"),
 }
+OPTIONAL_MODELS = ("no_hotspot", "no_regional")
+"""Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
+# models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
+OTHER_NETWORKS = {"unet": "scripts.networks.plain_unet.ResidualUNet"}
 LABELS = {"input": "low-dose input", "gaussian": "Gaussian, FWHM tuned per DRF",
           **{k: v[0] for k, v in NETWORK_MODELS.items()}}
 
@@ -167,11 +178,11 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
     info: dict[str, Any] = {}
     template, settings = network_from_config(config, BUNDLE_ROOT)  # parsed once; each model gets a copy
 
-    def load(path: Path, expected: str | None = None) -> torch.nn.Module:
+    def load(path: Path, expected: str | None = None, build: Any = None) -> torch.nn.Module:
         if not path.is_file():
             raise UniPETInputError(f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first "
                                    "(or leave that model out with --models)")
-        net = copy.deepcopy(template)
+        net = copy.deepcopy(template) if build is None else build()
         digest = verify_sha256(path, expected) if expected else file_sha256(path)
         state = load_checkpoint(path)
         net = match_checkpoint_san_variant(net, state)  # the shipped weights use the 0.2.0 SAN (v1)
@@ -187,7 +198,11 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
             for d in sorted({_nearest_trained(d) for d in drfs}):
                 nets[(key, d)] = load(work / "models" / rel.format(drf=d))
         else:
-            nets[(key, None)] = load(work / "models" / rel)
+            build = None
+            if key in OTHER_NETWORKS:
+                module, _, cls = OTHER_NETWORKS[key].rpartition(".")
+                build = getattr(importlib.import_module(module), cls)
+            nets[(key, None)] = load(work / "models" / rel, build=build)
     return nets, {"checkpoints_sha256": info, **settings}
 
 
@@ -289,6 +304,10 @@ def check_targets(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: 
             gap = db("unipet", d) - db("drf_specific", d)
             checks.append({"target": f"DRF {d}: UniPET within 0.3 dB of (or above) the DRF-specific model",
                            "value": f"{gap:+.2f} dB", "met": bool(gap >= -0.3)})
+        if "unet" in summary:
+            gap = db("unipet", d) - db("unet", d)
+            checks.append({"target": f"DRF {d}: UniPET ahead of the plain MONAI UNet", "value": f"{gap:+.2f} dB",
+                           "met": bool(gap > 0)})
     return checks
 
 
@@ -310,8 +329,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "and CoV (noise). acf1: liver noise autocorrelation at one voxel in-plane / axially (full dose for comparison).",
         "",
     ]
-    order = [m for m in ["input", "gaussian", "vanilla", "drf_specific", "san_only", "rals_only", "unipet"]
-             if any(m in f["summary"] for f in result["families"].values())]
+    order = [m for m in MODEL_ORDER if any(m in f["summary"] for f in result["families"].values())]
     for fam, fr in result["families"].items():
         s, drfs = fr["summary"], fr["drfs"]
         lines += [f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} test subjects "
@@ -368,7 +386,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         fr = result["families"][fam]
         s, drfs = fr["summary"], fr["drfs"]
         x = [float(d) for d in drfs]
-        for m in ["input", "gaussian", "vanilla", "drf_specific", "san_only", "rals_only", "unipet"]:
+        for m in MODEL_ORDER:
             if m not in s:
                 continue
             style = dict(lw=2.5, color="k") if m == "unipet" else dict(lw=1.2)
@@ -437,7 +455,8 @@ def plot_texture(textures: Mapping[str, Mapping[str, Any]], family: str, drfs: S
     n = len(drfs)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), constrained_layout=True, squeeze=False)
     colours = {"full": "grey", "input": "tab:red", "gaussian": "tab:blue", "unipet": "k", "vanilla": "tab:green",
-               "drf_specific": "tab:purple", "san_only": "tab:orange", "rals_only": "tab:brown"}
+               "drf_specific": "tab:purple", "san_only": "tab:orange", "rals_only": "tab:brown", "unet": "tab:olive",
+               "no_hotspot": "tab:pink", "no_regional": "tab:cyan"}
     for ax, d in zip(axes[0], drfs):
         curves = {"full": textures.get("full", {}).get("full")} | dict(textures.get(d, {}))
         for model, c in curves.items():
@@ -525,8 +544,9 @@ def run(
         checkpoint: UniPET weights (default: the shipped models/model.pt, SHA-256 checked).
         drfs: DRFs to evaluate (default: every DRF the family's test subjects were simulated at).
         families: test families, e.g. "[in_family,unseen_recon]".
-        models: network models to score (default all: unipet, vanilla, drf_specific, san_only, rals_only);
-            the input and the tuned Gaussian are always scored.
+        models: network models to score (default: unipet, unet, vanilla, drf_specific, san_only, rals_only,
+            and no_hotspot / no_regional when their checkpoints exist); the input and the tuned Gaussian are
+            always scored.
         max_test_subjects: score only the first N test subjects of each family (0: all).
         update_docs: write the table into docs/README.md and docs/quality.png.
         threads: torch CPU threads (0: PyTorch's default).
@@ -538,7 +558,8 @@ def run(
         torch.set_num_threads(int(threads))
     work = Path(work_dir).expanduser().absolute()
     fam_list = _as_list(families)
-    model_list = _as_list(models) or list(NETWORK_MODELS)
+    model_list = _as_list(models) or [m for m in NETWORK_MODELS if m not in OPTIONAL_MODELS
+                                      or (work / "models" / str(NETWORK_MODELS[m][1])).is_file()]
     unknown = [m for m in model_list if m not in NETWORK_MODELS]
     if unknown or "unipet" not in model_list:
         raise UniPETInputError(f"--models {models!r}: must include unipet, from {list(NETWORK_MODELS)}")
