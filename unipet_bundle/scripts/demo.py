@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.geometry import voxel_spacing
 from scripts.common.large_files import recorded_sha256
 from scripts.common.options import as_bool
 from scripts.data.io import save_nifti
@@ -74,7 +75,7 @@ def hottest_lesion(full: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
             pos, name = found
             label = int(labels[pos])  # hottest_lesion_voxel returns a voxel inside the lesion
             return tuple(int(v) for v in pos), labels == label, f"lesion '{name}'"
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     spots = find_hotspots(full, spacing, 1, float(np.percentile(full, 99.0)), 20.0, affine)
     pos = spots[0] if spots else tuple(int(v) for v in np.unravel_index(int(np.argmax(full)), full.shape))
     grid = np.meshgrid(*[(np.arange(n) - p) * s for n, p, s in zip(full.shape, pos, spacing)], indexing="ij")

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from scripts.benchmarks.train_models import ALL_DRFS, TRAIN_DRFS
 from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.large_files import recorded_sha256
 from scripts.data.io import load_nifti
@@ -59,7 +60,6 @@ from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha2
 from scripts.evaluation.regions import REGION_COLUMNS, load_label_table, region_rows, summarise_regions
 from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import denoise_volume, network_from_config
-from scripts.inference.inputs import voxel_spacing
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
 from scripts.networks.unipet import match_checkpoint_san_variant

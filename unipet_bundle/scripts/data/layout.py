@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.common.errors import UniPETInputError
+from scripts.common.geometry import voxel_spacing
 from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
 
 __all__ = [
@@ -166,8 +167,8 @@ def check_same_grid(
             "resample the pair onto one grid (same shape, spacing and affine)"
         )
     if not np.allclose(affine, ref_affine, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL_MM):
-        spacing = np.linalg.norm(affine[:3, :3], axis=0).round(4).tolist()
-        ref_spacing = np.linalg.norm(ref_affine[:3, :3], axis=0).round(4).tolist()
+        spacing = voxel_spacing(affine).round(4).tolist()
+        ref_spacing = voxel_spacing(ref_affine).round(4).tolist()
         raise UniPETInputError(
             f"{other} and {Path(reference).name} differ in spacing/affine (spacing {spacing} vs {ref_spacing} mm, "
             f"origin {affine[:3, 3].round(3).tolist()} vs {ref_affine[:3, 3].round(3).tolist()}): "

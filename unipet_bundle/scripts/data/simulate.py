@@ -52,6 +52,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from scripts.common.errors import UniPETInputError
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write_json, check_output_path
 from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
@@ -528,7 +529,7 @@ def load_activity(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tupl
             f"{name}: array axis 2 must be axial (S/I) but the orientation is {''.join(axcodes)}; "
             "reorient it (e.g. to RAS) first"
         )
-    spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    spacing = tuple(voxel_spacing(affine).tolist())
     return data, affine, spacing
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from scripts.common.geometry import voxel_spacing
+
 __all__ = [
     "CONVENTIONS",
     "VIEWS",
@@ -76,12 +78,8 @@ class Panel:
         return ((col + 0.5) * self.width_mm / cols, self.height_mm - (row + 0.5) * self.height_mm / rows)
 
 
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
 def _is_oblique(affine: np.ndarray) -> bool:
-    m = np.asarray(affine, dtype=np.float64)[:3, :3] / np.maximum(_spacing(affine), 1e-12)
+    m = np.asarray(affine, dtype=np.float64)[:3, :3] / np.maximum(voxel_spacing(affine), 1e-12)
     return bool(np.any((np.abs(m) > _OBLIQUE_TOL) & (np.abs(m) < 1.0 - _OBLIQUE_TOL)))
 
 
@@ -101,7 +99,7 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     ras = nib.orientations.apply_orientation(np.asarray(volume), ornt)
     spacing = np.empty(3)
     for axis, (target, _) in enumerate(ornt):
-        spacing[int(target)] = _spacing(affine)[axis]
+        spacing[int(target)] = voxel_spacing(affine)[axis]
     return ras, spacing, _is_oblique(affine)
 
 

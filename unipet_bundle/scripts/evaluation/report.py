@@ -37,6 +37,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
 from scripts.common.errors import UniPETInputError
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.options import as_bool
 from scripts.data.io import load_nifti
@@ -123,10 +124,6 @@ def network_array(array: np.ndarray, affine: np.ndarray, axcodes: str) -> np.nda
     return to_network_view(array, affine, axcodes)[0]
 
 
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-
-
 class _Subject:
     """What the report keeps per subject across its DRFs: grid, montage slices, and (while the subject is
     being evaluated) its label map and full-dose SUV, released when the next subject starts."""
@@ -143,7 +140,7 @@ class _Subject:
                 f"{name}: the evaluated volume has shape {tuple(full_suv.shape)} but {label_path} has {tuple(shape)}; "
                 "evaluation needs preprocessing without resampling"
             )
-        self.spacing = _spacing(affine)
+        self.spacing = tuple(voxel_spacing(affine).tolist())
         self.voxel_ml = float(np.prod(self.spacing)) / 1000.0
         self.simulated = (Path(label_path).parent / "simulation.json").is_file()
         self.labels = self.table = self.full_stats = self.full_raw = None

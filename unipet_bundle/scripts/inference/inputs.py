@@ -47,6 +47,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.common.errors import UniPETInputError, shown
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import check_output_path
 from scripts.common.options import as_bool, check_output_format
 from scripts.data.dicom_series import DicomSeriesError
@@ -72,7 +73,6 @@ __all__ = [
     "discover_inputs",
     "load_volume",
     "prepare_datalist",
-    "voxel_spacing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,11 +110,6 @@ class LoadedVolume:
     affine: np.ndarray
     suv_factor: float
     units: str
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size in mm along each array axis: the norms of the affine's first three columns."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:

@@ -55,6 +55,7 @@ from ignite.engine import Engine, Events
 from scipy import ndimage
 
 from scripts.common.errors import shown
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import default_file_mode, json_default
 from scripts.common.options import as_bool
 from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
@@ -70,10 +71,6 @@ _REF_MM = 30.0  # PERCIST liver VOI: 3 cm
 _REF_BLOCK_MM = 8.0
 _REF_RANGE = (1.3, 3.5)  # FDG liver SUVmean range used to pick the automatic reference cube
 _SLAB_VOXELS = 4_000_000  # voxels per slab of the whole-volume passes: bounds their temporaries
-
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
 def _np(x: Any) -> np.ndarray:
@@ -286,7 +283,7 @@ def analyse_input(
     """
     suv = np.asarray(suv)
     affine = np.asarray(affine, dtype=np.float64)
-    spacing = _spacing(affine)
+    spacing = voxel_spacing(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     body = suv > body_min_suv
     spots = []
@@ -343,7 +340,7 @@ def compare_output(before: Mapping[str, Any], out: np.ndarray, convention: str =
     """The output half: the same regions measured on the output; returns the JSON-ready numbers and the panels."""
     out = np.asarray(out)
     affine = before["affine"]
-    spacing = _spacing(affine)
+    spacing = voxel_spacing(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     body = np.unpackbits(before["body_bits"], count=int(np.prod(before["shape"]))).view(bool)
     body = body.reshape(before["shape"], order=before.get("body_order", "C"))

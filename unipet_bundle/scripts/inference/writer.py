@@ -45,6 +45,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.common.errors import UniPETInputError, shown, write_error
+from scripts.common.geometry import voxel_spacing
 from scripts.common.io import default_file_mode, json_default
 from scripts.common.options import as_bool, check_output_format
 from scripts.data.suv import SUV_FACTOR_UNITS, compute_suv_factor
@@ -96,10 +97,6 @@ def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def _spacing(affine: np.ndarray) -> list[float]:
-    return [float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)]
 
 
 def _file_sha256(path: Path) -> str:
@@ -225,7 +222,7 @@ class SaveDenoisedd(MapTransform):
             if not np.isclose(factor, suv_factor, rtol=1e-9, atol=0):
                 raise RuntimeError(f"{name}: SUV factor {factor} from the headers differs from the one used ({suv_factor})")
         network_shape = [int(v) for v in image.shape[-3:]]
-        network_spacing = _spacing(_as_numpy(image.affine)) if hasattr(image, "affine") else None
+        network_spacing = voxel_spacing(_as_numpy(image.affine)).tolist() if hasattr(image, "affine") else None
         target = self.processing.get("target_spacing_mm")
         if network_spacing is not None and target is not None and not np.allclose(network_spacing, target, rtol=0.05):
             logger.warning(
@@ -276,7 +273,7 @@ class SaveDenoisedd(MapTransform):
             "kind": kind,
             "units": units,
             "shape": list(shape),
-            "spacing_mm": _spacing(affine),
+            "spacing_mm": voxel_spacing(affine).tolist(),
             "network_shape": network_shape,
             "network_spacing_mm": network_spacing,
             "written": [str(p) for p in written],
@@ -374,7 +371,7 @@ class SaveDenoisedd(MapTransform):
             },
             "processing": {**self.processing, "network_grid_shape": network_shape, "network_grid_spacing_mm": network_spacing},
             "shape": list(suv.shape),
-            "spacing_mm": _spacing(affine),
+            "spacing_mm": voxel_spacing(affine).tolist(),
             "affine_ras": affine.tolist(),
             "suv_output_max": float(suv.max()),
             "suv_output_min": float(suv.min()),

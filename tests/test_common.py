@@ -1,0 +1,36 @@
+"""The common floor's small helpers (``scripts/common``): one implementation each, used by every package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.common.geometry import voxel_spacing
+
+
+def test_voxel_spacing_is_the_column_norm_for_any_axis_order_and_any_container():
+    diag = np.diag([2.0, 3.0, 4.0, 1.0])
+    assert voxel_spacing(diag).tolist() == [2.0, 3.0, 4.0]
+    # a flipped, transposed (x <-> z) and rotated storage keeps each array axis' own voxel size
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.array([[0.0, 0.0, -4.0], [0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    affine[:3, 3] = [10.0, -20.0, 30.0]  # the origin plays no part
+    np.testing.assert_allclose(voxel_spacing(affine), [2.0, 3.0, 4.0], rtol=0, atol=1e-12)
+    # the inputs callers hand it: float32 arrays, nested lists, CPU tensors (MetaTensor affines)
+    assert voxel_spacing(diag.astype(np.float32)).dtype == np.float64
+    assert voxel_spacing(diag.tolist()).tolist() == [2.0, 3.0, 4.0]
+    assert voxel_spacing(torch.as_tensor(diag)).tolist() == [2.0, 3.0, 4.0]
+    assert voxel_spacing(diag[:3, :3]).shape == (3,)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_voxel_spacing_equals_each_formula_it_replaced(seed):
+    affine = np.eye(4)
+    affine[:3, :3] = np.random.default_rng(seed).normal(size=(3, 3)) * 3.0
+    new = voxel_spacing(affine)
+    # the five copies it replaced: column norm (inference, evaluation, QC, writer, demo) and root of summed squares
+    assert new.tolist() == np.linalg.norm(affine[:3, :3], axis=0).tolist()
+    assert tuple(new.tolist()) == tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
