@@ -17,9 +17,9 @@ from scipy.ndimage import gaussian_filter
 
 from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.io import atomic_write_json
+from scripts.common.weights import atomic_torch_save
 from scripts.data.datalist import write_datalist
 from scripts.data.io import save_nifti
-from scripts.engines.checkpoint import atomic_torch_save
 from scripts.evaluation.regions import bias_pct, hottest_lesion_voxel, region_rows, summarise_regions
 from scripts.evaluation.report import METRIC_COLUMNS, EvaluationReport, write_csv
 from scripts.evaluation.split import evaluation_datalist
@@ -154,7 +154,7 @@ def test_identity_run_summary(identity_run):
     summary = _strict_json(eval_dir / "summary.json")
     assert "simulated" in summary["data_kind"] and "mixed" not in summary["data_kind"]
     assert summary["simulated_subjects"] == 3
-    assert summary["checkpoint"]["loaded"] is False and summary["checkpoint"]["sha256"] is None
+    assert summary["checkpoint"]["trained"] is False and summary["checkpoint"]["checkpoint_sha256"] is None
     assert summary["subjects"] == 3 and summary["items"] == 6
     assert set(summary["splits"]) == {"training", "validation", "test"}  # eval_split "all": every subject
     _, rows = _csv(eval_dir / "metrics.csv")
@@ -221,9 +221,9 @@ def test_trained_run_on_test_split(trained_run):
     assert proc.returncode == 0, log[-4000:]
     assert "UNTRAINED" not in log and "VALIDATION subjects instead" not in log
     summary = _strict_json(eval_dir / "summary.json")
-    assert summary["checkpoint"]["loaded"] is True
-    assert summary["checkpoint"]["path"] == str(ckpt.resolve())
-    assert summary["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert summary["checkpoint"]["trained"] is True
+    assert summary["checkpoint"]["checkpoint"] == str(ckpt.resolve())
+    assert summary["checkpoint"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert "simulated" not in summary["data_kind"] and summary["simulated_subjects"] == 0
     assert "regions_per_drf" not in summary and not (eval_dir / "regions.csv").exists()
     _, rows = _csv(eval_dir / "metrics.csv")
@@ -261,7 +261,7 @@ def test_load_eval_weights(tmp_path, caplog):
     net = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
     with caplog.at_level(logging.WARNING):
         info = load_eval_weights(net, "", allow_untrained=True)
-    assert info["loaded"] is False and "UNTRAINED" in caplog.text
+    assert info["trained"] is False and "UNTRAINED" in caplog.text
     with pytest.raises(CheckpointError, match="missing.pt: the file does not exist"):  # a typo never evaluates untrained
         load_eval_weights(net, tmp_path / "missing.pt", allow_untrained=True)
     with pytest.raises(CheckpointError, match="no checkpoint given"):
@@ -272,7 +272,7 @@ def test_load_eval_weights(tmp_path, caplog):
     # a full training checkpoint (generator entry) loads too
     path = atomic_torch_save({"generator": src.state_dict(), "trainer": {"iteration": 3}}, tmp_path / "latest.pt")
     info = load_eval_weights(net, path)
-    assert info["loaded"] and info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info["trained"] and info["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert torch.equal(net.output_conv.weight, src.output_conv.weight)
     stage1 = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4), use_san=False)
     assert "stage-1" in load_eval_weights(net, atomic_torch_save(stage1.state_dict(), tmp_path / "s1.pt"))["note"]

@@ -31,7 +31,8 @@ from ignite.engine import Engine, Events
 
 from conftest import BUNDLE_ROOT
 from scripts.common.errors import CheckpointError
-from scripts.engines.checkpoint import LatestCheckpoint, load_checkpoint
+from scripts.common.weights import load_checkpoint
+from scripts.engines.checkpoint import LatestCheckpoint
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss

@@ -34,9 +34,10 @@ import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT
 from scripts.common.errors import CheckpointError, UniPETInputError, user_error
 from scripts.common.large_files import read_large_files, recorded_sha256, write_large_files
+from scripts.common.weights import atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
 from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
-from scripts.engines.checkpoint import LatestCheckpoint, atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
+from scripts.engines.checkpoint import LatestCheckpoint
 from scripts.evaluation.weights import load_eval_weights
 from scripts.inference.model import load_weights
 from scripts.networks.unipet import UniPET
@@ -150,7 +151,7 @@ def test_every_torch_load_in_the_bundle_is_weights_only():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and not line.lstrip().startswith(("#", '"', "`")):
                 calls.append((path.name, number, line))
-    assert calls, "expected the one torch.load in scripts/engines/checkpoint.py"
+    assert [(name, n) for name, n, _ in calls] == [("weights.py", calls[0][1])], f"expected the one torch.load in scripts/common/weights.py: {calls}"
     assert all("weights_only=True" in line for _, _, line in calls), calls
     for config in (BUNDLE_ROOT / "configs").glob("*.json"):
         text = config.read_text()
@@ -212,7 +213,7 @@ def test_recorded_hash_through_the_configs(tmp_path):
     info = _parser(["inference.json"], checkpoint=str(ckpt), checkpoint_sha256=digest).get_parsed_content("model_info")
     assert info["trained"] is True and info["checkpoint_sha256"] == digest
     info = _parser(["train.json", "evaluate.json"], checkpoint=str(ckpt), checkpoint_sha256=digest).get_parsed_content("checkpoint_info")
-    assert info["loaded"] is True and info["sha256"] == digest
+    assert info["trained"] is True and info["checkpoint_sha256"] == digest
     message = _checkpoint_error(
         lambda p: _parser(["train.json", "evaluate.json"], checkpoint=str(p), checkpoint_sha256="f" * 64).get_parsed_content("checkpoint_info"),
         ckpt)

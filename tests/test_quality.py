@@ -205,7 +205,7 @@ def test_ship_copies_weights_and_records_their_hash(tmp_path, monkeypatch):
     src = _perturbed_default_net(tm.models / "unipet" / "model.pt", 0)
     tm.ship()
     from scripts.common.large_files import recorded_sha256
-    from scripts.engines.checkpoint import file_sha256
+    from scripts.common.weights import file_sha256
 
     assert (root / "models" / "model.pt").read_bytes() == src.read_bytes()
     assert recorded_sha256(root / "models" / "model.pt", root) == file_sha256(src)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import BUNDLE_ROOT
 from scripts.benchmarks.style_proxy import SAN_ALIVE, san_is_alive, san_report, windows_from_arrays
-from scripts.engines.checkpoint import load_checkpoint
+from scripts.common.weights import load_checkpoint
 from scripts.networks.unipet import UniPET, checkpoint_san_variant
 
 SMALL = dict(channels=16, num_blocks=4, latent_dim=64, san_channels=(16, 32, 64, 64))

@@ -7,9 +7,9 @@ import torch
 
 from conftest import BUNDLE_ROOT
 from scripts.common.large_files import read_large_files, recorded_sha256
+from scripts.common.weights import file_sha256, load_checkpoint, verify_sha256
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import simulate_pet
-from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha256
 from scripts.inference.denoise import denoise_volume, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
 from scripts.networks.unipet import checkpoint_san_variant, match_checkpoint_san_variant

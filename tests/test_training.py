@@ -14,8 +14,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from conftest import BUNDLE_ROOT
+from scripts.common.weights import load_checkpoint
 from scripts.data.io import save_nifti
-from scripts.engines.checkpoint import load_checkpoint
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, stylized_mask

@@ -30,10 +30,10 @@ from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.geometry import voxel_spacing
 from scripts.common.large_files import recorded_sha256
 from scripts.common.options import as_bool
+from scripts.common.weights import load_network_weights
 from scripts.data.io import save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, resample_activity, simulate_pet
-from scripts.engines.checkpoint import load_checkpoint, verify_sha256
 from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
 from scripts.evaluation.regions import hottest_lesion_voxel
 from scripts.inference.denoise import denoise_volume, network_from_config
@@ -57,10 +57,9 @@ def _network(config: str, checkpoint: Path | None) -> tuple[torch.nn.Module, dic
     net, sizes = network_from_config(config, BUNDLE_ROOT)
     trained = checkpoint is not None
     if trained:
-        verify_sha256(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))  # before anything is unpickled
-        state = load_checkpoint(checkpoint)
-        net = match_checkpoint_san_variant(net, state)  # the shipped weights use the 0.2.0 SAN (v1)
-        net.load_state_dict(state)
+        # strict: the demo shows a trained model, never half of one; the shipped weights use the 0.2.0 SAN (v1)
+        net, _ = load_network_weights(net, checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT), strict=True,
+                                      adapt=match_checkpoint_san_variant)
     return net.eval(), sizes, trained
 
 

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from scripts.common.errors import CheckpointError
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.data.io import save_nifti
-from scripts.engines.checkpoint import file_sha256
+from scripts.common.weights import file_sha256
 
 __all__ = [
     "BenchmarkInputError",

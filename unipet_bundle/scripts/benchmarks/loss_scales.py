@@ -33,8 +33,8 @@ from monai.bundle import ConfigParser
 from monai.transforms import RandWeightedCropd
 
 from scripts.common.io import atomic_write_json
+from scripts.common.weights import load_checkpoint
 from scripts.data.training_data import PatchSamplingWeightsd
-from scripts.engines.checkpoint import load_checkpoint
 from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask
 from scripts.losses.regional import RegionalSUVLoss

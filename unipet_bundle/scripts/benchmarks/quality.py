@@ -53,10 +53,10 @@ from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.large_files import recorded_sha256
+from scripts.common.weights import load_network_weights
 from scripts.data.io import load_nifti
 from scripts.data.layout import format_drf
 from scripts.data.recon import gaussian_filter_mm
-from scripts.engines.checkpoint import file_sha256, load_checkpoint, verify_sha256
 from scripts.evaluation.regions import REGION_COLUMNS, load_label_table, region_rows, summarise_regions
 from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import denoise_volume, network_from_config
@@ -182,12 +182,11 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
         if not path.is_file():
             raise UniPETInputError(f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first "
                                    "(or leave that model out with --models)")
+        # strict: a benchmarked model is complete; the shipped weights use the 0.2.0 SAN (v1)
         net = copy.deepcopy(template) if build is None else build()
-        digest = verify_sha256(path, expected) if expected else file_sha256(path)
-        state = load_checkpoint(path)
-        net = match_checkpoint_san_variant(net, state)  # the shipped weights use the 0.2.0 SAN (v1)
-        net.load_state_dict(state)
-        info[str(path)] = digest
+        net, weights = load_network_weights(net, path, expected, strict=True,
+                                            adapt=match_checkpoint_san_variant)
+        info[str(path)] = weights["checkpoint_sha256"]
         return net.eval()
 
     for key in models:

@@ -47,7 +47,7 @@ from typing import Any
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, check_output_path
 from scripts.common.large_files import LARGE_FILES, write_large_files
-from scripts.engines.checkpoint import file_sha256
+from scripts.common.weights import file_sha256
 
 logger = logging.getLogger("unipet.train_models")
 

@@ -33,7 +33,7 @@ from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose
 
 from scripts.common.errors import UniPETInputError, user_error
-from scripts.engines.checkpoint import file_sha256
+from scripts.common.weights import file_sha256
 from scripts.inference.model import bundle_version
 from scripts.inference.writer import SaveDenoisedd
 

@@ -45,7 +45,7 @@ from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write
 from scripts.common.large_files import large_files_yaml
 from scripts.common.options import as_bool
-from scripts.engines.checkpoint import file_sha256
+from scripts.common.weights import file_sha256
 
 __all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle", "requirements_text"]
 

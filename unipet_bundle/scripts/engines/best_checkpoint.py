@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.common.errors import UniPETInputError
-from scripts.engines.checkpoint import atomic_torch_save
+from scripts.common.weights import atomic_torch_save, unwrap
 
 if TYPE_CHECKING:
     from scripts.engines.gan_trainer import StageClock
@@ -126,7 +126,6 @@ class StageBestCheckpoint:
         self.best[stage], self.best_epoch[stage] = value, int(epoch)
         if self.rank != 0:
             return
-        net = self.generator.module if hasattr(self.generator, "module") else self.generator
-        path = atomic_torch_save(net.state_dict(), self.save_dir / self.filenames[stage])
+        path = atomic_torch_save(unwrap(self.generator).state_dict(), self.save_dir / self.filenames[stage])
         logger.info("stage %d: new best %s (the selection metric) %.4f at epoch %d -> %s", stage, self.metric_name, value,
                     epoch, path)

@@ -1,22 +1,19 @@
-"""Safe checkpoints: atomic saves, resume from the latest one, loading that cannot run code, and hashes.
+"""Training checkpoints: atomic saves and resume from the latest one.
 
 Ignite's ``Checkpoint`` names files after the epoch, which a config cannot point a loader at, and a run
 killed mid-write could leave a truncated file under the final name. ``LatestCheckpoint`` keeps exactly
 one file with a fixed name, written to a temporary name, flushed to disk and renamed, and resumes from
 it: the file is read (and every network, optimiser and scheduler state loaded) when the handler is
 attached, so a corrupt or unsafe file stops the run with one line before training starts; the engine's
-counters are restored when the run starts. Every load goes through ``torch.load(..., weights_only=True)``
-so a crafted pickle cannot execute, and :func:`verify_sha256` checks a recorded SHA-256 before a file is
-unpickled at all.
+counters are restored when the run starts. Every load goes through the bundle's one weights reader,
+:func:`scripts.common.weights.load_checkpoint` (``weights_only=True``, so a crafted pickle cannot execute);
+hashes, the safe reader and the network loader live in :mod:`scripts.common.weights`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,108 +21,19 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.common.errors import CheckpointError
-from scripts.common.io import atomic_write
 from scripts.common.options import as_bool
+from scripts.common.weights import (
+    CheckpointError,
+    atomic_torch_save,
+    file_sha256,
+    load_checkpoint,
+    network_state_dict,
+    unwrap,
+)
 
-__all__ = [
-    "LatestCheckpoint",
-    "atomic_torch_save",
-    "file_sha256",
-    "load_checkpoint",
-    "load_state_into",
-    "verify_sha256",
-]
+__all__ = ["LatestCheckpoint", "checkpoint_san_variant_or", "load_state_into"]
 
 logger = logging.getLogger(__name__)
-
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, flush it to disk, then rename.
-
-    A run killed at any moment (SIGKILL included) leaves either the previous file or the new one under
-    ``path``, never a truncated one; at worst a hidden ``.<name>.*.tmp*`` file stays behind, which
-    :class:`LatestCheckpoint` removes on the next start.
-    """
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-    return atomic_write(path, write, sync=True)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: str | os.PathLike, expected: str | None, option: str = "checkpoint_sha256") -> str:
-    """Check a checkpoint's SHA-256 against the recorded one before it is used; return the actual hash.
-
-    Args:
-        path: the file.
-        expected: the recorded hex SHA-256 (any case); None or empty means "not recorded": a warning,
-            no check.
-        option: the config key holding ``expected``, named in messages.
-
-    Raises:
-        CheckpointError: ``expected`` is not 64 hex digits, or the file's hash differs (a damaged
-            download, or another file than the recorded one).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: check the path")
-    actual = file_sha256(path)
-    if expected is None or str(expected).strip().lower() in ("", "none", "null"):
-        logger.warning(
-            "no SHA-256 recorded for %s (%s is null): its integrity is not checked; its SHA-256 is %s",
-            path, option, actual,
-        )
-        return actual
-    wanted = str(expected).strip().lower()
-    if not _SHA256_HEX.match(wanted):
-        hint = "" if isinstance(expected, str) else " (the command line read it as a number: quote it as \"'<hash>'\")"
-        raise CheckpointError(f"--{option} {expected!r} is not a SHA-256 (64 hex digits, as sha256sum prints it){hint}")
-    if actual != wanted:
-        raise CheckpointError(
-            f"checkpoint {path} has SHA-256 {actual[:16]}..., not the recorded {wanted[:16]}...: the file is damaged or not the "
-            f"released one; download it again, or for your own checkpoint pass --{option} with its hash (or None to skip the check)"
-        )
-    logger.info("checkpoint %s matches its recorded SHA-256 (%s...)", path, actual[:16])
-    return actual
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``; any failure becomes one clear ``CheckpointError``.
-
-    A file holding anything but tensors and plain containers (a crafted pickle that would run code, or a
-    whole pickled model) is refused without executing any of it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: check the path (train first, or set ckpt_dir)")
-    try:
-        with warnings.catch_warnings():
-            # the weights-only unpickler warns about foreign pickle protocols on stderr: the error says enough
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (zip truncated), EOFError, ...
-        if "Weights only load failed" in str(exc):
-            raise CheckpointError(
-                f"checkpoint {path} refused: it holds Python objects other than tensors (a crafted or foreign pickle, "
-                "or a whole pickled model), and loading it could run code; use a state_dict checkpoint written by this bundle"
-            ) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {first[:160]}); it is corrupt or truncated: "
-            "delete it or point to another checkpoint"
-        ) from None
 
 
 def checkpoint_san_variant_or(
@@ -145,12 +53,10 @@ def checkpoint_san_variant_or(
     try:
         if expected_sha256 and file_sha256(path).lower() != str(expected_sha256).lower():
             return default
-        state = load_checkpoint(path)
+        state = network_state_dict(load_checkpoint(path))
     except CheckpointError:
         return default
-    if isinstance(state, Mapping) and isinstance(state.get("generator"), Mapping):  # a full training checkpoint
-        state = state["generator"]
-    if not isinstance(state, Mapping):
+    if state is None:
         return default
     return checkpoint_san_variant(state) or default
 
@@ -163,7 +69,7 @@ def load_state_into(objects: Mapping[str, Any], state: Mapping[str, Any], strict
     for name, obj in objects.items():
         if name not in state:
             continue
-        target = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj
+        target = unwrap(obj)
         try:
             target.load_state_dict(state[name])
         except Exception as exc:
@@ -259,8 +165,7 @@ class LatestCheckpoint:
     def _state(self) -> dict[str, Any]:
         state = {}
         for name, obj in self.save_dict.items():
-            target = obj.module if isinstance(obj, torch.nn.Module) and hasattr(obj, "module") else obj
-            state[name] = target.state_dict()
+            state[name] = unwrap(obj).state_dict()
         return state
 
     def snapshot_path(self, iteration: int) -> Path:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from scripts.common.options import as_bool
+from scripts.common.weights import unwrap as _unwrap  # the one DDP/DataParallel unwrap
 from scripts.engines.precision import autocast, config_precision, resolve_precision
 
 __all__ = [
@@ -214,12 +215,6 @@ def style_statistics(generator: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 # RALSCriticLoss term -> output key (other terms get a ``d_`` prefix)
 _CRITIC_TERM_NAMES = {"gradient_penalty": "d_gp", "wasserstein": "d_wasserstein", "d_real": "d_real", "d_fake": "d_fake"}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module"):  # DistributedDataParallel / DataParallel
-        module = module.module
-    return module
 
 
 class UniPETTrainer(Trainer):
