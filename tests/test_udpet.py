@@ -13,7 +13,8 @@ import pytest
 
 from scripts.common.errors import UniPETInputError
 from scripts.data.layout import scan_paired_dataset
-from scripts.data.udpet import compute_suv_factor, convert_udpet, parse_udpet_name, read_metadata_csv
+from scripts.data.suv import suv_factor_from_values
+from scripts.data.udpet import convert_udpet, parse_udpet_name, read_metadata_csv
 
 SHAPE = (8, 8, 6)
 # Oblique, offset affine with non-round spacing: geometry must survive exactly.
@@ -73,15 +74,30 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_compute_suv_factor_by_hand():
+    # the UDPET rows' factor is scripts.data.suv's (one SUV rule for DICOM series and UDPET CSV rows)
     # 55 kg, 203.5 MBq, 3386 s after injection, F-18: 2 ** (-3386 / 6588) = 0.70029525...
     # -> 55000 g / (203.5e6 Bq * 0.70029525) = 3.859376e-4 g/mL per Bq/mL
-    assert compute_suv_factor(55.0, 203.5e6, 3386.0, 6588.0) == pytest.approx(3.859376e-4, rel=1e-6)
-    assert compute_suv_factor(70.0, 100e6, 6588.0, 6588.0) == pytest.approx(70000 / 50e6)
-    assert compute_suv_factor(70.0, 100e6, 6588.0, 6588.0, "ADMIN") == pytest.approx(70000 / 100e6)
+    assert suv_factor_from_values(55.0, 203.5e6, 3386.0, 6588.0) == pytest.approx(3.859376e-4, rel=1e-6)
+    assert suv_factor_from_values(70.0, 100e6, 6588.0, 6588.0) == pytest.approx(70000 / 50e6)
+    assert suv_factor_from_values(70.0, 100e6, 6588.0, 6588.0, "ADMIN") == pytest.approx(70000 / 100e6)
     with pytest.raises(UniPETInputError, match="half-lives"):
-        compute_suv_factor(70.0, 100e6, 3600.0, 109.7)  # half-life in minutes by mistake
+        suv_factor_from_values(70.0, 100e6, 3600.0, 109.7)  # half-life in minutes by mistake
     with pytest.raises(UniPETInputError, match="before injection"):
-        compute_suv_factor(70.0, 100e6, -5.0, 6588.0)
+        suv_factor_from_values(70.0, 100e6, -5.0, 6588.0)
+
+
+def test_decay_correction_none_is_refused_as_for_a_dicom_series(tmp_path):
+    """One DecayCorrection policy (scripts.data.suv.check_decay_correction): NONE used to be decayed to the
+    acquisition start here (a warning) while the DICOM path refused it; a CSV SUV factor is the way out."""
+    inp, csv_path = make_udpet(tmp_path)
+    text = csv_path.read_text()
+    (tmp_path / "none.csv").write_text(text.replace(",START", ",NONE"))
+    with pytest.raises(UniPETInputError, match=r"line 2: DecayCorrection is NONE \(images not decay corrected\).*SUV factor"):
+        convert_udpet(inp, tmp_path / "none.csv", tmp_path / "o1")
+    _assert_nothing_written(tmp_path / "o1")
+    (tmp_path / "odd.csv").write_text(text.replace(",START", ",DECY"))
+    with pytest.raises(UniPETInputError, match=r"line 2: DecayCorrection 'DECY' is not START, ADMIN or NONE"):
+        convert_udpet(inp, tmp_path / "odd.csv", tmp_path / "o2")
 
 
 @pytest.mark.parametrize(

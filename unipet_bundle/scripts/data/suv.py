@@ -12,9 +12,10 @@ and ``decayed_dose = RadionuclideTotalDose * 2 ** (-(t_ref - t_inj) / Radionucli
   AcquisitionDate/AcquisitionTime of the series is earlier (some scanners reset SeriesTime when a
   series is re-created after the scan) or SeriesTime is missing: then the earliest acquisition time.
 - DecayCorrection ADMIN: the images are decay corrected to the administration time: no dose decay.
-- DecayCorrection NONE: refused. Each bed/slice would need its own decay factor (one SUV factor for the
-  whole volume would be wrong by up to tens of per cent); decay-correct the series on the scanner, or
-  pass ``suv_factor`` if a single factor is acceptable to you.
+- DecayCorrection NONE: refused (:func:`check_decay_correction`, the one policy, also for UDPET CSV rows).
+  Each bed/slice would need its own decay factor (one SUV factor for the whole volume would be wrong by up
+  to tens of per cent); decay-correct the series on the scanner, or pass ``suv_factor`` if a single factor
+  is acceptable to you.
 - Injection time: RadiopharmaceuticalStartDateTime if present, else RadiopharmaceuticalStartTime on the
   reference date (SeriesDate). A time-only injection later in the day than the reference time is
   refused, never taken as "the day before": it is far more often a dose-calibrator clock ahead of the
@@ -69,10 +70,14 @@ __all__ = [
     "SUVOverrides",
     "bqml_to_suv",
     "check_body_suv",
+    "check_decay_correction",
     "check_suv_inputs",
     "check_uptake_s",
     "compute_suv_factor",
     "suv_bw_factor",
+    "suv_factor_from_values",
+    "parse_datetime",
+    "parse_time",
     "uptake_time_s",
     "convert_dicom_to_suv",
     "convert_suv_to_bqml",
@@ -159,10 +164,16 @@ def _parse_date(value: Any) -> date | None:
         return None
 
 
-def _parse_time(value: Any) -> time | None:
-    """DICOM TM ``HHMMSS.FFFFFF`` (minutes/seconds optional); the old ``HH:MM:SS`` form is accepted too."""
-    text = _text(value).replace(":", "")
-    m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", text)
+def parse_time(value: Any) -> time | None:
+    """A time of day: DICOM TM ``HHMMSS.FFFFFF`` (minutes/seconds optional), or the old/CSV ``H:MM[:SS[.F]]`` form.
+
+    The one time-of-day reader of every SUV computation (DICOM tags, ``--injection_time``, UDPET CSV cells);
+    None when ``value`` is not a valid time.
+    """
+    text = _text(value)
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?", text)
+    if m is None:
+        m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", text)
     if not m:
         return None
     hh, mm, ss, frac = m.groups()
@@ -172,8 +183,10 @@ def _parse_time(value: Any) -> time | None:
         return None
 
 
-def _parse_datetime(value: Any) -> datetime | None:
+def parse_datetime(value: Any) -> datetime | None:
     """DICOM DT ``YYYYMMDDHHMMSS.FFFFFF[+/-ZZXX]``; the offset is dropped (times are taken as local).
+
+    The one date-time reader of every SUV computation (DICOM tags, ``--injection_datetime``, UDPET CSV cells).
 
     A DT needs at least hours and minutes here: DICOM allows a date alone (``YYYYMMDD``) or an hour alone,
     and taking that as midnight or the full hour would decay the dose over hours that never passed (an SUV
@@ -185,18 +198,18 @@ def _parse_datetime(value: Any) -> datetime | None:
     day = _parse_date(text[:8])
     if day is None:
         return None
-    clock = _parse_time(text[8:]) if len(text) > 8 else time(0)
+    clock = parse_time(text[8:]) if len(text) > 8 else time(0)
     return datetime.combine(day, clock) if clock is not None else None
 
 
 def _combine(day: Any, clock: Any) -> datetime | None:
-    d, t = _parse_date(day), _parse_time(clock)
+    d, t = _parse_date(day), parse_time(clock)
     return datetime.combine(d, t) if d is not None and t is not None else None
 
 
 def _acquisition_datetime(ds: Dataset) -> datetime | None:
     if ds.get("AcquisitionDateTime"):
-        parsed = _parse_datetime(ds.AcquisitionDateTime)
+        parsed = parse_datetime(ds.AcquisitionDateTime)
         if parsed is not None:
             return parsed
     return _combine(ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate"), ds.get("AcquisitionTime"))
@@ -235,23 +248,23 @@ _TIME_FIX = (
 def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverrides) -> tuple[datetime, str, bool]:
     """(injection date-time, where it came from, whether only a time of day was known)."""
     if overrides.injection_datetime is not None:
-        parsed = _parse_datetime(overrides.injection_datetime)
+        parsed = parse_datetime(overrides.injection_datetime)
         if parsed is None:
             raise SUVError(f"--injection_datetime {overrides.injection_datetime!r} is not a date-time with hours and minutes: use YYYYMMDDHHMMSS, e.g. 20240102103500")
         return parsed, "--injection_datetime (user)", False
     if overrides.injection_time is not None:
-        clock = _parse_time(overrides.injection_time)
+        clock = parse_time(overrides.injection_time)
         if clock is None:
             raise SUVError(f"--injection_time {overrides.injection_time!r} is not a time of day: use HHMMSS, e.g. 103500")
         return datetime.combine(reference.date(), clock), "--injection_time (user) on the reference date", True
     dated = None
     if rp.get("RadiopharmaceuticalStartDateTime"):
-        parsed = _parse_datetime(rp.RadiopharmaceuticalStartDateTime)
+        parsed = parse_datetime(rp.RadiopharmaceuticalStartDateTime)
         if parsed is not None:
             return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)", False
         # a date without a time of day: its date is still the injection day, the time must come from elsewhere
         dated = _parse_date(_text(rp.RadiopharmaceuticalStartDateTime)[:8])
-    clock = _parse_time(rp.get("RadiopharmaceuticalStartTime"))
+    clock = parse_time(rp.get("RadiopharmaceuticalStartTime"))
     if clock is not None and dated is not None:
         return (datetime.combine(dated, clock),
                 "RadiopharmaceuticalStartTime (0018,1072) on the date of RadiopharmaceuticalStartDateTime (which has no time)", False)
@@ -423,6 +436,35 @@ def suv_bw_factor(weight_kg: float, dose_bq: float, uptake_s: float, half_life_s
     return weight_kg * 1000.0 / (dose_bq * decay), decay
 
 
+def suv_factor_from_values(
+    weight_kg: float,
+    dose_bq: float,
+    uptake_s: float,
+    half_life_s: float,
+    decay_correction: str = "START",
+    *,
+    fix: str = _TIME_FIX,
+) -> float:
+    """Body-weight SUV factor (g/mL per Bq/mL) from known values (a UDPET CSV row), by the DICOM series' rules.
+
+    ``weight_g / (dose_Bq * 2**(-uptake_s / half_life_s))``, no decay for ``ADMIN``; the DecayCorrection policy
+    is :func:`check_decay_correction` (NONE refused) and the uptake rule :func:`check_uptake_s` (a negative
+    uptake or one over 10 half-lives refused), as for a DICOM series. The weight and dose ranges
+    (:func:`check_suv_inputs`) are checked by the caller, which can name the value's source.
+
+    Raises:
+        SUVError: a non-positive weight/dose/half-life, DecayCorrection not START/ADMIN, or a refused uptake.
+    """
+    if weight_kg <= 0 or dose_bq <= 0 or half_life_s <= 0:
+        raise SUVError(f"weight ({weight_kg} kg), injected dose ({dose_bq} Bq) and half-life ({half_life_s} s) must be positive")
+    decay = check_decay_correction(
+        decay_correction, missing="DecayCorrection", fix="give START or ADMIN, or an SUV factor",
+        none_fix="decay-correct the images, or give the SUV factor (one factor for the whole image) explicitly",
+    )
+    check_uptake_s(uptake_s, half_life_s, time_only=False, what=f"delay {uptake_s:g} s from injection to acquisition", fix=fix)
+    return suv_bw_factor(weight_kg, dose_bq, uptake_s, half_life_s, decay)[0]
+
+
 def check_body_suv(
     suv: np.ndarray,
     name: str,
@@ -464,20 +506,50 @@ def check_body_suv(
     return median, warnings
 
 
+def check_decay_correction(
+    value: Any,
+    *,
+    what: str = "DecayCorrection",
+    missing: str = "DecayCorrection (0054,1102)",
+    fix: str = _SUV_FACTOR_HINT,
+    none_fix: str = "decay-correct the series on the scanner, or pass --suv_factor to apply one factor to every slice",
+) -> str:
+    """The one DecayCorrection policy of every SUV computation (DICOM series and UDPET CSV alike).
+
+    ``START`` (decay the dose to the scan reference time) and ``ADMIN`` (no dose decay) are accepted. ``NONE``
+    is refused: the pixels then decay with time over the scan, so each bed/slice/frame would need its own decay
+    factor and one factor for the whole volume is wrong by up to tens of per cent, silently; the safe rule is to
+    refuse and let the user give the factor explicitly. Anything else (or nothing) is an unknown reference.
+
+    Args:
+        value: the DecayCorrection value (tag or CSV cell).
+        what, missing: how messages name the value, and the value when it is absent.
+        fix, none_fix: the caller's remedies (its options differ by tool).
+
+    Returns:
+        ``"START"`` or ``"ADMIN"``.
+
+    Raises:
+        SUVError: missing, NONE, or another value.
+    """
+    decay = _text(value).upper()
+    if not decay:
+        raise SUVError(f"{missing} is missing: unknown decay reference, SUV cannot be computed; {fix}")
+    if decay == "NONE":
+        raise SUVError(
+            f"{what} is NONE (images not decay corrected): SUV would need a decay factor per bed/slice, which is not "
+            f"supported; {none_fix}"
+        )
+    if decay not in ("START", "ADMIN"):
+        raise SUVError(f"{what} {decay!r} is not START, ADMIN or NONE: the decay reference is unknown; {fix}")
+    return decay
+
+
 def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOverrides) -> tuple[float, dict[str, Any]]:
     """Body-weight SUV factor for a BQML series from its tags and the user's overrides (see the module docstring)."""
     info: dict[str, Any] = {}
     warnings: list[str] = []
-    decay = _text(ds.get("DecayCorrection")).upper()
-    if not decay:
-        raise SUVError(f"DecayCorrection (0054,1102) is missing: unknown decay reference, SUV cannot be computed; {_SUV_FACTOR_HINT}")
-    if decay == "NONE":
-        raise SUVError(
-            "DecayCorrection is NONE (images not decay corrected): SUV would need a decay factor per bed/slice, which is not "
-            "supported; decay-correct the series on the scanner, or pass --suv_factor to apply one factor to every slice"
-        )
-    if decay not in ("START", "ADMIN"):
-        raise SUVError(f"DecayCorrection {decay!r} is not START, ADMIN or NONE: the decay reference is unknown; {_SUV_FACTOR_HINT}")
+    decay = check_decay_correction(ds.get("DecayCorrection"))
     if overrides.patient_weight_kg is not None:
         weight_kg, weight_what = _positive_float(overrides.patient_weight_kg), "--patient_weight"
         if weight_kg is None:

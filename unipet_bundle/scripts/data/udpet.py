@@ -30,8 +30,9 @@ with the injection "after" the acquisition are refused (never taken as the day b
 a time-only delay over 12 h and any delay over 10 half-lives are refused, and so are a weight outside
 1-350 kg or a dose outside 1 MBq-10 GBq (a column in g or MBq without its unit in the header). With
 ``DecayCorrection = ADMIN`` the image is already corrected to injection time, so the dose is not
-decayed; ``START`` (the UDPET value, and the default) and ``NONE`` decay it to the acquisition start
-(``NONE`` logs a warning: per-frame decay is then not exact). ``ImageUnits`` ``GML``/``SUV`` means the
+decayed; ``START`` (the UDPET value, and the default) decays it to the acquisition start; ``NONE`` is
+refused, as for a DICOM series (images not decay corrected need a factor per frame: give the file's SUV
+factor in the CSV instead). The factor itself is :func:`scripts.data.suv.suv_factor_from_values`. ``ImageUnits`` ``GML``/``SUV`` means the
 file is already SUV (factor 1); any unit other than ``BQML`` is an error. A CSV column with an SUV
 factor (``suv_factor``, ``SUVFactor``, ...) is used as given when its cell is not empty.
 
@@ -85,12 +86,18 @@ from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
-from scripts.data.suv import check_body_suv, check_suv_inputs, check_uptake_s, suv_bw_factor, uptake_time_s
+from scripts.data.suv import (
+    check_body_suv,
+    check_suv_inputs,
+    parse_datetime,
+    parse_time,
+    suv_factor_from_values,
+    uptake_time_s,
+)
 
 __all__ = [
     "FIELD_ALIASES",
     "UdpetSubject",
-    "compute_suv_factor",
     "convert_udpet",
     "find_udpet_files",
     "main",
@@ -142,6 +149,9 @@ _BRACKET_RE = re.compile(r"[\(\[]\s*(?P<unit>[^\)\]]*?)\s*[\)\]]")
 # The plausibility ranges (weight, dose, body median SUV) and the uptake-time rules are those of
 # scripts.data.suv (one rule wherever SUV is computed); here the fix is the CSV header's unit or the value.
 _CSV_UNIT_FIX = "say the unit in the column header (e.g. '{header} [{unit}]') or via --column_map, or correct the value"
+_CSV_DELAY_FIX = (
+    "check the injection and acquisition times and their units (seconds unless the header says otherwise, e.g. 'half life [min]')"
+)
 _CSV_TIME_FIX = (
     "give dates with the times (YYYYMMDDHHMMSS or ISO 'YYYY-MM-DD HH:MM:SS') or a TimeFromInjectionToAcquisition column in s"
 )
@@ -419,17 +429,16 @@ def _number(row: _Row, fld: str, table: MetadataTable) -> float:
 
 
 def _clock(text: str, row: _Row, header: str) -> datetime | float:
-    """A datetime (when a date is given) or seconds since midnight."""
+    """A datetime (when a date is given) or seconds since midnight; DICOM DT/TM and ``H:MM[:SS]`` are read by
+    :mod:`scripts.data.suv`'s parsers (the ones DICOM series use), ISO ``YYYY-MM-DD HH:MM:SS`` by Python's."""
     t = text.strip()
-    m = re.match(r"^(\d{14})(\.\d+)?$", t)  # DICOM DT
-    if m:
-        return datetime.strptime(m.group(1), "%Y%m%d%H%M%S").replace(microsecond=int(float(m.group(2) or 0) * 1e6))
-    m = re.match(r"^(\d{2})(\d{2})(\d{2})(\.\d+)?$", t)  # DICOM TM
-    if m:
-        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)) + float(m.group(4) or 0)
-    m = re.match(r"^(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d+)?))?$", t)
-    if m:
-        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3) or 0)
+    if re.fullmatch(r"\d{14}(\.\d+)?", t):  # DICOM DT with seconds (a shorter digit string is a TM or nothing)
+        parsed = parse_datetime(t)
+        if parsed is not None:
+            return parsed
+    clock = parse_time(t)  # DICOM TM (HHMMSS[.F]) or H:MM[:SS[.F]]
+    if clock is not None and (":" in t or re.fullmatch(r"\d{6}(\.\d+)?", t)):
+        return clock.hour * 3600 + clock.minute * 60 + clock.second + clock.microsecond / 1e6
     try:
         return datetime.fromisoformat(t)
     except ValueError:
@@ -456,34 +465,6 @@ def _delay_s(row: _Row, table: MetadataTable) -> float:
         reference_what=f"acquisition time '{table.columns['acquisition_time'].header}'", fix=_CSV_TIME_FIX,
     )
     return delay
-
-
-def compute_suv_factor(
-    weight_kg: float,
-    injected_dose_bq: float,
-    delay_s: float,
-    half_life_s: float,
-    decay_correction: str = "START",
-) -> float:
-    """Body-weight SUV factor (g/mL per Bq/mL): ``weight_g / (dose_Bq * 2**(-delay_s / half_life_s))``.
-
-    With ``decay_correction="ADMIN"`` the dose is not decayed (the image is corrected to injection time).
-
-    The rules (uptake time, formula) are :mod:`scripts.data.suv`'s, so DICOM and UDPET agree; the weight
-    and dose ranges are checked by the caller (:func:`_row_factor`), which can name the CSV column.
-
-    Raises:
-        UniPETInputError: a non-positive weight/dose/half-life, a negative delay, or a delay over 10 half-lives.
-    """
-    if weight_kg <= 0 or injected_dose_bq <= 0 or half_life_s <= 0:
-        raise UniPETInputError(
-            f"weight ({weight_kg} kg), injected dose ({injected_dose_bq} Bq) and half-life ({half_life_s} s) must be positive"
-        )
-    check_uptake_s(
-        delay_s, half_life_s, time_only=False, what=f"delay {delay_s:g} s from injection to acquisition",
-        fix="check the injection and acquisition times and their units (seconds unless the header says otherwise, e.g. 'half life [min]')",
-    )
-    return suv_bw_factor(weight_kg, injected_dose_bq, delay_s, half_life_s, decay_correction)[0]
 
 
 _REQUIRED = ("weight", "dose", "half_life")
@@ -539,12 +520,8 @@ def _row_factor(row: _Row, table: MetadataTable) -> tuple[float, dict[str, Any]]
         dose_fix=_CSV_UNIT_FIX.format(header=table.columns["dose"].header, unit="MBq"),
     )
     correction = (row.values.get("decay_correction") or "START").upper()
-    if correction not in {"START", "ADMIN", "NONE"}:
-        raise UniPETInputError(f"metadata CSV line {row.number}: DecayCorrection '{correction}' not supported (START, ADMIN, NONE)")
-    if correction == "NONE":
-        logger.warning("CSV line %d: DecayCorrection NONE, decaying the dose to acquisition start", row.number)
-    try:
-        factor = compute_suv_factor(weight_g / 1000.0, dose_bq, delay_s, half_life_s, correction)
+    try:  # the DICOM series' rules (scripts.data.suv): DecayCorrection NONE is refused there and here
+        factor = suv_factor_from_values(weight_g / 1000.0, dose_bq, delay_s, half_life_s, correction, fix=_CSV_DELAY_FIX)
     except UniPETInputError as exc:
         raise UniPETInputError(f"metadata CSV line {row.number}: {exc}") from None
     info.update(
