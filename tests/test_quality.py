@@ -223,10 +223,12 @@ def test_help(module):
 def test_train_models_data_step_makes_both_families(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train_models, "_run", lambda cmd, threads: calls.append(cmd))
+    monkeypatch.setattr(train_models, "_run_parallel", lambda cmds, threads: calls.append(cmds))
     tm = train_models.TrainModels(str(tmp_path / "w"))
     tm.data(n_phantoms=6, n_val=2, n_test=3, real="false", n_unseen=5, n_unseen_val=2)
-    sim_cmd, datalist_cmd, unseen_cmd = calls
-    assert sim_cmd[sim_cmd.index("--profile") + 1] == "randomised" and sim_cmd[sim_cmd.index("--n_subjects") + 1] == "6"
+    sim_cmds, datalist_cmd, unseen_cmd = calls
+    assert all(c[c.index("--profile") + 1] == "randomised" for c in sim_cmds)
+    assert [c[c.index("--n_subjects") + 1] for c in sim_cmds] == ["3", "6"]  # two processes by default
     assert datalist_cmd[datalist_cmd.index("--val_subjects") + 1] == "[phantom_001,phantom_002]"
     assert datalist_cmd[datalist_cmd.index("--test_subjects") + 1] == "[phantom_003,phantom_004,phantom_005]"
     assert unseen_cmd[unseen_cmd.index("--profile") + 1] == "unseen_recon"
@@ -234,3 +236,27 @@ def test_train_models_data_step_makes_both_families(tmp_path, monkeypatch):
     assert family["validation"] == ["phantom_000", "phantom_001"] and len(family["test"]) == 3
     with pytest.raises(UniPETInputError, match="must leave >= 1 training subject"):
         tm.data(n_phantoms=4, n_val=2, n_test=2, real=False)
+
+
+def test_ship_another_model_and_refuse_a_foreign_architecture(tmp_path, monkeypatch):
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    monkeypatch.setattr(train_models, "BUNDLE_ROOT", root)
+    tm = train_models.TrainModels(str(tmp_path / "w"))
+    src = _perturbed_default_net(tm.models / "vanilla" / "model_stage1.pt", 1)
+    tm.ship(model="vanilla")
+    assert (root / "models" / "model.pt").read_bytes() == src.read_bytes()
+    with pytest.raises(UniPETInputError, match="cannot be shipped"):
+        tm.ship(model="unet", overwrite=True)
+
+
+def test_data_step_simulates_phantom_ranges_in_parallel(tmp_path, monkeypatch):
+    runs = []
+    monkeypatch.setattr(train_models, "_run", lambda cmd, threads: runs.append((cmd, threads)))
+    monkeypatch.setattr(train_models, "_run_parallel", lambda cmds, threads: runs.append((cmds, threads)))
+    tm = train_models.TrainModels(str(tmp_path / "w"))
+    tm.data(n_phantoms=7, n_val=1, n_test=1, real=False, n_unseen=0, jobs=3)
+    cmds, threads = runs[0]
+    ranges = [(int(c[c.index("--first_subject") + 1]), int(c[c.index("--n_subjects") + 1])) for c in cmds]
+    assert ranges == [(0, 2), (2, 5), (5, 7)] and threads == 1  # contiguous, disjoint, covering 0..6
+    assert all(c[c.index("--seed") + 1] == str(train_models.PHANTOM_SEED) for c in cmds)

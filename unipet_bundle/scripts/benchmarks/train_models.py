@@ -88,6 +88,23 @@ def _py() -> list[str]:
     return [sys.executable]
 
 
+def _run_parallel(cmds: list[list[str]], threads: int | None) -> None:
+    """Run independent commands at once (one per core), each printed first; fail if any fails."""
+    if len(cmds) == 1:
+        _run(cmds[0], threads)
+        return
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    procs = []
+    for cmd in cmds:
+        print("$ " + " ".join(shlex.quote(c) for c in cmd) + " &", flush=True)
+        procs.append(subprocess.Popen(cmd, cwd=BUNDLE_ROOT, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"error: a step above failed (exit codes {codes})")
+
+
 def _run(cmd: list[str], threads: int | None) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
@@ -116,7 +133,7 @@ class TrainModels:
     # -- data ------------------------------------------------------------------------------------------
     def data(self, real_series: str = str(REAL_SERIES), profile: str = "randomised", n_phantoms: int = N_PHANTOMS,
              n_val: int = N_VAL, n_test: int = N_TEST, real: bool = True, n_unseen: int = N_UNSEEN,
-             n_unseen_val: int = N_UNSEEN_VAL) -> None:
+             n_unseen_val: int = N_UNSEEN_VAL, jobs: int = 2) -> None:
         """Simulate the datasets (see the module docstring) and write the datalist and ``family.json``.
 
         Args:
@@ -126,6 +143,8 @@ class TrainModels:
             real: add the real-series subject to ``sim/``'s test split.
             n_unseen, n_unseen_val: phantoms of ``sim_unseen/`` and how many of the first ones tune the
                 Gaussian (the rest are test subjects); 0 skips the family.
+            jobs: simulation processes at once (one thread each), each on its own range of phantoms; the
+                files do not depend on it (each subject's seed depends on its index alone).
         """
         from scripts.common.options import as_bool
 
@@ -139,8 +158,12 @@ class TrainModels:
         val = names[n_phantoms - n_test - n_val: n_phantoms - n_test]
         if not all((self.sim_dir / p).is_dir() for p in names):
             # seeded, so re-simulating an interrupted set (--overwrite) gives the same files
-            _run([*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--n_subjects", str(n_phantoms),
-                  "--profile", profile, "--seed", str(PHANTOM_SEED), "--drfs", drfs, "--overwrite", "true"], None)
+            jobs = max(1, min(int(jobs), n_phantoms))
+            bounds = [round(i * n_phantoms / jobs) for i in range(jobs + 1)]
+            _run_parallel([[*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--n_subjects", str(hi),
+                            "--first_subject", str(lo), "--profile", profile, "--seed", str(PHANTOM_SEED),
+                            "--drfs", drfs, "--overwrite", "true"] for lo, hi in zip(bounds, bounds[1:])],
+                          1 if jobs > 1 else None)
         if real:
             suv = self.work / "real" / "sts001_suv.nii.gz"
             if not suv.is_file():
@@ -213,11 +236,21 @@ class TrainModels:
                                             "--epochs", epochs, "--stage1_epochs", epochs, "--val_interval", "1"])
 
     # -- shipping ------------------------------------------------------------------------------------------
-    def ship(self, overwrite: bool = False) -> None:
-        """Copy UniPET's best stage-2 weights to models/model.pt and record their SHA-256 in large_files.yml."""
-        source = self.models / "unipet" / "model.pt"
+    def ship(self, overwrite: bool = False, model: str = "unipet") -> None:
+        """Copy a model's best weights to models/model.pt and record their SHA-256 in large_files.yml.
+
+        ``model``: ``unipet`` (its best stage-2 weights, the default) or, when the quality table shows that
+        SAN/RALS do not beat it, another model of the same architecture (``vanilla``: best stage-1 weights;
+        ``san_only``, ``rals_only``, ``no_hotspot``, ``no_regional``); the model card must then say which.
+        """
+        files = {"unipet": "model.pt", "vanilla": "model_stage1.pt", "san_only": "model.pt", "rals_only": "model.pt",
+                 "no_hotspot": "model.pt", "no_regional": "model.pt"}
+        if model not in files:
+            raise UniPETInputError(f"--model {model!r} cannot be shipped: configs/inference.json builds UniPET; use one "
+                                   f"of {sorted(files)}")
+        source = self.models / model / files[model]
         if not source.is_file():
-            raise UniPETInputError(f"{source} not found: run the `unipet` step to the end first")
+            raise UniPETInputError(f"{source} not found: run the `{model}` step to the end first")
         target = BUNDLE_ROOT / "models" / "model.pt"
         check_output_path(target, overwrite=overwrite, inputs=[source])
         atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), sync=True)
