@@ -34,3 +34,49 @@ def test_voxel_spacing_equals_each_formula_it_replaced(seed):
     # the five copies it replaced: column norm (inference, evaluation, QC, writer, demo) and root of summed squares
     assert new.tolist() == np.linalg.norm(affine[:3, :3], axis=0).tolist()
     assert tuple(new.tolist()) == tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def test_bundle_version_is_read_from_metadata_in_one_place(tmp_path):
+    import json
+
+    from conftest import BUNDLE_ROOT
+    from scripts.common.versioning import BUNDLE_ROOT as CODE_ROOT
+    from scripts.common.versioning import bundle_version, read_metadata
+
+    version = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["version"]
+    assert CODE_ROOT == BUNDLE_ROOT and bundle_version() == bundle_version(BUNDLE_ROOT) == version
+    assert read_metadata(BUNDLE_ROOT)["version"] == version
+    # outputs only record the version: a bundle without (or with a broken) metadata.json says "unknown"
+    assert bundle_version(tmp_path) == "unknown"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "metadata.json").write_text("{not json")
+    assert bundle_version(tmp_path) == "unknown"
+    (tmp_path / "configs" / "metadata.json").write_text('{"version": "9.9.9"}')
+    assert bundle_version(tmp_path) == "9.9.9"
+
+
+def test_inference_config_records_the_same_version():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+    from scripts.common.versioning import bundle_version
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    assert parser.get_parsed_content("model_version") == bundle_version()
+
+
+def test_new_file_and_folder_modes_follow_the_umask_and_leave_it_unchanged():
+    import os
+
+    from scripts.common.io import current_umask, default_dir_mode, default_file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027 and current_umask() == 0o027  # reading it does not change it
+        assert default_file_mode() == 0o640 and default_dir_mode() == 0o750
+        os.umask(0o002)
+        assert default_file_mode() == 0o664 and default_dir_mode() == 0o775
+    finally:
+        os.umask(old)

@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 
 from scripts.common.errors import UniPETInputError
 from scripts.common.geometry import voxel_spacing
-from scripts.common.io import atomic_write_json, check_output_path
+from scripts.common.io import atomic_write_json, check_output_path, default_dir_mode
+from scripts.common.versioning import bundle_version
 from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
 from .projector import get_projector
@@ -108,14 +109,6 @@ _MAX_SLICES_PER_CHUNK = 128  # OSEM columns per batch: bounds memory for long re
 def drf_name(drf: float) -> str:
     """File stem of one dose level: ``drf_4``, ``drf_2.5``."""
     return f"drf_{drf:g}"
-
-
-def _software_version() -> str:
-    meta = Path(__file__).resolve().parents[2] / "configs" / "metadata.json"
-    try:
-        return str(json.loads(meta.read_text())["version"])
-    except Exception:  # metadata missing or malformed: the simulation itself is still valid
-        return "unknown"
 
 
 def _as_drfs(drfs: Any) -> list[float]:
@@ -553,12 +546,6 @@ def resample_activity(
     return out[0].numpy().astype(np.float32), new_affine, (float(spacing_mm),) * 3
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _check_subject_name(subject: str) -> str:
     subject = str(subject)
     if not subject or subject.startswith(".") or "/" in subject or "\\" in subject or subject in ("..",):
@@ -664,7 +651,7 @@ def simulate_subject(
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{subject}.tmp-", dir=out_root))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the dataset folder should not be
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes it private; the dataset folder should not be
         save_nifti(result["full_dose"], affine, tmp / "full_dose.nii.gz")
         for d in drf_list:
             save_nifti(result["drf"][d], affine, tmp / f"{drf_name(d)}.nii.gz")
@@ -676,7 +663,7 @@ def simulate_subject(
                            "scans); full dose and low dose at each DRF share the same truth and grid",
             "data_kind": "simulated data",
             "subject": subject,
-            "software": {"name": "unipet_bundle scripts.data.simulate", "version": _software_version(),
+            "software": {"name": "unipet_bundle scripts.data.simulate", "version": bundle_version(),
                          "numpy": np.__version__, "scipy": scipy.__version__, "torch": torch.__version__},
             "subject_seed": int(seed),
             "noise_seed": noise_seed,

@@ -33,8 +33,8 @@ from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose
 
 from scripts.common.errors import UniPETInputError, user_error
+from scripts.common.versioning import bundle_version
 from scripts.common.weights import file_sha256
-from scripts.inference.model import bundle_version
 from scripts.inference.writer import SaveDenoisedd
 
 __all__ = ["BundleDenoiser", "check_float_volume", "suv_metatensor"]

@@ -27,7 +27,6 @@ CLI (from the bundle root)::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write
 from scripts.common.large_files import large_files_yaml
 from scripts.common.options import as_bool
+from scripts.common.versioning import read_metadata
 from scripts.common.weights import file_sha256
 
 __all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle", "requirements_text"]
@@ -75,15 +75,15 @@ class PackageResult:
     weights: dict[str, str]  # bundle-relative path -> sha256
 
 
-def bundle_version(root: Path) -> str:
-    """``version`` of ``configs/metadata.json``, checked against its ``changelog``.
+def packaged_version(root: Path) -> str:
+    """``version`` of ``configs/metadata.json`` (:func:`scripts.common.versioning.read_metadata`), checked against its ``changelog``.
 
     Raises:
         PackageError: missing/unreadable metadata, no version, or a version without a changelog entry.
     """
     meta_path = root / "configs" / "metadata.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_metadata(root)
     except (OSError, ValueError) as exc:
         raise PackageError(f"{meta_path} cannot be read ({exc}): is {root} the unipet_bundle folder?") from None
     version = str(meta.get("version") or "")
@@ -103,7 +103,7 @@ def requirements_text(root: Path) -> str:
     """
     meta_path = root / "configs" / "metadata.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_metadata(root)
         pins = {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"],
                 **meta["required_packages_version"]}
     except (OSError, ValueError, KeyError) as exc:
@@ -207,7 +207,7 @@ def package_bundle(
         raise PackageError(f"{root} is not the unipet_bundle folder (no configs/inference.json): pass --bundle_root")
     if out == root or root in out.parents:
         raise PackageError(f"--output_dir {out} is inside the bundle: it would package itself; choose a folder outside {root}")
-    version = bundle_version(root)
+    version = packaged_version(root)
     if not (root / "models" / "model.pt").is_file():
         raise PackageError(f"{root / 'models' / 'model.pt'} not found: the zoo zip must carry trained weights (train first)")
     if require_torchscript and not (root / "models" / "model.ts").is_file():

@@ -51,6 +51,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 
 from scripts.common.errors import UniPETInputError
+from scripts.common.io import default_dir_mode
 from scripts.data.dicom_series import select_series
 from scripts.inference.claims import publish, remove_path, temporary_path
 
@@ -146,13 +147,6 @@ def sorted_series_headers(dicom_dir: str | os.PathLike) -> list[Dataset]:
     return [chosen.headers[i] for i in np.argsort(along, kind="stable")]
 
 
-def _default_dir_mode() -> int:
-    """The mode ``mkdir`` would give a new folder under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
 def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``fill(tmp_dir)`` on a hidden folder beside ``target``, then rename it to ``target``.
 
@@ -169,7 +163,7 @@ def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None], ov
         raise UniPETInputError(exists)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target)
-    tmp.mkdir(mode=_default_dir_mode())
+    tmp.mkdir(mode=default_dir_mode())
     try:
         fill(tmp)
         try:

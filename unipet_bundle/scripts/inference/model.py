@@ -16,10 +16,8 @@ outputs then say UNTRAINED (sidecar, DICOM SeriesDescription, log).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,18 +25,9 @@ import torch
 from scripts.common.options import as_bool
 from scripts.common.weights import CheckpointError, load_network_weights, provenance, resolve_checkpoint
 
-__all__ = ["bundle_version", "load_weights"]
+__all__ = ["load_weights"]
 
 logger = logging.getLogger(__name__)
-
-
-def bundle_version(bundle_root: str | os.PathLike) -> str:
-    """``version`` of ``<bundle_root>/configs/metadata.json``, or ``"unknown"``."""
-    try:
-        meta = json.loads((Path(bundle_root) / "configs" / "metadata.json").read_text())
-        return str(meta.get("version") or "unknown")
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
 
 
 def load_weights(
