@@ -26,15 +26,13 @@ from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
 from scripts.deploy.deploy_app.pet_series import (
     DenoisedPET,
-    SeriesCheckError,
     find_pet_series,
     pet_volume_from_files,
     run_without_sdk,
     series_name,
-    verify_written_series,
     write_denoised,
 )
-from scripts.inference.dicom_writer import INT16_MAX
+from scripts.inference.dicom_writer import INT16_MAX, SeriesCheckError, verify_written_series
 from test_torchscript import make_bundle_copy
 
 HAS_SDK = importlib.util.find_spec("monai.deploy") is not None and importlib.util.find_spec("holoscan") is not None

@@ -19,7 +19,7 @@ import pytest
 
 import pet_dicom_factory as factory
 from scripts.data.suv import read_pet_series
-from scripts.inference.dicom_writer import sorted_series_headers, write_derived_pet_series
+from scripts.inference.dicom_writer import write_derived_pet_series
 
 DCIODVFY = shutil.which("dciodvfy")
 DCM2NIIX = shutil.which("dcm2niix")
@@ -41,7 +41,7 @@ def real_derived(tmp_path_factory, real_pet_dir):
     factory.copy_real_slices(real_pet_dir, tmp / "src", count=12, first=120)
     source = read_pet_series(tmp / "src")
     denoised = gaussian_filter(source.suv.astype(np.float64), 1.0).astype(np.float32)
-    headers = sorted_series_headers(tmp / "src")
+    headers = source.datasets  # the reader's one slice sort
     files = write_derived_pet_series(denoised, headers, source.suv_factor, tmp / "out", model_version="0.0.test")
     return tmp, source, denoised, headers, files
 
@@ -82,7 +82,7 @@ def test_the_writer_adds_no_dciodvfy_error_to_a_minimal_source(tmp_path):
     suv = np.random.default_rng(0).gamma(2.0, 0.8, (10, 8, 4))
     factory.write_synthetic_series(tmp_path / "src", suv / factory.expected_factor())
     syn = read_pet_series(tmp_path / "src")
-    headers = sorted_series_headers(tmp_path / "src")
+    headers = syn.datasets
     files = write_derived_pet_series(syn.suv, headers, syn.suv_factor, tmp_path / "out")
     src_files = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in (tmp_path / "src").iterdir()}
     for f in files:

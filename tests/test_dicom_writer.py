@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pydicom
 import pytest
+import torch
+from monai.data import MetaTensor
 from pydicom.uid import ExplicitVRLittleEndian
 
 import pet_dicom_factory as factory
@@ -13,10 +18,13 @@ from scripts.data.suv import read_pet_series
 from scripts.inference import dicom_writer
 from scripts.inference.dicom_writer import (
     INT16_MAX,
+    SeriesCheckError,
+    SourceSeries,
     quantise_slice,
-    sorted_series_headers,
     write_derived_pet_series,
 )
+from scripts.inference.inputs import LoadPETd
+from scripts.inference.writer import SaveDenoisedd
 
 
 def _synthetic(tmp_path, shape=(12, 10, 6), seed=0, edit=None):
@@ -123,13 +131,49 @@ def test_written_series_reads_back_with_same_suv_factor_and_geometry(tmp_path):
         assert not any(elem.tag.is_private for elem in ds), "private tags must be removed"
 
 
-def test_header_order_matches_the_reader(tmp_path):
-    series = _synthetic(tmp_path, shape=(6, 5, 9), seed=3)  # the factory shuffles file names
-    headers = sorted_series_headers(tmp_path / "src")
-    assert [h.SOPInstanceUID for h in headers] == [d.SOPInstanceUID for d in series.datasets]
+def _loaded_for_the_writer(tmp_path, shape=(8, 7, 9)):
+    """A DICOM input as inference.json's writer receives it: LoadPETd's entries plus a denoised ``pred``."""
+    series = _synthetic(tmp_path, shape=shape, seed=3)  # the factory shuffles file names
     by_file_name = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in sorted((tmp_path / "src").iterdir())]
-    assert by_file_name != [h.SOPInstanceUID for h in headers], "the test needs file names out of slice order"
-    assert "PixelData" not in headers[0]
+    assert by_file_name != [d.SOPInstanceUID for d in series.datasets], "the test needs file names out of slice order"
+    d = LoadPETd("image")({"image": str(tmp_path / "src"), "name": "pet", "kind": "dicom"})
+    carried = d["source_series"]
+    assert isinstance(carried, SourceSeries) and "PixelData" not in carried.headers[0]
+    assert [h.SOPInstanceUID for h in carried.headers] == [h.SOPInstanceUID for h in series.datasets]
+    image = d["image"]
+    denoised = _denoised(series, np.random.default_rng(4))
+    d["pred"] = MetaTensor(torch.from_numpy(denoised[None]), affine=image.affine.clone())
+    return d, series, denoised
+
+
+def _dicom_writer(out):
+    return SaveDenoisedd(output_dir=out, output_format="both", model_info={"trained": True}, model_version="0.0.test")
+
+
+def test_inference_writer_uses_the_headers_the_loader_carried(tmp_path):
+    """The writer derives the series from LoadPETd's sorted headers and factor: it never reads the source folder
+    again (it is gone here), and the series reads back as the denoised volume, slice k from source slice k."""
+    d, series, denoised = _loaded_for_the_writer(tmp_path)
+    shutil.rmtree(tmp_path / "src")
+    _dicom_writer(tmp_path / "out")(d)
+    back = read_pet_series(tmp_path / "out" / "pet_denoised_dicom")
+    assert back.suv_factor == pytest.approx(series.suv_factor, rel=1e-12)
+    assert np.all(np.abs(back.suv - denoised).max(axis=(0, 1)) <= _quantisation_tolerance(denoised))
+    refs = [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in back.datasets]
+    assert refs == [h.SOPInstanceUID for h in series.datasets]
+    sidecar = json.loads((tmp_path / "out" / "pet_denoised.json").read_text())
+    assert sidecar["suv_factor"] == series.suv_factor and sidecar["suv_details"] == series.suv_details
+
+
+def test_read_back_mismatch_is_an_error_and_nothing_is_published(tmp_path):
+    """The carried slice order is honoured as given (no second sort): an order that does not match the volume
+    writes a scrambled series, which the read-back catches before anything is published."""
+    d, series, _ = _loaded_for_the_writer(tmp_path)
+    d["source_series"] = SourceSeries(series.datasets[::-1], series.suv_factor, series.suv_details)
+    with pytest.raises(SeriesCheckError, match="reads back .* SUV off the float volume"):
+        _dicom_writer(tmp_path / "out")(d)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".unipet")) == []
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name or p.name.startswith(".pet")]
 
 
 def test_real_series_slices_keep_their_suv_factor(tmp_path, real_pet_dir):

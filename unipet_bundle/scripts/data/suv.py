@@ -44,6 +44,7 @@ CLI (from the bundle root)::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -728,6 +729,8 @@ class PETSeries:
         files: slice files in ``k`` order.
         datasets: their headers (no pixel data), same order; ``reference`` is the first.
         rescale_slopes, rescale_intercepts: (Z,) per-slice rescale of the source series.
+        suv_details: what :func:`compute_suv_factor` returned with the factor (tags used, decay, warnings): a
+            writer deriving a series from ``datasets`` records it without computing the factor again.
     """
 
     suv: np.ndarray
@@ -739,6 +742,7 @@ class PETSeries:
     datasets: list[Dataset]
     rescale_slopes: np.ndarray
     rescale_intercepts: np.ndarray
+    suv_details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reference(self) -> Dataset:
@@ -824,6 +828,7 @@ def read_pet_series(
     _check_consistent(chosen.headers, folder)
     # The factor comes first so a missing tag fails before the pixel data are decoded.
     factor, info = compute_suv_factor(chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers, overrides=overrides)
+    suv_details = copy.deepcopy(info)  # the factor's own record, before the series facts are added (for writers)
     volume: DicomVolume = stack_series(chosen)
     suv = bqml_to_suv(volume.array, factor)
     source = {
@@ -869,6 +874,7 @@ def read_pet_series(
         datasets=volume.datasets,
         rescale_slopes=volume.rescale_slopes,
         rescale_intercepts=volume.rescale_intercepts,
+        suv_details=suv_details,
     )
 
 

@@ -44,6 +44,7 @@ import os
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -52,15 +53,17 @@ from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageS
 
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import default_dir_mode
-from scripts.data.dicom_series import select_series
+from scripts.data.suv import read_pet_series
 from scripts.inference.claims import publish, remove_path, temporary_path
 
 __all__ = [
     "INT16_MAX",
     "atomic_write_dir",
     "quantise_slice",
-    "sorted_series_headers",
+    "SeriesCheckError",
+    "SourceSeries",
     "stage_derived_pet_series",
+    "verify_written_series",
     "write_derived_pet_series",
 ]
 
@@ -129,22 +132,79 @@ def quantise_slice(values: np.ndarray) -> tuple[np.ndarray, str]:
     return np.clip(stored, -INT16_MAX, INT16_MAX).astype(np.int16), text
 
 
-def sorted_series_headers(dicom_dir: str | os.PathLike) -> list[Dataset]:
-    """Headers (no pixel data) of the PET series in ``dicom_dir``, in the slice order of
-    :func:`scripts.data.suv.read_pet_series` (``array[..., k]``): sorted along the slice normal.
+class SourceSeries:
+    """The source PET series as the loader read it, carried in the data dict to the DICOM writer.
+
+    :class:`scripts.inference.inputs.LoadPETd` puts one under ``source_series`` for a DICOM input, so the
+    writer derives its series from exactly the headers, slice order and SUV factor the volume was built
+    with: it never re-reads the folder, re-sorts the slices or recomputes the factor (a second sort that
+    disagreed with the first would scramble the derived series silently).
+
+    MONAI's collation cannot stack pydicom datasets, so
+    :func:`scripts.inference.memory.collate_native_by_reference` passes this object by reference, and
+    ``decollate_batch`` hands it back untouched because it presents itself as a 0-d value (``ndim`` 0,
+    :meth:`item` returns the object itself).
+
+    Attributes:
+        headers: the slices' headers (no pixel data) in the volume's ``k`` order
+            (:attr:`scripts.data.suv.PETSeries.datasets`).
+        suv_factor: SUV = suv_factor x source pixel value, as the volume was converted.
+        suv_details: what :func:`scripts.data.suv.compute_suv_factor` said about the factor (for the sidecar).
+    """
+
+    ndim = 0
+
+    def __init__(self, headers: Sequence[Dataset], suv_factor: float, suv_details: dict[str, Any]) -> None:
+        self.headers = list(headers)
+        self.suv_factor = float(suv_factor)
+        self.suv_details = dict(suv_details)
+
+    def item(self) -> "SourceSeries":
+        return self
+
+    def __repr__(self) -> str:
+        return f"SourceSeries({len(self.headers)} slices, suv_factor={self.suv_factor:g})"
+
+
+class SeriesCheckError(RuntimeError):
+    """A written series does not read back as the float volume it was written from (never expected)."""
+
+
+def verify_written_series(series_dir: str | os.PathLike, expected_suv: np.ndarray, suv_factor: float) -> float:
+    """Read a written series back and compare its SUV with the float volume it came from.
+
+    The series is read as any input is (:func:`scripts.data.suv.read_pet_series`: its own slice sort, the SUV
+    factor from its own tags). Every slice must match within half its own quantisation step
+    (``max|slice| / 32767 / 2``): this catches any integer cast, clipping, lost slope or wrong slice order
+    between the float volume and the files.
+
+    Args:
+        series_dir: the written series folder.
+        expected_suv: float (X, Y, Z) SUV the series was written from.
+        suv_factor: the factor it was written with.
+
+    Returns:
+        The largest absolute SUV difference.
 
     Raises:
-        DicomSeriesError: as :func:`scripts.data.dicom_series.select_series`, or missing geometry tags.
+        SeriesCheckError: a slice differs by more than its step allows, or the SUV factor changed.
     """
-    chosen = select_series(dicom_dir, modality="PT")
-    try:
-        iop = np.asarray([float(v) for v in chosen.headers[0].ImageOrientationPatient], dtype=np.float64)
-        positions = [np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64) for ds in chosen.headers]
-    except (AttributeError, TypeError, ValueError):
-        raise UniPETInputError(f"{dicom_dir}: ImageOrientationPatient/ImagePositionPatient missing or malformed") from None
-    normal = np.cross(iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:]))
-    along = np.array([float(normal @ p) for p in positions])
-    return [chosen.headers[i] for i in np.argsort(along, kind="stable")]
+    back = read_pet_series(series_dir)
+    expected = np.asarray(expected_suv, dtype=np.float64)
+    if back.suv.shape != expected.shape:
+        raise SeriesCheckError(f"{series_dir}: read back as {back.suv.shape}, written from {expected.shape}")
+    if not np.isclose(back.suv_factor, suv_factor, rtol=1e-9, atol=0):
+        raise SeriesCheckError(f"{series_dir}: SUV factor {back.suv_factor} read back, {suv_factor} expected")
+    err = np.abs(back.suv.astype(np.float64) - expected).max(axis=(0, 1))
+    # half a step of each slice, plus float32 rounding of the read-back SUV
+    allowed = np.abs(expected).max(axis=(0, 1)) * (0.5 / INT16_MAX * (1 + 1e-6) + 1e-6) + 1e-6
+    worst = int(np.argmax(err - allowed))
+    if err[worst] > allowed[worst]:
+        raise SeriesCheckError(
+            f"{series_dir}: slice {worst} reads back {err[worst]:.4g} SUV off the float volume (allowed {allowed[worst]:.3g}): "
+            "the series was not written float-safely"
+        )
+    return float(err.max())
 
 
 def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -321,8 +381,8 @@ def write_derived_pet_series(
 
     Args:
         suv: float (X, Y, Z) = (column, row, slice), body-weight SUV on the source series' grid.
-        source_headers: the source slices' headers in ``k`` order (:func:`sorted_series_headers`,
-            or ``PETSeries.datasets``); pixel data, if present, is ignored.
+        source_headers: the source slices' headers in ``k`` order (``PETSeries.datasets``, the reader's one
+            slice sort; :attr:`SourceSeries.headers` in inference); pixel data, if present, is ignored.
         suv_factor: the source series' factor (SUV = factor x pixel value); pixels are written as
             ``suv / suv_factor``, i.e. in the source's own Units.
         output_dir: the series folder to create.

@@ -62,6 +62,7 @@ from scripts.inference.claims import (
     is_our_temporary,
     partial_outputs,
 )
+from scripts.inference.dicom_writer import SourceSeries
 from scripts.inference.writer import DICOM_DIR_SUFFIX, OUTPUT_SUFFIX, planned_outputs
 
 __all__ = [
@@ -104,12 +105,15 @@ class LoadedVolume:
         affine: 4x4 voxel -> RAS mm.
         suv_factor: SUV = suv_factor x source value (g/mL per Bq/mL for a BQML series; 1.0 for NIfTI).
         units: source units: ``SUV`` for NIfTI, the DICOM Units tag (``BQML``, ``GML``) for a series.
+        series: for a DICOM series, its headers in the volume's slice order, factor and SUV record, carried
+            to the DICOM writer (:class:`scripts.inference.dicom_writer.SourceSeries`); None for NIfTI.
     """
 
     suv: np.ndarray
     affine: np.ndarray
     suv_factor: float
     units: str
+    series: SourceSeries | None = None
 
 
 def _fmt(values: Sequence[float], digits: int = 4) -> str:
@@ -278,7 +282,8 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
                 "sub-folder holding only its slices]"
             ) from None
         suv = check_volume(str(item.path), series.suv)
-        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units)
+        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units,
+                            SourceSeries(series.datasets, series.suv_factor, series.suv_details))
     raise UniPETInputError(f"{item.path}: unknown input kind {item.kind!r} (expected 'nifti' or 'dicom')")
 
 
@@ -450,7 +455,9 @@ class LoadPETd(MapTransform):
     ``data[key]`` (a path) becomes a float32 ``MetaTensor`` (1, X, Y, Z) in SUV with the input's RAS
     ``affine``; ``meta`` also holds ``original_affine`` and ``spatial_shape`` (the grid outputs are
     written on) and ``filename_or_obj``. Added entries: ``source`` (the path), ``suv_factor`` and
-    ``units`` (see :class:`LoadedVolume`). ``name`` and ``kind`` must be in the entry.
+    ``units`` (see :class:`LoadedVolume`), and for a DICOM series ``source_series`` (its sorted headers, factor
+    and SUV record, for the DICOM writer: :class:`scripts.inference.dicom_writer.SourceSeries`). ``name`` and
+    ``kind`` must be in the entry.
     """
 
     def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False) -> None:
@@ -474,6 +481,8 @@ class LoadPETd(MapTransform):
             d["source"] = str(path)
             d["suv_factor"] = float(volume.suv_factor)
             d["units"] = str(volume.units)
+            if volume.series is not None:
+                d["source_series"] = volume.series
         return d
 
 

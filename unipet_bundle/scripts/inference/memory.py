@@ -17,6 +17,8 @@ from monai.data import list_data_collate
 __all__ = ["ReleaseStudyData", "collate_native_by_reference"]
 
 NATIVE_KEYS = ("native_suv",)
+# carried to the writer as they are, one per study (a DICOM input's headers: scripts.inference.dicom_writer.SourceSeries)
+BY_REFERENCE_KEYS = ("source_series",)
 
 
 def collate_native_by_reference(batch: Sequence[Mapping[Hashable, Any]]) -> dict[Hashable, Any]:
@@ -25,15 +27,21 @@ def collate_native_by_reference(batch: Sequence[Mapping[Hashable, Any]]) -> dict
     The default collation stacks every tensor into a new batch tensor: for the native SUV of a whole-body
     study that is a 0.5 GB copy (and a C-ordered one, which makes the NIfTI writer's Fortran-order output
     slow). With ``batch_size`` 1 (inference.json) ``native_suv`` gets a batch axis as a view instead;
-    larger batches are collated as usual.
+    larger batches are collated as usual. :data:`BY_REFERENCE_KEYS` (a DICOM input's source headers, which
+    collation cannot stack) become a list with one entry per study, for any batch size.
     """
-    if len(batch) != 1:
-        return list_data_collate(list(batch))
-    item = dict(batch[0])
+    items = [dict(item) for item in batch]
+    carried = {k: [item.pop(k, None) for item in items] for k in BY_REFERENCE_KEYS if any(k in item for item in items)}
+    if len(items) != 1:
+        out = list_data_collate(items)
+        out.update(carried)
+        return out
+    item = items[0]
     native = {k: item.pop(k) for k in NATIVE_KEYS if k in item}
     out = list_data_collate([item])
     for key, value in native.items():
         out[key] = torch.as_tensor(value).unsqueeze(0)
+    out.update(carried)
     return out
 
 

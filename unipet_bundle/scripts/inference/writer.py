@@ -9,7 +9,9 @@ Outputs of an input named ``<name>`` (the NIfTI stem or the DICOM series folder 
   g/mL per Bq/mL, with every tag it came from; NIfTI inputs: null), the model version and checkpoint
   (and ``"trained": false`` with a warning when the network was untrained), and the grids used;
 - ``<name>_denoised_dicom/``: with ``output_format`` ``dicom`` or ``both``, for DICOM inputs only: a
-  derived PET series in the source's units (:mod:`scripts.inference.dicom_writer`).
+  derived PET series in the source's units (:mod:`scripts.inference.dicom_writer`), built from the headers,
+  slice order and SUV factor the loader carried (``source_series``: the folder is not read again), and read
+  back and compared with the denoised volume before it is published (a mismatch is an error, nothing kept).
 - ``<name>_denoised_qc.png`` and ``<name>_denoised_qc.json``: with ``qc_report`` (the default), the per-study
   QC report (:mod:`scripts.inference.qc`); part of the output set, published before the sidecar.
 
@@ -48,7 +50,7 @@ from scripts.common.errors import UniPETInputError, shown, write_error
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import default_file_mode, json_default
 from scripts.common.options import as_bool, check_output_format
-from scripts.data.suv import SUV_FACTOR_UNITS, compute_suv_factor
+from scripts.data.suv import SUV_FACTOR_UNITS
 from scripts.inference.claims import (
     OutputClaim,
     OutputConflictError,
@@ -57,7 +59,7 @@ from scripts.inference.claims import (
     remove_path,
     temporary_path,
 )
-from scripts.inference.dicom_writer import sorted_series_headers, stage_derived_pet_series
+from scripts.inference.dicom_writer import SourceSeries, stage_derived_pet_series, verify_written_series
 
 __all__ = ["DICOM_DIR_SUFFIX", "OUTPUT_SUFFIX", "SaveDenoisedd", "planned_outputs"]
 
@@ -217,10 +219,14 @@ class SaveDenoisedd(MapTransform):
         headers = None
         suv_details: dict[str, Any] | None = None
         if kind == "dicom":
-            headers = sorted_series_headers(source)
-            factor, suv_details = compute_suv_factor(headers[0], slices=headers)
-            if not np.isclose(factor, suv_factor, rtol=1e-9, atol=0):
-                raise RuntimeError(f"{name}: SUV factor {factor} from the headers differs from the one used ({suv_factor})")
+            # the headers, slice order and factor the volume was built with, carried from the loader: the folder
+            # is not read or sorted again here (a second sort that disagreed would scramble the series silently)
+            carried = _scalar(d.get("source_series"))
+            if not isinstance(carried, SourceSeries):
+                raise RuntimeError(f"{name}: the DICOM input's source_series is missing (load DICOM inputs with LoadPETd, which carries it)")
+            if not np.isclose(carried.suv_factor, suv_factor, rtol=1e-9, atol=0):
+                raise RuntimeError(f"{name}: SUV factor {carried.suv_factor} of the source series differs from the one used ({suv_factor})")
+            headers, suv_details = carried.headers, carried.suv_details
         network_shape = [int(v) for v in image.shape[-3:]]
         network_spacing = voxel_spacing(_as_numpy(image.affine)).tolist() if hasattr(image, "affine") else None
         target = self.processing.get("target_spacing_mm")
@@ -310,6 +316,9 @@ class SaveDenoisedd(MapTransform):
                 suv, headers, suv_factor, staged["dicom"], model_version=self.model_version,
                 derivation_description=self._derivation(), trained=bool(self.model_info.get("trained", False)),
             )
+            # read the staged series back as any input is read (its own sort and factor) before publishing it
+            err = verify_written_series(staged["dicom"], suv, suv_factor)
+            logger.info("%s: the derived series reads back within %.3g SUV of the denoised volume", shown(name), err)
         if "qc_png" in paths:
             staged["qc_png"], staged["qc_json"] = temporary_path(paths["qc_png"]), temporary_path(paths["qc_json"])
             self.qc.stage(name, suv, staged["qc_png"], staged["qc_json"], self._write_started,

@@ -28,28 +28,22 @@ from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
-from scripts.inference.dicom_writer import INT16_MAX, write_derived_pet_series
+from scripts.inference.dicom_writer import verify_written_series, write_derived_pet_series
 
 __all__ = [
     "DenoisedPET",
     "PETVolume",
-    "SeriesCheckError",
     "denoise_volume",
     "find_pet_series",
     "pet_volume_from_files",
     "run_without_sdk",
     "series_name",
-    "verify_written_series",
     "write_denoised",
 ]
 
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIX = "_denoised_dicom"
-
-
-class SeriesCheckError(RuntimeError):
-    """A written series does not read back as the float volume it was written from (never expected)."""
 
 
 @dataclass
@@ -158,36 +152,6 @@ def denoise_volume(denoiser: BundleDenoiser, volume: PETVolume) -> DenoisedPET:
     """Run the bundle's inference on one volume; the result is checked to be float (never uint8)."""
     denoised = denoiser(volume.suv, volume.affine, name=volume.name)
     return DenoisedPET(volume, check_float_volume(denoised, f"denoised {volume.name}"), denoiser.model_version, dict(denoiser.model_info))
-
-
-def verify_written_series(series_dir: str | os.PathLike, expected_suv: np.ndarray, suv_factor: float) -> float:
-    """Read a written series back and compare its SUV with the float volume it came from.
-
-    Every slice must match within half its own quantisation step (``max|slice| / 32767 / 2``): this
-    catches any integer cast, clipping, lost slope or wrong slice order between the float volume and the files.
-
-    Returns:
-        The largest absolute SUV difference.
-
-    Raises:
-        SeriesCheckError: a slice differs by more than its step allows, or the SUV factor changed.
-    """
-    back = read_pet_series(series_dir)
-    expected = np.asarray(expected_suv, dtype=np.float64)
-    if back.suv.shape != expected.shape:
-        raise SeriesCheckError(f"{series_dir}: read back as {back.suv.shape}, written from {expected.shape}")
-    if not np.isclose(back.suv_factor, suv_factor, rtol=1e-9, atol=0):
-        raise SeriesCheckError(f"{series_dir}: SUV factor {back.suv_factor} read back, {suv_factor} expected")
-    err = np.abs(back.suv.astype(np.float64) - expected).max(axis=(0, 1))
-    # half a step of each slice, plus float32 rounding of the read-back SUV
-    allowed = np.abs(expected).max(axis=(0, 1)) * (0.5 / INT16_MAX * (1 + 1e-6) + 1e-6) + 1e-6
-    worst = int(np.argmax(err - allowed))
-    if err[worst] > allowed[worst]:
-        raise SeriesCheckError(
-            f"{series_dir}: slice {worst} reads back {err[worst]:.4g} SUV off the float volume (allowed {allowed[worst]:.3g}): "
-            "the series was not written float-safely"
-        )
-    return float(err.max())
 
 
 def write_denoised(
