@@ -143,6 +143,34 @@ def test_run_configs_use_only_packages_up_to_their_layer(config):
     assert not above, f"{config} reaches above {CONFIG_TOP[config]}: {above}"
 
 
+def _module_map(package: Path) -> set[str] | None:
+    """The modules a package's docstring lists (``:mod:`.x``` or ``:mod:`scripts.<package>.x```), or None."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    dotted = ".".join(package.relative_to(BUNDLE_ROOT).parts)
+    found = re.findall(r":mod:`(?:\.|" + re.escape(dotted) + r"\.)(\w+)`", doc)
+    return set(found) if found else None
+
+
+def _modules(package: Path) -> set[str]:
+    files = {p.stem for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    folders = {p.name for p in package.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    return files | folders
+
+
+def test_package_module_maps_name_every_module_and_only_existing_ones():
+    packages = [p.parent for p in (BUNDLE_ROOT / "scripts").rglob("__init__.py") if p.parent.name != "scripts"]
+    checked = 0
+    for package in sorted(packages):
+        listed = _module_map(package)
+        if listed is None:  # a package without a module map in its docstring
+            continue
+        checked += 1
+        actual = _modules(package)
+        assert listed == actual, (f"{package.relative_to(BUNDLE_ROOT)}/__init__.py's module map: missing "
+                                  f"{sorted(actual - listed)}, not there {sorted(listed - actual)}")
+    assert checked >= 4, "the module maps (common, inference, evaluation, deploy...) were not found"
+
+
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     scripts = tmp_path / "scripts"
     for rel, text in files.items():

@@ -1,2 +1,11 @@
-"""The common floor: helpers every package may import (errors and the CLI wrapper, option parsing, weights I/O,
-atomic writes, NIfTI geometry). Nothing here imports from another ``scripts`` package (see docs/code_map.md)."""
+"""The common floor: what every package may import. Nothing here imports another ``scripts`` package
+(``tests/test_import_layers.py``; the layers are in ``docs/code_map.md``).
+
+- :mod:`.errors`: the bundle's error types and the one error hook (one ``error:`` line, exit status 2);
+- :mod:`.options`: command-line option values (``as_bool``, voxel sizes, output formats);
+- :mod:`.io`: atomic writes, output-path checks, the modes of new files and folders;
+- :mod:`.geometry`: voxel size from an affine;
+- :mod:`.versioning`: the bundle version from ``configs/metadata.json``;
+- :mod:`.weights`: network weights read in one place (SHA-256, ``weights_only``, unwrap, provenance);
+- :mod:`.large_files`: the ``large_files.yml`` record of the shipped weights' SHA-256.
+"""

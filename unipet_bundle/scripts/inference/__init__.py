@@ -31,8 +31,10 @@ A ``--checkpoint`` that does not exist is an error; the untrained UniPET (the id
 (``--checkpoint "" --allow_untrained true``) and its outputs say UNTRAINED. Runs sharing ``output_dir`` never
 remove each other's outputs (:mod:`.claims`).
 
-Modules (each has one job): :mod:`.options` (option values), :mod:`.errors` (one-line errors),
-:mod:`.inputs` (discover, validate, load), :mod:`.model` (weights), :mod:`.writer` (outputs),
-:mod:`.dicom_writer` (derived PET series), :mod:`.report` (log lines), :mod:`.residual` (the correction
-back on the native grid), :mod:`.memory` (one study in memory at a time), :mod:`.qc` (the per-study QC report).
+Modules (each has one job): :mod:`.inputs` (discover, validate, load), :mod:`.model` (weights),
+:mod:`.writer` (outputs), :mod:`.dicom_writer` (derived PET series), :mod:`.claims` (who may write an
+input's outputs), :mod:`.report` (log lines), :mod:`.residual` (the correction back on the native grid),
+:mod:`.memory` (one study in memory at a time), :mod:`.qc` (the per-study QC report), :mod:`.denoise`
+(an in-memory volume, for the demo and the quality benchmark). Option values and one-line errors are on
+the common floor (:mod:`scripts.common.options`, :mod:`scripts.common.errors`); see ``docs/code_map.md``.
 """

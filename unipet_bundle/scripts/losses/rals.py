@@ -8,8 +8,7 @@ reference code's loss was GPU-only).
 Mask threshold units: the reference threshold is ``0.001`` on data in SUV, i.e. ``0.001 SUV^2`` of
 local variance. Our network works on ``SUV / 20`` (SUV clipped to [0, 20]); variance scales with the
 square of the intensity scale, so the same regions are selected by ``0.001 / 20**2 = 2.5e-6`` in
-``(SUV/20)^2`` (:data:`DEFAULT_MASK_THRESHOLD`, see :func:`normalised_threshold`). With the
-``log(1 + SUV)`` intensity mode there is no exact conversion: set ``threshold`` from data.
+``(SUV/20)^2`` (:data:`DEFAULT_MASK_THRESHOLD`, see :func:`normalised_threshold`).
 """
 
 from __future__ import annotations

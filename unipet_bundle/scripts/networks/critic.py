@@ -27,7 +27,8 @@ class PatchCritic(nn.Module):
 
     Minimum size: every spatial size must be at least ``2**n`` (16 for 4 stages) and, because instance
     norm in training needs more than one voxel per channel, the last stage must keep more than one
-    voxel: in practice use ``2**(n+1)`` = 32 or more per side (training uses 64^3 patches).
+    voxel: in practice use ``2**(n+1)`` = 32 or more per side (``train.json`` trains on 32^3 patches, the
+    published size on 64^3).
 
     Args:
         in_channels: input channels (1).

@@ -255,7 +255,7 @@ class UniPET(nn.Module):
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)`` for any ``D, H, W >= 1``. Each
     SAN stage halves the size (rounding up), so with ``n`` stages a size below ``2**n`` (16 for the
     default) leaves the deepest stages a single voxel: it runs but their latents carry little
-    information; use windows of at least 16 (training uses 64^3 patches).
+    information; use windows of at least 16 (``train.json`` trains on 32^3 patches, the published size on 64^3).
 
     Parameter counts (``use_san=True`` with SAN v2 / v1, ``use_san=False``): default (channels 64, 8
     blocks, latent 256, SAN 32-64-128-256) 2,466,789 / 2,343,909 / 1,774,017; small CPU config
