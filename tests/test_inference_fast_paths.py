@@ -165,3 +165,64 @@ def test_a_fortran_ordered_study_gives_the_numbers_and_panels_of_a_c_ordered_cop
     # the coronal slice panel is the stored values of that plane
     ras, spacing, _ = to_ras(np.asfortranarray(out), affine)
     np.testing.assert_array_equal(panel(ras, spacing, "coronal", index=5).image, out[:, 5, :].T[::-1, ::-1])
+
+
+# ---------------------------------------------------------------- the network stage: channels-last layout
+
+
+def _perturbed_unipet():
+    import torch
+
+    from scripts.benchmarks.inference_speed import perturb_network
+    from scripts.networks.unipet import UniPET
+
+    torch.manual_seed(0)
+    return perturb_network(UniPET(channels=8, num_blocks=2, latent_dim=8, san_channels=[8, 8], padding_mode="replicate"), 0).eval()
+
+
+def test_channels_last_network_gives_the_default_layouts_output_within_float_rounding():
+    import torch
+
+    from scripts.engines.precision import PrecisionNetwork
+
+    net = _perturbed_unipet()
+    x = torch.rand(2, 1, 20, 18, 16) * 0.5
+    with torch.no_grad():
+        ref = PrecisionNetwork(net, "fp32").eval()(x)
+        cl = PrecisionNetwork(net, "fp32", memory_format="channels_last_3d").eval()
+        assert net.output_conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        feat = net.input_conv(x)  # the activations follow the weights' layout: no conversion per convolution
+        assert feat.is_contiguous(memory_format=torch.channels_last_3d) and not feat.is_contiguous()
+        out = cl(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    assert float((ref - x).abs().max()) > 1e-3, "the network must not be the identity for this comparison"
+
+
+def test_memory_format_is_a_checked_inference_config_key():
+    from monai.bundle import ConfigParser
+
+    from scripts.common.errors import UniPETInputError
+    from scripts.engines.precision import PrecisionNetwork
+
+    bundle = Path(__file__).resolve().parents[1] / "unipet_bundle"
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["checkpoint"] = ""
+    parser["checkpoint_sha256"] = None
+    parser["san_variant"] = "v2"
+    assert parser["memory_format"] == "channels_last_3d"
+    wrapped = parser.get_parsed_content("inference_network")
+    assert isinstance(wrapped, PrecisionNetwork) and wrapped.memory_format == "channels_last_3d"
+    with pytest.raises(UniPETInputError, match="memory_format must be one of"):
+        PrecisionNetwork(_perturbed_unipet(), "fp32", memory_format="nhwc")
+
+
+def test_conv3d_peak_is_the_faster_layouts():
+    from scripts.benchmarks.compute_peak import conv3d_peak
+
+    peak = conv3d_peak(4, "fp32", size=8, batch=2, repeats=1)
+    by = peak["gflops_by_memory_format"]
+    assert set(by) == {"contiguous", "channels_last_3d"} and peak["gflops"] == pytest.approx(max(by.values()))
+    assert peak["memory_format"] == max(by, key=by.get)

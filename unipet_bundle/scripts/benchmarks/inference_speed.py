@@ -18,8 +18,10 @@ RSS is its own), interleaved (A, B, C, A, B, C, ...) and repeated, medians repor
   python start-up included;
 - ``e2e_today``: the same run with :data:`TODAY_PIPELINE` layered on the config: the 0.2.0 pipeline
   (a deep copy of the native volume, float64 ``Spacingd``, ``Invertd`` of both the prediction and the
-  network input back to the native grid in float64, then the residual), kept here so the memory/speed
-  gain of the correction-only inverse (issue 14) is measured against it in the same run.
+  network input back to the native grid in float64, then the residual, and the network in the default
+  memory layout, ``memory_format`` contiguous), kept here so the memory/speed gain of issue 14 is measured
+  against it in the same run. It shares the reader (the first input read once), the QC report and the
+  writer with ``e2e``: their speed-ups count for both.
 
 For issue 14's whole-body target run the Quadra-size study at its own voxel size, e.g.
 ``--sizes "[[440,440,644]]" --e2e_spacing 1.65 --large_variants "['e2e_today','e2e']" --repeats 1``:
@@ -68,8 +70,8 @@ import torch.nn.functional as F
 
 from scripts.common.errors import CheckpointError
 from scripts.common.io import atomic_write, atomic_write_json
-from scripts.data.io import save_nifti
 from scripts.common.weights import file_sha256
+from scripts.data.io import save_nifti
 
 __all__ = [
     "BenchmarkInputError",
@@ -146,7 +148,10 @@ def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
               if isinstance(t, dict) and str(t.get("_target_", "")).endswith("SaveDenoisedd")]
     if len(writer) != 1:
         raise BenchmarkInputError(f"{config}: no single SaveDenoisedd in postprocessing; cannot build the e2e_today baseline")
+    content_keys = set(content)
     return {
+        # the 0.2.0 network stage: default memory layout (channels-last weights came with issue 14)
+        **({"memory_format": "contiguous"} if "memory_format" in content_keys else {}),
         "keep_native": {"_target_": "CopyItemsd", "keys": "image", "names": "native_suv"},
         "resample_transform#dtype": "$numpy.float64",
         "preprocessing#transforms": "$[@load_transform, @keep_native] + ([@resample_transform] if @resample_enabled else []) + @intensity_transforms",
@@ -351,6 +356,8 @@ def worker_main(spec_path: str) -> int:
     suv_max = float(parser.get_parsed_content("suv_max"))
     network = parser.get_parsed_content("network")
     load_weights(network, spec["checkpoint"], False, spec.get("checkpoint_sha256"))
+    if variant != "baseline":  # what inference.json hands the inferer: its precision and memory format
+        network = parser.get_parsed_content("inference_network")
     device = parser.get_parsed_content("device")
     image = synthetic_suv(spec["shape"], spec["seed"])[None, None]
     image /= suv_max  # the config's ScaleIntensityRanged (0..suv_max -> 0..1, no clipping), in place
@@ -399,7 +406,8 @@ def worker_main(spec_path: str) -> int:
         atomic_write(spec["save"], lambda tmp: np.save(tmp, pred[0, 0].numpy(), allow_pickle=False))
     result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_before_bytes": rss_before, "peak_rss_bytes": peak,
               "setup_s": t0 - t_setup, "correction_max_suv": corr_max, "threads": torch.get_num_threads(),
-              "timed_fraction": fraction}
+              "timed_fraction": fraction, "precision": getattr(network, "precision", "fp32"),
+              "memory_format": getattr(network, "memory_format", "contiguous")}
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 
@@ -767,7 +775,8 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
                 times[v].append(res["seconds"])
                 cpus[v].append(res["cpu_seconds"])
                 extra[v] = {"correction_max_suv": res["correction_max_suv"], "timed_fraction": res["timed_fraction"],
-                            "rss_before_gb": res["rss_before_bytes"] / _GB, "setup_s": res["setup_s"]}
+                            "rss_before_gb": res["rss_before_bytes"] / _GB, "setup_s": res["setup_s"],
+                            "precision": res["precision"], "memory_format": res["memory_format"]}
             peaks[v].append(peak)
             logger.info("%s %s repeat %d/%d: %.2f s (CPU %.2f s), peak RSS %.2f GB", tag, v, r + 1, reps, times[v][-1],
                         cpus[v][-1], peak / _GB)

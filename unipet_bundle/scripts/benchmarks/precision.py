@@ -141,7 +141,10 @@ def _inference_network(config: str, checkpoint: str | None) -> tuple[torch.nn.Mo
     ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     info = load_weights(net, ckpt, False, recorded_sha256(ckpt, BUNDLE_ROOT))
     keys = ("patch_size", "sw_batch_size", "overlap", "suv_max")
-    return net, {k: parser.get_parsed_content(k) for k in keys}, info
+    sizes = {k: parser.get_parsed_content(k) for k in keys}
+    # both precisions in the layout inference runs in (a config without the key: the default layout)
+    sizes["memory_format"] = str(parser.get_parsed_content("memory_format")) if "memory_format" in parser else "contiguous"
+    return net, sizes, info
 
 
 def _trainer(config: str, precision: str, seed: int) -> tuple[UniPETTrainer, dict[str, torch.Tensor]]:
@@ -205,7 +208,7 @@ def run(
     t_start = time.perf_counter()
     ran_as = {p: resolve_precision(p, "cpu") for p in PRECISIONS}
     net, sizes, info = _inference_network(config, checkpoint)
-    nets = {p: PrecisionNetwork(net, p, "cpu").eval() for p in PRECISIONS}
+    nets = {p: PrecisionNetwork(net, p, "cpu", sizes["memory_format"]).eval() for p in PRECISIONS}
     roi = [int(v) for v in sizes["patch_size"]]
     bs, suv_max, overlap = int(sizes["sw_batch_size"]), float(sizes["suv_max"]), float(sizes["overlap"])
 

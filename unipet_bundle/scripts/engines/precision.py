@@ -30,9 +30,11 @@ from scripts.common.errors import UniPETInputError
 from scripts.common.options import as_bool
 
 __all__ = [
+    "MEMORY_FORMATS",
     "PRECISIONS",
     "PrecisionNetwork",
     "autocast",
+    "check_memory_format",
     "check_precision",
     "config_precision",
     "cpu_bf16_support",
@@ -42,6 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+MEMORY_FORMATS = ("contiguous", "channels_last_3d")
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 _X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _logged: set[tuple[str, str, str]] = set()  # one fallback line per (request, device, reason), not per window
 
@@ -54,6 +58,16 @@ def check_precision(precision: str) -> str:
             "'precision' (e.g. --precision fp32)"
         )
     return precision.strip().lower()
+
+
+def check_memory_format(memory_format: str) -> str:
+    """``memory_format`` if it is one of :data:`MEMORY_FORMATS`, else ``UniPETInputError`` (a ValueError)."""
+    if not isinstance(memory_format, str) or memory_format.strip().lower() not in MEMORY_FORMATS:
+        raise UniPETInputError(
+            f"memory_format must be one of {list(MEMORY_FORMATS)}, got {memory_format!r}: set the config key "
+            "'memory_format' (e.g. --memory_format channels_last_3d)"
+        )
+    return memory_format.strip().lower()
 
 
 def cpu_bf16_support(cpuinfo: str | None = None) -> tuple[bool, str]:
@@ -130,20 +144,34 @@ class PrecisionNetwork(nn.Module):
     The requested precision is resolved once, at construction (with the hardware fallback of
     :func:`resolve_precision`); :attr:`precision` is what runs.
 
+    ``memory_format="channels_last_3d"`` stores the network's convolution weights channels-last (NDHWC), so
+    every activation after the first convolution is channels-last too: oneDNN's fast layout for 3D
+    convolutions on the CPU, with no layout conversion around each convolution. The values are those of the
+    default layout up to float rounding (the same products, summed in another order); measured on this
+    2-core CPU (model card, issue 14): the fp32 network stage 1.18x faster, bf16 unchanged within noise.
+    The conversion changes ``network``'s parameters in place (a frozen inference network; keep the default
+    ``"contiguous"`` for a network being trained).
+
     Args:
         network: the wrapped module (its weights stay float32; load them into it, not into the wrapper).
         precision: ``"fp32"`` or ``"bf16"``.
         device: where ``network`` runs (for the autocast device type and the bf16 check).
+        memory_format: ``"contiguous"`` (default) or ``"channels_last_3d"`` (see above).
 
     Shapes: as ``network``: ``(B, 1, D, H, W)`` normalised SUV in, ``(B, 1, D, H, W)`` float32 out.
     """
 
-    def __init__(self, network: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, network: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu", memory_format: str = "contiguous"
+    ) -> None:
         super().__init__()
         self.network = network
         self.device_type = torch.device(device).type
         self.requested_precision = check_precision(precision)
         self.precision = resolve_precision(precision, device)
+        self.memory_format = check_memory_format(memory_format)
+        if self.memory_format != "contiguous":
+            network.to(memory_format=_MEMORY_FORMATS[self.memory_format])  # 4D/5D parameters only: the conv weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device_type):
@@ -151,7 +179,8 @@ class PrecisionNetwork(nn.Module):
         return out.float()
 
     def extra_repr(self) -> str:
-        return f"precision={self.precision!r} (requested {self.requested_precision!r}), device_type={self.device_type!r}"
+        return (f"precision={self.precision!r} (requested {self.requested_precision!r}), device_type={self.device_type!r}, "
+                f"memory_format={self.memory_format!r}")
 
 
 def config_precision(precision: str, mixed_precision: bool | None, device: torch.device | str) -> str:
