@@ -12,7 +12,7 @@ from monai.metrics import SSIMMetric
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import (
     NRMSEMetric,
-    PSNRMetric,
+    ClippedPSNRMetric,
     SSIM3DMetric,
     analytic_psnr,
     nrmse,
@@ -73,6 +73,15 @@ def test_ssim_equals_monai_ssim_metric():
     assert (ours < 0.99).all(), "noisy volumes must not score ~1"
 
 
+def test_no_metric_name_shadows_monai():
+    """Our classes are not MONAI's (ours clip to [0, clip_max] and return one value per item): other names."""
+    import monai.metrics
+
+    from scripts.metrics import image_quality
+
+    assert [n for n in image_quality.__all__ if hasattr(monai.metrics, n)] == []
+
+
 def test_ssim_needs_window_sized_volumes():
     with pytest.raises(ValueError, match="spatial size"):
         ssim3d(torch.zeros(1, 1, 10, 20, 20), torch.zeros(1, 1, 10, 20, 20))
@@ -97,7 +106,7 @@ def test_normalised_metric_classes_equal_suv_functions():
     g = torch.Generator().manual_seed(5)
     full = _volume((2, 1, 16, 16, 16))
     low = (full + torch.randn(full.shape, generator=g)).clamp(0, 20)
-    for cls, fn in ((PSNRMetric, psnr), (SSIM3DMetric, ssim3d), (NRMSEMetric, nrmse)):
+    for cls, fn in ((ClippedPSNRMetric, psnr), (SSIM3DMetric, ssim3d), (NRMSEMetric, nrmse)):
         metric = cls()
         metric(low / 20.0, full / 20.0)
         per_item = metric.get_buffer().flatten()
