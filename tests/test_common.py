@@ -80,3 +80,21 @@ def test_new_file_and_folder_modes_follow_the_umask_and_leave_it_unchanged():
         assert default_file_mode() == 0o664 and default_dir_mode() == 0o775
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_one_derivation_text_gives_the_texts_of_the_inference_writer_and_the_deploy_app(trained):
+    """The DerivationDescription written by inference and by the Deploy app is the text each wrote before
+    it came from one function (the outputs stay byte-identical)."""
+    from scripts.inference.dicom_writer import derivation_text
+
+    state = "trained checkpoint" if trained else "UNTRAINED network (identity: NOT denoised)"
+    tail = "research use only, not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
+    # inference/writer.py's text before issue 17
+    assert derivation_text("1.2.3", trained) == (
+        f"Denoised with UniPET (deep-learning PET denoising, model version 1.2.3, {state}); {tail}"
+    )
+    # deploy_app/pet_series.py's text before issue 17
+    assert derivation_text("1.2.3", trained, by="the UniPET MONAI Deploy app") == (
+        f"Denoised with UniPET (deep-learning PET denoising, model version 1.2.3, {state}) by the UniPET MONAI Deploy app; {tail}"
+    )

@@ -59,6 +59,7 @@ from scripts.inference.claims import publish, remove_path, temporary_path
 __all__ = [
     "INT16_MAX",
     "atomic_write_dir",
+    "derivation_text",
     "quantise_slice",
     "SeriesCheckError",
     "SourceSeries",
@@ -287,6 +288,21 @@ def _derived_slice(
     return ds
 
 
+def derivation_text(model_version: str, trained: bool = True, by: str = "") -> str:
+    """The DerivationDescription of a derived series: what made it (``by``, e.g. "the UniPET MONAI Deploy app"),
+    from which model version, whether the network was trained, and that it is for research only.
+
+    One text for every writer (inference, the Deploy app, direct calls); :func:`write_derived_pet_series`
+    cuts it to the 1024-character ST limit.
+    """
+    state = "trained checkpoint" if trained else "UNTRAINED network (identity: NOT denoised)"
+    maker = f" by {by}" if by else ""
+    return (
+        f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}, {state}){maker}; research use "
+        "only, not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
+    )
+
+
 def _series_description(source: Dataset, model_version: str, trained: bool = True) -> str:
     """``<source description> UniPET denoised v<version>`` (untrained network: ``UniPET UNTRAINED NOT
     denoised v<version>``, which is kept whole), cut to the 64-character LO limit."""
@@ -340,11 +356,7 @@ def stage_derived_pet_series(
     series_uid = generate_uid()
     created = datetime.now()
     description = _series_description(source_headers[0], model_version, trained)
-    state = "" if trained else ", UNTRAINED network (identity: NOT denoised)"
-    derivation = derivation_description or (
-        f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}{state}); research use only, "
-        "not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
-    )
+    derivation = derivation_description or derivation_text(model_version, trained)
     derivation = derivation[:1024]  # ST limit
     folder = Path(folder)
     order = _instance_order(source_headers)
@@ -387,7 +399,7 @@ def write_derived_pet_series(
             ``suv / suv_factor``, i.e. in the source's own Units.
         output_dir: the series folder to create.
         model_version: written into SeriesDescription and DerivationDescription.
-        derivation_description: DerivationDescription text (default: a UniPET sentence).
+        derivation_description: DerivationDescription text (default: :func:`derivation_text`).
         overwrite: replace an existing ``output_dir``.
         trained: False for the untrained network: SeriesDescription then says ``UNTRAINED NOT denoised``.
 

@@ -59,7 +59,7 @@ from scripts.inference.claims import (
     remove_path,
     temporary_path,
 )
-from scripts.inference.dicom_writer import SourceSeries, stage_derived_pet_series, verify_written_series
+from scripts.inference.dicom_writer import SourceSeries, derivation_text, stage_derived_pet_series, verify_written_series
 
 __all__ = ["DICOM_DIR_SUFFIX", "OUTPUT_SUFFIX", "SaveDenoisedd", "planned_outputs"]
 
@@ -337,12 +337,7 @@ class SaveDenoisedd(MapTransform):
             os.chmod(staged["sidecar"], default_file_mode())
 
     def _derivation(self) -> str:
-        trained = bool(self.model_info.get("trained", False))
-        state = "trained checkpoint" if trained else "UNTRAINED network (identity: NOT denoised)"
-        return (
-            f"Denoised with UniPET (deep-learning PET denoising, model version {self.model_version}, {state}); "
-            "research use only, not for diagnosis. Pixel values are in the source series' units; SUV tags are kept from the source."
-        )
+        return derivation_text(self.model_version, bool(self.model_info.get("trained", False)))
 
     def _sidecar(
         self,

@@ -28,7 +28,7 @@ from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
-from scripts.inference.dicom_writer import verify_written_series, write_derived_pet_series
+from scripts.inference.dicom_writer import derivation_text, verify_written_series, write_derived_pet_series
 
 __all__ = [
     "DenoisedPET",
@@ -174,12 +174,7 @@ def write_denoised(
     out = Path(output_dir).expanduser()
     suv = check_float_volume(item.suv, f"denoised {item.source.name}")
     trained = bool(item.model_info.get("trained", False))
-    state = "trained checkpoint" if trained else "UNTRAINED network (identity: NOT denoised)"
-    derivation = (
-        f"Denoised with UniPET (deep-learning PET denoising, model version {item.model_version}, {state}) by the "
-        "UniPET MONAI Deploy app; research use only, not for diagnosis. Pixel values are in the source series' units; "
-        "SUV tags are kept from the source."
-    )
+    derivation = derivation_text(item.model_version, trained, by="the UniPET MONAI Deploy app")
     series_dir = out / f"{item.source.name}{DICOM_SUFFIX}"
     write_derived_pet_series(
         suv, item.source.headers, item.source.suv_factor, series_dir, model_version=item.model_version,
