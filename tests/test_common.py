@@ -98,3 +98,60 @@ def test_one_derivation_text_gives_the_texts_of_the_inference_writer_and_the_dep
     assert derivation_text("1.2.3", trained, by="the UniPET MONAI Deploy app") == (
         f"Denoised with UniPET (deep-learning PET denoising, model version 1.2.3, {state}) by the UniPET MONAI Deploy app; {tail}"
     )
+
+
+def _volume_policies():
+    """The three callers of the one volume check, with the thresholds each passes (as their code does)."""
+    from scripts.data.volume_checks import check_pet_volume
+
+    return {
+        "inference/training": lambda a: check_pet_volume("v", a),
+        "simulator": lambda a: check_pet_volume("v", a, min_shape=(8, 8, 1)),
+        "deploy app": lambda a: check_pet_volume("v", a, allow_all_zero=True, min_shape=(1, 1, 1), require_float=True),
+    }
+
+
+@pytest.mark.parametrize(
+    "array, accepted_by",
+    [
+        (np.ones((16, 16, 8)), {"inference/training", "simulator", "deploy app"}),
+        (np.ones((16, 16, 8, 1)), {"inference/training", "simulator", "deploy app"}),  # trailing singleton dropped
+        (np.ones((16, 16, 1)), {"simulator", "deploy app"}),  # one slice: the simulator's phantoms may be one
+        (np.ones((4, 4, 10)), {"inference/training", "deploy app"}),  # fewer than 8 x 8 pixels per slice
+        (np.zeros((16, 16, 8)), {"deploy app"}),  # all zero: only the app, which checks outputs too
+        (-np.ones((16, 16, 8)), {"deploy app"}),  # no positive voxel
+        (np.ones((16, 16, 8), dtype=np.int16), {"inference/training", "simulator"}),  # integers: refused by the app
+        (np.where(np.eye(16)[..., None] > 0, np.nan, 1.0) * np.ones((16, 16, 8)), set()),  # NaN
+        (np.ones((16, 16, 8, 3)), set()),  # 4D frames
+        (np.ones((16, 16)), set()),  # 2D
+    ],
+)
+def test_one_volume_check_keeps_each_callers_thresholds(array, accepted_by):
+    from scripts.common.errors import UniPETInputError
+
+    for caller, check in _volume_policies().items():
+        if caller in accepted_by:
+            assert check(array).ndim == 3, caller
+        else:
+            with pytest.raises(UniPETInputError, match=r"^v (is|has) "):
+                check(array)
+
+
+def test_the_simulator_and_the_deploy_app_use_the_one_volume_check(monkeypatch):
+    import scripts.data.volume_checks as volume_checks
+    from scripts.data import simulate
+    from scripts.deploy import bundle_inference
+
+    seen = []
+    real = volume_checks.check_pet_volume
+
+    def spy(name, array, *args, **kwargs):
+        seen.append((name, kwargs))
+        return real(name, array, *args, **kwargs)
+
+    monkeypatch.setattr(simulate, "check_pet_volume", spy)
+    monkeypatch.setattr(bundle_inference, "check_pet_volume", spy)
+    simulate._check_activity(np.ones((16, 16, 4)), what="act")
+    bundle_inference.check_float_volume(np.ones((4, 4, 4), dtype=np.float32), "input")
+    assert seen == [("act", {"min_shape": (8, 8, 1)}),
+                    ("input", {"allow_all_zero": True, "min_shape": (1, 1, 1), "require_float": True})]

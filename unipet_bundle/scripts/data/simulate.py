@@ -59,6 +59,7 @@ from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
 from .projector import get_projector
 from .recon import OSEMReconstructor, gaussian_filter_mm
+from .volume_checks import check_pet_volume
 
 __all__ = [
     "DEFAULT_DRFS",
@@ -161,19 +162,9 @@ def _check_physics(params: dict[str, Any]) -> None:
 
 def _check_activity(activity: np.ndarray, what: str = "activity") -> np.ndarray:
     """Validate a true activity volume (SUV) and return it as float32 with negatives set to 0."""
-    a = np.asarray(activity)
-    if a.ndim == 4 and a.shape[3] == 1:
-        a = a[..., 0]
-    if a.ndim != 3:
-        raise UniPETInputError(f"{what} must be a 3D (x, y, z) volume; got {a.ndim}D shape {a.shape}")
-    if min(a.shape[:2]) < 8 or a.shape[2] < 1:
-        raise UniPETInputError(f"{what} is too small ({a.shape}); need at least 8 x 8 pixels per slice")
-    a = a.astype(np.float32, copy=False)
-    bad = int(np.count_nonzero(~np.isfinite(a)))
-    if bad:
-        raise UniPETInputError(f"{what} has {bad} NaN/inf voxels; fix or mask them (e.g. set to 0) first")
-    if not np.any(a > 0):
-        raise UniPETInputError(f"{what} has no positive voxels; it must be a full-dose SUV volume")
+    # the bundle's volume policy (3D, finite, some positive voxel) with the simulator's size: at least 8 x 8 pixels
+    # per slice, one slice will do; checked after the float32 cast, so a value float32 cannot hold is refused too
+    a = check_pet_volume(what, np.asarray(activity).astype(np.float32, copy=False), min_shape=(8, 8, 1))
     hi = float(np.percentile(a[a > 0], 99.9))
     if hi > 200.0:
         raise UniPETInputError(

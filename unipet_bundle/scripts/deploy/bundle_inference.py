@@ -35,6 +35,7 @@ from monai.transforms import Compose
 from scripts.common.errors import UniPETInputError, user_error
 from scripts.common.versioning import bundle_version
 from scripts.common.weights import file_sha256
+from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.writer import SaveDenoisedd
 
 __all__ = ["BundleDenoiser", "check_float_volume", "suv_metatensor"]
@@ -52,21 +53,13 @@ def check_float_volume(array: Any, what: str) -> np.ndarray:
     as int16), which would silently destroy the quantification.
 
     Raises:
-        UniPETInputError: integer or boolean dtype, not 3D, or non-finite values.
+        UniPETInputError: integer or boolean dtype, not 3D, or non-finite values
+            (:func:`scripts.data.volume_checks.check_pet_volume`).
     """
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
-    arr = np.asarray(array)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UniPETInputError(
-            f"{what} has dtype {arr.dtype}, not float: PET values were cast to integers upstream (e.g. by the SDK's "
-            "uint8 image output or int16 series-to-volume conversion); feed the float volume instead"
-        )
-    if arr.ndim != 3:
-        raise UniPETInputError(f"{what} must be a 3D volume (X, Y, Z), got shape {list(arr.shape)}")
-    if not np.all(np.isfinite(arr)):
-        raise UniPETInputError(f"{what} has NaN/Inf voxels")
-    return arr
+    # the bundle's volume policy with the app's thresholds: any 3D size, all-zero allowed (outputs are checked too)
+    return check_pet_volume(what, array, allow_all_zero=True, min_shape=(1, 1, 1), require_float=True)
 
 
 def suv_metatensor(suv: np.ndarray, affine: np.ndarray, name: str = "memory") -> MetaTensor:

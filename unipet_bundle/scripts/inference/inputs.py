@@ -70,7 +70,6 @@ __all__ = [
     "KeepNatived",
     "LoadPETd",
     "LoadedVolume",
-    "check_volume",
     "discover_inputs",
     "load_volume",
     "prepare_datalist",
@@ -210,16 +209,6 @@ def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLik
 # ------------------------------------------------------------------------------------------ loading
 
 
-def check_volume(name: str, array: np.ndarray) -> np.ndarray:
-    """A 3D volume with finite values, not all zero, or a clear error (policy in
-    :mod:`scripts.data.volume_checks`: 4D refused, negative voxels kept). Trailing singleton axes are dropped.
-
-    Raises:
-        UniPETInputError: 2D image (or a single slice), 4D volume, NaN/Inf voxels, all-zero volume.
-    """
-    return check_pet_volume(name, array)
-
-
 def check_orthogonal_axes(name: str, affine: np.ndarray, tol: float = 1e-3) -> None:
     """Refuse a sheared voxel grid (axes not at right angles), before any network work.
 
@@ -247,13 +236,13 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
 
     Raises:
         UniPETInputError: unreadable/truncated file, bad DICOM series or SUV tags, or a volume
-            :func:`check_volume` refuses (every message names the input).
+            :func:`scripts.data.volume_checks.check_pet_volume` refuses (every message names the input).
     """
     if item.kind == "nifti":
         # read into memory, not a memory map of the file: the residual step adds the correction into this
         # array in place, and page faults on a mapped whole-body file cost more than one sequential read
         data, affine = load_nifti(item.path, dtype=np.float32, mmap=False)
-        suv = check_volume(str(item.path), data)
+        suv = check_pet_volume(str(item.path), data)
         check_orthogonal_axes(str(item.path), affine)
         if check_body:
             check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
@@ -281,7 +270,7 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
                 f"{exc} [inference reads each sub-folder of --dataset_dir as one PET series: give every series its own "
                 "sub-folder holding only its slices]"
             ) from None
-        suv = check_volume(str(item.path), series.suv)
+        suv = check_pet_volume(str(item.path), series.suv)
         return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units,
                             SourceSeries(series.datasets, series.suv_factor, series.suv_details))
     raise UniPETInputError(f"{item.path}: unknown input kind {item.kind!r} (expected 'nifti' or 'dicom')")
