@@ -1,7 +1,9 @@
 """Shared test set-up: puts the bundle root on sys.path (as ``monai.bundle run`` does) and names shared paths."""
 
 import os
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,28 @@ def real_pet_dir() -> Path:
             "or set UNIPET_SHARED_DIR to the shared folder"
         )
     return REAL_PET_DIR
+
+
+def run_python(
+    *argv: object, cwd: str | os.PathLike = BUNDLE_ROOT, timeout: float = 300, env: Mapping[str, str] | None = None,
+    **env_vars: str,
+) -> subprocess.CompletedProcess:
+    """``python <argv>`` in a new interpreter, as a user runs the bundle's tools: the one subprocess runner of the tests.
+
+    Args:
+        argv: the interpreter's arguments, e.g. ``"-m", "monai.bundle", "run", ...`` or ``"-c", code, ...``
+            (converted with ``str``).
+        cwd: working folder (default the bundle root, where ``-m scripts.*`` and ``configs/*.json`` resolve).
+        timeout: seconds before ``subprocess.TimeoutExpired``.
+        env: the child's environment (default this process's); ``PYTHONUNBUFFERED=1`` is always added, so
+            stdout and stderr keep their order, and so are ``env_vars`` (e.g. ``OMP_NUM_THREADS="1"``).
+
+    Returns:
+        the finished process, stdout and stderr captured as text.
+    """
+    full_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", **env_vars}
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run_inference_in_process(**overrides) -> None:

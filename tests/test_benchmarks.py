@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from conftest import BUNDLE_ROOT
+from conftest import run_python
 from scripts.benchmarks.inference_speed import one_patch_at_a_time, patch_starts, perturb_network, synthetic_suv
 from scripts.networks.unipet import UniPET
 
@@ -25,9 +23,7 @@ TINY_NET = {"channels": 4, "num_blocks": 2, "latent_dim": 8, "san_channels": [4,
 
 
 def _cli(module: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=BUNDLE_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_python("-m", module, *args, timeout=timeout)
 
 
 def _finite_positive(value) -> bool:

@@ -3,13 +3,11 @@
 import configparser
 import json
 import re
-import subprocess
-import sys
 
 import jsonschema
 import pytest
 
-from conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR
+from conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR, run_python
 
 SCHEMA = SHARED_DIR / "schemas" / "meta_schema_20240725.json"
 
@@ -43,11 +41,7 @@ def test_metadata_valid_against_schema(metadata):
 
 def test_monai_verify_metadata_offline(tmp_path):
     # MONAI skips the download when the schema file already exists, so this runs offline.
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-         "--filepath", str(SCHEMA)],
-        cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_python("-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
 

@@ -1,15 +1,14 @@
 """Datalist: split by subject, determinism, fractions, explicit subjects, MONAI loading and the CLI."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.datalist import make_datalist, split_subjects, write_datalist
 from scripts.data.io import save_nifti
@@ -139,11 +138,7 @@ def test_loads_with_monai(ds20, tmp_path):
 
 
 def _cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(bundle_root))
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.data.datalist", *args],
-        cwd=bundle_root, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return run_python("-m", "scripts.data.datalist", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root))
 
 
 def test_cli(bundle_root, ds20, tmp_path):

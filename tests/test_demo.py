@@ -1,21 +1,17 @@
 """`make demo`'s job (scripts.demo) on a small phantom: it runs, reports honestly and writes its outputs."""
 
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 
 
 def _demo(args, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "scripts.demo", "--shape", "[64,64,24]", "--output_dir", str(tmp_path), *args],
-                          cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_python("-m", "scripts.demo", "--shape", "[64,64,24]", "--output_dir", tmp_path, *args, timeout=600,
+                      OMP_NUM_THREADS="2")
 
 
 def test_demo_refuses_a_missing_checkpoint_and_an_implicit_untrained_run(tmp_path):

@@ -10,9 +10,6 @@ the end need the MONAI Deploy App SDK and are skipped without it; run them in th
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +18,7 @@ import pydicom
 import pytest
 
 import pet_dicom_factory as factory
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
 from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
@@ -170,8 +168,7 @@ def test_app_entry_point_without_sdk_says_how_to_install(tmp_path):
         pytest.skip("the SDK is installed here; this checks the message shown without it")
     from conftest import BUNDLE_ROOT
 
-    proc = subprocess.run([sys.executable, "-m", "scripts.deploy.deploy_app", "-i", str(tmp_path), "-o", str(tmp_path / "o"),
-                           "-m", str(BUNDLE_ROOT)], cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_python("-m", "scripts.deploy.deploy_app", "-i", tmp_path, "-o", tmp_path / "o", "-m", BUNDLE_ROOT, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "requirements-deploy.txt" in lines[0] and "Traceback" not in proc.stderr
@@ -203,10 +200,8 @@ def test_sdk_series_to_volume_operator_truncates_per_slice_slopes(deployed):
 def test_sdk_app_end_to_end(deployed, tmp_path):
     """The real App SDK application (Holoscan scheduler, SDK loader + PT selector) on CPU."""
     base, root, _, _, reference = deployed
-    env = dict(os.environ, UNIPET_DEVICE="cpu", PYTHONUNBUFFERED="1")
     out = tmp_path / "sdk_out"
-    proc = subprocess.run([sys.executable, "-m", "scripts.deploy.deploy_app", "-i", str(base / "in"), "-o", str(out),
-                           "-m", str(root)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "scripts.deploy.deploy_app", "-i", base / "in", "-o", out, "-m", root, cwd=root, UNIPET_DEVICE="cpu")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     series_dirs = sorted(out.glob("*_denoised_dicom"))
     assert len(series_dirs) == 1, "one PET series in, one derived series out (the CT is not selected)"

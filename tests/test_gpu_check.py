@@ -4,14 +4,12 @@ sizes and exits 0 with one JSON; the compute-peak and precision-benchmark helper
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import BUNDLE_ROOT
+from conftest import run_python
 from scripts.benchmarks import gpu_check
 from scripts.benchmarks.compute_peak import gflops_line, network_flops, sliding_window_flops
 from scripts.benchmarks.precision import RULE, choose_default
@@ -19,9 +17,7 @@ from scripts.networks.unipet import UniPET
 
 
 def _cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "scripts.benchmarks.gpu_check", *args], cwd=BUNDLE_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_python("-m", "scripts.benchmarks.gpu_check", *args, timeout=timeout, OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow

@@ -20,11 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +31,7 @@ import pytest
 from pydicom.uid import MRImageStorage, generate_uid
 
 import pet_dicom_factory as factory
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import UniPETInputError, user_error, worker_user_error
 from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
@@ -238,9 +235,8 @@ def test_suv_tool_handles_odd_but_valid_series(tmp_path, capsys, caplog, case):
 def test_suv_cli_subprocess_one_line(tmp_path):
     series(tmp_path / "in", edit=set_tag("RescaleSlope", "NaN", only_slice=1))
     before = tree_digest(tmp_path / "in")
-    env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "scripts.data.suv", "--dicom_dir", str(tmp_path / "in"), "--output",
-                           str(tmp_path / "out" / "x.nii.gz")], cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python("-m", "scripts.data.suv", "--dicom_dir", tmp_path / "in", "--output", tmp_path / "out" / "x.nii.gz",
+                      timeout=120, PYTHONPATH=str(BUNDLE_ROOT))
     assert proc.returncode == 2
     assert "not a finite number" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -310,11 +306,9 @@ def test_inference_bundle_run_one_line(tmp_path):
     save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / "a_good.nii.gz")
     _mixed(data / "b_mixed")
     before = tree_digest(data)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", "--channels", "4", "--num_blocks", "2",
-                           "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"],
-                          cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                      "--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true", "--channels", "4",
+                      "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "mixes 2 image series" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -481,12 +475,10 @@ def test_a_newline_in_a_folder_name_cannot_forge_log_lines_and_hidden_entries_ar
     series(data / ".hidden_series")
     (data / ".DS_Store").write_text("x")
     (data / "notes.txt").write_text("x")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true",
-                           "--progress", "false", "--channels", "4", "--num_blocks", "2", "--latent_dim", "8",
-                           "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"],
-                          cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                      "--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true",
+                      "--progress", "false", "--channels", "4", "--num_blocks", "2", "--latent_dim", "8",
+                      "--san_channels", "[4,4]", "--patch_size", "[16,16,16]", OMP_NUM_THREADS="1")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert not [line for line in log.splitlines() if line.startswith("error:")], "a folder name forged an error line"

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +29,7 @@ import torch
 from ignite.engine import Engine
 
 import pet_dicom_factory as factory
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import CheckpointError, UniPETInputError, user_error
 from scripts.common.large_files import read_large_files, recorded_sha256, write_large_files
 from scripts.common.weights import atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
@@ -247,12 +245,10 @@ def test_hash_mismatch_stops_inference_with_exit_2(tmp_path):
     data, out = tmp_path / "in", tmp_path / "out"
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a.nii.gz")
     ckpt = perturbed_checkpoint(tmp_path / "p.pt")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
-         "--output_dir", str(out), "--checkpoint", str(ckpt), "--checkpoint_sha256", "ab" * 32,
-         *[arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))]],
-        cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python(
+        "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", data,
+        "--output_dir", out, "--checkpoint", ckpt, "--checkpoint_sha256", "ab" * 32,
+        *[arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not the recorded abababababababab" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -445,13 +441,11 @@ def test_disk_full_while_writing_the_dicom_series_is_one_sentence(tmp_path):
     of it used to be the "one line". Now: what happened, what to do, nothing of that input kept."""
     data, out = tmp_path / "in", tmp_path / "out"
     factory.write_synthetic_series(data / "pet", phantom((10, 9, 6), hot=None) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _ENOSPC_RUN, "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
-         "--output_dir", str(out), "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true",
-         "--progress", "false", *[str(a) for kv in NET_OVERRIDES.items() for a in (f"--{kv[0]}", json.dumps(kv[1]))],
-         "--patch_size", "[16,16,16]"],
-        cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    proc = run_python(
+        "-c", _ENOSPC_RUN, "run", "--config_file", "configs/inference.json", "--dataset_dir", data,
+        "--output_dir", out, "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true",
+        "--progress", "false", *[str(a) for kv in NET_OVERRIDES.items() for a in (f"--{kv[0]}", json.dumps(kv[1]))],
+        "--patch_size", "[16,16,16]", OMP_NUM_THREADS="1",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

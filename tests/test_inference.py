@@ -9,10 +9,8 @@ test needs the network to change the image (`perturbed_checkpoint`).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +20,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 import pet_dicom_factory as factory
-from conftest import BUNDLE_ROOT, run_inference_in_process
+from conftest import BUNDLE_ROOT, run_inference_in_process, run_python
 from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.options import as_bool, check_output_format, check_spacing
 from scripts.data.io import save_nifti
@@ -41,11 +39,7 @@ INT16_MAX = 32767
 
 
 def bundle_run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *args],
-        cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *args, timeout=timeout)
 
 
 run_in_process = run_inference_in_process  # the same config without a new interpreter (no logging.conf)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.inference import claims
@@ -403,8 +403,7 @@ def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp
     left = sorted(p.name for p in out.iterdir())
     assert "pet_denoised.nii.gz" in left and "pet_denoised_dicom" not in left and "pet_denoised.json" not in left, left
     assert any(".unipet-" in n for n in left), f"the killed run's temporaries and claim are there: {left}"
-    rerun = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE_ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    rerun = run_python("-m", "monai.bundle", *args, OMP_NUM_THREADS="1")
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # no --overwrite needed: the set was ours and partial
     assert "killed while writing its outputs" in rerun.stdout + rerun.stderr
     assert sorted(p.name for p in out.iterdir()) == ["pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import yaml
 from scipy.ndimage import gaussian_filter
 
+from conftest import run_python
 from scripts.data.io import save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.deploy.package import BUNDLE_NAME, PackageError, package_bundle
@@ -31,9 +31,7 @@ def sha256(path: Path) -> str:
 
 
 def bundle_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_python("-m", "monai.bundle", *args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import BUNDLE_ROOT, run_inference_in_process
+from conftest import run_inference_in_process, run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
@@ -187,22 +184,18 @@ def test_a_failing_qc_write_keeps_nothing_of_the_study(tmp_path, monkeypatch):
 
 
 def test_denoise_command_help_and_one_file(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    helped = subprocess.run([sys.executable, "-m", "scripts.denoise", "--help"], cwd=BUNDLE_ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    helped = run_python("-m", "scripts.denoise", "--help", timeout=60, OMP_NUM_THREADS="1")
     assert helped.returncode == 0 and "NIfTI file" in helped.stdout and "--output_format" in helped.stdout
     suv, aff = body_with_foci((36, 30, 26))
     src = save_nifti(suv, aff, tmp_path / "one.nii.gz")
-    proc = subprocess.run([sys.executable, "-m", "scripts.denoise", str(src), str(tmp_path / "out"), "--checkpoint", "",
-                           "--allow_untrained", "true", "--progress", "false", *TINY_CLI],
-                          cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "scripts.denoise", src, tmp_path / "out", "--checkpoint", "", "--allow_untrained", "true",
+                      "--progress", "false", *TINY_CLI, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "one_denoised.json", "one_denoised.nii.gz", "one_denoised_qc.json", "one_denoised_qc.png"]
     y = np.asarray(nib.load(str(tmp_path / "out" / "one_denoised.nii.gz")).dataobj)
     np.testing.assert_allclose(y, suv, atol=1e-5)  # the untrained network is the identity
-    missing = subprocess.run([sys.executable, "-m", "scripts.denoise", str(tmp_path / "nope.nii.gz"), str(tmp_path / "o2")],
-                             cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    missing = run_python("-m", "scripts.denoise", tmp_path / "nope.nii.gz", tmp_path / "o2", timeout=60, OMP_NUM_THREADS="1")
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error:") and "does not exist" in missing.stderr
     assert not (tmp_path / "o2").exists()
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.benchmarks import quality, train_models
 from scripts.common.errors import UniPETInputError
 from scripts.data import simulate as sim
@@ -215,8 +213,7 @@ def test_ship_copies_weights_and_records_their_hash(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("module", ["scripts.benchmarks.quality", "scripts.benchmarks.train_models"])
 def test_help(module):
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=BUNDLE_ROOT, capture_output=True, text=True,
-                          timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
+    proc = run_python("-m", module, "--help", timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and "work_dir" in (proc.stdout + proc.stderr).lower().replace("-", "_")
 
 

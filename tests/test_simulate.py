@@ -2,9 +2,6 @@
 the on-disk layout written by the CLI, and clean refusals of bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +9,7 @@ import numpy as np
 import pytest
 
 import scripts.data.simulate as sim
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.phantom import make_phantom
 
@@ -192,11 +190,7 @@ SMALL = ["--shape", "[32,32,12]", "--spacing", "[12,12,32]", "--drfs", "[4,20]",
 
 
 def _run_cli(args, bundle_root, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.data.simulate", *args],
-        cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300,
-    )
+    return run_python("-m", "scripts.data.simulate", *args, cwd=bundle_root, OMP_NUM_THREADS="2")
 
 
 def test_help_works(bundle_root, tmp_path):

@@ -3,15 +3,13 @@ really varies noise level and texture at a fixed DRF, the unseen-reconstruction 
 training ranges, draws are seeded and recorded, resolution modelling works, and the CLI exposes every knob."""
 
 import json
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 import scripts.data.simulate as sim
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 
 
@@ -149,8 +147,7 @@ def test_bad_profiles_are_refused_clearly(tmp_path):
 
 
 def _cli(args, bundle_root):
-    return subprocess.run([sys.executable, "-m", "scripts.data.simulate", *args], cwd=bundle_root,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    return run_python("-m", "scripts.data.simulate", *args, cwd=bundle_root, OMP_NUM_THREADS="1")
 
 
 def test_cli_help_lists_every_knob(bundle_root):

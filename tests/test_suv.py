@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +25,7 @@ from pet_dicom_factory import (
 )
 from pydicom.uid import generate_uid
 
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.dicom_series import DicomSeriesError
 from scripts.data.suv import (
@@ -410,10 +409,7 @@ def test_multiframe_pet_is_refused(tmp_path):
 
 
 def _cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(bundle_root)}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.data.suv", *args], cwd=bundle_root, env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_python("-m", "scripts.data.suv", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root))
 
 
 def test_cli_help(bundle_root):

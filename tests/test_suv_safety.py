@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from pet_dicom_factory import (
 )
 from pydicom.uid import generate_uid
 
+from conftest import run_python
 from scripts.data.io import save_nifti
 from scripts.data.suv import SUVError, SUVOverrides, check_body_suv, compute_suv_factor, read_pet_series
 from scripts.inference.inputs import prepare_datalist
@@ -44,10 +43,8 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(bundle_root), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.data.suv", *args], cwd=bundle_root, env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_python("-m", "scripts.data.suv", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root),
+                      OMP_NUM_THREADS="1")
 
 
 def _one_line_error(res: subprocess.CompletedProcess) -> str:

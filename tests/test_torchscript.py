@@ -8,17 +8,14 @@ identity (random output conv and style layers). models/ of the real bundle is ne
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.deploy.bundle_inference import BundleDenoiser
 from scripts.deploy.export import ExportError, compare_with_eager, eager_network, export_torchscript, verify_export
 from scripts.networks.unipet import UniPET
@@ -65,9 +62,7 @@ def make_bundle_copy(dest: Path, with_weights: bool = True, seed: int = 0) -> Pa
 def exported(tmp_path_factory):
     """A bundle copy with model.pt and the model.ts made by the model zoo's own command."""
     root = make_bundle_copy(tmp_path_factory.mktemp("ts"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *EXPORT_CMD], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python("-m", "monai.bundle", *EXPORT_CMD, cwd=root)
     return root, proc
 
 

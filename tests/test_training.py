@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import BUNDLE_ROOT
+from conftest import BUNDLE_ROOT, run_python
 from scripts.common.weights import load_checkpoint
 from scripts.data.io import save_nifti
 from scripts.engines.gan_trainer import UniPETTrainer
@@ -43,10 +41,7 @@ def make_pairs(root: Path, n_subjects: int = 3, shape=(24, 24, 20), drfs=(4, 20)
 
 
 def bundle_run(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_python("-m", "monai.bundle", "run", *args, timeout=timeout, **{"OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,13 +312,12 @@ def test_training_alias_matches_run():
 def test_multi_process_cpu_training_gloo(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=3)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
            "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--epochs", "2",
            "--epoch_length", "2", "--val_interval", "1", "--critic_pretrain_iterations", "1",
            "--val_fraction", "0.34", *TINY]
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python(*cmd, timeout=600, OMP_NUM_THREADS="1")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert log.count("UniPETTrainer - INFO - Engine run resuming from iteration 0") == 2, "expected two ranks"

@@ -2,15 +2,14 @@
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.layout import scan_paired_dataset
 from scripts.data.suv import suv_factor_from_values
@@ -305,11 +304,7 @@ def test_output_dir_rules(tmp_path):
 
 
 def _cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(bundle_root))
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.data.udpet", *args],
-        cwd=bundle_root, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return run_python("-m", "scripts.data.udpet", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root))
 
 
 def test_cli(bundle_root, tmp_path):
