@@ -75,6 +75,27 @@ def test_demo_bad_input_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_denoises_with_the_bundle_inference(tmp_path):
+    """Issue 17, one inference path: the demo runs configs/inference.json's own pipeline with its network, so its
+    denoised volume is exactly what inference.json writes for its low-dose volume with the same (shipped) weights,
+    on the volume's own grid. The 24-slice phantom is thinner than a window: the padding is inference.json's too
+    (the demo's former hand-written copy padded with zeros)."""
+    import shutil
+
+    from conftest import run_inference_in_process
+
+    demo_dir, src, out = tmp_path / "demo", tmp_path / "in", tmp_path / "out"
+    proc = _demo([], demo_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    src.mkdir()
+    shutil.copy(demo_dir / "low_dose_drf20.nii.gz", src / "low.nii.gz")
+    run_inference_in_process(dataset_dir=str(src), output_dir=str(out), resample=False, qc_report=False, device="cpu")
+    demo_den = nib.load(demo_dir / "denoised_drf20.nii.gz").get_fdata(dtype=np.float32)
+    bundle_den = nib.load(out / "low_denoised.nii.gz").get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(demo_den, bundle_den)
+
+
+@pytest.mark.slow
 def test_demo_defaults_to_the_shipped_weights(tmp_path):
     proc = _demo([], tmp_path)
     out = proc.stdout + proc.stderr

@@ -21,7 +21,7 @@ import pet_dicom_factory as factory
 from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
-from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
+from scripts.inference.denoise import BundleDenoiser, check_float_volume
 from scripts.deploy.deploy_app.pet_series import (
     DenoisedPET,
     find_pet_series,

@@ -246,10 +246,16 @@ def test_evaluation_report_reads_label_maps_in_the_network_orientation(tmp_path)
 
 
 def test_in_memory_denoise_reorients_by_affine_like_the_bundle():
-    """The demo's and the quality benchmark's network step (``denoise_volume``) sees the network orientation too."""
+    """The demo's and the quality benchmark's in-memory inference (``BundleDenoiser`` with their network) sees the
+    network orientation too."""
     import torch
 
-    from scripts.inference.denoise import denoise_volume
+    from scripts.inference.denoise import BundleDenoiser
+
+    def denoise_volume(net, vol, affine, roi_size, sw_batch_size):
+        overrides = {"patch_size": list(roi_size), "sw_batch_size": sw_batch_size, "resample": False, "progress": False}
+        return BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"trained": True}, device="cpu",
+                              overrides=overrides)(vol, affine)
 
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 3, padding=1, padding_mode="replicate").eval()  # asymmetric kernel: order matters
@@ -267,8 +273,8 @@ def test_in_memory_denoise_reorients_by_affine_like_the_bundle():
     out = denoise_volume(net, stored, affine=affine_stored, **kw)
     back = np.transpose(out, (1, 0, 2))[::-1]
     np.testing.assert_allclose(back, ref, atol=1e-5)
-    # without the affine the network sees the stored order, and the result differs: the check can fail
-    raw = np.transpose(denoise_volume(net, stored, **kw), (1, 0, 2))[::-1]
+    # an affine that calls the stored order RAS: the network sees the stored order, and the result differs
+    raw = np.transpose(denoise_volume(net, stored, affine=ras, **kw), (1, 0, 2))[::-1]
     assert np.abs(raw - ref).max() > 1e-2
 
 

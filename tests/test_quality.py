@@ -104,6 +104,31 @@ def test_quality_benchmark_end_to_end(work):
     assert "sha256" not in table and result["provenance"]["checkpoints_sha256"]
 
 
+def test_quality_benchmark_denoises_with_the_bundle_inference(work, tmp_path):
+    """Issue 17, one inference path: each benchmarked network runs configs/inference.json's own pipeline, so a test
+    volume comes out exactly as inference.json writes it with the same weights (on the volume's own grid: the
+    benchmark does not resample). The volumes (24 slices) are thinner than a window: inference.json's padding."""
+    import shutil
+
+    from conftest import run_inference_in_process
+    from scripts.data.io import load_nifti
+
+    net, settings = network_from_config(BUNDLE_ROOT / "configs" / "train.json", BUNDLE_ROOT)
+    net.load_state_dict(torch.load(work / "unipet.pt", weights_only=True))
+    low, affine = load_nifti(work / "sim" / "phantom_001" / "drf_20.nii.gz")
+    den = quality._denoiser(net, ("unipet", None), settings)(low, affine)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(work / "sim" / "phantom_001" / "drf_20.nii.gz", src / "low.nii.gz")
+    run_inference_in_process(dataset_dir=str(src), output_dir=str(tmp_path / "out"), checkpoint=str(work / "unipet.pt"),
+                             resample=False, qc_report=False, device="cpu")
+    bundle_den = load_nifti(tmp_path / "out" / "low_denoised.nii.gz")[0]
+    np.testing.assert_array_equal(den, bundle_den)
+    inference = quality._inference_settings(quality._denoiser(net, ("unipet", None), settings))
+    assert inference["inference_config"] == "configs/inference.json" and inference["resample"] is False
+    assert inference["padding_mode"] == "replicate" and inference["patch_size"] == [32, 32, 32]
+
+
 def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
     result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, families="unseen_recon",
                          models="unipet", out_dir=str(tmp_path / "q"))

@@ -10,7 +10,7 @@ from scripts.common.large_files import read_large_files, recorded_sha256
 from scripts.common.weights import file_sha256, load_checkpoint, verify_sha256
 from scripts.data.phantom import make_phantom
 from scripts.data.simulate import simulate_pet
-from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.metrics.image_quality import psnr, ssim3d
 from scripts.networks.unipet import checkpoint_san_variant, match_checkpoint_san_variant
 
@@ -37,7 +37,9 @@ def test_shipped_weights_beat_the_low_dose_input_on_a_fresh_drf20_scan():
     ph = make_phantom((96, 96, 64), spacing, seed=20261125)
     sim = simulate_pet(ph.activity, spacing, drfs=[20], seed=77, mu_map=ph.mu)
     full, low = sim["full_dose"].astype(np.float32), next(iter(sim["drf"].values())).astype(np.float32)
-    den = denoise_volume(net.eval(), low, sizes["suv_max"], sizes["patch_size"], sizes["sw_batch_size"])
+    # the bundle's own inference (configs/inference.json) with this network, on the phantom's own grid
+    den = BundleDenoiser(BUNDLE_ROOT, network=net.eval(), model_info={"checkpoint": str(SHIPPED), "trained": True},
+                         device="cpu", overrides={"resample": False, "progress": False})(low, ph.affine)
     f, lo, de = (torch.from_numpy(v)[None, None] for v in (full, low, den))
     gain = float(psnr(de, f)[0] - psnr(lo, f)[0])
     assert gain > 1.0, f"PSNR gain of the shipped weights at DRF 20: {gain:.2f} dB"

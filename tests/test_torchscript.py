@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import BUNDLE_ROOT, run_python
-from scripts.deploy.bundle_inference import BundleDenoiser
+from scripts.inference.denoise import BundleDenoiser
 from scripts.deploy.export import ExportError, compare_with_eager, eager_network, export_torchscript, verify_export
 from scripts.networks.unipet import UniPET
 

@@ -8,7 +8,8 @@ simulator at full dose and at the given DRF; with ``--input`` a full-dose SUV NI
 activity map instead (resampled to the network's 4 mm grid). The low-dose scan is denoised with the
 network of ``configs/train.json`` (weights from ``--checkpoint``, default the shipped ``models/model.pt``,
 whose SHA-256 is checked against ``large_files.yml``; without weights the network is UNTRAINED and the demo
-says so), PSNR/SSIM against the simulated full dose are printed for the input and the output, with the
+says so) run by the bundle's own inference pipeline (``configs/inference.json`` through
+``scripts.inference.denoise.BundleDenoiser``, on the volume's own 4 mm grid: no resampling), PSNR/SSIM against the simulated full dose are printed for the input and the output, with the
 SUVmax of the hottest lesion (full dose, low dose, denoised), and the volumes plus a PNG montage (coronal and
 axial slices through that lesion, radiological orientation from the affine, R/L/A/P/S/I letters, a mm scale
 bar) are written to ``--output_dir``.
@@ -36,7 +37,7 @@ from scripts.data.phantom import make_phantom
 from scripts.data.simulate import load_activity, resample_activity, simulate_pet
 from scripts.evaluation.display import draw_panel, panel, ras_index, to_ras
 from scripts.evaluation.regions import hottest_lesion_voxel
-from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.inference.qc import find_hotspots
 from scripts.metrics.image_quality import psnr, ssim3d
 from scripts.networks.unipet import match_checkpoint_san_variant
@@ -182,8 +183,13 @@ def run(
     logger.info("simulation took %.1f s", time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    den = denoise_volume(net, low, float(sizes["suv_max"]), sizes["patch_size"], int(sizes["sw_batch_size"]), progress=True,
-                         affine=affine)
+    # the bundle's own inference (configs/inference.json: orientation, precision, sliding window, residual) with
+    # this network; the volume stays on its own grid (already the 4 mm training grid), so no resampling
+    denoiser = BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"checkpoint": str(ckpt) if trained else None,
+                                                                     "trained": trained},
+                              overrides={"resample": False, "progress": True, "suv_max": float(sizes["suv_max"]),
+                                         "network_axcodes": sizes["network_axcodes"]})
+    den = denoiser(low, affine, name="demo")
     t_infer = time.perf_counter() - t0
 
     t_full = torch.from_numpy(full)[None, None]

@@ -11,8 +11,11 @@ of SIMULATED data:
 
 The models are those of :mod:`scripts.benchmarks.train_models` (same ``--work_dir``); UniPET is the shipped
 ``models/model.pt`` (its SHA-256 checked against ``large_files.yml``); ``--models`` picks a subset. Every
-model runs the same Gaussian-blended sliding window as training validation on the whole volume on its own
-grid (no resampling, as evaluate.json). Scores:
+model is run by the bundle's own inference pipeline (``configs/inference.json`` through
+``scripts.inference.denoise.BundleDenoiser``: orientation, precision wrapper, Gaussian-blended sliding
+window with its window, overlap and padding, residual return), so the table comes from the workflow users
+run; each whole volume stays on its own grid (``resample`` off, as evaluate.json: the simulated families are
+on the 4 mm training grid already). ``quality.json``'s provenance records these settings. Scores:
 
 - image: :func:`scripts.metrics.image_quality.quality_metrics`: ``psnr`` (UniPET's: SUV clipped to [0, 20],
   peak 20), ``psnr_refmax`` (UDPET's: unclipped, peak = max of the full dose; never mix the two), SSIM,
@@ -59,7 +62,7 @@ from scripts.data.layout import format_drf
 from scripts.data.recon import gaussian_filter_mm
 from scripts.evaluation.regions import REGION_COLUMNS, load_label_table, region_rows, summarise_regions
 from scripts.evaluation.report import write_csv
-from scripts.inference.denoise import denoise_volume, network_from_config
+from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
 from scripts.networks.unipet import match_checkpoint_san_variant
@@ -203,6 +206,26 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
                 build = getattr(importlib.import_module(module), cls)
             nets[(key, None)] = load(work / "models" / rel, build=build)
     return nets, {"checkpoints_sha256": info, **settings}
+
+
+def _denoiser(net: torch.nn.Module, key: tuple[str, int | None], settings: Mapping[str, Any]) -> BundleDenoiser:
+    """``net`` run by the bundle's own inference (``configs/inference.json``: orientation, precision wrapper,
+    sliding window, residual), so the table comes from the workflow users run. Each test volume stays on its
+    own grid (``resample`` off: the simulated families are on the 4 mm training grid already); the
+    normalisation and orientation are the training config's (``settings``), as they belong to the weights."""
+    name = key[0] if key[1] is None else f"{key[0]} (DRF {key[1]})"
+    return BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"checkpoint": name, "trained": True},
+                          overrides={"resample": False, "progress": False, "suv_max": float(settings["suv_max"]),
+                                     "network_axcodes": settings["network_axcodes"]})
+
+
+def _inference_settings(denoiser: BundleDenoiser) -> dict[str, Any]:
+    """The network step's settings as run (from ``configs/inference.json``), for the provenance."""
+    inferer = denoiser.inferer
+    return {"inference_config": "configs/inference.json", "resample": False,
+            "patch_size": [int(v) for v in inferer.roi_size], "sw_batch_size": int(inferer.sw_batch_size),
+            "overlap": float(inferer.overlap), "blend_mode": str(inferer.mode), "padding_mode": str(inferer.padding_mode),
+            "precision": denoiser.inference_network.precision}
 
 
 def _simulated_from_real(subject_dir: Path) -> bool:
@@ -574,6 +597,8 @@ def run(
         fam_drfs[f] = [float(d) for d in _as_list(drfs)] if drfs is not None else _family_drfs(data, test)
     all_drfs = sorted({d for v in fam_drfs.values() for d in v})
     nets, provenance = _load_networks(work, ckpt, config, all_drfs, model_list)
+    denoisers = {key: _denoiser(net, key, provenance) for key, net in nets.items()}
+    provenance.update(_inference_settings(next(iter(denoisers.values()))))
     out.mkdir(parents=True, exist_ok=True)
 
     result: dict[str, Any] = {"description": "UniPET quality benchmark (simulated data), per test family",
@@ -603,9 +628,8 @@ def run(
                 low, low_affine = load_nifti(data / subject / f"drf_{d}.nii.gz")
                 outputs = {"input": low, "gaussian": gaussian_filter_mm(low, spacing, gaussian[d]["fwhm_mm"])}
                 for key in model_list:
-                    net = nets[(key, _nearest_trained(drf))] if key == "drf_specific" else nets[(key, None)]
-                    outputs[key] = denoise_volume(net, low, provenance["suv_max"], provenance["patch_size"],
-                                                  provenance["sw_batch_size"], affine=low_affine)
+                    denoise = denoisers[(key, _nearest_trained(drf))] if key == "drf_specific" else denoisers[(key, None)]
+                    outputs[key] = denoise(low, low_affine, name=f"{subject} DRF {d}")
                 for model, pred in outputs.items():
                     row = score(pred, full, labels, table, low, spacing, subject, d, provenance)
                     biases.setdefault((model, d), []).extend(row.pop("_lesion_biases"))

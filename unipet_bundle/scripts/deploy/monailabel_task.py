@@ -4,7 +4,7 @@ Why not MONAI Label's ``BundleInferTask``: it assumes segmentation. It reads lab
 output ``channel_def``, appends a ``Restored`` step and writes the prediction with its label writer
 (ITK, with the request's dtype); and it would run our ``inference.json`` pre/post-processing without the
 residual return to the input grid being fed the right keys. This task instead calls the bundle's own
-inference (:class:`scripts.deploy.bundle_inference.BundleDenoiser`) and writes float32 SUV on the
+inference (:class:`scripts.inference.denoise.BundleDenoiser`) and writes float32 SUV on the
 input's grid.
 
 The work happens in :class:`UniPETLabelCore` (no MONAI Label needed, tested in the main environment);
@@ -40,7 +40,7 @@ import numpy as np
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import nifti_stem, save_nifti
 from scripts.data.suv import check_body_suv
-from scripts.deploy.bundle_inference import BundleDenoiser
+from scripts.inference.denoise import BundleDenoiser
 from scripts.inference.inputs import InferenceInput, load_volume
 
 __all__ = ["TASK_NAME", "UniPETLabelCore", "create_task", "task_class"]

@@ -35,6 +35,7 @@ Modules (each has one job): :mod:`.inputs` (discover, validate, load), :mod:`.mo
 :mod:`.writer` (outputs), :mod:`.dicom_writer` (derived PET series), :mod:`.claims` (who may write an
 input's outputs), :mod:`.report` (log lines), :mod:`.residual` (the correction back on the native grid),
 :mod:`.memory` (one study in memory at a time), :mod:`.qc` (the per-study QC report), :mod:`.denoise`
-(an in-memory volume, for the demo and the quality benchmark). Option values and one-line errors are on
+(inference.json's components on a volume held in memory: the Deploy app, MONAI Label, the demo and the
+quality benchmark denoise through it). Option values and one-line errors are on
 the common floor (:mod:`scripts.common.options`, :mod:`scripts.common.errors`); see ``docs/code_map.md``.
 """

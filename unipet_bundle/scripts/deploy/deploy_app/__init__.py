@@ -14,7 +14,7 @@ Why three operators are ours and not the SDK's (App SDK 4.0):
   computes SUV from the series' tags (:func:`scripts.data.suv.read_pet_series`);
 - the SDK's ``MonaiBundleInferenceOperator`` casts every "image" output to uint8, and its loader filter
   keeps our ``LoadPETd`` (it only drops ``LoadImage*``); ours runs the bundle's ``inference.json``
-  components on the in-memory volume (:class:`scripts.deploy.bundle_inference.BundleDenoiser`) and
+  components on the in-memory volume (:class:`scripts.inference.denoise.BundleDenoiser`) and
   passes float32 on;
 - the SDK ships no image-series writer; ours is :func:`scripts.inference.dicom_writer.write_derived_pet_series`
   (int16 with a per-slice RescaleSlope from each slice's own peak, SUV tags kept), and every written

@@ -14,7 +14,7 @@ from typing import Any
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from scripts.deploy.bundle_inference import BundleDenoiser
+from scripts.inference.denoise import BundleDenoiser
 from scripts.deploy.deploy_app.pet_series import (
     DenoisedPET,
     PETVolume,

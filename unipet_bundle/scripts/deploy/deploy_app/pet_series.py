@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
-from scripts.deploy.bundle_inference import BundleDenoiser, check_float_volume
+from scripts.inference.denoise import BundleDenoiser, check_float_volume
 from scripts.inference.dicom_writer import derivation_text, verify_written_series, write_derived_pet_series
 
 __all__ = [
