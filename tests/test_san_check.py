@@ -32,7 +32,7 @@ def windows():
 
 def test_check_tells_a_live_san_from_a_dead_one(windows):
     torch.manual_seed(0)
-    net = UniPET(**SMALL)  # v2; its style layers start at zero: no style at all
+    net = UniPET(**SMALL)  # v3; its style layers start at zero: no style at all
     dead = san_report(net, windows)
     assert dead["style_abs"] == 0 and dead["zero_style_change"] == 0 and not san_is_alive(dead)
     with torch.no_grad():  # style layers that read the latents (what stage 2 should learn)

@@ -37,12 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_san_variant_or(
-    path: str | os.PathLike | None, default: str = "v2", expected_sha256: str | None = None
+    path: str | os.PathLike | None, default: str = "v3", expected_sha256: str | None = None
 ) -> str:
-    """The SAN variant (``"v1"``/``"v2"``) of the UniPET weights in ``path``, or ``default`` when it cannot tell.
+    """The SAN variant (``"v1"``/``"v2"``/``"v3"``) of the UniPET weights in ``path``, or ``default`` when it cannot tell.
 
-    For configs whose network must match the weights they load (inference.json, evaluate.json): the
-    shipped 0.2.0 ``models/model.pt`` holds a v1 SAN, models trained since issue 15 a v2 one. A missing,
+    For configs whose network must match the weights they load (inference.json, evaluate.json): 0.2.0
+    weights hold a v1 SAN, 0.3 runs a v2 one, models trained since 0.4 (and the shipped one) v3. A missing,
     unreadable or SHA-mismatching file gives ``default`` silently: the config's own weight loading then
     reports the problem in its words. Reads the file with ``weights_only=True`` like every load here.
     """

@@ -87,7 +87,7 @@ class SANStage(nn.Module):
         out_channels: int,
         latent_dim: int,
         reduction: int = 4,
-        variant: str = "v2",
+        variant: str = "v3",
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
@@ -155,7 +155,7 @@ class StyleAlignmentNetwork(nn.Module):
         channels: Sequence[int],
         latent_dim: int,
         reduction: int = 4,
-        variant: str = "v2",
+        variant: str = "v3",
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
@@ -277,10 +277,11 @@ class UniPET(nn.Module):
             border, a lattice on a flat volume), ``"replicate"`` (the default: a flat region stays flat
             up to the face) or ``"reflect"``. Train and infer with the same mode. It has no parameters,
             so weights load under any mode.
-        san_variant: ``"v2"`` (default: a SAN whose signal survives every stage and whose latents read
-            the noise level) or ``"v1"`` (0.2.0, the design of the shipped ``models/model.pt``; its
-            latents are dead); see :data:`SAN_VARIANTS`. The two differ in the latent heads' shapes,
-            so a checkpoint loads only into the variant it was trained with.
+        san_variant: ``"v3"`` (default since 0.4: the SAN reads the local high-pass of the features and
+            pools mean and log-std, so its latents follow the noise level more than the anatomy), ``"v2"``
+            (0.3: mean and std of the features themselves) or ``"v1"`` (0.2.0; its latents are dead); see
+            :data:`SAN_VARIANTS`. A checkpoint loads only into the variant it was trained with (v1 differs
+            in the latent heads' shapes, v3 in its ``san.high_pass_marker`` buffer).
     """
 
     def __init__(
@@ -296,7 +297,7 @@ class UniPET(nn.Module):
         san_reduction: int = 4,
         zero_init_output: bool = True,
         padding_mode: str = "replicate",
-        san_variant: str = "v2",
+        san_variant: str = "v3",
     ) -> None:
         super().__init__()
         if padding_mode not in PADDING_MODES:
