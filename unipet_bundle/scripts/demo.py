@@ -18,7 +18,6 @@ bar) are written to ``--output_dir``.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import fire
 import numpy as np
 import torch
 
-from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.large_files import recorded_sha256
 from scripts.common.options import as_bool
@@ -228,8 +227,7 @@ def main() -> None:
     try:
         fire.Fire(run)
     except (UniPETInputError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

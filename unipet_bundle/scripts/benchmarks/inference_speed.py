@@ -68,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.common.errors import CheckpointError
+from scripts.common.errors import CheckpointError, exit_bad_input
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.weights import file_sha256
 from scripts.data.io import save_nifti
@@ -849,8 +849,7 @@ def main() -> None:
     try:
         fire.Fire(run, serialize=lambda _: None)  # the tables are the output, not the returned dict
     except (BenchmarkInputError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
     except BenchmarkRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -42,7 +42,6 @@ import importlib
 import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scripts.benchmarks.train_models import ALL_DRFS, TRAIN_DRFS
-from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.large_files import recorded_sha256
@@ -718,8 +717,7 @@ def main() -> None:
         # serialize: the returned result is written to files and printed as a table, not dumped again
         fire.Fire(run, name="python -m scripts.benchmarks.quality", serialize=lambda _: None)
     except (UniPETInputError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

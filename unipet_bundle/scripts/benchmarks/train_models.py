@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write, check_output_path
 from scripts.common.large_files import LARGE_FILES, write_large_files
 from scripts.common.weights import file_sha256
@@ -277,8 +277,7 @@ def main() -> None:
     try:
         fire.Fire(TrainModels, name="python -m scripts.benchmarks.train_models")
     except UniPETInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from types import TracebackType
+from typing import NoReturn
 
 from ignite.engine import Engine, Events
 
@@ -48,6 +49,7 @@ __all__ = [
     "OutputWriteError",
     "UniPETInputError",
     "escape_controls",
+    "exit_bad_input",
     "install_error_hook",
     "os_error_root",
     "shown",
@@ -172,6 +174,17 @@ def _one_line(exc: BaseException) -> str:
         first = (str(exc).strip().splitlines() or [""])[0]
         return f"{type(exc).__name__}: {first[:300]}"
     return " ".join(str(exc).split())
+
+
+def exit_bad_input(exc: BaseException | str) -> NoReturn:
+    """The command-line tools' answer to bad input: ``error: <message>`` on one line of stderr, exit status 2.
+
+    The one CLI wrapper: every ``python -m scripts...`` tool calls it from its ``except`` clause, so its error
+    line looks like the one :func:`install_error_hook` prints for the configs (white space folded to single
+    spaces, control characters escaped).
+    """
+    print(f"error: {escape_controls(' '.join(str(exc).split()))}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def _install_log_guard() -> None:

@@ -41,12 +41,11 @@ import logging
 import math
 import os
 import random
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write_json, check_output_path
 from scripts.data.layout import PairedSubject, natural_key, scan_paired_dataset
 
@@ -348,8 +347,7 @@ def main(
             drfs=drfs,
         )
     except UniPETInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

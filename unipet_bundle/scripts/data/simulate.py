@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write_json, check_output_path, default_dir_mode
 from scripts.common.versioning import bundle_version
@@ -838,8 +837,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fire.Fire(simulate, command=list(argv) if argv is not None else None, name="python -m scripts.data.simulate")
     except UniPETInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write_json, check_output_path
 from scripts.data.dicom_series import DicomVolume, select_series, stack_series
 from scripts.data.io import load_nifti, nifti_stem, save_nifti
@@ -1091,11 +1091,9 @@ def main(
                 raise UniPETInputError(f"{', '.join(given)}: only for --dicom_dir (the SUV -> Bq/mL direction reads the factor from the sidecar)")
             convert_suv_to_bqml(str(suv_nifti), str(output), sidecar=sidecar, suv_factor=suv_factor, overwrite=bool(overwrite))
     except UniPETInputError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
     except OSError as exc:  # disk full, permissions: still one line, no traceback
-        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(f"{type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -82,7 +81,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
@@ -752,8 +751,7 @@ def main(
     try:
         convert_udpet(input_dir, metadata_csv, output_dir, overwrite=overwrite, column_map=column_map)
     except UniPETInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

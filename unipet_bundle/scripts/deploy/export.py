@@ -33,7 +33,7 @@ import fire
 import numpy as np
 import torch
 
-from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write
 from scripts.common.options import as_bool
 
@@ -220,8 +220,7 @@ def main(
         print(f"exported {out}: max |ts - eager| = {report['max_abs_diff']:.3g} (< {tolerance:g}), "
               f"verify_net_in_out {report['verify_net_in_out']}")
     except (UniPETInputError, CheckpointError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

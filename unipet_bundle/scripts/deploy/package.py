@@ -40,7 +40,7 @@ from typing import Any
 
 import fire
 
-from scripts.common.errors import UniPETInputError
+from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write
 from scripts.common.large_files import large_files_yaml
 from scripts.common.options import as_bool
@@ -291,8 +291,7 @@ def main(
                                 overwrite=as_bool(overwrite, "overwrite"))
         print(f"{result.zip_path}\n{result.large_files}\n{result.zoo_pr_dir}")
     except UniPETInputError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from scripts.common.errors import CheckpointError, UniPETInputError
+from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
 
 
 def _without_sdk(argv: list[str]) -> None:
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
         UniPETDenoiseApp().run()
     except (UniPETInputError, CheckpointError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(exc)
 
 
 if __name__ == "__main__":
