@@ -140,7 +140,7 @@ def test_one_volume_check_keeps_each_callers_thresholds(array, accepted_by):
 def test_the_simulator_and_the_deploy_app_use_the_one_volume_check(monkeypatch):
     import scripts.data.volume_checks as volume_checks
     from scripts.data import simulate
-    from scripts.deploy import bundle_inference
+    from scripts.inference import denoise as bundle_inference  # the in-memory pipeline of the Deploy app
 
     seen = []
     real = volume_checks.check_pet_volume
