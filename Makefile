@@ -8,11 +8,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup demo test clean-venv help
+.PHONY: setup demo test lint clean-venv help
 
 help:
 	@echo "make demo   - set up .venv, simulate a phantom PET scan at DRF 20 and denoise it with UniPET"
-	@echo "make test   - set up .venv and run the whole test suite"
+	@echo "make test   - set up .venv, lint (ruff) and run the whole test suite"
+	@echo "make lint   - ruff check + ruff format --check (ruff.toml)"
 	@echo "make setup  - create/update .venv from requirements.txt (CPU torch, exact pins)"
 
 setup: $(STAMP)
@@ -29,8 +30,13 @@ $(STAMP): requirements.txt
 demo: setup
 	cd unipet_bundle && ../$(VPY) -m scripts.demo $(ARGS)
 
-test: setup
+test: setup lint
 	$(VPY) -m pytest
+
+# ruff.toml: line length 120, pyflakes + pycodestyle + import order; the formatter owns the layout
+lint: setup
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)

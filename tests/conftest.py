@@ -37,7 +37,10 @@ def real_pet_dir() -> Path:
 
 
 def run_python(
-    *argv: object, cwd: str | os.PathLike = BUNDLE_ROOT, timeout: float = 300, env: Mapping[str, str] | None = None,
+    *argv: object,
+    cwd: str | os.PathLike = BUNDLE_ROOT,
+    timeout: float = 300,
+    env: Mapping[str, str] | None = None,
     **env_vars: str,
 ) -> subprocess.CompletedProcess:
     """``python <argv>`` in a new interpreter, as a user runs the bundle's tools: the one subprocess runner of the tests.
@@ -54,8 +57,9 @@ def run_python(
         the finished process, stdout and stderr captured as text.
     """
     full_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1", **env_vars}
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, argv)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_inference_in_process(**overrides) -> None:
@@ -64,8 +68,13 @@ def run_inference_in_process(**overrides) -> None:
     from monai.bundle import ConfigWorkflow
 
     overrides.setdefault("progress", False)
-    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), logging_file=False,
-                              workflow_type="infer", bundle_root=str(BUNDLE_ROOT), **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_ROOT / "configs" / "inference.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()

@@ -29,7 +29,9 @@ SERIES_TIME = "110000.00"  # 3600 s after injection
 SERIES_DATE = "20240102"
 
 
-def expected_factor(weight_kg: float = WEIGHT_KG, dose_bq: float = DOSE_BQ, decay_s: float = 3600.0, half_life_s: float = HALF_LIFE_S) -> float:
+def expected_factor(
+    weight_kg: float = WEIGHT_KG, dose_bq: float = DOSE_BQ, decay_s: float = 3600.0, half_life_s: float = HALF_LIFE_S
+) -> float:
     """SUVbw factor computed independently of the code under test."""
     return weight_kg * 1000.0 / (dose_bq * np.exp(-np.log(2.0) * decay_s / half_life_s))
 
@@ -144,8 +146,14 @@ def write_synthetic_series(
     for k in range(nz):
         position = origin + k * spacing[2] * normal
         ds, dec = make_slice(
-            volume[:, :, k].T, position, iop, (spacing[1], spacing[0]), int(names[k]) + 1, *uids,
-            modality=modality, intercept=0.0 if intercepts is None else float(intercepts[k]),
+            volume[:, :, k].T,
+            position,
+            iop,
+            (spacing[1], spacing[0]),
+            int(names[k]) + 1,
+            *uids,
+            modality=modality,
+            intercept=0.0 if intercepts is None else float(intercepts[k]),
         )
         if edit is not None:
             edit(ds, k)

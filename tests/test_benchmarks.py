@@ -84,12 +84,32 @@ def test_inference_benchmark_cli(tmp_path: Path):
     override = tmp_path / "tiny.json"
     override.write_text(json.dumps({**TINY_NET, "patch_size": [16, 16, 16]}))
     out = tmp_path / "bench.json"
-    proc = _cli("scripts.benchmarks.inference_speed", [
-        "--override", str(override), "--sizes", "[[24,20,30],[40,40,40]]", "--repeats", "1",
-        "--variants", "ours,baseline,e2e", "--baseline_window", "16", "--baseline_stride", "8",
-        # the second size counts as "large": its baseline is timed on 3 of its 64 windows and scaled
-        "--large_voxels", "30000", "--large_variants", "ours,baseline", "--large_baseline_windows", "3",
-        "--output", str(out)])
+    proc = _cli(
+        "scripts.benchmarks.inference_speed",
+        [
+            "--override",
+            str(override),
+            "--sizes",
+            "[[24,20,30],[40,40,40]]",
+            "--repeats",
+            "1",
+            "--variants",
+            "ours,baseline,e2e",
+            "--baseline_window",
+            "16",
+            "--baseline_stride",
+            "8",
+            # the second size counts as "large": its baseline is timed on 3 of its 64 windows and scaled
+            "--large_voxels",
+            "30000",
+            "--large_variants",
+            "ours,baseline",
+            "--large_baseline_windows",
+            "3",
+            "--output",
+            str(out),
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "median s" in proc.stdout and "speed-up baseline / ours" in proc.stdout and "end to end" in proc.stdout
     res = json.loads(out.read_text())
@@ -102,8 +122,13 @@ def test_inference_benchmark_cli(tmp_path: Path):
     diff = entry["vs_baseline"]["ours"]["max_abs_diff_suv"]
     assert math.isfinite(diff) and diff > 0
     assert entry["correction_max_suv"] > 0.1
-    assert set(res["targets_met"]) == {"speedup_2x", "large_peak_rss_under_8gb", "small_under_60s",
-                                       "e2e_speedup_1_5x", "e2e_peak_rss_3gb_6x_input"}
+    assert set(res["targets_met"]) == {
+        "speedup_2x",
+        "large_peak_rss_under_8gb",
+        "small_under_60s",
+        "e2e_speedup_1_5x",
+        "e2e_peak_rss_3gb_6x_input",
+    }
     assert large["baseline_extrapolated_from_windows"] == 3 and large["variants"]["baseline"]["windows"] == 64
     assert large["variants"]["baseline"]["timed_fraction"] == pytest.approx(3 / 64)
     assert _finite_positive(large["speedup_ours"]) and large["vs_baseline"] == {}  # a partial output is not compared
@@ -121,9 +146,23 @@ def test_inference_benchmark_end_to_end_against_todays_pipeline(tmp_path: Path):
     override = tmp_path / "tiny.json"
     override.write_text(json.dumps({**TINY_NET, "patch_size": [16, 16, 16]}))
     out = tmp_path / "bench.json"
-    proc = _cli("scripts.benchmarks.inference_speed", [
-        "--override", str(override), "--sizes", "[[60,50,70]]", "--repeats", "1", "--e2e_spacing", "1.65",
-        "--variants", "e2e_today,e2e", "--output", str(out)])
+    proc = _cli(
+        "scripts.benchmarks.inference_speed",
+        [
+            "--override",
+            str(override),
+            "--sizes",
+            "[[60,50,70]]",
+            "--repeats",
+            "1",
+            "--e2e_spacing",
+            "1.65",
+            "--variants",
+            "e2e_today,e2e",
+            "--output",
+            str(out),
+        ],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "speed-up e2e_today / e2e" in proc.stdout and "x input" in proc.stdout
     res = json.loads(out.read_text())
@@ -149,11 +188,16 @@ def test_inference_benchmark_bad_sizes_is_one_error_line(tmp_path: Path):
 
 def test_training_benchmark_cli(tmp_path: Path):
     override = tmp_path / "tiny_train.json"
-    override.write_text(json.dumps({**TINY_NET, "critic_channels": [4, 8], "patch_size": [16, 16, 16],
-                                    "batch_size": 1, "num_samples": 1}))
+    override.write_text(
+        json.dumps(
+            {**TINY_NET, "critic_channels": [4, 8], "patch_size": [16, 16, 16], "batch_size": 1, "num_samples": 1}
+        )
+    )
     out = tmp_path / "train_bench.json"
-    proc = _cli("scripts.benchmarks.training_speed",
-                ["--override", str(override), "--repeats", "1", "--warmup", "0", "--output", str(out)])
+    proc = _cli(
+        "scripts.benchmarks.training_speed",
+        ["--override", str(override), "--repeats", "1", "--warmup", "0", "--output", str(out)],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 2 / stage 1 per iteration" in proc.stdout and "UniPET / vanilla inference" in proc.stdout
     res = json.loads(out.read_text())

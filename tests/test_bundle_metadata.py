@@ -41,7 +41,9 @@ def test_metadata_valid_against_schema(metadata):
 
 def test_monai_verify_metadata_offline(tmp_path):
     # MONAI skips the download when the schema file already exists, so this runs offline.
-    proc = run_python("-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA)
+    proc = run_python(
+        "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
@@ -64,7 +66,9 @@ def test_metadata_pins_match_requirements(metadata, requirements):
     assert requirements["monai"] == metadata["monai_version"]
     assert requirements["numpy"] == metadata["numpy_version"]
     for name, version in metadata["required_packages_version"].items():
-        assert requirements.get(name.lower()) == version, f"{name}: metadata {version}, requirements {requirements.get(name.lower())}"
+        assert requirements.get(name.lower()) == version, (
+            f"{name}: metadata {version}, requirements {requirements.get(name.lower())}"
+        )
 
 
 def test_references_and_use(metadata):
@@ -81,8 +85,17 @@ def test_installed_versions_match_pins(requirements):
 
 
 def test_layout_and_licenses():
-    for rel in ("configs", "models", "scripts", "docs", "docs/README.md", "docs/data_license.txt", "LICENSE",
-                "configs/logging.conf", "configs/metadata.json"):
+    for rel in (
+        "configs",
+        "models",
+        "scripts",
+        "docs",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "LICENSE",
+        "configs/logging.conf",
+        "configs/metadata.json",
+    ):
         assert (BUNDLE_ROOT / rel).exists(), rel
     for lic in (REPO_ROOT / "LICENSE", BUNDLE_ROOT / "LICENSE"):
         assert "Apache License" in lic.read_text() and "Version 2.0" in lic.read_text()

@@ -153,8 +153,10 @@ def test_the_simulator_and_the_deploy_app_use_the_one_volume_check(monkeypatch):
     monkeypatch.setattr(bundle_inference, "check_pet_volume", spy)
     simulate._check_activity(np.ones((16, 16, 4)), what="act")
     bundle_inference.check_float_volume(np.ones((4, 4, 4), dtype=np.float32), "input")
-    assert seen == [("act", {"min_shape": (8, 8, 1)}),
-                    ("input", {"allow_all_zero": True, "min_shape": (1, 1, 1), "require_float": True})]
+    assert seen == [
+        ("act", {"min_shape": (8, 8, 1)}),
+        ("input", {"allow_all_zero": True, "min_shape": (1, 1, 1), "require_float": True}),
+    ]
 
 
 def test_the_one_cli_wrapper_prints_one_error_line_and_exits_2(capsys):
@@ -167,10 +169,21 @@ def test_the_one_cli_wrapper_prints_one_error_line_and_exits_2(capsys):
     assert err == "error: sub01.nii.gz has 3 NaN/Inf voxel(s): fix it\\x1b[2J\n"
 
 
-@pytest.mark.parametrize("module", ["scripts.data.simulate", "scripts.data.udpet", "scripts.data.datalist",
-                                    "scripts.data.suv", "scripts.demo", "scripts.deploy.package", "scripts.deploy.export",
-                                    "scripts.benchmarks.quality", "scripts.benchmarks.train_models",
-                                    "scripts.benchmarks.inference_speed"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "scripts.data.simulate",
+        "scripts.data.udpet",
+        "scripts.data.datalist",
+        "scripts.data.suv",
+        "scripts.demo",
+        "scripts.deploy.package",
+        "scripts.deploy.export",
+        "scripts.benchmarks.quality",
+        "scripts.benchmarks.train_models",
+        "scripts.benchmarks.inference_speed",
+    ],
+)
 def test_every_command_line_tool_answers_bad_input_through_the_one_wrapper(module):
     import ast
     import importlib
@@ -178,6 +191,9 @@ def test_every_command_line_tool_answers_bad_input_through_the_one_wrapper(modul
     source = importlib.import_module(module).__file__
     tree = ast.parse(open(source).read())
     calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
-    exits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.exit"
-             and n.args and ast.unparse(n.args[0]) == "2"]
+    exits = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.exit" and n.args and ast.unparse(n.args[0]) == "2"
+    ]
     assert "exit_bad_input" in calls and not exits, f"{module} prints its own error line and exit status"

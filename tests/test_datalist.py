@@ -58,7 +58,9 @@ def test_split_by_subject_all_drfs_together(ds20):
 
 def test_entry_format_and_metadata(ds20):
     dl = make_datalist(ds20, seed=3)
-    entry = next(e for e in dl["training"] + dl["validation"] + dl["test"] if e["subject"] == "sub05" and e["drf"] == 20)
+    entry = next(
+        e for e in dl["training"] + dl["validation"] + dl["test"] if e["subject"] == "sub05" and e["drf"] == 20
+    )
     assert entry == {"image": "sub05/drf_20.nii.gz", "label": "sub05/full_dose.nii.gz", "drf": 20, "subject": "sub05"}
     with_labels = [e for k in ("training", "validation", "test") for e in dl[k] if e["subject"] == "sub03"]
     assert with_labels and all(e["labels"] == "sub03/labels.nii.gz" for e in with_labels)
@@ -146,8 +148,19 @@ def test_cli(bundle_root, ds20, tmp_path):
     assert help_run.returncode == 0 and "--val_fraction" in help_run.stdout + help_run.stderr
 
     out = tmp_path / "dl.json"
-    ok = _cli(bundle_root, "--dataset_dir", str(ds20), "--output", str(out), "--seed", "4",
-              "--val_subjects", "[sub01,sub02]", "--drfs", "[4,10]")
+    ok = _cli(
+        bundle_root,
+        "--dataset_dir",
+        str(ds20),
+        "--output",
+        str(out),
+        "--seed",
+        "4",
+        "--val_subjects",
+        "[sub01,sub02]",
+        "--drfs",
+        "[4,10]",
+    )
     assert ok.returncode == 0, ok.stderr
     data = json.loads(out.read_text())
     assert _subjects(data["validation"]) == {"sub01", "sub02"} and data["drfs"] == [4, 10]

@@ -1,6 +1,5 @@
 """`make demo`'s job (scripts.demo) on a small phantom: it runs, reports honestly and writes its outputs."""
 
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,8 +9,9 @@ from conftest import BUNDLE_ROOT, run_python
 
 
 def _demo(args, tmp_path):
-    return run_python("-m", "scripts.demo", "--shape", "[64,64,24]", "--output_dir", tmp_path, *args, timeout=600,
-                      OMP_NUM_THREADS="2")
+    return run_python(
+        "-m", "scripts.demo", "--shape", "[64,64,24]", "--output_dir", tmp_path, *args, timeout=600, OMP_NUM_THREADS="2"
+    )
 
 
 def test_demo_refuses_a_missing_checkpoint_and_an_implicit_untrained_run(tmp_path):
@@ -41,8 +41,9 @@ def test_demo_without_weights_says_untrained_and_writes_outputs(tmp_path):
     # issue 16: the hottest lesion's SUVmax at full dose, low dose and denoised (identity: low == denoised)
     import re
 
-    line = re.search(r"lesion '[^']+' SUVmax: full dose ([\d.]+), low dose ([\d.]+) \([-+\d.]+ %\), denoised ([\d.]+)",
-                     proc.stdout)
+    line = re.search(
+        r"lesion '[^']+' SUVmax: full dose ([\d.]+), low dose ([\d.]+) \([-+\d.]+ %\), denoised ([\d.]+)", proc.stdout
+    )
     assert line, proc.stdout[-2000:]
     full = nib.load(tmp_path / "full_dose.nii.gz").get_fdata()
     assert float(line[1]) <= full.max() + 0.01 and line[2] == line[3]

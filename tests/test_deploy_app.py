@@ -14,14 +14,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pydicom
 import pytest
+from test_torchscript import make_bundle_copy
 
-import pet_dicom_factory as factory
 from conftest import run_python
 from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
-from scripts.inference.denoise import BundleDenoiser, check_float_volume
 from scripts.deploy.deploy_app.pet_series import (
     DenoisedPET,
     find_pet_series,
@@ -30,11 +30,13 @@ from scripts.deploy.deploy_app.pet_series import (
     series_name,
     write_denoised,
 )
+from scripts.inference.denoise import BundleDenoiser, check_float_volume
 from scripts.inference.dicom_writer import INT16_MAX, SeriesCheckError, verify_written_series
-from test_torchscript import make_bundle_copy
 
 HAS_SDK = importlib.util.find_spec("monai.deploy") is not None and importlib.util.find_spec("holoscan") is not None
-SDK_REASON = "MONAI Deploy App SDK not installed here: run in the environment of requirements-deploy.txt (docs/deployment.md)"
+SDK_REASON = (
+    "MONAI Deploy App SDK not installed here: run in the environment of requirements-deploy.txt (docs/deployment.md)"
+)
 
 
 def pet_suv(shape=(36, 32, 20), seed: int = 5) -> np.ndarray:
@@ -69,9 +71,16 @@ def deployed(tmp_path_factory):
     out = base / "out"
     written = run_without_sdk(base / "in", out, root, device="cpu", write_nifti=True, overrides={"progress": False})
     ref = base / "ref"
-    workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type="infer",
-                              bundle_root=str(root), dataset_dir=str(base / "in"), output_dir=str(ref), progress=False,
-                              device="cpu")
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(root),
+        dataset_dir=str(base / "in"),
+        output_dir=str(ref),
+        progress=False,
+        device="cpu",
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -168,7 +177,9 @@ def test_app_entry_point_without_sdk_says_how_to_install(tmp_path):
         pytest.skip("the SDK is installed here; this checks the message shown without it")
     from conftest import BUNDLE_ROOT
 
-    proc = run_python("-m", "scripts.deploy.deploy_app", "-i", tmp_path, "-o", tmp_path / "o", "-m", BUNDLE_ROOT, timeout=120)
+    proc = run_python(
+        "-m", "scripts.deploy.deploy_app", "-i", tmp_path, "-o", tmp_path / "o", "-m", BUNDLE_ROOT, timeout=120
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "requirements-deploy.txt" in lines[0] and "Traceback" not in proc.stderr
@@ -186,13 +197,17 @@ def test_sdk_series_to_volume_operator_truncates_per_slice_slopes(deployed):
 
     base, _, suv_exact, _, _ = deployed
     app = Application()
-    studies = DICOMDataLoaderOperator(app, input_folder=base / "in" / "pet", name="loader").load_data_to_studies(base / "in" / "pet")
+    studies = DICOMDataLoaderOperator(app, input_folder=base / "in" / "pet", name="loader").load_data_to_studies(
+        base / "in" / "pet"
+    )
     series = studies[0].get_all_series()[0]
     to_volume = DICOMSeriesToVolumeOperator(app, name="to_volume")
     to_volume.prepare_series(series)
     sdk = to_volume.generate_voxel_data(series)  # (Z, Y, X)
     exact_bqml = np.transpose(suv_exact / factory.expected_factor(), (2, 1, 0))
-    assert not np.issubdtype(sdk.dtype, np.floating), "SDK kept floats: the trap this app avoids is gone (update the docs)"
+    assert not np.issubdtype(sdk.dtype, np.floating), (
+        "SDK kept floats: the trap this app avoids is gone (update the docs)"
+    )
     assert np.abs(sdk - exact_bqml).max() > 1e-3
 
 
@@ -201,7 +216,9 @@ def test_sdk_app_end_to_end(deployed, tmp_path):
     """The real App SDK application (Holoscan scheduler, SDK loader + PT selector) on CPU."""
     base, root, _, _, reference = deployed
     out = tmp_path / "sdk_out"
-    proc = run_python("-m", "scripts.deploy.deploy_app", "-i", base / "in", "-o", out, "-m", root, cwd=root, UNIPET_DEVICE="cpu")
+    proc = run_python(
+        "-m", "scripts.deploy.deploy_app", "-i", base / "in", "-o", out, "-m", root, cwd=root, UNIPET_DEVICE="cpu"
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     series_dirs = sorted(out.glob("*_denoised_dicom"))
     assert len(series_dirs) == 1, "one PET series in, one derived series out (the CT is not selected)"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pydicom
 import pytest
 
-import pet_dicom_factory as factory
 from scripts.data.suv import read_pet_series
 from scripts.inference.dicom_writer import write_derived_pet_series
 
@@ -53,16 +53,21 @@ def test_header_rules_on_the_real_series(real_derived):
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in written]
     numbers = [int(ds.InstanceNumber) for ds in datasets]
     assert numbers == sorted(numbers), "files IM00001, IM00002, ... must follow InstanceNumber"
-    assert [int(h.InstanceNumber) for h in headers] != sorted(int(h.InstanceNumber) for h in headers), \
+    assert [int(h.InstanceNumber) for h in headers] != sorted(int(h.InstanceNumber) for h in headers), (
         "the test needs a source whose slice-position order is not its instance order (the GE series is)"
+    )
     for ds in datasets:
         src = src_by_uid[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         assert list(ds.ImageType) == ["DERIVED", "PRIMARY"]
         assert ds.ContentDate == ds.InstanceCreationDate and ds.ContentTime == ds.InstanceCreationTime
-        assert (ds.ContentDate, ds.ContentTime) != (src.get("ContentDate"), src.get("ContentTime")), "copied, not created"
+        assert (ds.ContentDate, ds.ContentTime) != (src.get("ContentDate"), src.get("ContentTime")), (
+            "copied, not created"
+        )
         assert int(ds.InstanceNumber) == int(src.InstanceNumber)
         assert "PatientPosition" not in ds and "PatientOrientationCodeSequence" in ds
-        assert ds.SeriesTime == src.SeriesTime and ds.AcquisitionTime == src.AcquisitionTime  # SUV decay keeps its times
+        assert (
+            ds.SeriesTime == src.SeriesTime and ds.AcquisitionTime == src.AcquisitionTime
+        )  # SUV decay keeps its times
     assert read_pet_series(tmp / "out").suv_factor == source.suv_factor
 
 
@@ -112,8 +117,12 @@ def test_itk_reads_the_same_suv(real_derived):
 def test_dcm2niix_reads_the_same_suv(real_derived, tmp_path):
     tmp, _, denoised, _, _ = real_derived
     ours = read_pet_series(tmp / "out")
-    proc = subprocess.run([DCM2NIIX, "-z", "n", "-f", "conv", "-o", str(tmp_path), str(tmp / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [DCM2NIIX, "-z", "n", "-f", "conv", "-o", str(tmp_path), str(tmp / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     img = nib.load(str(tmp_path / "conv.nii"))
     bqml = np.asarray(img.dataobj, dtype=np.float64)  # dcm2niix applies the per-slice slopes (float output)

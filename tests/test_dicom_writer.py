@@ -6,13 +6,13 @@ import json
 import shutil
 
 import numpy as np
+import pet_dicom_factory as factory
 import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
 from pydicom.uid import ExplicitVRLittleEndian
 
-import pet_dicom_factory as factory
 from scripts.common.errors import UniPETInputError
 from scripts.data.suv import read_pet_series
 from scripts.inference import dicom_writer
@@ -90,7 +90,9 @@ def test_written_series_reads_back_with_same_suv_factor_and_geometry(tmp_path):
     series = _synthetic(tmp_path, edit=add_private_and_stats)
     rng = np.random.default_rng(2)
     denoised = _denoised(series, rng)
-    files = write_derived_pet_series(denoised, series.datasets, series.suv_factor, tmp_path / "out", model_version="9.8.7")
+    files = write_derived_pet_series(
+        denoised, series.datasets, series.suv_factor, tmp_path / "out", model_version="9.8.7"
+    )
     assert sorted(f.name for f in files) == [f"IM{k:05d}.dcm" for k in range(1, denoised.shape[2] + 1)]
     by_name = [int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) for f in sorted(files)]
     assert by_name == sorted(by_name), "files are named (and written) in InstanceNumber order"
@@ -117,15 +119,31 @@ def test_written_series_reads_back_with_same_suv_factor_and_geometry(tmp_path):
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         assert list(ds.ImageType) == ["DERIVED", "PRIMARY"]  # PET Image module: value 2 is PRIMARY (dciodvfy)
-        assert "UniPET" in ds.SeriesDescription and "9.8.7" in ds.SeriesDescription and "SYNTH PET" in ds.SeriesDescription
+        assert (
+            "UniPET" in ds.SeriesDescription and "9.8.7" in ds.SeriesDescription and "SYNTH PET" in ds.SeriesDescription
+        )
         assert "UniPET" in ds.DerivationDescription and "9.8.7" in ds.DerivationDescription
         assert ds.SeriesNumber == 1007
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
         assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 1 and ds.pixel_array.dtype == np.int16
         assert float(ds.RescaleIntercept) == 0.0
-        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "Units", "DecayCorrection",
-                        "PatientWeight", "SeriesDate", "SeriesTime", "AcquisitionTime", "ImagePositionPatient",
-                        "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "InstanceNumber"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "StudyInstanceUID",
+            "FrameOfReferenceUID",
+            "Units",
+            "DecayCorrection",
+            "PatientWeight",
+            "SeriesDate",
+            "SeriesTime",
+            "AcquisitionTime",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+            "SliceThickness",
+            "InstanceNumber",
+        ):
             assert ds.get(keyword) == src.get(keyword), keyword
         assert ds.RadiopharmaceuticalInformationSequence == src.RadiopharmaceuticalInformationSequence
         assert not any(elem.tag.is_private for elem in ds), "private tags must be removed"
@@ -134,7 +152,9 @@ def test_written_series_reads_back_with_same_suv_factor_and_geometry(tmp_path):
 def _loaded_for_the_writer(tmp_path, shape=(8, 7, 9)):
     """A DICOM input as inference.json's writer receives it: LoadPETd's entries plus a denoised ``pred``."""
     series = _synthetic(tmp_path, shape=shape, seed=3)  # the factory shuffles file names
-    by_file_name = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in sorted((tmp_path / "src").iterdir())]
+    by_file_name = [
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in sorted((tmp_path / "src").iterdir())
+    ]
     assert by_file_name != [d.SOPInstanceUID for d in series.datasets], "the test needs file names out of slice order"
     d = LoadPETd("image")({"image": str(tmp_path / "src"), "name": "pet", "kind": "dicom"})
     carried = d["source_series"]

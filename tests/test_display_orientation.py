@@ -71,7 +71,12 @@ def test_coronal_and_axial_panels_land_the_right_way(convention):
     assert row < 0.5, "anterior must be up on an axial view"
     assert (col < 0.5) == (convention == "radiological")
     if convention == "radiological":
-        assert (cor.letters["left"], cor.letters["right"], cor.letters["top"], cor.letters["bottom"]) == ("R", "L", "S", "I")
+        assert (cor.letters["left"], cor.letters["right"], cor.letters["top"], cor.letters["bottom"]) == (
+            "R",
+            "L",
+            "S",
+            "I",
+        )
         assert (ax.letters["left"], ax.letters["top"], ax.letters["bottom"]) == ("R", "A", "P")
     else:
         assert cor.letters["left"] == "L" and ax.letters["right"] == "R"
@@ -95,8 +100,11 @@ def test_montage_views_follow_the_affine():
         np.testing.assert_array_equal(views[v], ras_views[v])
     # reoriented evaluation arrays (network_axcodes) get their affine from the axcodes
     lps = np.transpose(ras_phantom()[::-1, ::-1, :], (0, 1, 2)).copy()
-    lps_views = take_views(lps, (SHAPE_RAS[0] - 1 - RAS_HOT[0], SHAPE_RAS[1] - 1 - RAS_HOT[1], RAS_HOT[2]),
-                           axcodes_affine("LPS", (3.0, 2.0, 2.5)))
+    lps_views = take_views(
+        lps,
+        (SHAPE_RAS[0] - 1 - RAS_HOT[0], SHAPE_RAS[1] - 1 - RAS_HOT[1], RAS_HOT[2]),
+        axcodes_affine("LPS", (3.0, 2.0, 2.5)),
+    )
     np.testing.assert_array_equal(lps_views["coronal"], ras_views["coronal"])
 
 

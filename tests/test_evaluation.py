@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from test_training import TINY, bundle_run, make_pairs
 
 from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.io import atomic_write_json
@@ -25,7 +26,6 @@ from scripts.evaluation.report import METRIC_COLUMNS, EvaluationReport, write_cs
 from scripts.evaluation.split import evaluation_datalist
 from scripts.evaluation.weights import load_eval_weights
 from scripts.networks.unipet import UniPET
-from test_training import TINY, bundle_run, make_pairs
 
 EVAL_CONFIG = "['configs/train.json','configs/evaluate.json']"
 SHAPE, SPACING = (20, 16, 40), (4.0, 4.0, 3.0)  # tall in z, anisotropic: exercises the montage aspect
@@ -54,10 +54,12 @@ def make_labelled_pairs(root: Path, n_subjects: int = 3, with_labels=(0, 1), see
     lesion, hot = _ball(LESION_AT, 1.5), _ball(HOT_AT, 1.5)
     labels = np.zeros(SHAPE, np.int16)
     labels[body], labels[liver], labels[lesion], labels[hot] = BODY, LIVER, LESION, HOT
-    table = {str(BODY): {"name": "body", "kind": "organ", "true_suv": 1.0, "volume_ml": 0.0},
-             str(LIVER): {"name": "liver", "kind": "organ", "true_suv": 2.5, "volume_ml": 0.0},
-             str(LESION): {"name": "lesion_1", "kind": "lesion", "true_suv": 8.0, "volume_ml": 0.0},
-             str(HOT): {"name": "lesion_hot", "kind": "lesion", "true_suv": 25.0, "volume_ml": 0.0}}
+    table = {
+        str(BODY): {"name": "body", "kind": "organ", "true_suv": 1.0, "volume_ml": 0.0},
+        str(LIVER): {"name": "liver", "kind": "organ", "true_suv": 2.5, "volume_ml": 0.0},
+        str(LESION): {"name": "lesion_1", "kind": "lesion", "true_suv": 8.0, "volume_ml": 0.0},
+        str(HOT): {"name": "lesion_hot", "kind": "lesion", "true_suv": 25.0, "volume_ml": 0.0},
+    }
     truth = np.where(body, 1.0, 0.05) + np.where(liver, 1.5, 0.0)
     for s in range(n_subjects):
         sub = root / f"sub{s}"
@@ -102,9 +104,25 @@ def identity_run(tmp_path_factory):
     """No checkpoint (identity network), every subject, label maps on sub0 and sub1."""
     tmp = tmp_path_factory.mktemp("eval_identity")
     data = make_labelled_pairs(tmp / "pairs")
-    proc = bundle_run(["--config_file", EVAL_CONFIG, "--dataset_dir", str(data), "--ckpt_dir", str(tmp / "ckpt"),
-                       "--checkpoint", "", "--allow_untrained", "true",
-                       "--output_dir", str(tmp / "out"), "--eval_split", "all", *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            EVAL_CONFIG,
+            "--dataset_dir",
+            str(data),
+            "--ckpt_dir",
+            str(tmp / "ckpt"),
+            "--checkpoint",
+            "",
+            "--allow_untrained",
+            "true",
+            "--output_dir",
+            str(tmp / "out"),
+            "--eval_split",
+            "all",
+            *TINY,
+        ]
+    )
     return proc, tmp / "out" / "eval"
 
 
@@ -119,8 +137,21 @@ def trained_run(tmp_path_factory):
     with torch.no_grad():
         net.output_conv.weight.normal_(0, 0.05)  # not the identity any more
     ckpt = atomic_torch_save(net.state_dict(), tmp / "weights" / "unipet.pt")
-    proc = bundle_run(["--config_file", EVAL_CONFIG, "--dataset_dir", str(data), "--datalist_file", str(datalist),
-                       "--checkpoint", str(ckpt), "--output_dir", str(tmp / "out"), *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            EVAL_CONFIG,
+            "--dataset_dir",
+            str(data),
+            "--datalist_file",
+            str(datalist),
+            "--checkpoint",
+            str(ckpt),
+            "--output_dir",
+            str(tmp / "out"),
+            *TINY,
+        ]
+    )
     return proc, tmp / "out" / "eval", ckpt, json.loads(datalist.read_text())
 
 
@@ -178,8 +209,16 @@ def test_identity_run_regions_by_hand(identity_run):
     proc, eval_dir = identity_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     columns, rows = _csv(eval_dir / "regions.csv")
-    assert {"subject", "drf", "label", "kind", "suvmax_bias_pct", "suvmean_bias_pct", "input_suvmax_bias_pct",
-            "suvmax_bias_true_pct"} <= set(columns)
+    assert {
+        "subject",
+        "drf",
+        "label",
+        "kind",
+        "suvmax_bias_pct",
+        "suvmean_bias_pct",
+        "input_suvmax_bias_pct",
+        "suvmax_bias_true_pct",
+    } <= set(columns)
     assert len(rows) == 2 * len(DRFS) * 4, "labelled subjects x DRFs x regions"
     assert {r["subject"] for r in rows} == {"sub0", "sub1"}
     n_lesion = int(_ball(LESION_AT, 1.5).sum())
@@ -187,7 +226,9 @@ def test_identity_run_regions_by_hand(identity_run):
         f = {k: float(r[k]) for k in columns if k not in ("subject", "drf", "name", "kind", "size_bin", "host")}
         if r["name"] == "lesion_1":
             assert r["kind"] == "lesion" and int(f["voxels"]) == n_lesion
-            assert f["full_suvmax"] == pytest.approx(10.0, abs=1e-5) and f["input_suvmax"] == pytest.approx(12.0, abs=1e-5)
+            assert f["full_suvmax"] == pytest.approx(10.0, abs=1e-5) and f["input_suvmax"] == pytest.approx(
+                12.0, abs=1e-5
+            )
             assert f["suvmax_bias_pct"] == pytest.approx(20.0, abs=0.01)  # (12 - 10) / 10
             assert f["input_suvmax_bias_pct"] == pytest.approx(20.0, abs=0.01)
             full_mean, low_mean = (8 * (n_lesion - 1) + 10) / n_lesion, (8 * (n_lesion - 1) + 12) / n_lesion
@@ -262,7 +303,9 @@ def test_load_eval_weights(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         info = load_eval_weights(net, "", allow_untrained=True)
     assert info["trained"] is False and "UNTRAINED" in caplog.text
-    with pytest.raises(CheckpointError, match="missing.pt: the file does not exist"):  # a typo never evaluates untrained
+    with pytest.raises(
+        CheckpointError, match="missing.pt: the file does not exist"
+    ):  # a typo never evaluates untrained
         load_eval_weights(net, tmp_path / "missing.pt", allow_untrained=True)
     with pytest.raises(CheckpointError, match="no checkpoint given"):
         load_eval_weights(net, None)
@@ -297,7 +340,9 @@ def test_region_rows_by_hand():
     assert set(rows) == {5, 7}
     assert rows[5]["name"] == "label_5" and rows[5]["kind"] == "unknown" and rows[5]["volume_ml"] == 4.0
     assert math.isnan(rows[5]["suvmax_bias_true_pct"])
-    assert rows[7]["suvmax_bias_pct"] == pytest.approx(-25.0) and rows[7]["input_suvmax_bias_pct"] == pytest.approx(50.0)
+    assert rows[7]["suvmax_bias_pct"] == pytest.approx(-25.0) and rows[7]["input_suvmax_bias_pct"] == pytest.approx(
+        50.0
+    )
     assert rows[7]["full_suvmean_bias_true_pct"] == pytest.approx(-20.0)
     assert hottest_lesion_voxel(full, labels, table) == ((4, 4, 4), "tiny")
     assert hottest_lesion_voxel(full, labels, {}) is None
@@ -322,15 +367,21 @@ def test_report_handles_inf_psnr_and_empty_mask(tmp_path):
     x = torch.from_numpy(flat / 20.0)[None]
     g = torch.Generator().manual_seed(0)
     noisy = x + 0.01 * torch.randn(x.shape, generator=g)
-    report.add_item({"subject": "a", "drf": torch.tensor(4), "label_path": str(path), "split": "test"},
-                    {"image": noisy, "label": x, "pred": x.clone()})
-    row = report.add_item({"subject": "a", "drf": 10.0, "label_path": str(path), "split": "test"},
-                          {"image": noisy, "label": x, "pred": noisy})
+    report.add_item(
+        {"subject": "a", "drf": torch.tensor(4), "label_path": str(path), "split": "test"},
+        {"image": noisy, "label": x, "pred": x.clone()},
+    )
+    row = report.add_item(
+        {"subject": "a", "drf": 10.0, "label_path": str(path), "split": "test"},
+        {"image": noisy, "label": x, "pred": noisy},
+    )
     assert math.isfinite(row["psnr"])
     report.write()
     _, rows = _csv(tmp_path / "eval" / "metrics.csv")
     assert [r["drf"] for r in rows] == ["4", "10"]
-    assert rows[0]["psnr"] == "inf" and rows[0]["texture_ratio"] == "nan" and float(rows[0]["ssim"]) == pytest.approx(1.0)
+    assert (
+        rows[0]["psnr"] == "inf" and rows[0]["texture_ratio"] == "nan" and float(rows[0]["ssim"]) == pytest.approx(1.0)
+    )
     assert rows[0]["nrmse"] == "0" and rows[0]["psnr_gain_db"] == "inf"
     summary = _strict_json(tmp_path / "eval" / "summary.json")
     assert summary["per_drf"]["4"]["psnr"] is None and summary["per_drf"]["4"]["psnr_inf_count"] == 1
@@ -340,6 +391,9 @@ def test_report_handles_inf_psnr_and_empty_mask(tmp_path):
 
 
 def test_write_csv_spells_out_special_values(tmp_path):
-    path = write_csv(tmp_path / "x.csv", [{"a": float("inf"), "b": float("nan"), "c": 1 / 3}, {"a": -math.inf, "c": "t"}],
-                     ["a", "b", "c"])
+    path = write_csv(
+        tmp_path / "x.csv",
+        [{"a": float("inf"), "b": float("nan"), "c": 1 / 3}, {"a": -math.inf, "c": "t"}],
+        ["a", "b", "c"],
+    )
     assert path.read_text() == "a,b,c\ninf,nan,0.333333\n-inf,,t\n"

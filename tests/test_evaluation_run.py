@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 
+from test_training import TINY, bundle_run, make_pairs
+
 from scripts.data.datalist import write_datalist
 from scripts.evaluation.split import evaluation_datalist
-from test_training import TINY, bundle_run, make_pairs
 
 EVAL_CONFIG = "['configs/train.json','configs/evaluate.json']"
 
@@ -28,9 +29,27 @@ def test_the_datalist_in_the_dataset_folder_is_used_and_the_log_names_subjects_a
 
 def test_an_evaluation_run_prints_no_best_metric_lines(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2, shape=(16, 16, 16))
-    proc = bundle_run(["--config_file", EVAL_CONFIG, "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "ckpt"),
-                       "--checkpoint", "", "--allow_untrained", "true", "--output_dir", str(tmp_path / "out"),
-                       "--eval_split", "all", "--write_montages", "false", *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            EVAL_CONFIG,
+            "--dataset_dir",
+            str(data),
+            "--ckpt_dir",
+            str(tmp_path / "ckpt"),
+            "--checkpoint",
+            "",
+            "--allow_untrained",
+            "true",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--eval_split",
+            "all",
+            "--write_montages",
+            "false",
+            *TINY,
+        ]
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "best metric" not in log.lower() and "best value" not in log.lower(), log[-3000:]

@@ -96,11 +96,19 @@ def test_gflops_line_states_the_ratio_and_target():
 
 
 def _result(**acc):
-    base = {"max_rel_voxel_diff": 0.001, "max_abs_lesion_suvmax_change_pct": 0.2, "max_abs_organ_mean_change_pct": 0.01,
-            "psnr_change_db": -0.01}
+    base = {
+        "max_rel_voxel_diff": 0.001,
+        "max_abs_lesion_suvmax_change_pct": 0.2,
+        "max_abs_organ_mean_change_pct": 0.01,
+        "psnr_change_db": -0.01,
+    }
     base.update(acc)
-    return {"ran_as": {"fp32": "fp32", "bf16": "bf16"}, "inference": {"volume_speedup": 1.4},
-            "training": {"min_speedup": 1.3}, "accuracy": base}
+    return {
+        "ran_as": {"fp32": "fp32", "bf16": "bf16"},
+        "inference": {"volume_speedup": 1.4},
+        "training": {"min_speedup": 1.3},
+        "accuracy": base,
+    }
 
 
 def test_default_is_chosen_by_the_rule():

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pytest
 from pydicom.uid import MRImageStorage, generate_uid
+from test_training import TINY, bundle_run
 
-import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import UniPETInputError, user_error, worker_user_error
 from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
 from scripts.inference.inputs import prepare_datalist
-from test_training import TINY, bundle_run
 
 RNG = np.random.default_rng(7)
 BQML = RNG.uniform(500.0, 5000.0, size=(8, 7, 5))  # a small PET series in Bq/mL
@@ -49,13 +49,19 @@ AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 def tree_digest(root: Path) -> dict[str, str]:
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def series(folder: Path, volume: np.ndarray = BQML, edit: Callable | None = None, prefix: str = "", **kw) -> list[Path]:
     """A synthetic DICOM series in ``folder``; ``prefix`` keeps file names apart when series share a folder."""
     staging = folder.parent / f".staging_{folder.name}_{prefix}"
-    files, _, _ = factory.write_synthetic_series(staging, volume, edit=(lambda ds, k: edit(ds, k)) if edit else None, **kw)
+    files, _, _ = factory.write_synthetic_series(
+        staging, volume, edit=(lambda ds, k: edit(ds, k)) if edit else None, **kw
+    )
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for f in files:
@@ -103,8 +109,11 @@ MONAI_NOTICES = ("parsing config_file ", "NvImgCodecPydicomReader: ")
 def one_error_line(stderr: str) -> str:
     """The single ``error: ...`` line of ``stderr``, which must hold nothing else but MONAI's notices and
     progress-bar redraws (tqdm's ``NN%|`` lines, ended by the hook before the error line)."""
-    lines = [line for line in stderr.strip().split("\n")
-             if line.strip() and not line.startswith(MONAI_NOTICES) and "%|" not in line]
+    lines = [
+        line
+        for line in stderr.strip().split("\n")
+        if line.strip() and not line.startswith(MONAI_NOTICES) and "%|" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     return lines[0]
 
@@ -152,21 +161,63 @@ SUV_REFUSED = {
     "empty folder": (_dicom(lambda d: d.mkdir()), r"holds no files"),
     "CT series": (_dicom(lambda d: series(d, modality="CT")), r"holds a CT series, not PT"),
     "MR series": (_dicom(lambda d: series(d, modality="MR", edit=mr_edit)), r"holds a MR series, not PT"),
-    "no PatientWeight": (_dicom(lambda d: series(d, edit=delete("PatientWeight"))), r"PatientWeight \(0010,1030\) is missing.*--suv_factor"),
-    "no dose": (_dicom(lambda d: series(d, edit=delete("rp.RadionuclideTotalDose"))), r"RadionuclideTotalDose .* is missing.*--suv_factor"),
-    "no injection time": (_dicom(lambda d: series(d, edit=delete("rp.RadiopharmaceuticalStartTime"))), r"injection time missing.*--suv_factor"),
-    "no half-life": (_dicom(lambda d: series(d, edit=delete("rp.RadionuclideHalfLife"))), r"RadionuclideHalfLife .* is missing.*--suv_factor"),
+    "no PatientWeight": (
+        _dicom(lambda d: series(d, edit=delete("PatientWeight"))),
+        r"PatientWeight \(0010,1030\) is missing.*--suv_factor",
+    ),
+    "no dose": (
+        _dicom(lambda d: series(d, edit=delete("rp.RadionuclideTotalDose"))),
+        r"RadionuclideTotalDose .* is missing.*--suv_factor",
+    ),
+    "no injection time": (
+        _dicom(lambda d: series(d, edit=delete("rp.RadiopharmaceuticalStartTime"))),
+        r"injection time missing.*--suv_factor",
+    ),
+    "no half-life": (
+        _dicom(lambda d: series(d, edit=delete("rp.RadionuclideHalfLife"))),
+        r"RadionuclideHalfLife .* is missing.*--suv_factor",
+    ),
     "no Units": (_dicom(lambda d: series(d, edit=delete("Units"))), r"Units \(0054,1001\) is missing.*--units BQML"),
-    "Units CNTS": (_dicom(lambda d: series(d, edit=set_tag("Units", "CNTS"))), r"Units CNTS \(counts, not a calibrated .*--suv_factor"),
-    "Units PROPCNTS": (_dicom(lambda d: series(d, edit=set_tag("Units", "PROPCNTS"))), r"Units PROPCNTS \(not Bq/mL\).*--suv_factor"),
-    "two series mixed": (_dicom(_mixed), r"mixes 2 image series: .*(PT series.*CT series|CT series.*PT series).*--series_uid"),
-    "dynamic (4D) series": (_dicom(_dynamic), r"repeat another slice's position: a dynamic/gated series.*export a single frame"),
-    "truncated slice": (_dicom(lambda d: truncate(series(d)[2], 0.97)), r"img\d+\.dcm: cannot decode pixel data.*truncated"),
-    "non-DICOM file among slices": (_dicom(lambda d: (series(d), (d / "notes.txt").write_text("x"))), r"notes\.txt is not a DICOM file: remove it"),
-    "NaN RescaleSlope": (_dicom(lambda d: series(d, edit=set_tag("RescaleSlope", "NaN", only_slice=2))), r"RescaleSlope/RescaleIntercept nan/0\.0 is not a finite number"),
-    "SUV NIfTI missing": (lambda tmp: {"suv_nifti": str(tmp / "absent.nii.gz"), "suv_factor": 2e-4}, r"no such NIfTI file"),
-    "SUV NIfTI truncated": (_nifti(lambda p: truncate(save_nifti(RNG.random((24, 24, 24)), AFFINE, p))), r"cannot read as NIfTI.*is the file complete"),
-    "SUV NIfTI with NaN": (_nifti(_suv_volume(np.where(RNG.random((6, 6, 6)) > 0.9, np.nan, 1.0))), r"has \d+ NaN/Inf voxel\(s\).*set them to 0"),
+    "Units CNTS": (
+        _dicom(lambda d: series(d, edit=set_tag("Units", "CNTS"))),
+        r"Units CNTS \(counts, not a calibrated .*--suv_factor",
+    ),
+    "Units PROPCNTS": (
+        _dicom(lambda d: series(d, edit=set_tag("Units", "PROPCNTS"))),
+        r"Units PROPCNTS \(not Bq/mL\).*--suv_factor",
+    ),
+    "two series mixed": (
+        _dicom(_mixed),
+        r"mixes 2 image series: .*(PT series.*CT series|CT series.*PT series).*--series_uid",
+    ),
+    "dynamic (4D) series": (
+        _dicom(_dynamic),
+        r"repeat another slice's position: a dynamic/gated series.*export a single frame",
+    ),
+    "truncated slice": (
+        _dicom(lambda d: truncate(series(d)[2], 0.97)),
+        r"img\d+\.dcm: cannot decode pixel data.*truncated",
+    ),
+    "non-DICOM file among slices": (
+        _dicom(lambda d: (series(d), (d / "notes.txt").write_text("x"))),
+        r"notes\.txt is not a DICOM file: remove it",
+    ),
+    "NaN RescaleSlope": (
+        _dicom(lambda d: series(d, edit=set_tag("RescaleSlope", "NaN", only_slice=2))),
+        r"RescaleSlope/RescaleIntercept nan/0\.0 is not a finite number",
+    ),
+    "SUV NIfTI missing": (
+        lambda tmp: {"suv_nifti": str(tmp / "absent.nii.gz"), "suv_factor": 2e-4},
+        r"no such NIfTI file",
+    ),
+    "SUV NIfTI truncated": (
+        _nifti(lambda p: truncate(save_nifti(RNG.random((24, 24, 24)), AFFINE, p))),
+        r"cannot read as NIfTI.*is the file complete",
+    ),
+    "SUV NIfTI with NaN": (
+        _nifti(_suv_volume(np.where(RNG.random((6, 6, 6)) > 0.9, np.nan, 1.0))),
+        r"has \d+ NaN/Inf voxel\(s\).*set them to 0",
+    ),
 }
 
 
@@ -235,8 +286,16 @@ def test_suv_tool_handles_odd_but_valid_series(tmp_path, capsys, caplog, case):
 def test_suv_cli_subprocess_one_line(tmp_path):
     series(tmp_path / "in", edit=set_tag("RescaleSlope", "NaN", only_slice=1))
     before = tree_digest(tmp_path / "in")
-    proc = run_python("-m", "scripts.data.suv", "--dicom_dir", tmp_path / "in", "--output", tmp_path / "out" / "x.nii.gz",
-                      timeout=120, PYTHONPATH=str(BUNDLE_ROOT))
+    proc = run_python(
+        "-m",
+        "scripts.data.suv",
+        "--dicom_dir",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out" / "x.nii.gz",
+        timeout=120,
+        PYTHONPATH=str(BUNDLE_ROOT),
+    )
     assert proc.returncode == 2
     assert "not a finite number" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -254,28 +313,65 @@ def _pet_dir(make: Callable[[Path], object]) -> Callable[[Path], None]:
 INFER_REFUSED = {
     "missing dataset dir": (lambda data: None, r"does not exist: check --dataset_dir"),
     "empty dataset dir": (lambda data: data.mkdir(), r"nothing to denoise in .*PET \(Modality PT\)"),
-    "only CT and MR series": (lambda data: (series(data / "ct", modality="CT"), series(data / "mr", modality="MR", edit=mr_edit)),
-                              r"nothing to denoise"),
-    "no dose": (_pet_dir(lambda d: series(d, edit=delete("rp.RadionuclideTotalDose"))), r"RadionuclideTotalDose .*python -m scripts\.data\.suv"),
-    "no injection time": (_pet_dir(lambda d: series(d, edit=delete("rp.RadiopharmaceuticalStartTime"))), r"injection time missing.*python -m scripts\.data\.suv"),
-    "no half-life": (_pet_dir(lambda d: series(d, edit=delete("rp.RadionuclideHalfLife"))), r"RadionuclideHalfLife .*python -m scripts\.data\.suv"),
-    "no Units": (_pet_dir(lambda d: series(d, edit=delete("Units"))), r"Units \(0054,1001\) is missing.*python -m scripts\.data\.suv"),
-    "Units CNTS": (_pet_dir(lambda d: series(d, edit=set_tag("Units", "CNTS"))), r"Units CNTS .*python -m scripts\.data\.suv"),
-    "Units PROPCNTS": (_pet_dir(lambda d: series(d, edit=set_tag("Units", "PROPCNTS"))), r"Units PROPCNTS .*python -m scripts\.data\.suv"),
+    "only CT and MR series": (
+        lambda data: (series(data / "ct", modality="CT"), series(data / "mr", modality="MR", edit=mr_edit)),
+        r"nothing to denoise",
+    ),
+    "no dose": (
+        _pet_dir(lambda d: series(d, edit=delete("rp.RadionuclideTotalDose"))),
+        r"RadionuclideTotalDose .*python -m scripts\.data\.suv",
+    ),
+    "no injection time": (
+        _pet_dir(lambda d: series(d, edit=delete("rp.RadiopharmaceuticalStartTime"))),
+        r"injection time missing.*python -m scripts\.data\.suv",
+    ),
+    "no half-life": (
+        _pet_dir(lambda d: series(d, edit=delete("rp.RadionuclideHalfLife"))),
+        r"RadionuclideHalfLife .*python -m scripts\.data\.suv",
+    ),
+    "no Units": (
+        _pet_dir(lambda d: series(d, edit=delete("Units"))),
+        r"Units \(0054,1001\) is missing.*python -m scripts\.data\.suv",
+    ),
+    "Units CNTS": (
+        _pet_dir(lambda d: series(d, edit=set_tag("Units", "CNTS"))),
+        r"Units CNTS .*python -m scripts\.data\.suv",
+    ),
+    "Units PROPCNTS": (
+        _pet_dir(lambda d: series(d, edit=set_tag("Units", "PROPCNTS"))),
+        r"Units PROPCNTS .*python -m scripts\.data\.suv",
+    ),
     "two series in one folder": (_pet_dir(_mixed), r"mixes 2 image series.*give every series its own sub-folder"),
     "dynamic (4D) series": (_pet_dir(_dynamic), r"dynamic/gated series"),
     "single-slice series (2D)": (_pet_dir(lambda d: series(d, BQML[:, :, :1])), r"is a 2D image"),
     "truncated slice": (_pet_dir(lambda d: truncate(series(d)[1], 0.97)), r"cannot decode pixel data"),
-    "non-DICOM file among slices": (_pet_dir(lambda d: (series(d), (d / "readme.txt").write_text("x"))), r"readme\.txt is not a DICOM file"),
-    "all-zero series": (_pet_dir(lambda d: series(d, np.zeros((8, 7, 5)))), r"pet is all zero .*replace it or remove it"),
-    "all-zero NIfTI": (lambda data: save_nifti(np.zeros((8, 8, 8)), AFFINE, data / "zero.nii.gz"), r"zero\.nii\.gz is all zero"),
-    "Inf voxels": (lambda data: save_nifti(np.where(np.arange(512).reshape(8, 8, 8) % 97 == 0, np.inf, 1.0), AFFINE, data / "inf.nii.gz"),
-                   r"inf\.nii\.gz has 6 NaN/Inf voxel"),
+    "non-DICOM file among slices": (
+        _pet_dir(lambda d: (series(d), (d / "readme.txt").write_text("x"))),
+        r"readme\.txt is not a DICOM file",
+    ),
+    "all-zero series": (
+        _pet_dir(lambda d: series(d, np.zeros((8, 7, 5)))),
+        r"pet is all zero .*replace it or remove it",
+    ),
+    "all-zero NIfTI": (
+        lambda data: save_nifti(np.zeros((8, 8, 8)), AFFINE, data / "zero.nii.gz"),
+        r"zero\.nii\.gz is all zero",
+    ),
+    "Inf voxels": (
+        lambda data: save_nifti(
+            np.where(np.arange(512).reshape(8, 8, 8) % 97 == 0, np.inf, 1.0), AFFINE, data / "inf.nii.gz"
+        ),
+        r"inf\.nii\.gz has 6 NaN/Inf voxel",
+    ),
     # issue 12: all-negative volumes were denoised silently
-    "all-negative NIfTI": (lambda data: save_nifti(-RNG.uniform(0.1, 2.0, size=(8, 8, 8)), AFFINE, data / "neg.nii.gz"),
-                           r"neg\.nii\.gz has no positive voxel \(maximum -0\.\d+.*sign is inverted"),
-    "zero and negative NIfTI": (lambda data: save_nifti(np.minimum(0.0, RNG.normal(0, 1, size=(8, 8, 8))), AFFINE, data / "nonpos.nii.gz"),
-                                r"nonpos\.nii\.gz has no positive voxel \(maximum 0,"),
+    "all-negative NIfTI": (
+        lambda data: save_nifti(-RNG.uniform(0.1, 2.0, size=(8, 8, 8)), AFFINE, data / "neg.nii.gz"),
+        r"neg\.nii\.gz has no positive voxel \(maximum -0\.\d+.*sign is inverted",
+    ),
+    "zero and negative NIfTI": (
+        lambda data: save_nifti(np.minimum(0.0, RNG.normal(0, 1, size=(8, 8, 8))), AFFINE, data / "nonpos.nii.gz"),
+        r"nonpos\.nii\.gz has no positive voxel \(maximum 0,",
+    ),
 }
 
 
@@ -306,9 +402,31 @@ def test_inference_bundle_run_one_line(tmp_path):
     save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / "a_good.nii.gz")
     _mixed(data / "b_mixed")
     before = tree_digest(data)
-    proc = run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                      "--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true", "--channels", "4",
-                      "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]")
+    proc = run_python(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--checkpoint",
+        "",
+        "--allow_untrained",
+        "true",
+        "--channels",
+        "4",
+        "--num_blocks",
+        "2",
+        "--latent_dim",
+        "8",
+        "--san_channels",
+        "[4,4]",
+        "--patch_size",
+        "[16,16,16]",
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "mixes 2 image series" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -364,20 +482,37 @@ def _nan(shape=(12, 12, 10)) -> np.ndarray:
 TRAIN_REFUSED = {
     "missing dataset dir": (lambda root: shutil.rmtree(root), r"dataset dir .* does not exist"),
     "empty dataset dir": (lambda root: [shutil.rmtree(p) for p in list(root.iterdir())], r"has no subject folders"),
-    "DRF name that does not parse": (lambda root: put(np.ones((12, 12, 10)), root / "sub1" / "drf_high.nii.gz"),
-                                     r"subject 'sub1': drf_high\.nii\.gz: cannot read a dose reduction factor from 'high'"),
-    "pair differs in shape": (_replace("sub1/drf_4.nii.gz", np.ones((12, 12, 9))), r"sub1/drf_4\.nii\.gz has shape \(12, 12, 9\) but full_dose"),
-    "pair differs in spacing": (lambda root: put(np.ones((12, 12, 10)), root / "sub0" / "drf_4.nii.gz", np.diag([4.0, 4.0, 3.0, 1.0])),
-                                r"sub0/drf_4\.nii\.gz and full_dose\.nii\.gz differ in spacing"),
-    "pair differs in spacing (datalist file)": (lambda root: _datalist(root, spacing=(2.0, 2.0, 2.0)),
-                                                r"training entry sub0 DRF 20: .*drf_20\.nii\.gz and full_dose\.nii\.gz differ in spacing"),
-    "DRF in datalist file does not parse": (lambda root: _datalist(root, drf="twenty"), r"the DRF 'twenty' is not a positive number"),
-    "truncated .nii.gz": (_replace("sub1/drf_20.nii.gz", raw=lambda p: truncate(put(RNG.random((12, 12, 10)), p))),
-                          r"sub1/drf_20\.nii\.gz: cannot read as an image .*is the file complete"),
+    "DRF name that does not parse": (
+        lambda root: put(np.ones((12, 12, 10)), root / "sub1" / "drf_high.nii.gz"),
+        r"subject 'sub1': drf_high\.nii\.gz: cannot read a dose reduction factor from 'high'",
+    ),
+    "pair differs in shape": (
+        _replace("sub1/drf_4.nii.gz", np.ones((12, 12, 9))),
+        r"sub1/drf_4\.nii\.gz has shape \(12, 12, 9\) but full_dose",
+    ),
+    "pair differs in spacing": (
+        lambda root: put(np.ones((12, 12, 10)), root / "sub0" / "drf_4.nii.gz", np.diag([4.0, 4.0, 3.0, 1.0])),
+        r"sub0/drf_4\.nii\.gz and full_dose\.nii\.gz differ in spacing",
+    ),
+    "pair differs in spacing (datalist file)": (
+        lambda root: _datalist(root, spacing=(2.0, 2.0, 2.0)),
+        r"training entry sub0 DRF 20: .*drf_20\.nii\.gz and full_dose\.nii\.gz differ in spacing",
+    ),
+    "DRF in datalist file does not parse": (
+        lambda root: _datalist(root, drf="twenty"),
+        r"the DRF 'twenty' is not a positive number",
+    ),
+    "truncated .nii.gz": (
+        _replace("sub1/drf_20.nii.gz", raw=lambda p: truncate(put(RNG.random((12, 12, 10)), p))),
+        r"sub1/drf_20\.nii\.gz: cannot read as an image .*is the file complete",
+    ),
     "2D image": (_replace("sub0/full_dose.nii.gz", np.ones((12, 12))), r"full_dose\.nii\.gz: is a 2D image"),
     "4D volume": (_replace("sub0/drf_4.nii.gz", np.ones((12, 12, 10, 3))), r"drf_4\.nii\.gz: is a 4D volume"),
     "NaN voxels": (_replace("sub1/drf_4.nii.gz", _nan()), r"sub1/drf_4\.nii\.gz has 1 NaN/Inf voxel"),
-    "all-zero full dose": (_replace("sub0/full_dose.nii.gz", np.zeros((12, 12, 10))), r"sub0/full_dose\.nii\.gz is all zero"),
+    "all-zero full dose": (
+        _replace("sub0/full_dose.nii.gz", np.zeros((12, 12, 10))),
+        r"sub0/full_dose\.nii\.gz is all zero",
+    ),
 }
 
 
@@ -386,8 +521,15 @@ def _train_parser(root: Path, datalist_file: Path | None = None, **extra):
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
-    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(root), "datalist_file": str(datalist_file or ""),
-                   "val_fraction": 0.5, **extra})
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE_ROOT),
+            "dataset_dir": str(root),
+            "datalist_file": str(datalist_file or ""),
+            "val_fraction": 0.5,
+            **extra,
+        }
+    )
     return parser
 
 
@@ -423,8 +565,23 @@ def test_training_bundle_run_one_line_and_no_folders(tmp_path):
     truncate(put(RNG.random((12, 12, 10)), root / "sub0" / "drf_4.nii.gz"))
     before = tree_digest(root)
     ckpt, out = tmp_path / "ckpt", tmp_path / "runs"
-    proc = bundle_run(["--config_file", "configs/train.json", "--dataset_dir", str(root), "--ckpt_dir", str(ckpt),
-                       "--output_dir", str(out), "--epochs", "1", "--epoch_length", "1", *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            str(root),
+            "--ckpt_dir",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--epoch_length",
+            "1",
+            *TINY,
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "sub0/drf_4.nii.gz: cannot read as an image" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -436,9 +593,25 @@ def test_evaluation_bundle_run_one_line_without_logged_traceback(tmp_path):
     root = pairs(tmp_path / "pairs", shape=(16, 16, 12))  # SSIM needs 11 voxels along each axis
     put(_nan((16, 16, 12)), root / "sub1" / "drf_20.nii.gz")  # evaluated after sub0's pairs
     ckpt, out = tmp_path / "ckpt", tmp_path / "runs"
-    proc = bundle_run(["--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir", str(root),
-                       "--ckpt_dir", str(ckpt), "--checkpoint", "", "--allow_untrained", "true", "--output_dir", str(out),
-                       "--eval_split", "all", *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            "['configs/train.json','configs/evaluate.json']",
+            "--dataset_dir",
+            str(root),
+            "--ckpt_dir",
+            str(ckpt),
+            "--checkpoint",
+            "",
+            "--allow_untrained",
+            "true",
+            "--output_dir",
+            str(out),
+            "--eval_split",
+            "all",
+            *TINY,
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "sub1/drf_20.nii.gz has 1 NaN/Inf voxel" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
@@ -459,7 +632,9 @@ def test_error_raised_in_a_dataloader_worker_is_still_one_line(tmp_path):
         next(iter(loader))
     found = user_error(info.value)  # PyTorch 2.13 re-raises it as a RuntimeError: then the text is parsed
     message = str(found) if found is not None else worker_user_error(info.value)
-    assert message is not None and message.endswith("drf_4.nii.gz has 1 NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before using it")
+    assert message is not None and message.endswith(
+        "drf_4.nii.gz has 1 NaN/Inf voxel(s): fix the reconstruction, or set them to 0 before using it"
+    )
 
 
 # ------------------------------------------------------------------ names in logs, hidden entries (issue 12)
@@ -475,15 +650,41 @@ def test_a_newline_in_a_folder_name_cannot_forge_log_lines_and_hidden_entries_ar
     series(data / ".hidden_series")
     (data / ".DS_Store").write_text("x")
     (data / "notes.txt").write_text("x")
-    proc = run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                      "--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true",
-                      "--progress", "false", "--channels", "4", "--num_blocks", "2", "--latent_dim", "8",
-                      "--san_channels", "[4,4]", "--patch_size", "[16,16,16]", OMP_NUM_THREADS="1")
+    proc = run_python(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--checkpoint",
+        "",
+        "--allow_untrained",
+        "true",
+        "--progress",
+        "false",
+        "--channels",
+        "4",
+        "--num_blocks",
+        "2",
+        "--latent_dim",
+        "8",
+        "--san_channels",
+        "[4,4]",
+        "--patch_size",
+        "[16,16,16]",
+        OMP_NUM_THREADS="1",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert not [line for line in log.splitlines() if line.startswith("error:")], "a folder name forged an error line"
     assert "\x1b" not in log, "terminal escape sequences from a name reached the log"
-    assert "'p1\\nerror: forged line\\x1b[2J'" in log, "the name must be shown quoted, with its control characters escaped"
+    assert "'p1\\nerror: forged line\\x1b[2J'" in log, (
+        "the name must be shown quoted, with its control characters escaped"
+    )
     assert re.search(r"skipping hidden folder \.hidden_series: names starting with '\.' are hidden.*rename it", log)
     assert "skipping hidden file .hidden_scan.nii.gz" in log and "skipping hidden file .DS_Store" in log
     assert "skipping file notes.txt: not a NIfTI file" in log

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from test_training import TINY, make_pairs
 
 from conftest import BUNDLE_ROOT
 from scripts.common.errors import CheckpointError
@@ -38,14 +39,25 @@ from scripts.losses.align import StyleAlignmentLoss
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss
 from scripts.networks.critic import PatchCritic
 from scripts.networks.unipet import UniPET
-from test_training import TINY, make_pairs
 
 EPOCHS, EPOCH_LENGTH, PRETRAIN = 2, 10, 2
 TOTAL = EPOCHS * EPOCH_LENGTH
 STAGE1 = EPOCH_LENGTH  # stage1_epochs 1
 KILL_AT = (3, STAGE1 + PRETRAIN + 2)  # one kill in stage 1, one in joint stage 2
-SCHEDULE = ["--epochs", str(EPOCHS), "--epoch_length", str(EPOCH_LENGTH), "--stage1_epochs", "1",
-            "--critic_pretrain_iterations", str(PRETRAIN), "--val_interval", "5", "--val_fraction", "0"]
+SCHEDULE = [
+    "--epochs",
+    str(EPOCHS),
+    "--epoch_length",
+    str(EPOCH_LENGTH),
+    "--stage1_epochs",
+    "1",
+    "--critic_pretrain_iterations",
+    str(PRETRAIN),
+    "--val_interval",
+    "5",
+    "--val_fraction",
+    "0",
+]
 ITER_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (.*)")
 
 
@@ -59,14 +71,29 @@ def one_thread():
 
 
 def _args(data: Path, ckpt: Path, out: Path) -> list[str]:
-    return ["--config_file", "configs/train.json", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt),
-            "--output_dir", str(out), *SCHEDULE, *TINY]
+    return [
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(data),
+        "--ckpt_dir",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        *SCHEDULE,
+        *TINY,
+    ]
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _iteration(ckpt: Path) -> int:
@@ -127,8 +154,13 @@ def _uninterrupted(data: Path, ckpt: Path, out: Path) -> dict:
             overrides[key[2:]] = ast.literal_eval(value)
         except (ValueError, SyntaxError):  # a path
             overrides[key[2:]] = value
-    workflow = ConfigWorkflow(config_file=str(BUNDLE_ROOT / "configs" / "train.json"), logging_file=False,
-                              workflow_type="train", bundle_root=str(BUNDLE_ROOT), **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_ROOT / "configs" / "train.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(BUNDLE_ROOT),
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -141,7 +173,9 @@ def test_sigkill_twice_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     reference = _uninterrupted(data, tmp_path / "ref_ckpt", tmp_path / "ref_out")
     joint = TOTAL - STAGE1 - PRETRAIN
     assert reference["iteration"] == TOTAL and reference["scheduler_epoch"] == TOTAL
-    assert max(reference["g_steps"].values()) == STAGE1 + joint and max(reference["d_steps"].values()) == PRETRAIN + joint
+    assert (
+        max(reference["g_steps"].values()) == STAGE1 + joint and max(reference["d_steps"].values()) == PRETRAIN + joint
+    )
 
     ckpt_dir, out = tmp_path / "ckpt", tmp_path / "out"
     ckpt, args = ckpt_dir / "checkpoint_latest.pt", _args(data, ckpt_dir, out)
@@ -159,7 +193,9 @@ def test_sigkill_twice_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     text = log.read_text()
     assert final.returncode == 0, text[-3000:]
     lines = _logged_iterations(text)
-    assert [it for it, _ in lines] == list(range(saved + 1, TOTAL + 1)), "iterations must continue without gap or repeat"
+    assert [it for it, _ in lines] == list(range(saved + 1, TOTAL + 1)), (
+        "iterations must continue without gap or repeat"
+    )
     first_terms = lines[0][1]
     assert "g_adv" in first_terms and "g_l1" in first_terms, "joint stage 2 must continue (no new critic pre-training)"
     losses = [float(m) for _, terms in lines for m in re.findall(r"(?<!_)loss: ([-\d.e+]+)", terms)]
@@ -185,19 +221,36 @@ def _build(seed: int, ckpt_dir: Path, kill_after: int | None = None) -> tuple[Un
     low = torch.rand(1, 1, 12, 12, 12, generator=rng) * 0.3
     batches = [{"image": low, "label": low + 0.1 * torch.rand(low.shape, generator=rng)}] * 6
     trainer = UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=6, train_data_loader=batches, generator=gen, g_optimizer=g_opt,
-        critic=critic, d_optimizer=d_opt, stage1_iterations=2, align_loss=StyleAlignmentLoss(),
-        critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(), mask_fn=lambda x: torch.ones_like(x),
+        device="cpu",
+        max_epochs=1,
+        epoch_length=6,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=g_opt,
+        critic=critic,
+        d_optimizer=d_opt,
+        stage1_iterations=2,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
         critic_pretrain_iterations=1,
     )
     losses: dict[int, float] = {}
     # the GP interpolation draws random numbers: pin them to the iteration so runs are comparable
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: torch.manual_seed(1000 + e.state.iteration))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.__setitem__(e.state.iteration, float(e.state.output.get("loss", e.state.output.get("d_loss")))))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: losses.__setitem__(
+            e.state.iteration, float(e.state.output.get("loss", e.state.output.get("d_loss")))
+        ),
+    )
     if kill_after is not None:
+
         def kill(engine):
             if engine.state.iteration == kill_after + 1:
                 raise _Killed()
+
         trainer.add_event_handler(Events.ITERATION_STARTED, kill)
     objects = {"generator": gen, "critic": critic, "g_optimizer": g_opt, "d_optimizer": d_opt, "trainer": trainer}
     LatestCheckpoint(ckpt_dir, objects, save_interval=1).attach(trainer)
@@ -228,7 +281,9 @@ def test_resume_continues_the_losses_and_states_exactly(tmp_path):
         assert ref_state.keys() == state.keys()
         for idx in ref_state:
             for key in ("step", "exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(state[idx][key], ref_state[idx][key], rtol=1e-5, atol=1e-8, msg=f"{name}[{idx}].{key}")
+                torch.testing.assert_close(
+                    state[idx][key], ref_state[idx][key], rtol=1e-5, atol=1e-8, msg=f"{name}[{idx}].{key}"
+                )
 
 
 # ------------------------------------------------------------------------- branching from another run
@@ -238,8 +293,9 @@ def _run_parent(folder: Path) -> Path:
     net = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     trainer = Engine(lambda e, b: opt.step())
-    LatestCheckpoint(folder, {"generator": net, "g_optimizer": opt, "trainer": trainer}, save_interval=1,
-                     snapshot_iterations=[2]).attach(trainer)
+    LatestCheckpoint(
+        folder, {"generator": net, "g_optimizer": opt, "trainer": trainer}, save_interval=1, snapshot_iterations=[2]
+    ).attach(trainer)
     trainer.run([0] * 4, max_epochs=1)
     return folder / "checkpoint_iter000002.pt"
 
@@ -251,8 +307,13 @@ def test_branching_from_a_snapshot_and_its_refusals(tmp_path):
     def child(folder, init, **kw):
         net, trainer = torch.nn.Linear(3, 1), Engine(lambda e, b: None)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        LatestCheckpoint(folder, {"generator": net, "g_optimizer": opt, "trainer": trainer}, init_checkpoint=init,
-                         protect=["model.pt"], **kw).attach(trainer)
+        LatestCheckpoint(
+            folder,
+            {"generator": net, "g_optimizer": opt, "trainer": trainer},
+            init_checkpoint=init,
+            protect=["model.pt"],
+            **kw,
+        ).attach(trainer)
         return net, trainer
 
     net, trainer = child(tmp_path / "branch", snapshot)

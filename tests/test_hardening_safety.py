@@ -23,12 +23,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pydicom
 import pytest
 import torch
 from ignite.engine import Engine
+from test_hardening_inputs import one_error_line
+from test_inference import TINY_KW, perturbed_checkpoint, phantom, run_in_process
+from test_training import TINY, bundle_run
 
-import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import CheckpointError, UniPETInputError, user_error
 from scripts.common.large_files import read_large_files, recorded_sha256, write_large_files
@@ -39,9 +42,6 @@ from scripts.engines.checkpoint import LatestCheckpoint
 from scripts.evaluation.weights import load_eval_weights
 from scripts.inference.model import load_weights
 from scripts.networks.unipet import UniPET
-from test_hardening_inputs import one_error_line
-from test_inference import TINY_KW, perturbed_checkpoint, phantom, run_in_process
-from test_training import TINY, bundle_run
 
 NET_OVERRIDES = {"channels": 4, "num_blocks": 2, "latent_dim": 8, "san_channels": [4, 4]}
 
@@ -103,8 +103,12 @@ LOADERS = {
     "evaluation load_eval_weights": lambda p: load_eval_weights(UniPET(**TINY_KW), p),
     "LatestCheckpoint resume": _latest,
     "train.json bdn_ckpt": lambda p: _parser(["train.json"], bdn_ckpt=str(p)).get_parsed_content("load_bdn"),
-    "inference.json checkpoint": lambda p: _parser(["inference.json"], checkpoint=str(p)).get_parsed_content("model_info"),
-    "evaluate.json checkpoint": lambda p: _parser(["train.json", "evaluate.json"], checkpoint=str(p)).get_parsed_content("checkpoint_info"),
+    "inference.json checkpoint": lambda p: _parser(["inference.json"], checkpoint=str(p)).get_parsed_content(
+        "model_info"
+    ),
+    "evaluate.json checkpoint": lambda p: _parser(
+        ["train.json", "evaluate.json"], checkpoint=str(p)
+    ).get_parsed_content("checkpoint_info"),
 }
 
 
@@ -149,12 +153,16 @@ def test_every_torch_load_in_the_bundle_is_weights_only():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and not line.lstrip().startswith(("#", '"', "`")):
                 calls.append((path.name, number, line))
-    assert [(name, n) for name, n, _ in calls] == [("weights.py", calls[0][1])], f"expected the one torch.load in scripts/common/weights.py: {calls}"
+    assert [(name, n) for name, n, _ in calls] == [("weights.py", calls[0][1])], (
+        f"expected the one torch.load in scripts/common/weights.py: {calls}"
+    )
     assert all("weights_only=True" in line for _, _, line in calls), calls
     for config in (BUNDLE_ROOT / "configs").glob("*.json"):
         text = config.read_text()
         assert "torch.load" not in text and "weights_only=False" not in text, config.name
-        assert "CheckpointLoader" not in text or "weights_only" in text, f"{config.name}: MONAI CheckpointLoader without weights_only"
+        assert "CheckpointLoader" not in text or "weights_only" in text, (
+            f"{config.name}: MONAI CheckpointLoader without weights_only"
+        )
 
 
 def test_corrupt_latest_checkpoint_stops_training_with_one_line(tmp_path):
@@ -166,8 +174,23 @@ def test_corrupt_latest_checkpoint_stops_training_with_one_line(tmp_path):
     latest = ckpt / "checkpoint_latest.pt"
     latest.write_bytes(_truncated(tmp_path).read_bytes())
     before = latest.read_bytes()
-    proc = bundle_run(["--config_file", "configs/train.json", "--dataset_dir", str(root), "--ckpt_dir", str(ckpt),
-                       "--output_dir", str(tmp_path / "runs"), "--epochs", "1", "--epoch_length", "1", *TINY])
+    proc = bundle_run(
+        [
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            str(root),
+            "--ckpt_dir",
+            str(ckpt),
+            "--output_dir",
+            str(tmp_path / "runs"),
+            "--epochs",
+            "1",
+            "--epoch_length",
+            "1",
+            *TINY,
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert "checkpoint_latest.pt cannot be loaded" in line and "--resume false" in line, line
@@ -187,7 +210,9 @@ def test_verify_sha256(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert verify_sha256(path, None) == digest
     assert "no SHA-256 recorded" in caplog.text and digest in caplog.text
-    with pytest.raises(CheckpointError, match=r"has SHA-256 [0-9a-f]{16}\.\.\., not the recorded 0000000000000000\.\.\.") as err:
+    with pytest.raises(
+        CheckpointError, match=r"has SHA-256 [0-9a-f]{16}\.\.\., not the recorded 0000000000000000\.\.\."
+    ) as err:
         verify_sha256(path, "0" * 64)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="is not a SHA-256"):
@@ -198,8 +223,10 @@ def test_verify_sha256(tmp_path, caplog):
 
 def test_hash_is_checked_before_unpickling(tmp_path):
     path, marker = _malicious(tmp_path)
-    for load in (lambda: load_weights(UniPET(**TINY_KW), path, False, "1" * 64),
-                 lambda: load_eval_weights(UniPET(**TINY_KW), path, "1" * 64)):
+    for load in (
+        lambda: load_weights(UniPET(**TINY_KW), path, False, "1" * 64),
+        lambda: load_eval_weights(UniPET(**TINY_KW), path, "1" * 64),
+    ):
         with pytest.raises(CheckpointError, match="not the recorded 1111111111111111"):
             load()
     assert not marker.exists()
@@ -210,11 +237,16 @@ def test_recorded_hash_through_the_configs(tmp_path):
     digest = file_sha256(ckpt)
     info = _parser(["inference.json"], checkpoint=str(ckpt), checkpoint_sha256=digest).get_parsed_content("model_info")
     assert info["trained"] is True and info["checkpoint_sha256"] == digest
-    info = _parser(["train.json", "evaluate.json"], checkpoint=str(ckpt), checkpoint_sha256=digest).get_parsed_content("checkpoint_info")
+    info = _parser(["train.json", "evaluate.json"], checkpoint=str(ckpt), checkpoint_sha256=digest).get_parsed_content(
+        "checkpoint_info"
+    )
     assert info["trained"] is True and info["checkpoint_sha256"] == digest
     message = _checkpoint_error(
-        lambda p: _parser(["train.json", "evaluate.json"], checkpoint=str(p), checkpoint_sha256="f" * 64).get_parsed_content("checkpoint_info"),
-        ckpt)
+        lambda p: _parser(
+            ["train.json", "evaluate.json"], checkpoint=str(p), checkpoint_sha256="f" * 64
+        ).get_parsed_content("checkpoint_info"),
+        ckpt,
+    )
     assert "not the recorded ffffffffffffffff" in message
 
 
@@ -234,7 +266,11 @@ def test_large_files_record_is_what_the_configs_check(tmp_path):
     assert parsed.get_parsed_content("checkpoint_sha256") == file_sha256(ckpt)
     perturbed_checkpoint(ckpt, seed=1)
     message = _checkpoint_error(
-        lambda p: _parser(["inference.json"], checkpoint=str(p), bundle_root=str(root)).get_parsed_content("model_info"), ckpt)
+        lambda p: _parser(["inference.json"], checkpoint=str(p), bundle_root=str(root)).get_parsed_content(
+            "model_info"
+        ),
+        ckpt,
+    )
     assert "not the recorded" in message
     (root / "large_files.yml").write_text("large_files: 3\n")
     with pytest.raises(UniPETInputError, match="not a model-zoo large_files.yml"):
@@ -246,9 +282,21 @@ def test_hash_mismatch_stops_inference_with_exit_2(tmp_path):
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a.nii.gz")
     ckpt = perturbed_checkpoint(tmp_path / "p.pt")
     proc = run_python(
-        "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", data,
-        "--output_dir", out, "--checkpoint", ckpt, "--checkpoint_sha256", "ab" * 32,
-        *[arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))])
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--checkpoint",
+        ckpt,
+        "--checkpoint_sha256",
+        "ab" * 32,
+        *[arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))],
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not the recorded abababababababab" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -284,9 +332,14 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def _workflow(files: list[str], **overrides):
     from monai.bundle import ConfigWorkflow
 
-    return ConfigWorkflow(config_file=[str(BUNDLE_ROOT / "configs" / f) for f in files], logging_file=False,
-                          workflow_type="train" if files == ["train.json"] else "eval", bundle_root=str(BUNDLE_ROOT),
-                          **NET_OVERRIDES, **overrides)
+    return ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in files],
+        logging_file=False,
+        workflow_type="train" if files == ["train.json"] else "eval",
+        bundle_root=str(BUNDLE_ROOT),
+        **NET_OVERRIDES,
+        **overrides,
+    )
 
 
 def test_training_never_replaces_another_runs_weights_unless_asked(tmp_path):
@@ -296,8 +349,13 @@ def test_training_never_replaces_another_runs_weights_unless_asked(tmp_path):
     ckpt = tmp_path / "models"
     ckpt.mkdir()
     (ckpt / "model.pt").write_bytes(b"released weights")
-    common = dict(dataset_dir=str(root), ckpt_dir=str(ckpt), output_dir=str(tmp_path / "runs"), patch_size=[8, 8, 8],
-                  critic_channels=[4, 8])
+    common = dict(
+        dataset_dir=str(root),
+        ckpt_dir=str(ckpt),
+        output_dir=str(tmp_path / "runs"),
+        patch_size=[8, 8, 8],
+        critic_channels=[4, 8],
+    )
     with pytest.raises(Exception) as info:
         _workflow(["train.json"], **common).initialize()
     message = str(user_error(info.value))
@@ -313,8 +371,13 @@ def test_evaluation_never_replaces_an_earlier_report_unless_asked(tmp_path):
     eval_dir = tmp_path / "runs" / "eval"
     eval_dir.mkdir(parents=True)
     (eval_dir / "summary.json").write_text("{}")
-    common = dict(dataset_dir=str(tmp_path / "absent"), ckpt_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "runs"),
-                  checkpoint="", allow_untrained=True)
+    common = dict(
+        dataset_dir=str(tmp_path / "absent"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "runs"),
+        checkpoint="",
+        allow_untrained=True,
+    )
     with pytest.raises(Exception) as info:
         _workflow(["train.json", "evaluate.json"], **common).initialize()
     message = str(user_error(info.value))
@@ -339,8 +402,14 @@ def test_inference_twice_is_bit_identical_on_cpu(tmp_path):
     runs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
-        run_in_process(dataset_dir=str(data), output_dir=str(out), checkpoint=str(ckpt), output_format="both",
-                       patch_size=[16, 16, 16], **NET_OVERRIDES)
+        run_in_process(
+            dataset_dir=str(data),
+            output_dir=str(out),
+            checkpoint=str(ckpt),
+            output_format="both",
+            patch_size=[16, 16, 16],
+            **NET_OVERRIDES,
+        )
         runs.append(out)
     for name in ("pet_denoised.nii.gz", "b_denoised.nii.gz"):
         first, second = (runs[0] / name).read_bytes(), (runs[1] / name).read_bytes()
@@ -379,34 +448,63 @@ def test_patient_identifiers_never_reach_logs_or_outputs(tmp_path, caplog, capfd
     series_dir = tmp_path / "dicom" / "scan1"
     suv = phantom((16, 14, 12), seed=8, hot=None) + 0.5
     factory.write_synthetic_series(series_dir, suv / factory.expected_factor(), spacing=(4.0, 4.0, 4.0), edit=_mark)
-    assert _leaks(b"".join(p.read_bytes() for p in series_dir.iterdir()).decode("latin-1")), "the input must carry the marks"
+    assert _leaks(b"".join(p.read_bytes() for p in series_dir.iterdir()).decode("latin-1")), (
+        "the input must carry the marks"
+    )
 
     # SUV tool
     suv_nifti = tmp_path / "suv" / "scan1.nii.gz"
     suv_main(dicom_dir=str(series_dir), output=str(suv_nifti))
     # inference (DICOM in, NIfTI + sidecar + derived DICOM out)
-    run_in_process(dataset_dir=str(tmp_path / "dicom"), output_dir=str(tmp_path / "denoised"), output_format="both",
-                   checkpoint=str(perturbed_checkpoint(tmp_path / "p.pt")), patch_size=[16, 16, 16], **NET_OVERRIDES)
+    run_in_process(
+        dataset_dir=str(tmp_path / "dicom"),
+        output_dir=str(tmp_path / "denoised"),
+        output_format="both",
+        checkpoint=str(perturbed_checkpoint(tmp_path / "p.pt")),
+        patch_size=[16, 16, 16],
+        **NET_OVERRIDES,
+    )
     # evaluation on pairs made from the SUV volume the tool wrote
     full = np.asarray(nib.load(str(suv_nifti)).dataobj)
     affine = nib.load(str(suv_nifti)).affine
     save_nifti(full, affine, tmp_path / "pairs" / "scan1" / "full_dose.nii.gz")
-    save_nifti(full + np.random.default_rng(0).normal(0, 0.2, full.shape), affine, tmp_path / "pairs" / "scan1" / "drf_10.nii.gz")
-    workflow = ConfigWorkflow(config_file=[str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "evaluate.json")],
-                              logging_file=False, workflow_type="eval", bundle_root=str(BUNDLE_ROOT),
-                              dataset_dir=str(tmp_path / "pairs"), ckpt_dir=str(tmp_path / "ckpt"),
-                              output_dir=str(tmp_path / "runs"), eval_split="all", patch_size=[16, 16, 16],
-                              checkpoint="", allow_untrained=True, **NET_OVERRIDES)
+    save_nifti(
+        full + np.random.default_rng(0).normal(0, 0.2, full.shape),
+        affine,
+        tmp_path / "pairs" / "scan1" / "drf_10.nii.gz",
+    )
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "evaluate.json")],
+        logging_file=False,
+        workflow_type="eval",
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(tmp_path / "pairs"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "runs"),
+        eval_split="all",
+        patch_size=[16, 16, 16],
+        checkpoint="",
+        allow_untrained=True,
+        **NET_OVERRIDES,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
 
     captured = capfd.readouterr()
     logged = caplog.text + captured.out + captured.err
-    assert "evaluating 1 pairs" in logged and "denoised scan1" in logged and "SUV factor" in logged, "the runs must have logged"
+    assert "evaluating 1 pairs" in logged and "denoised scan1" in logged and "SUV factor" in logged, (
+        "the runs must have logged"
+    )
     assert not _leaks(logged), f"identifiers in the logs: {_leaks(logged)}"
-    outputs = [p for p in tmp_path.rglob("*") if p.is_file() and "dicom" not in p.parts and p.suffix != ".pt"
-               and not any(part.endswith("_denoised_dicom") for part in p.parts)]
+    outputs = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+        and "dicom" not in p.parts
+        and p.suffix != ".pt"
+        and not any(part.endswith("_denoised_dicom") for part in p.parts)
+    ]
     assert any(p.name == "metrics.csv" for p in outputs) and any(p.name == "scan1_denoised.json" for p in outputs)
     for p in outputs:
         body = p.read_bytes()
@@ -440,18 +538,39 @@ def test_disk_full_while_writing_the_dicom_series_is_one_sentence(tmp_path):
     """pydicom re-raises a write error with the whole traceback (venv paths) in its message: 564 characters
     of it used to be the "one line". Now: what happened, what to do, nothing of that input kept."""
     data, out = tmp_path / "in", tmp_path / "out"
-    factory.write_synthetic_series(data / "pet", phantom((10, 9, 6), hot=None) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
+    factory.write_synthetic_series(
+        data / "pet", phantom((10, 9, 6), hot=None) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0)
+    )
     proc = run_python(
-        "-c", _ENOSPC_RUN, "run", "--config_file", "configs/inference.json", "--dataset_dir", data,
-        "--output_dir", out, "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true",
-        "--progress", "false", *[str(a) for kv in NET_OVERRIDES.items() for a in (f"--{kv[0]}", json.dumps(kv[1]))],
-        "--patch_size", "[16,16,16]", OMP_NUM_THREADS="1",
+        "-c",
+        _ENOSPC_RUN,
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        data,
+        "--output_dir",
+        out,
+        "--output_format",
+        "both",
+        "--checkpoint",
+        "",
+        "--allow_untrained",
+        "true",
+        "--progress",
+        "false",
+        *[str(a) for kv in NET_OVERRIDES.items() for a in (f"--{kv[0]}", json.dumps(kv[1]))],
+        "--patch_size",
+        "[16,16,16]",
+        OMP_NUM_THREADS="1",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
     line = lines[0]
-    assert "is full (no space left on device) while writing the outputs of pet" in line and "free some space" in line, line
+    assert "is full (no space left on device) while writing the outputs of pet" in line and "free some space" in line, (
+        line
+    )
     assert len(line) < 300 and "site-packages" not in line and "Traceback" not in proc.stderr, line
     assert sorted(p.name for p in out.iterdir()) == [], "nothing of the input kept: no NIfTI, no series, no temporaries"
 
@@ -463,7 +582,9 @@ def test_a_write_error_without_errno_is_shown_by_its_first_line():
         try:
             raise OSError(28, "No space left on device", "/out/x.dcm")
         except OSError as exc:  # what pydicom's tag_in_exception does
-            raise OSError(f"With tag (7FE0,0010) got exception: {exc}\nTraceback (most recent call last):\n  File \"/venv/...\"") from exc
+            raise OSError(
+                f'With tag (7FE0,0010) got exception: {exc}\nTraceback (most recent call last):\n  File "/venv/..."'
+            ) from exc
     except OSError as wrapped:
         assert _one_line(wrapped) == "OSError: No space left on device: /out/x.dcm"
         assert _one_line(OSError("first line\nTraceback ...")) == "OSError: first line"
@@ -472,9 +593,10 @@ def test_a_write_error_without_errno_is_shown_by_its_first_line():
 def test_disk_full_while_writing_the_nifti_keeps_nothing_of_that_input(tmp_path, monkeypatch):
     import errno
 
-    from scripts.inference import writer as writer_module
-    from scripts.common.errors import OutputWriteError
     from test_output_races import body, item, writer
+
+    from scripts.common.errors import OutputWriteError
+    from scripts.inference import writer as writer_module
 
     def full(suv, affine, path):
         path.write_bytes(b"partial")
@@ -482,7 +604,9 @@ def test_disk_full_while_writing_the_nifti_keeps_nothing_of_that_input(tmp_path,
 
     monkeypatch.setattr(writer_module, "_write_nifti", full)
     out = tmp_path / "out"
-    with pytest.raises(OutputWriteError, match=r"out is full \(no space left on device\) while writing the outputs of a: nothing"):
+    with pytest.raises(
+        OutputWriteError, match=r"out is full \(no space left on device\) while writing the outputs of a: nothing"
+    ):
         writer(out, "full")(item(body()))
     assert list(out.iterdir()) == [], "no partial NIfTI, temporary or claim left"
 

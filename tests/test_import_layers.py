@@ -93,7 +93,9 @@ def forbidden_imports(scripts_dir: Path, layers: list[tuple[str, ...]] = LAYERS)
                 if other not in rank:
                     problems.append(f"{where}:{node.lineno}: {module} -> {target} (unknown package {other!r})")
                 elif rank[other] > rank[own]:
-                    problems.append(f"{where}:{node.lineno}: {module} -> {target} ({own} may not import {other}, a higher layer)")
+                    problems.append(
+                        f"{where}:{node.lineno}: {module} -> {target} ({own} may not import {other}, a higher layer)"
+                    )
                 elif rank[other] == rank[own]:
                     problems.append(f"{where}:{node.lineno}: {module} -> {target} ({own} and {other} share a layer)")
     return problems
@@ -166,8 +168,10 @@ def test_package_module_maps_name_every_module_and_only_existing_ones():
             continue
         checked += 1
         actual = _modules(package)
-        assert listed == actual, (f"{package.relative_to(BUNDLE_ROOT)}/__init__.py's module map: missing "
-                                  f"{sorted(actual - listed)}, not there {sorted(listed - actual)}")
+        assert listed == actual, (
+            f"{package.relative_to(BUNDLE_ROOT)}/__init__.py's module map: missing "
+            f"{sorted(actual - listed)}, not there {sorted(listed - actual)}"
+        )
     assert checked >= 4, "the module maps (common, inference, evaluation, deploy...) were not found"
 
 
@@ -181,21 +185,24 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checker_finds_upward_sideways_lazy_and_relative_imports(tmp_path):
-    scripts = _tree(tmp_path, {
-        "__init__.py": "",
-        "common/__init__.py": "",
-        "common/errors.py": "def f():\n    from scripts.inference.options import as_bool\n",  # lazy, upward
-        "data/__init__.py": "",
-        "data/io.py": "from ..common import errors\nfrom . import layout\nimport scripts.common.io\n",  # allowed
-        "engines/__init__.py": "",
-        "engines/checkpoint.py": "from ..inference import options\n",  # relative, upward
-        "inference/__init__.py": "",
-        "inference/options.py": "from scripts.engines.checkpoint import x\n",  # downward: allowed
-        "deploy/__init__.py": "",
-        "deploy/x.py": "import scripts.benchmarks.y\n",  # same layer
-        "benchmarks/__init__.py": "",
-        "demo.py": "from scripts.nowhere import z\n",  # unknown package
-    })
+    scripts = _tree(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "common/__init__.py": "",
+            "common/errors.py": "def f():\n    from scripts.inference.options import as_bool\n",  # lazy, upward
+            "data/__init__.py": "",
+            "data/io.py": "from ..common import errors\nfrom . import layout\nimport scripts.common.io\n",  # allowed
+            "engines/__init__.py": "",
+            "engines/checkpoint.py": "from ..inference import options\n",  # relative, upward
+            "inference/__init__.py": "",
+            "inference/options.py": "from scripts.engines.checkpoint import x\n",  # downward: allowed
+            "deploy/__init__.py": "",
+            "deploy/x.py": "import scripts.benchmarks.y\n",  # same layer
+            "benchmarks/__init__.py": "",
+            "demo.py": "from scripts.nowhere import z\n",  # unknown package
+        },
+    )
     problems = forbidden_imports(scripts)
     assert len(problems) == 4, problems
     assert any("common/errors.py:2: scripts.common.errors -> scripts.inference.options" in p for p in problems)
@@ -206,9 +213,13 @@ def test_the_checker_finds_upward_sideways_lazy_and_relative_imports(tmp_path):
 
 def test_config_references_find_imports_expressions_and_targets(tmp_path):
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({
-        "imports": ["$import scripts.inference.errors"],
-        "x": {"_target_": "scripts.deploy.large_files.Foo", "y": "$scripts.common.options.as_bool(@a, 'a')"},
-        "path": "$@bundle_root + '/scripts/data/x.py'",
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "imports": ["$import scripts.inference.errors"],
+                "x": {"_target_": "scripts.deploy.large_files.Foo", "y": "$scripts.common.options.as_bool(@a, 'a')"},
+                "path": "$@bundle_root + '/scripts/data/x.py'",
+            }
+        )
+    )
     assert config_references(config) == {"inference", "deploy", "common"}

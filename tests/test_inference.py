@@ -15,11 +15,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_inference_in_process, run_python
 from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.options import as_bool, check_output_format, check_spacing
@@ -31,7 +31,18 @@ from scripts.networks.unipet import UniPET
 
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
 TINY_KW = dict(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
-TINY = ["--channels", "4", "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"]
+TINY = [
+    "--channels",
+    "4",
+    "--num_blocks",
+    "2",
+    "--latent_dim",
+    "8",
+    "--san_channels",
+    "[4,4]",
+    "--patch_size",
+    "[16,16,16]",
+]
 INT16_MAX = 32767
 
 
@@ -122,9 +133,16 @@ def test_config_matches_training_and_has_inference_properties(tmp_path):
     assert parser.get_parsed_content("checkpoint") == str(BUNDLE_ROOT) + "/models/model.pt"
     assert isinstance(parser.get_parsed_content("network_def"), UniPET)
     save_nifti(phantom((8, 8, 8)), np.eye(4), tmp_path / "in" / "a.nii.gz")
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer", bundle_root=str(BUNDLE_ROOT),
-                              dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"), checkpoint="",
-                              allow_untrained=True)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(tmp_path / "in"),
+        output_dir=str(tmp_path / "out"),
+        checkpoint="",
+        allow_untrained=True,
+    )
     workflow.initialize()
     assert workflow.check_properties() == [], "model-zoo inference properties missing"
     assert not (tmp_path / "out").exists()
@@ -183,7 +201,10 @@ def _truncate(path: Path) -> Path:
         (lambda p: _write(p, np.ones((8, 8))), "is a 2D image"),
         (lambda p: _write(p, np.ones((8, 8, 1))), "is a 2D image"),
         (lambda p: _write(p, np.ones((8, 8, 8, 3))), "is a 4D volume .*split the frames"),
-        (lambda p: _write(p, np.where(np.eye(8)[..., None] > 0, np.nan, 1.0) * np.ones((8, 8, 8))), "has 64 NaN/Inf voxel"),
+        (
+            lambda p: _write(p, np.where(np.eye(8)[..., None] > 0, np.nan, 1.0) * np.ones((8, 8, 8))),
+            "has 64 NaN/Inf voxel",
+        ),
         (lambda p: _truncate(_write(p, np.random.default_rng(0).random((32, 32, 32)))), "cannot read as NIfTI"),
     ],
     ids=["2d", "single-slice", "4d", "nan", "truncated"],
@@ -247,7 +268,9 @@ def test_loader_keeps_the_training_axis_order(tmp_path):
     aff = oblique_affine((2.0, 3.0, 4.0))
     path = save_nifti(vol, aff, tmp_path / "v.nii.gz")
     ours = LoadPETd()({"image": str(path), "name": "v", "kind": "nifti"})
-    ref = EnsureChannelFirstd("image", channel_dim="no_channel")(LoadImaged("image", image_only=True, reader="NibabelReader")({"image": str(path)}))
+    ref = EnsureChannelFirstd("image", channel_dim="no_channel")(
+        LoadImaged("image", image_only=True, reader="NibabelReader")({"image": str(path)})
+    )
     np.testing.assert_array_equal(ours["image"].numpy(), ref["image"].numpy())
     np.testing.assert_allclose(ours["image"].affine.numpy(), ref["image"].affine.numpy(), atol=1e-6)
     assert ours["suv_factor"] == 1.0 and ours["units"] == "SUV"
@@ -265,7 +288,9 @@ def test_load_weights(tmp_path, caplog):
         load_weights(net, None, False)
     ckpt = perturbed_checkpoint(tmp_path / "p.pt")
     state = torch.load(ckpt, weights_only=True)
-    torch.save({"generator": {f"module.{k}": v for k, v in state.items()}, "trainer": {"iteration": 3}}, tmp_path / "latest.pt")
+    torch.save(
+        {"generator": {f"module.{k}": v for k, v in state.items()}, "trainer": {"iteration": 3}}, tmp_path / "latest.pt"
+    )
     info = load_weights(net, tmp_path / "latest.pt", False)
     assert info["trained"] is True and len(info["checkpoint_sha256"]) == 64
     assert torch.equal(net.output_conv.weight, state["output_conv.weight"])
@@ -284,7 +309,17 @@ def nifti_run(tmp_path_factory):
     save_nifti(phantom((28, 24, 20), seed=1), oblique_affine((4.0, 4.0, 4.0)), data / "a.nii.gz")
     save_nifti(phantom((30, 22, 26), seed=2), oblique_affine((2.0, 3.0, 2.5), angle_deg=-15.0), data / "b.nii")
     ckpt = perturbed_checkpoint(root / "p.pt")
-    args = ["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", str(ckpt), "--progress", "false", *TINY]
+    args = [
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--progress",
+        "false",
+        *TINY,
+    ]
     proc = bundle_run(args)
     return data, out, args, proc
 
@@ -305,8 +340,13 @@ def test_nifti_inputs_keep_grid_and_units(nifti_run):
         side = json.loads((out / f"{name}_denoised.json").read_text())
         assert side["units"].startswith("SUV") and side["source_units"] == "SUV" and side["suv_factor"] is None
         assert side["model"]["trained"] is True and len(side["model"]["checkpoint_sha256"]) == 64
-        assert side["shape"] == list(shape) and side["processing"]["network_grid_spacing_mm"] == pytest.approx([4.0] * 3)
-        line = re.search(rf"denoised {name} \(nifti, SUV\): shape {'x'.join(map(str, shape))}, spacing [\dx.]+ mm; .* [\d.]+ s -> ", log)
+        assert side["shape"] == list(shape) and side["processing"]["network_grid_spacing_mm"] == pytest.approx(
+            [4.0] * 3
+        )
+        line = re.search(
+            rf"denoised {name} \(nifti, SUV\): shape {'x'.join(map(str, shape))}, spacing [\dx.]+ mm; .* [\d.]+ s -> ",
+            log,
+        )
         assert line, f"no progress line for {name}"
     # a is on the 4 mm grid (not resampled), b is resampled to it and back
     assert json.loads((out / "b_denoised.json").read_text())["processing"]["network_grid_shape"] != [30, 22, 26]
@@ -336,15 +376,36 @@ def test_dicom_input_writes_nifti_sidecar_and_derived_series(tmp_path):
     factory.write_synthetic_series(data / "pet", suv / factory.expected_factor(), spacing=(2.0, 3.0, 4.0))
     factory.write_synthetic_series(data / "ct", np.ones((6, 5, 4)), modality="CT")
     save_nifti(phantom((20, 20, 16), seed=4), np.diag([4.0, 4.0, 4.0, 1.0]), data / "c.nii.gz")
-    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--output_format", "both",
-                       "--checkpoint", "", "--allow_untrained", "true", *TINY])
+    proc = bundle_run(
+        [
+            "--dataset_dir",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--output_format",
+            "both",
+            "--checkpoint",
+            "",
+            "--allow_untrained",
+            "true",
+            *TINY,
+        ]
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "UNTRAINED" in log and "skipping folder ct" in log
     assert factory.PATIENT_NAME.split("^")[0] not in log and factory.PATIENT_ID not in log, "patient identifiers logged"
     assert sorted(p.name for p in out.iterdir()) == [
-        "c_denoised.json", "c_denoised.nii.gz", "c_denoised_qc.json", "c_denoised_qc.png",
-        "pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom", "pet_denoised_qc.json", "pet_denoised_qc.png"]
+        "c_denoised.json",
+        "c_denoised.nii.gz",
+        "c_denoised_qc.json",
+        "c_denoised_qc.png",
+        "pet_denoised.json",
+        "pet_denoised.nii.gz",
+        "pet_denoised_dicom",
+        "pet_denoised_qc.json",
+        "pet_denoised_qc.png",
+    ]
 
     source = read_pet_series(data / "pet")
     y, y_aff, _ = nifti(out / "pet_denoised.nii.gz")
@@ -370,7 +431,9 @@ def test_bad_input_one_error_line_and_nothing_written(tmp_path):
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a_good.nii.gz")
     bad = _truncate(save_nifti(np.random.default_rng(0).random((40, 40, 40)), np.eye(4), data / "b_cut.nii.gz"))
     # no checkpoint: the shipped weights do not fit the tiny network, and the input is what is under test
-    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", *TINY])
+    proc = bundle_run(
+        ["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", *TINY]
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and str(bad) in lines[0] and "cannot read as NIfTI" in lines[0]
@@ -434,8 +497,14 @@ def test_resampling_round_trip_moves_only_the_correction(tmp_path):
     x = phantom((30, 22, 26), seed=3)
     affine = oblique_affine((2.0, 3.0, 2.5), angle_deg=-15.0)
     save_nifti(x, affine, data / "c.nii.gz")
-    run_in_process(dataset_dir=str(data), output_dir=str(tmp_path / "out"), checkpoint="", allow_untrained=True,
-                   **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()}, patch_size=[16, 16, 16])
+    run_in_process(
+        dataset_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        checkpoint="",
+        allow_untrained=True,
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()},
+        patch_size=[16, 16, 16],
+    )
     y, y_aff, _ = nifti(tmp_path / "out" / "c_denoised.nii.gz")
     side = json.loads((tmp_path / "out" / "c_denoised.json").read_text())
     assert side["processing"]["network_grid_shape"] != [30, 22, 26], "the input must have been resampled"
@@ -451,7 +520,9 @@ def test_resampling_round_trip_moves_only_the_correction(tmp_path):
 def test_a_given_checkpoint_that_does_not_exist_is_an_error(tmp_path, allow):
     """A typo in --checkpoint must never fall back to the untrained network, whatever allow_untrained says."""
     net = UniPET(**TINY_KW)
-    with pytest.raises(CheckpointError, match=r"no checkpoint at .*typo\.pt: the file does not exist; check --checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint at .*typo\.pt: the file does not exist; check --checkpoint"
+    ):
         load_weights(net, tmp_path / "typo.pt", allow)
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
         load_weights(net, tmp_path, allow)
@@ -466,8 +537,19 @@ def test_untrained_runs_are_an_explicit_choice_in_the_configs():
 def test_mistyped_checkpoint_through_the_bundle_exits_2_and_writes_nothing(tmp_path):
     data, out = tmp_path / "in", tmp_path / "out"
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a.nii.gz")
-    proc = bundle_run(["--dataset_dir", str(data), "--output_dir", str(out), "--checkpoint", str(tmp_path / "modle.pt"),
-                       "--allow_untrained", "true", *TINY])
+    proc = bundle_run(
+        [
+            "--dataset_dir",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--checkpoint",
+            str(tmp_path / "modle.pt"),
+            "--allow_untrained",
+            "true",
+            *TINY,
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "modle.pt: the file does not exist" in lines[0], proc.stderr[-2000:]
@@ -478,8 +560,15 @@ def test_explicit_untrained_run_says_untrained_in_the_dicom_series_and_the_sidec
     data, out = tmp_path / "in", tmp_path / "out"
     suv = phantom((12, 10, 8), seed=5, hot=None)
     factory.write_synthetic_series(data / "pet", suv / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
-    run_in_process(dataset_dir=str(data), output_dir=str(out), checkpoint="", allow_untrained=True, output_format="both",
-                   **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()}, patch_size=[16, 16, 16])
+    run_in_process(
+        dataset_dir=str(data),
+        output_dir=str(out),
+        checkpoint="",
+        allow_untrained=True,
+        output_format="both",
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in TINY_KW.items()},
+        patch_size=[16, 16, 16],
+    )
     side = json.loads((out / "pet_denoised.json").read_text())
     assert side["model"]["trained"] is False and side["model"]["checkpoint"] is None and "UNTRAINED" in side["warning"]
     derived = read_pet_series(out / "pet_denoised_dicom")
@@ -519,5 +608,10 @@ def test_study_progress_bar_is_labelled_and_follows_progress():
         parser["qc"] = None  # not under test; its handler needs the output folder
         bars = [h for h in parser.get_parsed_content("handlers") if isinstance(h, LossProgressBar)]
         assert len(bars) == expected
-    assert bars == [] and parser.get_parsed_content("study_progress_bar").description(
-        type("E", (), {"state": type("S", (), {"max_epochs": 1, "epoch": 1})()})()) == "inference (studies)"
+    assert (
+        bars == []
+        and parser.get_parsed_content("study_progress_bar").description(
+            type("E", (), {"state": type("S", (), {"max_epochs": 1, "epoch": 1})()})()
+        )
+        == "inference (studies)"
+    )

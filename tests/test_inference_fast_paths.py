@@ -94,7 +94,11 @@ def _whole_volume_hotspots(suv, spacing, count, min_suv, separation_mm, affine=N
     cand = np.argwhere((suv >= min_suv) & (suv >= local))
     if cand.size == 0:
         return []
-    world = (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3] if affine is not None else cand
+    world = (
+        (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3]
+        if affine is not None
+        else cand
+    )
     world = np.round(world, 3)
     order = np.lexsort((world[:, 2], world[:, 1], world[:, 0], -suv[tuple(cand.T)]))
     picked = []
@@ -177,7 +181,9 @@ def _perturbed_unipet():
     from scripts.networks.unipet import UniPET
 
     torch.manual_seed(0)
-    return perturb_network(UniPET(channels=8, num_blocks=2, latent_dim=8, san_channels=[8, 8], padding_mode="replicate"), 0).eval()
+    return perturb_network(
+        UniPET(channels=8, num_blocks=2, latent_dim=8, san_channels=[8, 8], padding_mode="replicate"), 0
+    ).eval()
 
 
 def test_channels_last_network_gives_the_default_layouts_output_within_float_rounding():

@@ -72,10 +72,21 @@ def test_three_studies_one_after_another_do_not_accumulate(tmp_path):
     data = tmp_path / "in"
     for k in range(3):
         save_nifti(_study(shape, k), phantom_affine(shape, (1.65, 1.65, 1.65)), data / f"study{k}.nii")
-    workflow = ConfigWorkflow(config_file=str(CONFIG), logging_file=False, workflow_type="infer", bundle_root=str(BUNDLE_ROOT),
-                              progress=False, dataset_dir=str(data), output_dir=str(tmp_path / "out"),
-                              checkpoint=str(_checkpoint(tmp_path / "net.pt")), checkpoint_sha256=None,
-                              allow_untrained=False, patch_size=[16, 16, 16], target_spacing=[8.0, 8.0, 8.0], **TINY_KW)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        progress=False,
+        dataset_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(_checkpoint(tmp_path / "net.pt")),
+        checkpoint_sha256=None,
+        allow_untrained=False,
+        patch_size=[16, 16, 16],
+        target_spacing=[8.0, 8.0, 8.0],
+        **TINY_KW,
+    )
     workflow.initialize()
     evaluator = workflow.parser.get_parsed_content("evaluator")
     previous: list[weakref.ref] = []
@@ -104,11 +115,15 @@ def test_three_studies_one_after_another_do_not_accumulate(tmp_path):
     workflow.run()
     workflow.finalize()
 
-    assert sorted(p.name for p in (tmp_path / "out").glob("*_denoised.nii.gz")) == [f"study{k}_denoised.nii.gz" for k in range(3)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_denoised.nii.gz")) == [
+        f"study{k}_denoised.nii.gz" for k in range(3)
+    ]
     assert len(rss_after) == 3 and len(alive_at_next_load) >= 3  # (a last GET_BATCH_STARTED may find no more data)
     assert not any(alive_at_next_load), "a study's denoised volume was still held while the next one loaded"
     growth = rss_after[2] - rss_after[0]
-    assert growth < 0.5 * volume_bytes, f"resident memory grew by {growth / 1e6:.1f} MB over two studies of {volume_bytes / 1e6:.1f} MB"
+    assert growth < 0.5 * volume_bytes, (
+        f"resident memory grew by {growth / 1e6:.1f} MB over two studies of {volume_bytes / 1e6:.1f} MB"
+    )
 
 
 def test_correction_is_added_in_place_through_a_flipped_view():
@@ -119,7 +134,9 @@ def test_correction_is_added_in_place_through_a_flipped_view():
     # target voxel j -> source coordinate: axis 0 halves, axis 1 halves, axis 2 identity
     voxel_map = np.diag([1 / 3, 2 / 5, 1.0, 1.0])
     add_resampled(view, source, voxel_map)
-    expected = torch.nn.functional.interpolate(source[None, None], size=(4, 6, 5), mode="trilinear", align_corners=True)[0, 0]
+    expected = torch.nn.functional.interpolate(
+        source[None, None], size=(4, 6, 5), mode="trilinear", align_corners=True
+    )[0, 0]
     np.testing.assert_allclose(view, expected.numpy(), rtol=1e-6, atol=1e-5)
     assert np.abs(native).max() > 0  # written into the native array itself
     with pytest.raises(RuntimeError, match="rotated"):

@@ -31,7 +31,14 @@ def make_subject(root: Path, name: str, drfs=(4, 20), suffix=".nii.gz", labels=F
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("drf_20.nii.gz", 20), ("drf_2.5.nii", 2.5), ("/a/b/drf_100.nii.gz", 100), ("drf_20.0.nii.gz", 20), ("drf_4", 4), ("10", 10)],
+    [
+        ("drf_20.nii.gz", 20),
+        ("drf_2.5.nii", 2.5),
+        ("/a/b/drf_100.nii.gz", 100),
+        ("drf_20.0.nii.gz", 20),
+        ("drf_4", 4),
+        ("10", 10),
+    ],
 )
 def test_parse_drf_ok(name, expected):
     value = parse_drf(name)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.evaluation.regions import region_rows, suv_peak, summarise_regions
+from scripts.evaluation.regions import region_rows, summarise_regions, suv_peak
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, psnr_refmax
 
 SP = (4.0, 4.0, 4.0)
@@ -26,9 +26,18 @@ def _case():
     lesion = _ball(14.0)
     labels[lesion] = 100
     truth = np.where(lesion, 8.0, 2.0)
-    table = {8: {"name": "liver", "kind": "organ", "true_suv": 2.0},
-             100: {"name": "lesion_00", "kind": "lesion", "true_suv": 8.0, "diameter_mm": 28.0,
-                   "background_suv": 2.0, "host_label": 8, "contrast": 4.0}}
+    table = {
+        8: {"name": "liver", "kind": "organ", "true_suv": 2.0},
+        100: {
+            "name": "lesion_00",
+            "kind": "lesion",
+            "true_suv": 8.0,
+            "diameter_mm": 28.0,
+            "background_suv": 2.0,
+            "host_label": 8,
+            "contrast": 4.0,
+        },
+    }
     return labels, truth, table, lesion
 
 
@@ -58,7 +67,9 @@ def test_region_rows_lesion_and_liver_by_hand():
     assert les["size_bin"] == ">=20 mm" and les["true_contrast"] == pytest.approx(4.0)
     assert les["suvmax_bias_pct"] == pytest.approx(-10.0) and les["input_suvmax_bias_pct"] == pytest.approx(10.0)
     assert les["suvpeak"] == pytest.approx(7.2) and les["suvpeak_bias_pct"] == pytest.approx(-10.0)
-    assert les["suvpeak_bias_true_pct"] == pytest.approx(-10.0) and les["full_suvpeak_bias_true_pct"] == pytest.approx(0.0)
+    assert les["suvpeak_bias_true_pct"] == pytest.approx(-10.0) and les["full_suvpeak_bias_true_pct"] == pytest.approx(
+        0.0
+    )
     assert les["suvmean_bias_true_pct"] == pytest.approx(-10.0)
     assert les["rc_max"] == pytest.approx(0.9) and les["full_rc_max"] == pytest.approx(1.0)
     # contrast recovery: (7.2 / 2 - 1) / (4 - 1); the full dose recovers all of it

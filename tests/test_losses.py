@@ -202,9 +202,7 @@ def test_critic_loss_trains_critic_only():
     assert torch.isfinite(loss)
     assert set(terms) == {"d_real", "d_fake", "gradient_penalty", "wasserstein"}
     assert terms["gradient_penalty"] > 0
-    torch.testing.assert_close(
-        loss.detach(), terms["d_fake"] - terms["d_real"] + 10.0 * terms["gradient_penalty"]
-    )
+    torch.testing.assert_close(loss.detach(), terms["d_fake"] - terms["d_real"] + 10.0 * terms["gradient_penalty"])
     loss.backward()
     assert fake.grad is None
     assert all(p.grad is not None for p in critic.parameters())

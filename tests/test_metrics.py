@@ -11,8 +11,8 @@ from monai.metrics import SSIMMetric
 
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import (
-    NRMSEMetric,
     ClippedPSNRMetric,
+    NRMSEMetric,
     SSIM3DMetric,
     analytic_psnr,
     nrmse,

@@ -14,14 +14,14 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pydicom
 import pytest
+from test_torchscript import make_bundle_copy
 
-import pet_dicom_factory as factory
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.deploy.monailabel_task import TASK_NAME, UniPETLabelCore
-from test_torchscript import make_bundle_copy
 
 HAS_LABEL = importlib.util.find_spec("monailabel") is not None
 LABEL_REASON = "MONAI Label not installed here: run in the environment of requirements-label.txt (docs/deployment.md)"
@@ -46,9 +46,16 @@ def served(tmp_path_factory):
     affine = np.diag([-3.0, 3.5, 3.27, 1.0])
     affine[:3, 3] = (40.0, -30.0, 10.0)
     image = save_nifti(volume(), affine, base / "studies" / "pet01.nii.gz")
-    workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type="infer",
-                              bundle_root=str(root), dataset_dir=str(base / "studies"), output_dir=str(base / "ref"),
-                              progress=False, device="cpu")
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(root),
+        dataset_dir=str(base / "studies"),
+        output_dir=str(base / "ref"),
+        progress=False,
+        device="cpu",
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -66,7 +73,10 @@ def test_core_serves_the_bundles_float_output(served):
     np.testing.assert_allclose(img.affine, reference.affine, atol=1e-5)
     assert result["units"].startswith("SUV") and result["model"]["trained"] is True
     assert result["suv_max_output"] > 30.0, "the 38 SUV hot spot is kept"
-    assert abs(result["suv_max_output"] - result["suv_max_input"]) < 20 and result["suv_mean_output"] != result["suv_mean_input"]
+    assert (
+        abs(result["suv_max_output"] - result["suv_max_input"]) < 20
+        and result["suv_mean_output"] != result["suv_mean_input"]
+    )
 
 
 def test_core_accepts_bqml_with_suv_factor(served, tmp_path):
@@ -83,10 +93,14 @@ def test_core_accepts_bqml_with_suv_factor(served, tmp_path):
         core.infer(bqml, device="cpu", suv_factor=str(factor * 1000))
 
 
-@pytest.mark.skipif(int(pydicom.__version__.split(".")[0]) < 3, reason="the test DICOM factory needs pydicom 3 (the main pin)")
+@pytest.mark.skipif(
+    int(pydicom.__version__.split(".")[0]) < 3, reason="the test DICOM factory needs pydicom 3 (the main pin)"
+)
 def test_core_accepts_a_pet_dicom_folder(served, tmp_path):
     core = served[3]
-    factory.write_synthetic_series(tmp_path / "series", volume((20, 18, 12)) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
+    factory.write_synthetic_series(
+        tmp_path / "series", volume((20, 18, 12)) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0)
+    )
     out, result = core.infer(tmp_path / "series", device="cpu")
     assert nib.load(str(out)).shape == (20, 18, 12) and result["units"].startswith("SUV")
 
@@ -132,7 +146,10 @@ def test_monailabel_task_serves_the_denoised_volume(served):
 @pytest.mark.skipif(not HAS_LABEL, reason=LABEL_REASON)
 def test_monailabel_app_registers_the_task(served, tmp_path):
     """The MONAI Label app of scripts/deploy/label_app (needs the full MONAI Label server dependencies)."""
-    pytest.importorskip("monailabel.interfaces.app", reason="MONAI Label server dependencies missing: use the server environment of docs/deployment.md")
+    pytest.importorskip(
+        "monailabel.interfaces.app",
+        reason="MONAI Label server dependencies missing: use the server environment of docs/deployment.md",
+    )
     import importlib.util as iu
 
     base, root, image, _, _ = served
@@ -142,6 +159,8 @@ def test_monailabel_app_registers_the_task(served, tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     save_nifti(volume((16, 16, 8)), np.eye(4), studies / "a.nii.gz")
-    app = module.UniPETLabelApp(str(root / "scripts" / "deploy" / "label_app"), str(studies), {"bundle_path": str(root)})
+    app = module.UniPETLabelApp(
+        str(root / "scripts" / "deploy" / "label_app"), str(studies), {"bundle_path": str(root)}
+    )
     info = app.info()
     assert TASK_NAME in info["models"] and info["models"][TASK_NAME]["type"] == "others"

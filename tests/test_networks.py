@@ -198,7 +198,7 @@ def test_one_step_reduces_l1_on_toy_denoising():
     g = torch.Generator().manual_seed(1)
     coords = torch.linspace(0, 1, 16)
     zz, yy, xx = torch.meshgrid(coords, coords, coords, indexing="ij")
-    clean = (0.2 + 0.3 * torch.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2 + (zz - 0.5) ** 2) / 0.05))
+    clean = 0.2 + 0.3 * torch.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2 + (zz - 0.5) ** 2) / 0.05)
     clean = clean.expand(2, 1, 16, 16, 16)
     noisy = clean + 0.05 * torch.randn(clean.shape, generator=g)
     model = UniPET(use_san=True, **SMALL)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pet_dicom_factory as factory
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-import pet_dicom_factory as factory
 from conftest import BUNDLE_ROOT, run_inference_in_process
 from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
@@ -77,8 +77,16 @@ def _to_ras(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _run(dataset_dir: Path, output_dir: Path, checkpoint: Path, **extra) -> None:
-    run_inference_in_process(dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint),
-                             checkpoint_sha256=None, allow_untrained=False, patch_size=[16, 16, 16], **TINY_KW, **extra)
+    run_inference_in_process(
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        checkpoint=str(checkpoint),
+        checkpoint_sha256=None,
+        allow_untrained=False,
+        patch_size=[16, 16, 16],
+        **TINY_KW,
+        **extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -113,8 +121,9 @@ def test_every_config_names_the_orientation_the_weights_were_trained_in():
         config = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
         assert config["network_axcodes"] == "RAS", name
     infer = json.loads(CONFIG.read_text())
-    assert any(t.get("_target_") == "Orientationd" for t in infer["preprocessing"]["transforms"] if isinstance(t, dict)) \
-        or "@orientation_transform" in json.dumps(infer["preprocessing"])
+    assert any(
+        t.get("_target_") == "Orientationd" for t in infer["preprocessing"]["transforms"] if isinstance(t, dict)
+    ) or "@orientation_transform" in json.dumps(infer["preprocessing"])
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -172,7 +181,8 @@ def test_dicom_output_does_not_depend_on_the_storage_order(tmp_path):
         row, col, normal = (lps[:3, i] / spacing[i] for i in range(3))
         assert np.allclose(np.cross(row, col), normal), storage  # slices run along the DICOM normal
         _, dec, expected_affine = factory.write_synthetic_series(
-            data / storage, arr / factor, spacing=spacing, orientation=(*row, *col), origin_lps=lps[:3, 3])
+            data / storage, arr / factor, spacing=spacing, orientation=(*row, *col), origin_lps=lps[:3, 3]
+        )
         np.testing.assert_allclose(expected_affine, a, atol=1e-6)
         save_nifti(_to_ras((dec * factor).astype(np.float32), a), aff, data / f"{storage}_as_ras_nifti.nii.gz")
     _run(data, tmp_path / "out", ckpt)
@@ -186,7 +196,9 @@ def test_dicom_output_does_not_depend_on_the_storage_order(tmp_path):
         diff = np.abs(outputs[storage] - outputs[f"{storage}_as_ras_nifti"]).max()
         assert diff < 1e-4, f"{storage} series: output differs from its decoded volume's as RAS NIfTI by {diff:.4g} SUV"
     spread = max(np.abs(outputs[s] - outputs["LPS"]).max() for s in ("RAS", "sagittal"))
-    assert spread < 0.02, f"series of one image differ by {spread:.3g} SUV (more than their int16 quantisation explains)"
+    assert spread < 0.02, (
+        f"series of one image differ by {spread:.3g} SUV (more than their int16 quantisation explains)"
+    )
 
 
 # ------------------------------------------------------------------------------------ training, evaluation
@@ -228,8 +240,10 @@ def test_evaluation_report_reads_label_maps_in_the_network_orientation(tmp_path)
     labels[2:4, 3:5, 2:4] = 2
     full[2:4, 3:5, 2:4] = 12.0
     aff = phantom_affine(full.shape, (4.0, 4.0, 4.0))
-    table = {"1": {"name": "liver", "kind": "organ", "true_suv": 2.0, "volume_ml": 1.0},
-             "2": {"name": "lesion", "kind": "lesion", "true_suv": 12.0, "volume_ml": 0.5}}
+    table = {
+        "1": {"name": "liver", "kind": "organ", "true_suv": 2.0, "volume_ml": 1.0},
+        "2": {"name": "lesion", "kind": "lesion", "true_suv": 12.0, "volume_ml": 0.5},
+    }
     seen = {}
     for storage in STORAGES:
         folder = tmp_path / storage
@@ -254,8 +268,9 @@ def test_in_memory_denoise_reorients_by_affine_like_the_bundle():
 
     def denoise_volume(net, vol, affine, roi_size, sw_batch_size):
         overrides = {"patch_size": list(roi_size), "sw_batch_size": sw_batch_size, "resample": False, "progress": False}
-        return BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"trained": True}, device="cpu",
-                              overrides=overrides)(vol, affine)
+        return BundleDenoiser(
+            BUNDLE_ROOT, network=net, model_info={"trained": True}, device="cpu", overrides=overrides
+        )(vol, affine)
 
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 3, padding=1, padding_mode="replicate").eval()  # asymmetric kernel: order matters

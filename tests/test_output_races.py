@@ -43,7 +43,18 @@ from scripts.inference.inputs import prepare_datalist
 from scripts.inference.writer import SaveDenoisedd
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
-TINY = ["--channels", "4", "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]", "--patch_size", "[16,16,16]"]
+TINY = [
+    "--channels",
+    "4",
+    "--num_blocks",
+    "2",
+    "--latent_dim",
+    "8",
+    "--san_channels",
+    "[4,4]",
+    "--patch_size",
+    "[16,16,16]",
+]
 
 
 def body(shape=(12, 12, 10), seed: int = 0) -> np.ndarray:
@@ -56,13 +67,25 @@ def item(suv: np.ndarray, name: str = "a", source: Path | None = None) -> dict:
     meta = {"original_affine": AFFINE, "spatial_shape": np.asarray(suv.shape)}
     image = MetaTensor(torch.from_numpy(suv[None]), affine=torch.as_tensor(AFFINE), meta=meta)
     pred = MetaTensor(torch.from_numpy(suv[None].copy()), affine=torch.as_tensor(AFFINE))
-    return {"pred": pred, "image": image, "name": name, "kind": "nifti", "source": str(source or f"/in/{name}.nii.gz"),
-            "suv_factor": 1.0, "units": "SUV"}
+    return {
+        "pred": pred,
+        "image": image,
+        "name": name,
+        "kind": "nifti",
+        "source": str(source or f"/in/{name}.nii.gz"),
+        "suv_factor": 1.0,
+        "units": "SUV",
+    }
 
 
 def writer(out: Path, run: str, overwrite: bool = False) -> SaveDenoisedd:
-    return SaveDenoisedd(output_dir=out, overwrite=overwrite, model_info={"trained": True, "checkpoint": run},
-                         model_version="test", processing={"run": run, "patch_size": [8, 8, 8]})
+    return SaveDenoisedd(
+        output_dir=out,
+        overwrite=overwrite,
+        model_info={"trained": True, "checkpoint": run},
+        model_version="test",
+        processing={"run": run, "patch_size": [8, 8, 8]},
+    )
 
 
 def assert_consistent(out: Path) -> None:
@@ -190,8 +213,9 @@ def kill9_while_publishing(out: Path, name: str, outputs: list[str]) -> int:
         "c.publishing([out / n for n in sys.argv[4:]]); (out / sys.argv[4]).write_text('half');"
         "print('ready', flush=True); time.sleep(60)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(BUNDLE_ROOT), str(out), name, *outputs],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(BUNDLE_ROOT), str(out), name, *outputs], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -204,7 +228,9 @@ def test_a_run_killed_while_publishing_is_redone_without_overwrite(tmp_path, cap
     save_nifti(body(seed=1), AFFINE, data / "b.nii.gz")
     out.mkdir()
     kill9_while_publishing(out, "a", ["a_denoised.nii.gz", "a_denoised.json"])
-    assert (out / "a_denoised.nii.gz").read_text() == "half" and inspect_claim(out / ".a_denoised.unipet-claim")["state"] == "stale"
+    assert (out / "a_denoised.nii.gz").read_text() == "half" and inspect_claim(out / ".a_denoised.unipet-claim")[
+        "state"
+    ] == "stale"
     caplog.set_level("WARNING")
     assert [i["name"] for i in prepare_datalist(data, out, "nifti", False)] == ["a", "b"]
     assert "killed while writing its outputs" in caplog.text
@@ -229,9 +255,11 @@ def test_a_run_killed_while_publishing_is_redone_without_overwrite(tmp_path, cap
 def test_a_run_killed_before_publishing_does_not_make_outputs_replaceable(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-            "from scripts.inference.claims import OutputClaim; c = OutputClaim(Path(sys.argv[2]), 'a_denoised', 'a');"
-            "c.acquire(); print('ready', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from scripts.inference.claims import OutputClaim; c = OutputClaim(Path(sys.argv[2]), 'a_denoised', 'a');"
+        "c.acquire(); print('ready', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(BUNDLE_ROOT), str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     assert inspect_claim(out / ".a_denoised.unipet-claim")["state"] == "busy", "a live owner holds the lock"
@@ -288,7 +316,9 @@ def test_outputs_that_appear_while_staging_are_kept_and_the_loser_cleans_only_it
     with pytest.raises(OutputConflictError, match="appeared while this run was writing it"):
         w(item(body()))
     names = {"nifti": "a_denoised.nii.gz", "sidecar": "a_denoised.json"}
-    assert sorted(p.name for p in out.iterdir()) == sorted(names[k] for k in foreign), "only the winner's files are left"
+    assert sorted(p.name for p in out.iterdir()) == sorted(names[k] for k in foreign), (
+        "only the winner's files are left"
+    )
     for key in foreign:
         assert (out / names[key]).read_text() == f"winner's {key}"
 
@@ -330,10 +360,32 @@ def test_writers_racing_in_threads_leave_a_consistent_set(tmp_path, overwrite):
 def _start(data: Path, out: Path, overlap: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", str(data),
-         "--output_dir", str(out), "--checkpoint", "", "--allow_untrained", "true", "--progress", "false",
-         "--overlap", overlap, *TINY],
-        cwd=BUNDLE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--checkpoint",
+            "",
+            "--allow_untrained",
+            "true",
+            "--progress",
+            "false",
+            "--overlap",
+            overlap,
+            *TINY,
+        ],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -353,7 +405,8 @@ def test_two_bundle_runs_into_one_folder(tmp_path):
             if rc == 2:
                 lines = [line for line in err.splitlines() if line.startswith("error:")]
                 assert len(lines) == 1 and any(
-                    m in lines[0] for m in ("is writing these outputs", "already exists", "appeared while this run")), err[-1500:]
+                    m in lines[0] for m in ("is writing these outputs", "already exists", "appeared while this run")
+                ), err[-1500:]
                 assert "Traceback" not in err
         assert_consistent(out)
         if 0 in codes:
@@ -390,11 +443,33 @@ def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp
 
     data, out = tmp_path / "in", tmp_path / "out"
     factory.write_synthetic_series(data / "pet", body((10, 9, 6)) / factory.expected_factor(), spacing=(4.0, 4.0, 4.0))
-    args = ["run", "--config_file", "configs/inference.json", "--dataset_dir", str(data), "--output_dir", str(out),
-            "--output_format", "both", "--checkpoint", "", "--allow_untrained", "true", "--progress", "false", *TINY]
+    args = [
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--output_format",
+        "both",
+        "--checkpoint",
+        "",
+        "--allow_untrained",
+        "true",
+        "--progress",
+        "false",
+        *TINY,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, *args], cwd=BUNDLE_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_RUN, *args],
+        cwd=BUNDLE_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         if "PUBLISHED-NIFTI" in line:
             break
@@ -406,8 +481,13 @@ def test_kill_9_between_nifti_and_dicom_then_a_plain_rerun_completes_the_set(tmp
     rerun = run_python("-m", "monai.bundle", *args, OMP_NUM_THREADS="1")
     assert rerun.returncode == 0, rerun.stderr[-3000:]  # no --overwrite needed: the set was ours and partial
     assert "killed while writing its outputs" in rerun.stdout + rerun.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["pet_denoised.json", "pet_denoised.nii.gz", "pet_denoised_dicom",
-                                                     "pet_denoised_qc.json", "pet_denoised_qc.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pet_denoised.json",
+        "pet_denoised.nii.gz",
+        "pet_denoised_dicom",
+        "pet_denoised_qc.json",
+        "pet_denoised_qc.png",
+    ]
     assert_consistent(out)
     side = json.loads((out / "pet_denoised.json").read_text())
     import pydicom

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import yaml
 from scipy.ndimage import gaussian_filter
+from test_torchscript import make_bundle_copy
 
 from conftest import run_python
 from scripts.data.io import save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.deploy.package import BUNDLE_NAME, PackageError, package_bundle
-from test_torchscript import make_bundle_copy
 
 
 def sha256(path: Path) -> str:
@@ -54,12 +54,23 @@ def test_zip_is_the_zoo_layout_with_weights(packaged):
     with zipfile.ZipFile(result.zip_path) as zf:
         names = set(zf.namelist())
         assert all(n.startswith(f"{BUNDLE_NAME}/") for n in names), "one top folder, unipet_bundle/"
-        for required in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "models/model.pt",
-                         "scripts/__init__.py", "scripts/networks/unipet.py", "docs/README.md", "LICENSE", "large_files.yml"):
+        for required in (
+            "configs/metadata.json",
+            "configs/inference.json",
+            "configs/train.json",
+            "models/model.pt",
+            "scripts/__init__.py",
+            "scripts/networks/unipet.py",
+            "docs/README.md",
+            "LICENSE",
+            "large_files.yml",
+        ):
             assert f"{BUNDLE_NAME}/{required}" in names, required
         assert not any("__pycache__" in n or n.endswith(".pyc") or "/eval/" in n for n in names)
         assert f"{BUNDLE_NAME}/models/checkpoint_latest.pt" not in names, "training state must not ship"
-        assert hashlib.sha256(zf.read(f"{BUNDLE_NAME}/models/model.pt")).hexdigest() == sha256(root / "models" / "model.pt")
+        assert hashlib.sha256(zf.read(f"{BUNDLE_NAME}/models/model.pt")).hexdigest() == sha256(
+            root / "models" / "model.pt"
+        )
 
 
 def test_large_files_yml_and_weight_free_pr_folder(packaged):
@@ -121,8 +132,20 @@ def test_download_from_zip_then_run_inference_json(packaged, tmp_path):
     """The model-zoo user's path: download the zip, run inference.json from the downloaded copy."""
     root, result = packaged
     dl = tmp_path / "downloads"
-    proc = bundle_cli(["download", "--name", BUNDLE_NAME, "--version", result.version,
-                       "--url", result.zip_path.as_uri(), "--bundle_dir", str(dl)], cwd=tmp_path)
+    proc = bundle_cli(
+        [
+            "download",
+            "--name",
+            BUNDLE_NAME,
+            "--version",
+            result.version,
+            "--url",
+            result.zip_path.as_uri(),
+            "--bundle_dir",
+            str(dl),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     copy = dl / BUNDLE_NAME
     assert (copy / "configs" / "inference.json").is_file()
@@ -133,8 +156,20 @@ def test_download_from_zip_then_run_inference_json(packaged, tmp_path):
     affine[:3, 3] = (-80.0, -80.0, -48.0)
     save_nifti(x, affine, tmp_path / "data" / "sim01.nii.gz")
     out = tmp_path / "out"
-    proc = bundle_cli(["run", "--config_file", "configs/inference.json", "--dataset_dir", str(tmp_path / "data"),
-                       "--output_dir", str(out), "--progress", "false"], cwd=copy)
+    proc = bundle_cli(
+        [
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(tmp_path / "data"),
+            "--output_dir",
+            str(out),
+            "--progress",
+            "false",
+        ],
+        cwd=copy,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     img = nib.load(str(out / "sim01_denoised.nii.gz"))
     y = np.asarray(img.dataobj)
@@ -154,8 +189,12 @@ def test_zip_carries_the_metadata_pins_as_requirements_txt(packaged):
     with zipfile.ZipFile(result.zip_path) as zf:
         text = zf.read(f"{BUNDLE_NAME}/requirements.txt").decode()
     pins = dict(line.split("==") for line in text.splitlines() if line and not line.startswith("#"))
-    assert pins == {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"],
-                    **meta["required_packages_version"]}
+    assert pins == {
+        "torch": meta["pytorch_version"],
+        "monai": meta["monai_version"],
+        "numpy": meta["numpy_version"],
+        **meta["required_packages_version"],
+    }
     assert (result.zoo_pr_dir / "requirements.txt").read_text() == text
     card = (root / "docs" / "README.md").read_text()
     assert "pip install -r requirements.txt" in card

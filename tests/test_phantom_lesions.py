@@ -8,8 +8,14 @@ import pytest
 
 from scripts.data.phantom import ORGAN_NAMES, make_phantom
 
-OPTS = dict(n_lesions=(16, 16), lesion_diameter_mm=(4.0, 30.0), lesion_contrast=(2.0, 15.0),
-            lesion_hosts={"liver": 1, "lungs": 1, "spine": 1, "nodes": 2}, lesion_partial_volume=True, texture=False)
+OPTS = dict(
+    n_lesions=(16, 16),
+    lesion_diameter_mm=(4.0, 30.0),
+    lesion_contrast=(2.0, 15.0),
+    lesion_hosts={"liver": 1, "lungs": 1, "spine": 1, "nodes": 2},
+    lesion_partial_volume=True,
+    texture=False,
+)
 
 
 @pytest.fixture(scope="module")

@@ -131,12 +131,22 @@ def _trainer(precision="fp32", mixed_precision=None, stage1=1, total=2):
     low = torch.rand(2, 1, 16, 16, 16) * 0.3
     batches = [{"image": low, "label": low + 0.05 * torch.rand_like(low)}] * total
     return UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=total, train_data_loader=batches, generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage1_iterations=stage1,
-        align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: torch.ones_like(x), critic_pretrain_iterations=0,
-        precision=precision, mixed_precision=mixed_precision,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=total,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3),
+        critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3),
+        stage1_iterations=stage1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
+        critic_pretrain_iterations=0,
+        precision=precision,
+        mixed_precision=mixed_precision,
     )
 
 
@@ -238,10 +248,13 @@ def _bench_result(lesion_changes: list[float]) -> dict:
         "ran_as": {"bf16": "bf16"},
         "inference": {"volume_speedup": 1.3},
         "training": {"min_speedup": 1.6},
-        "accuracy": {"psnr_change_db": -0.01, "max_rel_voxel_diff": 0.01,
-                     "max_abs_lesion_suvmax_change_pct": max(abs(c) for c in lesion_changes),
-                     "max_abs_organ_mean_change_pct": 0.05,
-                     "lesions": [{"change_pct": c} for c in lesion_changes]},
+        "accuracy": {
+            "psnr_change_db": -0.01,
+            "max_rel_voxel_diff": 0.01,
+            "max_abs_lesion_suvmax_change_pct": max(abs(c) for c in lesion_changes),
+            "max_abs_organ_mean_change_pct": 0.05,
+            "lesions": [{"change_pct": c} for c in lesion_changes],
+        },
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -22,10 +21,21 @@ from scripts.common.errors import UniPETInputError
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.inference import qc as qcmod
-from scripts.inference.qc import QCReport, analyse_input, compare_output, find_hotspots
+from scripts.inference.qc import analyse_input, compare_output, find_hotspots
 
 TINY = dict(channels=2, num_blocks=1, latent_dim=4, san_channels=[2], patch_size=[16, 16, 16])
-TINY_CLI = ["--channels", "2", "--num_blocks", "1", "--latent_dim", "4", "--san_channels", "[2]", "--patch_size", "[16,16,16]"]
+TINY_CLI = [
+    "--channels",
+    "2",
+    "--num_blocks",
+    "1",
+    "--latent_dim",
+    "4",
+    "--san_channels",
+    "[2]",
+    "--patch_size",
+    "[16,16,16]",
+]
 
 
 def body_with_foci(shape=(40, 36, 30), spacing=4.0):
@@ -49,7 +59,7 @@ def test_hotspots_are_local_maxima_above_the_threshold_and_apart():
 
 def test_hotspots_found_in_slabs_equal_the_whole_volume_search(monkeypatch):
     rng = np.random.default_rng(5)
-    suv = (rng.gamma(2.0, 1.5, (30, 26, 22)) ).astype(np.float32)
+    suv = (rng.gamma(2.0, 1.5, (30, 26, 22))).astype(np.float32)
     spacing = np.array([3.0, 2.5, 4.0])
     whole = find_hotspots(suv, spacing, count=8, min_suv=6.0, separation_mm=12.0)
     monkeypatch.setattr(qcmod, "_SLAB_VOXELS", 26 * 22 * 3)  # 3 planes per slab: halo larger than the slab
@@ -68,7 +78,9 @@ def test_numbers_before_and_after_are_measured_on_the_same_voxels():
     assert f1["change_pct"]["suv_max"] == pytest.approx(-25.0) and f1["change_pct"]["suv_mean"] == pytest.approx(-25.0)
     assert f2["change_pct"]["suv_max"] == pytest.approx(0.0)
     body = suv > 0.3
-    expected = 100.0 * (out[body].sum(dtype=np.float64) - suv[body].sum(dtype=np.float64)) / suv[body].sum(dtype=np.float64)
+    expected = (
+        100.0 * (out[body].sum(dtype=np.float64) - suv[body].sum(dtype=np.float64)) / suv[body].sum(dtype=np.float64)
+    )
     assert n["body_total_change_pct"] == pytest.approx(expected, rel=1e-9) and expected < 0
     assert n["input_suv_max"] == pytest.approx(12.0)
     ref = n["reference_region"]  # the automatic liver-like cube lands in the uniform 2.0 block
@@ -133,11 +145,19 @@ def test_one_nifti_file_as_dataset_dir_gets_outputs_and_a_qc_report(tmp_path, ca
     with caplog.at_level(logging.INFO):
         run_in_process(dataset_dir=str(src), output_dir=str(out), **untrained(qc_max_body_total_change_pct=-1.0))
     assert sorted(p.name for p in out.iterdir()) == [
-        "study1_denoised.json", "study1_denoised.nii.gz", "study1_denoised_qc.json", "study1_denoised_qc.png"]
+        "study1_denoised.json",
+        "study1_denoised.nii.gz",
+        "study1_denoised_qc.json",
+        "study1_denoised_qc.png",
+    ]
     side = json.loads((out / "study1_denoised.json").read_text())
     assert side["input_suv_max"] == pytest.approx(12.0)
-    assert set(side["timing_s"]) == {"read_and_preprocess_s", "qc_input_analysis_s",
-                                     "network_and_correction_to_input_grid_s", "write_outputs_s"}
+    assert set(side["timing_s"]) == {
+        "read_and_preprocess_s",
+        "qc_input_analysis_s",
+        "network_and_correction_to_input_grid_s",
+        "write_outputs_s",
+    }
     assert all(v >= 0 for v in side["timing_s"].values())
     assert side["qc_report"] == {"png": "study1_denoised_qc.png", "json": "study1_denoised_qc.json"}
     report = json.loads((out / "study1_denoised_qc.json").read_text())
@@ -147,8 +167,12 @@ def test_one_nifti_file_as_dataset_dir_gets_outputs_and_a_qc_report(tmp_path, ca
     text = caplog.text
     assert "QC study1: body total" in text
     # a threshold below any change (-1 %) must name the study and the quantity in a WARNING line
-    warn = [r for r in caplog.records if r.levelno == logging.WARNING and "body total activity changed" in r.getMessage()]
-    assert len(warn) == 1 and "study1" in warn[0].getMessage() and "qc_max_body_total_change_pct" in warn[0].getMessage()
+    warn = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "body total activity changed" in r.getMessage()
+    ]
+    assert (
+        len(warn) == 1 and "study1" in warn[0].getMessage() and "qc_max_body_total_change_pct" in warn[0].getMessage()
+    )
     assert report["warnings"] and "body total" in report["warnings"][0]
 
 
@@ -188,15 +212,35 @@ def test_denoise_command_help_and_one_file(tmp_path):
     assert helped.returncode == 0 and "NIfTI file" in helped.stdout and "--output_format" in helped.stdout
     suv, aff = body_with_foci((36, 30, 26))
     src = save_nifti(suv, aff, tmp_path / "one.nii.gz")
-    proc = run_python("-m", "scripts.denoise", src, tmp_path / "out", "--checkpoint", "", "--allow_untrained", "true",
-                      "--progress", "false", *TINY_CLI, OMP_NUM_THREADS="1")
+    proc = run_python(
+        "-m",
+        "scripts.denoise",
+        src,
+        tmp_path / "out",
+        "--checkpoint",
+        "",
+        "--allow_untrained",
+        "true",
+        "--progress",
+        "false",
+        *TINY_CLI,
+        OMP_NUM_THREADS="1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "one_denoised.json", "one_denoised.nii.gz", "one_denoised_qc.json", "one_denoised_qc.png"]
+        "one_denoised.json",
+        "one_denoised.nii.gz",
+        "one_denoised_qc.json",
+        "one_denoised_qc.png",
+    ]
     y = np.asarray(nib.load(str(tmp_path / "out" / "one_denoised.nii.gz")).dataobj)
     np.testing.assert_allclose(y, suv, atol=1e-5)  # the untrained network is the identity
-    missing = run_python("-m", "scripts.denoise", tmp_path / "nope.nii.gz", tmp_path / "o2", timeout=60, OMP_NUM_THREADS="1")
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:") and "does not exist" in missing.stderr
+    missing = run_python(
+        "-m", "scripts.denoise", tmp_path / "nope.nii.gz", tmp_path / "o2", timeout=60, OMP_NUM_THREADS="1"
+    )
+    assert (
+        missing.returncode == 2 and missing.stderr.strip().startswith("error:") and "does not exist" in missing.stderr
+    )
     assert not (tmp_path / "o2").exists()
 
 
@@ -205,22 +249,29 @@ def test_qc_report_on_the_real_series(tmp_path, real_pet_dir, caplog):
     """The real FDG series as one DICOM series folder (--dataset_dir is the series itself), a non-identity tiny
     network, and a hot-spot threshold of 0 % so that every changed focus is named in a WARNING line."""
     import matplotlib.image as mpimg
-
     from test_inference import perturbed_checkpoint
 
     net = dict(channels=2, num_blocks=1, latent_dim=4, san_channels=[2])
     ckpt = perturbed_checkpoint(tmp_path / "p.pt", **net)
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        run_in_process(dataset_dir=str(real_pet_dir), output_dir=str(out), checkpoint=str(ckpt), **net,
-                       patch_size=[32, 32, 32], qc_max_hotspot_change_pct=0.0)
+        run_in_process(
+            dataset_dir=str(real_pet_dir),
+            output_dir=str(out),
+            checkpoint=str(ckpt),
+            **net,
+            patch_size=[32, 32, 32],
+            qc_max_hotspot_change_pct=0.0,
+        )
     name = real_pet_dir.name
     report = json.loads((out / f"{name}_denoised_qc.json").read_text())
     source = read_pet_series(real_pet_dir)
     assert report["input_suv_max"] == pytest.approx(float(source.suv.max()), rel=1e-6)
     y = np.asarray(nib.load(str(out / f"{name}_denoised.nii.gz")).dataobj)
     assert report["output_suv_max"] == pytest.approx(float(y.max()), rel=1e-6)
-    assert len(report["hotspots"]) == 5 and report["hotspots"][0]["before"]["suv_max"] == pytest.approx(report["input_suv_max"])
+    assert len(report["hotspots"]) == 5 and report["hotspots"][0]["before"]["suv_max"] == pytest.approx(
+        report["input_suv_max"]
+    )
     assert all(s["before"]["suv_peak"] <= s["before"]["suv_max"] for s in report["hotspots"])
     ref = report["reference_region"]
     assert 1.3 <= ref["before"]["suv_mean"] <= 3.5 and ref["before"]["cov_pct"] > 0

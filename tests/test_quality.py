@@ -37,24 +37,53 @@ def work(tmp_path_factory):
     data = work / "sim"
     for i in range(2):
         sim.simulate_subject(data, f"phantom_{i:03d}", shape=(32, 32, 24), drfs=[4, 20, 30], seed=i, **FAST)
-    sim.simulate_subject(data, "real_x", activity=data / "phantom_001" / "activity.nii.gz", drfs=[4, 20, 30], seed=5, **FAST)
+    sim.simulate_subject(
+        data, "real_x", activity=data / "phantom_001" / "activity.nii.gz", drfs=[4, 20, 30], seed=5, **FAST
+    )
 
     def entries(subject):
-        return [{"image": f"{subject}/drf_{d}.nii.gz", "label": f"{subject}/full_dose.nii.gz", "drf": d, "subject": subject}
-                for d in (4, 20)]
+        return [
+            {"image": f"{subject}/drf_{d}.nii.gz", "label": f"{subject}/full_dose.nii.gz", "drf": d, "subject": subject}
+            for d in (4, 20)
+        ]
 
-    (data / "datalist.json").write_text(json.dumps(
-        {"training": [], "validation": entries("phantom_000"), "test": entries("phantom_001") + entries("real_x")}))
+    (data / "datalist.json").write_text(
+        json.dumps(
+            {"training": [], "validation": entries("phantom_000"), "test": entries("phantom_001") + entries("real_x")}
+        )
+    )
     unseen = work / "sim_unseen"
     for i in range(2):  # a tiny unseen family: other reconstruction, DRFs 7 and 150
-        sim.simulate_subject(unseen, f"phantom_{i:03d}", shape=(32, 32, 24), drfs=[7, 150], seed=10 + i,
-                             n_angles=64, n_subsets=8, n_iterations=8, postfilter_fwhm_mm=10.0,
-                             phantom_options={"lesion_contrast": (2.0, 15.0), "lesion_partial_volume": True,
-                                              "n_lesions": (4, 4), "lesion_hosts": {"liver": 1, "lungs": 1}})
+        sim.simulate_subject(
+            unseen,
+            f"phantom_{i:03d}",
+            shape=(32, 32, 24),
+            drfs=[7, 150],
+            seed=10 + i,
+            n_angles=64,
+            n_subsets=8,
+            n_iterations=8,
+            postfilter_fwhm_mm=10.0,
+            phantom_options={
+                "lesion_contrast": (2.0, 15.0),
+                "lesion_partial_volume": True,
+                "n_lesions": (4, 4),
+                "lesion_hosts": {"liver": 1, "lungs": 1},
+            },
+        )
     (unseen / "family.json").write_text(json.dumps({"validation": ["phantom_000"], "test": ["phantom_001"]}))
-    for seed, rel in enumerate(["vanilla/model_stage1.pt", "drf_4/model_stage1.pt", "drf_20/model_stage1.pt",
-                                "san_only/model.pt", "rals_only/model.pt", "drf_10/model_stage1.pt",
-                                "drf_100/model_stage1.pt", "no_regional/model.pt"]):
+    for seed, rel in enumerate(
+        [
+            "vanilla/model_stage1.pt",
+            "drf_4/model_stage1.pt",
+            "drf_20/model_stage1.pt",
+            "san_only/model.pt",
+            "rals_only/model.pt",
+            "drf_10/model_stage1.pt",
+            "drf_100/model_stage1.pt",
+            "no_regional/model.pt",
+        ]
+    ):
         _perturbed_default_net(work / "models" / rel, seed)
     # the plain MONAI UNet baseline: its own network class (no no_hotspot run: optional models are skipped)
     torch.manual_seed(3)
@@ -65,11 +94,21 @@ def work(tmp_path_factory):
 
 
 def test_quality_benchmark_end_to_end(work):
-    result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False,
-                         families="[in_family,unseen_recon]")
+    result = quality.run(
+        str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, families="[in_family,unseen_recon]"
+    )
     out = work / "quality"
-    for name in ("quality.json", "cases.csv", "regions.csv", "quality.md", "quality.png", "texture_in_family.png",
-                 "texture_unseen_recon.png", "rc_in_family_drf_20.png", "rc_unseen_recon_drf_150.png"):
+    for name in (
+        "quality.json",
+        "cases.csv",
+        "regions.csv",
+        "quality.md",
+        "quality.png",
+        "texture_in_family.png",
+        "texture_unseen_recon.png",
+        "rc_in_family_drf_20.png",
+        "rc_unseen_recon_drf_150.png",
+    ):
         assert (out / name).is_file(), name
     fam = result["families"]["in_family"]
     assert fam["test_subjects"] == ["phantom_001", "real_x"]
@@ -77,8 +116,17 @@ def test_quality_benchmark_end_to_end(work):
     # a heavier DRF never wants a narrower optimal filter on the same subject
     assert fam["gaussian"]["4"]["fwhm_mm"] <= fam["gaussian"]["30"]["fwhm_mm"]
     s = fam["summary"]
-    assert set(s) == {"input", "gaussian", "unipet", "unet", "vanilla", "drf_specific", "san_only", "rals_only",
-                      "no_regional"}
+    assert set(s) == {
+        "input",
+        "gaussian",
+        "unipet",
+        "unet",
+        "vanilla",
+        "drf_specific",
+        "san_only",
+        "rals_only",
+        "no_regional",
+    }
     for m in s:
         for d in ("4", "20", "30"):
             assert s[m][d]["subjects"] == 2 and math.isfinite(s[m][d]["psnr"]) and math.isfinite(s[m][d]["psnr_refmax"])
@@ -89,7 +137,9 @@ def test_quality_benchmark_end_to_end(work):
     assert s["unipet"]["20"]["liver"]["n"] == 1 and s["input"]["20"]["liver"]["mean_cov_pct"] > 0
     assert fam["real_subject"]["subject"] == "real_x"
     beaten = fam["baselines_beaten"]["20"]
-    assert sorted(beaten["beaten_on_psnr"] + beaten["not_beaten_on_psnr"]) == sorted(set(quality.BASELINES) - {"no_hotspot"})
+    assert sorted(beaten["beaten_on_psnr"] + beaten["not_beaten_on_psnr"]) == sorted(
+        set(quality.BASELINES) - {"no_hotspot"}
+    )
     unseen = result["families"]["unseen_recon"]
     assert unseen["drfs"] == ["7", "150"] and unseen["unseen_drfs"] == ["7", "150"]
     assert unseen["summary"]["unipet"]["150"]["lesions"] == 4
@@ -120,8 +170,14 @@ def test_quality_benchmark_denoises_with_the_bundle_inference(work, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(work / "sim" / "phantom_001" / "drf_20.nii.gz", src / "low.nii.gz")
-    run_inference_in_process(dataset_dir=str(src), output_dir=str(tmp_path / "out"), checkpoint=str(work / "unipet.pt"),
-                             resample=False, qc_report=False, device="cpu")
+    run_inference_in_process(
+        dataset_dir=str(src),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(work / "unipet.pt"),
+        resample=False,
+        qc_report=False,
+        device="cpu",
+    )
     bundle_den = load_nifti(tmp_path / "out" / "low_denoised.nii.gz")[0]
     np.testing.assert_array_equal(den, bundle_den)
     inference = quality._inference_settings(quality._denoiser(net, ("unipet", None), settings))
@@ -130,28 +186,49 @@ def test_quality_benchmark_denoises_with_the_bundle_inference(work, tmp_path):
 
 
 def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
-    result = quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, families="unseen_recon",
-                         models="unipet", out_dir=str(tmp_path / "q"))
+    result = quality.run(
+        str(work),
+        checkpoint=str(work / "unipet.pt"),
+        update_docs=False,
+        families="unseen_recon",
+        models="unipet",
+        out_dir=str(tmp_path / "q"),
+    )
     s = result["families"]["unseen_recon"]["summary"]
     assert set(s) == {"input", "gaussian", "unipet"}
     assert len(result["families"]["unseen_recon"]["targets"]) == 2 * 4  # no vanilla / DRF-specific rows
 
 
-def _summary(unipet: float, specific: float, vanilla: float, tex_u: float, bias: float, bias_g: float, liver: float) -> dict:
+def _summary(
+    unipet: float, specific: float, vanilla: float, tex_u: float, bias: float, bias_g: float, liver: float
+) -> dict:
     def e(psnr, tex=1.0, b=None, lv=None):
-        return {"psnr": psnr, "texture_ratio": tex, "mean_lesion_suvmax_bias_pct": b,
-                "liver": {"max_abs_suvmean_bias_pct": lv, "mean_suvmean_bias_pct": lv} if lv is not None else None}
-    return {"input": {"20": e(30.0)}, "gaussian": {"20": e(32.0, b=bias_g)}, "unipet": {"20": e(unipet, tex_u, bias, liver)},
-            "drf_specific": {"20": e(specific)}, "vanilla": {"20": e(vanilla)}}
+        return {
+            "psnr": psnr,
+            "texture_ratio": tex,
+            "mean_lesion_suvmax_bias_pct": b,
+            "liver": {"max_abs_suvmean_bias_pct": lv, "mean_suvmean_bias_pct": lv} if lv is not None else None,
+        }
+
+    return {
+        "input": {"20": e(30.0)},
+        "gaussian": {"20": e(32.0, b=bias_g)},
+        "unipet": {"20": e(unipet, tex_u, bias, liver)},
+        "drf_specific": {"20": e(specific)},
+        "vanilla": {"20": e(vanilla)},
+    }
 
 
-@pytest.mark.parametrize("args, met", [
-    ((34.0, 34.1, 33.9, 0.9, -5.0, -8.0, 2.0), [True, True, True, True, True, True]),
-    # < 1 dB over the Gaussian, over-smoothed, lesions -12 %, liver 6 % off, 0.1 dB under vanilla, 0.5 under DRF-specific
-    ((32.5, 33.0, 32.6, 0.7, -12.0, -8.0, 6.0), [False, False, False, False, False, False]),
-    # lesion bias within 10 % but worse than the Gaussian's: not met
-    ((33.5, 33.8, 33.5, 1.15, -9.0, -4.0, 5.0), [True, True, False, True, True, True]),
-])
+@pytest.mark.parametrize(
+    "args, met",
+    [
+        ((34.0, 34.1, 33.9, 0.9, -5.0, -8.0, 2.0), [True, True, True, True, True, True]),
+        # < 1 dB over the Gaussian, over-smoothed, lesions -12 %, liver 6 % off, 0.1 dB under vanilla, 0.5 under DRF-specific
+        ((32.5, 33.0, 32.6, 0.7, -12.0, -8.0, 6.0), [False, False, False, False, False, False]),
+        # lesion bias within 10 % but worse than the Gaussian's: not met
+        ((33.5, 33.8, 33.5, 1.15, -9.0, -4.0, 5.0), [True, True, False, True, True, True]),
+    ],
+)
 def test_targets_are_judged_from_the_numbers(args, met):
     checks = quality.check_targets(_summary(*args), ["20"])
     assert [c["met"] for c in checks] == met, checks
@@ -175,10 +252,14 @@ def test_missing_model_is_a_clear_error(tmp_path, work):
     (bare / "sim").mkdir(parents=True)
     (bare / "sim" / "datalist.json").write_text((work / "sim" / "datalist.json").read_text())
     with pytest.raises(UniPETInputError, match="train it with `python -m scripts.benchmarks.train_models`"):
-        quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False, families="in_family", drfs="[4,20]")
+        quality.run(
+            str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False, families="in_family", drfs="[4,20]"
+        )
     with pytest.raises(UniPETInputError, match="phantom_001 is missing or not simulated"):
         quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False, families="in_family")
-    with pytest.raises(UniPETInputError, match="family.json not found: run `python -m scripts.benchmarks.train_models unseen_family"):
+    with pytest.raises(
+        UniPETInputError, match="family.json not found: run `python -m scripts.benchmarks.train_models unseen_family"
+    ):
         quality.run(str(bare), checkpoint=str(work / "unipet.pt"), update_docs=False)
     with pytest.raises(UniPETInputError, match="must include unipet"):
         quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, models="vanilla")

@@ -7,7 +7,6 @@ strict xfail until the model is retrained; the check itself is tested on network
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

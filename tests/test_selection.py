@@ -34,7 +34,9 @@ def test_psnr_prefers_the_over_smoothed_output_and_the_score_does_not():
     assert s_smooth["texture_ratio"] < 0.6 and s_smooth["hotspot_bias"] < -0.3
     assert s_kept["score"] > s_smooth["score"]
     # penalties off: plain PSNR
-    assert selection_score(t(smooth), t(full), texture_penalty_db=0, hotspot_penalty_db=0)["score"] == pytest.approx(s_smooth["psnr"])
+    assert selection_score(t(smooth), t(full), texture_penalty_db=0, hotspot_penalty_db=0)["score"] == pytest.approx(
+        s_smooth["psnr"]
+    )
 
 
 def test_hotspot_bias_and_metric_shapes():

@@ -38,8 +38,13 @@ def test_shipped_weights_beat_the_low_dose_input_on_a_fresh_drf20_scan():
     sim = simulate_pet(ph.activity, spacing, drfs=[20], seed=77, mu_map=ph.mu)
     full, low = sim["full_dose"].astype(np.float32), next(iter(sim["drf"].values())).astype(np.float32)
     # the bundle's own inference (configs/inference.json) with this network, on the phantom's own grid
-    den = BundleDenoiser(BUNDLE_ROOT, network=net.eval(), model_info={"checkpoint": str(SHIPPED), "trained": True},
-                         device="cpu", overrides={"resample": False, "progress": False})(low, ph.affine)
+    den = BundleDenoiser(
+        BUNDLE_ROOT,
+        network=net.eval(),
+        model_info={"checkpoint": str(SHIPPED), "trained": True},
+        device="cpu",
+        overrides={"resample": False, "progress": False},
+    )(low, ph.affine)
     f, lo, de = (torch.from_numpy(v)[None, None] for v in (full, low, den))
     gain = float(psnr(de, f)[0] - psnr(lo, f)[0])
     assert gain > 1.0, f"PSNR gain of the shipped weights at DRF 20: {gain:.2f} dB"

@@ -207,8 +207,15 @@ def test_cli_writes_the_layout_and_refuses_to_overwrite(bundle_root, tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in out_dir.iterdir()) == ["phantom_000", "phantom_001"]  # no temp folders left
     subj = out_dir / "phantom_000"
-    expected = {"full_dose.nii.gz", "drf_4.nii.gz", "drf_20.nii.gz", "activity.nii.gz", "labels.nii.gz",
-                "labels.json", "simulation.json"}
+    expected = {
+        "full_dose.nii.gz",
+        "drf_4.nii.gz",
+        "drf_20.nii.gz",
+        "activity.nii.gz",
+        "labels.nii.gz",
+        "labels.json",
+        "simulation.json",
+    }
     assert {p.name for p in subj.iterdir()} == expected
     ref = nib.load(str(subj / "full_dose.nii.gz"))
     for name in ("drf_4", "drf_20", "activity", "labels"):

@@ -122,8 +122,19 @@ def test_resolution_modelling_recovers_a_hot_rod_and_keeps_the_level():
     bg[14:34, 14:34] = False
     out = {}
     for pm in (False, True):
-        r = sim.simulate_pet(act, (4.0, 4.0, 4.0), [4], seed=1, mu_map=mu, counts_per_suv_ml=1e7, psf_modelling=pm,
-                             n_subsets=8, n_iterations=15, postfilter_fwhm_mm=0, postfilter_axial_fwhm_mm=0)
+        r = sim.simulate_pet(
+            act,
+            (4.0, 4.0, 4.0),
+            [4],
+            seed=1,
+            mu_map=mu,
+            counts_per_suv_ml=1e7,
+            psf_modelling=pm,
+            n_subsets=8,
+            n_iterations=15,
+            postfilter_fwhm_mm=0,
+            postfilter_axial_fwhm_mm=0,
+        )
         f = r["full_dose"][:, :, 3:-3]
         out[pm] = (float(f[bg].mean()), float(f[22:26, 22:26].mean()))
         assert r["info"]["physics"]["psf_modelling"] is pm
@@ -153,15 +164,44 @@ def _cli(args, bundle_root):
 def test_cli_help_lists_every_knob(bundle_root):
     out = _cli(["--help"], bundle_root)
     assert out.returncode == 0
-    for flag in ("--profile", "--scatter_fwhm_mm", "--psf_modelling", "--postfilter_axial_fwhm_mm", "--randoms_fraction",
-                 "--scatter_fraction", "--n_iterations", "--n_subsets", "--low_dose_mode", "--n_angles"):
+    for flag in (
+        "--profile",
+        "--scatter_fwhm_mm",
+        "--psf_modelling",
+        "--postfilter_axial_fwhm_mm",
+        "--randoms_fraction",
+        "--scatter_fraction",
+        "--n_iterations",
+        "--n_subsets",
+        "--low_dose_mode",
+        "--n_angles",
+    ):
         assert flag in out.stdout + out.stderr, flag
 
 
 def test_cli_randomised_subject_records_its_draws_and_lesions(bundle_root, tmp_path):
     out_dir = tmp_path / "ds"
-    run = _cli(["--output_dir", str(out_dir), "--profile", "randomised", "--n_subjects", "1", "--seed", "3",
-                "--shape", "[48,48,24]", "--drfs", "[10]", "--n_iterations", "2", "--scatter_fwhm_mm", "120"], bundle_root)
+    run = _cli(
+        [
+            "--output_dir",
+            str(out_dir),
+            "--profile",
+            "randomised",
+            "--n_subjects",
+            "1",
+            "--seed",
+            "3",
+            "--shape",
+            "[48,48,24]",
+            "--drfs",
+            "[10]",
+            "--n_iterations",
+            "2",
+            "--scatter_fwhm_mm",
+            "120",
+        ],
+        bundle_root,
+    )
     assert run.returncode == 0, run.stderr
     subj = out_dir / "phantom_000"
     meta = json.loads((subj / "simulation.json").read_text())

@@ -43,7 +43,9 @@ RNG_SEED = 1234
 
 
 def _one_slice(**tags) -> pydicom.Dataset:
-    ds, _ = make_slice(np.ones((4, 3)), (0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1), 1, generate_uid(), generate_uid(), generate_uid())
+    ds, _ = make_slice(
+        np.ones((4, 3)), (0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1), 1, generate_uid(), generate_uid(), generate_uid()
+    )
     for key, value in tags.items():
         setattr(ds, key, value)
     return ds
@@ -167,7 +169,12 @@ def test_synthetic_oblique_series_geometry_matches_nibabel_monai_and_itk(tmp_pat
     volume[:, :, 2] *= 10  # very different per-slice slopes
     iop = _oblique_iop()
     files, decoded, affine = write_synthetic_series(
-        tmp_path / "pet", volume, spacing=(2.0, 3.0, 4.0), orientation=iop, origin_lps=(-10.0, 20.0, 30.0), intercepts=[0, 5.0, -3.0, 0]
+        tmp_path / "pet",
+        volume,
+        spacing=(2.0, 3.0, 4.0),
+        orientation=iop,
+        origin_lps=(-10.0, 20.0, 30.0),
+        intercepts=[0, 5.0, -3.0, 0],
     )
     series = read_pet_series(tmp_path / "pet")
     factor = expected_factor()
@@ -276,11 +283,17 @@ def _drop(path: str):
 MISSING_TAG_CASES = {
     "PatientWeight": ("PatientWeight", r"PatientWeight \(0010,1030\) is missing.*--suv_factor"),
     "dose": ("rp.RadionuclideTotalDose", r"RadionuclideTotalDose \(0018,1074\) is missing.*--suv_factor"),
-    "injection time": ("rp.RadiopharmaceuticalStartTime", r"injection time missing.*RadiopharmaceuticalStartTime.*--suv_factor"),
+    "injection time": (
+        "rp.RadiopharmaceuticalStartTime",
+        r"injection time missing.*RadiopharmaceuticalStartTime.*--suv_factor",
+    ),
     "half-life": ("rp.RadionuclideHalfLife", r"RadionuclideHalfLife \(0018,1075\) is missing.*--suv_factor"),
     "Units": ("Units", r"Units \(0054,1001\) is missing.*--units BQML.*--suv_factor"),
     "DecayCorrection": ("DecayCorrection", r"DecayCorrection \(0054,1102\) is missing.*--suv_factor"),
-    "series and acquisition time": ("SeriesTime+AcquisitionTime", r"SeriesTime \(0008,0031\) and AcquisitionTime.*--suv_factor"),
+    "series and acquisition time": (
+        "SeriesTime+AcquisitionTime",
+        r"SeriesTime \(0008,0031\) and AcquisitionTime.*--suv_factor",
+    ),
 }
 
 
@@ -291,7 +304,9 @@ def test_each_missing_suv_tag_is_named(tmp_path, real_pet_dir, case, caplog):
     with caplog.at_level(logging.DEBUG), pytest.raises(SUVError, match=pattern) as err:
         read_pet_series(tmp_path / "d")
     assert "\n" not in str(err.value)
-    assert PATIENT_NAME.split("^")[0] not in caplog.text + str(err.value) and PATIENT_ID not in caplog.text + str(err.value)
+    assert PATIENT_NAME.split("^")[0] not in caplog.text + str(err.value) and PATIENT_ID not in caplog.text + str(
+        err.value
+    )
     # The documented fix works: a user factor needs none of those tags.
     assert read_pet_series(tmp_path / "d", suv_factor=2.4e-4).suv_factor == 2.4e-4
 
@@ -390,7 +405,9 @@ def test_suv_to_bqml_uses_sidecar_or_user_factor(tmp_path):
     np.testing.assert_allclose(np.asarray(img.dataobj), suv / 2.0e-4, rtol=1e-6)
     np.testing.assert_allclose(img.affine, affine)
     assert json.loads((tmp_path / "bq.json").read_text())["suv_factor_source"].startswith("sidecar")
-    convert_suv_to_bqml(tmp_path / "pred.nii.gz", tmp_path / "bq2.nii.gz", sidecar=tmp_path / "scan.json", suv_factor=1e-4)
+    convert_suv_to_bqml(
+        tmp_path / "pred.nii.gz", tmp_path / "bq2.nii.gz", sidecar=tmp_path / "scan.json", suv_factor=1e-4
+    )
     np.testing.assert_allclose(np.asarray(nib.load(str(tmp_path / "bq2.nii.gz")).dataobj), suv / 1e-4, rtol=1e-6)
     (tmp_path / "gml.json").write_text(json.dumps({"suv_factor": 1.0, "units": "GML"}))
     with pytest.raises(SUVError, match="already SUV"):
@@ -416,8 +433,20 @@ def test_cli_help(bundle_root):
     res = _cli(bundle_root, "--help")
     assert res.returncode == 0
     text = res.stdout + res.stderr
-    for flag in ("--dicom_dir", "--suv_nifti", "--suv_factor", "--units", "--overwrite", "SUVbw", "--patient_weight",
-                 "--injected_dose", "--injection_time", "--injection_datetime", "--allow_implausible_suv", "never taken as the day before"):
+    for flag in (
+        "--dicom_dir",
+        "--suv_nifti",
+        "--suv_factor",
+        "--units",
+        "--overwrite",
+        "SUVbw",
+        "--patient_weight",
+        "--injected_dose",
+        "--injection_time",
+        "--injection_datetime",
+        "--allow_implausible_suv",
+        "never taken as the day before",
+    ):
         assert flag in text, flag
 
 
@@ -436,7 +465,9 @@ def test_cli_round_trip_and_no_identifiers(tmp_path, real_pet_dir, bundle_root):
     assert meta["injection_time_source"].startswith("RadiopharmaceuticalStartTime")
     assert _tree_digest(src) == before
 
-    res = _cli(bundle_root, "--suv_nifti", str(tmp_path / "o" / "suv.nii.gz"), "--output", str(tmp_path / "o" / "bq.nii.gz"))
+    res = _cli(
+        bundle_root, "--suv_nifti", str(tmp_path / "o" / "suv.nii.gz"), "--output", str(tmp_path / "o" / "bq.nii.gz")
+    )
     assert res.returncode == 0, res.stderr
     back = nib.load(str(tmp_path / "o" / "bq.nii.gz"))
     manual = np.stack([(lambda d: d.pixel_array.T * float(d.RescaleSlope))(pydicom.dcmread(f)) for f in files], axis=-1)
@@ -449,7 +480,10 @@ def test_cli_round_trip_and_no_identifiers(tmp_path, real_pet_dir, bundle_root):
 CLI_ERRORS = {
     "missing folder": (lambda d, o: ["--dicom_dir", str(d / "absent"), "--output", str(o)], "does not exist"),
     "missing weight": (lambda d, o: ["--dicom_dir", str(d), "--output", str(o)], "PatientWeight"),
-    "output exists": (lambda d, o: ["--dicom_dir", str(d), "--output", str(o.parent / "exists.nii.gz")], "already exists"),
+    "output exists": (
+        lambda d, o: ["--dicom_dir", str(d), "--output", str(o.parent / "exists.nii.gz")],
+        "already exists",
+    ),
     "cnts": (lambda d, o: ["--dicom_dir", str(d), "--output", str(o), "--units", "CNTS"], "Units CNTS"),
 }
 

@@ -39,12 +39,17 @@ REAL_FACTOR = 2.429e-4  # the real series' SUV factor from its own tags (71 kg, 
 def _digest(folder: Path) -> dict[str, str]:
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(bundle_root: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_python("-m", "scripts.data.suv", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root),
-                      OMP_NUM_THREADS="1")
+    return run_python(
+        "-m", "scripts.data.suv", *args, cwd=bundle_root, timeout=120, PYTHONPATH=str(bundle_root), OMP_NUM_THREADS="1"
+    )
 
 
 def _one_line_error(res: subprocess.CompletedProcess) -> str:
@@ -56,7 +61,9 @@ def _one_line_error(res: subprocess.CompletedProcess) -> str:
 
 
 def _header(**tags) -> pydicom.Dataset:
-    ds, _ = make_slice(np.ones((4, 3)), (0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1), 1, generate_uid(), generate_uid(), generate_uid())
+    ds, _ = make_slice(
+        np.ones((4, 3)), (0, 0, 0), (1, 0, 0, 0, 1, 0), (1, 1), 1, generate_uid(), generate_uid(), generate_uid()
+    )
     for key, value in tags.items():
         setattr(ds, key, value)
     return ds
@@ -73,14 +80,25 @@ def _set(keyword: str, value: str):
 # ------------------------------------------------------------------------ finding 1: injection time
 
 
-def test_real_series_injection_ten_minutes_after_series_time_is_refused_and_override_works(tmp_path, real_pet_dir, bundle_root):
+def test_real_series_injection_ten_minutes_after_series_time_is_refused_and_override_works(
+    tmp_path, real_pet_dir, bundle_root
+):
     """The issue's case: the real GE series (time-only tags), injection 10 min after SeriesTime 11:20:11."""
     src = tmp_path / "d"
-    copy_real_slices(real_pet_dir, src, count=3, edit=lambda ds: setattr(radiopharm(ds), "RadiopharmaceuticalStartTime", "113011.00"))
+    copy_real_slices(
+        real_pet_dir, src, count=3, edit=lambda ds: setattr(radiopharm(ds), "RadiopharmaceuticalStartTime", "113011.00")
+    )
     before = _digest(src)
     out = tmp_path / "o" / "suv.nii.gz"
     line = _one_line_error(_cli(bundle_root, "--dicom_dir", str(src), "--output", str(out)))
-    for needle in ("RadiopharmaceuticalStartTime 11:30:11", "11:20:11", "10 min after the scan", "never assumed", "--injection_time", "--injection_datetime"):
+    for needle in (
+        "RadiopharmaceuticalStartTime 11:30:11",
+        "11:20:11",
+        "10 min after the scan",
+        "never assumed",
+        "--injection_time",
+        "--injection_datetime",
+    ):
         assert needle in line, line
     assert not out.parent.exists() and _digest(src) == before
 
@@ -89,7 +107,9 @@ def test_real_series_injection_ten_minutes_after_series_time_is_refused_and_over
     assert res.returncode == 0, res.stderr
     meta = json.loads(out.with_suffix("").with_suffix(".json").read_text())
     assert meta["suv_factor"] == pytest.approx(REAL_FACTOR, rel=1e-3)
-    assert meta["injection_time_source"].startswith("--injection_time") and meta["overrides"] == {"injection_time": "103500"}
+    assert meta["injection_time_source"].startswith("--injection_time") and meta["overrides"] == {
+        "injection_time": "103500"
+    }
 
 
 def test_time_only_rules_and_dated_rules():
@@ -106,7 +126,9 @@ def test_time_only_rules_and_dated_rules():
     with pytest.raises(SUVError, match=r"13.0 h between injection and scan with times of day only"):
         compute_suv_factor(ds)
     # ... unless the user gives the date-time, when only the half-life rule applies (13 h F-18 = 7.1 half-lives).
-    assert compute_suv_factor(ds, overrides=SUVOverrides(injection_datetime="20240102100000"))[1]["decay_time_s"] == pytest.approx(46800.0)
+    assert compute_suv_factor(ds, overrides=SUVOverrides(injection_datetime="20240102100000"))[1][
+        "decay_time_s"
+    ] == pytest.approx(46800.0)
     # Any uptake over 10 half-lives (49 h of F-18: 2e-8 of the activity left) is refused, dated or not.
     ds = _header()
     radiopharm(ds).RadiopharmaceuticalStartDateTime = "20231231100000"
@@ -126,7 +148,10 @@ def test_time_only_rules_and_dated_rules():
 def test_inference_refuses_a_series_with_injection_after_scan(tmp_path):
     """Same rule in the inference loader: refused while checking inputs, before anything is written."""
     write_synthetic_series(tmp_path / "in" / "pet", BQML, edit=_set_rp("RadiopharmaceuticalStartTime", "111000.00"))
-    with pytest.raises(SUVError, match=r"11:10:00 vs scan time SeriesDate/SeriesTime 11:00:00.*--injection_time.*python -m scripts.data.suv"):
+    with pytest.raises(
+        SUVError,
+        match=r"11:10:00 vs scan time SeriesDate/SeriesTime 11:00:00.*--injection_time.*python -m scripts.data.suv",
+    ):
         prepare_datalist(tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -136,14 +161,30 @@ def test_inference_refuses_a_series_with_injection_after_scan(tmp_path):
 
 IMPOSSIBLE = {
     # case: (edit, what the one line must name, the override that fixes it, the factor it then gives)
-    "weight in grams": (_set("PatientWeight", "80000"), ["PatientWeight (0010,1030) 80000 kg", "grams?", "--patient_weight"],
-                        ["--patient_weight", "80"], expected_factor()),
-    "dose in MBq": (_set_rp("RadionuclideTotalDose", "300"), ["RadionuclideTotalDose (0018,1074) 300 Bq", "MBq", "--injected_dose"],
-                    ["--injected_dose", "3e8"], expected_factor()),
-    "dose in kBq": (_set_rp("RadionuclideTotalDose", "300000"), ["RadionuclideTotalDose (0018,1074) 3e+05 Bq", "--injected_dose"],
-                    ["--injected_dose", "3e8"], expected_factor()),
-    "weight in tonnes": (_set("PatientWeight", "0.08"), ["PatientWeight (0010,1030) 0.08 kg", "--patient_weight"],
-                         ["--patient_weight", "80"], expected_factor()),
+    "weight in grams": (
+        _set("PatientWeight", "80000"),
+        ["PatientWeight (0010,1030) 80000 kg", "grams?", "--patient_weight"],
+        ["--patient_weight", "80"],
+        expected_factor(),
+    ),
+    "dose in MBq": (
+        _set_rp("RadionuclideTotalDose", "300"),
+        ["RadionuclideTotalDose (0018,1074) 300 Bq", "MBq", "--injected_dose"],
+        ["--injected_dose", "3e8"],
+        expected_factor(),
+    ),
+    "dose in kBq": (
+        _set_rp("RadionuclideTotalDose", "300000"),
+        ["RadionuclideTotalDose (0018,1074) 3e+05 Bq", "--injected_dose"],
+        ["--injected_dose", "3e8"],
+        expected_factor(),
+    ),
+    "weight in tonnes": (
+        _set("PatientWeight", "0.08"),
+        ["PatientWeight (0010,1030) 0.08 kg", "--patient_weight"],
+        ["--patient_weight", "80"],
+        expected_factor(),
+    ),
 }
 
 
@@ -164,14 +205,21 @@ def test_impossible_suv_tags_are_refused_with_tag_and_override_named(tmp_path, b
     assert 0.2 < meta["body_median_suv"] < 2.0
 
 
-@pytest.mark.parametrize("tag, value, needle", [
-    ("PatientWeight", "71000", "PatientWeight (0010,1030) 71000 kg is implausible"),
-    ("rp.RadionuclideTotalDose", "388.777472", "RadionuclideTotalDose (0018,1074) 388.8 Bq is implausibly small"),
-])
-def test_real_series_with_weight_in_grams_or_dose_in_mbq_is_refused(tmp_path, real_pet_dir, bundle_root, tag, value, needle):
+@pytest.mark.parametrize(
+    "tag, value, needle",
+    [
+        ("PatientWeight", "71000", "PatientWeight (0010,1030) 71000 kg is implausible"),
+        ("rp.RadionuclideTotalDose", "388.777472", "RadionuclideTotalDose (0018,1074) 388.8 Bq is implausibly small"),
+    ],
+)
+def test_real_series_with_weight_in_grams_or_dose_in_mbq_is_refused(
+    tmp_path, real_pet_dir, bundle_root, tag, value, needle
+):
     """The issue's cases on the real series: SUVmax 63,170 and 6e7, exit 0, outputs written before the fix."""
     target = (lambda ds: radiopharm(ds)) if tag.startswith("rp.") else (lambda ds: ds)
-    copy_real_slices(real_pet_dir, tmp_path / "d", count=3, edit=lambda ds: setattr(target(ds), tag.removeprefix("rp."), value))
+    copy_real_slices(
+        real_pet_dir, tmp_path / "d", count=3, edit=lambda ds: setattr(target(ds), tag.removeprefix("rp."), value)
+    )
     before = _digest(tmp_path / "d")
     out = tmp_path / "o" / "suv.nii.gz"
     line = _one_line_error(_cli(bundle_root, "--dicom_dir", str(tmp_path / "d"), "--output", str(out)))
@@ -191,8 +239,19 @@ def test_escape_hatch_keeps_an_implausible_series_with_warnings(tmp_path, bundle
     assert any("median SUV of the body" in w for w in meta["warnings"])  # ~430: also kept, also flagged
     assert "WARNING" in res.stdout
     # An override that contradicts --suv_factor is refused, not silently dropped.
-    line = _one_line_error(_cli(bundle_root, "--dicom_dir", str(tmp_path / "d"), "--output", str(tmp_path / "x.nii.gz"),
-                                "--suv_factor", "1e-4", "--patient_weight", "80"))
+    line = _one_line_error(
+        _cli(
+            bundle_root,
+            "--dicom_dir",
+            str(tmp_path / "d"),
+            "--output",
+            str(tmp_path / "x.nii.gz"),
+            "--suv_factor",
+            "1e-4",
+            "--patient_weight",
+            "80",
+        )
+    )
     assert "contradict" in line
 
 
@@ -209,11 +268,15 @@ def test_body_median_suv_is_checked_for_gml_series_user_factors_and_nifti_inputs
     data = tmp_path / "in"
     data.mkdir()
     save_nifti(BQML.astype(np.float32), np.diag([4.0, 4.0, 4.0, 1.0]), data / "scan.nii.gz")
-    with pytest.raises(SUVError, match=r"scan.nii.gz: the median SUV of the body is \d+.*convert Bq/mL with python -m scripts.data.suv"):
+    with pytest.raises(
+        SUVError, match=r"scan.nii.gz: the median SUV of the body is \d+.*convert Bq/mL with python -m scripts.data.suv"
+    ):
         prepare_datalist(data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # The same volume in SUV passes, and so do empty and all-negative volumes (nothing to judge here).
-    assert check_body_suv(BQML * expected_factor(), "x")[0] == pytest.approx(np.median(BQML * expected_factor()), rel=0.05)
+    assert check_body_suv(BQML * expected_factor(), "x")[0] == pytest.approx(
+        np.median(BQML * expected_factor()), rel=0.05
+    )
     assert check_body_suv(np.zeros((4, 4, 4)), "x") == (None, [])
     assert check_body_suv(-np.ones((4, 4, 4)), "x") == (None, [])
     # The body median ignores air and a single hot voxel: a body in a large empty FOV with a bladder.
@@ -233,7 +296,9 @@ def test_body_median_suv_is_checked_for_gml_series_user_factors_and_nifti_inputs
 
 def test_inference_refuses_a_dicom_series_with_weight_in_grams(tmp_path):
     write_synthetic_series(tmp_path / "in" / "pet", BQML, edit=_set("PatientWeight", "80000"))
-    with pytest.raises(SUVError, match=r"PatientWeight \(0010,1030\) 80000 kg is implausible.*python -m scripts.data.suv"):
+    with pytest.raises(
+        SUVError, match=r"PatientWeight \(0010,1030\) 80000 kg is implausible.*python -m scripts.data.suv"
+    ):
         prepare_datalist(tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -256,7 +321,9 @@ def real_series_suv(real_pet_dir):
 def test_jpeg_lossless_real_slices_read_to_the_same_values(tmp_path, real_pet_dir):
     plain = copy_real_slices(real_pet_dir, tmp_path / "plain", count=4)
     packed = transcode_jpeg_lossless(plain, tmp_path / "jpeg")
-    assert str(pydicom.dcmread(packed[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    assert (
+        str(pydicom.dcmread(packed[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+    )
     assert sum(p.stat().st_size for p in packed) < 0.8 * sum(p.stat().st_size for p in plain)  # really compressed
     a, b = read_pet_series(tmp_path / "plain"), read_pet_series(tmp_path / "jpeg")
     np.testing.assert_array_equal(b.suv, a.suv)

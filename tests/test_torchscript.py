@@ -16,13 +16,21 @@ import pytest
 import torch
 
 from conftest import BUNDLE_ROOT, run_python
-from scripts.inference.denoise import BundleDenoiser
 from scripts.deploy.export import ExportError, compare_with_eager, eager_network, export_torchscript, verify_export
+from scripts.inference.denoise import BundleDenoiser
 from scripts.networks.unipet import UniPET
 
 EXPORT_CMD = [
-    "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
-    "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+    "ckpt_export",
+    "network_def",
+    "--filepath",
+    "models/model.ts",
+    "--ckpt_file",
+    "models/model.pt",
+    "--meta_file",
+    "configs/metadata.json",
+    "--config_file",
+    "configs/inference.json",
 ]
 
 
@@ -79,7 +87,9 @@ def test_ckpt_export_command_scripts_unipet(exported):
 def test_model_ts_matches_eager_network_and_verify_net_in_out(exported):
     root, proc = exported
     assert proc.returncode == 0
-    report = verify_export(root, "models/model.ts", "models/model.pt", window=(32, 32, 32), tolerance=1e-4, check_io=True)
+    report = verify_export(
+        root, "models/model.ts", "models/model.pt", window=(32, 32, 32), tolerance=1e-4, check_io=True
+    )
     print(f"\nTorchScript vs eager, random 32^3 window: max abs difference = {report['max_abs_diff']:.3g}")
     assert report["max_abs_diff"] < 1e-4
     assert report["verify_net_in_out"] == "passed"
@@ -106,7 +116,9 @@ def test_bundle_inference_with_model_ts_equals_model_pt(exported):
     suv[14, 12, 10] = 45.0
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     eager = BundleDenoiser(root, device="cpu", overrides={"progress": False})(suv, affine)
-    scripted = BundleDenoiser(root, model_file=root / "models" / "model.ts", device="cpu", overrides={"progress": False})
+    scripted = BundleDenoiser(
+        root, model_file=root / "models" / "model.ts", device="cpu", overrides={"progress": False}
+    )
     assert scripted.model_info["format"] == "torchscript" and scripted.trained
     out = scripted(suv, affine)
     assert out.dtype == np.float32 and out.shape == suv.shape

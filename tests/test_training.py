@@ -21,9 +21,30 @@ from scripts.networks.critic import PatchCritic
 from scripts.networks.unipet import UniPET
 
 TINY = [
-    "--channels", "4", "--num_blocks", "2", "--latent_dim", "8", "--san_channels", "[4,4]",
-    "--critic_channels", "[4,8]", "--patch_size", "[16,16,16]", "--batch_size", "1", "--num_samples", "2",
-    "--sw_batch_size", "4", "--val_max_items", "2", "--log_interval", "1", "--save_interval", "1",
+    "--channels",
+    "4",
+    "--num_blocks",
+    "2",
+    "--latent_dim",
+    "8",
+    "--san_channels",
+    "[4,4]",
+    "--critic_channels",
+    "[4,8]",
+    "--patch_size",
+    "[16,16,16]",
+    "--batch_size",
+    "1",
+    "--num_samples",
+    "2",
+    "--sw_batch_size",
+    "4",
+    "--val_max_items",
+    "2",
+    "--log_interval",
+    "1",
+    "--save_interval",
+    "1",
 ]
 
 
@@ -41,7 +62,9 @@ def make_pairs(root: Path, n_subjects: int = 3, shape=(24, 24, 20), drfs=(4, 20)
 
 
 def bundle_run(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return run_python("-m", "monai.bundle", "run", *args, timeout=timeout, **{"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return run_python(
+        "-m", "monai.bundle", "run", *args, timeout=timeout, **{"OMP_NUM_THREADS": "1", **(env_extra or {})}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,11 +103,20 @@ def tiny_setup():
 
 def _trainer(gen, critic, batches, stage1, total, pretrain, recorder=None):
     return UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=total, train_data_loader=batches, generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage1_iterations=stage1,
-        align_loss=StyleAlignmentLoss(), critic_loss=recorder or RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: torch.ones_like(x), critic_pretrain_iterations=pretrain,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=total,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3),
+        critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3),
+        stage1_iterations=stage1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=recorder or RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
+        critic_pretrain_iterations=pretrain,
     )
 
 
@@ -112,7 +144,11 @@ def test_stage2_shows_critic_full_dose_as_real_and_pretrains_it(tiny_setup):
     trainer.run()
     assert trainer.state.output["stage"] == 2
     # no generator step ran: the critic's loss is logged as d_loss, never as the generator's ``loss``
-    assert "d_loss" in trainer.state.output and "loss" not in trainer.state.output and "g_total" not in trainer.state.output
+    assert (
+        "d_loss" in trainer.state.output
+        and "loss" not in trainer.state.output
+        and "g_total" not in trainer.state.output
+    )
     assert not _changed(gen_before, gen.parameters()), "critic pre-training must not update the generator"
     assert _changed(critic_before, critic.parameters())
     real, fake = recorder.calls[0]
@@ -130,8 +166,19 @@ def test_stage2_joint_step_updates_san_and_logs_all_terms(tiny_setup):
     trainer = _trainer(gen, critic, batches, stage1=1, total=3, pretrain=1)
     trainer.run()
     out = trainer.state.output
-    for key in ("loss", "g_total", "g_l1", "g_align", "g_adv", "g_regional", "d_loss", "d_gp", "d_wasserstein",
-                "lr_generator", "lr_critic"):
+    for key in (
+        "loss",
+        "g_total",
+        "g_l1",
+        "g_align",
+        "g_adv",
+        "g_regional",
+        "d_loss",
+        "d_gp",
+        "d_wasserstein",
+        "lr_generator",
+        "lr_critic",
+    ):
         assert key in out and np.isfinite(out[key]), key
     assert out["loss"] == out["g_total"] == pytest.approx(out["g_l1"] + 1e-3 * out["g_align"] + 1e-3 * out["g_adv"])
     assert out["g_align"] > 0, "L_align must be non-zero when low- and full-dose differ"
@@ -141,7 +188,11 @@ def test_stage2_joint_step_updates_san_and_logs_all_terms(tiny_setup):
 def test_ablation_switches_rals_alone_and_san_alone(tiny_setup):
     gen, critic, batches, _, _ = tiny_setup
     # "RALS alone": train_san False keeps the SAN at zero style while the base network and critic train
-    san_before, bdn_before, critic_before = [p.detach().clone() for p in gen.san_parameters()], _params(gen), _params(critic)
+    san_before, bdn_before, critic_before = (
+        [p.detach().clone() for p in gen.san_parameters()],
+        _params(gen),
+        _params(critic),
+    )
     trainer = _trainer(gen, critic, batches, stage1=0, total=2, pretrain=0)
     trainer.train_san, trainer.align_weight = False, 0.0
     trainer.run()
@@ -165,8 +216,15 @@ def test_ablation_switches_rals_alone_and_san_alone(tiny_setup):
 def test_stage2_needs_a_critic(tiny_setup):
     gen, _, batches, _, _ = tiny_setup
     with pytest.raises(ValueError, match="critic"):
-        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=2, train_data_loader=batches, generator=gen,
-                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=1)
+        UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=2,
+            train_data_loader=batches,
+            generator=gen,
+            g_optimizer=torch.optim.AdamW(gen.parameters()),
+            stage1_iterations=1,
+        )
 
 
 def test_mask_fn_from_config_units():
@@ -194,8 +252,22 @@ def check_tensorboard_logs(log_dir: Path) -> None:
             scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
         for tag in acc.Tags()["images"]:
             images[tag] = images.get(tag, 0) + len(acc.Images(tag))
-    for key in ("g_l1", "g_regional", "g_total", "g_align", "g_adv", "d_loss", "d_gp", "d_wasserstein",
-                "lr_bdn", "lr_san", "lr_critic", "val_psnr", "val_psnr_drf4", "val_psnr_drf20"):
+    for key in (
+        "g_l1",
+        "g_regional",
+        "g_total",
+        "g_align",
+        "g_adv",
+        "d_loss",
+        "d_gp",
+        "d_wasserstein",
+        "lr_bdn",
+        "lr_san",
+        "lr_critic",
+        "val_psnr",
+        "val_psnr_drf4",
+        "val_psnr_drf20",
+    ):
         assert key in scalars, f"{key} not in TensorBoard (tags: {sorted(scalars)})"
     # ``loss`` is the generator's total in both stages and never the critic's: absent at the pre-training step
     assert sorted(scalars["loss"]) == [1, 2, 4]
@@ -210,9 +282,30 @@ def check_tensorboard_logs(log_dir: Path) -> None:
 def test_bundle_training_run_id_end_to_end(tmp_path):
     data = make_pairs(tmp_path / "pairs")
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    proc = bundle_run(["training", "--config_file", "configs/train.json", "--dataset_dir", str(data),
-                       "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--epochs", "2", "--epoch_length", "2",
-                       "--val_interval", "1", "--critic_pretrain_iterations", "1", "--val_fraction", "0.34", *TINY])
+    proc = bundle_run(
+        [
+            "training",
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            str(data),
+            "--ckpt_dir",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--epochs",
+            "2",
+            "--epoch_length",
+            "2",
+            "--val_interval",
+            "1",
+            "--critic_pretrain_iterations",
+            "1",
+            "--val_fraction",
+            "0.34",
+            *TINY,
+        ]
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     for name in ("checkpoint_latest.pt", "model_stage1.pt", "model.pt"):
@@ -239,9 +332,27 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
 def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    common = ["--config_file", "configs/train.json", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt),
-              "--output_dir", str(out), "--epoch_length", "2", "--val_interval", "5", "--val_fraction", "0",
-              "--critic_pretrain_iterations", "1", "--stage1_epochs", "1", *TINY]
+    common = [
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(data),
+        "--ckpt_dir",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        "--epoch_length",
+        "2",
+        "--val_interval",
+        "5",
+        "--val_fraction",
+        "0",
+        "--critic_pretrain_iterations",
+        "1",
+        "--stage1_epochs",
+        "1",
+        *TINY,
+    ]
     first = bundle_run([*common, "--epochs", "1"])
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     assert load_checkpoint(ckpt / "checkpoint_latest.pt")["trainer"]["iteration"] == 2
@@ -257,9 +368,25 @@ def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_bundle_training_snapshot_and_branch_from_it(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2)
-    common = ["--config_file", "configs/train.json", "--dataset_dir", str(data), "--epoch_length", "2",
-              "--val_interval", "1", "--val_fraction", "0.5", "--critic_pretrain_iterations", "1", "--epochs", "2",
-              "--stage1_epochs", "1", *TINY]
+    common = [
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(data),
+        "--epoch_length",
+        "2",
+        "--val_interval",
+        "1",
+        "--val_fraction",
+        "0.5",
+        "--critic_pretrain_iterations",
+        "1",
+        "--epochs",
+        "2",
+        "--stage1_epochs",
+        "1",
+        *TINY,
+    ]
     parent = tmp_path / "parent"
     first = bundle_run([*common, "--ckpt_dir", str(parent), "--output_dir", str(tmp_path / "out1"), "--epochs", "1"])
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
@@ -269,8 +396,19 @@ def test_bundle_training_snapshot_and_branch_from_it(tmp_path):
     # a stage-2 variant ("SAN alone") branches from it into its own folder and leaves the parent alone
     before = {p.name: p.stat().st_mtime_ns for p in parent.iterdir()}
     branch = tmp_path / "branch"
-    second = bundle_run([*common, "--ckpt_dir", str(branch), "--output_dir", str(tmp_path / "out2"),
-                         "--init_checkpoint", str(snapshot), "--adv_weight", "0"])
+    second = bundle_run(
+        [
+            *common,
+            "--ckpt_dir",
+            str(branch),
+            "--output_dir",
+            str(tmp_path / "out2"),
+            "--init_checkpoint",
+            str(snapshot),
+            "--adv_weight",
+            "0",
+        ]
+    )
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-3000:]
     assert f"resumed from {snapshot}" in log and "iteration 2" in log
@@ -283,8 +421,21 @@ def test_bundle_training_snapshot_and_branch_from_it(tmp_path):
     # scores exactly the parent's best, so only a fresh best record writes its own model_stage1.pt
     latest = parent / "checkpoint_latest.pt"
     assert load_checkpoint(latest)["best"]["best"], "the parent validated after stage 1"
-    third = bundle_run([*common, "--ckpt_dir", str(tmp_path / "b1"), "--output_dir", str(tmp_path / "out3"),
-                        "--init_checkpoint", str(latest), "--stage1_epochs", "2", "--learning_rate", "0"])
+    third = bundle_run(
+        [
+            *common,
+            "--ckpt_dir",
+            str(tmp_path / "b1"),
+            "--output_dir",
+            str(tmp_path / "out3"),
+            "--init_checkpoint",
+            str(latest),
+            "--stage1_epochs",
+            "2",
+            "--learning_rate",
+            "0",
+        ]
+    )
     assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
     assert (tmp_path / "b1" / "model_stage1.pt").is_file()
     bad = bundle_run([*common, "--ckpt_dir", str(tmp_path / "b2"), "--init_checkpoint", str(tmp_path / "nope.pt")])
@@ -295,7 +446,9 @@ def test_published_size_override_parses():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / "train.json"), str(BUNDLE_ROOT / "configs" / "published_size.json")])
+    parser.read_config(
+        [str(BUNDLE_ROOT / "configs" / "train.json"), str(BUNDLE_ROOT / "configs" / "published_size.json")]
+    )
     net = parser.get_parsed_content("network_def")
     assert net.channels == 64 and net.num_blocks == 8 and net.latent_dim == 256
     assert parser.get_parsed_content("patch_size") == [64, 64, 64]
@@ -312,11 +465,34 @@ def test_training_alias_matches_run():
 def test_multi_process_cpu_training_gloo(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=3)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-           "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(out), "--epochs", "2",
-           "--epoch_length", "2", "--val_interval", "1", "--critic_pretrain_iterations", "1",
-           "--val_fraction", "0.34", *TINY]
+    cmd = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29531",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--dataset_dir",
+        str(data),
+        "--ckpt_dir",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--epoch_length",
+        "2",
+        "--val_interval",
+        "1",
+        "--critic_pretrain_iterations",
+        "1",
+        "--val_fraction",
+        "0.34",
+        *TINY,
+    ]
     proc = run_python(*cmd, timeout=600, OMP_NUM_THREADS="1")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -332,12 +508,18 @@ def test_multi_process_cpu_training_gloo(tmp_path):
 
 # --- issue 15: one stage clock, stage 2 as its own optimisation, monitoring, regional loss ---------------
 
-from scripts.engines.best_checkpoint import StageBestCheckpoint  # noqa: E402
 import io  # noqa: E402
 
 from ignite.engine import Events  # noqa: E402
 
-from scripts.engines.gan_trainer import StageClock, TwoStageLR, generator_param_groups, loss_terms, style_statistics  # noqa: E402
+from scripts.engines.best_checkpoint import StageBestCheckpoint  # noqa: E402
+from scripts.engines.gan_trainer import (  # noqa: E402
+    StageClock,
+    TwoStageLR,
+    generator_param_groups,
+    loss_terms,
+    style_statistics,
+)
 from scripts.losses.regional import RegionalSUVLoss  # noqa: E402
 
 
@@ -375,10 +557,25 @@ def test_trainer_and_best_checkpoint_share_the_stage_clock(tiny_setup, tmp_path)
     gen, critic, batches, _, _ = tiny_setup
     clock = StageClock(3)
     with pytest.raises(ValueError, match="disagrees"):
-        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=3, train_data_loader=batches, generator=gen,
-                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=2, stage_clock=clock)
-    trainer = UniPETTrainer(device="cpu", max_epochs=1, epoch_length=3, train_data_loader=batches, generator=gen,
-                            g_optimizer=torch.optim.AdamW(gen.parameters()), stage_clock=clock)
+        UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=3,
+            train_data_loader=batches,
+            generator=gen,
+            g_optimizer=torch.optim.AdamW(gen.parameters()),
+            stage1_iterations=2,
+            stage_clock=clock,
+        )
+    trainer = UniPETTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=3,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters()),
+        stage_clock=clock,
+    )
     saver = StageBestCheckpoint(tmp_path, gen, stage_clock=clock)  # the clock is the saver's only source of the stage
     evaluator = Engine(lambda e, b: None)
     evaluator.state.metrics = {"val_psnr": 30.0}
@@ -396,22 +593,41 @@ def test_each_iteration_runs_the_step_of_its_phase(tiny_setup, monkeypatch):
     (stage 1 vs 2) and, within stage 2, by critic_pretrain_iterations (adversarial runs only)."""
     gen, critic, batches, _, _ = tiny_setup
     trainer = UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=6, train_data_loader=batches, generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage_clock=StageClock(2),
-        align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: torch.ones_like(x), critic_pretrain_iterations=2,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=6,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3),
+        critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3),
+        stage_clock=StageClock(2),
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
+        critic_pretrain_iterations=2,
     )
     calls: list[tuple[int, str]] = []
     for name in ("_stage1_step", "_critic_step", "_generator_step"):
         step = getattr(trainer, name)
-        monkeypatch.setattr(trainer, name, lambda *a, _n=name, _s=step: (calls.append((trainer.state.iteration, _n)), _s(*a))[1])
+        monkeypatch.setattr(
+            trainer, name, lambda *a, _n=name, _s=step: (calls.append((trainer.state.iteration, _n)), _s(*a))[1]
+        )
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     trainer.run()
     assert [trainer.phase_of(i) for i in range(1, 7)] == ["stage1"] * 2 + ["critic_pretrain"] * 2 + ["joint"] * 2
-    assert calls == [(1, "_stage1_step"), (2, "_stage1_step"), (3, "_critic_step"), (4, "_critic_step"),
-                     (5, "_critic_step"), (5, "_generator_step"), (6, "_critic_step"), (6, "_generator_step")]
+    assert calls == [
+        (1, "_stage1_step"),
+        (2, "_stage1_step"),
+        (3, "_critic_step"),
+        (4, "_critic_step"),
+        (5, "_critic_step"),
+        (5, "_generator_step"),
+        (6, "_critic_step"),
+        (6, "_generator_step"),
+    ]
     assert [o["stage"] for o in outputs] == [1, 1, 2, 2, 2, 2]
     # critic pre-training: the critic's loss under its own name, no generator ``loss``
     assert all("d_loss" in o and "loss" not in o and "g_total" not in o for o in outputs[2:4])
@@ -430,7 +646,11 @@ def test_best_metric_of_the_evaluator_is_the_selection_metric_of_the_current_sta
     clock = StageClock(2)
     saver = StageBestCheckpoint(tmp_path, tiny_setup[0], stage_clock=clock, metric_name="val_score")
     evaluator = Engine(lambda e, b: None)
-    evaluator.state.key_metric_name, evaluator.state.best_metric, evaluator.state.best_metric_epoch = "val_score", -1, -1
+    evaluator.state.key_metric_name, evaluator.state.best_metric, evaluator.state.best_metric_epoch = (
+        "val_score",
+        -1,
+        -1,
+    )
     clock.iteration, evaluator.state.epoch, evaluator.state.metrics = 2, 1, {"val_score": 30.0}
     saver.key_metric_of_stage(evaluator)
     saver(evaluator)
@@ -458,11 +678,21 @@ def test_best_metric_of_the_evaluator_is_the_selection_metric_of_the_current_sta
 def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):
     gen, critic, batches, _, _ = tiny_setup
     trainer = UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=2, train_data_loader=batches, generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3), critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3), stage1_iterations=1,
-        align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(), adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: torch.ones_like(x), regional_loss=RegionalSUVLoss((3, 5)), regional_weight=0.5,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=2,
+        train_data_loader=batches,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-3),
+        critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-3),
+        stage1_iterations=1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
+        regional_loss=RegionalSUVLoss((3, 5)),
+        regional_weight=0.5,
         monitor_interval=1,
     )
     outputs = []
@@ -475,8 +705,16 @@ def test_monitoring_logs_style_statistics_and_term_gradient_norms(tiny_setup):
     assert {f"style_abs_b{i}" for i in range(2)} <= set(s2) and {f"style_spread_b{i}" for i in range(2)} <= set(s2)
     assert loss_terms(s2)["grad_adv"] == s2["grad_adv"]  # reaches the Stats/TensorBoard handlers
     with pytest.raises(ValueError, match="regional_loss"):
-        UniPETTrainer(device="cpu", max_epochs=1, epoch_length=1, train_data_loader=batches, generator=gen,
-                      g_optimizer=torch.optim.AdamW(gen.parameters()), stage1_iterations=1, regional_weight=1.0)
+        UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=1,
+            train_data_loader=batches,
+            generator=gen,
+            g_optimizer=torch.optim.AdamW(gen.parameters()),
+            stage1_iterations=1,
+            regional_weight=1.0,
+        )
 
 
 def test_style_statistics_see_a_dead_and_a_live_san():

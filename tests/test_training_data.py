@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from test_training import make_pairs
 
 from scripts.common.errors import UniPETInputError
 from scripts.data.datalist import write_datalist
 from scripts.data.training_data import paired_datalist
-from test_training import make_pairs
 
 
 def test_on_the_fly_split_is_by_subject_with_absolute_paths(tmp_path):
@@ -39,7 +39,15 @@ def test_max_items_and_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UniPETInputError, match="not valid JSON"):
         paired_datalist(root, "training", datalist_file=bad)
-    (tmp_path / "stale.json").write_text(json.dumps({"training": [{"image": "gone/drf_4.nii.gz", "label": "gone/full_dose.nii.gz", "drf": 4, "subject": "gone"}]}))
+    (tmp_path / "stale.json").write_text(
+        json.dumps(
+            {
+                "training": [
+                    {"image": "gone/drf_4.nii.gz", "label": "gone/full_dose.nii.gz", "drf": 4, "subject": "gone"}
+                ]
+            }
+        )
+    )
     with pytest.raises(UniPETInputError, match="re-create the datalist"):
         paired_datalist(root, "training", datalist_file=tmp_path / "stale.json")
     with pytest.raises(UniPETInputError, match="unknown split"):
@@ -54,7 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import BUNDLE_ROOT  # noqa: E402
-from scripts.data.io import save_nifti
+from scripts.data.io import save_nifti  # noqa: E402
 from scripts.data.training_data import PatchSamplingWeightsd, dose_balanced_sampler, hotspot_mask  # noqa: E402
 
 SPACING = (4.0, 4.0, 4.0)
@@ -105,7 +113,9 @@ def test_patch_centres_lie_in_tissue_and_hot_spots_are_oversampled(phantom_pair)
     entry, full, labels = phantom_pair
     tissue = full > 0.5
     # within 2 voxels of a lesion, saved as a third image key so the same crop cuts it
-    near = torch.nn.functional.max_pool3d(torch.from_numpy((labels >= 100).astype(np.float32))[None, None], 5, 1, 2)[0, 0]
+    near = torch.nn.functional.max_pool3d(torch.from_numpy((labels >= 100).astype(np.float32))[None, None], 5, 1, 2)[
+        0, 0
+    ]
     path = str(Path(entry["label"]).with_name("near_lesion.nii.gz"))
     save_nifti(near.numpy() + 1.0, np.diag([*SPACING, 1.0]), path)  # +1: the loader refuses all-zero regions
     entry = {**entry, "near": path}

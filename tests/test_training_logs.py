@@ -23,7 +23,7 @@ def _screen(text: str) -> list[str]:
     for line in text.split("\n"):
         shown = ""
         for part in line.split("\r"):
-            shown = part + shown[len(part):]
+            shown = part + shown[len(part) :]
         rows.append(shown.rstrip())
     return rows
 
@@ -39,7 +39,9 @@ def test_log_line_during_an_active_bar_starts_on_its_own_line():
     try:
         engine = Engine(lambda e, b: {"loss": 0.5, "stage": 1})
         LossProgressBar(file=buf, mininterval=0).attach(engine)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda e: log.info(f"iteration {e.state.iteration}"))
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED(every=2), lambda e: log.info(f"iteration {e.state.iteration}")
+        )
         engine.run([0] * 4, max_epochs=2)
         rows = _screen(buf.getvalue())
         logged = [r for r in rows if "LOGLINE" in r]

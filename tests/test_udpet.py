@@ -91,7 +91,9 @@ def test_decay_correction_none_is_refused_as_for_a_dicom_series(tmp_path):
     inp, csv_path = make_udpet(tmp_path)
     text = csv_path.read_text()
     (tmp_path / "none.csv").write_text(text.replace(",START", ",NONE"))
-    with pytest.raises(UniPETInputError, match=r"line 2: DecayCorrection is NONE \(images not decay corrected\).*SUV factor"):
+    with pytest.raises(
+        UniPETInputError, match=r"line 2: DecayCorrection is NONE \(images not decay corrected\).*SUV factor"
+    ):
         convert_udpet(inp, tmp_path / "none.csv", tmp_path / "o1")
     _assert_nothing_written(tmp_path / "o1")
     (tmp_path / "odd.csv").write_text(text.replace(",START", ",DECY"))
@@ -115,7 +117,9 @@ def test_parse_udpet_name(name, expected):
     assert parse_udpet_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["Anonymous-01_DRF-abc.nii.gz", "Anonymous-01_DRF-0.nii.gz", "Anonymous-01_DRF.nii.gz"])
+@pytest.mark.parametrize(
+    "name", ["Anonymous-01_DRF-abc.nii.gz", "Anonymous-01_DRF-0.nii.gz", "Anonymous-01_DRF.nii.gz"]
+)
 def test_parse_udpet_name_bad_drf(name):
     with pytest.raises(UniPETInputError, match=name):
         parse_udpet_name(name)
@@ -183,7 +187,10 @@ def test_tolerant_headers_units_times_and_suv_column(tmp_path):
     assert f2["suv_factor"] == pytest.approx(_hand_factor(47.0, 166.5e6, 3620.0))
     # Times of day only: the injection day is unknown and never assumed (issue 12, finding 1).
     csv_path.write_text(csv_path.read_text().replace("2024-01-01 23:55:00;20240102005520", "235500;005520"))
-    with pytest.raises(UniPETInputError, match=r"line 3: injection time .*23:55:00 vs acquisition time .*00:55:20.*never assumed.*give dates"):
+    with pytest.raises(
+        UniPETInputError,
+        match=r"line 3: injection time .*23:55:00 vs acquisition time .*00:55:20.*never assumed.*give dates",
+    ):
         convert_udpet(inp, csv_path, tmp_path / "paired2")
     _assert_nothing_written(tmp_path / "paired2")
 
@@ -195,11 +202,15 @@ def test_suv_factor_column_and_column_map(tmp_path):
     out = tmp_path / "a"
     convert_udpet(inp, csv_path, out)
     src = np.asarray(nib.load(str(inp / "Anonymous-02_DRF-4.nii.gz")).dataobj, np.float64)
-    np.testing.assert_allclose(np.asarray(nib.load(str(out / "Anonymous-02" / "drf_4.nii.gz")).dataobj), src * 0.0005, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(nib.load(str(out / "Anonymous-02" / "drf_4.nii.gz")).dataobj), src * 0.0005, rtol=1e-6
+    )
 
     odd = tmp_path / "odd.csv"
-    odd.write_text("Kennung,Masse,Aktivitaet (MBq),HWZ (s),Wartezeit (min)\nAnonymous-01,55,203.5,6588,56.4333333333\n"
-                   "Anonymous-02,47,166.5,6588,57.55\n")
+    odd.write_text(
+        "Kennung,Masse,Aktivitaet (MBq),HWZ (s),Wartezeit (min)\nAnonymous-01,55,203.5,6588,56.4333333333\n"
+        "Anonymous-02,47,166.5,6588,57.55\n"
+    )
     column_map = '{"subject": "Kennung", "weight": "Masse", "dose": "Aktivitaet (MBq)", "half_life": "HWZ (s)", "delay": "Wartezeit (min)"}'
     out = tmp_path / "b"
     convert_udpet(inp, odd, out, column_map=column_map)
@@ -217,7 +228,9 @@ def test_impossible_values_are_refused_with_the_column_named(tmp_path):
     text = csv_path.read_text()
     grams = text.replace(",55,BQML,", ",55000,BQML,", 1)  # a weight in g under a _kg header
     (tmp_path / "g.csv").write_text(grams)
-    with pytest.raises(UniPETInputError, match=r"line 2: weight \(column 'PatientWeight_kg'\) 55000 kg is implausible.*grams.*\[g\]"):
+    with pytest.raises(
+        UniPETInputError, match=r"line 2: weight \(column 'PatientWeight_kg'\) 55000 kg is implausible.*grams.*\[g\]"
+    ):
         convert_udpet(inp, tmp_path / "g.csv", tmp_path / "o1")
     _assert_nothing_written(tmp_path / "o1")
     # Images declared as SUV (GML) that hold Bq/mL: no column is wrong, the body median SUV (~10000) is.
@@ -241,7 +254,9 @@ def test_error_csv_missing(tmp_path):
 
 def test_error_subject_without_row(tmp_path):
     inp, csv_path = make_udpet(tmp_path)
-    csv_path.write_text("\n".join(l for l in csv_path.read_text().splitlines() if not l.startswith("Anonymous-02")) + "\n")
+    csv_path.write_text(
+        "\n".join(r for r in csv_path.read_text().splitlines() if not r.startswith("Anonymous-02")) + "\n"
+    )
     with pytest.raises(UniPETInputError, match=r"subject 'Anonymous-02' .* has no row in PET_info.csv"):
         convert_udpet(inp, csv_path, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
@@ -313,7 +328,9 @@ def test_cli(bundle_root, tmp_path):
 
     inp, csv_path = make_udpet(tmp_path)
     out = tmp_path / "paired"
-    bad = _cli(bundle_root, "--input_dir", str(inp), "--metadata_csv", str(tmp_path / "missing.csv"), "--output_dir", str(out))
+    bad = _cli(
+        bundle_root, "--input_dir", str(inp), "--metadata_csv", str(tmp_path / "missing.csv"), "--output_dir", str(out)
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing.csv" in errors[0]
@@ -321,6 +338,11 @@ def test_cli(bundle_root, tmp_path):
 
     ok = _cli(bundle_root, "--input_dir", str(inp), "--metadata_csv", str(csv_path), "--output_dir", str(out))
     assert ok.returncode == 0, ok.stderr
-    assert sorted(p.name for p in (out / "Anonymous-01").iterdir()) == ["drf_20.nii.gz", "drf_4.nii.gz", "full_dose.nii.gz", "udpet.json"]
+    assert sorted(p.name for p in (out / "Anonymous-01").iterdir()) == [
+        "drf_20.nii.gz",
+        "drf_4.nii.gz",
+        "full_dose.nii.gz",
+        "udpet.json",
+    ]
     again = _cli(bundle_root, "--input_dir", str(inp), "--metadata_csv", str(csv_path), "--output_dir", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -77,16 +77,23 @@ def test_flat_volume_has_no_window_lattice(flat_outputs):
     assert inner0 > 0.01 and faces0 > 0.03, (inner0, faces0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="shipped weights lower a flat 2 SUV by 1.0 % (learned level bias, not "
-                   "window seams); retrain (issue 15)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="shipped weights lower a flat 2 SUV by 1.0 % (learned level bias, not window seams); retrain (issue 15)",
+)
 def test_flat_volume_keeps_its_mean(flat_outputs):
     ratio = flat_outputs["replicate"].mean() / LEVEL
     assert abs(ratio - 1) < 0.005, f"flat {LEVEL} SUV came back {100 * (ratio - 1):+.2f} %"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="shipped weights lower the real series' body total by ~3.6 % with either "
-                   "padding (learned level bias); retrain (issue 15)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="shipped weights lower the real series' body total by ~3.6 % with either "
+    "padding (learned level bias); retrain (issue 15)",
+)
 def test_real_series_keeps_the_body_total(tmp_path, real_pet_dir):
     from scripts.data.suv import read_pet_series
 

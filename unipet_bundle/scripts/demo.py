@@ -48,8 +48,7 @@ UNTRAINED_BANNER = (
     "\n" + "!" * 78 + "\n"
     "!!  NO TRAINED WEIGHTS: run untrained on request (--checkpoint '' --allow_untrained true).\n"
     "!!  The network below is UNTRAINED (its output layer starts at zero, so it returns its input).\n"
-    "!!  The numbers show the pipeline working, not UniPET's quality.\n"
-    + "!" * 78 + "\n"
+    "!!  The numbers show the pipeline working, not UniPET's quality.\n" + "!" * 78 + "\n"
 )
 
 
@@ -58,13 +57,15 @@ def _network(config: str, checkpoint: Path | None) -> tuple[torch.nn.Module, dic
     trained = checkpoint is not None
     if trained:
         # strict: the demo shows a trained model, never half of one; the shipped weights use the 0.2.0 SAN (v1)
-        net, _ = load_network_weights(net, checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT), strict=True,
-                                      adapt=match_checkpoint_san_variant)
+        net, _ = load_network_weights(
+            net, checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT), strict=True, adapt=match_checkpoint_san_variant
+        )
     return net.eval(), sizes, trained
 
 
-def hottest_lesion(full: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None,
-                   table: dict[int, Any] | None = None) -> tuple[tuple[int, int, int], np.ndarray, str]:
+def hottest_lesion(
+    full: np.ndarray, affine: np.ndarray, labels: np.ndarray | None = None, table: dict[int, Any] | None = None
+) -> tuple[tuple[int, int, int], np.ndarray, str]:
     """Where the demo slices go: the lesion with the highest full-dose SUVmax (phantom label map), else the
     hottest focus of the full dose (an ``--input`` map has no labels). Returns (voxel, mask of the voxels its
     SUVmax is taken over, a name)."""
@@ -81,8 +82,18 @@ def hottest_lesion(full: np.ndarray, affine: np.ndarray, labels: np.ndarray | No
     return pos, (grid[0] ** 2 + grid[1] ** 2 + grid[2] ** 2) <= 10.0**2, "hottest focus (10 mm sphere)"
 
 
-def _montage(path: Path, low: np.ndarray, den: np.ndarray, full: np.ndarray, affine: np.ndarray, drf: float,
-             scores: dict[str, Any], position: tuple[int, int, int], lesion: str, convention: str = "radiological") -> None:
+def _montage(
+    path: Path,
+    low: np.ndarray,
+    den: np.ndarray,
+    full: np.ndarray,
+    affine: np.ndarray,
+    drf: float,
+    scores: dict[str, Any],
+    position: tuple[int, int, int],
+    lesion: str,
+    convention: str = "radiological",
+) -> None:
     """2 x 4 panels (coronal and axial through ``position``; low dose, UniPET, full dose, difference), oriented
     from ``affine`` (:mod:`scripts.evaluation.display`: radiological by default), letters, scale bar, PSNR/SSIM."""
     import matplotlib
@@ -92,26 +103,53 @@ def _montage(path: Path, low: np.ndarray, den: np.ndarray, full: np.ndarray, aff
 
     vmax = 7.0
     suvmax = scores["lesion_suvmax"]
-    cols = [(f"low dose (DRF {drf:g})\nPSNR {scores['input_psnr']:.2f} dB, SSIM {scores['input_ssim']:.3f}\n"
-             f"lesion SUVmax {suvmax['low']:.2f}", low),
-            (f"UniPET\nPSNR {scores['output_psnr']:.2f} dB, SSIM {scores['output_ssim']:.3f}\n"
-             f"lesion SUVmax {suvmax['denoised']:.2f}", den),
-            (f"full dose\n\nlesion SUVmax {suvmax['full']:.2f}", full), ("UniPET - full dose\n\n", den - full)]
+    cols = [
+        (
+            f"low dose (DRF {drf:g})\nPSNR {scores['input_psnr']:.2f} dB, SSIM {scores['input_ssim']:.3f}\n"
+            f"lesion SUVmax {suvmax['low']:.2f}",
+            low,
+        ),
+        (
+            f"UniPET\nPSNR {scores['output_psnr']:.2f} dB, SSIM {scores['output_ssim']:.3f}\n"
+            f"lesion SUVmax {suvmax['denoised']:.2f}",
+            den,
+        ),
+        (f"full dose\n\nlesion SUVmax {suvmax['full']:.2f}", full),
+        ("UniPET - full dose\n\n", den - full),
+    ]
     fig, axes = plt.subplots(2, 4, figsize=(15, 8.5), constrained_layout=True)
     point = ras_index(position, affine, full.shape)
     for c, (title, vol) in enumerate(cols):
         diff = c == 3
         ras, spacing, oblique = to_ras(vol, affine)
         for r, view in enumerate(("coronal", "axial")):
-            p = panel(ras, spacing, view, index=point[1 if view == "coronal" else 2], convention=convention,
-                      oblique=oblique, point=point)
-            draw_panel(axes[r, c], p, -2.0 if diff else 0.0, 2.0 if diff else vmax, cmap="RdBu_r" if diff else "gray_r",
-                       title=title if r == 0 else None, colorbar=c >= 2,
-                       colorbar_label="SUV difference" if diff else "SUV", scale_bar=c == 0, marker=True)
+            p = panel(
+                ras,
+                spacing,
+                view,
+                index=point[1 if view == "coronal" else 2],
+                convention=convention,
+                oblique=oblique,
+                point=point,
+            )
+            draw_panel(
+                axes[r, c],
+                p,
+                -2.0 if diff else 0.0,
+                2.0 if diff else vmax,
+                cmap="RdBu_r" if diff else "gray_r",
+                title=title if r == 0 else None,
+                colorbar=c >= 2,
+                colorbar_label="SUV difference" if diff else "SUV",
+                scale_bar=c == 0,
+                marker=True,
+            )
     axes[0, 0].set_ylabel("coronal")
     axes[1, 0].set_ylabel("axial")
-    fig.suptitle(f"UniPET demo on SIMULATED data{'' if scores['trained'] else ' (UNTRAINED network)'}: slices through "
-                 f"the {lesion} (circled); {convention} view")
+    fig.suptitle(
+        f"UniPET demo on SIMULATED data{'' if scores['trained'] else ' (UNTRAINED network)'}: slices through "
+        f"the {lesion} (circled); {convention} view"
+    )
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
@@ -148,15 +186,19 @@ def run(
     # the same rule as inference: a named checkpoint must exist; untrained only when asked for explicitly
     if checkpoint is not None and str(checkpoint) == "":
         if not as_bool(allow_untrained, "allow_untrained"):
-            raise UniPETInputError("--checkpoint '' runs the UNTRAINED network (its output equals its input): "
-                                   "add --allow_untrained true to do that on purpose, or name a checkpoint")
+            raise UniPETInputError(
+                "--checkpoint '' runs the UNTRAINED network (its output equals its input): "
+                "add --allow_untrained true to do that on purpose, or name a checkpoint"
+            )
         ckpt: Path | None = None
     else:
         ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
         if not ckpt.is_file():
-            raise UniPETInputError(f"checkpoint {ckpt} does not exist: check the path (the shipped weights are "
-                                   "models/model.pt), or run the untrained network on purpose with "
-                                   "--checkpoint '' --allow_untrained true")
+            raise UniPETInputError(
+                f"checkpoint {ckpt} does not exist: check the path (the shipped weights are "
+                "models/model.pt), or run the untrained network on purpose with "
+                "--checkpoint '' --allow_untrained true"
+            )
     out = Path(output_dir) if output_dir else BUNDLE_ROOT.parent / "demo_output"
     # the input first: a bad --input is one error line, before any weights are read
     if input:
@@ -184,10 +226,17 @@ def run(
     t0 = time.perf_counter()
     # the bundle's own inference (configs/inference.json: orientation, precision, sliding window, residual) with
     # this network; the volume stays on its own grid (already the 4 mm training grid), so no resampling
-    denoiser = BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"checkpoint": str(ckpt) if trained else None,
-                                                                     "trained": trained},
-                              overrides={"resample": False, "progress": True, "suv_max": float(sizes["suv_max"]),
-                                         "network_axcodes": sizes["network_axcodes"]})
+    denoiser = BundleDenoiser(
+        BUNDLE_ROOT,
+        network=net,
+        model_info={"checkpoint": str(ckpt) if trained else None, "trained": trained},
+        overrides={
+            "resample": False,
+            "progress": True,
+            "suv_max": float(sizes["suv_max"]),
+            "network_axcodes": sizes["network_axcodes"],
+        },
+    )
     den = denoiser(low, affine, name="demo")
     t_infer = time.perf_counter() - t0
 
@@ -208,16 +257,20 @@ def run(
     _montage(png, low, den, full, affine, drf, scores, position, lesion)
 
     print(f"\nUniPET demo (SIMULATED data: {source}, DRF {drf:g}, PSNR/SSIM vs the simulated full dose,")
-    print(f"SUV clipped to [0, 20], data range 20)")
+    print("SUV clipped to [0, 20], data range 20)")
     print(f"{'':24s} {'PSNR dB':>9s} {'SSIM':>8s}")
     print(f"{'low-dose input':24s} {scores['input_psnr']:9.2f} {scores['input_ssim']:8.4f}")
     label = "UniPET output" if trained else "UNTRAINED network output"
     print(f"{label:24s} {scores['output_psnr']:9.2f} {scores['output_ssim']:8.4f}")
     m = scores["lesion_suvmax"]
-    print(f"{lesion} SUVmax: full dose {m['full']:.2f}, low dose {m['low']:.2f} ({100 * (m['low'] / m['full'] - 1):+.1f} %), "
-          f"denoised {m['denoised']:.2f} ({100 * (m['denoised'] / m['full'] - 1):+.1f} %)")
-    print(f"weights: {ckpt if trained else 'none (untrained network)'}; inference {t_infer:.1f} s, "
-          f"total {time.perf_counter() - t_start:.1f} s")
+    print(
+        f"{lesion} SUVmax: full dose {m['full']:.2f}, low dose {m['low']:.2f} ({100 * (m['low'] / m['full'] - 1):+.1f} %), "
+        f"denoised {m['denoised']:.2f} ({100 * (m['denoised'] / m['full'] - 1):+.1f} %)"
+    )
+    print(
+        f"weights: {ckpt if trained else 'none (untrained network)'}; inference {t_infer:.1f} s, "
+        f"total {time.perf_counter() - t_start:.1f} s"
+    )
     print(f"wrote {', '.join(names)} and {png.name} to {out}")
     if not trained:
         print(UNTRAINED_BANNER, flush=True)

@@ -36,13 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other key of configs/inference.json can be set as --key value, e.g. --qc_report false, "
         "--qc_max_hotspot_change_pct 8, --checkpoint models/model.pt, --device cpu. Research use only, not for diagnosis.",
     )
-    parser.add_argument("input", help="a NIfTI file (*.nii, *.nii.gz, in SUV), a PET DICOM series folder, or a folder of them")
+    parser.add_argument(
+        "input", help="a NIfTI file (*.nii, *.nii.gz, in SUV), a PET DICOM series folder, or a folder of them"
+    )
     parser.add_argument("output", help="the output folder (created if missing)")
-    parser.add_argument("--output_format", choices=("nifti", "dicom", "both"), default=None,
-                        help="nifti (default of the config), dicom (a derived PET series, DICOM inputs only) or both")
-    parser.add_argument("--overwrite", default=None, metavar="true|false", help="replace existing outputs (default false)")
-    parser.add_argument("--config_file", default=str(BUNDLE_ROOT / "configs" / "inference.json"),
-                        help="the inference config (default: this bundle's configs/inference.json)")
+    parser.add_argument(
+        "--output_format",
+        choices=("nifti", "dicom", "both"),
+        default=None,
+        help="nifti (default of the config), dicom (a derived PET series, DICOM inputs only) or both",
+    )
+    parser.add_argument(
+        "--overwrite", default=None, metavar="true|false", help="replace existing outputs (default false)"
+    )
+    parser.add_argument(
+        "--config_file",
+        default=str(BUNDLE_ROOT / "configs" / "inference.json"),
+        help="the inference config (default: this bundle's configs/inference.json)",
+    )
     return parser
 
 
@@ -78,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(extra)
     src, dst = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not src.exists():
-        print(f"error: input {src} does not exist: pass a NIfTI file, a PET DICOM series folder or a folder of them",
-              file=sys.stderr)
+        print(
+            f"error: input {src} does not exist: pass a NIfTI file, a PET DICOM series folder or a folder of them",
+            file=sys.stderr,
+        )
         return 2
     for key in ("output_format", "overwrite"):
         if getattr(args, key) is not None:

@@ -36,7 +36,13 @@ from monai.inferers.utils import _get_scan_interval
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts.common.io import atomic_write_json
-from scripts.engines.precision import MEMORY_FORMATS, PrecisionNetwork, autocast, check_memory_format, check_precision, resolve_precision
+from scripts.engines.precision import (
+    MEMORY_FORMATS,
+    PrecisionNetwork,
+    check_memory_format,
+    check_precision,
+    resolve_precision,
+)
 
 __all__ = [
     "TARGET_RATIO",
@@ -101,9 +107,16 @@ def conv3d_peak(
         best = min(MEMORY_FORMATS, key=lambda f: statistics.median(both[f]))
         gflop = 2.0 * batch * channels * channels * 27 * size**3 / 1e9
         seconds = statistics.median(both[best])
-        return {"gflop": gflop, "seconds": seconds, "gflops": gflop / seconds, "memory_format": best,
-                "gflops_by_memory_format": {f: gflop / statistics.median(both[f]) for f in MEMORY_FORMATS}}
-    fmt = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}[check_memory_format(memory_format)]
+        return {
+            "gflop": gflop,
+            "seconds": seconds,
+            "gflops": gflop / seconds,
+            "memory_format": best,
+            "gflops_by_memory_format": {f: gflop / statistics.median(both[f]) for f in MEMORY_FORMATS},
+        }
+    fmt = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}[
+        check_memory_format(memory_format)
+    ]
     dev = torch.device(device)
     dtype = _DTYPES[check_precision(precision)]
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +141,11 @@ def network_flops(network: torch.nn.Module, example: torch.Tensor) -> int:
 
 
 def sliding_window_flops(
-    network: torch.nn.Module, image_shape: Sequence[int], roi_size: Sequence[int], overlap: float, device: torch.device | str = "cpu"
+    network: torch.nn.Module,
+    image_shape: Sequence[int],
+    roi_size: Sequence[int],
+    overlap: float,
+    device: torch.device | str = "cpu",
 ) -> tuple[int, int]:
     """``(total FLOPs, number of windows)`` of a MONAI sliding-window pass over a ``image_shape`` volume.
 
@@ -178,8 +195,10 @@ def gflops_line(label: str, achieved_gflops: float, peak_gflops: float, precisio
     """One printed line: achieved vs peak GFLOP/s, the ratio peak/achieved and the 1.3x target."""
     ratio = peak_gflops / achieved_gflops if achieved_gflops > 0 else float("inf")
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
-    return (f"{label}: {achieved_gflops:.1f} GFLOP/s achieved ({precision}) vs conv3d peak {peak_gflops:.1f} GFLOP/s "
-            f"-> peak/achieved {ratio:.2f} (target <= {TARGET_RATIO}: {verdict})")
+    return (
+        f"{label}: {achieved_gflops:.1f} GFLOP/s achieved ({precision}) vs conv3d peak {peak_gflops:.1f} GFLOP/s "
+        f"-> peak/achieved {ratio:.2f} (target <= {TARGET_RATIO}: {verdict})"
+    )
 
 
 def network_stage_report(
@@ -209,10 +228,17 @@ def network_stage_report(
     peak = conv3d_peak(int(sizes["channels"]), ran, roi[0], int(sizes["sw_batch_size"]), device, repeats=repeats)
     achieved = flops / 1e9 / float(seconds)
     return {
-        "precision": ran, "windows": n_windows, "network_gflop": flops / 1e9, "seconds": float(seconds),
-        "network_gflops": achieved, "conv3d_peak_gflops": peak["gflops"], "conv3d_peak_memory_format": peak["memory_format"],
-        "conv3d_peak_gflops_by_memory_format": peak["gflops_by_memory_format"], "memory_format": sizes["memory_format"],
-        "peak_over_achieved": peak["gflops"] / achieved, "target_met": peak["gflops"] / achieved <= TARGET_RATIO,
+        "precision": ran,
+        "windows": n_windows,
+        "network_gflop": flops / 1e9,
+        "seconds": float(seconds),
+        "network_gflops": achieved,
+        "conv3d_peak_gflops": peak["gflops"],
+        "conv3d_peak_memory_format": peak["memory_format"],
+        "conv3d_peak_gflops_by_memory_format": peak["gflops_by_memory_format"],
+        "memory_format": sizes["memory_format"],
+        "peak_over_achieved": peak["gflops"] / achieved,
+        "target_met": peak["gflops"] / achieved <= TARGET_RATIO,
         "line": gflops_line("network stage GFLOP/s", achieved, peak["gflops"], ran),
     }
 
@@ -223,7 +249,9 @@ def _network_from_config(config: str, override: str | None) -> tuple[torch.nn.Mo
     net = parser.get_parsed_content("network_def").eval()
     keys = ("channels", "patch_size", "sw_batch_size")
     sizes = {k: parser.get_parsed_content(k) for k in keys}
-    sizes["memory_format"] = str(parser.get_parsed_content("memory_format")) if "memory_format" in parser else "contiguous"
+    sizes["memory_format"] = (
+        str(parser.get_parsed_content("memory_format")) if "memory_format" in parser else "contiguous"
+    )
     return net, sizes
 
 
@@ -258,25 +286,41 @@ def run(
         for p in precisions:
             ran = resolve_precision(p, dev)
             for f in MEMORY_FORMATS:  # the peak is the better layout's (the median of each, below)
-                peaks[p].append(conv3d_peak(int(sizes["channels"]), ran, window[0], batch, dev, repeats=1, memory_format=f))
+                peaks[p].append(
+                    conv3d_peak(int(sizes["channels"]), ran, window[0], batch, dev, repeats=1, memory_format=f)
+                )
             nets[p].append(network_gflops(net, p, window, batch, dev, repeats=1, memory_format=sizes["memory_format"]))
     result: dict[str, Any] = {
-        "device": str(dev), "platform": platform.platform(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "channels": int(sizes["channels"]), "window": window, "batch": batch,
-        "repeats": repeats, "target_peak_over_achieved_max": TARGET_RATIO, "memory_format": sizes["memory_format"],
+        "device": str(dev),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "channels": int(sizes["channels"]),
+        "window": window,
+        "batch": batch,
+        "repeats": repeats,
+        "target_peak_over_achieved_max": TARGET_RATIO,
+        "memory_format": sizes["memory_format"],
         "precisions": {},
     }
-    print(f"\nconv3d peak vs UniPET network on {dev} ({torch.get_num_threads()} threads), batch {batch} of {window}, "
-          f"medians of {repeats}")
+    print(
+        f"\nconv3d peak vs UniPET network on {dev} ({torch.get_num_threads()} threads), batch {batch} of {window}, "
+        f"medians of {repeats}"
+    )
     for p in precisions:
-        by_format = {f: statistics.median(r["gflops"] for r in peaks[p] if r["memory_format"] == f) for f in MEMORY_FORMATS}
+        by_format = {
+            f: statistics.median(r["gflops"] for r in peaks[p] if r["memory_format"] == f) for f in MEMORY_FORMATS
+        }
         peak = max(by_format.values())
         achieved = statistics.median(r["gflops"] for r in nets[p])
         ran = nets[p][0]["precision"]
         result["precisions"][p] = {
-            "ran_as": ran, "conv3d_peak_gflops": peak, "conv3d_peak_gflops_by_memory_format": by_format,
+            "ran_as": ran,
+            "conv3d_peak_gflops": peak,
+            "conv3d_peak_gflops_by_memory_format": by_format,
             "network_gflops": achieved,
-            "network_gflop_per_batch": nets[p][0]["gflop"], "peak_over_achieved": peak / achieved,
+            "network_gflop_per_batch": nets[p][0]["gflop"],
+            "peak_over_achieved": peak / achieved,
             "target_met": peak / achieved <= TARGET_RATIO,
         }
         print(gflops_line(f"network (requested {p})", achieved, peak, ran))

@@ -68,8 +68,17 @@ QUADRA_SHAPE = (440, 440, 644)
 QUADRA_SPACING = (1.65, 1.65, 1.65)
 TARGET_TOTAL_S = 300.0
 # the dry run's sizes: the same code paths, seconds on a CPU
-TINY = {"channels": 4, "num_blocks": 2, "latent_dim": 8, "san_channels": [4, 4], "critic_channels": [4, 8],
-        "patch_size": [16, 16, 16], "batch_size": 1, "num_samples": 2, "sw_batch_size": 4}
+TINY = {
+    "channels": 4,
+    "num_blocks": 2,
+    "latent_dim": 8,
+    "san_channels": [4, 4],
+    "critic_channels": [4, 8],
+    "patch_size": [16, 16, 16],
+    "batch_size": 1,
+    "num_samples": 2,
+    "sw_batch_size": 4,
+}
 TINY_STUDY = ((40, 40, 48), (4.0, 4.0, 4.0))
 _GB = 1e9
 
@@ -162,8 +171,18 @@ def train_section(dev: torch.device, dry: bool, iterations: int, warmup: int = 2
     """Stage-1 and stage-2 iterations/s at the published size (tiny in a dry run), bf16, synthetic batch."""
     files = ["train.json"] + ([] if dry else ["published_size.json"])
     parser = _parser(files, {**(TINY if dry else {}), "precision": "bf16"}, dev)
-    s = {k: parser.get_parsed_content(k) for k in
-         ("critic_channels", "patch_size", "batch_size", "num_samples", "suv_max", "rals_threshold_suv2", "precision")}
+    s = {
+        k: parser.get_parsed_content(k)
+        for k in (
+            "critic_channels",
+            "patch_size",
+            "batch_size",
+            "num_samples",
+            "suv_max",
+            "rals_threshold_suv2",
+            "precision",
+        )
+    }
     torch.manual_seed(0)
     gen = parser.get_parsed_content("network_def", lazy=False).to(dev)
     critic = PatchCritic(channels=tuple(s["critic_channels"])).to(dev)
@@ -172,18 +191,29 @@ def train_section(dev: torch.device, dry: bool, iterations: int, warmup: int = 2
     batch = {"image": low, "label": (low + 0.05 * torch.randn_like(low)).clamp_min(0)}
     thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
     trainer = UniPETTrainer(
-        device=dev, max_epochs=1, epoch_length=1, train_data_loader=[batch], generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4), critic=critic,
+        device=dev,
+        max_epochs=1,
+        epoch_length=1,
+        train_data_loader=[batch],
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
+        critic=critic,
         d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1, align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(), mask_fn=lambda x: stylized_mask(x, threshold=thr),
-        critic_pretrain_iterations=0, precision=s["precision"],
+        stage1_iterations=1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: stylized_mask(x, threshold=thr),
+        critic_pretrain_iterations=0,
+        precision=s["precision"],
     )
     out: dict[str, Any] = {}
     for stage in (1, 2):
+
         def step() -> None:
             trainer.state.iteration = stage  # 1: stage 1; 2: the joint stage-2 step (no critic pre-training)
             trainer._iteration(trainer, batch)
+
         for _ in range(warmup):
             step()
         _reset_peak(dev)
@@ -193,9 +223,13 @@ def train_section(dev: torch.device, dry: bool, iterations: int, warmup: int = 2
         _sync(dev)
         sec = time.perf_counter() - t0
         out[f"train_stage{stage}"] = {
-            "iterations_per_s": iterations / sec, "patches_per_s": iterations * n / sec, "iterations": iterations,
-            "batch": [n, 1, *s["patch_size"]], "precision": trainer.precision,
-            "config": "+".join(files) + (" (dry-run sizes)" if dry else ""), **_in_process_memory(dev),
+            "iterations_per_s": iterations / sec,
+            "patches_per_s": iterations * n / sec,
+            "iterations": iterations,
+            "batch": [n, 1, *s["patch_size"]],
+            "precision": trainer.precision,
+            "config": "+".join(files) + (" (dry-run sizes)" if dry else ""),
+            **_in_process_memory(dev),
         }
     return out
 
@@ -230,9 +264,13 @@ def _study(dry: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
 def inference_network_section(dev: torch.device, dry: bool) -> dict[str, Any]:
     """inference.json's network + sliding-window stage (its precision) on the study resampled to 4 mm."""
     shape, spacing = _study(dry)
-    parser = _parser(["inference.json"], {"progress": False, **({"allow_untrained": True, "checkpoint": ""} if dry else {})}, dev)
+    parser = _parser(
+        ["inference.json"], {"progress": False, **({"allow_untrained": True, "checkpoint": ""} if dry else {})}, dev
+    )
     net = parser.get_parsed_content("network")
-    model_info = parser.get_parsed_content("model_info")  # the shipped weights, SHA-256 checked (untrained in a dry run)
+    model_info = parser.get_parsed_content(
+        "model_info"
+    )  # the shipped weights, SHA-256 checked (untrained in a dry run)
     wrapped = parser.get_parsed_content("inference_network")
     inferer = parser.get_parsed_content("inferer")
     target = parser.get_parsed_content("target_pixdim")
@@ -246,11 +284,18 @@ def inference_network_section(dev: torch.device, dry: bool) -> dict[str, Any]:
     _sync(dev)
     sec = time.perf_counter() - t0
     assert isinstance(wrapped, PrecisionNetwork) and pred.dtype == torch.float32 and bool(torch.isfinite(pred).all())
-    return {"inference_network": {
-        "seconds": sec, "study_shape": list(shape), "study_spacing_mm": list(spacing), "network_grid_shape": grid,
-        "precision": wrapped.precision, "trained_weights": bool(model_info.get("trained")),
-        "channels": int(net.channels), **_in_process_memory(dev),
-    }}
+    return {
+        "inference_network": {
+            "seconds": sec,
+            "study_shape": list(shape),
+            "study_spacing_mm": list(spacing),
+            "network_grid_shape": grid,
+            "precision": wrapped.precision,
+            "trained_weights": bool(model_info.get("trained")),
+            "channels": int(net.channels),
+            **_in_process_memory(dev),
+        }
+    }
 
 
 def _run_logged(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, float]:
@@ -285,16 +330,35 @@ def inference_e2e_section(dev: torch.device, dry: bool, work: Path, timeout: flo
     data, out = work / "e2e_in", work / "e2e_out"
     affine = np.diag([*spacing, 1.0])
     save_nifti(synthetic_study(shape), affine, data / "quadra_study.nii")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-           "--dataset_dir", str(data), "--output_dir", str(out), "--progress", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
     if dry:
         cmd += ["--checkpoint", "", "--allow_untrained", "true"]
     with DeviceMemoryPoller(dev.type == "cuda") as mem:
         code, log, sec = _run_logged(cmd, _env(), timeout)
     if code != 0 or not (out / "quadra_study_denoised.nii.gz").is_file():
         raise RuntimeError(f"inference.json run failed (exit {code}): {_log_summary(log)}")
-    return {"inference_e2e": {"seconds": sec, "study_shape": list(shape), "study_spacing_mm": list(spacing),
-                              "python_startup_included": True, **mem.as_dict()}}
+    return {
+        "inference_e2e": {
+            "seconds": sec,
+            "study_shape": list(shape),
+            "study_spacing_mm": list(spacing),
+            "python_startup_included": True,
+            **mem.as_dict(),
+        }
+    }
 
 
 def _pairs(root: Path, shape: Sequence[int], n_subjects: int = 2, seed: int = 0) -> Path:
@@ -317,13 +381,38 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
     patch = TINY["patch_size"][0] if dry else 64
     # every rank needs at least one validation item (DistributedSampler): 2 items per subject, a third of them
     data = _pairs(work / "pairs", [patch + 8] * 3, n_subjects=max(3, 2 * nproc))
-    overrides = {**(TINY if dry else {}), "epochs": 2, "epoch_length": 2, "stage1_epochs": 1, "val_interval": 2,
-                 "critic_pretrain_iterations": 1, "val_fraction": 0.34, "val_max_items": max(2, nproc),
-                 "num_workers": 0, "precision": "bf16"}
+    overrides = {
+        **(TINY if dry else {}),
+        "epochs": 2,
+        "epoch_length": 2,
+        "stage1_epochs": 1,
+        "val_interval": 2,
+        "critic_pretrain_iterations": 1,
+        "val_fraction": 0.34,
+        "val_max_items": max(2, nproc),
+        "num_workers": 0,
+        "precision": "bf16",
+    }
     port = 29500 + os.getpid() % 1000
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "-m", "monai.bundle", "run", "--config_file", repr(files), "--dataset_dir", str(data),
-           "--ckpt_dir", str(work / "ckpt"), "--output_dir", str(work / "runs"), *_cli_overrides(overrides)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(files),
+        "--dataset_dir",
+        str(data),
+        "--ckpt_dir",
+        str(work / "ckpt"),
+        "--output_dir",
+        str(work / "runs"),
+        *_cli_overrides(overrides),
+    ]
     env = _env()
     if not cuda:
         env["OMP_NUM_THREADS"] = "1"
@@ -331,9 +420,17 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
         code, log, sec = _run_logged(cmd, env, timeout)
     if code != 0 or not (work / "ckpt" / "checkpoint_latest.pt").is_file():
         raise RuntimeError(f"torchrun multi_gpu_train.json failed (exit {code}): {_log_summary(log)}")
-    return {"multi_gpu_train": {"seconds_incl_startup": sec, "processes": nproc, "backend": "nccl" if cuda else "gloo",
-                                "iterations": 4, "stages": [1, 2], "config": "+".join(Path(f).name for f in files),
-                                **mem.as_dict()}}
+    return {
+        "multi_gpu_train": {
+            "seconds_incl_startup": sec,
+            "processes": nproc,
+            "backend": "nccl" if cuda else "gloo",
+            "iterations": 4,
+            "stages": [1, 2],
+            "config": "+".join(Path(f).name for f in files),
+            **mem.as_dict(),
+        }
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -364,8 +461,10 @@ def run(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not cuda and not dry:
-        print("error: --dry_run false needs a CUDA device and none is available; run without it for the CPU dry run",
-              file=sys.stderr)
+        print(
+            "error: --dry_run false needs a CUDA device and none is available; run without it for the CPU dry run",
+            file=sys.stderr,
+        )
         return 2
     chosen = [sections] if isinstance(sections, str) else list(sections)
     bad = [s for s in chosen if s not in SECTIONS and s != "train"]
@@ -374,14 +473,26 @@ def run(
         return 2
     dev = torch.device("cuda:0" if cuda else "cpu")
     if not cuda:
-        print("No CUDA device: this is a DRY RUN of the same code paths on tiny sizes on the CPU (gloo, peak RSS); "
-              "its numbers are not GPU numbers. Run it on a CUDA machine for the real check.", flush=True)
+        print(
+            "No CUDA device: this is a DRY RUN of the same code paths on tiny sizes on the CPU (gloo, peak RSS); "
+            "its numbers are not GPU numbers. Run it on a CUDA machine for the real check.",
+            flush=True,
+        )
     elif dry:
-        print("DRY RUN on the GPU at tiny sizes (--dry_run true): the numbers are not the published-size ones.", flush=True)
+        print(
+            "DRY RUN on the GPU at tiny sizes (--dry_run true): the numbers are not the published-size ones.",
+            flush=True,
+        )
     result: dict[str, Any] = {
-        "cuda": cuda, "dry_run": dry, "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
-        "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__, "platform": platform.platform(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sections": {}, "errors": {},
+        "cuda": cuda,
+        "dry_run": dry,
+        "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sections": {},
+        "errors": {},
     }
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="unipet_gpu_check_"))
@@ -404,8 +515,11 @@ def run(
                 msg = f"{type(exc).__name__}: {exc}"
                 result["errors"][name] = msg
                 logger.debug(traceback.format_exc())
-                print(f"error: section {name} failed: {msg.splitlines()[0] if msg else type(exc).__name__}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"error: section {name} failed: {msg.splitlines()[0] if msg else type(exc).__name__}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["total_s"] = time.perf_counter() - t_start
@@ -418,12 +532,17 @@ def run(
 
 def _print_table(result: dict[str, Any]) -> None:
     kind = "DRY RUN (tiny sizes, not GPU numbers)" if result["dry_run"] else "published sizes"
-    print(f"\nUniPET GPU check on {result['device']} ({kind}), {result['total_s']:.0f} s in all "
-          f"(target < {TARGET_TOTAL_S:.0f} s: {'met' if result['under_5_min'] else 'NOT met'})")
+    print(
+        f"\nUniPET GPU check on {result['device']} ({kind}), {result['total_s']:.0f} s in all "
+        f"(target < {TARGET_TOTAL_S:.0f} s: {'met' if result['under_5_min'] else 'NOT met'})"
+    )
     for name, sec in result["sections"].items():
         mem = {k: v for k, v in sec.items() if "peak" in k}
-        speed = (f"{sec['iterations_per_s']:.2f} it/s" if "iterations_per_s" in sec
-                 else f"{sec.get('seconds', sec.get('seconds_incl_startup', math.nan)):.1f} s")
+        speed = (
+            f"{sec['iterations_per_s']:.2f} it/s"
+            if "iterations_per_s" in sec
+            else f"{sec.get('seconds', sec.get('seconds_incl_startup', math.nan)):.1f} s"
+        )
         print(f"  {name:20s} {speed:>14s}  {', '.join(f'{k} {v}' for k, v in mem.items())}")
     for name, msg in result["errors"].items():
         print(f"  {name:20s} FAILED: {msg.splitlines()[0][:200]}")

@@ -117,8 +117,9 @@ class LegacyNativeResidualSUVd:
     """The 0.2.0 residual step, for the ``e2e_today`` baseline only: ``native + suv_max * (pred - input)``
     where both ``pred`` and the network input were already inverted (``Invertd``) to the native grid."""
 
-    def __init__(self, keys: str = "pred", image_key: str = "net_input", native_key: str = "native_suv",
-                 suv_max: float = 20.0) -> None:
+    def __init__(
+        self, keys: str = "pred", image_key: str = "net_input", native_key: str = "native_suv", suv_max: float = 20.0
+    ) -> None:
         self.key, self.image_key, self.native_key, self.suv_max = keys, image_key, native_key, float(suv_max)
 
     def __call__(self, data: dict) -> dict:
@@ -144,10 +145,15 @@ def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
     The writer is taken from the config itself, so both variants write the same files.
     """
     content = json.loads(Path(config).read_text())
-    writer = [t for t in content["postprocessing"]["transforms"]
-              if isinstance(t, dict) and str(t.get("_target_", "")).endswith("SaveDenoisedd")]
+    writer = [
+        t
+        for t in content["postprocessing"]["transforms"]
+        if isinstance(t, dict) and str(t.get("_target_", "")).endswith("SaveDenoisedd")
+    ]
     if len(writer) != 1:
-        raise BenchmarkInputError(f"{config}: no single SaveDenoisedd in postprocessing; cannot build the e2e_today baseline")
+        raise BenchmarkInputError(
+            f"{config}: no single SaveDenoisedd in postprocessing; cannot build the e2e_today baseline"
+        )
     content_keys = set(content)
     return {
         # the 0.2.0 network stage: default memory layout (channels-last weights came with issue 14)
@@ -157,10 +163,22 @@ def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
         "preprocessing#transforms": "$[@load_transform, @keep_native] + ([@resample_transform] if @resample_enabled else []) + @intensity_transforms",
         "postprocessing#transforms": [
             {"_target_": "CopyItemsd", "keys": "image", "names": "net_input"},
-            {"_target_": "Invertd", "keys": ["pred", "net_input"], "transform": "@preprocessing", "orig_keys": ["image", "image"],
-             "nearest_interp": False, "to_tensor": True, "device": "cpu"},
-            {"_target_": "scripts.benchmarks.inference_speed.LegacyNativeResidualSUVd", "keys": "pred", "image_key": "net_input",
-             "native_key": "native_suv", "suv_max": "@suv_max"},
+            {
+                "_target_": "Invertd",
+                "keys": ["pred", "net_input"],
+                "transform": "@preprocessing",
+                "orig_keys": ["image", "image"],
+                "nearest_interp": False,
+                "to_tensor": True,
+                "device": "cpu",
+            },
+            {
+                "_target_": "scripts.benchmarks.inference_speed.LegacyNativeResidualSUVd",
+                "keys": "pred",
+                "image_key": "net_input",
+                "native_key": "native_suv",
+                "suv_max": "@suv_max",
+            },
             writer[0],
         ],
     }
@@ -181,8 +199,14 @@ def synthetic_suv(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     # (centre as a fraction of the volume, radius as a fraction of min(X, Y), SUV)
     spots = [((0.35, 0.45, 0.55), 0.18, 2.5), ((0.5, 0.55, 0.12), 0.07, 30.0)]
-    spots += [(tuple(rng.uniform([0.3, 0.35, 0.15], [0.7, 0.65, 0.9])), float(rng.uniform(0.01, 0.03)),
-               float(rng.uniform(6.0, 12.0))) for _ in range(6)]
+    spots += [
+        (
+            tuple(rng.uniform([0.3, 0.35, 0.15], [0.7, 0.65, 0.9])),
+            float(rng.uniform(0.01, 0.03)),
+            float(rng.uniform(6.0, 12.0)),
+        )
+        for _ in range(6)
+    ]
     gen = torch.Generator().manual_seed(seed)
     out = torch.empty((X, Y, Z), dtype=torch.float32)
     y = torch.arange(Y, dtype=torch.float32).view(1, Y, 1)
@@ -317,8 +341,17 @@ def _parser(config: str, override: str | None, device: str | None, values: dict[
 
 def _settings(config: str, override: str | None) -> dict[str, Any]:
     parser = _parser(config, override, "cpu")
-    keys = ("patch_size", "sw_batch_size", "overlap", "suv_max", "target_spacing", "channels", "num_blocks",
-            "latent_dim", "san_channels")
+    keys = (
+        "patch_size",
+        "sw_batch_size",
+        "overlap",
+        "suv_max",
+        "target_spacing",
+        "channels",
+        "num_blocks",
+        "latent_dim",
+        "san_channels",
+    )
     s = {k: parser.get_parsed_content(k) for k in keys}
     s["blend_mode"] = parser.get_parsed_content("inferer#mode")
     s["patch_size"] = [int(v) for v in s["patch_size"]]
@@ -350,8 +383,10 @@ def worker_main(spec_path: str) -> int:
     t_setup = time.perf_counter()
     values = {}
     if variant == "ours_window64":
-        values = {"patch_size": [spec["baseline_window"]] * 3,
-                  "overlap": 1.0 - spec["baseline_stride"] / spec["baseline_window"]}
+        values = {
+            "patch_size": [spec["baseline_window"]] * 3,
+            "overlap": 1.0 - spec["baseline_stride"] / spec["baseline_window"],
+        }
     parser = _parser(spec["config"], spec.get("override"), spec.get("device"), values)
     suv_max = float(parser.get_parsed_content("suv_max"))
     network = parser.get_parsed_content("network")
@@ -398,16 +433,24 @@ def worker_main(spec_path: str) -> int:
     pred.mul_(suv_max)
     corr_max = 0.0
     for a in range(0, image.shape[2], _SLAB):
-        delta = pred[0, 0, a:a + _SLAB] - image[0, 0, a:a + _SLAB] * suv_max
+        delta = pred[0, 0, a : a + _SLAB] - image[0, 0, a : a + _SLAB] * suv_max
         corr_max = max(corr_max, float(delta.abs().max()))
     if fraction < 1.0:
         corr_max = None  # most of the output was never computed
     if spec.get("save") and fraction == 1.0:
         atomic_write(spec["save"], lambda tmp: np.save(tmp, pred[0, 0].numpy(), allow_pickle=False))
-    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_before_bytes": rss_before, "peak_rss_bytes": peak,
-              "setup_s": t0 - t_setup, "correction_max_suv": corr_max, "threads": torch.get_num_threads(),
-              "timed_fraction": fraction, "precision": getattr(network, "precision", "fp32"),
-              "memory_format": getattr(network, "memory_format", "contiguous")}
+    result = {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak,
+        "setup_s": t0 - t_setup,
+        "correction_max_suv": corr_max,
+        "threads": torch.get_num_threads(),
+        "timed_fraction": fraction,
+        "precision": getattr(network, "precision", "fp32"),
+        "memory_format": getattr(network, "memory_format", "contiguous"),
+    }
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 
@@ -446,7 +489,7 @@ def _compare(a: Path, b: Path) -> dict[str, float]:
         raise RuntimeError(f"outputs {a.name} {x.shape} and {b.name} {y.shape} differ in shape")
     mx, total = 0.0, 0.0
     for s in range(0, x.shape[0], _SLAB):
-        d = np.abs(np.asarray(x[s:s + _SLAB], dtype=np.float64) - np.asarray(y[s:s + _SLAB], dtype=np.float64))
+        d = np.abs(np.asarray(x[s : s + _SLAB], dtype=np.float64) - np.asarray(y[s : s + _SLAB], dtype=np.float64))
         mx, total = max(mx, float(d.max())), total + float(d.sum())
     return {"max_abs_diff_suv": mx, "mean_abs_diff_suv": total / x.size}
 
@@ -457,13 +500,15 @@ def _check_sizes(sizes: Any) -> list[tuple[int, int, int]]:
     ok = isinstance(sizes, (list, tuple)) and len(sizes) > 0
     out = []
     for s in sizes if ok else []:
-        if not (isinstance(s, (list, tuple)) and len(s) == 3 and all(isinstance(v, (int, np.integer)) and v > 0 for v in s)):
+        if not (
+            isinstance(s, (list, tuple)) and len(s) == 3 and all(isinstance(v, (int, np.integer)) and v > 0 for v in s)
+        ):
             ok = False
             break
         out.append(tuple(int(v) for v in s))
     if not ok:
         raise BenchmarkInputError(
-            f"--sizes must be a list of X,Y,Z voxel counts, e.g. \"[[128,128,267],[440,440,644]]\", got {sizes!r}"
+            f'--sizes must be a list of X,Y,Z voxel counts, e.g. "[[128,128,267],[440,440,644]]", got {sizes!r}'
         )
     return out
 
@@ -508,12 +553,16 @@ def _labels(s: dict[str, Any], bw: int, bs: int) -> dict[str, str]:
 
 def _print_table(dev: str, s: dict[str, Any], n_params: int, entry: dict[str, Any], labels: dict[str, str]) -> None:
     shape = entry["shape"]
-    print(f"\nWhole-volume inference, {_fmt_shape(shape)} ({math.prod(shape) / 1e6:.1f} M voxels) on {dev} "
-          f"({torch.get_num_threads()} threads), network {s['channels']} ch / {s['num_blocks']} blocks "
-          f"({n_params:,} parameters), medians of {entry['repeats']} interleaved repeat(s), load average "
-          f"{entry['load_average_1min'][0]:.1f} -> {entry['load_average_1min'][1]:.1f}")
-    print(f"{'variant':52s} {'windows':>8s} {'median s':>9s} {'CPU s':>8s} {'peak RSS GB':>12s} {'x input':>8s} "
-          f"{'max|diff| SUV':>14s} {'mean|diff|':>11s}")
+    print(
+        f"\nWhole-volume inference, {_fmt_shape(shape)} ({math.prod(shape) / 1e6:.1f} M voxels) on {dev} "
+        f"({torch.get_num_threads()} threads), network {s['channels']} ch / {s['num_blocks']} blocks "
+        f"({n_params:,} parameters), medians of {entry['repeats']} interleaved repeat(s), load average "
+        f"{entry['load_average_1min'][0]:.1f} -> {entry['load_average_1min'][1]:.1f}"
+    )
+    print(
+        f"{'variant':52s} {'windows':>8s} {'median s':>9s} {'CPU s':>8s} {'peak RSS GB':>12s} {'x input':>8s} "
+        f"{'max|diff| SUV':>14s} {'mean|diff|':>11s}"
+    )
     for name, v in entry["variants"].items():
         diff = entry["vs_baseline"].get(name, {}).get("max_abs_diff_suv")
         mean = entry["vs_baseline"].get(name, {}).get("mean_abs_diff_suv")
@@ -523,30 +572,47 @@ def _print_table(dev: str, s: dict[str, Any], n_params: int, entry: dict[str, An
             label, diff_s = f"{label} [x from {entry['baseline_extrapolated_from_windows']}]", "(not compared)"
         mean_s = f"{mean:.5f}" if mean is not None else ""
         win = str(v["windows"]) if v.get("windows") is not None else "-"
-        print(f"{label:52s} {win:>8s} {v['median_s']:9.2f} {v['median_cpu_s']:8.1f} {v['peak_rss_gb']:12.2f} "
-              f"{v['peak_rss_over_input']:8.1f} {diff_s:>14s} {mean_s:>11s}")
+        print(
+            f"{label:52s} {win:>8s} {v['median_s']:9.2f} {v['median_cpu_s']:8.1f} {v['peak_rss_gb']:12.2f} "
+            f"{v['peak_rss_over_input']:8.1f} {diff_s:>14s} {mean_s:>11s}"
+        )
     if entry.get("correction_max_suv") is not None:
-        print(f"{'(network correction, max |out - in|, SUV)':52s} {'':8s} {'':9s} {'':8s} {'':12s} {'':8s} "
-              f"{entry['correction_max_suv']:14.4f}")
+        print(
+            f"{'(network correction, max |out - in|, SUV)':52s} {'':8s} {'':9s} {'':8s} {'':12s} {'':8s} "
+            f"{entry['correction_max_suv']:14.4f}"
+        )
     if entry.get("speedup_e2e") is not None:
         verdict = "met" if entry["speedup_e2e"] >= TARGET_E2E_SPEEDUP else "NOT met"
-        print(f"{'speed-up e2e_today / e2e':52s} {'':8s} {entry['speedup_e2e']:9.2f} {entry['cpu_speedup_e2e']:8.2f}  "
-              f"target >= {TARGET_E2E_SPEEDUP:g} (wall): {verdict}")
+        print(
+            f"{'speed-up e2e_today / e2e':52s} {'':8s} {entry['speedup_e2e']:9.2f} {entry['cpu_speedup_e2e']:8.2f}  "
+            f"target >= {TARGET_E2E_SPEEDUP:g} (wall): {verdict}"
+        )
     if entry.get("vs_e2e_today"):
         d = entry["vs_e2e_today"]
-        print(f"{'e2e vs e2e_today outputs: max / mean |diff| SUV':52s} {d['max_abs_diff_suv']:.4g} / {d['mean_abs_diff_suv']:.3g}")
-    for key, text in (("speedup_ours", "speed-up baseline / ours"),
-                      ("speedup_ours_window64", "speed-up baseline / ours at baseline windows")):
+        print(
+            f"{'e2e vs e2e_today outputs: max / mean |diff| SUV':52s} {d['max_abs_diff_suv']:.4g} / {d['mean_abs_diff_suv']:.3g}"
+        )
+    for key, text in (
+        ("speedup_ours", "speed-up baseline / ours"),
+        ("speedup_ours_window64", "speed-up baseline / ours at baseline windows"),
+    ):
         if entry.get(key) is not None:
             verdict = "met" if entry[key] >= TARGET_SPEEDUP else "NOT met"
-            print(f"{text:52s} {'':8s} {entry[key]:9.2f} {entry['cpu_' + key]:8.2f}  target >= {TARGET_SPEEDUP:g} "
-                  f"(wall): {verdict}")
+            print(
+                f"{text:52s} {'':8s} {entry[key]:9.2f} {entry['cpu_' + key]:8.2f}  target >= {TARGET_SPEEDUP:g} "
+                f"(wall): {verdict}"
+            )
 
 
 def _targets(entries: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(targets_met, how each was judged); a target whose size or variant was not run is None."""
-    met: dict[str, Any] = {"speedup_2x": None, "large_peak_rss_under_8gb": None, "small_under_60s": None,
-                           "e2e_speedup_1_5x": None, "e2e_peak_rss_3gb_6x_input": None}
+    met: dict[str, Any] = {
+        "speedup_2x": None,
+        "large_peak_rss_under_8gb": None,
+        "small_under_60s": None,
+        "e2e_speedup_1_5x": None,
+        "e2e_peak_rss_3gb_6x_input": None,
+    }
     basis: dict[str, str] = {}
     for e in entries:  # issue 14: judged on the largest size that ran both end-to-end variants
         v = e["variants"]
@@ -554,16 +620,29 @@ def _targets(entries: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             met["e2e_speedup_1_5x"] = e["speedup_e2e"] >= TARGET_E2E_SPEEDUP
             basis["e2e_speedup_1_5x"] = f"{_fmt_shape(e['shape'])}: e2e_today / e2e median wall {e['speedup_e2e']:.2f}"
         if "e2e" in v:
-            ok = v["e2e"]["peak_rss_gb"] <= TARGET_E2E_RSS_GB and v["e2e"]["peak_rss_over_input"] <= TARGET_E2E_RSS_OVER_INPUT
+            ok = (
+                v["e2e"]["peak_rss_gb"] <= TARGET_E2E_RSS_GB
+                and v["e2e"]["peak_rss_over_input"] <= TARGET_E2E_RSS_OVER_INPUT
+            )
             met["e2e_peak_rss_3gb_6x_input"] = ok
-            basis["e2e_peak_rss_3gb_6x_input"] = (f"{_fmt_shape(e['shape'])}: e2e {v['e2e']['peak_rss_gb']:.2f} GB = "
-                                                  f"{v['e2e']['peak_rss_over_input']:.1f}x the float32 input")
-    ratios = [(e["shape"], e["speedup_ours"], " (baseline extrapolated)" if e.get("baseline_extrapolated_from_windows") else "")
-              for e in entries if e.get("speedup_ours") is not None]
+            basis["e2e_peak_rss_3gb_6x_input"] = (
+                f"{_fmt_shape(e['shape'])}: e2e {v['e2e']['peak_rss_gb']:.2f} GB = "
+                f"{v['e2e']['peak_rss_over_input']:.1f}x the float32 input"
+            )
+    ratios = [
+        (
+            e["shape"],
+            e["speedup_ours"],
+            " (baseline extrapolated)" if e.get("baseline_extrapolated_from_windows") else "",
+        )
+        for e in entries
+        if e.get("speedup_ours") is not None
+    ]
     if ratios:
         met["speedup_2x"] = all(r >= TARGET_SPEEDUP for _, r, _ in ratios)
         basis["speedup_2x"] = "baseline / ours median stage time, every size run: " + ", ".join(
-            f"{_fmt_shape(s)} {r:.2f}{x}" for s, r, x in ratios)
+            f"{_fmt_shape(s)} {r:.2f}{x}" for s, r, x in ratios
+        )
     for e in entries:
         v = e["variants"]
         if tuple(e["shape"]) == LARGE_SHAPE:
@@ -638,10 +717,14 @@ def run(
     rep_list = _check_repeats(repeats, size_list, large_voxels)
     normal_v = _check_variants(variants, "variants")
     large_v = _check_variants(large_variants, "large_variants")
-    if large_baseline_windows is not None and (not isinstance(large_baseline_windows, int) or large_baseline_windows < 1):
+    if large_baseline_windows is not None and (
+        not isinstance(large_baseline_windows, int) or large_baseline_windows < 1
+    ):
         raise BenchmarkInputError(f"--large_baseline_windows must be an integer >= 1, got {large_baseline_windows!r}")
     if baseline_window < 1 or baseline_stride < 1 or baseline_stride > baseline_window:
-        raise BenchmarkInputError(f"need 1 <= --baseline_stride <= --baseline_window, got {baseline_stride} and {baseline_window}")
+        raise BenchmarkInputError(
+            f"need 1 <= --baseline_stride <= --baseline_window, got {baseline_stride} and {baseline_window}"
+        )
     s = _settings(str(cfg), str(ovr) if ovr else None)
 
     work = Path(keep).expanduser().absolute() if keep else Path(tempfile.mkdtemp(prefix="unipet_infer_bench_"))
@@ -671,16 +754,32 @@ def run(
             if large and skip_large:
                 logger.info("skipping %s (--skip_large)", _fmt_shape(shape))
                 continue
-            entries.append(_bench_size(shape, reps, large_v if large else normal_v, s, str(cfg), ovr, (weights, sha),
-                                       device, seed, spacing, baseline_window, baseline_stride,
-                                       large_baseline_windows if large else None, work))
+            entries.append(
+                _bench_size(
+                    shape,
+                    reps,
+                    large_v if large else normal_v,
+                    s,
+                    str(cfg),
+                    ovr,
+                    (weights, sha),
+                    device,
+                    seed,
+                    spacing,
+                    baseline_window,
+                    baseline_stride,
+                    large_baseline_windows if large else None,
+                    work,
+                )
+            )
             _print_table(dev, s, n_params, entries[-1], labels)
             if "ours" in entries[-1]["variants"]:  # network-stage GFLOP/s next to this machine's conv3d peak (issue 14)
                 from scripts.benchmarks.compute_peak import network_stage_report
 
                 ours = entries[-1]["variants"]["ours"]
-                entries[-1]["gflops"] = network_stage_report(str(cfg), str(ovr) if ovr else None, shape, ours["median_s"],
-                                                             ours.get("precision", "fp32"), dev)
+                entries[-1]["gflops"] = network_stage_report(
+                    str(cfg), str(ovr) if ovr else None, shape, ours["median_s"], ours.get("precision", "fp32"), dev
+                )
                 print(entries[-1]["gflops"]["line"])
     finally:
         if not keep:
@@ -703,25 +802,36 @@ def run(
         "seed": seed,
         "labels": labels,
         "sizes": entries,
-        "targets": {"speedup_min": TARGET_SPEEDUP, "large_shape": list(LARGE_SHAPE), "large_peak_rss_gb_max": TARGET_LARGE_RSS_GB,
-                    "small_shape": list(SMALL_SHAPE), "small_seconds_max": TARGET_SMALL_S,
-                    "e2e_speedup_min": TARGET_E2E_SPEEDUP, "e2e_peak_rss_gb_max": TARGET_E2E_RSS_GB,
-                    "e2e_peak_rss_over_input_max": TARGET_E2E_RSS_OVER_INPUT},
+        "targets": {
+            "speedup_min": TARGET_SPEEDUP,
+            "large_shape": list(LARGE_SHAPE),
+            "large_peak_rss_gb_max": TARGET_LARGE_RSS_GB,
+            "small_shape": list(SMALL_SHAPE),
+            "small_seconds_max": TARGET_SMALL_S,
+            "e2e_speedup_min": TARGET_E2E_SPEEDUP,
+            "e2e_peak_rss_gb_max": TARGET_E2E_RSS_GB,
+            "e2e_peak_rss_over_input_max": TARGET_E2E_RSS_OVER_INPUT,
+        },
         "today_pipeline_overrides": today_pipeline(cfg),
         "targets_met": met,
         "targets_basis": basis,
     }
-    print("\ntargets: " + "; ".join(
-        f"{k}: {'not run' if v is None else ('met' if v else 'NOT met')}" + (f" ({basis[k]})" if k in basis else "")
-        for k, v in met.items()))
+    print(
+        "\ntargets: "
+        + "; ".join(
+            f"{k}: {'not run' if v is None else ('met' if v else 'NOT met')}" + (f" ({basis[k]})" if k in basis else "")
+            for k, v in met.items()
+        )
+    )
     out = Path(output)
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return result
 
 
-def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spacing, bw, bs, max_windows,
-                work) -> dict[str, Any]:
+def _bench_size(
+    shape, reps, variants, s, cfg, ovr, weights, device, seed, spacing, bw, bs, max_windows, work
+) -> dict[str, Any]:
     """Run every variant ``reps`` times (interleaved) on one size; returns that size's JSON entry."""
     checkpoint, sha = weights
     tag = _fmt_shape(shape)
@@ -744,9 +854,26 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
                 out_dir = work / f"{v}_out_{tag}_{r}"
                 extra_cfg = [str(_today_override(cfg, work))] if v == "e2e_today" else []
                 cfgs = json.dumps([cfg] + ([str(ovr)] if ovr else []) + extra_cfg)
-                cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cfgs,
-                       "--bundle_root", str(BUNDLE_ROOT), "--dataset_dir", str(e2e_in), "--output_dir", str(out_dir),
-                       "--checkpoint", str(checkpoint), "--checkpoint_sha256", sha, "--allow_untrained", "false"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "monai.bundle",
+                    "run",
+                    "--config_file",
+                    cfgs,
+                    "--bundle_root",
+                    str(BUNDLE_ROOT),
+                    "--dataset_dir",
+                    str(e2e_in),
+                    "--output_dir",
+                    str(out_dir),
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--checkpoint_sha256",
+                    sha,
+                    "--allow_untrained",
+                    "false",
+                ]
                 if device:
                     cmd += ["--device", f"$torch.device('{device}')"]
                 code, wall, cpu, peak = _run_child(cmd, log, env)
@@ -759,35 +886,75 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
                 times[v].append(wall)
                 cpus[v].append(cpu)
             else:
-                spec = {"variant": v, "config": cfg, "override": str(ovr) if ovr else None, "device": device,
-                        "shape": list(shape), "seed": seed, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
-                        "max_windows": max_windows, "baseline_window": bw,
-                        "baseline_stride": bs, "result": str(work / f"{v}_{tag}_{r}.json"),
-                        "save": str(work / f"{v}_{tag}.npy") if r == 0 else None}
+                spec = {
+                    "variant": v,
+                    "config": cfg,
+                    "override": str(ovr) if ovr else None,
+                    "device": device,
+                    "shape": list(shape),
+                    "seed": seed,
+                    "checkpoint": str(checkpoint),
+                    "checkpoint_sha256": sha,
+                    "max_windows": max_windows,
+                    "baseline_window": bw,
+                    "baseline_stride": bs,
+                    "result": str(work / f"{v}_{tag}_{r}.json"),
+                    "save": str(work / f"{v}_{tag}.npy") if r == 0 else None,
+                }
                 spec_path = work / f"{v}_{tag}_{r}.spec.json"
                 spec_path.write_text(json.dumps(spec))
-                cmd = [sys.executable, "-c", "import sys; from scripts.benchmarks.inference_speed import worker_main; "
-                       "sys.exit(worker_main(sys.argv[1]))", str(spec_path)]
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    "import sys; from scripts.benchmarks.inference_speed import worker_main; "
+                    "sys.exit(worker_main(sys.argv[1]))",
+                    str(spec_path),
+                ]
                 code, wall, _, peak = _run_child(cmd, log, env)
                 if code != 0:
                     _fail(f"variant {v} on {tag}", code, log)
                 res = json.loads(Path(spec["result"]).read_text())
                 times[v].append(res["seconds"])
                 cpus[v].append(res["cpu_seconds"])
-                extra[v] = {"correction_max_suv": res["correction_max_suv"], "timed_fraction": res["timed_fraction"],
-                            "rss_before_gb": res["rss_before_bytes"] / _GB, "setup_s": res["setup_s"],
-                            "precision": res["precision"], "memory_format": res["memory_format"]}
+                extra[v] = {
+                    "correction_max_suv": res["correction_max_suv"],
+                    "timed_fraction": res["timed_fraction"],
+                    "rss_before_gb": res["rss_before_bytes"] / _GB,
+                    "setup_s": res["setup_s"],
+                    "precision": res["precision"],
+                    "memory_format": res["memory_format"],
+                }
             peaks[v].append(peak)
-            logger.info("%s %s repeat %d/%d: %.2f s (CPU %.2f s), peak RSS %.2f GB", tag, v, r + 1, reps, times[v][-1],
-                        cpus[v][-1], peak / _GB)
-    roi = {"ours": (s["patch_size"], s["overlap"]), "ours_window64": ([bw] * 3, 1 - bs / bw), "baseline": ([bw] * 3, 1 - bs / bw)}
-    entry: dict[str, Any] = {"shape": list(shape), "voxels": math.prod(shape), "repeats": reps,
-                             "load_average_1min": [load_start, os.getloadavg()[0]], "variants": {}}
+            logger.info(
+                "%s %s repeat %d/%d: %.2f s (CPU %.2f s), peak RSS %.2f GB",
+                tag,
+                v,
+                r + 1,
+                reps,
+                times[v][-1],
+                cpus[v][-1],
+                peak / _GB,
+            )
+    roi = {
+        "ours": (s["patch_size"], s["overlap"]),
+        "ours_window64": ([bw] * 3, 1 - bs / bw),
+        "baseline": ([bw] * 3, 1 - bs / bw),
+    }
+    entry: dict[str, Any] = {
+        "shape": list(shape),
+        "voxels": math.prod(shape),
+        "repeats": reps,
+        "load_average_1min": [load_start, os.getloadavg()[0]],
+        "variants": {},
+    }
     for v in variants:
         entry["variants"][v] = {
-            "median_s": statistics.median(times[v]), "all_s": times[v],
-            "median_cpu_s": statistics.median(cpus[v]), "all_cpu_s": cpus[v],
-            "peak_rss_gb": max(peaks[v]) / _GB, "all_peak_rss_gb": [p / _GB for p in peaks[v]],
+            "median_s": statistics.median(times[v]),
+            "all_s": times[v],
+            "median_cpu_s": statistics.median(cpus[v]),
+            "all_cpu_s": cpus[v],
+            "peak_rss_gb": max(peaks[v]) / _GB,
+            "all_peak_rss_gb": [p / _GB for p in peaks[v]],
             "peak_rss_over_input": max(peaks[v]) / (4.0 * math.prod(shape)),  # x the float32 volume
             "windows": _windows(shape, *roi[v]) if v in roi else None,
             **extra[v],
@@ -814,7 +981,9 @@ def _bench_size(shape, reps, variants, s, cfg, ovr, weights, device, seed, spaci
                 entry[f"cpu_speedup_{v}"] = base["median_cpu_s"] / entry["variants"][v]["median_cpu_s"]
     if "e2e" in variants and "e2e_today" in variants:
         entry["speedup_e2e"] = entry["variants"]["e2e_today"]["median_s"] / entry["variants"]["e2e"]["median_s"]
-        entry["cpu_speedup_e2e"] = entry["variants"]["e2e_today"]["median_cpu_s"] / entry["variants"]["e2e"]["median_cpu_s"]
+        entry["cpu_speedup_e2e"] = (
+            entry["variants"]["e2e_today"]["median_cpu_s"] / entry["variants"]["e2e"]["median_cpu_s"]
+        )
         entry["vs_e2e_today"] = _compare_nifti(work / f"e2e_{tag}.nii.gz", work / f"e2e_today_{tag}.nii.gz")
     for f in list(work.glob(f"*_{tag}.npy")) + list(work.glob(f"e2e*_{tag}.nii.gz")):
         f.unlink()
@@ -839,7 +1008,7 @@ def _compare_nifti(a: Path, b: Path) -> dict[str, float]:
         raise RuntimeError(f"outputs {a.name} {x.shape} and {b.name} {y.shape} differ in shape")
     mx, total = 0.0, 0.0
     for s in range(0, x.shape[2], _SLAB):
-        d = np.abs(x[:, :, s:s + _SLAB].astype(np.float64) - y[:, :, s:s + _SLAB])
+        d = np.abs(x[:, :, s : s + _SLAB].astype(np.float64) - y[:, :, s : s + _SLAB])
         mx, total = max(mx, float(d.max())), total + float(d.sum())
     return {"max_abs_diff_suv": mx, "mean_abs_diff_suv": total / x.size}
 

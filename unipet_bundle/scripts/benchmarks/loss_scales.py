@@ -19,7 +19,6 @@ Prints a table and writes JSON. ``--bdn_checkpoint`` takes the base network of a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -52,9 +51,12 @@ def _batches(parser: ConfigParser, n_batches: int, shape, drfs, seed: int) -> li
     suv_max = float(parser.get_parsed_content("suv_max"))
     patch = parser.get_parsed_content("patch_size")
     spacing = (4.0, 4.0, 4.0)
-    weights = PatchSamplingWeightsd("label", suv_max=suv_max,
-                                    tissue_threshold_suv=parser.get_parsed_content("tissue_threshold_suv"),
-                                    hotspot_fraction=parser.get_parsed_content("hotspot_fraction"))
+    weights = PatchSamplingWeightsd(
+        "label",
+        suv_max=suv_max,
+        tissue_threshold_suv=parser.get_parsed_content("tissue_threshold_suv"),
+        hotspot_fraction=parser.get_parsed_content("hotspot_fraction"),
+    )
     crop = RandWeightedCropd(["image", "label"], "crop_weight", patch, num_samples=1)
     crop.set_random_state(seed)
     batches = []
@@ -108,7 +110,9 @@ def measure(
     parser["bundle_root"] = str(BUNDLE_ROOT)
     gen = parser.get_parsed_content("network_def")
     if bdn_checkpoint:
-        state = load_checkpoint(BUNDLE_ROOT / bdn_checkpoint if not Path(bdn_checkpoint).is_absolute() else bdn_checkpoint)
+        state = load_checkpoint(
+            BUNDLE_ROOT / bdn_checkpoint if not Path(bdn_checkpoint).is_absolute() else bdn_checkpoint
+        )
         gen.load_bdn_state_dict({k: v for k, v in state.items() if not gen._is_san_key(k)})
     critic = parser.get_parsed_content("critic_def")
     thr = normalised_threshold(parser.get_parsed_content("rals_threshold_suv2"), parser.get_parsed_content("suv_max"))
@@ -119,7 +123,9 @@ def measure(
     regional = RegionalSUVLoss(parser.get_parsed_content("regional_windows"))
 
     t0 = time.perf_counter()
-    d_opt = torch.optim.AdamW(critic.parameters(), lr=parser.get_parsed_content("critic_learning_rate"), betas=(0.9, 0.99))
+    d_opt = torch.optim.AdamW(
+        critic.parameters(), lr=parser.get_parsed_content("critic_learning_rate"), betas=(0.9, 0.99)
+    )
     for step in range(critic_steps):
         low, full = data[step % len(data)]
         with torch.no_grad():
@@ -150,17 +156,30 @@ def measure(
     suggested = {t: shares[t] * med["l1"][0] / med[t][0] if med[t][0] > 0 else float("nan") for t in shares}
     current = {t: float(parser.get_parsed_content(f"{t}_weight")) for t in ("l1", "align", "adv", "regional")}
 
-    print(f"\nGenerator gradient norms at the start of stage 2 (median of {batches} batches, DRFs {list(drfs)}; "
-          f"critic pre-trained {critic_steps} steps; {time.perf_counter() - t0:.0f} s)")
-    print(f"{'term':<10}{'||grad|| all':>16}{'||grad|| SAN':>16}{'config weight':>15}{'weighted/L1':>13}{'suggested':>12}")
+    print(
+        f"\nGenerator gradient norms at the start of stage 2 (median of {batches} batches, DRFs {list(drfs)}; "
+        f"critic pre-trained {critic_steps} steps; {time.perf_counter() - t0:.0f} s)"
+    )
+    print(
+        f"{'term':<10}{'||grad|| all':>16}{'||grad|| SAN':>16}{'config weight':>15}{'weighted/L1':>13}{'suggested':>12}"
+    )
     for t in TERMS:
         ratio = current[t] * med[t][0] / (current["l1"] * med["l1"][0]) if med["l1"][0] > 0 else float("nan")
         sug = suggested.get(t, current[t])
         print(f"{t:<10}{med[t][0]:>16.4g}{med[t][1]:>16.4g}{current[t]:>15.4g}{ratio:>13.3g}{sug:>12.3g}")
-    record = {"config": config, "bdn_checkpoint": bdn_checkpoint, "batches": batches, "critic_steps": critic_steps,
-              "drfs": list(drfs), "shape": list(shape), "grad_norm_all": {t: med[t][0] for t in TERMS},
-              "grad_norm_san": {t: med[t][1] for t in TERMS}, "config_weights": current, "shares": shares,
-              "suggested_weights": suggested}
+    record = {
+        "config": config,
+        "bdn_checkpoint": bdn_checkpoint,
+        "batches": batches,
+        "critic_steps": critic_steps,
+        "drfs": list(drfs),
+        "shape": list(shape),
+        "grad_norm_all": {t: med[t][0] for t in TERMS},
+        "grad_norm_san": {t: med[t][1] for t in TERMS},
+        "config_weights": current,
+        "shares": shares,
+        "suggested_weights": suggested,
+    }
     out = Path(output) if Path(output).is_absolute() else BUNDLE_ROOT / output
     atomic_write_json(out, record)
     print(f"written {out}")

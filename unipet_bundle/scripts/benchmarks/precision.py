@@ -62,8 +62,13 @@ __all__ = ["MIN_LESIONS_FOR_SIGN", "RULE", "choose_default", "choose_inference_d
 logger = logging.getLogger("unipet.benchmark")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-RULE = {"min_speedup": 1.1, "max_abs_psnr_change_db": 0.05, "max_rel_voxel_diff": 0.02,
-        "max_abs_lesion_suvmax_change_pct": 1.0, "max_abs_organ_mean_change_pct": 0.1}
+RULE = {
+    "min_speedup": 1.1,
+    "max_abs_psnr_change_db": 0.05,
+    "max_rel_voxel_diff": 0.02,
+    "max_abs_lesion_suvmax_change_pct": 1.0,
+    "max_abs_organ_mean_change_pct": 0.1,
+}
 """bf16 becomes the default only if it passes all of these against fp32 in the same run: speed-up (inference
 and training), PSNR change vs full dose, largest voxel difference relative to the voxel's SUV (floor 1 SUV:
 ``|bf16 - fp32| / max(SUV_fp32, 1)``), largest lesion SUVmax change and largest organ-mean change."""
@@ -78,20 +83,28 @@ def choose_default(result: dict[str, Any]) -> tuple[str, str]:
     if result["ran_as"]["bf16"] != "bf16":
         return "fp32", "bf16 is not native on this machine (fell back to fp32)"
     checks = {
-        f"inference speed-up {result['inference']['volume_speedup']:.2f} >= {RULE['min_speedup']}":
-            result["inference"]["volume_speedup"] >= RULE["min_speedup"],
-        f"training speed-up {result['training']['min_speedup']:.2f} >= {RULE['min_speedup']}":
-            result["training"]["min_speedup"] >= RULE["min_speedup"],
-        f"|PSNR change| {abs(result['accuracy']['psnr_change_db']):.3f} dB <= {RULE['max_abs_psnr_change_db']}":
-            abs(result["accuracy"]["psnr_change_db"]) <= RULE["max_abs_psnr_change_db"],
-        f"max relative voxel diff {result['accuracy']['max_rel_voxel_diff']:.4f} <= {RULE['max_rel_voxel_diff']}":
-            result["accuracy"]["max_rel_voxel_diff"] <= RULE["max_rel_voxel_diff"],
+        f"inference speed-up {result['inference']['volume_speedup']:.2f} >= {RULE['min_speedup']}": result["inference"][
+            "volume_speedup"
+        ]
+        >= RULE["min_speedup"],
+        f"training speed-up {result['training']['min_speedup']:.2f} >= {RULE['min_speedup']}": result["training"][
+            "min_speedup"
+        ]
+        >= RULE["min_speedup"],
+        f"|PSNR change| {abs(result['accuracy']['psnr_change_db']):.3f} dB <= {RULE['max_abs_psnr_change_db']}": abs(
+            result["accuracy"]["psnr_change_db"]
+        )
+        <= RULE["max_abs_psnr_change_db"],
+        f"max relative voxel diff {result['accuracy']['max_rel_voxel_diff']:.4f} <= {RULE['max_rel_voxel_diff']}": result[
+            "accuracy"
+        ]["max_rel_voxel_diff"]
+        <= RULE["max_rel_voxel_diff"],
         f"max |lesion SUVmax change| {result['accuracy']['max_abs_lesion_suvmax_change_pct']:.3f} % <= "
-        f"{RULE['max_abs_lesion_suvmax_change_pct']} %":
-            result["accuracy"]["max_abs_lesion_suvmax_change_pct"] <= RULE["max_abs_lesion_suvmax_change_pct"],
+        f"{RULE['max_abs_lesion_suvmax_change_pct']} %": result["accuracy"]["max_abs_lesion_suvmax_change_pct"]
+        <= RULE["max_abs_lesion_suvmax_change_pct"],
         f"max |organ mean change| {result['accuracy']['max_abs_organ_mean_change_pct']:.4f} % <= "
-        f"{RULE['max_abs_organ_mean_change_pct']} %":
-            result["accuracy"]["max_abs_organ_mean_change_pct"] <= RULE["max_abs_organ_mean_change_pct"],
+        f"{RULE['max_abs_organ_mean_change_pct']} %": result["accuracy"]["max_abs_organ_mean_change_pct"]
+        <= RULE["max_abs_organ_mean_change_pct"],
     }
     failed = [k for k, ok in checks.items() if not ok]
     if failed:
@@ -113,8 +126,10 @@ def choose_inference_default(result: dict[str, Any]) -> tuple[str, str]:
     changes = [float(r["change_pct"]) for r in result["accuracy"].get("lesions", [])]
     if len(changes) >= MIN_LESIONS_FOR_SIGN and (all(c < 0 for c in changes) or all(c > 0 for c in changes)):
         sign = "lower" if changes[0] < 0 else "higher"
-        return "fp32", (f"bf16 passes the thresholds but every one of {len(changes)} lesion SUVmax values comes out "
-                        f"{sign} ({min(changes):+.2f} % to {max(changes):+.2f} %): a systematic shift")
+        return "fp32", (
+            f"bf16 passes the thresholds but every one of {len(changes)} lesion SUVmax values comes out "
+            f"{sign} ({min(changes):+.2f} % to {max(changes):+.2f} %): a systematic shift"
+        )
     return "bf16", reason
 
 
@@ -143,7 +158,9 @@ def _inference_network(config: str, checkpoint: str | None) -> tuple[torch.nn.Mo
     keys = ("patch_size", "sw_batch_size", "overlap", "suv_max")
     sizes = {k: parser.get_parsed_content(k) for k in keys}
     # both precisions in the layout inference runs in (a config without the key: the default layout)
-    sizes["memory_format"] = str(parser.get_parsed_content("memory_format")) if "memory_format" in parser else "contiguous"
+    sizes["memory_format"] = (
+        str(parser.get_parsed_content("memory_format")) if "memory_format" in parser else "contiguous"
+    )
     return net, sizes, info
 
 
@@ -154,8 +171,10 @@ def _trainer(config: str, precision: str, seed: int) -> tuple[UniPETTrainer, dic
     parser["device"] = "$torch.device('cpu')"
     torch.manual_seed(seed)
     gen = parser.get_parsed_content("network_def", lazy=False)
-    s = {k: parser.get_parsed_content(k) for k in
-         ("critic_channels", "patch_size", "batch_size", "num_samples", "suv_max", "rals_threshold_suv2")}
+    s = {
+        k: parser.get_parsed_content(k)
+        for k in ("critic_channels", "patch_size", "batch_size", "num_samples", "suv_max", "rals_threshold_suv2")
+    }
     critic = PatchCritic(channels=tuple(s["critic_channels"]))
     n = int(s["batch_size"]) * int(s["num_samples"])
     gen_rng = torch.Generator().manual_seed(seed)
@@ -163,12 +182,21 @@ def _trainer(config: str, precision: str, seed: int) -> tuple[UniPETTrainer, dic
     batch = {"image": low, "label": (low + 0.05 * torch.randn(low.shape, generator=gen_rng)).clamp_min(0)}
     thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
     trainer = UniPETTrainer(
-        device="cpu", max_epochs=1, epoch_length=1, train_data_loader=[batch], generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4), critic=critic,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=1,
+        train_data_loader=[batch],
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
+        critic=critic,
         d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1, align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(), mask_fn=lambda x: stylized_mask(x, threshold=thr),
-        critic_pretrain_iterations=0, precision=precision,
+        stage1_iterations=1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: stylized_mask(x, threshold=thr),
+        critic_pretrain_iterations=0,
+        precision=precision,
     )
     return trainer, batch
 
@@ -177,6 +205,7 @@ def _step(trainer: UniPETTrainer, batch: dict[str, torch.Tensor], iteration: int
     def go() -> None:
         trainer.state.iteration = iteration
         trainer._iteration(trainer, batch)
+
     return go
 
 
@@ -219,30 +248,42 @@ def run(
     low = torch.from_numpy(next(iter(sim["drf"].values())).astype(np.float32))
     x_vol = (low / suv_max)[None, None]
     inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=bs, overlap=overlap, mode="gaussian")
-    windows = (torch.rand(bs, 1, *roi, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    windows = torch.rand(bs, 1, *roi, generator=torch.Generator().manual_seed(seed)) * 0.3
     outputs: dict[str, torch.Tensor] = {}
 
     def window_batch(p: str) -> Callable[[], None]:
         def go() -> None:
             with torch.no_grad():
                 nets[p](windows)
+
         return go
 
     def volume(p: str) -> Callable[[], None]:
         def go() -> None:
             with torch.no_grad():
                 outputs[p] = inferer(x_vol, nets[p])[0, 0] * suv_max
+
         return go
 
     logger.info("timing inference (%d interleaved rounds)", repeats)
-    inf = _interleaved({**{f"window_{p}": window_batch(p) for p in PRECISIONS},
-                        **{f"volume_{p}": volume(p) for p in PRECISIONS}}, repeats, warmup)
+    inf = _interleaved(
+        {**{f"window_{p}": window_batch(p) for p in PRECISIONS}, **{f"volume_{p}": volume(p) for p in PRECISIONS}},
+        repeats,
+        warmup,
+    )
 
     logger.info("timing training (%d interleaved rounds)", repeats)
     trainers = {p: _trainer(train_config, p, seed) for p in PRECISIONS}
     train_sizes = trainers["fp32"][1]["image"].shape
-    tr = _interleaved({f"stage{st}_{p}": _step(trainers[p][0], trainers[p][1], 1 if st == 1 else 2)
-                       for st in (1, 2) for p in PRECISIONS}, repeats, warmup)
+    tr = _interleaved(
+        {
+            f"stage{st}_{p}": _step(trainers[p][0], trainers[p][1], 1 if st == 1 else 2)
+            for st in (1, 2)
+            for p in PRECISIONS
+        },
+        repeats,
+        warmup,
+    )
 
     logger.info("conv3d peak and network GFLOP/s")
     channels = int(net.channels)
@@ -261,25 +302,48 @@ def run(
             continue
         if meta.get("kind") == "lesion":
             a32, a16 = float(outputs["fp32"][m].max()), float(outputs["bf16"][m].max())
-            lesions.append({"label": int(lab), "volume_ml": float(meta.get("volume_ml", math.nan)), "suvmax_fp32": a32,
-                            "suvmax_bf16": a16, "change_pct": 100.0 * (a16 - a32) / max(abs(a32), 1e-6)})
+            lesions.append(
+                {
+                    "label": int(lab),
+                    "volume_ml": float(meta.get("volume_ml", math.nan)),
+                    "suvmax_fp32": a32,
+                    "suvmax_bf16": a16,
+                    "change_pct": 100.0 * (a16 - a32) / max(abs(a32), 1e-6),
+                }
+            )
         else:
             a32, a16 = float(outputs["fp32"][m].mean()), float(outputs["bf16"][m].mean())
-            organs.append({"label": int(lab), "name": meta.get("name"), "mean_fp32": a32, "mean_bf16": a16,
-                           "change_pct": 100.0 * (a16 - a32) / max(abs(a32), 1e-6)})
+            organs.append(
+                {
+                    "label": int(lab),
+                    "name": meta.get("name"),
+                    "mean_fp32": a32,
+                    "mean_bf16": a16,
+                    "change_pct": 100.0 * (a16 - a32) / max(abs(a32), 1e-6),
+                }
+            )
     body = full > 0.1
     t_full = full[None, None]
     psnr_in = float(psnr(low[None, None], t_full)[0])
     psnr_out = {p: float(psnr(outputs[p][None, None], t_full)[0]) for p in PRECISIONS}
     result: dict[str, Any] = {
-        "device": "cpu", "platform": platform.platform(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "ran_as": ran_as, "repeats": repeats,
-        "network": {"channels": channels, "num_blocks": int(net.num_blocks), "checkpoint": info.get("checkpoint"),
-                    "trained": bool(info.get("trained"))},
+        "device": "cpu",
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "ran_as": ran_as,
+        "repeats": repeats,
+        "network": {
+            "channels": channels,
+            "num_blocks": int(net.num_blocks),
+            "checkpoint": info.get("checkpoint"),
+            "trained": bool(info.get("trained")),
+        },
         "inference": {
             "window_batch": [bs, 1, *roi],
             "windows_per_s": {p: bs / inf[f"window_{p}"] for p in PRECISIONS},
-            "volume_shape": list(low.shape), "volume_s": {p: inf[f"volume_{p}"] for p in PRECISIONS},
+            "volume_shape": list(low.shape),
+            "volume_s": {p: inf[f"volume_{p}"] for p in PRECISIONS},
             "window_speedup": inf["window_fp32"] / inf["window_bf16"],
             "volume_speedup": inf["volume_fp32"] / inf["volume_bf16"],
         },
@@ -291,19 +355,31 @@ def run(
         },
         "accuracy": {
             "data": f"demo phantom {list(shape)} at DRF {drf:g}, seed {seed} (SIMULATED)",
-            "max_abs_suv_diff": float(diff.max()), "mean_abs_suv_diff": float(diff.mean()),
-            "max_abs_suv_diff_body": float(diff[body].max()), "mean_abs_suv_diff_body": float(diff[body].mean()),
+            "max_abs_suv_diff": float(diff.max()),
+            "mean_abs_suv_diff": float(diff.mean()),
+            "max_abs_suv_diff_body": float(diff[body].max()),
+            "mean_abs_suv_diff_body": float(diff[body].mean()),
             "max_rel_voxel_diff": float(rel.max()),
-            "worst_voxel": {"index": [int(i) for i in worst], "suv_fp32": float(outputs["fp32"][worst]),
-                            "suv_bf16": float(outputs["bf16"][worst]), "suv_input": float(low[worst])},
-            "body_total_change_pct": 100.0 * float(outputs["bf16"][body].double().sum() / outputs["fp32"][body].double().sum() - 1),
-            "lesions": lesions, "organs": organs,
+            "worst_voxel": {
+                "index": [int(i) for i in worst],
+                "suv_fp32": float(outputs["fp32"][worst]),
+                "suv_bf16": float(outputs["bf16"][worst]),
+                "suv_input": float(low[worst]),
+            },
+            "body_total_change_pct": 100.0
+            * float(outputs["bf16"][body].double().sum() / outputs["fp32"][body].double().sum() - 1),
+            "lesions": lesions,
+            "organs": organs,
             "max_abs_lesion_suvmax_change_pct": max((abs(r["change_pct"]) for r in lesions), default=0.0),
             "max_abs_organ_mean_change_pct": max((abs(r["change_pct"]) for r in organs), default=0.0),
-            "psnr_input_db": psnr_in, "psnr_db": psnr_out, "psnr_change_db": psnr_out["bf16"] - psnr_out["fp32"],
+            "psnr_input_db": psnr_in,
+            "psnr_db": psnr_out,
+            "psnr_change_db": psnr_out["bf16"] - psnr_out["fp32"],
         },
-        "gflops": {p: {"conv3d_peak": peak[p], "network": achieved[p], "peak_over_achieved": peak[p] / achieved[p]}
-                   for p in PRECISIONS},
+        "gflops": {
+            p: {"conv3d_peak": peak[p], "network": achieved[p], "peak_over_achieved": peak[p] / achieved[p]}
+            for p in PRECISIONS
+        },
         "rule": RULE,
     }
     result["training"]["min_speedup"] = min(result["training"]["stage1_speedup"], result["training"]["stage2_speedup"])
@@ -312,25 +388,39 @@ def run(
     result["wall_s"] = time.perf_counter() - t_start
 
     i, t, a = result["inference"], result["training"], result["accuracy"]
-    print(f"\nUniPET precision benchmark on the CPU ({torch.get_num_threads()} threads; bf16 ran as {ran_as['bf16']}), "
-          f"medians of {repeats} interleaved repeats")
+    print(
+        f"\nUniPET precision benchmark on the CPU ({torch.get_num_threads()} threads; bf16 ran as {ran_as['bf16']}), "
+        f"medians of {repeats} interleaved repeats"
+    )
     print(f"{'':44s} {'fp32':>10s} {'bf16':>10s} {'bf16 speed-up':>14s}")
-    print(f"{'inference windows/s (batch %d of %s)' % (bs, roi):44s} {i['windows_per_s']['fp32']:10.2f} "
-          f"{i['windows_per_s']['bf16']:10.2f} {i['window_speedup']:13.2f}x")
-    print(f"{'inference s, volume %s' % list(low.shape):44s} {i['volume_s']['fp32']:10.2f} {i['volume_s']['bf16']:10.2f} "
-          f"{i['volume_speedup']:13.2f}x")
+    print(
+        f"{'inference windows/s (batch %d of %s)' % (bs, roi):44s} {i['windows_per_s']['fp32']:10.2f} "
+        f"{i['windows_per_s']['bf16']:10.2f} {i['window_speedup']:13.2f}x"
+    )
+    print(
+        f"{'inference s, volume %s' % list(low.shape):44s} {i['volume_s']['fp32']:10.2f} {i['volume_s']['bf16']:10.2f} "
+        f"{i['volume_speedup']:13.2f}x"
+    )
     for st in (1, 2):
-        print(f"{'training iterations/s, stage %d (%s)' % (st, list(train_sizes)):44s} "
-              f"{t['iterations_per_s'][f'stage{st}_fp32']:10.3f} {t['iterations_per_s'][f'stage{st}_bf16']:10.3f} "
-              f"{t[f'stage{st}_speedup']:13.2f}x")
-    print(f"{'PSNR vs full dose, dB (input %.2f)' % psnr_in:44s} {psnr_out['fp32']:10.3f} {psnr_out['bf16']:10.3f} "
-          f"{a['psnr_change_db']:+13.3f} dB")
-    print(f"|SUV bf16 - fp32|: max {a['max_abs_suv_diff']:.4f}, mean {a['mean_abs_suv_diff']:.5f} "
-          f"(body: max {a['max_abs_suv_diff_body']:.4f}, mean {a['mean_abs_suv_diff_body']:.5f}); largest relative "
-          f"{a['max_rel_voxel_diff']:.4f}; worst voxel fp32 {a['worst_voxel']['suv_fp32']:.2f} SUV")
-    print(f"bf16 vs fp32: lesion SUVmax change max |{a['max_abs_lesion_suvmax_change_pct']:.3f}| % over {len(lesions)} "
-          f"lesions; organ mean change max |{a['max_abs_organ_mean_change_pct']:.4f}| %; body total "
-          f"{a['body_total_change_pct']:+.4f} %")
+        print(
+            f"{'training iterations/s, stage %d (%s)' % (st, list(train_sizes)):44s} "
+            f"{t['iterations_per_s'][f'stage{st}_fp32']:10.3f} {t['iterations_per_s'][f'stage{st}_bf16']:10.3f} "
+            f"{t[f'stage{st}_speedup']:13.2f}x"
+        )
+    print(
+        f"{'PSNR vs full dose, dB (input %.2f)' % psnr_in:44s} {psnr_out['fp32']:10.3f} {psnr_out['bf16']:10.3f} "
+        f"{a['psnr_change_db']:+13.3f} dB"
+    )
+    print(
+        f"|SUV bf16 - fp32|: max {a['max_abs_suv_diff']:.4f}, mean {a['mean_abs_suv_diff']:.5f} "
+        f"(body: max {a['max_abs_suv_diff_body']:.4f}, mean {a['mean_abs_suv_diff_body']:.5f}); largest relative "
+        f"{a['max_rel_voxel_diff']:.4f}; worst voxel fp32 {a['worst_voxel']['suv_fp32']:.2f} SUV"
+    )
+    print(
+        f"bf16 vs fp32: lesion SUVmax change max |{a['max_abs_lesion_suvmax_change_pct']:.3f}| % over {len(lesions)} "
+        f"lesions; organ mean change max |{a['max_abs_organ_mean_change_pct']:.4f}| %; body total "
+        f"{a['body_total_change_pct']:+.4f} %"
+    )
     for p in PRECISIONS:
         print(gflops_line(f"network windows ({p})", achieved[p], peak[p], ran_as[p]))
     print(f"recommended training default: {result['recommended_default']} ({result['reason']})")

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scripts.benchmarks.train_models import ALL_DRFS, TRAIN_DRFS
+from scripts.benchmarks.train_models import TRAIN_DRFS
 from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
@@ -72,17 +72,48 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("psnr", "ssim", "nrmse", "texture_ratio")
 GAUSSIAN_FWHM_MM = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0, 14.0)
 TABLE_BEGIN, TABLE_END = "<!-- quality-families-table:begin -->", "<!-- quality-families-table:end -->"
-CASE_COLUMNS = ("family", "model", "subject", "drf", *METRICS, "psnr_refmax", "lesions", "mean_lesion_suvmax_bias_pct",
-                "mean_abs_lesion_suvmax_bias_pct", "liver_suvmean_bias_pct", "liver_cov_pct",
-                "acf1_inplane", "acf1_axial")
+CASE_COLUMNS = (
+    "family",
+    "model",
+    "subject",
+    "drf",
+    *METRICS,
+    "psnr_refmax",
+    "lesions",
+    "mean_lesion_suvmax_bias_pct",
+    "mean_abs_lesion_suvmax_bias_pct",
+    "liver_suvmean_bias_pct",
+    "liver_cov_pct",
+    "acf1_inplane",
+    "acf1_axial",
+)
 FAMILIES: dict[str, tuple[str, str]] = {
     "in_family": ("sim", "in-family (training distribution)"),
     "unseen_recon": ("sim_unseen", "unseen reconstruction (outside the training ranges)"),
 }
-BASELINES = ("input", "gaussian", "unet", "vanilla", "drf_specific", "san_only", "rals_only", "no_hotspot",
-             "no_regional")
-MODEL_ORDER = ("input", "gaussian", "unet", "vanilla", "drf_specific", "san_only", "rals_only", "no_hotspot",
-               "no_regional", "unipet")
+BASELINES = (
+    "input",
+    "gaussian",
+    "unet",
+    "vanilla",
+    "drf_specific",
+    "san_only",
+    "rals_only",
+    "no_hotspot",
+    "no_regional",
+)
+MODEL_ORDER = (
+    "input",
+    "gaussian",
+    "unet",
+    "vanilla",
+    "drf_specific",
+    "san_only",
+    "rals_only",
+    "no_hotspot",
+    "no_regional",
+    "unipet",
+)
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
 NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
@@ -99,8 +130,11 @@ OPTIONAL_MODELS = ("no_hotspot", "no_regional")
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
 OTHER_NETWORKS = {"unet": "scripts.networks.plain_unet.ResidualUNet"}
-LABELS = {"input": "low-dose input", "gaussian": "Gaussian, FWHM tuned per DRF",
-          **{k: v[0] for k, v in NETWORK_MODELS.items()}}
+LABELS = {
+    "input": "low-dose input",
+    "gaussian": "Gaussian, FWHM tuned per DRF",
+    **{k: v[0] for k, v in NETWORK_MODELS.items()},
+}
 
 
 def _nearest_trained(drf: float, trained: Sequence[float] = TRAIN_DRFS) -> int:
@@ -130,15 +164,26 @@ def _liver_core(labels: np.ndarray | None, table: Mapping | None) -> np.ndarray 
     return core if core.sum() >= 27 else None
 
 
-def score(pred: np.ndarray, full: np.ndarray, labels: np.ndarray | None, table: Mapping | None,
-          low: np.ndarray, spacing: Sequence[float], subject: str, drf: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+def score(
+    pred: np.ndarray,
+    full: np.ndarray,
+    labels: np.ndarray | None,
+    table: Mapping | None,
+    low: np.ndarray,
+    spacing: Sequence[float],
+    subject: str,
+    drf: str,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
     """The evaluate workflow's metrics of one output, its lesion/organ rows and the lesion summary numbers.
 
     ``settings``: the training config's ``suv_max`` (clip and data range) and RALS mask keys. The returned
     row holds ``_regions`` (all region rows, for the lesion tables and plots) and ``_lesion_biases``."""
     s = float(settings["suv_max"])
     p, f = torch.from_numpy(pred)[None, None], torch.from_numpy(full)[None, None]
-    mask = stylized_mask(f.clamp(0.0, s), window=int(settings["rals_window"]), threshold=float(settings["rals_threshold_suv2"]))
+    mask = stylized_mask(
+        f.clamp(0.0, s), window=int(settings["rals_window"]), threshold=float(settings["rals_threshold_suv2"])
+    )
     row: dict[str, Any] = quality_metrics(p, f, mask, data_range=s, clip_max=s)
     biases, regions = [], []
     row["liver_suvmean_bias_pct"] = row["liver_cov_pct"] = float("nan")
@@ -158,8 +203,13 @@ def score(pred: np.ndarray, full: np.ndarray, labels: np.ndarray | None, table: 
     return row
 
 
-def tune_gaussian(data: Path, subjects: Sequence[str], drfs: Sequence[float], suv_max: float,
-                  fwhms: Sequence[float] = GAUSSIAN_FWHM_MM) -> dict[str, dict[str, Any]]:
+def tune_gaussian(
+    data: Path,
+    subjects: Sequence[str],
+    drfs: Sequence[float],
+    suv_max: float,
+    fwhms: Sequence[float] = GAUSSIAN_FWHM_MM,
+) -> dict[str, dict[str, Any]]:
     """Per DRF, the FWHM (mm) with the best mean PSNR on ``subjects`` (validation), and that PSNR."""
     psnrs = {format_drf(d): np.zeros(len(fwhms)) for d in drfs}
     for subject in tqdm(subjects, desc="tuning the Gaussian on validation subjects", unit="subject"):
@@ -173,8 +223,9 @@ def tune_gaussian(data: Path, subjects: Sequence[str], drfs: Sequence[float], su
     return {d: {"fwhm_mm": float(fwhms[int(np.argmax(v))]), "val_psnr": float(v.max())} for d, v in psnrs.items()}
 
 
-def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[float],
-                   models: Sequence[str]) -> tuple[dict, dict]:
+def _load_networks(
+    work: Path, checkpoint: Path, config: Path, drfs: Sequence[float], models: Sequence[str]
+) -> tuple[dict, dict]:
     """{(model key, drf or None): network} for ``models``, and provenance {checkpoints_sha256, settings}."""
     nets: dict[tuple[str, int | None], torch.nn.Module] = {}
     info: dict[str, Any] = {}
@@ -182,12 +233,13 @@ def _load_networks(work: Path, checkpoint: Path, config: Path, drfs: Sequence[fl
 
     def load(path: Path, expected: str | None = None, build: Any = None) -> torch.nn.Module:
         if not path.is_file():
-            raise UniPETInputError(f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first "
-                                   "(or leave that model out with --models)")
+            raise UniPETInputError(
+                f"{path} not found: train it with `python -m scripts.benchmarks.train_models` first "
+                "(or leave that model out with --models)"
+            )
         # strict: a benchmarked model is complete; the shipped weights use the 0.2.0 SAN (v1)
         net = copy.deepcopy(template) if build is None else build()
-        net, weights = load_network_weights(net, path, expected, strict=True,
-                                            adapt=match_checkpoint_san_variant)
+        net, weights = load_network_weights(net, path, expected, strict=True, adapt=match_checkpoint_san_variant)
         info[str(path)] = weights["checkpoint_sha256"]
         return net.eval()
 
@@ -213,18 +265,32 @@ def _denoiser(net: torch.nn.Module, key: tuple[str, int | None], settings: Mappi
     own grid (``resample`` off: the simulated families are on the 4 mm training grid already); the
     normalisation and orientation are the training config's (``settings``), as they belong to the weights."""
     name = key[0] if key[1] is None else f"{key[0]} (DRF {key[1]})"
-    return BundleDenoiser(BUNDLE_ROOT, network=net, model_info={"checkpoint": name, "trained": True},
-                          overrides={"resample": False, "progress": False, "suv_max": float(settings["suv_max"]),
-                                     "network_axcodes": settings["network_axcodes"]})
+    return BundleDenoiser(
+        BUNDLE_ROOT,
+        network=net,
+        model_info={"checkpoint": name, "trained": True},
+        overrides={
+            "resample": False,
+            "progress": False,
+            "suv_max": float(settings["suv_max"]),
+            "network_axcodes": settings["network_axcodes"],
+        },
+    )
 
 
 def _inference_settings(denoiser: BundleDenoiser) -> dict[str, Any]:
     """The network step's settings as run (from ``configs/inference.json``), for the provenance."""
     inferer = denoiser.inferer
-    return {"inference_config": "configs/inference.json", "resample": False,
-            "patch_size": [int(v) for v in inferer.roi_size], "sw_batch_size": int(inferer.sw_batch_size),
-            "overlap": float(inferer.overlap), "blend_mode": str(inferer.mode), "padding_mode": str(inferer.padding_mode),
-            "precision": denoiser.inference_network.precision}
+    return {
+        "inference_config": "configs/inference.json",
+        "resample": False,
+        "patch_size": [int(v) for v in inferer.roi_size],
+        "sw_batch_size": int(inferer.sw_batch_size),
+        "overlap": float(inferer.overlap),
+        "blend_mode": str(inferer.mode),
+        "padding_mode": str(inferer.padding_mode),
+        "precision": denoiser.inference_network.precision,
+    }
 
 
 def _simulated_from_real(subject_dir: Path) -> bool:
@@ -239,8 +305,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], biases: Mapping[tuple[str, str], list[float]],
-              regions: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+def summarise(
+    rows: Sequence[Mapping[str, Any]],
+    biases: Mapping[tuple[str, str], list[float]],
+    regions: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, dict[str, Any]]:
     """{model: {drf: means over test subjects, lesion numbers over all their lesions, liver}} of one family.
 
     ``regions``: region rows tagged with ``model``: they add the signed lesion summary by size bin
@@ -274,16 +343,19 @@ def _gaussian_margin(drf: float) -> float:
     return 1.0 if drf >= 10 else 0.3
 
 
-def baselines_beaten(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: Sequence[str],
-                     model: str = "unipet") -> dict[str, dict[str, Any]]:
+def baselines_beaten(
+    summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: Sequence[str], model: str = "unipet"
+) -> dict[str, dict[str, Any]]:
     """Per DRF: which baselines ``model`` beats on PSNR, and which it does not (plain lists of model keys)."""
     out = {}
     for d in drfs:
         u = summary[model][d]["psnr"]
         others = [b for b in BASELINES if b in summary and d in summary[b] and b != model]
-        out[d] = {"beaten_on_psnr": [b for b in others if u > summary[b][d]["psnr"]],
-                  "not_beaten_on_psnr": [b for b in others if not u > summary[b][d]["psnr"]],
-                  "psnr_margin_db": {b: round(u - summary[b][d]["psnr"], 3) for b in others}}
+        out[d] = {
+            "beaten_on_psnr": [b for b in others if u > summary[b][d]["psnr"]],
+            "not_beaten_on_psnr": [b for b in others if not u > summary[b][d]["psnr"]],
+            "psnr_margin_db": {b: round(u - summary[b][d]["psnr"], 3) for b in others},
+        }
     return out
 
 
@@ -300,35 +372,69 @@ def check_targets(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: 
     for d in drfs:
         margin = _gaussian_margin(float(d))
         gain_in, gain_g = db("unipet", d) - db("input", d), db("unipet", d) - db("gaussian", d)
-        checks.append({"target": f"DRF {d}: PSNR above the input and >= {margin:g} dB above the tuned Gaussian",
-                       "value": f"{gain_in:+.2f} dB vs input, {gain_g:+.2f} dB vs Gaussian",
-                       "met": bool(gain_in > 0 and gain_g >= margin)})
+        checks.append(
+            {
+                "target": f"DRF {d}: PSNR above the input and >= {margin:g} dB above the tuned Gaussian",
+                "value": f"{gain_in:+.2f} dB vs input, {gain_g:+.2f} dB vs Gaussian",
+                "met": bool(gain_in > 0 and gain_g >= margin),
+            }
+        )
         tu = u[d]["texture_ratio"]
-        checks.append({"target": f"DRF {d}: texture ratio within [0.85, 1.15]", "value": f"{tu:.3f}" if tu is not None else "n/a",
-                       "met": bool(tu is not None and 0.85 <= tu <= 1.15)})
+        checks.append(
+            {
+                "target": f"DRF {d}: texture ratio within [0.85, 1.15]",
+                "value": f"{tu:.3f}" if tu is not None else "n/a",
+                "met": bool(tu is not None and 0.85 <= tu <= 1.15),
+            }
+        )
         lim = 10.0 if float(d) <= 20 else 15.0
         b, bg = u[d].get("mean_lesion_suvmax_bias_pct"), summary["gaussian"][d].get("mean_lesion_suvmax_bias_pct")
         ok = b is not None and abs(b) <= lim and (bg is None or abs(b) <= abs(bg))
-        checks.append({"target": f"DRF {d}: mean lesion SUVmax bias within +-{lim:g} % and no worse than the Gaussian's",
-                       "value": (f"{b:+.1f} % (Gaussian {bg:+.1f} %)" if bg is not None else f"{b:+.1f} %") if b is not None else "n/a",
-                       "met": bool(ok)})
+        checks.append(
+            {
+                "target": f"DRF {d}: mean lesion SUVmax bias within +-{lim:g} % and no worse than the Gaussian's",
+                "value": (f"{b:+.1f} % (Gaussian {bg:+.1f} %)" if bg is not None else f"{b:+.1f} %")
+                if b is not None
+                else "n/a",
+                "met": bool(ok),
+            }
+        )
         liver = (u[d].get("liver") or {}).get("max_abs_suvmean_bias_pct")
         mean_liver = (u[d].get("liver") or {}).get("mean_suvmean_bias_pct")
-        checks.append({"target": f"DRF {d}: liver SUVmean within +-5 % of the full dose (every subject)",
-                       "value": f"{mean_liver:+.1f} % mean, {liver:.1f} % worst" if liver is not None else "n/a",
-                       "met": bool(liver is not None and liver <= 5.0)})
+        checks.append(
+            {
+                "target": f"DRF {d}: liver SUVmean within +-5 % of the full dose (every subject)",
+                "value": f"{mean_liver:+.1f} % mean, {liver:.1f} % worst" if liver is not None else "n/a",
+                "met": bool(liver is not None and liver <= 5.0),
+            }
+        )
         if "vanilla" in summary:
             gap_v = db("unipet", d) - db("vanilla", d)
-            checks.append({"target": f"DRF {d}: UniPET >= vanilla universal - 0.05 dB", "value": f"{gap_v:+.2f} dB",
-                           "met": bool(gap_v >= -0.05)})
+            checks.append(
+                {
+                    "target": f"DRF {d}: UniPET >= vanilla universal - 0.05 dB",
+                    "value": f"{gap_v:+.2f} dB",
+                    "met": bool(gap_v >= -0.05),
+                }
+            )
         if "drf_specific" in summary:
             gap = db("unipet", d) - db("drf_specific", d)
-            checks.append({"target": f"DRF {d}: UniPET within 0.3 dB of (or above) the DRF-specific model",
-                           "value": f"{gap:+.2f} dB", "met": bool(gap >= -0.3)})
+            checks.append(
+                {
+                    "target": f"DRF {d}: UniPET within 0.3 dB of (or above) the DRF-specific model",
+                    "value": f"{gap:+.2f} dB",
+                    "met": bool(gap >= -0.3),
+                }
+            )
         if "unet" in summary:
             gap = db("unipet", d) - db("unet", d)
-            checks.append({"target": f"DRF {d}: UniPET ahead of the plain MONAI UNet", "value": f"{gap:+.2f} dB",
-                           "met": bool(gap > 0)})
+            checks.append(
+                {
+                    "target": f"DRF {d}: UniPET ahead of the plain MONAI UNet",
+                    "value": f"{gap:+.2f} dB",
+                    "met": bool(gap > 0),
+                }
+            )
     return checks
 
 
@@ -353,12 +459,15 @@ def markdown(result: Mapping[str, Any]) -> str:
     order = [m for m in MODEL_ORDER if any(m in f["summary"] for f in result["families"].values())]
     for fam, fr in result["families"].items():
         s, drfs = fr["summary"], fr["drfs"]
-        lines += [f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} test subjects "
-                  f"({', '.join(fr['test_subjects'])}), {fr['lesions_per_drf']} lesions, DRFs {', '.join(drfs)}"
-                  f"{'; never trained on: ' + ', '.join(fr['unseen_drfs']) if fr['unseen_drfs'] else ''}.", "",
-                  "| DRF | model | PSNR dB (UniPET) | PSNR dB (UDPET, ref max) | SSIM | texture ratio | lesion SUVmax bias % | "
-                  "lesion SUVpeak bias % | liver SUVmean bias % | liver CoV % | acf1 in-plane / axial |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} test subjects "
+            f"({', '.join(fr['test_subjects'])}), {fr['lesions_per_drf']} lesions, DRFs {', '.join(drfs)}"
+            f"{'; never trained on: ' + ', '.join(fr['unseen_drfs']) if fr['unseen_drfs'] else ''}.",
+            "",
+            "| DRF | model | PSNR dB (UniPET) | PSNR dB (UDPET, ref max) | SSIM | texture ratio | lesion SUVmax bias % | "
+            "lesion SUVpeak bias % | liver SUVmean bias % | liver CoV % | acf1 in-plane / axial |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         full_acf = fr.get("full_dose_texture", {})
         for d in drfs:
             for m in order:
@@ -375,20 +484,31 @@ def markdown(result: Mapping[str, Any]) -> str:
                     f"| {d} | {bold}{label}{bold} | {bold}{_fmt(e['psnr'], 2)}{bold} | {_fmt(e.get('psnr_refmax'), 2)} | "
                     f"{_fmt(e['ssim'], 4)} | {_fmt(e['texture_ratio'], 3)} | {_fmt(e.get('mean_lesion_suvmax_bias_pct'), 1, True)} | "
                     f"{_fmt(la.get('mean_suvpeak_bias_pct'), 1, True)} | {_fmt(liver.get('mean_suvmean_bias_pct'), 1, True)} | "
-                    f"{_fmt(liver.get('mean_cov_pct'), 1)} | {_fmt(e.get('acf1_inplane'), 2)} / {_fmt(e.get('acf1_axial'), 2)} |")
+                    f"{_fmt(liver.get('mean_cov_pct'), 1)} | {_fmt(e.get('acf1_inplane'), 2)} / {_fmt(e.get('acf1_axial'), 2)} |"
+                )
         if full_acf:
-            lines += ["", f"Full dose: liver CoV {_fmt(full_acf.get('liver_cov_pct'), 1)} %, acf1 in-plane / axial "
-                          f"{_fmt(full_acf.get('acf1_inplane'), 2)} / {_fmt(full_acf.get('acf1_axial'), 2)}."]
+            lines += [
+                "",
+                f"Full dose: liver CoV {_fmt(full_acf.get('liver_cov_pct'), 1)} %, acf1 in-plane / axial "
+                f"{_fmt(full_acf.get('acf1_inplane'), 2)} / {_fmt(full_acf.get('acf1_axial'), 2)}.",
+            ]
         lines += ["", "Baselines beaten by UniPET on PSNR (UniPET's), per DRF:", ""]
         for d in drfs:
             b = fr["baselines_beaten"][d]
             lost = b["not_beaten_on_psnr"]
-            lines.append(f"- DRF {d}: beats {'; '.join(LABELS[x] for x in b['beaten_on_psnr']) or 'none'}"
-                         + (f"; does **not** beat {'; '.join(LABELS[x] for x in lost)}" if lost else "")
-                         + f" (UniPET minus each: {'; '.join(f'{LABELS[k]} {v:+.2f} dB' for k, v in b['psnr_margin_db'].items())})")
+            lines.append(
+                f"- DRF {d}: beats {'; '.join(LABELS[x] for x in b['beaten_on_psnr']) or 'none'}"
+                + (f"; does **not** beat {'; '.join(LABELS[x] for x in lost)}" if lost else "")
+                + f" (UniPET minus each: {'; '.join(f'{LABELS[k]} {v:+.2f} dB' for k, v in b['psnr_margin_db'].items())})"
+            )
         met = sum(c["met"] for c in fr["targets"])
-        lines += ["", f"Issue-15 targets on this family ({met} of {len(fr['targets'])} met):", "",
-                  "| target | value | met |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Issue-15 targets on this family ({met} of {len(fr['targets'])} met):",
+            "",
+            "| target | value | met |",
+            "|---|---|---|",
+        ]
         lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else '**no**'} |" for c in fr["targets"]]
         lines.append("")
     return "\n".join(lines)
@@ -412,9 +532,16 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
                 continue
             style = dict(lw=2.5, color="k") if m == "unipet" else dict(lw=1.2)
             for ax, key in zip(row, ("psnr", "texture_ratio", "mean_lesion_suvmax_bias_pct")):
-                ax.plot(x, [s[m][d].get(key) if s[m][d].get(key) is not None else np.nan for d in drfs], marker="o",
-                        label=LABELS[m], **style)
-        for ax, title in zip(row, ("PSNR (dB, UniPET's)", "texture ratio (1 = full-dose texture)", "mean lesion SUVmax bias (%)")):
+                ax.plot(
+                    x,
+                    [s[m][d].get(key) if s[m][d].get(key) is not None else np.nan for d in drfs],
+                    marker="o",
+                    label=LABELS[m],
+                    **style,
+                )
+        for ax, title in zip(
+            row, ("PSNR (dB, UniPET's)", "texture ratio (1 = full-dose texture)", "mean lesion SUVmax bias (%)")
+        ):
             ax.set_xscale("log")
             ax.set_xticks(x, [f"{d:g}" for d in x])
             ax.set_xlabel("dose reduction factor")
@@ -428,7 +555,9 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_recovery(regions: Sequence[Mapping[str, Any]], family: str, drf: str, models: Sequence[str], path: Path) -> None:
+def plot_recovery(
+    regions: Sequence[Mapping[str, Any]], family: str, drf: str, models: Sequence[str], path: Path
+) -> None:
     """Recovery coefficient SUVmax / true SUV versus lesion diameter at one DRF: full dose, input, Gaussian,
     network(s); dots per lesion, lines through the means per size bin."""
     import matplotlib
@@ -437,9 +566,14 @@ def plot_recovery(regions: Sequence[Mapping[str, Any]], family: str, drf: str, m
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
-    les = [r for r in regions if r["kind"] == "lesion" and r["drf"] == drf and math.isfinite(r.get("rc_max", float("nan")))]
+    les = [
+        r for r in regions if r["kind"] == "lesion" and r["drf"] == drf and math.isfinite(r.get("rc_max", float("nan")))
+    ]
     series = [("full dose", "unipet", "full_rc_max", "grey"), ("low-dose input", "unipet", "input_rc_max", "tab:red")]
-    series += [(LABELS[m], m, "rc_max", c) for m, c in zip(models, ("tab:blue", "k", "tab:green", "tab:purple", "tab:orange", "tab:brown"))]
+    series += [
+        (LABELS[m], m, "rc_max", c)
+        for m, c in zip(models, ("tab:blue", "k", "tab:green", "tab:purple", "tab:orange", "tab:brown"))
+    ]
     for name, model, col, colour in series:
         sel = [r for r in les if r.get("model") == model]
         if not sel:
@@ -449,14 +583,16 @@ def plot_recovery(regions: Sequence[Mapping[str, Any]], family: str, drf: str, m
         ax.scatter(dia, rc, s=10, alpha=0.5, color=colour)
         order = np.argsort(dia)
         k = max(1, len(order) // 6)
-        centres = [float(dia[order[i:i + k]].mean()) for i in range(0, len(order), k)]
-        means = [float(rc[order[i:i + k]].mean()) for i in range(0, len(order), k)]
+        centres = [float(dia[order[i : i + k]].mean()) for i in range(0, len(order), k)]
+        means = [float(rc[order[i : i + k]].mean()) for i in range(0, len(order), k)]
         ax.plot(centres, means, color=colour, lw=2 if model == "unipet" and col == "rc_max" else 1.3, label=name)
     ax.axhline(1.0, color="grey", ls="--", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("lesion diameter (mm, true)")
     ax.set_ylabel("recovery coefficient SUVmax / true SUV")
-    ax.set_title(f"{family}, DRF {drf}: lesion recovery (SIMULATED data, {len({(r['subject'], r['label']) for r in les})} lesions)")
+    ax.set_title(
+        f"{family}, DRF {drf}: lesion recovery (SIMULATED data, {len({(r['subject'], r['label']) for r in les})} lesions)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
@@ -475,9 +611,19 @@ def plot_texture(textures: Mapping[str, Mapping[str, Any]], family: str, drfs: S
 
     n = len(drfs)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.8), constrained_layout=True, squeeze=False)
-    colours = {"full": "grey", "input": "tab:red", "gaussian": "tab:blue", "unipet": "k", "vanilla": "tab:green",
-               "drf_specific": "tab:purple", "san_only": "tab:orange", "rals_only": "tab:brown", "unet": "tab:olive",
-               "no_hotspot": "tab:pink", "no_regional": "tab:cyan"}
+    colours = {
+        "full": "grey",
+        "input": "tab:red",
+        "gaussian": "tab:blue",
+        "unipet": "k",
+        "vanilla": "tab:green",
+        "drf_specific": "tab:purple",
+        "san_only": "tab:orange",
+        "rals_only": "tab:brown",
+        "unet": "tab:olive",
+        "no_hotspot": "tab:pink",
+        "no_regional": "tab:cyan",
+    }
     for ax, d in zip(axes[0], drfs):
         curves = {"full": textures.get("full", {}).get("full")} | dict(textures.get(d, {}))
         for model, c in curves.items():
@@ -500,7 +646,9 @@ def plot_texture(textures: Mapping[str, Mapping[str, Any]], family: str, drfs: S
 def update_model_card(docs: Path, table: str) -> None:
     text = docs.read_text()
     if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise UniPETInputError(f"{docs} lacks the {TABLE_BEGIN} / {TABLE_END} markers: restore them from the repository")
+        raise UniPETInputError(
+            f"{docs} lacks the {TABLE_BEGIN} / {TABLE_END} markers: restore them from the repository"
+        )
     head, rest = text.split(TABLE_BEGIN, 1)
     _, tail = rest.split(TABLE_END, 1)
     atomic_write(docs, lambda tmp: tmp.write_text(f"{head}{TABLE_BEGIN}\n{table}{TABLE_END}{tail}"))
@@ -514,13 +662,21 @@ def _family_split(work: Path, family: str) -> tuple[Path, list[str], list[str]]:
     if family == "in_family":
         datalist = data / "datalist.json"
         if not datalist.is_file():
-            raise UniPETInputError(f"{datalist} not found: run `python -m scripts.benchmarks.train_models data --work_dir {work}`")
+            raise UniPETInputError(
+                f"{datalist} not found: run `python -m scripts.benchmarks.train_models data --work_dir {work}`"
+            )
         split = json.loads(datalist.read_text())
-        return data, list(dict.fromkeys(e["subject"] for e in split["validation"])), list(dict.fromkeys(e["subject"] for e in split["test"]))
+        return (
+            data,
+            list(dict.fromkeys(e["subject"] for e in split["validation"])),
+            list(dict.fromkeys(e["subject"] for e in split["test"])),
+        )
     fam = data / "family.json"
     if not fam.is_file():
-        raise UniPETInputError(f"{fam} not found: run `python -m scripts.benchmarks.train_models unseen_family --work_dir {work}` "
-                               "(or leave the family out with --families in_family)")
+        raise UniPETInputError(
+            f"{fam} not found: run `python -m scripts.benchmarks.train_models unseen_family --work_dir {work}` "
+            "(or leave the family out with --families in_family)"
+        )
     spec = json.loads(fam.read_text())
     return data, list(spec["validation"]), list(spec["test"])
 
@@ -531,8 +687,10 @@ def _family_drfs(data: Path, subjects: Sequence[str]) -> list[float]:
     for s in subjects:
         meta = data / s / "simulation.json"
         if not meta.is_file():
-            raise UniPETInputError(f"{meta} not found: the test subject {s} is missing or not simulated; re-run the "
-                                   "train_models data step, or give --drfs for paired scans")
+            raise UniPETInputError(
+                f"{meta} not found: the test subject {s} is missing or not simulated; re-run the "
+                "train_models data step, or give --drfs for paired scans"
+            )
         d = set(float(v) for v in json.loads(meta.read_text())["drfs"])
         common = d if common is None else common & d
     return sorted(common or [])
@@ -579,8 +737,9 @@ def run(
         torch.set_num_threads(int(threads))
     work = Path(work_dir).expanduser().absolute()
     fam_list = _as_list(families)
-    model_list = _as_list(models) or [m for m in NETWORK_MODELS if m not in OPTIONAL_MODELS
-                                      or (work / "models" / str(NETWORK_MODELS[m][1])).is_file()]
+    model_list = _as_list(models) or [
+        m for m in NETWORK_MODELS if m not in OPTIONAL_MODELS or (work / "models" / str(NETWORK_MODELS[m][1])).is_file()
+    ]
     unknown = [m for m in model_list if m not in NETWORK_MODELS]
     if unknown or "unipet" not in model_list:
         raise UniPETInputError(f"--models {models!r}: must include unipet, from {list(NETWORK_MODELS)}")
@@ -600,19 +759,27 @@ def run(
     provenance.update(_inference_settings(next(iter(denoisers.values()))))
     out.mkdir(parents=True, exist_ok=True)
 
-    result: dict[str, Any] = {"description": "UniPET quality benchmark (simulated data), per test family",
-                              "command": f"python -m scripts.benchmarks.quality --work_dir {work_dir}"
-                                         + (f" --models {','.join(model_list)}" if models else "")
-                                         + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else ""),
-                              "models": model_list, "families": {}, "provenance": provenance}
+    result: dict[str, Any] = {
+        "description": "UniPET quality benchmark (simulated data), per test family",
+        "command": f"python -m scripts.benchmarks.quality --work_dir {work_dir}"
+        + (f" --models {','.join(model_list)}" if models else "")
+        + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else ""),
+        "models": model_list,
+        "families": {},
+        "provenance": provenance,
+    }
     all_rows: list[dict[str, Any]] = []
     all_regions: list[dict[str, Any]] = []
     for fam, (data, val, test) in splits.items():
         drf_list = fam_drfs[fam]
         drf_names = [format_drf(d) for d in drf_list]
         gaussian = tune_gaussian(data, val, drf_list, float(provenance["suv_max"]))
-        logger.info("%s: Gaussian FWHM per DRF (tuned on %d validation subjects): %s", fam, len(val),
-                    {d: g["fwhm_mm"] for d, g in gaussian.items()})
+        logger.info(
+            "%s: Gaussian FWHM per DRF (tuned on %d validation subjects): %s",
+            fam,
+            len(val),
+            {d: g["fwhm_mm"] for d, g in gaussian.items()},
+        )
         rows: list[dict[str, Any]] = []
         regions: list[dict[str, Any]] = []
         biases: dict[tuple[str, str], list[float]] = {}
@@ -621,13 +788,17 @@ def run(
             full, _, spacing, labels, table = _subject_volumes(data, subject)
             liver = _liver_core(labels, table)
             if liver is not None:
-                textures.setdefault("full", {}).setdefault("full", []).append(noise_autocorrelation(full, liver, spacing))
+                textures.setdefault("full", {}).setdefault("full", []).append(
+                    noise_autocorrelation(full, liver, spacing)
+                )
             for drf in drf_list:
                 d = format_drf(drf)
                 low, low_affine = load_nifti(data / subject / f"drf_{d}.nii.gz")
                 outputs = {"input": low, "gaussian": gaussian_filter_mm(low, spacing, gaussian[d]["fwhm_mm"])}
                 for key in model_list:
-                    denoise = denoisers[(key, _nearest_trained(drf))] if key == "drf_specific" else denoisers[(key, None)]
+                    denoise = (
+                        denoisers[(key, _nearest_trained(drf))] if key == "drf_specific" else denoisers[(key, None)]
+                    )
                     outputs[key] = denoise(low, low_affine, name=f"{subject} DRF {d}")
                 for model, pred in outputs.items():
                     row = score(pred, full, labels, table, low, spacing, subject, d, provenance)
@@ -639,27 +810,50 @@ def run(
                         textures.setdefault(d, {}).setdefault(model, []).append(acf)
                         row["acf1_inplane"], row["acf1_axial"] = acf["acf_inplane"][1], acf["acf_axial"][1]
                     rows.append({"family": fam, "model": model, "subject": subject, "drf": d, **row})
-                case = {r["model"]: r["psnr"] for r in rows[-len(outputs):]}
-                logger.info("%s %s DRF %s: UniPET %.2f dB, Gaussian %.2f dB, input %.2f dB", fam, subject, d,
-                            case["unipet"], case["gaussian"], case["input"])
+                case = {r["model"]: r["psnr"] for r in rows[-len(outputs) :]}
+                logger.info(
+                    "%s %s DRF %s: UniPET %.2f dB, Gaussian %.2f dB, input %.2f dB",
+                    fam,
+                    subject,
+                    d,
+                    case["unipet"],
+                    case["gaussian"],
+                    case["input"],
+                )
         summary = summarise(rows, biases, regions)
         texture_means = {k: {m: _mean_curve(v) for m, v in per.items()} for k, per in textures.items()}
         full_tex = texture_means.get("full", {}).get("full")
         train_drfs = set(float(x) for x in TRAIN_DRFS)
         fr: dict[str, Any] = {
-            "data_dir": str(data), "drfs": drf_names, "unseen_drfs": [d for d in drf_names if float(d) not in train_drfs],
-            "test_subjects": test, "validation_subjects": val, "n_test_subjects": len(test),
+            "data_dir": str(data),
+            "drfs": drf_names,
+            "unseen_drfs": [d for d in drf_names if float(d) not in train_drfs],
+            "test_subjects": test,
+            "validation_subjects": val,
+            "n_test_subjects": len(test),
             "lesions_per_drf": len(biases.get(("unipet", drf_names[0]), [])),
-            "gaussian": gaussian, "summary": summary, "texture": texture_means,
-            "full_dose_texture": {"liver_cov_pct": full_tex["cov_pct"], "acf1_inplane": full_tex["acf_inplane"][1],
-                                  "acf1_axial": full_tex["acf_axial"][1]} if full_tex else {},
+            "gaussian": gaussian,
+            "summary": summary,
+            "texture": texture_means,
+            "full_dose_texture": {
+                "liver_cov_pct": full_tex["cov_pct"],
+                "acf1_inplane": full_tex["acf_inplane"][1],
+                "acf1_axial": full_tex["acf_axial"][1],
+            }
+            if full_tex
+            else {},
         }
         fr["baselines_beaten"] = baselines_beaten(summary, drf_names)
         fr["targets"] = check_targets(summary, drf_names)
         real = [s for s in test if _simulated_from_real(data / s)]
         if real:
-            fr["real_subject"] = {"subject": real[0], "psnr": {
-                m: {r["drf"]: r["psnr"] for r in rows if r["model"] == m and r["subject"] == real[0]} for m in LABELS}}
+            fr["real_subject"] = {
+                "subject": real[0],
+                "psnr": {
+                    m: {r["drf"]: r["psnr"] for r in rows if r["model"] == m and r["subject"] == real[0]}
+                    for m in LABELS
+                },
+            }
         result["families"][fam] = fr
         all_rows += rows
         all_regions += regions
@@ -668,7 +862,8 @@ def run(
         plot_texture(texture_means, fam, drf_names, out / f"texture_{fam}.png")
         atomic_write_json(out / "quality_partial.json", _json_safe(result))  # a long run keeps finished families
     result["data"] = "; ".join(
-        f"{f}: {len(v[2])} test subjects of {FAMILIES[f][0]}/ ({', '.join(v[2])})" for f, v in splits.items())
+        f"{f}: {len(v[2])} test subjects of {FAMILIES[f][0]}/ ({', '.join(v[2])})" for f, v in splits.items()
+    )
     table = markdown(result)
 
     write_csv(out / "cases.csv", all_rows, CASE_COLUMNS)
@@ -680,8 +875,10 @@ def run(
         plot(result, BUNDLE_ROOT / "docs" / "quality_families.png")
         update_model_card(BUNDLE_ROOT / "docs" / "README.md", table)
     print(table)
-    print(f"wrote {out / 'quality.json'}, cases.csv, regions.csv, quality.md and the PNGs"
-          + (" and updated docs/README.md" if update_docs else ""))
+    print(
+        f"wrote {out / 'quality.json'}, cases.csv, regions.csv, quality.md and the PNGs"
+        + (" and updated docs/README.md" if update_docs else "")
+    )
     return result
 
 
@@ -690,9 +887,15 @@ def _mean_curve(curves: Sequence[Mapping[str, list]]) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # a lag beyond a tiny liver: NaN
     keys = ("acf_inplane", "acf_axial")
-    out: dict[str, Any] = {k: [float(np.nanmean([c[k][i] for c in curves])) for i in range(len(curves[0][k]))] for k in keys}
-    out["lags_inplane_mm"] = [float(np.mean([c["lags_inplane_mm"][i] for c in curves])) for i in range(len(curves[0]["lags_inplane_mm"]))]
-    out["lags_axial_mm"] = [float(np.mean([c["lags_axial_mm"][i] for c in curves])) for i in range(len(curves[0]["lags_axial_mm"]))]
+    out: dict[str, Any] = {
+        k: [float(np.nanmean([c[k][i] for c in curves])) for i in range(len(curves[0][k]))] for k in keys
+    }
+    out["lags_inplane_mm"] = [
+        float(np.mean([c["lags_inplane_mm"][i] for c in curves])) for i in range(len(curves[0]["lags_inplane_mm"]))
+    ]
+    out["lags_axial_mm"] = [
+        float(np.mean([c["lags_axial_mm"][i] for c in curves])) for i in range(len(curves[0]["lags_axial_mm"]))
+    ]
     out["cov_pct"] = float(np.nanmean([c["cov_pct"] for c in curves]))
     return out
 

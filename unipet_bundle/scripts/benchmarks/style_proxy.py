@@ -63,20 +63,29 @@ def san_report(net: torch.nn.Module, windows: dict[float, torch.Tensor]) -> dict
         y = net(x)
         change.append((y - net.forward_without_styles(x)).abs().mean().item())
         correction.append((y - x).abs().mean().item())
-    return {"style_abs": style_abs, "style_dose_spread": spread / style_abs if style_abs > 0 else 0.0,
-            "zero_style_change": float(np.mean(change) / max(np.mean(correction), 1e-12))}
+    return {
+        "style_abs": style_abs,
+        "style_dose_spread": spread / style_abs if style_abs > 0 else 0.0,
+        "zero_style_change": float(np.mean(change) / max(np.mean(correction), 1e-12)),
+    }
 
 
-def windows_from_arrays(full: np.ndarray, lows: dict[float, np.ndarray], suv_max: float = 20.0, size: int = 32,
-                        n: int = 6, seed: int = 0) -> dict[float, torch.Tensor]:
+def windows_from_arrays(
+    full: np.ndarray, lows: dict[float, np.ndarray], suv_max: float = 20.0, size: int = 32, n: int = 6, seed: int = 0
+) -> dict[float, torch.Tensor]:
     """``n`` windows centred in tissue (full dose > 0.5 SUV), the same places for every DRF, in network units."""
     rng = np.random.default_rng(seed)
     h = size // 2
     tissue = np.argwhere(full[h:-h, h:-h, h:-h] > 0.5)
     corners = tissue[rng.choice(len(tissue), n, replace=False)]
-    return {float(d): torch.from_numpy(np.stack([low[x:x + size, y:y + size, z:z + size] / suv_max
-                                                 for x, y, z in corners]).astype(np.float32))[:, None]
-            for d, low in lows.items()}
+    return {
+        float(d): torch.from_numpy(
+            np.stack([low[x : x + size, y : y + size, z : z + size] / suv_max for x, y, z in corners]).astype(
+                np.float32
+            )
+        )[:, None]
+        for d, low in lows.items()
+    }
 
 
 def _windows(subject: Path, suv_max: float, size: int = 32, n: int = 6, seed: int = 0) -> dict[float, torch.Tensor]:
@@ -85,9 +94,15 @@ def _windows(subject: Path, suv_max: float, size: int = 32, n: int = 6, seed: in
     return windows_from_arrays(full, lows, suv_max, size, n, seed)
 
 
-def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1", "v2"), n_subjects: int = 4,
-        work: str = "/tmp/unipet_style_proxy", output: str = "runs/benchmarks/style_proxy.json",
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    stage1: int = 150,
+    stage2: int = 150,
+    variants: tuple[str, ...] = ("v1", "v2"),
+    n_subjects: int = 4,
+    work: str = "/tmp/unipet_style_proxy",
+    output: str = "runs/benchmarks/style_proxy.json",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Simulate the data once (kept in ``work``), train each SAN variant, print and write the report.
 
     ``overrides``: more train.json keys for every run (e.g. ``{"san_learning_rate": 2e-4}``).
@@ -95,31 +110,78 @@ def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1",
     work_dir = Path(work)
     data = work_dir / "data"
     if not (data / f"phantom_{n_subjects - 1:03d}").is_dir():
-        subprocess.run([sys.executable, "-m", "scripts.data.simulate", str(data), "--n_subjects", str(n_subjects),
-                        "--shape", "[64,64,48]", "--drfs", "[" + ",".join(str(d) for d in DRFS) + "]", "--seed", "21",
-                        "--overwrite", "true"], cwd=BUNDLE_ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.data.simulate",
+                str(data),
+                "--n_subjects",
+                str(n_subjects),
+                "--shape",
+                "[64,64,48]",
+                "--drfs",
+                "[" + ",".join(str(d) for d in DRFS) + "]",
+                "--seed",
+                "21",
+                "--overwrite",
+                "true",
+            ],
+            cwd=BUNDLE_ROOT,
+            check=True,
+        )
     subjects = sorted(p for p in data.iterdir() if p.is_dir())
     held_out = subjects[-1]  # never trained on: its windows probe the SAN
-    datalist = {"training": [{"image": str(s / f"drf_{d}.nii.gz"), "label": str(s / "full_dose.nii.gz"), "drf": d,
-                              "subject": s.name} for s in subjects[:-1] for d in DRFS],
-                "validation": [{"image": str(held_out / "drf_20.nii.gz"), "label": str(held_out / "full_dose.nii.gz"),
-                                "drf": 20, "subject": held_out.name}]}
+    datalist = {
+        "training": [
+            {"image": str(s / f"drf_{d}.nii.gz"), "label": str(s / "full_dose.nii.gz"), "drf": d, "subject": s.name}
+            for s in subjects[:-1]
+            for d in DRFS
+        ],
+        "validation": [
+            {
+                "image": str(held_out / "drf_20.nii.gz"),
+                "label": str(held_out / "full_dose.nii.gz"),
+                "drf": 20,
+                "subject": held_out.name,
+            }
+        ],
+    }
     (work_dir / "datalist.json").write_text(json.dumps(datalist))
-    results: dict[str, Any] = {"stage1_iterations": stage1, "stage2_iterations": stage2, "drfs": list(DRFS),
-                               "overrides": dict(overrides or {})}
+    results: dict[str, Any] = {
+        "stage1_iterations": stage1,
+        "stage2_iterations": stage2,
+        "drfs": list(DRFS),
+        "overrides": dict(overrides or {}),
+    }
     for variant in variants:
         torch.manual_seed(0)
         parser = ConfigParser()
         parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
-        parser.update({
-            "bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(data), "datalist_file": str(work_dir / "datalist.json"),
-            "ckpt_dir": str(work_dir / variant / "models"), "output_dir": str(work_dir / variant / "runs"),
-            "epochs": 1, "epoch_length": stage1 + stage2, "stage1_epochs": 0, "stage1_iterations": stage1,
-            "critic_pretrain_iterations": min(20, stage2 // 5), "val_interval": 1000, "save_interval": 100000,
-            "snapshot_iterations": [], "resume": False, "overwrite": True, "san_variant": variant,
-            "stage2_warmup_iterations": min(20, stage2 // 5), "precision": "fp32", "monitor_interval": 0,
-            **(overrides or {}),
-        })
+        parser.update(
+            {
+                "bundle_root": str(BUNDLE_ROOT),
+                "dataset_dir": str(data),
+                "datalist_file": str(work_dir / "datalist.json"),
+                "ckpt_dir": str(work_dir / variant / "models"),
+                "output_dir": str(work_dir / variant / "runs"),
+                "epochs": 1,
+                "epoch_length": stage1 + stage2,
+                "stage1_epochs": 0,
+                "stage1_iterations": stage1,
+                "critic_pretrain_iterations": min(20, stage2 // 5),
+                "val_interval": 1000,
+                "save_interval": 100000,
+                "snapshot_iterations": [],
+                "resume": False,
+                "overwrite": True,
+                "san_variant": variant,
+                "stage2_warmup_iterations": min(20, stage2 // 5),
+                "precision": "fp32",
+                "monitor_interval": 0,
+                **(overrides or {}),
+            }
+        )
         trainer = parser.get_parsed_content("train#trainer")
         net = parser.get_parsed_content("network")
         windows = _windows(held_out, float(parser.get_parsed_content("suv_max")))
@@ -129,19 +191,25 @@ def run(stage1: int = 150, stage2: int = 150, variants: tuple[str, ...] = ("v1",
             reports[key] = san_report(net, windows)
             net.train()
 
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stage1 + min(20, stage2 // 5) + 1), probe, "stage2_start")
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED(once=stage1 + min(20, stage2 // 5) + 1), probe, "stage2_start"
+        )
         trainer.add_event_handler(Events.COMPLETED, probe, "stage2_end")
         t0 = time.perf_counter()
         trainer.run()
         reports["minutes"] = (time.perf_counter() - t0) / 60
         results[variant] = reports
-    print(f"\nStyle proxy: {stage1} + {stage2} iterations of configs/train.json on {n_subjects - 1} small phantoms, "
-          f"windows of a held-out one at DRF {list(DRFS)}")
+    print(
+        f"\nStyle proxy: {stage1} + {stage2} iterations of configs/train.json on {n_subjects - 1} small phantoms, "
+        f"windows of a held-out one at DRF {list(DRFS)}"
+    )
     print(f"{'SAN':<5}{'when':<14}{'mean |s|':>10}{'dose spread/|s|':>17}{'zero-style change':>19}")
     for variant in variants:
         for key in ("stage2_start", "stage2_end"):
             r = results[variant][key]
-            print(f"{variant:<5}{key:<14}{r['style_abs']:>10.4f}{r['style_dose_spread']:>17.3f}{r['zero_style_change']:>19.3f}")
+            print(
+                f"{variant:<5}{key:<14}{r['style_abs']:>10.4f}{r['style_dose_spread']:>17.3f}{r['zero_style_change']:>19.3f}"
+            )
         print(f"{variant:<5}{'run time':<14}{results[variant]['minutes']:>9.1f} min")
     out = Path(output) if Path(output).is_absolute() else BUNDLE_ROOT / output
     atomic_write_json(out, results)

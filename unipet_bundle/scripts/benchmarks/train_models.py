@@ -79,8 +79,14 @@ FULL_RUNS: dict[str, list[str]] = {
     "no_regional": ["--regional_weight", "0"],  # no regional SUV-consistency loss
     "dose_balanced": ["--dose_balance", "0.5"],  # every DRF an equal share of the L1 loss (option, off by default)
     # MONAI UNet, no normalisation, residual, L1 only (stage 1 for the whole run), same iterations
-    "unet": ["--network_def", "{'_target_': 'scripts.networks.plain_unet.ResidualUNet'}",
-             "--stage1_epochs", str(EPOCHS), "--regional_weight", "0"],
+    "unet": [
+        "--network_def",
+        "{'_target_': 'scripts.networks.plain_unet.ResidualUNet'}",
+        "--stage1_epochs",
+        str(EPOCHS),
+        "--regional_weight",
+        "0",
+    ],
 }
 
 
@@ -131,9 +137,18 @@ class TrainModels:
         self.models = self.work / "models"
 
     # -- data ------------------------------------------------------------------------------------------
-    def data(self, real_series: str = str(REAL_SERIES), profile: str = "randomised", n_phantoms: int = N_PHANTOMS,
-             n_val: int = N_VAL, n_test: int = N_TEST, real: bool = True, n_unseen: int = N_UNSEEN,
-             n_unseen_val: int = N_UNSEEN_VAL, jobs: int = 2) -> None:
+    def data(
+        self,
+        real_series: str = str(REAL_SERIES),
+        profile: str = "randomised",
+        n_phantoms: int = N_PHANTOMS,
+        n_val: int = N_VAL,
+        n_test: int = N_TEST,
+        real: bool = True,
+        n_unseen: int = N_UNSEEN,
+        n_unseen_val: int = N_UNSEEN_VAL,
+        jobs: int = 2,
+    ) -> None:
         """Simulate the datasets (see the module docstring) and write the datalist and ``family.json``.
 
         Args:
@@ -150,60 +165,151 @@ class TrainModels:
 
         n_phantoms, n_val, n_test, real = int(n_phantoms), int(n_val), int(n_test), as_bool(real, "real")
         if n_phantoms - n_val - n_test < 1 or n_val < 1 or n_test < 1:
-            raise UniPETInputError(f"--n_phantoms {n_phantoms} must leave >= 1 training subject after --n_val {n_val} "
-                                   f"and --n_test {n_test} (each >= 1)")
+            raise UniPETInputError(
+                f"--n_phantoms {n_phantoms} must leave >= 1 training subject after --n_val {n_val} "
+                f"and --n_test {n_test} (each >= 1)"
+            )
         drfs = "[" + ",".join(str(d) for d in ALL_DRFS) + "]"
         names = [f"phantom_{i:03d}" for i in range(n_phantoms)]
-        test = names[n_phantoms - n_test:]
-        val = names[n_phantoms - n_test - n_val: n_phantoms - n_test]
+        test = names[n_phantoms - n_test :]
+        val = names[n_phantoms - n_test - n_val : n_phantoms - n_test]
         if not all((self.sim_dir / p).is_dir() for p in names):
             # seeded, so re-simulating an interrupted set (--overwrite) gives the same files
             jobs = max(1, min(int(jobs), n_phantoms))
             bounds = [round(i * n_phantoms / jobs) for i in range(jobs + 1)]
-            _run_parallel([[*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--n_subjects", str(hi),
-                            "--first_subject", str(lo), "--profile", profile, "--seed", str(PHANTOM_SEED),
-                            "--drfs", drfs, "--overwrite", "true"] for lo, hi in zip(bounds, bounds[1:])],
-                          1 if jobs > 1 else None)
+            _run_parallel(
+                [
+                    [
+                        *_py(),
+                        "-m",
+                        "scripts.data.simulate",
+                        str(self.sim_dir),
+                        "--n_subjects",
+                        str(hi),
+                        "--first_subject",
+                        str(lo),
+                        "--profile",
+                        profile,
+                        "--seed",
+                        str(PHANTOM_SEED),
+                        "--drfs",
+                        drfs,
+                        "--overwrite",
+                        "true",
+                    ]
+                    for lo, hi in zip(bounds, bounds[1:])
+                ],
+                1 if jobs > 1 else None,
+            )
         if real:
             suv = self.work / "real" / "sts001_suv.nii.gz"
             if not suv.is_file():
                 _run([*_py(), "-m", "scripts.data.suv", "--dicom_dir", real_series, "--output", str(suv)], None)
             if not (self.sim_dir / "real_sts001").is_dir():
-                _run([*_py(), "-m", "scripts.data.simulate", str(self.sim_dir), "--activity", str(suv), "--subject",
-                      "real_sts001", "--profile", profile, "--resample_mm", "4", "--seed", str(PHANTOM_SEED),
-                      "--drfs", drfs], None)
+                _run(
+                    [
+                        *_py(),
+                        "-m",
+                        "scripts.data.simulate",
+                        str(self.sim_dir),
+                        "--activity",
+                        str(suv),
+                        "--subject",
+                        "real_sts001",
+                        "--profile",
+                        profile,
+                        "--resample_mm",
+                        "4",
+                        "--seed",
+                        str(PHANTOM_SEED),
+                        "--drfs",
+                        drfs,
+                    ],
+                    None,
+                )
             test = test + ["real_sts001"]
         if not self.datalist.is_file():
-            _run([*_py(), "-m", "scripts.data.datalist", str(self.sim_dir), "--output", str(self.datalist),
-                  "--val_subjects", "[" + ",".join(val) + "]",
-                  "--test_subjects", "[" + ",".join(test) + "]",
-                  "--drfs", "[" + ",".join(str(d) for d in TRAIN_DRFS) + "]"], None)
+            _run(
+                [
+                    *_py(),
+                    "-m",
+                    "scripts.data.datalist",
+                    str(self.sim_dir),
+                    "--output",
+                    str(self.datalist),
+                    "--val_subjects",
+                    "[" + ",".join(val) + "]",
+                    "--test_subjects",
+                    "[" + ",".join(test) + "]",
+                    "--drfs",
+                    "[" + ",".join(str(d) for d in TRAIN_DRFS) + "]",
+                ],
+                None,
+            )
         if int(n_unseen) > 0:
             self.unseen_family(int(n_unseen), int(n_unseen_val))
 
     def unseen_family(self, n_subjects: int = N_UNSEEN, n_val: int = N_UNSEEN_VAL) -> None:
         """The held-out unseen-reconstruction test family in ``sim_unseen/`` (one simulate command + family.json)."""
         if n_subjects - n_val < 1 or n_val < 1:
-            raise UniPETInputError(f"the unseen family needs >= 1 Gaussian-tuning and >= 1 test subject; got "
-                                   f"{n_subjects} subjects, {n_val} for tuning")
+            raise UniPETInputError(
+                f"the unseen family needs >= 1 Gaussian-tuning and >= 1 test subject; got "
+                f"{n_subjects} subjects, {n_val} for tuning"
+            )
         folder = self.work / "sim_unseen"
         names = [f"phantom_{i:03d}" for i in range(n_subjects)]
         if not all((folder / p).is_dir() for p in names):
-            _run([*_py(), "-m", "scripts.data.simulate", str(folder), "--profile", UNSEEN_PROFILE, "--n_subjects",
-                  str(n_subjects), "--seed", str(UNSEEN_SEED), "--overwrite", "true"], None)
-        family = {"description": "unseen-reconstruction test family (simulated data): never used in training",
-                  "profile": UNSEEN_PROFILE, "seed": UNSEEN_SEED, "validation": names[:n_val], "test": names[n_val:],
-                  "note": "validation subjects only tune the Gaussian baseline's FWHM per DRF"}
+            _run(
+                [
+                    *_py(),
+                    "-m",
+                    "scripts.data.simulate",
+                    str(folder),
+                    "--profile",
+                    UNSEEN_PROFILE,
+                    "--n_subjects",
+                    str(n_subjects),
+                    "--seed",
+                    str(UNSEEN_SEED),
+                    "--overwrite",
+                    "true",
+                ],
+                None,
+            )
+        family = {
+            "description": "unseen-reconstruction test family (simulated data): never used in training",
+            "profile": UNSEEN_PROFILE,
+            "seed": UNSEEN_SEED,
+            "validation": names[:n_val],
+            "test": names[n_val:],
+            "note": "validation subjects only tune the Gaussian baseline's FWHM per DRF",
+        }
         atomic_write(folder / "family.json", lambda tmp: tmp.write_text(json.dumps(family, indent=2) + "\n"))
 
     # -- training ----------------------------------------------------------------------------------------
     def _train(self, name: str, extra: list[str]) -> None:
         if not self.datalist.is_file():
             raise UniPETInputError(f"{self.datalist} not found: run the `data` step first")
-        _run([*_py(), "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-              "--dataset_dir", str(self.sim_dir), "--datalist_file", str(self.datalist),
-              "--ckpt_dir", str(self.models / name), "--output_dir", str(self.work / "runs" / name), *extra],
-             self.threads)
+        _run(
+            [
+                *_py(),
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "configs/train.json",
+                "--dataset_dir",
+                str(self.sim_dir),
+                "--datalist_file",
+                str(self.datalist),
+                "--ckpt_dir",
+                str(self.models / name),
+                "--output_dir",
+                str(self.work / "runs" / name),
+                *extra,
+            ],
+            self.threads,
+        )
 
     def _snapshot(self) -> Path:
         path = self.models / "unipet" / SNAPSHOT
@@ -232,8 +338,21 @@ class TrainModels:
         snapshot = self._snapshot()
         epochs = str(STAGE1_EPOCHS + DRF_SPECIFIC_EPOCHS)
         for drf in drfs if isinstance(drfs, (list, tuple)) else [drfs]:
-            self._train(f"drf_{int(drf)}", ["--init_checkpoint", str(snapshot), "--drfs", f"[{int(drf)}]",
-                                            "--epochs", epochs, "--stage1_epochs", epochs, "--val_interval", "1"])
+            self._train(
+                f"drf_{int(drf)}",
+                [
+                    "--init_checkpoint",
+                    str(snapshot),
+                    "--drfs",
+                    f"[{int(drf)}]",
+                    "--epochs",
+                    epochs,
+                    "--stage1_epochs",
+                    epochs,
+                    "--val_interval",
+                    "1",
+                ],
+            )
 
     # -- shipping ------------------------------------------------------------------------------------------
     def ship(self, overwrite: bool = False, model: str = "unipet") -> None:
@@ -243,11 +362,18 @@ class TrainModels:
         SAN/RALS do not beat it, another model of the same architecture (``vanilla``: best stage-1 weights;
         ``san_only``, ``rals_only``, ``no_hotspot``, ``no_regional``); the model card must then say which.
         """
-        files = {"unipet": "model.pt", "vanilla": "model_stage1.pt", "san_only": "model.pt", "rals_only": "model.pt",
-                 "no_hotspot": "model.pt", "no_regional": "model.pt"}
+        files = {
+            "unipet": "model.pt",
+            "vanilla": "model_stage1.pt",
+            "san_only": "model.pt",
+            "rals_only": "model.pt",
+            "no_hotspot": "model.pt",
+            "no_regional": "model.pt",
+        }
         if model not in files:
-            raise UniPETInputError(f"--model {model!r} cannot be shipped: configs/inference.json builds UniPET; use one "
-                                   f"of {sorted(files)}")
+            raise UniPETInputError(
+                f"--model {model!r} cannot be shipped: configs/inference.json builds UniPET; use one of {sorted(files)}"
+            )
         source = self.models / model / files[model]
         if not source.is_file():
             raise UniPETInputError(f"{source} not found: run the `{model}` step to the end first")

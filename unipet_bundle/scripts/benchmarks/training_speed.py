@@ -13,7 +13,6 @@ Prints a table and writes JSON (default ``runs/benchmarks/training_speed.json``)
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import statistics
@@ -38,22 +37,44 @@ logger = logging.getLogger("unipet.benchmark")
 def _sizes(config: str, override: str | None) -> dict[str, Any]:
     parser = ConfigParser()
     parser.read_config([config] + ([override] if override else []))
-    keys = ("channels", "num_blocks", "latent_dim", "san_channels", "critic_channels", "patch_size", "batch_size",
-            "num_samples", "suv_max", "rals_threshold_suv2")
+    keys = (
+        "channels",
+        "num_blocks",
+        "latent_dim",
+        "san_channels",
+        "critic_channels",
+        "patch_size",
+        "batch_size",
+        "num_samples",
+        "suv_max",
+        "rals_threshold_suv2",
+    )
     return {k: parser.get_parsed_content(k) for k in keys}
 
 
 def _make_trainer(s: dict[str, Any], device: torch.device, batch: dict[str, torch.Tensor]) -> UniPETTrainer:
-    gen = UniPET(channels=s["channels"], num_blocks=s["num_blocks"], latent_dim=s["latent_dim"],
-                 san_channels=tuple(s["san_channels"])).to(device)
+    gen = UniPET(
+        channels=s["channels"],
+        num_blocks=s["num_blocks"],
+        latent_dim=s["latent_dim"],
+        san_channels=tuple(s["san_channels"]),
+    ).to(device)
     critic = PatchCritic(channels=tuple(s["critic_channels"])).to(device)
     thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
     return UniPETTrainer(
-        device=device, max_epochs=1, epoch_length=1, train_data_loader=[batch], generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4), critic=critic,
+        device=device,
+        max_epochs=1,
+        epoch_length=1,
+        train_data_loader=[batch],
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
+        critic=critic,
         d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1, align_loss=StyleAlignmentLoss(), critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(), mask_fn=lambda x: stylized_mask(x, threshold=thr),
+        stage1_iterations=1,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: stylized_mask(x, threshold=thr),
         critic_pretrain_iterations=0,
     )
 
@@ -107,23 +128,47 @@ def run(
         def step():
             trainer.state.iteration = it
             trainer._iteration(trainer, batch)
+
         return step
 
     win = int(window or patch[0])
     x = torch.rand(1, 1, win, win, win, device=dev) * 0.3
-    vanilla = UniPET(channels=s["channels"], num_blocks=s["num_blocks"], latent_dim=s["latent_dim"],
-                     san_channels=tuple(s["san_channels"]), use_san=False).to(dev).eval()
-    unipet = UniPET(channels=s["channels"], num_blocks=s["num_blocks"], latent_dim=s["latent_dim"],
-                    san_channels=tuple(s["san_channels"]), use_san=True).to(dev).eval()
+    vanilla = (
+        UniPET(
+            channels=s["channels"],
+            num_blocks=s["num_blocks"],
+            latent_dim=s["latent_dim"],
+            san_channels=tuple(s["san_channels"]),
+            use_san=False,
+        )
+        .to(dev)
+        .eval()
+    )
+    unipet = (
+        UniPET(
+            channels=s["channels"],
+            num_blocks=s["num_blocks"],
+            latent_dim=s["latent_dim"],
+            san_channels=tuple(s["san_channels"]),
+            use_san=True,
+        )
+        .to(dev)
+        .eval()
+    )
 
     def infer(net):
         def go():
             with torch.no_grad():
                 net(x)
+
         return go
 
-    variants = {"stage1_iter": stage(1), "stage2_iter": stage(2), "vanilla_window": infer(vanilla),
-                "unipet_window": infer(unipet)}
+    variants = {
+        "stage1_iter": stage(1),
+        "stage2_iter": stage(2),
+        "vanilla_window": infer(vanilla),
+        "unipet_window": infer(unipet),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(warmup):
         for fn in variants.values():
@@ -160,15 +205,21 @@ def run(
         (f"vanilla window {win}^3", med["vanilla_window"], ""),
         (f"UniPET window {win}^3", med["unipet_window"], ""),
     ]
-    print(f"\nUniPET training/inference benchmark on {dev} ({torch.get_num_threads()} threads), "
-          f"{n_patches} patches of {patch}, medians of {repeats} interleaved repeats")
+    print(
+        f"\nUniPET training/inference benchmark on {dev} ({torch.get_num_threads()} threads), "
+        f"{n_patches} patches of {patch}, medians of {repeats} interleaved repeats"
+    )
     print(f"{'variant':34s} {'median s':>10s}  throughput")
     for name, t, extra in rows:
         print(f"{name:34s} {t:10.3f}  {extra}")
-    print(f"{'stage 2 / stage 1 per iteration':34s} {result['ratio_stage2_over_stage1']:10.2f}  target <= 2.5: "
-          f"{'met' if result['targets_met']['stage2_over_stage1'] else 'NOT met'}")
-    print(f"{'UniPET / vanilla inference':34s} {result['ratio_unipet_over_vanilla_inference']:10.2f}  target <= 1.25: "
-          f"{'met' if result['targets_met']['san_inference_overhead'] else 'NOT met'}")
+    print(
+        f"{'stage 2 / stage 1 per iteration':34s} {result['ratio_stage2_over_stage1']:10.2f}  target <= 2.5: "
+        f"{'met' if result['targets_met']['stage2_over_stage1'] else 'NOT met'}"
+    )
+    print(
+        f"{'UniPET / vanilla inference':34s} {result['ratio_unipet_over_vanilla_inference']:10.2f}  target <= 1.25: "
+        f"{'met' if result['targets_met']['san_inference_overhead'] else 'NOT met'}"
+    )
     out = Path(output)
     atomic_write_json(out, result)
     print(f"wrote {out}")

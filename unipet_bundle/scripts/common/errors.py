@@ -114,12 +114,17 @@ def write_error(exc: BaseException, what: str, folder: object) -> BaseException:
             "kept; free some space or choose another --output_dir, then run again"
         )
     if root.errno == errno.EROFS:
-        return OutputWriteError(f"{folder} is on a read-only filesystem: cannot write {what}; choose another --output_dir")
+        return OutputWriteError(
+            f"{folder} is on a read-only filesystem: cannot write {what}; choose another --output_dir"
+        )
     if root.errno in (errno.EACCES, errno.EPERM):
-        return OutputWriteError(f"no permission to write {what} in {folder}: nothing of it was kept; choose another --output_dir")
+        return OutputWriteError(
+            f"no permission to write {what} in {folder}: nothing of it was kept; choose another --output_dir"
+        )
     return OutputWriteError(
         f"cannot write {what} in {folder}: {root.strerror or type(root).__name__}"
-        + (f" ({shown(root.filename)})" if root.filename else "") + "; nothing of it was kept"
+        + (f" ({shown(root.filename)})" if root.filename else "")
+        + "; nothing of it was kept"
     )
 
 

@@ -41,7 +41,9 @@ def check_output_path(
     out = Path(output).expanduser().resolve()
     for inp in inputs:
         if out == Path(inp).expanduser().resolve():
-            raise UniPETInputError(f"output {out} is also an input: choose another output path (inputs are never modified)")
+            raise UniPETInputError(
+                f"output {out} is also an input: choose another output path (inputs are never modified)"
+            )
     if out.exists() and not overwrite:
         raise UniPETInputError(f"output {out} already exists: remove it, choose another path, or pass --overwrite")
     return out

@@ -58,9 +58,9 @@ def check_spacing(value: Any, name: str = "target_spacing") -> list[float]:
     try:
         spacing = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise UniPETInputError(f"--{name} must be 3 voxel sizes in mm, e.g. \"[4.0,4.0,4.0]\", got {value!r}") from None
+        raise UniPETInputError(f'--{name} must be 3 voxel sizes in mm, e.g. "[4.0,4.0,4.0]", got {value!r}') from None
     if len(spacing) == 1:
         spacing = spacing * 3
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise UniPETInputError(f"--{name} must be 3 voxel sizes in mm > 0, e.g. \"[4.0,4.0,4.0]\", got {value!r}")
+        raise UniPETInputError(f'--{name} must be 3 voxel sizes in mm > 0, e.g. "[4.0,4.0,4.0]", got {value!r}')
     return spacing

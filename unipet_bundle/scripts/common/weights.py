@@ -106,7 +106,9 @@ def verify_sha256(path: str | os.PathLike, expected: str | None, option: str = "
     if expected is None or str(expected).strip().lower() in ("", "none", "null"):
         logger.warning(
             "no SHA-256 recorded for %s (%s is null): its integrity is not checked; its SHA-256 is %s",
-            path, option, actual,
+            path,
+            option,
+            actual,
         )
         return actual
     wanted = str(expected).strip().lower()
@@ -162,7 +164,7 @@ def unwrap(module: Any) -> Any:
 
 def strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` with the ``module.`` key prefix of a state dict saved from a DDP-wrapped network removed."""
-    return {(k[len(_MODULE_PREFIX):] if k.startswith(_MODULE_PREFIX) else k): v for k, v in state.items()}
+    return {(k[len(_MODULE_PREFIX) :] if k.startswith(_MODULE_PREFIX) else k): v for k, v in state.items()}
 
 
 def network_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -192,11 +194,13 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(checkpoint).expanduser().absolute()
     if path.is_dir():
-        raise CheckpointError(f"--checkpoint {path} is a folder, not a checkpoint file: point it at the weights file (e.g. models/model.pt)")
+        raise CheckpointError(
+            f"--checkpoint {path} is a folder, not a checkpoint file: point it at the weights file (e.g. models/model.pt)"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {path}: the file does not exist; check --checkpoint (a typo?), train one (configs/train.json) "
-            "or download the bundle's models/model.pt. To run the UNTRAINED network on purpose: --checkpoint \"\" --allow_untrained true"
+            'or download the bundle\'s models/model.pt. To run the UNTRAINED network on purpose: --checkpoint "" --allow_untrained true'
         )
     return path
 
@@ -273,6 +277,10 @@ def load_network_weights(
         ) from None
     if missing:
         note = "BDN-only (stage-1) weights: the SAN keeps its zero-style initialisation"
-        logger.warning("checkpoint %s has no SAN weights (%d tensors; a stage-1 checkpoint?): the SAN has no effect", path, len(missing))
+        logger.warning(
+            "checkpoint %s has no SAN weights (%d tensors; a stage-1 checkpoint?): the SAN has no effect",
+            path,
+            len(missing),
+        )
     logger.info("loaded UniPET weights from %s (sha256 %s)", path, digest[:16])
     return network, provenance(path, digest, note)

@@ -71,7 +71,7 @@ def _as_name_list(value: Any, what: str) -> list[str] | None:
         return [t for t in items if t]
     if isinstance(value, Iterable):
         return [str(v) for v in value]
-    raise UniPETInputError(f"--{what} must be a list of subject names like \"[a,b]\", got {value!r}")
+    raise UniPETInputError(f'--{what} must be a list of subject names like "[a,b]", got {value!r}')
 
 
 def _as_drf_list(value: Any) -> list[float] | None:
@@ -88,7 +88,7 @@ def _as_drf_list(value: Any) -> list[float] | None:
             raise UniPETInputError(f"--drfs: DRF must be positive, got {item}")
         drfs.append(drf)
     if not drfs:
-        raise UniPETInputError("--drfs is empty: give at least one DRF like \"[20]\" or leave it out to keep all")
+        raise UniPETInputError('--drfs is empty: give at least one DRF like "[20]" or leave it out to keep all')
     return drfs
 
 
@@ -134,7 +134,9 @@ def split_subjects(
         explicit[split] = list(dict.fromkeys(chosen))
     overlap = set(explicit.get("validation", [])) & set(explicit.get("test", []))
     if overlap:
-        raise UniPETInputError(f"subject(s) {sorted(overlap)} are in both --val_subjects and --test_subjects: pick one split each")
+        raise UniPETInputError(
+            f"subject(s) {sorted(overlap)} are in both --val_subjects and --test_subjects: pick one split each"
+        )
 
     n = len(names)
     taken = set(explicit.get("validation", [])) | set(explicit.get("test", []))
@@ -278,7 +280,9 @@ def _check_requested(val_subjects: Any, test_subjects: Any, kept: list[str], sca
     for what, value in (("val_subjects", val_subjects), ("test_subjects", test_subjects)):
         for name in _as_name_list(value, what) or []:
             if name in scanned and name not in kept:
-                raise UniPETInputError(f"--{what}: subject '{name}' has none of the requested --drfs: remove it or widen --drfs")
+                raise UniPETInputError(
+                    f"--{what}: subject '{name}' has none of the requested --drfs: remove it or widen --drfs"
+                )
 
 
 def write_datalist(

@@ -118,12 +118,18 @@ def _list_files(folder: Path) -> list[Path]:
     if not folder.exists():
         raise DicomSeriesError(f"DICOM folder {folder} does not exist: check the --dicom_dir path")
     if not folder.is_dir():
-        raise DicomSeriesError(f"{folder} is a file, not a folder: pass the folder that holds the slice files as --dicom_dir")
+        raise DicomSeriesError(
+            f"{folder} is a file, not a folder: pass the folder that holds the slice files as --dicom_dir"
+        )
     entries = sorted(folder.iterdir())
     files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
     if not files:
         subdirs = [p.name for p in entries if p.is_dir()]
-        hint = f" (it has sub-folders: {', '.join(subdirs[:5])}); point --dicom_dir at the folder that holds the slices" if subdirs else "; point --dicom_dir at the folder that holds the slices"
+        hint = (
+            f" (it has sub-folders: {', '.join(subdirs[:5])}); point --dicom_dir at the folder that holds the slices"
+            if subdirs
+            else "; point --dicom_dir at the folder that holds the slices"
+        )
         raise DicomSeriesError(f"DICOM folder {folder} holds no files{hint}")
     return files
 
@@ -145,9 +151,13 @@ def scan_folder(dicom_dir: str | os.PathLike) -> tuple[dict[str, SeriesSummary],
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
-            raise DicomSeriesError(f"{path} is not a DICOM file: remove it from {folder} (the folder must hold only the series)") from None
+            raise DicomSeriesError(
+                f"{path} is not a DICOM file: remove it from {folder} (the folder must hold only the series)"
+            ) from None
         except Exception as exc:  # pydicom raises many types on damaged files
-            raise DicomSeriesError(f"{path}: cannot read DICOM header ({type(exc).__name__}: {exc}); the file may be truncated, replace or remove it") from None
+            raise DicomSeriesError(
+                f"{path}: cannot read DICOM header ({type(exc).__name__}: {exc}); the file may be truncated, replace or remove it"
+            ) from None
         if not _is_image(ds):
             skipped.append(str(ds.get("Modality", "") or "unknown"))
             continue
@@ -178,9 +188,13 @@ def select_series(
     folder = Path(dicom_dir).expanduser()
     series, skipped = scan_folder(folder)
     if skipped:
-        logger.warning("skipping %d non-image DICOM object(s) in %s: %s", len(skipped), folder, ", ".join(sorted(set(skipped))))
+        logger.warning(
+            "skipping %d non-image DICOM object(s) in %s: %s", len(skipped), folder, ", ".join(sorted(set(skipped)))
+        )
     if not series:
-        raise DicomSeriesError(f"{folder} holds no DICOM image slices (only {', '.join(sorted(set(skipped)))}): point --dicom_dir at the image series folder")
+        raise DicomSeriesError(
+            f"{folder} holds no DICOM image slices (only {', '.join(sorted(set(skipped)))}): point --dicom_dir at the image series folder"
+        )
     listing = "; ".join(s.describe() for s in series.values())
     if series_uid is not None:
         if str(series_uid) not in series:
@@ -203,7 +217,9 @@ def select_series(
 def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     value = ds.get(keyword)
     if value is None or len(value) != n:
-        raise DicomSeriesError(f"{path}: {keyword} missing or malformed; the slice geometry is unknown, the series cannot be stacked")
+        raise DicomSeriesError(
+            f"{path}: {keyword} missing or malformed; the slice geometry is unknown, the series cannot be stacked"
+        )
     return np.asarray([float(v) for v in value], dtype=np.float64)
 
 
@@ -237,7 +253,9 @@ def _check_same(values: list[Any], keyword: str, folder: Path, tol: float | None
     for v in values[1:]:
         same = np.allclose(v, first, atol=tol, rtol=0) if tol is not None else v == first
         if not same:
-            raise DicomSeriesError(f"slices in {folder} differ in {keyword} ({first} vs {v}): not one image stack; keep a single series per folder")
+            raise DicomSeriesError(
+                f"slices in {folder} differ in {keyword} ({first} vs {v}): not one image stack; keep a single series per folder"
+            )
 
 
 def _syntax(ds: Dataset) -> str:
@@ -249,11 +267,15 @@ def _decode(path: Path, rows: int, cols: int) -> tuple[np.ndarray, Dataset]:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise DicomSeriesError(f"{path}: cannot read DICOM file ({type(exc).__name__}: {exc}); replace or remove it") from None
+        raise DicomSeriesError(
+            f"{path}: cannot read DICOM file ({type(exc).__name__}: {exc}); replace or remove it"
+        ) from None
     if "PixelData" not in ds:
         raise DicomSeriesError(f"{path} has no pixel data (truncated or incomplete file?): replace or remove it")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DicomSeriesError(f"{path} is not a grey-scale image (SamplesPerPixel {ds.SamplesPerPixel}): not a PET slice")
+        raise DicomSeriesError(
+            f"{path} is not a grey-scale image (SamplesPerPixel {ds.SamplesPerPixel}): not a PET slice"
+        )
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -263,7 +285,9 @@ def _decode(path: Path, rows: int, cols: int) -> tuple[np.ndarray, Dataset]:
             "requirements (python-gdcm decodes JPEG Lossless) or decompress it with gdcmconv --raw"
         ) from None
     if stored.shape != (rows, cols):
-        raise DicomSeriesError(f"{path}: pixel array shape {stored.shape} does not match Rows x Columns ({rows} x {cols}); the file is damaged")
+        raise DicomSeriesError(
+            f"{path}: pixel array shape {stored.shape} does not match Rows x Columns ({rows} x {cols}); the file is damaged"
+        )
     del ds.PixelData
     return stored, ds
 
@@ -310,7 +334,9 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
     iop = iops[0]
     row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     if abs(float(row_dir @ col_dir)) > _ORIENTATION_TOL:
-        raise DicomSeriesError(f"ImageOrientationPatient {iop.tolist()} is not orthogonal in {folder}: the DICOM geometry is invalid")
+        raise DicomSeriesError(
+            f"ImageOrientationPatient {iop.tolist()} is not orthogonal in {folder}: the DICOM geometry is invalid"
+        )
     normal = np.cross(row_dir, col_dir)
     along = np.array([float(normal @ pos) for pos in ipps])
     order = np.argsort(along, kind="stable")
@@ -375,7 +401,9 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
         "rescale_slope_range": [float(slopes.min()), float(slopes.max())],
         "rescale_intercept_range": [float(intercepts.min()), float(intercepts.max())],
     }
-    logger.info("loaded %d slices %dx%d, spacing %.4g x %.4g x %.4g mm", n, cols, rows, col_spacing, row_spacing, slice_step)
+    logger.info(
+        "loaded %d slices %dx%d, spacing %.4g x %.4g x %.4g mm", n, cols, rows, col_spacing, row_spacing, slice_step
+    )
     return DicomVolume(
         array=volume,
         affine=affine,

@@ -71,5 +71,7 @@ def load_nifti(path: str | os.PathLike, dtype: type = np.float32, mmap: bool = T
         img = nib.load(str(p), mmap=mmap)
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise UniPETInputError(f"{p}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?") from exc
+        raise UniPETInputError(
+            f"{p}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from exc
     return data, np.asarray(img.affine, dtype=np.float64)

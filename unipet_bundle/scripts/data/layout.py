@@ -127,7 +127,9 @@ def read_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
         img = nib.load(str(p))
         return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for corrupt headers
-        raise UniPETInputError(f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {exc}); is the file complete?") from exc
+        raise UniPETInputError(
+            f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from exc
 
 
 def check_3d(path: str | os.PathLike, shape: tuple[int, ...]) -> None:

@@ -39,7 +39,7 @@ def check_axcodes(value: Any, name: str = "network_axcodes") -> str:
     ok = len(text) == 3 and all(sum(c in pair for c in text) == 1 for pair in _LABELS)
     if not ok:
         raise UniPETInputError(
-            f"--{name} must be three axis codes, one each of L/R, P/A and I/S (e.g. \"RAS\", the orientation the "
+            f'--{name} must be three axis codes, one each of L/R, P/A and I/S (e.g. "RAS", the orientation the '
             f"shipped weights were trained in), got {value!r}"
         )
     return text
@@ -60,7 +60,9 @@ def network_ornt(affine: np.ndarray, axcodes: str = DEFAULT_AXCODES) -> np.ndarr
     return nib.orientations.ornt_transform(src, dst)
 
 
-def to_network_view(array: np.ndarray, affine: np.ndarray, axcodes: str = DEFAULT_AXCODES) -> tuple[np.ndarray, np.ndarray]:
+def to_network_view(
+    array: np.ndarray, affine: np.ndarray, axcodes: str = DEFAULT_AXCODES
+) -> tuple[np.ndarray, np.ndarray]:
     """``array`` (X, Y, Z) with its voxel->RAS ``affine`` as a view in ``axcodes`` order, and the view's affine.
 
     No data are copied (flips and transposes are strides); writing into the view writes into ``array``.

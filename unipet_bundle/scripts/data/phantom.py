@@ -265,9 +265,17 @@ def make_phantom(
     table: dict[int, dict[str, Any]] = {}
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     hosts = dict(lesion_hosts) if lesion_hosts is not None else dict(_LESION_HOSTS)
-    lesions = _place_lesions(rng, labels, spacing, k, n_lesions, lesion_diameter_mm,
-                             lesion_contrast if lesion_contrast is not None else lesion_suv, hosts,
-                             log_level=lesion_contrast is not None)
+    lesions = _place_lesions(
+        rng,
+        labels,
+        spacing,
+        k,
+        n_lesions,
+        lesion_diameter_mm,
+        lesion_contrast if lesion_contrast is not None else lesion_suv,
+        hosts,
+        log_level=lesion_contrast is not None,
+    )
     for i, (centre_idx, diameter, level, host) in enumerate(lesions):
         label = LESION_LABEL_START + i
         host_label = int(labels[tuple(centre_idx)])
@@ -336,7 +344,9 @@ def _sphere_mask(shape, spacing, centre_idx, radius_mm: float) -> np.ndarray:
     return m
 
 
-def _sphere_fraction(shape, spacing, centre_idx, radius_mm: float, sub: int = 4) -> tuple[tuple[slice, ...], np.ndarray]:
+def _sphere_fraction(
+    shape, spacing, centre_idx, radius_mm: float, sub: int = 4
+) -> tuple[tuple[slice, ...], np.ndarray]:
     """Fraction of each voxel inside a sphere (``sub^3`` sub-samples per voxel) over its bounding box.
 
     Returns (the box as slices, the float32 fractions in the box)."""
@@ -354,8 +364,9 @@ def _sphere_fraction(shape, spacing, centre_idx, radius_mm: float, sub: int = 4)
     return tuple(sl), inside.mean(axis=(3, 4, 5)).astype(np.float32)
 
 
-def _place_lesions(rng, labels, spacing, k, n_range, diam_range, level_range, host_weights=None,
-                   log_level: bool = False) -> list:
+def _place_lesions(
+    rng, labels, spacing, k, n_range, diam_range, level_range, host_weights=None, log_level: bool = False
+) -> list:
     """Non-overlapping lesion centres inside host tissues; returns (centre voxel, diameter mm, level, host).
 
     ``level`` is drawn from ``level_range``: uniformly (an SUV, the original model) or log-uniformly
@@ -381,12 +392,14 @@ def _place_lesions(rng, labels, spacing, k, n_range, diam_range, level_range, ho
             if len(z_has_lung) and len(z_has_brain):
                 m = m.copy()
                 m[:, :, : z_has_lung.max() + 1] = False
-                m[:, :, z_has_brain.min():] = False
+                m[:, :, z_has_brain.min() :] = False
             else:
                 m = np.zeros_like(m)
         elif h == "nodes":
             hot = np.isin(labels, [name_to_label[o] for o in ("myocardium", "kidneys", "bladder", "blood_pool")])
-            dist = ndimage.distance_transform_edt(~hot, sampling=spacing) if hot.any() else np.full(labels.shape, np.inf)
+            dist = (
+                ndimage.distance_transform_edt(~hot, sampling=spacing) if hot.any() else np.full(labels.shape, np.inf)
+            )
             soft = np.isin(labels, [name_to_label["muscle"], name_to_label["fat"]])
             m = soft & (dist >= 4.0) & (dist <= 25.0)
         else:

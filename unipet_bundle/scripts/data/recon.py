@@ -177,9 +177,7 @@ def osem(
     return OSEMReconstructor(projector, efficiency, background, n_subsets)(prompts, n_iterations, callback)
 
 
-def gaussian_filter_mm(
-    volume: np.ndarray, spacing: Sequence[float], fwhm_mm: float | Sequence[float]
-) -> np.ndarray:
+def gaussian_filter_mm(volume: np.ndarray, spacing: Sequence[float], fwhm_mm: float | Sequence[float]) -> np.ndarray:
     """3D Gaussian filter of an (x, y, z) volume with FWHM given in mm (one value or one per axis).
 
     Outside the volume is air in-plane (zero) and a copy of the end slice axially, so the first and

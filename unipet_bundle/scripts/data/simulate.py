@@ -54,6 +54,7 @@ from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write_json, check_output_path, default_dir_mode
 from scripts.common.versioning import bundle_version
+
 from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
 from .projector import get_projector
@@ -100,7 +101,10 @@ PHYSICS_DEFAULTS: dict[str, Any] = {
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "simulation"
 # knobs a profile may draw per subject: the physics keys (but not n_angles / low_dose_mode) and these
 _GRID_DRAWS = ("voxel_inplane_mm", "voxel_axial_mm")
-_DRAWABLE = tuple(k for k in PHYSICS_DEFAULTS if k not in ("n_angles", "low_dose_mode")) + ("count_level_factor", *_GRID_DRAWS)
+_DRAWABLE = tuple(k for k in PHYSICS_DEFAULTS if k not in ("n_angles", "low_dose_mode")) + (
+    "count_level_factor",
+    *_GRID_DRAWS,
+)
 _INT_KNOBS = ("n_iterations", "n_subsets")
 _PROFILE_SEED_KEY = 0x9E57  # the draws use their own stream, so the phantom and the noise seeds are unchanged
 _MAX_SLICES_PER_CHUNK = 128  # OSEM columns per batch: bounds memory for long real volumes
@@ -119,7 +123,7 @@ def _as_drfs(drfs: Any) -> list[float]:
     try:
         values = sorted({float(d) for d in drfs})
     except (TypeError, ValueError) as exc:
-        raise UniPETInputError(f"--drfs must be a list of numbers like \"[2,4,10]\"; got {drfs!r}") from exc
+        raise UniPETInputError(f'--drfs must be a list of numbers like "[2,4,10]"; got {drfs!r}') from exc
     if not values or any(not math.isfinite(d) or d < 1 for d in values):
         raise UniPETInputError(f"--drfs must be numbers >= 1 (dose reduction factors); got {drfs!r}")
     return [int(d) if d.is_integer() else d for d in values]
@@ -131,7 +135,7 @@ def _as_triple(value: Any, name: str, kind: type) -> tuple:
     try:
         out = tuple(kind(v) for v in value)
     except (TypeError, ValueError) as exc:
-        raise UniPETInputError(f"--{name} must be three numbers like \"[128,128,96]\"; got {value!r}") from exc
+        raise UniPETInputError(f'--{name} must be three numbers like "[128,128,96]"; got {value!r}') from exc
     if len(out) != 3 or any(v <= 0 for v in out):
         raise UniPETInputError(f"--{name} must be three positive numbers; got {value!r}")
     return out
@@ -244,10 +248,17 @@ def simulate_pet(
     """
     t0 = time.perf_counter()
     physics = dict(
-        counts_per_suv_ml=float(counts_per_suv_ml), n_angles=n_angles, n_iterations=int(n_iterations),
-        n_subsets=int(n_subsets), psf_fwhm_mm=float(psf_fwhm_mm), postfilter_fwhm_mm=float(postfilter_fwhm_mm),
-        postfilter_axial_fwhm_mm=float(postfilter_axial_fwhm_mm), scatter_fraction=float(scatter_fraction),
-        randoms_fraction=float(randoms_fraction), scatter_fwhm_mm=float(scatter_fwhm_mm), low_dose_mode=low_dose_mode,
+        counts_per_suv_ml=float(counts_per_suv_ml),
+        n_angles=n_angles,
+        n_iterations=int(n_iterations),
+        n_subsets=int(n_subsets),
+        psf_fwhm_mm=float(psf_fwhm_mm),
+        postfilter_fwhm_mm=float(postfilter_fwhm_mm),
+        postfilter_axial_fwhm_mm=float(postfilter_axial_fwhm_mm),
+        scatter_fraction=float(scatter_fraction),
+        randoms_fraction=float(randoms_fraction),
+        scatter_fwhm_mm=float(scatter_fwhm_mm),
+        low_dose_mode=low_dose_mode,
         psf_modelling=bool(psf_modelling),
     )
     _check_physics(physics)
@@ -327,8 +338,14 @@ def simulate_pet(
     chunks = [slice(k0, min(nz, k0 + _MAX_SLICES_PER_CHUNK)) for k0 in range(0, nz, _MAX_SLICES_PER_CHUNK)]
     with tqdm(total=len(chunks) * len(levels), desc="OSEM", unit="dose", leave=False, disable=not progress) as bar:
         for sl in chunks:
-            model = OSEMReconstructor(proj, eff_t[:, sl].contiguous(), bg_t[:, sl].contiguous(), n_subsets,
-                                       psf_fwhm_mm=psf_model_mm, slice_mm=spacing[2])
+            model = OSEMReconstructor(
+                proj,
+                eff_t[:, sl].contiguous(),
+                bg_t[:, sl].contiguous(),
+                n_subsets,
+                psf_fwhm_mm=psf_model_mm,
+                slice_mm=spacing[2],
+            )
             for name, _ in levels:
                 bar.set_postfix_str(name)
                 recon[name][:, sl] = model(data[name][:, sl].contiguous(), n_iterations).numpy()
@@ -363,8 +380,15 @@ def simulate_pet(
 # profiles: which scanner and reconstruction each subject gets (data in configs/simulation/*.json)
 
 _DISTRIBUTIONS = ("value", "uniform", "loguniform", "integers", "choice")
-_PHANTOM_KEYS = ("n_lesions", "lesion_diameter_mm", "lesion_suv", "texture", "lesion_contrast", "lesion_hosts",
-                 "lesion_partial_volume")
+_PHANTOM_KEYS = (
+    "n_lesions",
+    "lesion_diameter_mm",
+    "lesion_suv",
+    "texture",
+    "lesion_contrast",
+    "lesion_hosts",
+    "lesion_partial_volume",
+)
 
 
 def load_profile(profile: str | os.PathLike | dict[str, Any] = "fixed") -> dict[str, Any]:
@@ -410,11 +434,18 @@ def load_profile(profile: str | os.PathLike | dict[str, Any] = "fixed") -> dict[
         if knob not in _DRAWABLE:
             raise UniPETInputError(f"{where}: cannot draw {knob!r}; drawable knobs: {sorted(_DRAWABLE)}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
-            raise UniPETInputError(f"{where}: draw {knob!r} must be one of {{\"uniform\"|\"loguniform\"|\"integers\": "
-                                   f"[lo, hi]}}, {{\"choice\": [...]}}, {{\"value\": v}}; got {spec!r}")
+            raise UniPETInputError(
+                f'{where}: draw {knob!r} must be one of {{"uniform"|"loguniform"|"integers": '
+                f'[lo, hi]}}, {{"choice": [...]}}, {{"value": v}}; got {spec!r}'
+            )
         kind, arg = next(iter(spec.items()))
         if kind in ("uniform", "loguniform", "integers"):
-            if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg) and arg[0] <= arg[1]):
+            if not (
+                isinstance(arg, list)
+                and len(arg) == 2
+                and all(isinstance(v, (int, float)) for v in arg)
+                and arg[0] <= arg[1]
+            ):
                 raise UniPETInputError(f"{where}: draw {knob!r}: {kind} needs [lo, hi] with lo <= hi; got {arg!r}")
             if kind == "loguniform" and arg[0] <= 0:
                 raise UniPETInputError(f"{where}: draw {knob!r}: loguniform needs lo > 0; got {arg!r}")
@@ -443,8 +474,11 @@ def _draw(rng: np.random.Generator, spec: dict[str, Any]) -> Any:
 
 
 def draw_subject(
-    profile: dict[str, Any], subject_seed: int, overrides: dict[str, Any] | None = None,
-    shape: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
+    profile: dict[str, Any],
+    subject_seed: int,
+    overrides: dict[str, Any] | None = None,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """One subject's scanner and reconstruction under ``profile`` (see :func:`load_profile`).
 
@@ -485,12 +519,18 @@ def draw_subject(
     if "field_of_view_mm" in grid:
         cap = _as_triple(shape if shape is not None else grid["max_shape"], "shape", int)
         fov = _as_triple(grid["field_of_view_mm"], "field_of_view_mm", float)
-        shape_t = tuple(int(min(c, max(16 if i < 2 else 4, round(f / v)))) for i, (c, f, v) in enumerate(zip(cap, fov, spacing_t)))
+        shape_t = tuple(
+            int(min(c, max(16 if i < 2 else 4, round(f / v)))) for i, (c, f, v) in enumerate(zip(cap, fov, spacing_t))
+        )
     else:
         shape_t = _as_triple(shape if shape is not None else grid["shape"], "shape", int)
-    return {"physics": physics, "shape": shape_t, "spacing": spacing_t,
-            "draws": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in draws.items()},
-            "overridden": sorted(overrides)}
+    return {
+        "physics": physics,
+        "shape": shape_t,
+        "spacing": spacing_t,
+        "draws": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in draws.items()},
+        "overridden": sorted(overrides),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -529,8 +569,10 @@ def resample_activity(
 
     if not (isinstance(spacing_mm, (int, float)) and not isinstance(spacing_mm, bool) and 0.5 <= spacing_mm <= 20):
         raise UniPETInputError(f"--resample_mm must be a number of mm between 0.5 and 20; got {spacing_mm!r}")
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(activity, dtype=np.float32))[None],
-                     affine=torch.as_tensor(affine, dtype=torch.float64))
+    img = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(activity, dtype=np.float32))[None],
+        affine=torch.as_tensor(affine, dtype=torch.float64),
+    )
     out = Spacing(pixdim=(float(spacing_mm),) * 3, mode="bilinear", padding_mode="border", dtype=torch.float32)(img)
     new_affine = out.affine.numpy().astype(np.float64)
     return out[0].numpy().astype(np.float32), new_affine, (float(spacing_mm),) * 3
@@ -622,18 +664,37 @@ def simulate_subject(
             truth, affine, spacing_t = resample_activity(truth, affine, resample_mm)
         mu, labels, mu_info = mu_map_from_suv(truth, spacing_t)
         voxel_ml = float(np.prod(spacing_t)) / 1000.0
-        note = ("real SUV input without organ labels: only a body mask (smoothed SUV above a threshold) is "
-                "labelled (attenuation: water inside it); no organ or lesion labels")
+        note = (
+            "real SUV input without organ labels: only a body mask (smoothed SUV above a threshold) is "
+            "labelled (attenuation: water inside it); no organ or lesion labels"
+        )
         label_table = {}
         for lab, name in ((1, "body"), (2, "lungs")):
             m = labels == lab
             if m.any():
-                label_table[str(lab)] = {"name": name, "kind": "organ", "true_suv": round(float(truth[m].mean()), 4),
-                                         "volume_ml": round(float(m.sum()) * voxel_ml, 2), "note": note}
-        source = {"kind": "real SUV volume", "file": Path(activity).name, "mu_map": mu_info, "labels_note": note,
-                  "native_spacing_mm": [round(v, 4) for v in native_spacing], "resampled_to_mm": resample_mm}
-    logger.info("%s: %s %s at %s mm, DRFs %s", subject, source["kind"], tuple(truth.shape),
-                tuple(round(s, 3) for s in spacing_t), drf_list)
+                label_table[str(lab)] = {
+                    "name": name,
+                    "kind": "organ",
+                    "true_suv": round(float(truth[m].mean()), 4),
+                    "volume_ml": round(float(m.sum()) * voxel_ml, 2),
+                    "note": note,
+                }
+        source = {
+            "kind": "real SUV volume",
+            "file": Path(activity).name,
+            "mu_map": mu_info,
+            "labels_note": note,
+            "native_spacing_mm": [round(v, 4) for v in native_spacing],
+            "resampled_to_mm": resample_mm,
+        }
+    logger.info(
+        "%s: %s %s at %s mm, DRFs %s",
+        subject,
+        source["kind"],
+        tuple(truth.shape),
+        tuple(round(s, 3) for s in spacing_t),
+        drf_list,
+    )
     result = simulate_pet(truth, spacing_t, drf_list, seed=noise_seed, mu_map=mu, progress=progress, **physics)
     info = dict(result["info"])
     info.pop("seed")
@@ -650,19 +711,28 @@ def simulate_subject(
         atomic_write_json(tmp / "labels.json", label_table)
         meta = {
             "description": "simulated data: PET scans simulated from a known activity volume (not patient "
-                           "scans); full dose and low dose at each DRF share the same truth and grid",
+            "scans); full dose and low dose at each DRF share the same truth and grid",
             "data_kind": "simulated data",
             "subject": subject,
-            "software": {"name": "unipet_bundle scripts.data.simulate", "version": bundle_version(),
-                         "numpy": np.__version__, "scipy": scipy.__version__, "torch": torch.__version__},
+            "software": {
+                "name": "unipet_bundle scripts.data.simulate",
+                "version": bundle_version(),
+                "numpy": np.__version__,
+                "scipy": scipy.__version__,
+                "torch": torch.__version__,
+            },
             "subject_seed": int(seed),
             "noise_seed": noise_seed,
             **(provenance or {}),
             "source": source,
             "units": "SUV (g/mL), float32; mu map in 1/cm",
             "axis_order": "x, y, z (z axial), NIfTI RAS affine",
-            "files": {"full_dose": "full_dose.nii.gz", **{drf_name(d): f"{drf_name(d)}.nii.gz" for d in drf_list},
-                      "activity": "activity.nii.gz", "labels": "labels.nii.gz"},
+            "files": {
+                "full_dose": "full_dose.nii.gz",
+                **{drf_name(d): f"{drf_name(d)}.nii.gz" for d in drf_list},
+                "activity": "activity.nii.gz",
+                "labels": "labels.nii.gz",
+            },
             **info,
         }
         atomic_write_json(tmp / "simulation.json", meta)
@@ -679,8 +749,12 @@ def simulate_subject(
     c = info["counts"]
     logger.info(
         "%s: written in %.1f s; full-dose prompts %.3g (%.0f%% scatter+randoms), DRF %s prompts %.3g",
-        subject, time.perf_counter() - t0, c["full_dose"]["prompts"], 100 * info["background_fraction_of_prompts"],
-        drf_list[-1], c[drf_name(drf_list[-1])]["prompts"],
+        subject,
+        time.perf_counter() - t0,
+        c["full_dose"]["prompts"],
+        100 * info["background_fraction_of_prompts"],
+        drf_list[-1],
+        c[drf_name(drf_list[-1])]["prompts"],
     )
     return target
 
@@ -760,10 +834,18 @@ def simulate(
     """
     prof = load_profile(profile)
     overrides = dict(
-        counts_per_suv_ml=counts_per_suv_ml, n_angles=n_angles, n_iterations=n_iterations, n_subsets=n_subsets,
-        psf_fwhm_mm=psf_fwhm_mm, psf_modelling=psf_modelling, postfilter_fwhm_mm=postfilter_fwhm_mm,
-        postfilter_axial_fwhm_mm=postfilter_axial_fwhm_mm, scatter_fraction=scatter_fraction,
-        randoms_fraction=randoms_fraction, scatter_fwhm_mm=scatter_fwhm_mm, low_dose_mode=low_dose_mode,
+        counts_per_suv_ml=counts_per_suv_ml,
+        n_angles=n_angles,
+        n_iterations=n_iterations,
+        n_subsets=n_subsets,
+        psf_fwhm_mm=psf_fwhm_mm,
+        psf_modelling=psf_modelling,
+        postfilter_fwhm_mm=postfilter_fwhm_mm,
+        postfilter_axial_fwhm_mm=postfilter_axial_fwhm_mm,
+        scatter_fraction=scatter_fraction,
+        randoms_fraction=randoms_fraction,
+        scatter_fwhm_mm=scatter_fwhm_mm,
+        low_dose_mode=low_dose_mode,
     )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "psf_modelling" in overrides:
@@ -784,8 +866,9 @@ def simulate(
         if int(n_subjects) < 1:
             raise UniPETInputError(f"--n_subjects must be >= 1; got {n_subjects}")
         if not 0 <= int(first_subject) < int(n_subjects):
-            raise UniPETInputError(f"--first_subject must be in [0, n_subjects - 1 = {int(n_subjects) - 1}]; "
-                                   f"got {first_subject}")
+            raise UniPETInputError(
+                f"--first_subject must be in [0, n_subjects - 1 = {int(n_subjects) - 1}]; got {first_subject}"
+            )
         if shape is not None:
             shape_chk = _as_triple(shape, "shape", int)
             if shape_chk[0] < 16 or shape_chk[1] < 16 or shape_chk[2] < 4:
@@ -793,8 +876,9 @@ def simulate(
         if spacing is not None:
             _as_triple(spacing, "spacing", float)
         seeds = np.random.SeedSequence(int(seed) & 0xFFFFFFFF).spawn(int(n_subjects))
-        jobs = [(f"phantom_{i:03d}", int(s.generate_state(1)[0])) for i, s in enumerate(seeds)
-                if i >= int(first_subject)]
+        jobs = [
+            (f"phantom_{i:03d}", int(s.generate_state(1)[0])) for i, s in enumerate(seeds) if i >= int(first_subject)
+        ]
         provenance = {
             "base_seed": int(seed),
             "seed_rule": "subject_seed of subject i = SeedSequence(base_seed).spawn(n)[i].generate_state(1)[0]",
@@ -810,22 +894,42 @@ def simulate(
         check_output_path(out_root / name, overwrite=overwrite, inputs=[activity] if activity else [])
     if activity is not None:
         load_activity(activity)  # validate before the progress bar starts; cheap next to the simulation
-    logger.info("simulating %d subject(s) into %s (simulated data), profile %s, DRFs %s", len(jobs), out_root,
-                prof["name"], drf_list)
+    logger.info(
+        "simulating %d subject(s) into %s (simulated data), profile %s, DRFs %s",
+        len(jobs),
+        out_root,
+        prof["name"],
+        drf_list,
+    )
     t0 = time.perf_counter()
     for name, subject_seed, plan in tqdm(plans, desc="subjects", unit="subject"):
-        randomisation = {"profile": prof["name"], "profile_file": Path(prof.get("file", "")).name or None,
-                         "draws": plan["draws"], "overridden_on_the_command_line": plan["overridden"],
-                         "draw_seed_rule": "SeedSequence([subject_seed, 0x9E57])"}
+        randomisation = {
+            "profile": prof["name"],
+            "profile_file": Path(prof.get("file", "")).name or None,
+            "draws": plan["draws"],
+            "overridden_on_the_command_line": plan["overridden"],
+            "draw_seed_rule": "SeedSequence([subject_seed, 0x9E57])",
+        }
         if activity is not None and any(k in plan["draws"] for k in _GRID_DRAWS):
             randomisation["note"] = "voxel-size draws unused: a real --activity keeps its grid (or --resample_mm)"
         if prof["phantom"] and activity is not None:
             randomisation.setdefault("note", "")
             randomisation["note"] += "; the profile's phantom (lesion) options do not apply to a real --activity"
-        simulate_subject(out_root, name, activity=activity, resample_mm=resample_mm, shape=plan["shape"],
-                         spacing=plan["spacing"], drfs=drf_list, seed=subject_seed, overwrite=overwrite, progress=True,
-                         provenance={**provenance, "randomisation": randomisation},
-                         phantom_options=prof["phantom"] or None, **plan["physics"])
+        simulate_subject(
+            out_root,
+            name,
+            activity=activity,
+            resample_mm=resample_mm,
+            shape=plan["shape"],
+            spacing=plan["spacing"],
+            drfs=drf_list,
+            seed=subject_seed,
+            overwrite=overwrite,
+            progress=True,
+            provenance={**provenance, "randomisation": randomisation},
+            phantom_options=prof["phantom"] or None,
+            **plan["physics"],
+        )
     logger.info("done: %d subject(s) in %.1f s", len(jobs), time.perf_counter() - t0)
 
 

@@ -226,7 +226,9 @@ def scan_reference_datetime(slices: Sequence[Dataset]) -> tuple[datetime, str]:
         SUVError: neither SeriesTime nor AcquisitionTime can be read.
     """
     first = slices[0]
-    series = _combine(first.get("SeriesDate") or first.get("AcquisitionDate") or first.get("StudyDate"), first.get("SeriesTime"))
+    series = _combine(
+        first.get("SeriesDate") or first.get("AcquisitionDate") or first.get("StudyDate"), first.get("SeriesTime")
+    )
     acquisitions = [t for t in (_acquisition_datetime(ds) for ds in slices) if t is not None]
     earliest = min(acquisitions) if acquisitions else None
     if series is not None and (earliest is None or series <= earliest):
@@ -234,16 +236,17 @@ def scan_reference_datetime(slices: Sequence[Dataset]) -> tuple[datetime, str]:
     if earliest is not None:
         if series is None:
             return earliest, "earliest AcquisitionDate/AcquisitionTime (SeriesTime missing)"
-        return earliest, f"earliest AcquisitionDate/AcquisitionTime (earlier than SeriesTime {series.time().isoformat()}, which was probably reset when the series was re-created)"
+        return (
+            earliest,
+            f"earliest AcquisitionDate/AcquisitionTime (earlier than SeriesTime {series.time().isoformat()}, which was probably reset when the series was re-created)",
+        )
     raise SUVError(
         "SeriesTime (0008,0031) and AcquisitionTime (0008,0032) are missing or unreadable: the scan time needed to decay "
         f"the dose is unknown; {_SUV_FACTOR_HINT}"
     )
 
 
-_TIME_FIX = (
-    "pass --injection_datetime YYYYMMDDHHMMSS (or --injection_time HHMMSS on the scan date) with the real injection time"
-)
+_TIME_FIX = "pass --injection_datetime YYYYMMDDHHMMSS (or --injection_time HHMMSS on the scan date) with the real injection time"
 
 
 def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverrides) -> tuple[datetime, str, bool]:
@@ -251,12 +254,16 @@ def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverride
     if overrides.injection_datetime is not None:
         parsed = parse_datetime(overrides.injection_datetime)
         if parsed is None:
-            raise SUVError(f"--injection_datetime {overrides.injection_datetime!r} is not a date-time with hours and minutes: use YYYYMMDDHHMMSS, e.g. 20240102103500")
+            raise SUVError(
+                f"--injection_datetime {overrides.injection_datetime!r} is not a date-time with hours and minutes: use YYYYMMDDHHMMSS, e.g. 20240102103500"
+            )
         return parsed, "--injection_datetime (user)", False
     if overrides.injection_time is not None:
         clock = parse_time(overrides.injection_time)
         if clock is None:
-            raise SUVError(f"--injection_time {overrides.injection_time!r} is not a time of day: use HHMMSS, e.g. 103500")
+            raise SUVError(
+                f"--injection_time {overrides.injection_time!r} is not a time of day: use HHMMSS, e.g. 103500"
+            )
         return datetime.combine(reference.date(), clock), "--injection_time (user) on the reference date", True
     dated = None
     if rp.get("RadiopharmaceuticalStartDateTime"):
@@ -267,14 +274,21 @@ def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverride
         dated = _parse_date(_text(rp.RadiopharmaceuticalStartDateTime)[:8])
     clock = parse_time(rp.get("RadiopharmaceuticalStartTime"))
     if clock is not None and dated is not None:
-        return (datetime.combine(dated, clock),
-                "RadiopharmaceuticalStartTime (0018,1072) on the date of RadiopharmaceuticalStartDateTime (which has no time)", False)
+        return (
+            datetime.combine(dated, clock),
+            "RadiopharmaceuticalStartTime (0018,1072) on the date of RadiopharmaceuticalStartDateTime (which has no time)",
+            False,
+        )
     if clock is None:
         raise SUVError(
             "injection time missing: RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
             f"are absent or unreadable in RadiopharmaceuticalInformationSequence, so the dose cannot be decayed; {_TIME_FIX}, or {_SUV_FACTOR_HINT}"
         )
-    return datetime.combine(reference.date(), clock), "RadiopharmaceuticalStartTime (0018,1072) on the reference date", True
+    return (
+        datetime.combine(reference.date(), clock),
+        "RadiopharmaceuticalStartTime (0018,1072) on the reference date",
+        True,
+    )
 
 
 def uptake_time_s(
@@ -312,7 +326,9 @@ def uptake_time_s(
     return seconds, check_uptake_s(seconds, half_life_s, time_only=time_only, what=both, fix=fix)
 
 
-def check_uptake_s(seconds: float, half_life_s: float | None, *, time_only: bool, what: str, fix: str = _TIME_FIX) -> list[str]:
+def check_uptake_s(
+    seconds: float, half_life_s: float | None, *, time_only: bool, what: str, fix: str = _TIME_FIX
+) -> list[str]:
     """The uptake-time rule of :func:`uptake_time_s` for an uptake already in seconds (e.g. a CSV delay column).
 
     Args:
@@ -335,7 +351,9 @@ def check_uptake_s(seconds: float, half_life_s: float | None, *, time_only: bool
                 f"unknown (a clock ahead of the scanner's? an injection the day before is never assumed: it would mean "
                 f"{_duration(seconds + 86400)} of decay); {fix}"
             )
-        raise SUVError(f"{what}: the injection time is after the scan reference time (the scan is {_duration(-seconds)} before injection); {fix}")
+        raise SUVError(
+            f"{what}: the injection time is after the scan reference time (the scan is {_duration(-seconds)} before injection); {fix}"
+        )
     if time_only and seconds > _MAX_TIME_ONLY_UPTAKE_S:
         raise SUVError(
             f"{what}: {seconds / 3600:.1f} h between injection and scan with times of day only (over 12 h: a wrong clock or "
@@ -414,7 +432,8 @@ def check_suv_inputs(
         _refuse_or_warn(
             f"{weight_what} {weight_kg:g} kg is implausible (outside {low:g}-{high:g} kg){slip}: body-weight SUV needs the "
             f"weight in kg; {weight_fix}",
-            allow_implausible, warnings,
+            allow_implausible,
+            warnings,
         )
     low, high = _DOSE_BQ_RANGE
     if not low <= dose_bq <= high:
@@ -422,12 +441,15 @@ def check_suv_inputs(
         _refuse_or_warn(
             f"{dose_what} {dose_bq:.4g} Bq is implausibly {'small' if dose_bq < low else 'large'} (outside {low / 1e6:g} MBq-"
             f"{high / 1e9:g} GBq){slip}: the injected dose must be in Bq; {dose_fix}",
-            allow_implausible, warnings,
+            allow_implausible,
+            warnings,
         )
     return warnings
 
 
-def suv_bw_factor(weight_kg: float, dose_bq: float, uptake_s: float, half_life_s: float | None, decay_correction: str = "START") -> tuple[float, float]:
+def suv_bw_factor(
+    weight_kg: float, dose_bq: float, uptake_s: float, half_life_s: float | None, decay_correction: str = "START"
+) -> tuple[float, float]:
     """Body-weight SUV factor (g/mL per Bq/mL) and the decay factor used.
 
     ``weight_g / (dose_Bq * 2 ** (-uptake_s / half_life_s))``; with ``decay_correction="ADMIN"`` the image
@@ -457,12 +479,18 @@ def suv_factor_from_values(
         SUVError: a non-positive weight/dose/half-life, DecayCorrection not START/ADMIN, or a refused uptake.
     """
     if weight_kg <= 0 or dose_bq <= 0 or half_life_s <= 0:
-        raise SUVError(f"weight ({weight_kg} kg), injected dose ({dose_bq} Bq) and half-life ({half_life_s} s) must be positive")
+        raise SUVError(
+            f"weight ({weight_kg} kg), injected dose ({dose_bq} Bq) and half-life ({half_life_s} s) must be positive"
+        )
     decay = check_decay_correction(
-        decay_correction, missing="DecayCorrection", fix="give START or ADMIN, or an SUV factor",
+        decay_correction,
+        missing="DecayCorrection",
+        fix="give START or ADMIN, or an SUV factor",
         none_fix="decay-correct the images, or give the SUV factor (one factor for the whole image) explicitly",
     )
-    check_uptake_s(uptake_s, half_life_s, time_only=False, what=f"delay {uptake_s:g} s from injection to acquisition", fix=fix)
+    check_uptake_s(
+        uptake_s, half_life_s, time_only=False, what=f"delay {uptake_s:g} s from injection to acquisition", fix=fix
+    )
     return suv_bw_factor(weight_kg, dose_bq, uptake_s, half_life_s, decay)[0]
 
 
@@ -502,7 +530,8 @@ def check_body_suv(
         _refuse_or_warn(
             f"{name}: the median SUV of the body is {median:.4g}, outside {low:g}-{high:g} for any PET tracer (body SUV averages ~1): "
             f"a unit slip in the weight (grams?) or dose (MBq?), or pixels not in SUV/Bq/mL; {fix}",
-            allow_implausible, warnings,
+            allow_implausible,
+            warnings,
         )
     return median, warnings
 
@@ -558,7 +587,9 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
     else:
         weight_kg, weight_what = _positive_float(ds.get("PatientWeight")), "PatientWeight (0010,1030)"
     if weight_kg is None:
-        raise SUVError(f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; pass --patient_weight KG, or {_SUV_FACTOR_HINT}")
+        raise SUVError(
+            f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; pass --patient_weight KG, or {_SUV_FACTOR_HINT}"
+        )
     sequence = ds.get("RadiopharmaceuticalInformationSequence")
     if not sequence:
         raise SUVError(
@@ -575,13 +606,25 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
     else:
         dose_bq, dose_what = _positive_float(rp.get("RadionuclideTotalDose")), "RadionuclideTotalDose (0018,1074)"
     if dose_bq is None:
-        raise SUVError(f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; pass --injected_dose BQ, or {_SUV_FACTOR_HINT}")
+        raise SUVError(
+            f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; pass --injected_dose BQ, or {_SUV_FACTOR_HINT}"
+        )
     half_life_s = _positive_float(rp.get("RadionuclideHalfLife"))
     if half_life_s is None and decay == "START":
-        raise SUVError(f"RadionuclideHalfLife (0018,1075) is missing or zero: the dose cannot be decayed to the scan time; {_SUV_FACTOR_HINT}")
+        raise SUVError(
+            f"RadionuclideHalfLife (0018,1075) is missing or zero: the dose cannot be decayed to the scan time; {_SUV_FACTOR_HINT}"
+        )
 
     # Impossible values are refused before anything else is computed from them.
-    warnings.extend(check_suv_inputs(weight_kg, dose_bq, allow_implausible=overrides.allow_implausible_suv, weight_what=weight_what, dose_what=dose_what))
+    warnings.extend(
+        check_suv_inputs(
+            weight_kg,
+            dose_bq,
+            allow_implausible=overrides.allow_implausible_suv,
+            weight_what=weight_what,
+            dose_what=dose_what,
+        )
+    )
     info["decay_correction"] = decay
     info["patient_weight_kg"] = weight_kg
     info["patient_weight_source"] = weight_what
@@ -596,8 +639,12 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
         reference, reference_source = scan_reference_datetime(slices)
         injection, injection_source, time_only = _injection_datetime(rp, reference, overrides)
         decay_time_s, time_warnings = uptake_time_s(
-            injection, reference, half_life_s, time_only=time_only,
-            injection_what=f"injection time {injection_source.split(' (')[0]}", reference_what=f"scan time {reference_source.split(' (')[0]}",
+            injection,
+            reference,
+            half_life_s,
+            time_only=time_only,
+            injection_what=f"injection time {injection_source.split(' (')[0]}",
+            reference_what=f"scan time {reference_source.split(' (')[0]}",
         )
         warnings.extend(time_warnings)
         info.update(
@@ -667,7 +714,9 @@ def compute_suv_factor(
     if suv_factor is not None:
         factor = _check_factor(suv_factor)
         if used_units == "GML":
-            raise SUVError("--suv_factor and Units GML/--units SUV contradict each other (SUV needs no factor): pass only one")
+            raise SUVError(
+                "--suv_factor and Units GML/--units SUV contradict each other (SUV needs no factor): pass only one"
+            )
         if tag_overrides:
             raise SUVError(
                 f"--suv_factor and {', '.join('--' + k.removesuffix('_kg').removesuffix('_bq') for k in tag_overrides)} contradict each other "
@@ -683,10 +732,14 @@ def compute_suv_factor(
         return factor, info
 
     if used_units is None:
-        raise SUVError(f"Units (0054,1001) is missing: the pixel unit is unknown; pass --units BQML if the pixels are Bq/mL, or --suv_factor/--units SUV")
+        raise SUVError(
+            "Units (0054,1001) is missing: the pixel unit is unknown; pass --units BQML if the pixels are Bq/mL, or --suv_factor/--units SUV"
+        )
     if used_units == "GML":
         if tag_overrides:
-            raise SUVError(f"Units GML (pixels already SUV) needs no {', '.join('--' + k.removesuffix('_kg').removesuffix('_bq') for k in tag_overrides)}: drop it, or pass --units BQML if the pixels are Bq/mL")
+            raise SUVError(
+                f"Units GML (pixels already SUV) needs no {', '.join('--' + k.removesuffix('_kg').removesuffix('_bq') for k in tag_overrides)}: drop it, or pass --units BQML if the pixels are Bq/mL"
+            )
         info["suv_factor_source"] = "Units GML: pixels already SUVbw (g/mL)"
         if info["suv_type_tag"] not in (None, "BW"):
             info["warnings"].append(f"SUVType {info['suv_type_tag']}: the pixels are not body-weight SUV")
@@ -697,7 +750,9 @@ def compute_suv_factor(
     factor, tag_info = _suv_bw_from_tags(ds, slices, overrides)
     info["warnings"].extend(tag_info.pop("warnings"))
     info.update(tag_info)
-    info["suv_factor_source"] = "DICOM tags (PatientWeight, RadiopharmaceuticalInformationSequence, decay to reference time)"
+    info["suv_factor_source"] = (
+        "DICOM tags (PatientWeight, RadiopharmaceuticalInformationSequence, decay to reference time)"
+    )
     return factor, info
 
 
@@ -795,7 +850,9 @@ def _check_consistent(slices: Sequence[Dataset], folder: Path) -> None:
     for keyword in ("Units", "DecayCorrection", "PatientWeight"):
         values = {_text(ds.get(keyword)) for ds in slices}
         if len(values) > 1:
-            raise SUVError(f"slices in {folder} disagree on {keyword} ({', '.join(sorted(values))}): not one PET series; keep one series per folder")
+            raise SUVError(
+                f"slices in {folder} disagree on {keyword} ({', '.join(sorted(values))}): not one PET series; keep one series per folder"
+            )
 
 
 def read_pet_series(
@@ -827,7 +884,9 @@ def read_pet_series(
     chosen = select_series(folder, series_uid=series_uid, modality="PT")
     _check_consistent(chosen.headers, folder)
     # The factor comes first so a missing tag fails before the pixel data are decoded.
-    factor, info = compute_suv_factor(chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers, overrides=overrides)
+    factor, info = compute_suv_factor(
+        chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers, overrides=overrides
+    )
     suv_details = copy.deepcopy(info)  # the factor's own record, before the series facts are added (for writers)
     volume: DicomVolume = stack_series(chosen)
     suv = bqml_to_suv(volume.array, factor)
@@ -837,7 +896,9 @@ def read_pet_series(
     }.get(str(info.get("units")), "SUV")
     if suv_factor is not None:
         source = f"SUV from --suv_factor {factor:g}"
-    body_median, body_warnings = check_body_suv(suv, f"{folder}: {source}", allow_implausible=overrides.allow_implausible_suv)
+    body_median, body_warnings = check_body_suv(
+        suv, f"{folder}: {source}", allow_implausible=overrides.allow_implausible_suv
+    )
     info["warnings"].extend(body_warnings)
     info["body_median_suv"] = body_median
 
@@ -856,14 +917,14 @@ def read_pet_series(
     # The converter keeps any volume it can compute exactly; the denoiser's stricter rules
     # (scripts.data.volume_checks) apply when the volume is used, and these warnings say so early.
     if not np.any(suv):
-        info["warnings"].append("every voxel is zero (an empty or failed reconstruction?): converted, but inference and training refuse it")
+        info["warnings"].append(
+            "every voxel is zero (an empty or failed reconstruction?): converted, but inference and training refuse it"
+        )
     if suv.shape[2] < 2:
         info["warnings"].append("the series has a single slice: converted, but UniPET denoises 3D volumes only")
     for warning in info["warnings"]:
         logger.warning("%s", warning)
-    logger.info(
-        "SUV factor %.6g (%s); SUVmax %.3g", factor, info.get("suv_factor_source"), info["suv_max"]
-    )
+    logger.info("SUV factor %.6g (%s); SUVmax %.3g", factor, info.get("suv_factor_source"), info["suv_max"])
     return PETSeries(
         suv=suv,
         affine=volume.affine,
@@ -918,7 +979,9 @@ def convert_dicom_to_suv(
     out = check_output_path(output, overwrite=overwrite)
     check_output_path(sidecar_path(out), overwrite=overwrite)
     if folder in out.parents:
-        raise UniPETInputError(f"output {out} is inside the DICOM folder {folder}: write it elsewhere (the folder must hold only the series)")
+        raise UniPETInputError(
+            f"output {out} is inside the DICOM folder {folder}: write it elsewhere (the folder must hold only the series)"
+        )
     series = read_pet_series(folder, units=units, suv_factor=suv_factor, series_uid=series_uid, overrides=overrides)
     _write_pair(series.suv, series.affine, series.info, out, overwrite)
     logger.info("wrote %s and %s", out, sidecar_path(out))
@@ -946,20 +1009,28 @@ def convert_suv_to_bqml(
         factor, source, units = _check_factor(suv_factor), "--suv_factor (user)", "BQML"
     else:
         if not side.is_file():
-            raise SUVError(f"no SUV factor: sidecar {side} not found; pass --sidecar (the .json written with the SUV volume) or --suv_factor")
+            raise SUVError(
+                f"no SUV factor: sidecar {side} not found; pass --sidecar (the .json written with the SUV volume) or --suv_factor"
+            )
         try:
             meta = json.loads(side.read_text())
         except (OSError, ValueError) as exc:
-            raise SUVError(f"sidecar {side} is not readable JSON ({type(exc).__name__}); pass --suv_factor instead") from None
+            raise SUVError(
+                f"sidecar {side} is not readable JSON ({type(exc).__name__}); pass --suv_factor instead"
+            ) from None
         factor = _check_factor(meta.get("suv_factor") if isinstance(meta, dict) else None, f"suv_factor in {side}")
         units = str(meta.get("units") or "BQML")
         if units == "GML":
-            raise SUVError(f"{side}: the source series was already SUV (Units GML), there is no Bq/mL scale; pass --suv_factor if you know it")
+            raise SUVError(
+                f"{side}: the source series was already SUV (Units GML), there is no Bq/mL scale; pass --suv_factor if you know it"
+            )
         source = f"sidecar {side}"
     suv, affine = load_nifti(src)
     bad = int(suv.size - np.count_nonzero(np.isfinite(suv)))
     if bad:
-        raise UniPETInputError(f"{src} has {bad} NaN/Inf voxel(s): they have no activity concentration; set them to 0 first")
+        raise UniPETInputError(
+            f"{src} has {bad} NaN/Inf voxel(s): they have no activity concentration; set them to 0 first"
+        )
     values = suv_to_bqml(suv, factor)
     info = {
         "description": f"activity concentration ({units}) from an SUVbw volume, written by scripts.data.suv",
@@ -1068,7 +1139,9 @@ def main(
             raise UniPETInputError("pass exactly one of --dicom_dir (DICOM -> SUV) or --suv_nifti (SUV -> Bq/mL)")
         if dicom_dir is not None:
             if sidecar is not None:
-                raise UniPETInputError("--sidecar is only for --suv_nifti; with --dicom_dir the sidecar is written next to --output")
+                raise UniPETInputError(
+                    "--sidecar is only for --suv_nifti; with --dicom_dir the sidecar is written next to --output"
+                )
             overrides = SUVOverrides(
                 patient_weight_kg=_cli_number(patient_weight, "--patient_weight", "kg, e.g. 71"),
                 injected_dose_bq=_cli_number(injected_dose, "--injected_dose", "Bq, e.g. 3.9e8"),
@@ -1077,19 +1150,32 @@ def main(
                 allow_implausible_suv=_cli_bool(allow_implausible_suv, "--allow_implausible_suv"),
             )
             convert_dicom_to_suv(
-                str(dicom_dir), str(output), units=units, suv_factor=suv_factor,
-                series_uid=None if series_uid is None else str(series_uid), overwrite=bool(overwrite), overrides=overrides,
+                str(dicom_dir),
+                str(output),
+                units=units,
+                suv_factor=suv_factor,
+                series_uid=None if series_uid is None else str(series_uid),
+                overwrite=bool(overwrite),
+                overrides=overrides,
             )
         else:
             dicom_only = {
-                "--units": units, "--series_uid": series_uid, "--patient_weight": patient_weight, "--injected_dose": injected_dose,
-                "--injection_time": injection_time, "--injection_datetime": injection_datetime,
+                "--units": units,
+                "--series_uid": series_uid,
+                "--patient_weight": patient_weight,
+                "--injected_dose": injected_dose,
+                "--injection_time": injection_time,
+                "--injection_datetime": injection_datetime,
                 "--allow_implausible_suv": allow_implausible_suv or None,
             }
             given = [k for k, v in dicom_only.items() if v is not None]
             if given:
-                raise UniPETInputError(f"{', '.join(given)}: only for --dicom_dir (the SUV -> Bq/mL direction reads the factor from the sidecar)")
-            convert_suv_to_bqml(str(suv_nifti), str(output), sidecar=sidecar, suv_factor=suv_factor, overwrite=bool(overwrite))
+                raise UniPETInputError(
+                    f"{', '.join(given)}: only for --dicom_dir (the SUV -> Bq/mL direction reads the factor from the sidecar)"
+                )
+            convert_suv_to_bqml(
+                str(suv_nifti), str(output), sidecar=sidecar, suv_factor=suv_factor, overwrite=bool(overwrite)
+            )
     except UniPETInputError as exc:
         exit_bad_input(exc)
     except OSError as exc:  # disk full, permissions: still one line, no traceback

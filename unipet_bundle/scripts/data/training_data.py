@@ -69,7 +69,9 @@ def paired_datalist(
     if datalist_file:
         path = Path(datalist_file).expanduser()
         if not path.is_file():
-            raise UniPETInputError(f"datalist {path} not found: write one with `python -m scripts.data.datalist` or leave datalist_file empty")
+            raise UniPETInputError(
+                f"datalist {path} not found: write one with `python -m scripts.data.datalist` or leave datalist_file empty"
+            )
         try:
             content = json.loads(path.read_text())
         except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError (a binary file)
@@ -80,7 +82,7 @@ def paired_datalist(
         listed = content.get(split, []) if isinstance(content, dict) else None
         if not isinstance(listed, list) or not all(isinstance(e, dict) for e in listed):
             raise UniPETInputError(
-                f"datalist {path}: '{split}' is not a list of entries like {{\"image\": ..., \"label\": ..., \"drf\": ...}}; "
+                f'datalist {path}: \'{split}\' is not a list of entries like {{"image": ..., "label": ..., "drf": ...}}; '
                 "re-create it with `python -m scripts.data.datalist`"
             )
         entries = [dict(e) for e in listed]
@@ -106,7 +108,9 @@ def _check_entry(entry: Mapping[str, Any], split: str, checked_by_layout: bool) 
     where = f"{split} entry {entry.get('subject', '?')} DRF {entry.get('drf')}"
     for key in ("image", "label"):
         if key not in entry:
-            raise UniPETInputError(f"{where}: no '{key}' path; re-create the datalist with `python -m scripts.data.datalist`")
+            raise UniPETInputError(
+                f"{where}: no '{key}' path; re-create the datalist with `python -m scripts.data.datalist`"
+            )
         if not Path(entry[key]).is_file():
             raise UniPETInputError(f"{where}: {entry[key]} not found; re-create the datalist")
     if checked_by_layout:  # scan_paired_dataset has checked names and grids already
@@ -245,8 +249,11 @@ class PatchSamplingWeightsd(MapTransform):
         self.suv_max = float(suv_max)
         self.tissue_threshold_suv = float(tissue_threshold_suv)
         self.hotspot_fraction = float(hotspot_fraction)
-        self.hotspot_kw = dict(max_size_voxels=int(hotspot_max_size_voxels), min_excess_suv=float(hotspot_min_excess_suv),
-                               min_contrast=float(hotspot_min_contrast))
+        self.hotspot_kw = dict(
+            max_size_voxels=int(hotspot_max_size_voxels),
+            min_excess_suv=float(hotspot_min_excess_suv),
+            min_contrast=float(hotspot_min_contrast),
+        )
 
     def weights(self, full: np.ndarray) -> np.ndarray:
         """Weight map (float32, same shape) for a full dose in network units."""
@@ -254,8 +261,10 @@ class PatchSamplingWeightsd(MapTransform):
         tissue = suv > self.tissue_threshold_suv
         n_tissue = int(tissue.sum())
         if n_tissue == 0:
-            logger.warning("no voxel above %.2f SUV in a full-dose volume: patch centres drawn uniformly",
-                           self.tissue_threshold_suv)
+            logger.warning(
+                "no voxel above %.2f SUV in a full-dose volume: patch centres drawn uniformly",
+                self.tissue_threshold_suv,
+            )
             return np.ones_like(suv)
         w = tissue.astype(np.float32) / n_tissue
         if self.hotspot_fraction > 0:
@@ -280,9 +289,7 @@ class PatchSamplingWeightsd(MapTransform):
         return d
 
 
-def dose_balanced_sampler(
-    datalist: list[dict[str, Any]], dose_balance: float = 0.0, seed: int = 0
-) -> Any:
+def dose_balanced_sampler(datalist: list[dict[str, Any]], dose_balance: float = 0.0, seed: int = 0) -> Any:
     """A sampler that draws each (low-dose, full-dose) pair with probability ``~ DRF ** -dose_balance``.
 
     The L1 loss of a pair grows with its noise, ~sqrt(DRF), so with uniform sampling the highest DRFs
@@ -303,5 +310,6 @@ def dose_balanced_sampler(
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
     weights = drfs**-alpha
     generator = torch.Generator().manual_seed(int(seed))
-    return torch.utils.data.WeightedRandomSampler(weights.tolist(), num_samples=len(datalist), replacement=True,
-                                                  generator=generator)
+    return torch.utils.data.WeightedRandomSampler(
+        weights.tolist(), num_samples=len(datalist), replacement=True, generator=generator
+    )

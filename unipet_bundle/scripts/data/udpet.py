@@ -116,16 +116,28 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "drf": ("dosereductionfactor", "drf", "dosereduction"),
     "weight": ("patientweight", "patientsweight", "weight", "bodyweight"),
     "dose": (
-        "radionuclidetotaldose", "injecteddose", "injectedactivity", "injectedradioactivity",
-        "totaldose", "dose", "activity",
+        "radionuclidetotaldose",
+        "injecteddose",
+        "injectedactivity",
+        "injectedradioactivity",
+        "totaldose",
+        "dose",
+        "activity",
     ),
     "delay": (
-        "timefrominjectiontoacquisition", "timefrominjection", "injectiontoacquisition",
-        "timesinceinjection", "uptaketime", "delay",
+        "timefrominjectiontoacquisition",
+        "timefrominjection",
+        "injectiontoacquisition",
+        "timesinceinjection",
+        "uptaketime",
+        "delay",
     ),
     "half_life": ("radionuclidehalflife", "halflife", "t12"),
     "injection_time": (
-        "radiopharmaceuticalstartdatetime", "radiopharmaceuticalstarttime", "injectiondatetime", "injectiontime",
+        "radiopharmaceuticalstartdatetime",
+        "radiopharmaceuticalstarttime",
+        "injectiondatetime",
+        "injectiontime",
     ),
     "acquisition_time": ("acquisitiondatetime", "acquisitiontime", "seriesdatetime", "seriestime", "scanstarttime"),
     "suv_factor": ("suvfactor", "suvfac", "suvconversionfactor", "suvscalefactor", "suvbwscalefactor", "bqmltosuv"),
@@ -137,8 +149,19 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 _WEIGHT_UNITS = {None: 1000.0, "kg": 1000.0, "g": 1.0, "lb": 453.59237, "lbs": 453.59237}
 _DOSE_UNITS = {None: 1.0, "bq": 1.0, "kbq": 1e3, "mbq": 1e6, "gbq": 1e9, "mci": 3.7e7, "uci": 3.7e4, "µci": 3.7e4}
 _TIME_UNITS = {
-    None: 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "seconds": 1.0, "ms": 1e-3,
-    "min": 60.0, "mins": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hrs": 3600.0, "hours": 3600.0,
+    None: 1.0,
+    "s": 1.0,
+    "sec": 1.0,
+    "secs": 1.0,
+    "seconds": 1.0,
+    "ms": 1e-3,
+    "min": 60.0,
+    "mins": 60.0,
+    "minutes": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hrs": 3600.0,
+    "hours": 3600.0,
 }
 _UNITS_BY_FIELD = {"weight": _WEIGHT_UNITS, "dose": _DOSE_UNITS, "delay": _TIME_UNITS, "half_life": _TIME_UNITS}
 _SUFFIX_UNITS = sorted({u for table in _UNITS_BY_FIELD.values() for u in table if u}, key=len, reverse=True)
@@ -148,12 +171,8 @@ _BRACKET_RE = re.compile(r"[\(\[]\s*(?P<unit>[^\)\]]*?)\s*[\)\]]")
 # The plausibility ranges (weight, dose, body median SUV) and the uptake-time rules are those of
 # scripts.data.suv (one rule wherever SUV is computed); here the fix is the CSV header's unit or the value.
 _CSV_UNIT_FIX = "say the unit in the column header (e.g. '{header} [{unit}]') or via --column_map, or correct the value"
-_CSV_DELAY_FIX = (
-    "check the injection and acquisition times and their units (seconds unless the header says otherwise, e.g. 'half life [min]')"
-)
-_CSV_TIME_FIX = (
-    "give dates with the times (YYYYMMDDHHMMSS or ISO 'YYYY-MM-DD HH:MM:SS') or a TimeFromInjectionToAcquisition column in s"
-)
+_CSV_DELAY_FIX = "check the injection and acquisition times and their units (seconds unless the header says otherwise, e.g. 'half life [min]')"
+_CSV_TIME_FIX = "give dates with the times (YYYYMMDDHHMMSS or ISO 'YYYY-MM-DD HH:MM:SS') or a TimeFromInjectionToAcquisition column in s"
 
 _FULL_DOSE_TOKENS = {"normal", "full", "fulldose", "fd", "1"}
 _DRF_RE = re.compile(r"^(?P<subject>.+?)[ _-]+DRF[ _-]*(?P<drf>.*)$", re.I)
@@ -232,9 +251,7 @@ def find_udpet_files(input_dir: str | os.PathLike) -> dict[str, dict[Any, Path]]
         subject, drf = parsed
         files = found.setdefault(subject, {})
         if drf in files:
-            raise UniPETInputError(
-                f"two files for subject '{subject}' DRF {drf}: {files[drf]} and {path}; keep one"
-            )
+            raise UniPETInputError(f"two files for subject '{subject}' DRF {drf}: {files[drf]} and {path}; keep one")
         files[drf] = path
     if skipped:
         logger.warning("skipped %d NIfTI file(s) not named <id>_DRF-<n> or <id>_NORMAL", skipped)
@@ -304,10 +321,10 @@ def _load_column_map(column_map: Any) -> dict[str, str]:
         except (OSError, json.JSONDecodeError) as exc:
             raise UniPETInputError(
                 f"--column_map is neither a JSON object nor a JSON file ({exc}); "
-                "example: --column_map '{\"weight\": \"Weight (kg)\"}'"
+                'example: --column_map \'{"weight": "Weight (kg)"}\''
             ) from None
     if not isinstance(column_map, dict):
-        raise UniPETInputError("--column_map must map field names to CSV headers, e.g. '{\"weight\": \"Weight (kg)\"}'")
+        raise UniPETInputError('--column_map must map field names to CSV headers, e.g. \'{"weight": "Weight (kg)"}\'')
     unknown = sorted(set(column_map) - set(FIELD_ALIASES))
     if unknown:
         raise UniPETInputError(f"--column_map: unknown field(s) {unknown}; fields are {sorted(FIELD_ALIASES)}")
@@ -345,7 +362,9 @@ def read_metadata_csv(metadata_csv: str | os.PathLike, column_map: Any = None) -
     for fld, header in overrides.items():
         actual = by_exact.get(header.strip().lower())
         if actual is None:
-            raise UniPETInputError(f"--column_map: column '{header}' (for {fld}) is not in {path.name}; its columns are {headers}")
+            raise UniPETInputError(
+                f"--column_map: column '{header}' (for {fld}) is not in {path.name}; its columns are {headers}"
+            )
         columns[fld] = _Column(actual, _split_header(actual)[1])
     split = {h: _split_header(h) for h in headers}
     for fld, aliases in FIELD_ALIASES.items():
@@ -366,7 +385,7 @@ def read_metadata_csv(metadata_csv: str | os.PathLike, column_map: Any = None) -
     if "subject" not in columns and "file" not in columns:
         raise UniPETInputError(
             f"metadata CSV {path.name} has no subject column ({', '.join(FIELD_ALIASES['subject'][:3])}, ...) and no "
-            f"file-name column (NiftiFileName, ...): add one or map yours with --column_map '{{\"subject\": \"<header>\"}}'"
+            f'file-name column (NiftiFileName, ...): add one or map yours with --column_map \'{{"subject": "<header>"}}\''
         )
 
     table = MetadataTable(path=path, columns=columns)
@@ -402,7 +421,9 @@ def _csv_drf(text: str, line: int, header: str) -> Any:
     try:
         value = float(text.replace(",", "."))
     except ValueError:
-        raise UniPETInputError(f"metadata CSV line {line}, column '{header}': '{text}' is not a DRF (a number or NORMAL)") from None
+        raise UniPETInputError(
+            f"metadata CSV line {line}, column '{header}': '{text}' is not a DRF (a number or NORMAL)"
+        ) from None
     if value <= 0:
         raise UniPETInputError(f"metadata CSV line {line}, column '{header}': DRF must be positive, got {text}")
     if value == 1:
@@ -459,9 +480,13 @@ def _delay_s(row: _Row, table: MetadataTable) -> float:
     to_s = lambda v: v.hour * 3600 + v.minute * 60 + v.second + v.microsecond / 1e6 if isinstance(v, datetime) else v  # noqa: E731
     day = datetime(2000, 1, 1)
     delay, _ = uptake_time_s(  # SUVError is a UniPETInputError
-        day + timedelta(seconds=to_s(inj)), day + timedelta(seconds=to_s(acq)), None, time_only=True,
+        day + timedelta(seconds=to_s(inj)),
+        day + timedelta(seconds=to_s(acq)),
+        None,
+        time_only=True,
         injection_what=f"metadata CSV line {row.number}: injection time '{table.columns['injection_time'].header}'",
-        reference_what=f"acquisition time '{table.columns['acquisition_time'].header}'", fix=_CSV_TIME_FIX,
+        reference_what=f"acquisition time '{table.columns['acquisition_time'].header}'",
+        fix=_CSV_TIME_FIX,
     )
     return delay
 
@@ -481,7 +506,7 @@ def _missing_message(table: MetadataTable, missing: list[str], where: str = "") 
     return (
         f"metadata CSV {table.path.name}{where} lacks column(s) for {', '.join(missing)} (accepted headers, any case, "
         f"unit in brackets or as _unit: {accepted}, ...); rename them or pass --column_map "
-        "'{\"weight\": \"<your header>\"}'"
+        '\'{"weight": "<your header>"}\''
     )
 
 
@@ -512,7 +537,8 @@ def _row_factor(row: _Row, table: MetadataTable) -> tuple[float, dict[str, Any]]
     delay_s = _delay_s(row, table)
     # Impossible values (a weight in g, a dose in MBq, without a unit in the header) are refused.
     check_suv_inputs(
-        weight_g / 1000.0, dose_bq,
+        weight_g / 1000.0,
+        dose_bq,
         weight_what=f"metadata CSV line {row.number}: weight (column '{table.columns['weight'].header}')",
         dose_what=f"metadata CSV line {row.number}: injected dose",
         weight_fix=_CSV_UNIT_FIX.format(header=table.columns["weight"].header, unit="g"),
@@ -520,7 +546,9 @@ def _row_factor(row: _Row, table: MetadataTable) -> tuple[float, dict[str, Any]]
     )
     correction = (row.values.get("decay_correction") or "START").upper()
     try:  # the DICOM series' rules (scripts.data.suv): DecayCorrection NONE is refused there and here
-        factor = suv_factor_from_values(weight_g / 1000.0, dose_bq, delay_s, half_life_s, correction, fix=_CSV_DELAY_FIX)
+        factor = suv_factor_from_values(
+            weight_g / 1000.0, dose_bq, delay_s, half_life_s, correction, fix=_CSV_DELAY_FIX
+        )
     except UniPETInputError as exc:
         raise UniPETInputError(f"metadata CSV line {row.number}: {exc}") from None
     info.update(
@@ -557,7 +585,9 @@ def _select_row(table: MetadataTable, subject: str, drf: Any, path: Path) -> tup
             return row, False
     if "drf" in table.columns or "file" in table.columns:
         for r in rows:
-            if r.drf is not None and (r.drf == drf or (drf != FULL and r.drf != FULL and math.isclose(float(r.drf), float(drf)))):
+            if r.drf is not None and (
+                r.drf == drf or (drf != FULL and r.drf != FULL and math.isclose(float(r.drf), float(drf)))
+            ):
                 return r, False
     if not rows:
         column = table.columns.get("subject", table.columns.get("file"))
@@ -606,14 +636,18 @@ def plan_conversion(
     for subject in sorted(files, key=natural_key):
         by_drf = files[subject]
         if subject.startswith("."):
-            raise UniPETInputError(f"subject id '{subject}' starts with '.', which the paired layout skips: rename its files")
+            raise UniPETInputError(
+                f"subject id '{subject}' starts with '.', which the paired layout skips: rename its files"
+            )
         if FULL not in by_drf:
             raise UniPETInputError(
                 f"subject '{subject}' has no full-dose file (<id>_NORMAL.nii.gz or <id>_DRF-1.nii.gz next to "
                 f"{by_drf[next(iter(by_drf))].name}): add it; test sets without full dose cannot make training pairs"
             )
         if len(by_drf) == 1:
-            raise UniPETInputError(f"subject '{subject}' has a full-dose file but no <id>_DRF-<n> low-dose file: add at least one")
+            raise UniPETInputError(
+                f"subject '{subject}' has a full-dose file but no <id>_DRF-<n> low-dose file: add at least one"
+            )
         full_path = by_drf[FULL]
         ref_grid = read_grid(full_path)
         check_3d(full_path, ref_grid[0])
@@ -651,11 +685,15 @@ def _write_suv(source: Path, factor: float, dest: Path) -> None:
         src = nib.load(str(source))
         data = np.asarray(src.dataobj, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for truncated files
-        raise UniPETInputError(f"{source}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?") from exc
+        raise UniPETInputError(
+            f"{source}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from exc
     suv = data * factor
     # A unit slip that no column shows (an "SUV" file holding Bq/mL, a wrong SUV factor column) is caught here:
     # refused like the SUV tool does, and nothing reaches output_dir (this runs in the staging folder).
-    check_body_suv(suv, str(source), fix="check the CSV's units, weight, dose and SUV factor for this file (see udpet.json)")
+    check_body_suv(
+        suv, str(source), fix="check the CSV's units, weight, dose and SUV factor for this file (see udpet.json)"
+    )
     header = src.header.copy()
     header.set_data_dtype(np.float32)
     header.set_slope_inter(1.0, 0.0)
@@ -713,7 +751,11 @@ def convert_udpet(
                 _write_suv(source, plan.factors[name], subject_dir / name)
             atomic_write_json(
                 subject_dir / "udpet.json",
-                {"created_by": CREATED_BY, "units": {"input": "Bq/mL", "output": "SUVbw (g/mL)"}, "files": plan.details},
+                {
+                    "created_by": CREATED_BY,
+                    "units": {"input": "Bq/mL", "output": "SUVbw (g/mL)"},
+                    "files": plan.details,
+                },
             )
             logger.info("converted subject %d/%d (%d files)", i + 1, len(plans), len(plan.sources))
         scan_paired_dataset(staging)  # the result must be a valid paired dataset before it is moved in

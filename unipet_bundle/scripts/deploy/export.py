@@ -89,15 +89,21 @@ def export_torchscript(
     atomic_write(
         out,
         lambda tmp: ckpt_export(
-            net_id="network_def", filepath=str(tmp), ckpt_file=str(ckpt), meta_file=str(meta),
-            config_file=str(config), bundle_root=str(root),
+            net_id="network_def",
+            filepath=str(tmp),
+            ckpt_file=str(ckpt),
+            meta_file=str(meta),
+            config_file=str(config),
+            bundle_root=str(root),
         ),
     )
     logger.info("exported %s -> %s", ckpt, out)
     return out
 
 
-def eager_network(bundle_root: str | os.PathLike, ckpt_file: str | os.PathLike, config_file: str | os.PathLike = CONFIG) -> torch.nn.Module:
+def eager_network(
+    bundle_root: str | os.PathLike, ckpt_file: str | os.PathLike, config_file: str | os.PathLike = CONFIG
+) -> torch.nn.Module:
     """``network_def`` of the config on the CPU, with the checkpoint loaded as ``inference.json`` loads it."""
     from monai.bundle import ConfigParser
 
@@ -123,7 +129,11 @@ def compare_with_eager(
 
     The window holds uniform values in [0, 1] (SUV 0-20) plus a few hot voxels above 1, as in a scan.
     """
-    model = torch.jit.load(str(ts_model), map_location="cpu") if not isinstance(ts_model, torch.jit.ScriptModule) else ts_model
+    model = (
+        torch.jit.load(str(ts_model), map_location="cpu")
+        if not isinstance(ts_model, torch.jit.ScriptModule)
+        else ts_model
+    )
     gen = torch.Generator().manual_seed(int(seed))
     x = torch.rand((1, 1, *[int(v) for v in window]), generator=gen)
     x.view(-1)[:: max(1, x.numel() // 8)] = 3.0  # a few hot voxels (60 SUV)
@@ -163,7 +173,9 @@ def verify_export(
     except ValueError:  # json.JSONDecodeError: an empty extra file, i.e. none embedded
         meta, extra = {}, {}
     if not meta or "network_data_format" not in meta or not extra.get("inference.json"):
-        raise ExportError(f"{ts} carries no bundle metadata/inference.json: export it with ckpt_export, not torch.jit.save")
+        raise ExportError(
+            f"{ts} carries no bundle metadata/inference.json: export it with ckpt_export, not torch.jit.save"
+        )
     diff = compare_with_eager(model, eager_network(root, ckpt_file, config_file), window=window)
     report: dict[str, Any] = {
         "max_abs_diff": diff,
@@ -177,11 +189,19 @@ def verify_export(
     if check_io:
         _on_path(root)
         verify_net_in_out(
-            net_id="network_def", meta_file=str(_resolve(root, meta_file)), config_file=str(_resolve(root, config_file)),
-            device="cpu", bundle_root=str(root),
+            net_id="network_def",
+            meta_file=str(_resolve(root, meta_file)),
+            config_file=str(_resolve(root, config_file)),
+            device="cpu",
+            bundle_root=str(root),
         )
         report["verify_net_in_out"] = "passed"
-    logger.info("TorchScript check: max |ts - eager| = %.3g on a %s window (tolerance %g)", diff, "x".join(map(str, window)), tolerance)
+    logger.info(
+        "TorchScript check: max |ts - eager| = %.3g on a %s window (tolerance %g)",
+        diff,
+        "x".join(map(str, window)),
+        tolerance,
+    )
     return report
 
 
@@ -211,14 +231,18 @@ def main(
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_torchscript(bundle_root, ckpt_file, filepath, config_file, meta_file, overwrite=as_bool(overwrite, "overwrite"))
+        out = export_torchscript(
+            bundle_root, ckpt_file, filepath, config_file, meta_file, overwrite=as_bool(overwrite, "overwrite")
+        )
         try:
             report = verify_export(bundle_root, out, ckpt_file, config_file, meta_file, tolerance=float(tolerance))
         except ExportError:
             out.unlink(missing_ok=True)
             raise
-        print(f"exported {out}: max |ts - eager| = {report['max_abs_diff']:.3g} (< {tolerance:g}), "
-              f"verify_net_in_out {report['verify_net_in_out']}")
+        print(
+            f"exported {out}: max |ts - eager| = {report['max_abs_diff']:.3g} (< {tolerance:g}), "
+            f"verify_net_in_out {report['verify_net_in_out']}"
+        )
     except (UniPETInputError, CheckpointError) as exc:
         exit_bad_input(exc)
 

@@ -60,11 +60,17 @@ class UniPETLabelCore:
         overrides: config overrides for ``inference.json`` (e.g. ``{"sw_batch_size": 4}``).
     """
 
-    def __init__(self, bundle_path: str | os.PathLike, model_file: str | os.PathLike | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        bundle_path: str | os.PathLike,
+        model_file: str | os.PathLike | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.bundle_path = Path(bundle_path).expanduser().resolve()
         if not (self.bundle_path / "configs" / "inference.json").is_file():
-            raise UniPETInputError(f"{self.bundle_path} is not the unipet_bundle folder (no configs/inference.json): set --conf bundle_path")
+            raise UniPETInputError(
+                f"{self.bundle_path} is not the unipet_bundle folder (no configs/inference.json): set --conf bundle_path"
+            )
         self.model_file = Path(model_file) if model_file else None
         self.overrides = dict(overrides or {})
         self._denoisers: dict[str, BundleDenoiser] = {}
@@ -79,11 +85,14 @@ class UniPETLabelCore:
 
     def denoiser(self, device: str = "cpu") -> BundleDenoiser:
         if device not in self._denoisers:
-            self._denoisers[device] = BundleDenoiser(self.bundle_path, model_file=self.model_file, device=device,
-                                                     overrides=self.overrides)
+            self._denoisers[device] = BundleDenoiser(
+                self.bundle_path, model_file=self.model_file, device=device, overrides=self.overrides
+            )
         return self._denoisers[device]
 
-    def infer(self, image: str | os.PathLike, device: str = "cpu", suv_factor: Any = None) -> tuple[Path, dict[str, Any]]:
+    def infer(
+        self, image: str | os.PathLike, device: str = "cpu", suv_factor: Any = None
+    ) -> tuple[Path, dict[str, Any]]:
         """Denoise ``image`` (SUV NIfTI, or a PET DICOM folder); returns (float32 NIfTI path, result JSON).
 
         Raises:
@@ -99,15 +108,20 @@ class UniPETLabelCore:
             try:
                 factor = float(suv_factor)
             except (TypeError, ValueError):
-                raise UniPETInputError(f"suv_factor must be a number (SUV = suv_factor x value), got {suv_factor!r}") from None
+                raise UniPETInputError(
+                    f"suv_factor must be a number (SUV = suv_factor x value), got {suv_factor!r}"
+                ) from None
             if not (np.isfinite(factor) and factor > 0):
                 raise UniPETInputError(f"suv_factor must be > 0, got {suv_factor!r}")
             if kind == "dicom":
                 raise UniPETInputError("suv_factor is for NIfTI inputs; a DICOM series carries its own SUV tags")
         suv_in = volume.suv * np.float32(factor)
         if factor != 1.0:
-            check_body_suv(suv_in, f"{path} x suv_factor {factor:g}",
-                           fix="suv_factor must turn the input's values into body-weight SUV (SUV = suv_factor x value)")
+            check_body_suv(
+                suv_in,
+                f"{path} x suv_factor {factor:g}",
+                fix="suv_factor must turn the input's values into body-weight SUV (SUV = suv_factor x value)",
+            )
         net = self.denoiser(device)
         suv_out = net(suv_in, volume.affine, name=name)
         values = suv_out / np.float32(factor)  # back to the input's unit (SUV unless suv_factor was given)
@@ -149,12 +163,23 @@ def task_class() -> type:
     class UniPETDenoiseTask(BasicInferTask):
         """MONAI Label infer task: the denoised PET volume (float32 NIfTI), not a label map."""
 
-        def __init__(self, bundle_path: str | os.PathLike, model_file: str | os.PathLike | None = None,
-                     overrides: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            bundle_path: str | os.PathLike,
+            model_file: str | os.PathLike | None = None,
+            overrides: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> None:
             self.core = UniPETLabelCore(bundle_path, model_file=model_file, overrides=overrides)
             super().__init__(
-                path=str(self.core.weights_path), network=None, type=InferType.OTHERS, labels=None, dimension=3,
-                description=DESCRIPTION, config={"suv_factor": ""}, **kwargs,
+                path=str(self.core.weights_path),
+                network=None,
+                type=InferType.OTHERS,
+                labels=None,
+                dimension=3,
+                description=DESCRIPTION,
+                config={"suv_factor": ""},
+                **kwargs,
             )
 
         # the bundle's own pre/post-processing runs inside __call__ (BundleDenoiser), not MONAI Label's

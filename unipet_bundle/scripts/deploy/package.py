@@ -47,7 +47,15 @@ from scripts.common.options import as_bool
 from scripts.common.versioning import read_metadata
 from scripts.common.weights import file_sha256
 
-__all__ = ["BUNDLE_NAME", "PackageError", "PackageResult", "bundle_files", "large_files_yaml", "package_bundle", "requirements_text"]
+__all__ = [
+    "BUNDLE_NAME",
+    "PackageError",
+    "PackageResult",
+    "bundle_files",
+    "large_files_yaml",
+    "package_bundle",
+    "requirements_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +112,12 @@ def requirements_text(root: Path) -> str:
     meta_path = root / "configs" / "metadata.json"
     try:
         meta = read_metadata(root)
-        pins = {"torch": meta["pytorch_version"], "monai": meta["monai_version"], "numpy": meta["numpy_version"],
-                **meta["required_packages_version"]}
+        pins = {
+            "torch": meta["pytorch_version"],
+            "monai": meta["monai_version"],
+            "numpy": meta["numpy_version"],
+            **meta["required_packages_version"],
+        }
     except (OSError, ValueError, KeyError) as exc:
         raise PackageError(f"{meta_path}: cannot read the version pins ({exc!r}): fix metadata.json") from None
     lines = [
@@ -206,10 +218,14 @@ def package_bundle(
     if not (root / "configs" / "inference.json").is_file():
         raise PackageError(f"{root} is not the unipet_bundle folder (no configs/inference.json): pass --bundle_root")
     if out == root or root in out.parents:
-        raise PackageError(f"--output_dir {out} is inside the bundle: it would package itself; choose a folder outside {root}")
+        raise PackageError(
+            f"--output_dir {out} is inside the bundle: it would package itself; choose a folder outside {root}"
+        )
     version = packaged_version(root)
     if not (root / "models" / "model.pt").is_file():
-        raise PackageError(f"{root / 'models' / 'model.pt'} not found: the zoo zip must carry trained weights (train first)")
+        raise PackageError(
+            f"{root / 'models' / 'model.pt'} not found: the zoo zip must carry trained weights (train first)"
+        )
     if require_torchscript and not (root / "models" / "model.ts").is_file():
         raise PackageError("models/model.ts not found: export it first (python -m scripts.deploy.export)")
 
@@ -242,9 +258,13 @@ def package_bundle(
     atomic_write(yml_path, lambda tmp: tmp.write_text(yml_text), overwrite=overwrite)
     _write_tree(pr_dir, code_only, extra, overwrite=overwrite)
     _check_zip(zip_path, weights)
-    logger.info("wrote %s (%d files, weights %s), %s and %s", zip_path, len(shipped) + 1, ", ".join(weights), yml_path, pr_dir)
+    logger.info(
+        "wrote %s (%d files, weights %s), %s and %s", zip_path, len(shipped) + 1, ", ".join(weights), yml_path, pr_dir
+    )
     if not weights_url:
-        logger.warning("large_files.yml points at file:// URLs on this machine: pass --weights_url for a zoo pull request")
+        logger.warning(
+            "large_files.yml points at file:// URLs on this machine: pass --weights_url for a zoo pull request"
+        )
     return PackageResult(zip_path, yml_path, pr_dir, version, weights)
 
 
@@ -286,9 +306,13 @@ def main(
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = package_bundle(bundle_root, output_dir, weights_url,
-                                require_torchscript=as_bool(require_torchscript, "require_torchscript"),
-                                overwrite=as_bool(overwrite, "overwrite"))
+        result = package_bundle(
+            bundle_root,
+            output_dir,
+            weights_url,
+            require_torchscript=as_bool(require_torchscript, "require_torchscript"),
+            overwrite=as_bool(overwrite, "overwrite"),
+        )
         print(f"{result.zip_path}\n{result.large_files}\n{result.zoo_pr_dir}")
     except UniPETInputError as exc:
         exit_bad_input(exc)

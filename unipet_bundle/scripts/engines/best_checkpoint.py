@@ -78,11 +78,15 @@ class StageBestCheckpoint:
         cmp_fn: Callable[[float, float], bool] | None = None,
     ) -> None:
         if stage_clock is None or not hasattr(stage_clock, "stage"):
-            raise ValueError("StageBestCheckpoint needs the trainer's stage_clock (scripts.engines.gan_trainer.StageClock)")
+            raise ValueError(
+                "StageBestCheckpoint needs the trainer's stage_clock (scripts.engines.gan_trainer.StageClock)"
+            )
         self.save_dir = Path(save_dir)
         self.generator = generator
         self.metric_name = metric_name
-        self.filenames = {1: "model_stage1.pt", 2: "model.pt"} if filenames is None else {int(k): v for k, v in filenames.items()}
+        self.filenames = (
+            {1: "model_stage1.pt", 2: "model.pt"} if filenames is None else {int(k): v for k, v in filenames.items()}
+        )
         self.rank = rank
         self.cmp_fn = cmp_fn or (lambda new, best: new > best)
         self.best: dict[int, float] = {}
@@ -90,8 +94,10 @@ class StageBestCheckpoint:
         self.stage_clock = stage_clock
 
     def state_dict(self) -> dict:
-        return {"best": {str(k): v for k, v in self.best.items()},
-                "best_epoch": {str(k): v for k, v in self.best_epoch.items()}}
+        return {
+            "best": {str(k): v for k, v in self.best.items()},
+            "best_epoch": {str(k): v for k, v in self.best_epoch.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.best = {int(k): float(v) for k, v in state.get("best", {}).items()}
@@ -127,5 +133,11 @@ class StageBestCheckpoint:
         if self.rank != 0:
             return
         path = atomic_torch_save(unwrap(self.generator).state_dict(), self.save_dir / self.filenames[stage])
-        logger.info("stage %d: new best %s (the selection metric) %.4f at epoch %d -> %s", stage, self.metric_name, value,
-                    epoch, path)
+        logger.info(
+            "stage %d: new best %s (the selection metric) %.4f at epoch %d -> %s",
+            stage,
+            self.metric_name,
+            value,
+            epoch,
+            path,
+        )

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from ignite.engine import Engine, Events
 
 from scripts.common.options import as_bool
@@ -155,7 +154,8 @@ class LatestCheckpoint:
         if self.snapshot_iterations:
             # before the periodic save: a kill between the two saves must not skip the snapshot on resume
             engine.add_event_handler(
-                Events.ITERATION_COMPLETED(event_filter=lambda _, it: it in self.snapshot_iterations), self.save_snapshot
+                Events.ITERATION_COMPLETED(event_filter=lambda _, it: it in self.snapshot_iterations),
+                self.save_snapshot,
             )
         if self.save_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
@@ -198,11 +198,17 @@ class LatestCheckpoint:
         if own:
             source = self.path
             if self.init_checkpoint is not None:
-                logger.warning("resuming %s; init_checkpoint %s is not used (it only starts a run)", self.path, self.init_checkpoint)
+                logger.warning(
+                    "resuming %s; init_checkpoint %s is not used (it only starts a run)",
+                    self.path,
+                    self.init_checkpoint,
+                )
         elif self.init_checkpoint is not None:
             source = self.init_checkpoint
             if not source.is_file():
-                raise CheckpointError(f"init_checkpoint {source} not found: give an existing checkpoint file or leave it empty")
+                raise CheckpointError(
+                    f"init_checkpoint {source} not found: give an existing checkpoint file or leave it empty"
+                )
         else:
             return
         try:
@@ -220,8 +226,11 @@ class LatestCheckpoint:
             others = {k: v for k, v in self.save_dict.items() if not isinstance(v, Engine)}
             load_state_into(others, state, strict=False)
         except CheckpointError as exc:
-            how = ("fix --init_checkpoint or leave it empty" if source != self.path
-                   else "delete or move it to start afresh, or pass --resume false")
+            how = (
+                "fix --init_checkpoint or leave it empty"
+                if source != self.path
+                else "delete or move it to start afresh, or pass --resume false"
+            )
             raise CheckpointError(f"{exc} [resuming from {source}: {how}]") from None
         self._engine_state = dict(state)
         self._source = source
@@ -238,8 +247,8 @@ class LatestCheckpoint:
         if engine.state.epoch >= prior_max_epochs:
             logger.warning(
                 "checkpoint %s is already at epoch %d of %d: nothing left to train (raise `epochs` to continue)",
-                self._source, engine.state.epoch, prior_max_epochs,
+                self._source,
+                engine.state.epoch,
+                prior_max_epochs,
             )
-        logger.info(
-            "resumed from %s: epoch %d, iteration %d", self._source, engine.state.epoch, engine.state.iteration
-        )
+        logger.info("resumed from %s: epoch %d, iteration %d", self._source, engine.state.epoch, engine.state.iteration)

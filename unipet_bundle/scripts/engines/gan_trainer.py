@@ -69,7 +69,9 @@ def prepare_paired_batch(
     """(low-dose ``image``, full-dose ``label``) as float tensors on ``device``, shapes (B, 1, X, Y, Z)."""
     low = batchdata[Keys.IMAGE].to(device=device, non_blocking=non_blocking, dtype=torch.float32)
     full = batchdata[Keys.LABEL].to(device=device, non_blocking=non_blocking, dtype=torch.float32)
-    return low.as_tensor() if hasattr(low, "as_tensor") else low, full.as_tensor() if hasattr(full, "as_tensor") else full
+    return low.as_tensor() if hasattr(low, "as_tensor") else low, full.as_tensor() if hasattr(
+        full, "as_tensor"
+    ) else full
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
@@ -117,11 +119,25 @@ def generator_param_groups(
     san_ids = {id(p) for p in net.san_parameters()} if hasattr(net, "san_parameters") else set()
     bdn = [p for p in net.parameters() if id(p) not in san_ids]
     san = [p for p in net.parameters() if id(p) in san_ids]
-    groups = [{"params": bdn, "lr": float(learning_rate), "name": "bdn",
-               "stage1_lr": float(learning_rate), "stage2_lr": float(stage2_learning_rate)}]
+    groups = [
+        {
+            "params": bdn,
+            "lr": float(learning_rate),
+            "name": "bdn",
+            "stage1_lr": float(learning_rate),
+            "stage2_lr": float(stage2_learning_rate),
+        }
+    ]
     if san:
-        groups.append({"params": san, "lr": float(san_learning_rate), "name": "san",
-                       "stage1_lr": float(san_learning_rate), "stage2_lr": float(san_learning_rate)})
+        groups.append(
+            {
+                "params": san,
+                "lr": float(san_learning_rate),
+                "name": "san",
+                "stage1_lr": float(san_learning_rate),
+                "stage2_lr": float(san_learning_rate),
+            }
+        )
     return groups
 
 
@@ -214,7 +230,12 @@ def style_statistics(generator: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 # RALSCriticLoss term -> output key (other terms get a ``d_`` prefix)
-_CRITIC_TERM_NAMES = {"gradient_penalty": "d_gp", "wasserstein": "d_wasserstein", "d_real": "d_real", "d_fake": "d_fake"}
+_CRITIC_TERM_NAMES = {
+    "gradient_penalty": "d_gp",
+    "wasserstein": "d_wasserstein",
+    "d_real": "d_real",
+    "d_fake": "d_fake",
+}
 
 
 class UniPETTrainer(Trainer):
@@ -340,7 +361,9 @@ class UniPETTrainer(Trainer):
             )
         stage1_iterations = stage_clock.stage1_iterations
         total = max_epochs * (self.state.epoch_length or 0)
-        if stage1_iterations < total and (critic is None or d_optimizer is None or critic_loss is None or adv_loss is None):
+        if stage1_iterations < total and (
+            critic is None or d_optimizer is None or critic_loss is None or adv_loss is None
+        ):
             raise ValueError(
                 f"stage 2 runs for {total - stage1_iterations} iterations but critic, d_optimizer, critic_loss or "
                 "adv_loss is missing: give them, or set stage1_iterations >= max_epochs * epoch_length"
@@ -399,8 +422,10 @@ class UniPETTrainer(Trainer):
         """The rates this iteration steps with (before the per-iteration scheduler moves them)."""
         groups = self.g_optimizer.param_groups
         # named groups (generator_param_groups: bdn, san); a plain optimiser's single group is "generator"
-        rates = {f"lr_{g.get('name') or ('generator' if len(groups) == 1 else f'g{i}')}": float(g["lr"])
-                 for i, g in enumerate(groups)}
+        rates = {
+            f"lr_{g.get('name') or ('generator' if len(groups) == 1 else f'g{i}')}": float(g["lr"])
+            for i, g in enumerate(groups)
+        }
         if critic and self.d_optimizer is not None:
             rates["lr_critic"] = float(self.d_optimizer.param_groups[0]["lr"])
         return rates
@@ -485,14 +510,25 @@ class UniPETTrainer(Trainer):
         loss = self.l1_weight * l1 + self.regional_weight * regional
         self.fire_event(IterationEvents.LOSS_COMPLETED)
         if self._monitoring():
-            output.update(self._term_grad_norms({"l1": self.l1_weight * l1, "regional": self.regional_weight * regional}))
+            output.update(
+                self._term_grad_norms({"l1": self.l1_weight * l1, "regional": self.regional_weight * regional})
+            )
         loss.backward()
         self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         self.g_optimizer.step()
-        output.update({Keys.PRED: pred.detach(), Keys.LOSS: loss.item(), "g_total": loss.item(), "g_l1": l1.item(),
-                       "g_regional": float(regional.detach())})
+        output.update(
+            {
+                Keys.PRED: pred.detach(),
+                Keys.LOSS: loss.item(),
+                "g_total": loss.item(),
+                "g_l1": l1.item(),
+                "g_regional": float(regional.detach()),
+            }
+        )
 
-    def _critic_step(self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, output: dict[str, Any]) -> torch.Tensor:
+    def _critic_step(
+        self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, output: dict[str, Any]
+    ) -> torch.Tensor:
         """Stage 2: ``n_critic`` RALS critic steps, full dose (masked) as real, the generator's output as fake.
 
         Returns the fake (the generator's current output, float32, no gradient). Adds ``d_loss`` and the critic
@@ -509,12 +545,17 @@ class UniPETTrainer(Trainer):
             self.d_optimizer.step()
         # the critic's own names: its loss is not the generator's and must never reach ``loss``
         output["d_loss"] = d_loss.item()
-        output.update({_CRITIC_TERM_NAMES.get(k, f"d_{k}"): float(v.detach()) if torch.is_tensor(v) else float(v)
-                       for k, v in terms.items()})
+        output.update(
+            {
+                _CRITIC_TERM_NAMES.get(k, f"d_{k}"): float(v.detach()) if torch.is_tensor(v) else float(v)
+                for k, v in terms.items()
+            }
+        )
         return fake
 
-    def _generator_step(self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, adversarial: bool,
-                        output: dict[str, Any]) -> None:
+    def _generator_step(
+        self, low: torch.Tensor, full: torch.Tensor, mask: torch.Tensor, adversarial: bool, output: dict[str, Any]
+    ) -> None:
         """Stage 2: one generator step, ``l1_weight * L1 + align_weight * L_align + adv_weight * L_adv +
         regional_weight * L_regional`` (L_adv only when ``adversarial``).
 
@@ -541,14 +582,24 @@ class UniPETTrainer(Trainer):
                     align = torch.zeros((), device=pred.device)
                 adv = self.adv_loss(judge, pred, mask) if adversarial else torch.zeros((), device=pred.device)
                 regional = self._regional(pred, full)
-                loss = (self.l1_weight * l1 + self.align_weight * align + self.adv_weight * adv
-                        + self.regional_weight * regional)
+                loss = (
+                    self.l1_weight * l1
+                    + self.align_weight * align
+                    + self.adv_weight * adv
+                    + self.regional_weight * regional
+                )
             self.fire_event(IterationEvents.LOSS_COMPLETED)
             if self._monitoring():
-                output.update(self._term_grad_norms({
-                    "l1": self.l1_weight * l1, "align": self.align_weight * align,
-                    "adv": self.adv_weight * adv, "regional": self.regional_weight * regional,
-                }))
+                output.update(
+                    self._term_grad_norms(
+                        {
+                            "l1": self.l1_weight * l1,
+                            "align": self.align_weight * align,
+                            "adv": self.adv_weight * adv,
+                            "regional": self.regional_weight * regional,
+                        }
+                    )
+                )
                 output.update(style_statistics(self.generator, low))
             loss.backward()
             self.fire_event(IterationEvents.BACKWARD_COMPLETED)

@@ -35,8 +35,16 @@ def _items(engine: Engine) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     batch, output = engine.state.batch, engine.state.output
     if isinstance(output, dict):  # decollate=False: one dict of (B, ...) tensors
         n = output["pred"].shape[0]
-        return [({k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == n else v) for k, v in batch.items()},
-                 {k: output[k][i] for k in ("image", "label", "pred") if k in output}) for i in range(n)]
+        return [
+            (
+                {
+                    k: (v[i] if isinstance(v, (list, tuple, torch.Tensor)) and len(v) == n else v)
+                    for k, v in batch.items()
+                },
+                {k: output[k][i] for k in ("image", "label", "pred") if k in output},
+            )
+            for i in range(n)
+        ]
     return list(zip(batch, output))
 
 
@@ -53,8 +61,9 @@ class PerDRFPSNR:
         prefix: metric name prefix.
     """
 
-    def __init__(self, drf_key: str = "drf", data_range: float = 1.0, clip_max: float | None = 1.0,
-                 prefix: str = "val_psnr_drf") -> None:
+    def __init__(
+        self, drf_key: str = "drf", data_range: float = 1.0, clip_max: float | None = 1.0, prefix: str = "val_psnr_drf"
+    ) -> None:
         self.drf_key, self.data_range, self.clip_max, self.prefix = drf_key, float(data_range), clip_max, prefix
         self._values: dict[str, list[float]] = defaultdict(list)
         self._warned = False
@@ -99,8 +108,14 @@ class ValidationImageSummary:
         tag: image tag.
     """
 
-    def __init__(self, log_dir: str, suv_max: float = 20.0, suv_window: Sequence[float] = (0.0, 7.0),
-                 axcodes: str = "RAS", tag: str = "val_slice_low_output_full") -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        suv_max: float = 20.0,
+        suv_window: Sequence[float] = (0.0, 7.0),
+        axcodes: str = "RAS",
+        tag: str = "val_slice_low_output_full",
+    ) -> None:
         codes = str(axcodes).upper()
         if len(codes) != 3 or {c for c in codes} - set("LRAPSI") or len({_pair(c) for c in codes}) != 3:
             raise ValueError(f"axcodes must name one of L/R, A/P, S/I per axis (e.g. 'RAS'), got {axcodes!r}")

@@ -162,7 +162,11 @@ class PrecisionNetwork(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu", memory_format: str = "contiguous"
+        self,
+        network: nn.Module,
+        precision: str = "fp32",
+        device: torch.device | str = "cpu",
+        memory_format: str = "contiguous",
     ) -> None:
         super().__init__()
         self.network = network
@@ -179,8 +183,10 @@ class PrecisionNetwork(nn.Module):
         return out.float()
 
     def extra_repr(self) -> str:
-        return (f"precision={self.precision!r} (requested {self.requested_precision!r}), device_type={self.device_type!r}, "
-                f"memory_format={self.memory_format!r}")
+        return (
+            f"precision={self.precision!r} (requested {self.requested_precision!r}), device_type={self.device_type!r}, "
+            f"memory_format={self.memory_format!r}"
+        )
 
 
 def config_precision(precision: str, mixed_precision: bool | None, device: torch.device | str) -> str:

@@ -190,8 +190,16 @@ def panel(
             row, col = n[2] - 1 - p[2], n[1] - 1 - p[1]
         position = (int(row), int(col))
     rows, cols = img.shape
-    return Panel(np.ascontiguousarray(img, dtype=np.float32), cols * col_spacing, rows * row_spacing, letters,
-                 view, bool(mip), bool(oblique), position)
+    return Panel(
+        np.ascontiguousarray(img, dtype=np.float32),
+        cols * col_spacing,
+        rows * row_spacing,
+        letters,
+        view,
+        bool(mip),
+        bool(oblique),
+        position,
+    )
 
 
 def scale_bar_length(width_mm: float) -> float:
@@ -231,8 +239,16 @@ def draw_panel(
     """
     import matplotlib.patheffects as pe
 
-    im = ax.imshow(p.image, cmap=cmap, vmin=vmin, vmax=vmax, extent=(0.0, p.width_mm, 0.0, p.height_mm),
-                   origin="upper", interpolation="nearest", aspect="equal")
+    im = ax.imshow(
+        p.image,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        extent=(0.0, p.width_mm, 0.0, p.height_mm),
+        origin="upper",
+        interpolation="nearest",
+        aspect="equal",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -248,17 +264,41 @@ def draw_panel(
         length = scale_bar_length(p.width_mm)
         x1 = p.width_mm * 0.96
         y = p.height_mm * 0.04
-        ax.plot([x1 - length, x1], [y, y], color="white", linewidth=3.0, solid_capstyle="butt",
-                path_effects=[pe.withStroke(linewidth=5.0, foreground="black")])
-        ax.text(x1 - length / 2.0, y + p.height_mm * 0.015, f"{length:g} mm", color="white", fontsize=7,
-                ha="center", va="bottom", path_effects=outline)
+        ax.plot(
+            [x1 - length, x1],
+            [y, y],
+            color="white",
+            linewidth=3.0,
+            solid_capstyle="butt",
+            path_effects=[pe.withStroke(linewidth=5.0, foreground="black")],
+        )
+        ax.text(
+            x1 - length / 2.0,
+            y + p.height_mm * 0.015,
+            f"{length:g} mm",
+            color="white",
+            fontsize=7,
+            ha="center",
+            va="bottom",
+            path_effects=outline,
+        )
     if marker and p.position is not None:
         x, y = p.point_mm(*p.position)
-        ax.add_patch(__import__("matplotlib.patches", fromlist=["Circle"]).Circle(
-            (x, y), radius=max(8.0, 0.04 * p.width_mm), fill=False, edgecolor="#00c0ff", linewidth=1.2))
+        ax.add_patch(
+            __import__("matplotlib.patches", fromlist=["Circle"]).Circle(
+                (x, y), radius=max(8.0, 0.04 * p.width_mm), fill=False, edgecolor="#00c0ff", linewidth=1.2
+            )
+        )
     if p.oblique:
-        ax.text(0.02, 0.02, "oblique: nearest orthogonal view", color="white", fontsize=6, transform=ax.transAxes,
-                path_effects=outline)
+        ax.text(
+            0.02,
+            0.02,
+            "oblique: nearest orthogonal view",
+            color="white",
+            fontsize=6,
+            transform=ax.transAxes,
+            path_effects=outline,
+        )
     if colorbar:
         cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         cb.set_label(colorbar_label, fontsize=7)

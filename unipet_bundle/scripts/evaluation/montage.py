@@ -28,8 +28,9 @@ __all__ = ["VIEWS", "MontageRow", "take_views", "write_montage"]
 VIEWS = ("coronal", "axial")
 
 
-def take_views(volume: np.ndarray, position: Sequence[int], affine: np.ndarray | None = None,
-               convention: str = "radiological") -> dict[str, np.ndarray]:
+def take_views(
+    volume: np.ndarray, position: Sequence[int], affine: np.ndarray | None = None, convention: str = "radiological"
+) -> dict[str, np.ndarray]:
     """2D display slices (row 0 at the top) through ``position`` (a voxel index of ``volume``): coronal and axial.
 
     Args:
@@ -41,8 +42,10 @@ def take_views(volume: np.ndarray, position: Sequence[int], affine: np.ndarray |
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     ras, spacing, _ = to_ras(volume, aff)
     p = ras_index(position, aff, volume.shape)
-    return {view: panel(ras, spacing, view, index=p[1 if view == "coronal" else 2], convention=convention).image
-            for view in VIEWS}
+    return {
+        view: panel(ras, spacing, view, index=p[1 if view == "coronal" else 2], convention=convention).image
+        for view in VIEWS
+    }
 
 
 @dataclass
@@ -112,7 +115,9 @@ def write_montage(
         "coronal": (0.0, nx * sx, 0.0, nz * sz),
         "axial": (0.0, nx * sx, 0.0, ny * sy),
     }
-    letters = {v: panel(np.zeros((1, 1, 1), np.float32), (1.0, 1.0, 1.0), v, convention=convention).letters for v in VIEWS}
+    letters = {
+        v: panel(np.zeros((1, 1, 1), np.float32), (1.0, 1.0, 1.0), v, convention=convention).letters for v in VIEWS
+    }
     ras_pos = None
     if position is not None:
         shape = [0, 0, 0]
@@ -130,9 +135,15 @@ def write_montage(
     fig_h = header_in + sum(heights) * width + colorbar_in
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
     gs = fig.add_gridspec(
-        len(grid_rows) + 1, 4, height_ratios=[h * width for h in heights] + [colorbar_in * 0.35],
-        left=label_in / fig_w, right=1 - 0.3 / fig_w, top=1 - header_in / fig_h, bottom=0.45 / fig_h,
-        hspace=0.22, wspace=0.04,
+        len(grid_rows) + 1,
+        4,
+        height_ratios=[h * width for h in heights] + [colorbar_in * 0.35],
+        left=label_in / fig_w,
+        right=1 - 0.3 / fig_w,
+        top=1 - header_in / fig_h,
+        bottom=0.45 / fig_h,
+        hspace=0.22,
+        wspace=0.04,
     )
     lo, hi = suv_window
     columns = ("low dose", "denoised", "full dose", "denoised - full dose")
@@ -144,8 +155,11 @@ def write_montage(
             ax = fig.add_subplot(gs[i, j])
             e = extents[view]
             p = Panel(data, e[1], e[3], letters[view], view)
-            im = (draw_panel(ax, p, -diff_max, diff_max, cmap="RdBu_r", scale_bar=False) if j == 3
-                  else draw_panel(ax, p, lo, hi, scale_bar=j == 0))
+            im = (
+                draw_panel(ax, p, -diff_max, diff_max, cmap="RdBu_r", scale_bar=False)
+                if j == 3
+                else draw_panel(ax, p, lo, hi, scale_bar=j == 0)
+            )
             if j == 3:
                 im_diff = im
             else:
@@ -164,9 +178,13 @@ def write_montage(
                 ax.set_ylabel(f"DRF {row.drf}\n{view}", fontsize=10, fontweight="bold")
     bars = gs[-1, :].subgridspec(1, 2, width_ratios=[3, 1], wspace=0.12)
     cax_img = fig.add_subplot(bars[0, 0])
-    fig.colorbar(im_img, cax=cax_img, orientation="horizontal").set_label(f"SUV (window {lo:g}-{hi:g}, inverted grey)", fontsize=9)
+    fig.colorbar(im_img, cax=cax_img, orientation="horizontal").set_label(
+        f"SUV (window {lo:g}-{hi:g}, inverted grey)", fontsize=9
+    )
     cax_diff = fig.add_subplot(bars[0, 1])
-    fig.colorbar(im_diff, cax=cax_diff, orientation="horizontal").set_label(f"SUV difference (+-{diff_max:g})", fontsize=9)
+    fig.colorbar(im_diff, cax=cax_diff, orientation="horizontal").set_label(
+        f"SUV difference (+-{diff_max:g})", fontsize=9
+    )
     fig.suptitle(title, fontsize=10, y=1 - 0.15 / fig_h, va="top")
     out = Path(path)
     try:

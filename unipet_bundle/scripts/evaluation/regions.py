@@ -51,23 +51,58 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _BIAS_COLUMNS = (
-    "input_suvmean_bias_pct", "input_suvmax_bias_pct", "suvmean_bias_pct", "suvmax_bias_pct",
-    "full_suvmean_bias_true_pct", "full_suvmax_bias_true_pct",
-    "input_suvmean_bias_true_pct", "input_suvmax_bias_true_pct",
-    "suvmean_bias_true_pct", "suvmax_bias_true_pct",
+    "input_suvmean_bias_pct",
+    "input_suvmax_bias_pct",
+    "suvmean_bias_pct",
+    "suvmax_bias_pct",
+    "full_suvmean_bias_true_pct",
+    "full_suvmax_bias_true_pct",
+    "input_suvmean_bias_true_pct",
+    "input_suvmax_bias_true_pct",
+    "suvmean_bias_true_pct",
+    "suvmax_bias_true_pct",
 )
 _PEAK_COLUMNS = (
-    "input_suvpeak_bias_pct", "suvpeak_bias_pct",
-    "full_suvpeak_bias_true_pct", "input_suvpeak_bias_true_pct", "suvpeak_bias_true_pct",
+    "input_suvpeak_bias_pct",
+    "suvpeak_bias_pct",
+    "full_suvpeak_bias_true_pct",
+    "input_suvpeak_bias_true_pct",
+    "suvpeak_bias_true_pct",
 )
 REGION_COLUMNS = (
-    "subject", "drf", "label", "name", "kind", "voxels", "volume_ml", "true_suv",
-    "full_suvmean", "full_suvmax", "input_suvmean", "input_suvmax", "suvmean", "suvmax",
+    "subject",
+    "drf",
+    "label",
+    "name",
+    "kind",
+    "voxels",
+    "volume_ml",
+    "true_suv",
+    "full_suvmean",
+    "full_suvmax",
+    "input_suvmean",
+    "input_suvmax",
+    "suvmean",
+    "suvmax",
     *_BIAS_COLUMNS,
-    "diameter_mm", "size_bin", "host", "background_suv", "true_contrast",
-    "full_suvpeak", "input_suvpeak", "suvpeak", *_PEAK_COLUMNS,
-    "full_rc_max", "input_rc_max", "rc_max", "full_cr", "input_cr", "cr",
-    "full_cov_pct", "input_cov_pct", "cov_pct",
+    "diameter_mm",
+    "size_bin",
+    "host",
+    "background_suv",
+    "true_contrast",
+    "full_suvpeak",
+    "input_suvpeak",
+    "suvpeak",
+    *_PEAK_COLUMNS,
+    "full_rc_max",
+    "input_rc_max",
+    "rc_max",
+    "full_cr",
+    "input_cr",
+    "cr",
+    "full_cov_pct",
+    "input_cov_pct",
+    "cov_pct",
 )
 SIZE_BINS_MM = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
 """Lesion size bins by true diameter: (lower, upper, name), lower inclusive."""
@@ -90,7 +125,9 @@ def load_label_table(path: str | os.PathLike) -> dict[int, dict[str, Any]]:
         raw = json.loads(path.read_text())
         return {int(k): dict(v) for k, v in raw.items()}
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise UniPETInputError(f"{path}: not a label table {{\"<int label>\": {{name, kind, true_suv}}}} ({exc}); fix or remove it") from exc
+        raise UniPETInputError(
+            f'{path}: not a label table {{"<int label>": {{name, kind, true_suv}}}} ({exc}); fix or remove it'
+        ) from exc
 
 
 def bias_pct(value: float, reference: float | None) -> float:
@@ -103,8 +140,10 @@ def bias_pct(value: float, reference: float | None) -> float:
 def region_stats(suv: np.ndarray, labels: np.ndarray, ids: Sequence[int]) -> dict[int, tuple[float, float]]:
     """``{label: (SUVmean, SUVmax)}`` of ``suv`` inside each label of ``ids`` (one pass per statistic)."""
     if suv.shape != labels.shape:
-        raise UniPETInputError(f"label map shape {labels.shape} differs from the image shape {suv.shape}; "
-                               "the label map must be on the image grid")
+        raise UniPETInputError(
+            f"label map shape {labels.shape} differs from the image shape {suv.shape}; "
+            "the label map must be on the image grid"
+        )
     ids = [int(i) for i in ids]
     if not ids:
         return {}
@@ -117,7 +156,9 @@ def _kind(info: Mapping[str, Any]) -> str:
     return str(info.get("kind", "unknown")).lower()
 
 
-def hottest_lesion_voxel(full_suv: np.ndarray, labels: np.ndarray, table: Mapping[int, Mapping[str, Any]]) -> tuple[tuple[int, ...], str] | None:
+def hottest_lesion_voxel(
+    full_suv: np.ndarray, labels: np.ndarray, table: Mapping[int, Mapping[str, Any]]
+) -> tuple[tuple[int, ...], str] | None:
     """Centre voxel of the lesion with the highest full-dose SUVmax, and its name (for the montage slices).
 
     The centre is the lesion's centroid rounded to a voxel, or its hottest voxel when the centroid falls
@@ -180,7 +221,9 @@ def suv_peak(suv: np.ndarray, mask: np.ndarray, spacing: Sequence[float], volume
     return float(local[mask[box]].max())
 
 
-def _lesion_geometry(labels: np.ndarray, label: int, host_label: int | None, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
+def _lesion_geometry(
+    labels: np.ndarray, label: int, host_label: int | None, spacing: Sequence[float]
+) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
     """(lesion mask in a box, the box, background-shell mask in the box) for one lesion."""
     m = labels == label
     idx = np.argwhere(m)
@@ -238,21 +281,53 @@ def region_rows(
         true = info.get("true_suv")
         true = float(true) if isinstance(true, (int, float)) and not isinstance(true, bool) else None
         (fm, fx), (lm, lx), (dm, dx) = full[i], low[i], den[i]
-        rows.append({
-            "subject": subject, "drf": drf, "label": i, "name": str(info.get("name", f"label_{i}")),
-            "kind": _kind(info), "voxels": int(counts[i]), "volume_ml": int(counts[i]) * voxel_ml,
-            "true_suv": true if true is not None else float("nan"),
-            "full_suvmean": fm, "full_suvmax": fx, "input_suvmean": lm, "input_suvmax": lx, "suvmean": dm, "suvmax": dx,
-            "input_suvmean_bias_pct": bias_pct(lm, fm), "input_suvmax_bias_pct": bias_pct(lx, fx),
-            "suvmean_bias_pct": bias_pct(dm, fm), "suvmax_bias_pct": bias_pct(dx, fx),
-            "full_suvmean_bias_true_pct": bias_pct(fm, true), "full_suvmax_bias_true_pct": bias_pct(fx, true),
-            "input_suvmean_bias_true_pct": bias_pct(lm, true), "input_suvmax_bias_true_pct": bias_pct(lx, true),
-            "suvmean_bias_true_pct": bias_pct(dm, true), "suvmax_bias_true_pct": bias_pct(dx, true),
-        })
+        rows.append(
+            {
+                "subject": subject,
+                "drf": drf,
+                "label": i,
+                "name": str(info.get("name", f"label_{i}")),
+                "kind": _kind(info),
+                "voxels": int(counts[i]),
+                "volume_ml": int(counts[i]) * voxel_ml,
+                "true_suv": true if true is not None else float("nan"),
+                "full_suvmean": fm,
+                "full_suvmax": fx,
+                "input_suvmean": lm,
+                "input_suvmax": lx,
+                "suvmean": dm,
+                "suvmax": dx,
+                "input_suvmean_bias_pct": bias_pct(lm, fm),
+                "input_suvmax_bias_pct": bias_pct(lx, fx),
+                "suvmean_bias_pct": bias_pct(dm, fm),
+                "suvmax_bias_pct": bias_pct(dx, fx),
+                "full_suvmean_bias_true_pct": bias_pct(fm, true),
+                "full_suvmax_bias_true_pct": bias_pct(fx, true),
+                "input_suvmean_bias_true_pct": bias_pct(lm, true),
+                "input_suvmax_bias_true_pct": bias_pct(lx, true),
+                "suvmean_bias_true_pct": bias_pct(dm, true),
+                "suvmax_bias_true_pct": bias_pct(dx, true),
+            }
+        )
         row = rows[-1]
-        for col in ("diameter_mm", "background_suv", "true_contrast", "full_suvpeak", "input_suvpeak", "suvpeak",
-                    *_PEAK_COLUMNS, "full_rc_max", "input_rc_max", "rc_max", "full_cr", "input_cr", "cr",
-                    "full_cov_pct", "input_cov_pct", "cov_pct"):
+        for col in (
+            "diameter_mm",
+            "background_suv",
+            "true_contrast",
+            "full_suvpeak",
+            "input_suvpeak",
+            "suvpeak",
+            *_PEAK_COLUMNS,
+            "full_rc_max",
+            "input_rc_max",
+            "rc_max",
+            "full_cr",
+            "input_cr",
+            "cr",
+            "full_cov_pct",
+            "input_cov_pct",
+            "cov_pct",
+        ):
             row[col] = float("nan")
         row["size_bin"], row["host"] = "", str(info.get("host", ""))
         if row["kind"] == "lesion":
@@ -278,19 +353,32 @@ def region_rows(
                         mean = float(vol[box][les].mean())
                         row[f"{prefix}cr"] = (mean / bg - 1.0) / (contrast - 1.0) if bg > 0 else float("nan")
                 fp, lp, dp = peaks
-                row.update({"input_suvpeak_bias_pct": bias_pct(lp, fp), "suvpeak_bias_pct": bias_pct(dp, fp),
-                            "full_suvpeak_bias_true_pct": bias_pct(fp, true),
-                            "input_suvpeak_bias_true_pct": bias_pct(lp, true), "suvpeak_bias_true_pct": bias_pct(dp, true)})
+                row.update(
+                    {
+                        "input_suvpeak_bias_pct": bias_pct(lp, fp),
+                        "suvpeak_bias_pct": bias_pct(dp, fp),
+                        "full_suvpeak_bias_true_pct": bias_pct(fp, true),
+                        "input_suvpeak_bias_true_pct": bias_pct(lp, true),
+                        "suvpeak_bias_true_pct": bias_pct(dp, true),
+                    }
+                )
         elif row["kind"] == "organ" and row["name"] in cov_organs:
             core = ndimage.binary_erosion(labels == i)
             if core.sum() >= 2:
                 row["full_cov_pct"], row["input_cov_pct"], row["cov_pct"] = (
-                    _cov_pct(full_suv, core), _cov_pct(input_suv, core), _cov_pct(pred_suv, core))
+                    _cov_pct(full_suv, core),
+                    _cov_pct(input_suv, core),
+                    _cov_pct(pred_suv, core),
+                )
     return rows
 
 
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def _mean_abs(values: Iterable[float]) -> float | None:
@@ -316,8 +404,9 @@ def summarise_regions(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
                     entry[f"mean_abs_{kind}_{col}"] = _mean_abs(r[col] for r in sel)
         lesions = [r for r in at if r["kind"] == "lesion"]
         if lesions:
-            entry["lesions_by_size"] = {name: lesion_summary([r for r in lesions if r.get("size_bin") == name])
-                                        for _, _, name in SIZE_BINS_MM}
+            entry["lesions_by_size"] = {
+                name: lesion_summary([r for r in lesions if r.get("size_bin") == name]) for _, _, name in SIZE_BINS_MM
+            }
             entry["lesions_all"] = lesion_summary(lesions)
         liver = [r for r in at if r["kind"] == "organ" and r["name"] == "liver"]
         if liver:
@@ -326,10 +415,25 @@ def summarise_regions(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
     return out
 
 
-_LESION_SIGNED = ("suvmax_bias_pct", "suvpeak_bias_pct", "suvmean_bias_pct", "suvmax_bias_true_pct", "suvpeak_bias_true_pct",
-                  "suvmean_bias_true_pct", "input_suvmax_bias_pct", "input_suvpeak_bias_pct", "input_suvmean_bias_pct",
-                  "full_suvmax_bias_true_pct", "full_suvpeak_bias_true_pct", "rc_max", "input_rc_max", "full_rc_max",
-                  "cr", "input_cr", "full_cr")
+_LESION_SIGNED = (
+    "suvmax_bias_pct",
+    "suvpeak_bias_pct",
+    "suvmean_bias_pct",
+    "suvmax_bias_true_pct",
+    "suvpeak_bias_true_pct",
+    "suvmean_bias_true_pct",
+    "input_suvmax_bias_pct",
+    "input_suvpeak_bias_pct",
+    "input_suvmean_bias_pct",
+    "full_suvmax_bias_true_pct",
+    "full_suvpeak_bias_true_pct",
+    "rc_max",
+    "input_rc_max",
+    "full_rc_max",
+    "cr",
+    "input_cr",
+    "full_cr",
+)
 
 
 def _signed_mean(values: Iterable[float]) -> float | None:

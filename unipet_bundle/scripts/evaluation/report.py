@@ -45,7 +45,14 @@ from scripts.data.layout import format_drf, natural_key, read_grid
 from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 from scripts.evaluation.display import axcodes_affine
 from scripts.evaluation.montage import MontageRow, take_views, write_montage
-from scripts.evaluation.regions import REGION_COLUMNS, hottest_lesion_voxel, load_label_table, region_rows, region_stats, summarise_regions
+from scripts.evaluation.regions import (
+    REGION_COLUMNS,
+    hottest_lesion_voxel,
+    load_label_table,
+    region_rows,
+    region_stats,
+    summarise_regions,
+)
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import quality_metrics
 
@@ -55,7 +62,13 @@ logger = logging.getLogger(__name__)
 
 _METRICS = ("psnr", "psnr_refmax", "ssim", "nrmse", "texture_ratio")
 METRIC_COLUMNS = (
-    "subject", "split", "drf", *_METRICS, *(f"input_{m}" for m in _METRICS), "psnr_gain_db", "mask_fraction",
+    "subject",
+    "split",
+    "drf",
+    *_METRICS,
+    *(f"input_{m}" for m in _METRICS),
+    "psnr_gain_db",
+    "mask_fraction",
 )
 """metrics.csv columns: no prefix = denoised output vs full dose, ``input_`` = low-dose input vs full dose."""
 
@@ -128,8 +141,9 @@ class _Subject:
     """What the report keeps per subject across its DRFs: grid, montage slices, and (while the subject is
     being evaluated) its label map and full-dose SUV, released when the next subject starts."""
 
-    def __init__(self, name: str, label_path: str, labels_path: str | None, full_suv: np.ndarray,
-                 axcodes: str = DEFAULT_AXCODES) -> None:
+    def __init__(
+        self, name: str, label_path: str, labels_path: str | None, full_suv: np.ndarray, axcodes: str = DEFAULT_AXCODES
+    ) -> None:
         self.name, self.label_path, self.labels_path, self.axcodes = name, label_path, labels_path, axcodes
         shape, affine = read_grid(label_path)
         # the evaluated arrays are in the network orientation (train.json's Orientationd): so are the files' here
@@ -163,8 +177,10 @@ class _Subject:
         full_raw = network_array(*load_nifti(self.label_path), self.axcodes)
         labels = network_array(*load_nifti(self.labels_path, dtype=np.int32), self.axcodes)
         if labels.shape != full_raw.shape:
-            raise UniPETInputError(f"{self.name}: label map {self.labels_path} has shape {labels.shape}, image "
-                                   f"{full_raw.shape}; write the label map on the image grid")
+            raise UniPETInputError(
+                f"{self.name}: label map {self.labels_path} has shape {labels.shape}, image "
+                f"{full_raw.shape}; write the label map on the image grid"
+            )
         self.labels, self.full_raw = labels, full_raw
         self.table = load_label_table(Path(self.labels_path).with_name("labels.json"))
         self.full_stats = region_stats(full_raw, labels, [int(i) for i in np.unique(labels) if i != 0])
@@ -256,18 +272,33 @@ class EvaluationReport:
         mask = stylized_mask(full.clamp(0.0, s), window=self.rals_window, threshold=self.rals_threshold_suv2)
         den = quality_metrics(pred, full, mask, data_range=s, clip_max=s, texture_window=self.texture_window)
         inp = quality_metrics(low, full, mask, data_range=s, clip_max=s, texture_window=self.texture_window)
-        row = {"subject": subject, "split": str(item.get("split", "")), "drf": drf, **den,
-               **{f"input_{k}": v for k, v in inp.items()},
-               "psnr_gain_db": den["psnr"] - inp["psnr"],  # inf for a perfect output, NaN when both are perfect
-               "mask_fraction": float(mask.mean())}
+        row = {
+            "subject": subject,
+            "split": str(item.get("split", "")),
+            "drf": drf,
+            **den,
+            **{f"input_{k}": v for k, v in inp.items()},
+            "psnr_gain_db": den["psnr"] - inp["psnr"],  # inf for a perfect output, NaN when both are perfect
+            "mask_fraction": float(mask.mean()),
+        }
         self.rows.append(row)
-        logger.info("%s DRF %s: PSNR %.2f dB (input %.2f dB, gain %+.2f), SSIM %.4f (input %.4f), NRMSE %.4f, texture ratio %.3f",
-                    subject, drf, den["psnr"], inp["psnr"], row["psnr_gain_db"], den["ssim"], inp["ssim"], den["nrmse"],
-                    den["texture_ratio"])
+        logger.info(
+            "%s DRF %s: PSNR %.2f dB (input %.2f dB, gain %+.2f), SSIM %.4f (input %.4f), NRMSE %.4f, texture ratio %.3f",
+            subject,
+            drf,
+            den["psnr"],
+            inp["psnr"],
+            row["psnr_gain_db"],
+            den["ssim"],
+            inp["ssim"],
+            den["nrmse"],
+            den["texture_ratio"],
+        )
 
         if subject not in self.subjects:
-            self.subjects[subject] = _Subject(subject, str(item["label_path"]), item.get("labels") or None,
-                                              full[0, 0].numpy(), self.axcodes)
+            self.subjects[subject] = _Subject(
+                subject, str(item["label_path"]), item.get("labels") or None, full[0, 0].numpy(), self.axcodes
+            )
         subj = self.subjects[subject]
         if self._current not in (None, subject):
             self.subjects[self._current].release()
@@ -276,11 +307,23 @@ class EvaluationReport:
         pred_np, low_np = pred[0, 0].numpy(), low[0, 0].numpy()
         if subj.labels is not None:
             low_raw = network_array(*load_nifti(item["image_path"]), self.axcodes) if item.get("image_path") else low_np
-            self.region_rows += region_rows(subject, drf, subj.labels, subj.table, subj.full_raw, low_raw, pred_np,
-                                            subj.voxel_ml, subj.full_stats, spacing=subj.spacing)
+            self.region_rows += region_rows(
+                subject,
+                drf,
+                subj.labels,
+                subj.table,
+                subj.full_raw,
+                low_raw,
+                pred_np,
+                subj.voxel_ml,
+                subj.full_stats,
+                spacing=subj.spacing,
+            )
         if self.write_montages:
             views = [take_views(v, subj.position, subj.display_affine) for v in (low_np, pred_np)]
-            subj.montage_rows.append(MontageRow(drf, views[0], views[1], den["psnr"], inp["psnr"], den["ssim"], inp["ssim"]))
+            subj.montage_rows.append(
+                MontageRow(drf, views[0], views[1], den["psnr"], inp["psnr"], den["ssim"], inp["ssim"])
+            )
         return row
 
     # ------------------------------------------------------------------ at the end
@@ -313,25 +356,28 @@ class EvaluationReport:
             "dataset_dir": self.dataset_dir,
             "subjects": n,
             "items": len(self.rows),
-            "splits": {sp: len({r["subject"] for r in self.rows if r["split"] == sp}) for sp in dict.fromkeys(r["split"] for r in self.rows)},
+            "splits": {
+                sp: len({r["subject"] for r in self.rows if r["split"] == sp})
+                for sp in dict.fromkeys(r["split"] for r in self.rows)
+            },
             "checkpoint": self.checkpoint_info,
             "definitions": {
                 "intensity": f"SUV clipped to [0, {self.suv_max:g}], data range {self.suv_max:g}",
                 "psnr": "UniPET's PSNR: 10 log10(range^2 / MSE) dB on the clipped SUV above; means exclude inf "
-                        "(identical volumes), counted in *_inf_count",
+                "(identical volumes), counted in *_inf_count",
                 "psnr_refmax": "UDPET's PSNR (most peers): 10 log10(max(full dose)^2 / MSE) dB on unclipped SUV; "
-                               "not comparable with psnr",
+                "not comparable with psnr",
                 "beats_input_psnr": "per DRF: the mean output PSNR is above the mean input PSNR (the only baseline "
-                                    "here; the quality benchmark adds the tuned Gaussian and other models)",
+                "here; the quality benchmark adds the tuned Gaussian and other models)",
                 "ssim": "3D SSIM, 11^3 Gaussian window, sigma 1.5 voxels",
                 "nrmse": "||x - full|| / ||full||",
                 "texture_ratio": f"mean local std ({self.texture_window}^3) of x over that of the full dose inside the RALS "
-                                 f"stylized mask (full-dose local variance >= {self.rals_threshold_suv2:g} SUV^2); 1 = full-dose texture",
+                f"stylized mask (full-dose local variance >= {self.rals_threshold_suv2:g} SUV^2); 1 = full-dose texture",
                 "prefix input_": "the low-dose input itself; no prefix: the denoised output",
                 "regions": "SUVmean/SUVmax bias % = 100 (x - ref) / ref, unclipped SUV; ref = full dose (*_bias_pct) "
-                           "or labels.json true_suv (*_bias_true_pct); lesions also SUVpeak (1 mL sphere), rc_max = "
-                           "SUVmax / true SUV, cr = contrast recovery vs a 4-10 mm host-tissue shell, by size bin "
-                           "(regions_per_drf.*.lesions_by_size, signed means); liver: SUVmean bias (QIBA bar 5 %) and CoV",
+                "or labels.json true_suv (*_bias_true_pct); lesions also SUVpeak (1 mL sphere), rc_max = "
+                "SUVmax / true SUV, cr = contrast recovery vs a 4-10 mm host-tissue shell, by size bin "
+                "(regions_per_drf.*.lesions_by_size, signed means); liver: SUVmean bias (QIBA bar 5 %) and CoV",
             },
             "per_drf": per_drf,
         }
@@ -353,19 +399,37 @@ class EvaluationReport:
             for subj in self.subjects.values():
                 rows_sorted = sorted(subj.montage_rows, key=lambda r: float(r.drf))
                 name = f"montage_{_safe_name(subj.name)}.png"
-                title = (f"{subj.name}: slices through the {subj.where}; images {self.montage_suv_window[0]:g}-"
-                         f"{self.montage_suv_window[1]:g} SUV, difference +-{self.montage_diff_max:g} SUV")
-                write_montage(self.eval_dir / name, title, subj.full_views, rows_sorted, subj.spacing,
-                              subj.position, self.montage_suv_window, self.montage_diff_max, affine=subj.display_affine)
+                title = (
+                    f"{subj.name}: slices through the {subj.where}; images {self.montage_suv_window[0]:g}-"
+                    f"{self.montage_suv_window[1]:g} SUV, difference +-{self.montage_diff_max:g} SUV"
+                )
+                write_montage(
+                    self.eval_dir / name,
+                    title,
+                    subj.full_views,
+                    rows_sorted,
+                    subj.spacing,
+                    subj.position,
+                    self.montage_suv_window,
+                    self.montage_diff_max,
+                    affine=subj.display_affine,
+                )
                 montages.append(name)
         files["montages"] = montages
         summary = self.summary()
         summary["files"] = files
         atomic_write_json(self.eval_dir / "summary.json", summary)
         for drf, entry in summary["per_drf"].items():
-            logger.info("DRF %s (%d subjects): PSNR %s dB (input %s), SSIM %s (input %s), texture ratio %s",
-                        drf, entry["subjects"], _fmt(entry["psnr"]), _fmt(entry["input_psnr"]), _fmt(entry["ssim"], 4),
-                        _fmt(entry["input_ssim"], 4), _fmt(entry["texture_ratio"], 3))
+            logger.info(
+                "DRF %s (%d subjects): PSNR %s dB (input %s), SSIM %s (input %s), texture ratio %s",
+                drf,
+                entry["subjects"],
+                _fmt(entry["psnr"]),
+                _fmt(entry["input_psnr"]),
+                _fmt(entry["ssim"], 4),
+                _fmt(entry["input_ssim"], 4),
+                _fmt(entry["texture_ratio"], 3),
+            )
         logger.info("evaluation written to %s", self.eval_dir)
 
 

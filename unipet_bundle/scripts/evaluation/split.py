@@ -60,8 +60,11 @@ def evaluation_datalist(
     if not datalist_file:
         found = Path(dataset_dir).expanduser() / "datalist.json"
         if found.is_file():
-            logger.info("using the datalist %s found in the dataset folder (written by scripts.data.datalist); "
-                        "pass --datalist_file to use another", found)
+            logger.info(
+                "using the datalist %s found in the dataset folder (written by scripts.data.datalist); "
+                "pass --datalist_file to use another",
+                found,
+            )
             datalist_file = found
 
     def _get(split: str) -> list[dict[str, Any]]:
@@ -96,6 +99,13 @@ def evaluation_datalist(
     shown_subjects = ", ".join(subjects[:20]) + (f", ... ({len(subjects) - 20} more)" if len(subjects) > 20 else "")
     drf_list = ", ".join(f"{d:g}" for d in sorted({float(e["drf"]) for e in entries}))
     splits = ", ".join(sorted({e["split"] for e in entries}))
-    logger.info("evaluating %d pairs: %d subjects (%s) of the %s split(s) from %s, DRFs %s", len(entries), len(subjects),
-                shown_subjects, splits, datalist_file or "the on-the-fly split", drf_list)
+    logger.info(
+        "evaluating %d pairs: %d subjects (%s) of the %s split(s) from %s, DRFs %s",
+        len(entries),
+        len(subjects),
+        shown_subjects,
+        splits,
+        datalist_file or "the on-the-fly split",
+        drf_list,
+    )
     return entries

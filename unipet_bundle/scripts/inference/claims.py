@@ -304,10 +304,16 @@ def inspect_claim(path: Path) -> dict[str, Any]:
 
 
 def busy_message(path: Path, owner: Mapping[str, Any] | None, what: str) -> str:
-    who = f"PID {owner.get('pid')}, started {owner.get('started')}" if owner else "a run whose claim is still being written"
+    who = (
+        f"PID {owner.get('pid')}, started {owner.get('started')}"
+        if owner
+        else "a run whose claim is still being written"
+    )
     extra = "" if fcntl is not None else f" (if no UniPET run is writing there, remove {path})"
-    return (f"{what}: another UniPET run ({who}) is writing these outputs into {path.parent} right now; "
-            f"wait for it to finish or choose another --output_dir{extra}")
+    return (
+        f"{what}: another UniPET run ({who}) is writing these outputs into {path.parent} right now; "
+        f"wait for it to finish or choose another --output_dir{extra}"
+    )
 
 
 class OutputClaim:
@@ -382,8 +388,12 @@ class OutputClaim:
             dead = _dead_run(owner)
             logger.warning(
                 "%s: outputs of a run that was interrupted while writing them (PID %s, started %s) are redone%s",
-                self.label, dead.get("pid", "?"), dead.get("started", "?"),
-                f"; its partial outputs {sorted(p.name for p in self.replaceable)!r} are replaced" if self.replaceable else "",
+                self.label,
+                dead.get("pid", "?"),
+                dead.get("started", "?"),
+                f"; its partial outputs {sorted(p.name for p in self.replaceable)!r} are replaced"
+                if self.replaceable
+                else "",
             )
         content: dict[str, Any] = {
             "pid": os.getpid(),
@@ -449,8 +459,11 @@ class OutputClaim:
             return
         try:
             done = {p.name for p in self.published}
-            left = sorted(n for n in _safe_names(self._content.get("inherited_outputs"))
-                          if n not in done and _exists(self.path.parent / n))
+            left = sorted(
+                n
+                for n in _safe_names(self._content.get("inherited_outputs"))
+                if n not in done and _exists(self.path.parent / n)
+            )
             if not left:
                 try:
                     self.path.unlink()
@@ -458,14 +471,26 @@ class OutputClaim:
                     pass
                 return
             try:
-                self._write({**self._content, "phase": "interrupted", "outputs": [], "inherited_outputs": left,
-                             "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                self._write(
+                    {
+                        **self._content,
+                        "phase": "interrupted",
+                        "outputs": [],
+                        "inherited_outputs": left,
+                        "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    }
+                )
             except OSError as exc:  # the record written when the claim was taken still lists them
-                logger.warning("%s: could not update the claim %s (%s); it is kept as it was", self.label, self.path.name, exc)
+                logger.warning(
+                    "%s: could not update the claim %s (%s); it is kept as it was", self.label, self.path.name, exc
+                )
             logger.warning(
                 "%s: the partial outputs %r of an interrupted run (PID %s) are still there; the claim %r keeps "
                 "them on record, so the next run of this input replaces them",
-                self.label, left, _dead_run(self._content).get("pid", "?"), self.path.name,
+                self.label,
+                left,
+                _dead_run(self._content).get("pid", "?"),
+                self.path.name,
             )
         finally:
             os.close(self._fd)
@@ -515,8 +540,12 @@ def clean_stale_temporaries(output_dir: str | os.PathLike, stale_minutes: float 
                 continue
             remove_path(entry)
             removed.append(entry)
-            logger.info("removed %r: a temporary of an interrupted run (PID %d, %.0f min old)",
-                        entry.name, info["pid"], (time.time() - mtime) / 60.0)
+            logger.info(
+                "removed %r: a temporary of an interrupted run (PID %d, %.0f min old)",
+                entry.name,
+                info["pid"],
+                (time.time() - mtime) / 60.0,
+            )
         elif entry.name.startswith(".") and entry.name.endswith(CLAIM_SUFFIX) and fcntl is not None:
             removed.extend(_remove_unused_claim(entry))
     return removed
@@ -534,7 +563,9 @@ def _remove_unused_claim(path: Path) -> list[Path]:
             return []
         owner = _read_json(os.read(fd, 1 << 16).decode("utf-8", "replace"))
         if partial_outputs(owner):
-            logger.warning("%r: a run was interrupted while publishing these outputs; re-run that input to redo it", path.name)
+            logger.warning(
+                "%r: a run was interrupted while publishing these outputs; re-run that input to redo it", path.name
+            )
             return []
         try:
             if os.fstat(fd).st_ino != os.stat(path).st_ino:

@@ -126,7 +126,9 @@ class BundleDenoiser:
         config = Path(config_file)
         config = config if config.is_absolute() else self.bundle_root / config
         if not config.is_file():
-            raise UniPETInputError(f"bundle config {config} not found: pass the unipet_bundle folder as the bundle root")
+            raise UniPETInputError(
+                f"bundle config {config} not found: pass the unipet_bundle folder as the bundle root"
+            )
         if str(self.bundle_root) not in sys.path:
             sys.path.insert(0, str(self.bundle_root))
 
@@ -140,9 +142,16 @@ class BundleDenoiser:
                 raise found from None
             raise
 
-    def _build(self, config: Path, model_file: str | os.PathLike | None, device: str | None, allow_untrained: bool,
-               overrides: Mapping[str, Any] | None, network: torch.nn.Module | None = None,
-               model_info: Mapping[str, Any] | None = None) -> None:
+    def _build(
+        self,
+        config: Path,
+        model_file: str | os.PathLike | None,
+        device: str | None,
+        allow_untrained: bool,
+        overrides: Mapping[str, Any] | None,
+        network: torch.nn.Module | None = None,
+        model_info: Mapping[str, Any] | None = None,
+    ) -> None:
         parser = ConfigParser()
         parser.read_config(str(config))
         parser["bundle_root"] = str(self.bundle_root)
@@ -163,8 +172,12 @@ class BundleDenoiser:
             network = torch.jit.load(str(ts_path), map_location="cpu")
             # the config's network/model_info would build and load the eager network: replace both
             parser["network"] = network
-            parser["model_info"] = {"checkpoint": str(ts_path), "trained": True, "checkpoint_sha256": file_sha256(ts_path),
-                                     "format": "torchscript"}
+            parser["model_info"] = {
+                "checkpoint": str(ts_path),
+                "trained": True,
+                "checkpoint_sha256": file_sha256(ts_path),
+                "format": "torchscript",
+            }
             self.network = network
         else:
             if model_file is not None:
@@ -186,7 +199,10 @@ class BundleDenoiser:
         self.postprocessing = Compose([t for t in postprocessing.transforms if not isinstance(t, SaveDenoisedd)])
         logger.info(
             "bundle inference ready: %s, weights %s (trained=%s), device %s, windows %s",
-            config.name, self.model_info.get("checkpoint"), self.model_info.get("trained"), self.device,
+            config.name,
+            self.model_info.get("checkpoint"),
+            self.model_info.get("trained"),
+            self.device,
             "x".join(map(str, self.patch_size)),
         )
 
@@ -195,7 +211,9 @@ class BundleDenoiser:
             path = Path(model_file).expanduser().absolute()
             if path.suffix == ".ts":
                 if not path.is_file():
-                    raise UniPETInputError(f"TorchScript model {path} not found: export it with ckpt_export (docs/deployment.md)")
+                    raise UniPETInputError(
+                        f"TorchScript model {path} not found: export it with ckpt_export (docs/deployment.md)"
+                    )
                 return path
             return None
         checkpoint = Path(str(parser.get_parsed_content("checkpoint")))

@@ -83,11 +83,46 @@ _STALE_TAGS = (
     "IconImageSequence",
 )
 # BodyPartExamined values (PS3.16 Annex L) of paired structures: Laterality (Type 2C) is then required.
-_PAIRED_PARTS = frozenset({
-    "EXTREMITY", "ARM", "LEG", "HAND", "FOOT", "KNEE", "HIP", "SHOULDER", "ELBOW", "WRIST", "ANKLE", "BREAST", "EYE",
-    "EAR", "KIDNEY", "LUNG", "FEMUR", "TIBIA", "FIBULA", "HUMERUS", "RADIUS", "ULNA", "CLAVICLE", "SCAPULA", "HEEL",
-    "TOE", "FINGER", "THUMB", "THIGH", "LOWER LEG", "UPPER ARM", "FOREARM", "ADRENAL", "OVARY", "TESTIS", "PAROTID",
-})
+_PAIRED_PARTS = frozenset(
+    {
+        "EXTREMITY",
+        "ARM",
+        "LEG",
+        "HAND",
+        "FOOT",
+        "KNEE",
+        "HIP",
+        "SHOULDER",
+        "ELBOW",
+        "WRIST",
+        "ANKLE",
+        "BREAST",
+        "EYE",
+        "EAR",
+        "KIDNEY",
+        "LUNG",
+        "FEMUR",
+        "TIBIA",
+        "FIBULA",
+        "HUMERUS",
+        "RADIUS",
+        "ULNA",
+        "CLAVICLE",
+        "SCAPULA",
+        "HEEL",
+        "TOE",
+        "FINGER",
+        "THUMB",
+        "THIGH",
+        "LOWER LEG",
+        "UPPER ARM",
+        "FOREARM",
+        "ADRENAL",
+        "OVARY",
+        "TESTIS",
+        "PAROTID",
+    }
+)
 
 
 def _conform(ds: Dataset) -> None:
@@ -316,7 +351,9 @@ def _check_series_input(volume: np.ndarray, source_headers: Sequence[Dataset], s
     if volume.ndim != 3:
         raise UniPETInputError(f"the denoised volume must be 3D (X, Y, Z), got shape {list(volume.shape)}")
     if len(source_headers) != volume.shape[2]:
-        raise UniPETInputError(f"the denoised volume has {volume.shape[2]} slices but the source series {len(source_headers)}")
+        raise UniPETInputError(
+            f"the denoised volume has {volume.shape[2]} slices but the source series {len(source_headers)}"
+        )
     for k, ds in enumerate(source_headers):
         if (int(ds.Rows), int(ds.Columns)) != (volume.shape[1], volume.shape[0]):
             raise UniPETInputError(
@@ -414,8 +451,9 @@ def write_derived_pet_series(
     written: list[str] = []
 
     def fill(tmp: Path) -> None:
-        files, _ = stage_derived_pet_series(volume, source_headers, suv_factor, tmp, model_version,
-                                            derivation_description, trained)
+        files, _ = stage_derived_pet_series(
+            volume, source_headers, suv_factor, tmp, model_version, derivation_description, trained
+        )
         written.extend(f.name for f in files)
 
     target = atomic_write_dir(output_dir, fill, overwrite=overwrite)

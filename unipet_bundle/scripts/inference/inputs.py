@@ -140,7 +140,9 @@ def _dicom_modality(folder: Path) -> str | None:
     return other
 
 
-def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[InferenceInput]:
+def discover_inputs(
+    dataset_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
+) -> list[InferenceInput]:
     """NIfTI files and PET DICOM series folders directly in ``dataset_dir``, sorted by name.
 
     ``dataset_dir`` may also be one study: a single NIfTI file, or a single PET DICOM series folder (a folder
@@ -173,7 +175,9 @@ def discover_inputs(dataset_dir: str | os.PathLike, output_dir: str | os.PathLik
             elif entry.is_dir() or entry.name.endswith(NIFTI_SUFFIXES):
                 logger.warning(
                     "skipping hidden %s %s: names starting with '.' are hidden (system or temporary files) and are not "
-                    "denoised; rename it without the leading dot to denoise it", "folder" if entry.is_dir() else "file", label,
+                    "denoised; rename it without the leading dot to denoise it",
+                    "folder" if entry.is_dir() else "file",
+                    label,
                 )
             else:
                 logger.info("skipping hidden file %s", label)
@@ -245,13 +249,18 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
         suv = check_pet_volume(str(item.path), data)
         check_orthogonal_axes(str(item.path), affine)
         if check_body:
-            check_body_suv(suv, str(item.path), fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv")  # issue 12
+            check_body_suv(
+                suv,
+                str(item.path),
+                fix="a NIfTI input must hold body-weight SUV: convert Bq/mL with python -m scripts.data.suv",
+            )  # issue 12
         peak = float(suv.max())
         if peak > _SUSPICIOUS_SUV:
             logger.warning(
                 "%s: values up to %.4g: this looks like Bq/mL, not SUV; NIfTI inputs must be SUV "
                 "(convert with python -m scripts.data.suv), or the result will be wrong",
-                item.name, peak,
+                item.name,
+                peak,
             )
         # no C-order copy: nibabel gives a float32 file as a Fortran-ordered array; every consumer takes strides
         return LoadedVolume(np.asarray(suv, dtype=np.float32), affine, 1.0, "SUV")
@@ -271,8 +280,13 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
                 "sub-folder holding only its slices]"
             ) from None
         suv = check_pet_volume(str(item.path), series.suv)
-        return LoadedVolume(np.ascontiguousarray(suv, dtype=np.float32), series.affine, float(series.suv_factor), series.units,
-                            SourceSeries(series.datasets, series.suv_factor, series.suv_details))
+        return LoadedVolume(
+            np.ascontiguousarray(suv, dtype=np.float32),
+            series.affine,
+            float(series.suv_factor),
+            series.units,
+            SourceSeries(series.datasets, series.suv_factor, series.suv_details),
+        )
     raise UniPETInputError(f"{item.path}: unknown input kind {item.kind!r} (expected 'nifti' or 'dicom')")
 
 
@@ -280,7 +294,9 @@ def _source_key(path: Path) -> tuple[Any, ...]:
     """What identifies the content of an input file or DICOM folder without reading it: the path, and the size,
     modification time and inode of the file (of every file of the folder)."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return (str(path.absolute()),) + tuple((p.name, st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()])
+    return (str(path.absolute()),) + tuple(
+        (p.name, st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()]
+    )
 
 
 class _CheckedVolume:
@@ -345,7 +361,9 @@ def _check_output_dir(output_dir: Path, inputs: Sequence[InferenceInput]) -> Non
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UniPETInputError(f"--output_dir {output_dir}: no permission to write in {existing}; choose another folder")
+        raise UniPETInputError(
+            f"--output_dir {output_dir}: no permission to write in {existing}; choose another folder"
+        )
     resolved = output_dir.resolve()
     for item in inputs:
         if item.kind != "dicom":
@@ -379,7 +397,8 @@ def _partial_outputs(output_dir: Path, item: InferenceInput, planned: Mapping[st
         first = owner.get("inherited_from")
         logger.warning(
             "%s: an earlier run (PID %s) was killed while writing its outputs; the partial set %s is redone",
-            shown(item.name), (first if isinstance(first, dict) and first else owner).get("pid"),
+            shown(item.name),
+            (first if isinstance(first, dict) and first else owner).get("pid"),
             sorted(p.name for p in partial),
         )
     return partial
@@ -414,7 +433,9 @@ def prepare_datalist(
         for path in planned.values():
             check_output_path(path, overwrite=replace or path in partial, inputs=input_paths)
     if fmt == "dicom" and any(item.kind == "nifti" for item in inputs):
-        logger.warning("output_format dicom: NIfTI inputs get NIfTI outputs (a DICOM series can only be derived from a DICOM input)")
+        logger.warning(
+            "output_format dicom: NIfTI inputs get NIfTI outputs (a DICOM series can only be derived from a DICOM input)"
+        )
     _checked.clear()
     try:
         for i, item in enumerate(inputs):
@@ -423,7 +444,11 @@ def prepare_datalist(
                 volume = load_volume(item)
             logger.info(
                 "checked %s (%s, %s): shape %s, spacing %s mm",
-                shown(item.name), item.kind, volume.units, _fmt(volume.suv.shape), _fmt(voxel_spacing(volume.affine)),
+                shown(item.name),
+                item.kind,
+                volume.units,
+                _fmt(volume.suv.shape),
+                _fmt(voxel_spacing(volume.affine)),
             )
             if i == 0:
                 _checked.keep(item, volume)
@@ -485,7 +510,9 @@ class KeepNatived(MapTransform):
     Not named ``image_*``: MONAI's Spacingd treats every ``image_*`` key as the image's meta dict.
     """
 
-    def __init__(self, keys: KeysCollection = "image", native_key: str = "native_suv", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection = "image", native_key: str = "native_suv", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.native_key = native_key
 

@@ -90,7 +90,9 @@ def _pct(after: float, before: float) -> float:
     return float(100.0 * (after - before) / before) if before not in (0.0,) and math.isfinite(before) else float("nan")
 
 
-def _sphere_box(shape: Sequence[int], spacing: np.ndarray, centre: Sequence[int], radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:
+def _sphere_box(
+    shape: Sequence[int], spacing: np.ndarray, centre: Sequence[int], radius_mm: float
+) -> tuple[tuple[slice, ...], np.ndarray]:
     r = np.ceil(radius_mm / spacing).astype(int)
     lo = np.maximum(np.asarray(centre) - r, 0)
     hi = np.minimum(np.asarray(centre) + r + 1, shape)
@@ -133,14 +135,20 @@ def _hot_blocks(suv: np.ndarray, min_suv: float, block: Sequence[int]) -> np.nda
     out = np.zeros([-(-view.shape[a] // blk[a]) for a in range(3)], dtype=bool)
     rows = max(1, _SLAB_VOXELS // max(1, int(np.prod(view.shape[1:]))))
     for start in range(0, view.shape[0], rows):
-        slab = np.asarray(view[start:start + rows])
+        slab = np.asarray(view[start : start + rows])
         i, j, k = np.unravel_index(np.flatnonzero(slab >= min_suv), slab.shape)
         out[(i + start) // blk[0], j // blk[1], k // blk[2]] = True
     return out.transpose(np.argsort(perm))
 
 
-def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: float, separation_mm: float,
-                  affine: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+def find_hotspots(
+    suv: np.ndarray,
+    spacing: np.ndarray,
+    count: int,
+    min_suv: float,
+    separation_mm: float,
+    affine: np.ndarray | None = None,
+) -> list[tuple[int, int, int]]:
     """Voxel indices of the ``count`` highest local maxima at least ``min_suv`` and ``separation_mm`` apart.
 
     A local maximum is a voxel whose value is the largest of its neighbourhood (``separation_mm`` wide, at
@@ -158,8 +166,10 @@ def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: flo
     # least, so the block grid stays small when the neighbourhood is only a few voxels wide)
     block = [max(s // 2, 4) for s in size]
     coarse_hot = _hot_blocks(suv, min_suv, block)
-    labels, _ = ndimage.label(ndimage.binary_dilation(coarse_hot, structure=np.ones((3, 3, 3), dtype=bool)),
-                              structure=np.ones((3, 3, 3), dtype=int))
+    labels, _ = ndimage.label(
+        ndimage.binary_dilation(coarse_hot, structure=np.ones((3, 3, 3), dtype=bool)),
+        structure=np.ones((3, 3, 3), dtype=int),
+    )
     found = [np.zeros((0, 3), dtype=np.int64)]
     for k, region in enumerate(ndimage.find_objects(labels), 1):
         if region is None:
@@ -172,7 +182,11 @@ def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: flo
     cand = np.concatenate(found)
     if cand.size == 0:
         return []
-    world = (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3] if affine is not None else cand
+    world = (
+        (np.c_[cand, np.ones(len(cand))] @ np.asarray(affine, dtype=np.float64).T)[:, :3]
+        if affine is not None
+        else cand
+    )
     world = np.round(world, 3)
     order = np.lexsort((world[:, 2], world[:, 1], world[:, 0], -suv[tuple(cand.T)]))
     picked: list[np.ndarray] = []
@@ -185,7 +199,9 @@ def find_hotspots(suv: np.ndarray, spacing: np.ndarray, count: int, min_suv: flo
     return [tuple(int(v) for v in p) for p in picked]
 
 
-def _focus_stats(suv: np.ndarray, box: tuple[slice, ...], sphere: np.ndarray, mean_mask: np.ndarray, spacing: np.ndarray) -> dict[str, float]:
+def _focus_stats(
+    suv: np.ndarray, box: tuple[slice, ...], sphere: np.ndarray, mean_mask: np.ndarray, spacing: np.ndarray
+) -> dict[str, float]:
     sub = np.asarray(suv[box], dtype=np.float64)
     return {
         "suv_max": float(sub[sphere].max()),
@@ -208,13 +224,15 @@ def _block_means(x: np.ndarray, block: Sequence[int]) -> np.ndarray:
     step = max(1, _SLAB_VOXELS // max(1, b[0] * int(np.prod(view.shape[1:]))))
     for i0 in range(0, n[0], step):
         i1 = min(n[0], i0 + step)
-        part = np.ascontiguousarray(view[i0 * b[0]:i1 * b[0]], dtype=np.float32)
+        part = np.ascontiguousarray(view[i0 * b[0] : i1 * b[0]], dtype=np.float32)
         sums = part.reshape(i1 - i0, b[0], n[1], b[1], n[2], b[2]).sum(axis=(1, 3, 5), dtype=np.float64)
         out[i0:i1] = sums / float(b[0] * b[1] * b[2])
     return out.transpose(np.argsort(perm))
 
 
-def _reference_cube(suv: np.ndarray, affine: np.ndarray, body: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray] | None:
+def _reference_cube(
+    suv: np.ndarray, affine: np.ndarray, body: np.ndarray
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """The automatic liver-like reference cube (see the module docstring) as a box of the stored array, or None
     when no cube qualifies. The search runs on the RAS+ view (:func:`scripts.evaluation.display.to_ras`), so
     the block grid, and the cube found, do not depend on how the input stores its axes."""
@@ -287,24 +305,49 @@ def analyse_input(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     body = suv > body_min_suv
     spots = []
-    for rank, p in enumerate(find_hotspots(suv, spacing, num_hotspots, hotspot_min_suv, hotspot_separation_mm, affine), 1):
+    for rank, p in enumerate(
+        find_hotspots(suv, spacing, num_hotspots, hotspot_min_suv, hotspot_separation_mm, affine), 1
+    ):
         box, sphere = _sphere_box(suv.shape, spacing, p, max(hotspot_separation_mm / 2.0, 1.5 * float(spacing.max())))
         mean_mask = sphere & (np.asarray(suv[box]) >= 0.5 * float(suv[p]))
-        spots.append({"rank": rank, "voxel": list(p), "mm": (affine @ np.r_[p, 1.0])[:3].round(1).tolist(), "box": box,
-                      "sphere": sphere, "mean_mask": mean_mask, "before": _focus_stats(suv, box, sphere, mean_mask, spacing)})
+        spots.append(
+            {
+                "rank": rank,
+                "voxel": list(p),
+                "mm": (affine @ np.r_[p, 1.0])[:3].round(1).tolist(),
+                "box": box,
+                "sphere": sphere,
+                "mean_mask": mean_mask,
+                "before": _focus_stats(suv, box, sphere, mean_mask, spacing),
+            }
+        )
     ref: dict[str, Any] | None = None
     if liver_center_mm is not None:
-        centre = np.rint(np.linalg.solve(affine, np.r_[np.asarray(liver_center_mm, dtype=np.float64), 1.0])[:3]).astype(int)
+        centre = np.rint(np.linalg.solve(affine, np.r_[np.asarray(liver_center_mm, dtype=np.float64), 1.0])[:3]).astype(
+            int
+        )
         if np.all(centre >= 0) and np.all(centre < suv.shape):
             box, sphere = _sphere_box(suv.shape, spacing, centre, _REF_MM / 2.0)
-            ref = {"kind": "liver", "method": "30 mm sphere at the given qc_liver_center_mm", "box": box, "mask": sphere}
+            ref = {
+                "kind": "liver",
+                "method": "30 mm sphere at the given qc_liver_center_mm",
+                "box": box,
+                "mask": sphere,
+            }
         else:
-            logger.warning("qc_liver_center_mm %s lies outside the image: the liver is not reported", list(liver_center_mm))
+            logger.warning(
+                "qc_liver_center_mm %s lies outside the image: the liver is not reported", list(liver_center_mm)
+            )
     else:
         found = _reference_cube(suv, affine, body)
         if found is not None:
-            ref = {"kind": "reference_region", "method": "automatic liver-like cube (not segmented; see scripts.inference.qc): "
-                   "30 mm, patient's right half, inside the body, block mean SUV 1.3-3.5, most uniform", "box": found[0], "mask": found[1]}
+            ref = {
+                "kind": "reference_region",
+                "method": "automatic liver-like cube (not segmented; see scripts.inference.qc): "
+                "30 mm, patient's right half, inside the body, block mean SUV 1.3-3.5, most uniform",
+                "box": found[0],
+                "mask": found[1],
+            }
     if ref is not None:
         centre = [(s.start + s.stop - 1) / 2.0 for s in ref["box"]]
         ref["centre_mm"] = (affine @ np.r_[centre, 1.0])[:3].round(1).tolist()
@@ -324,7 +367,9 @@ def analyse_input(
         "hot_ras": hot,
         "panels": {
             "mip": panel(ras, ras_spacing, "coronal", mip=True, convention=convention, oblique=oblique),
-            "slice": panel(ras, ras_spacing, "coronal", index=hot[1], convention=convention, oblique=oblique, point=hot),
+            "slice": panel(
+                ras, ras_spacing, "coronal", index=hot[1], convention=convention, oblique=oblique, point=hot
+            ),
         },
         "numbers": {
             "input_suv_max": float(suv.max()),
@@ -353,25 +398,52 @@ def compare_output(before: Mapping[str, Any], out: np.ndarray, convention: str =
     spots = []
     for s in before["spots"]:
         after = _focus_stats(out, s["box"], s["sphere"], s["mean_mask"], spacing)
-        spots.append({"rank": s["rank"], "voxel": s["voxel"], "mm": s["mm"], "before": s["before"], "after": after,
-                      "change_pct": {k: _pct(after[k], s["before"][k]) for k in after}})
+        spots.append(
+            {
+                "rank": s["rank"],
+                "voxel": s["voxel"],
+                "mm": s["mm"],
+                "before": s["before"],
+                "after": after,
+                "change_pct": {k: _pct(after[k], s["before"][k]) for k in after},
+            }
+        )
     n["hotspots"] = spots
     ref = before["ref"]
     if ref is not None:
         after = _region_stats(out, ref["box"], ref["mask"])
-        n[ref["kind"]] = {"method": ref["method"], "centre_mm": ref["centre_mm"], "before": ref["before"], "after": after,
-                          "suv_mean_change_pct": _pct(after["suv_mean"], ref["before"]["suv_mean"])}
+        n[ref["kind"]] = {
+            "method": ref["method"],
+            "centre_mm": ref["centre_mm"],
+            "before": ref["before"],
+            "after": after,
+            "suv_mean_change_pct": _pct(after["suv_mean"], ref["before"]["suv_mean"]),
+        }
     ras, ras_spacing, oblique = to_ras(out, affine)
     panels = {
         "mip": panel(ras, ras_spacing, "coronal", mip=True, convention=convention, oblique=oblique),
-        "slice": panel(ras, ras_spacing, "coronal", index=before["slice_y"], convention=convention, oblique=oblique,
-                       point=before["hot_ras"]),
+        "slice": panel(
+            ras,
+            ras_spacing,
+            "coronal",
+            index=before["slice_y"],
+            convention=convention,
+            oblique=oblique,
+            point=before["hot_ras"],
+        ),
     }
     return {"numbers": n, "panels": panels}
 
 
-def render_png(path: Path, title: str, before: Mapping[str, Any], after: Mapping[str, Any], suv_window: Sequence[float],
-               diff_window: float, dpi: int = 80) -> None:
+def render_png(
+    path: Path,
+    title: str,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    suv_window: Sequence[float],
+    diff_window: float,
+    dpi: int = 80,
+) -> None:
     """The 2x3 QC figure (see the module docstring), written to ``path`` (a temporary name of ours)."""
     import matplotlib
 
@@ -384,14 +456,30 @@ def render_png(path: Path, title: str, before: Mapping[str, Any], after: Mapping
     lo, hi = float(suv_window[0]), float(suv_window[1])
     for row, key in enumerate(("mip", "slice")):
         p_in, p_out = before["panels"][key], after["panels"][key]
-        diff = Panel(p_out.image - p_in.image, p_in.width_mm, p_in.height_mm, p_in.letters, p_in.view, p_in.mip,
-                     p_in.oblique, p_in.position)
+        diff = Panel(
+            p_out.image - p_in.image,
+            p_in.width_mm,
+            p_in.height_mm,
+            p_in.letters,
+            p_in.view,
+            p_in.mip,
+            p_in.oblique,
+            p_in.position,
+        )
         what = "coronal MIP" if key == "mip" else "coronal slice through focus 1"
         draw_panel(axes[row, 0], p_in, lo, hi, title=f"input, {what}", colorbar=True, marker=key == "slice")
         draw_panel(axes[row, 1], p_out, lo, hi, title=f"denoised, {what}", colorbar=True, marker=key == "slice")
-        draw_panel(axes[row, 2], diff, -diff_window, diff_window, cmap="RdBu_r",
-                   title=f"denoised - input ({'of the MIPs' if key == 'mip' else 'slice'})", colorbar=True,
-                   colorbar_label="SUV difference", marker=key == "slice")
+        draw_panel(
+            axes[row, 2],
+            diff,
+            -diff_window,
+            diff_window,
+            cmap="RdBu_r",
+            title=f"denoised - input ({'of the MIPs' if key == 'mip' else 'slice'})",
+            colorbar=True,
+            colorbar_label="SUV difference",
+            marker=key == "slice",
+        )
     fig.suptitle(title, fontsize=9)
     with open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
@@ -475,8 +563,16 @@ class QCReport:
         for i, name in enumerate(names):
             suv = native[i, 0] if native.ndim == 5 else native[0]
             if self.enabled:
-                entry = analyse_input(suv, affines[i], self.num_hotspots, self.hotspot_min_suv, self.hotspot_separation_mm,
-                                      self.body_min_suv, self.liver_center_mm, self.convention)
+                entry = analyse_input(
+                    suv,
+                    affines[i],
+                    self.num_hotspots,
+                    self.hotspot_min_suv,
+                    self.hotspot_separation_mm,
+                    self.body_min_suv,
+                    self.liver_center_mm,
+                    self.convention,
+                )
             else:
                 entry = {"numbers": {"input_suv_max": float(suv.max())}}
             self._inputs[str(name)] = entry
@@ -500,55 +596,90 @@ class QCReport:
         t["write_outputs_s"] = time.perf_counter() - write_started
         return {k: round(float(v), 3) for k, v in t.items()}
 
-    def stage(self, name: str, out_suv: np.ndarray, png_path: Path, json_path: Path, write_started: float,
-              model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def stage(
+        self,
+        name: str,
+        out_suv: np.ndarray,
+        png_path: Path,
+        json_path: Path,
+        write_started: float,
+        model: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Write the PNG and JSON of ``name`` to the given (temporary) paths; log the summary and warnings."""
         entry = self._inputs.get(name)
         if entry is None or "spots" not in entry:
-            raise RuntimeError(f"{shown(name)}: the QC report has no analysis of this input (is the QCReport handler attached "
-                               "to the evaluator as well as given to the writer?)")
+            raise RuntimeError(
+                f"{shown(name)}: the QC report has no analysis of this input (is the QCReport handler attached "
+                "to the evaluator as well as given to the writer?)"
+            )
         result = compare_output(entry, out_suv, self.convention)
         n = result["numbers"]
         label = shown(name)
         warnings: list[str] = []
         change = n["body_total_change_pct"]
         if math.isfinite(change) and abs(change) > self.max_body_total_change_pct:
-            warnings.append(f"{label}: body total activity changed by {change:+.1f} % (allowed: a change of at most "
-                            f"{self.max_body_total_change_pct:g} %, qc_max_body_total_change_pct)")
+            warnings.append(
+                f"{label}: body total activity changed by {change:+.1f} % (allowed: a change of at most "
+                f"{self.max_body_total_change_pct:g} %, qc_max_body_total_change_pct)"
+            )
         for s in n["hotspots"]:
             c = s["change_pct"]["suv_max"]
             if math.isfinite(c) and abs(c) > self.max_hotspot_change_pct:
                 warnings.append(
                     f"{label}: hot spot {s['rank']} at {s['mm']} mm (RAS): SUVmax {s['before']['suv_max']:.2f} -> "
-                    f"{s['after']['suv_max']:.2f} ({c:+.1f} %), beyond the allowed {self.max_hotspot_change_pct:g} % (qc_max_hotspot_change_pct)")
+                    f"{s['after']['suv_max']:.2f} ({c:+.1f} %), beyond the allowed {self.max_hotspot_change_pct:g} % (qc_max_hotspot_change_pct)"
+                )
         n["timing_s"] = self._times(entry, write_started)
         report = {
             "description": "UniPET per-study QC report (see scripts/inference/qc.py for how each number is measured)",
             "name": name,
             "model": dict(model or {}),
             "display": {"convention": self.convention, "suv_window": self.suv_window, "diff_window": self.diff_window},
-            "thresholds": {"qc_max_body_total_change_pct": self.max_body_total_change_pct,
-                           "qc_max_hotspot_change_pct": self.max_hotspot_change_pct,
-                           "qc_num_hotspots": self.num_hotspots, "qc_hotspot_min_suv": self.hotspot_min_suv,
-                           "qc_hotspot_separation_mm": self.hotspot_separation_mm},
+            "thresholds": {
+                "qc_max_body_total_change_pct": self.max_body_total_change_pct,
+                "qc_max_hotspot_change_pct": self.max_hotspot_change_pct,
+                "qc_num_hotspots": self.num_hotspots,
+                "qc_hotspot_min_suv": self.hotspot_min_suv,
+                "qc_hotspot_separation_mm": self.hotspot_separation_mm,
+            },
             **n,
             "warnings": warnings,
         }
         trained = bool((model or {}).get("trained", True))
-        foci = "; ".join(f"focus {s['rank']} SUVmax {s['before']['suv_max']:.1f}->{s['after']['suv_max']:.1f} "
-                         f"({s['change_pct']['suv_max']:+.1f} %)" for s in n["hotspots"][:3]) or "no focus above threshold"
-        title = (f"{label}  |  UniPET {(model or {}).get('version', '')}{'' if trained else ' UNTRAINED (identity)'}  |  "
-                 f"body total {change:+.2f} %  |  {foci}")
+        foci = (
+            "; ".join(
+                f"focus {s['rank']} SUVmax {s['before']['suv_max']:.1f}->{s['after']['suv_max']:.1f} "
+                f"({s['change_pct']['suv_max']:+.1f} %)"
+                for s in n["hotspots"][:3]
+            )
+            or "no focus above threshold"
+        )
+        title = (
+            f"{label}  |  UniPET {(model or {}).get('version', '')}{'' if trained else ' UNTRAINED (identity)'}  |  "
+            f"body total {change:+.2f} %  |  {foci}"
+        )
         render_png(png_path, title, entry, result, self.suv_window, self.diff_window)
         json_path.write_text(json.dumps(report, indent=2, default=json_default, allow_nan=True) + "\n")
         os.chmod(json_path, default_file_mode())
         ref = n.get("liver") or n.get("reference_region")
-        ref_text = (f"; {'liver' if 'liver' in n else 'reference region (liver-like cube)'} SUVmean "
-                    f"{ref['before']['suv_mean']:.2f}->{ref['after']['suv_mean']:.2f}, CoV {ref['before']['cov_pct']:.1f}->"
-                    f"{ref['after']['cov_pct']:.1f} %") if ref else "; no liver/reference region found"
+        ref_text = (
+            (
+                f"; {'liver' if 'liver' in n else 'reference region (liver-like cube)'} SUVmean "
+                f"{ref['before']['suv_mean']:.2f}->{ref['after']['suv_mean']:.2f}, CoV {ref['before']['cov_pct']:.1f}->"
+                f"{ref['after']['cov_pct']:.1f} %"
+            )
+            if ref
+            else "; no liver/reference region found"
+        )
         t = n["timing_s"]
-        logger.info("QC %s: body total %+.2f %%; %s%s; times %s", label, change, foci, ref_text,
-                    ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()))
+        logger.info(
+            "QC %s: body total %+.2f %%; %s%s; times %s",
+            label,
+            change,
+            foci,
+            ref_text,
+            ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()),
+        )
         for w in warnings:
             logger.warning("QC %s", w)
         return report

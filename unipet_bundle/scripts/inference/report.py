@@ -52,7 +52,9 @@ class InferenceReport:
     def _started(self, engine: Engine) -> None:
         self._t_run = time.perf_counter()
         self._count = 0
-        logger.info("denoising %s input(s), network on %s", engine.state.epoch_length, getattr(engine.state, "device", "?"))
+        logger.info(
+            "denoising %s input(s), network on %s", engine.state.epoch_length, getattr(engine.state, "device", "?")
+        )
 
     def _batch_started(self, engine: Engine) -> None:
         self._t_item = time.perf_counter()
@@ -68,14 +70,25 @@ class InferenceReport:
             written = ", ".join(Path(p).name for p in summary.get("written", []))
             logger.info(
                 "denoised %s (%s, %s): shape %s, spacing %s mm; network grid %s at %s mm; %.1f s -> %s",
-                shown(summary["name"]), summary["kind"], summary["units"], _fmt(summary["shape"]), _fmt(summary["spacing_mm"]),
-                _fmt(summary["network_shape"]), _fmt(summary["network_spacing_mm"]), seconds, written,
+                shown(summary["name"]),
+                summary["kind"],
+                summary["units"],
+                _fmt(summary["shape"]),
+                _fmt(summary["spacing_mm"]),
+                _fmt(summary["network_shape"]),
+                _fmt(summary["network_spacing_mm"]),
+                seconds,
+                written,
             )
 
     def _completed(self, engine: Engine) -> None:
         logger.info(
             "done: %d input(s) denoised in %.1f s; outputs in %s",
-            self._count, time.perf_counter() - self._t_run, self.output_dir,
+            self._count,
+            time.perf_counter() - self._t_run,
+            self.output_dir,
         )
         if not self.model_info.get("trained", True):
-            logger.warning("*** UNTRAINED NETWORK *** these outputs equal the inputs, NOT denoised: no checkpoint was loaded")
+            logger.warning(
+                "*** UNTRAINED NETWORK *** these outputs equal the inputs, NOT denoised: no checkpoint was loaded"
+            )

@@ -37,7 +37,9 @@ __all__ = ["NativeResidualSUVd", "add_resampled"]
 _SLAB_VOXELS = 4_000_000
 
 
-def _axis_weights(n_out: int, n_in: int, scale: float, offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_weights(
+    n_out: int, n_in: int, scale: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear interpolation along one axis: output voxel j samples input coordinate ``scale * j + offset``,
     clamped to the input (border padding, as the forward ``Spacingd``). Returns (i0, i1, w1) with
     ``out[j] = (1 - w1) in[i0] + w1 in[i1]``."""
@@ -70,7 +72,9 @@ def add_resampled(target: np.ndarray, source: torch.Tensor, voxel_map: np.ndarra
     """
     m = np.asarray(voxel_map, dtype=np.float64)
     if not np.allclose(m[:3, :3] - np.diag(np.diag(m[:3, :3])), 0.0, atol=1e-6):
-        raise RuntimeError("the network grid is rotated against the reoriented input grid; cannot map the correction back")
+        raise RuntimeError(
+            "the network grid is rotated against the reoriented input grid; cannot map the correction back"
+        )
     n_out, n_in = target.shape, tuple(source.shape)
     w = [_axis_weights(n_out[a], n_in[a], float(m[a, a]), float(m[a, 3])) for a in range(3)]
     x = source.float()
@@ -105,8 +109,15 @@ class NativeResidualSUVd(MapTransform):
         axcodes: ``network_axcodes``: the orientation the preprocessing's ``Orientationd`` produced.
     """
 
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", native_key: str = "native_suv",
-                 suv_max: float = 20.0, axcodes: str = DEFAULT_AXCODES, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        native_key: str = "native_suv",
+        suv_max: float = 20.0,
+        axcodes: str = DEFAULT_AXCODES,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key, self.native_key, self.suv_max = image_key, native_key, float(suv_max)
         self.axcodes = check_axcodes(axcodes)
@@ -129,6 +140,8 @@ class NativeResidualSUVd(MapTransform):
                 add_resampled(view, correction, np.linalg.solve(net_affine, view_affine))
             else:  # no resampling: the network grid is the reoriented native grid
                 np.add(view, correction.numpy(), out=view)
-            meta = {k: v for k, v in (getattr(pred, "meta", {}) or {}).items() if k != "affine"}  # the grid is the input's now
+            meta = {
+                k: v for k, v in (getattr(pred, "meta", {}) or {}).items() if k != "affine"
+            }  # the grid is the input's now
             d[key] = MetaTensor(native, affine=torch.as_tensor(storage_affine), meta=meta)
         return d

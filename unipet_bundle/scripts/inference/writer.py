@@ -59,7 +59,12 @@ from scripts.inference.claims import (
     remove_path,
     temporary_path,
 )
-from scripts.inference.dicom_writer import SourceSeries, derivation_text, stage_derived_pet_series, verify_written_series
+from scripts.inference.dicom_writer import (
+    SourceSeries,
+    derivation_text,
+    stage_derived_pet_series,
+    verify_written_series,
+)
 
 __all__ = ["DICOM_DIR_SUFFIX", "OUTPUT_SUFFIX", "SaveDenoisedd", "planned_outputs"]
 
@@ -69,7 +74,9 @@ OUTPUT_SUFFIX = "_denoised"
 DICOM_DIR_SUFFIX = "_denoised_dicom"
 
 
-def planned_outputs(output_dir: str | os.PathLike, name: str, kind: str, output_format: str, qc: bool = False) -> dict[str, Path]:
+def planned_outputs(
+    output_dir: str | os.PathLike, name: str, kind: str, output_format: str, qc: bool = False
+) -> dict[str, Path]:
     """The outputs an input gets: keys ``nifti`` and ``sidecar`` and/or ``dicom``, and ``qc_png`` and ``qc_json``
     with ``qc`` (see the module docstring)."""
     fmt = check_output_format(output_format)
@@ -132,7 +139,9 @@ def _window_warning(name: str, network_shape: Sequence[int], patch_size: Any) ->
             "%s: the volume is %s voxels on the network grid, smaller than the %s window: it was padded with its "
             "edge values to the window size (the inferer's padding_mode, replicate by default; zero padding would "
             "lower its level) and cropped back; the network has little context, check this output",
-            shown(name), "x".join(map(str, network_shape)), "x".join(map(str, window)),
+            shown(name),
+            "x".join(map(str, network_shape)),
+            "x".join(map(str, window)),
         )
 
 
@@ -206,16 +215,25 @@ class SaveDenoisedd(MapTransform):
         if suv.ndim == 4:
             suv = suv[0]
         if suv.shape != shape:
-            raise RuntimeError(f"{name}: prediction shape {suv.shape} is not the input's {shape} (inverse resampling failed)")
+            raise RuntimeError(
+                f"{name}: prediction shape {suv.shape} is not the input's {shape} (inverse resampling failed)"
+            )
         pred_affine = getattr(pred, "affine", None)
         if pred_affine is not None and not np.allclose(_as_numpy(pred_affine), affine, atol=1e-3):
             raise RuntimeError(f"{name}: prediction affine differs from the input's (inverse resampling failed)")
         label = shown(name)
         if not np.all(np.isfinite(suv)):
-            raise UniPETInputError(f"{label}: the network produced NaN/Inf voxels; nothing written for it (check the checkpoint)")
+            raise UniPETInputError(
+                f"{label}: the network produced NaN/Inf voxels; nothing written for it (check the checkpoint)"
+            )
 
-        paths = planned_outputs(self.output_dir, name, kind, self.output_format,
-                                qc=bool(self.qc is not None and getattr(self.qc, "enabled", False)))
+        paths = planned_outputs(
+            self.output_dir,
+            name,
+            kind,
+            self.output_format,
+            qc=bool(self.qc is not None and getattr(self.qc, "enabled", False)),
+        )
         headers = None
         suv_details: dict[str, Any] | None = None
         if kind == "dicom":
@@ -223,9 +241,13 @@ class SaveDenoisedd(MapTransform):
             # is not read or sorted again here (a second sort that disagreed would scramble the series silently)
             carried = _scalar(d.get("source_series"))
             if not isinstance(carried, SourceSeries):
-                raise RuntimeError(f"{name}: the DICOM input's source_series is missing (load DICOM inputs with LoadPETd, which carries it)")
+                raise RuntimeError(
+                    f"{name}: the DICOM input's source_series is missing (load DICOM inputs with LoadPETd, which carries it)"
+                )
             if not np.isclose(carried.suv_factor, suv_factor, rtol=1e-9, atol=0):
-                raise RuntimeError(f"{name}: SUV factor {carried.suv_factor} of the source series differs from the one used ({suv_factor})")
+                raise RuntimeError(
+                    f"{name}: SUV factor {carried.suv_factor} of the source series differs from the one used ({suv_factor})"
+                )
             headers, suv_details = carried.headers, carried.suv_details
         network_shape = [int(v) for v in image.shape[-3:]]
         network_spacing = voxel_spacing(_as_numpy(image.affine)).tolist() if hasattr(image, "affine") else None
@@ -234,7 +256,9 @@ class SaveDenoisedd(MapTransform):
             logger.warning(
                 "%s: the network ran at %s mm, not at the voxel size it was trained for (%s mm; resample is off?): "
                 "its noise texture is foreign to the network, expect a weaker result",
-                label, "x".join(f"{v:.3g}" for v in network_spacing), "x".join(f"{float(v):.3g}" for v in target),
+                label,
+                "x".join(f"{v:.3g}" for v in network_spacing),
+                "x".join(f"{float(v):.3g}" for v in target),
             )
         _window_warning(name, network_shape, self.processing.get("patch_size"))
         if not self._swept:  # once per run: leftovers of runs killed long ago
@@ -252,11 +276,26 @@ class SaveDenoisedd(MapTransform):
             staged: dict[str, Path] = {}
             try:
                 try:
-                    self._stage(staged, paths, name, kind, source, units, suv_factor, suv_details, suv, affine,
-                                network_shape, network_spacing, headers)
+                    self._stage(
+                        staged,
+                        paths,
+                        name,
+                        kind,
+                        source,
+                        units,
+                        suv_factor,
+                        suv_details,
+                        suv,
+                        affine,
+                        network_shape,
+                        network_spacing,
+                        headers,
+                    )
                 except OSError as exc:
                     raise write_error(exc, what, self.output_dir) from None
-                order = [k for k in ("nifti", "dicom", "qc_png", "qc_json", "sidecar") if k in paths]  # the sidecar last: it marks a set done
+                order = [
+                    k for k in ("nifti", "dicom", "qc_png", "qc_json", "sidecar") if k in paths
+                ]  # the sidecar last: it marks a set done
                 claim.publishing(paths[k] for k in order)
                 for k in order:
                     replace = self.overwrite or paths[k] in claim.replaceable
@@ -313,19 +352,31 @@ class SaveDenoisedd(MapTransform):
             staged["dicom"] = temporary_path(paths["dicom"])
             staged["dicom"].mkdir()
             _, series_uid = stage_derived_pet_series(
-                suv, headers, suv_factor, staged["dicom"], model_version=self.model_version,
-                derivation_description=self._derivation(), trained=bool(self.model_info.get("trained", False)),
+                suv,
+                headers,
+                suv_factor,
+                staged["dicom"],
+                model_version=self.model_version,
+                derivation_description=self._derivation(),
+                trained=bool(self.model_info.get("trained", False)),
             )
             # read the staged series back as any input is read (its own sort and factor) before publishing it
             err = verify_written_series(staged["dicom"], suv, suv_factor)
             logger.info("%s: the derived series reads back within %.3g SUV of the denoised volume", shown(name), err)
         if "qc_png" in paths:
             staged["qc_png"], staged["qc_json"] = temporary_path(paths["qc_png"]), temporary_path(paths["qc_json"])
-            self.qc.stage(name, suv, staged["qc_png"], staged["qc_json"], self._write_started,
-                          model={"version": self.model_version, **self.model_info})
+            self.qc.stage(
+                name,
+                suv,
+                staged["qc_png"],
+                staged["qc_json"],
+                self._write_started,
+                model={"version": self.model_version, **self.model_info},
+            )
         if "sidecar" in paths:
-            sidecar = self._sidecar(name, kind, source, units, suv_factor, suv_details, suv, affine,
-                                    network_shape, network_spacing, paths)
+            sidecar = self._sidecar(
+                name, kind, source, units, suv_factor, suv_details, suv, affine, network_shape, network_spacing, paths
+            )
             sidecar["nifti_sha256"] = nifti_sha
             sidecar["dicom_series_instance_uid"] = series_uid
             if self.qc is not None:  # input SUVmax and stage times (write_outputs_s: up to the sidecar)
@@ -362,10 +413,13 @@ class SaveDenoisedd(MapTransform):
             "source_kind": kind,
             "source_units": units,
             "suv_factor": suv_factor if kind == "dicom" else None,
-            "suv_factor_units": (SUV_FACTOR_UNITS if units == "BQML" else "SUV per source pixel unit") if kind == "dicom" else None,
+            "suv_factor_units": (SUV_FACTOR_UNITS if units == "BQML" else "SUV per source pixel unit")
+            if kind == "dicom"
+            else None,
             "suv_definition": (
                 "SUV = suv_factor * source pixel value; source pixel value (e.g. Bq/mL) = SUV / suv_factor"
-                if kind == "dicom" else "the NIfTI input was SUV; the output is SUV"
+                if kind == "dicom"
+                else "the NIfTI input was SUV; the output is SUV"
             ),
             "model": {
                 "name": "UniPET",
@@ -373,7 +427,11 @@ class SaveDenoisedd(MapTransform):
                 "trained": trained,
                 **{k: v for k, v in self.model_info.items() if k != "trained"},
             },
-            "processing": {**self.processing, "network_grid_shape": network_shape, "network_grid_spacing_mm": network_spacing},
+            "processing": {
+                **self.processing,
+                "network_grid_shape": network_shape,
+                "network_grid_spacing_mm": network_spacing,
+            },
             "shape": list(suv.shape),
             "spacing_mm": voxel_spacing(affine).tolist(),
             "affine_ras": affine.tolist(),
@@ -382,8 +440,9 @@ class SaveDenoisedd(MapTransform):
             "dicom_output": str(paths["dicom"]) if "dicom" in paths else None,
         }
         if not trained:
-            info["warning"] = "the network was UNTRAINED (no checkpoint): it is the identity and this output is NOT denoised"
+            info["warning"] = (
+                "the network was UNTRAINED (no checkpoint): it is the identity and this output is NOT denoised"
+            )
         if suv_details is not None:
             info["suv_details"] = suv_details
         return info
-

@@ -62,9 +62,7 @@ class StyleAlignmentLoss(nn.Module):
         total = feats_low[0].new_zeros((), dtype=torch.float32)
         for low, full in zip(feats_low, feats_full):
             if low.shape[:2] != full.shape[:2]:
-                raise ValueError(
-                    f"feature maps differ in batch/channels: {list(low.shape)} vs {list(full.shape)}"
-                )
+                raise ValueError(f"feature maps differ in batch/channels: {list(low.shape)} vs {list(full.shape)}")
             mean_low, std_low = instance_stats(low, self.eps)
             mean_full, std_full = instance_stats(full.detach(), self.eps)
             total = total + F.l1_loss(mean_low, mean_full) + F.l1_loss(std_low, std_full)

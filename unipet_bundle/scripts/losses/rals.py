@@ -36,7 +36,9 @@ DEFAULT_SUV_SCALE = 20.0
 """Intensity normalisation: network units = SUV / DEFAULT_SUV_SCALE."""
 
 
-def normalised_threshold(threshold_suv2: float = REFERENCE_THRESHOLD_SUV2, suv_scale: float = DEFAULT_SUV_SCALE) -> float:
+def normalised_threshold(
+    threshold_suv2: float = REFERENCE_THRESHOLD_SUV2, suv_scale: float = DEFAULT_SUV_SCALE
+) -> float:
     """Convert a local-variance threshold from SUV^2 to network units ``(SUV / suv_scale)^2``.
 
     ``normalised_threshold(0.001, 20.0) == 2.5e-6``. Use ``suv_scale=1`` for data kept in SUV.

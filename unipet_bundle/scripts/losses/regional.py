@@ -66,7 +66,9 @@ class RegionalSUVLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         if pred.shape != full.shape or pred.dim() != 5:
-            raise ValueError(f"RegionalSUVLoss expects equal (B, C, D, H, W) tensors, got {list(pred.shape)} and {list(full.shape)}")
+            raise ValueError(
+                f"RegionalSUVLoss expects equal (B, C, D, H, W) tensors, got {list(pred.shape)} and {list(full.shape)}"
+            )
         pred = pred.float()
         full = full.detach().float()
         total = pred.new_zeros(())

@@ -15,11 +15,15 @@ maximum of the reference volume: higher for a subject with a hot bladder, not co
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from monai.metrics.regression import RegressionMetric
 from monai.utils import MetricReduction
+
+if TYPE_CHECKING:  # numpy is imported lazily in noise_autocorrelation (the metric classes do not need it)
+    import numpy as np
 
 __all__ = [
     "psnr",
@@ -44,7 +48,9 @@ def _clip(x: torch.Tensor, clip_max: float | None) -> torch.Tensor:
     return x if clip_max is None else x.clamp(0.0, clip_max)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 20.0, clip_max: float | None = 20.0) -> torch.Tensor:
+def psnr(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 20.0, clip_max: float | None = 20.0
+) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``; identical volumes give ``inf``."""
     mse = (_flat(_clip(pred, clip_max)) - _flat(_clip(target, clip_max))).pow(2).mean(dim=1)
     out = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> +inf, no warning, no NaN
@@ -109,7 +115,9 @@ def ssim3d(
     y = _clip(target, clip_max).double().reshape(b * c, 1, *target.shape[2:])
     g = _gaussian_1d(win_size, sigma, x.dtype, x.device)
     mu_x, mu_y = _separable_blur(x, g), _separable_blur(y, g)
-    cov_scale = win_size**3 / (win_size**3 - 1)  # sample (unbiased) covariance, as skimage; MONAI uses the population one
+    cov_scale = win_size**3 / (
+        win_size**3 - 1
+    )  # sample (unbiased) covariance, as skimage; MONAI uses the population one
     var_x = cov_scale * (_separable_blur(x * x, g) - mu_x**2)
     var_y = cov_scale * (_separable_blur(y * y, g) - mu_y**2)
     cov = cov_scale * (_separable_blur(x * y, g) - mu_x * mu_y)
@@ -171,8 +179,10 @@ def quality_metrics(
     if pred.dim() == 4:
         pred, target, mask = pred[None], target[None], mask[None]
     if pred.shape[0] != 1 or pred.shape != target.shape or pred.shape != mask.shape:
-        raise ValueError(f"expected one (1, C, X, Y, Z) pred/target/mask of one shape, got {list(pred.shape)}, "
-                         f"{list(target.shape)}, {list(mask.shape)}")
+        raise ValueError(
+            f"expected one (1, C, X, Y, Z) pred/target/mask of one shape, got {list(pred.shape)}, "
+            f"{list(target.shape)}, {list(mask.shape)}"
+        )
     return {
         "psnr": float(psnr(pred, target, data_range, clip_max)[0]),
         "psnr_refmax": float(psnr_refmax(pred, target)[0]),
@@ -214,7 +224,9 @@ class ClippedPSNRMetric(_PerItemMetric):
 class SSIM3DMetric(_PerItemMetric):
     """3D SSIM, 11^3 Gaussian window (sigma 1.5 voxels), on data clipped to [0, clip_max]."""
 
-    def __init__(self, data_range: float = 1.0, clip_max: float | None = 1.0, win_size: int = 11, sigma: float = 1.5, **kwargs) -> None:
+    def __init__(
+        self, data_range: float = 1.0, clip_max: float | None = 1.0, win_size: int = 11, sigma: float = 1.5, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.data_range, self.clip_max, self.win_size, self.sigma = data_range, clip_max, win_size, sigma
 

@@ -96,10 +96,15 @@ class SelectionScoreMetric(_PerItemMetric):
         super().__init__(**kwargs)
         if texture_tolerance <= 0 or hotspot_tolerance <= 0:
             raise ValueError("texture_tolerance and hotspot_tolerance must be > 0")
-        self.kw = dict(suv_max=float(suv_max), texture_penalty_db=float(texture_penalty_db),
-                       texture_tolerance=float(texture_tolerance), hotspot_penalty_db=float(hotspot_penalty_db),
-                       hotspot_tolerance=float(hotspot_tolerance), rals_threshold_suv2=float(rals_threshold_suv2),
-                       rals_window=int(rals_window))
+        self.kw = dict(
+            suv_max=float(suv_max),
+            texture_penalty_db=float(texture_penalty_db),
+            texture_tolerance=float(texture_tolerance),
+            hotspot_penalty_db=float(hotspot_penalty_db),
+            hotspot_tolerance=float(hotspot_tolerance),
+            rals_threshold_suv2=float(rals_threshold_suv2),
+            rals_window=int(rals_window),
+        )
 
     def _value(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scores = [selection_score(y_pred[i : i + 1], y[i : i + 1], **self.kw)["score"] for i in range(y_pred.shape[0])]

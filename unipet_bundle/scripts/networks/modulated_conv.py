@@ -90,9 +90,7 @@ class ModulatedConv3d(nn.Module):
     def forward(self, x: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Convolve ``x`` (B, Cin, D, H, W) with weights modulated by ``style`` (B, Cin); returns (B, Cout, D, H, W)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"ModulatedConv3d expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}"
-            )
+            raise ValueError(f"ModulatedConv3d expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}")
         if style is None:
             weight = self.weight
             if self.demodulate:
@@ -103,9 +101,7 @@ class ModulatedConv3d(nn.Module):
 
         b = x.shape[0]
         if style.dim() != 2 or style.shape[0] != b or style.shape[1] != self.in_channels:
-            raise ValueError(
-                f"ModulatedConv3d expects style (B={b}, {self.in_channels}), got {list(style.shape)}"
-            )
+            raise ValueError(f"ModulatedConv3d expects style (B={b}, {self.in_channels}), got {list(style.shape)}")
         # conv(x, W * (1 + s)) == conv(x * (1 + s), W): scale the input channels per sample and run one
         # ordinary batched conv with the shared weight, instead of a grouped conv over per-sample weight
         # copies (the same numbers, several times faster on a CPU and lighter on memory). Demodulation is

@@ -29,11 +29,20 @@ class ResidualUNet(nn.Module):
         num_res_units: residual units per level.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
-                 num_res_units: int = 2) -> None:
+    def __init__(
+        self, channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2), num_res_units: int = 2
+    ) -> None:
         super().__init__()
-        self.unet = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(channels),
-                         strides=tuple(strides), num_res_units=int(num_res_units), norm=None, act="PRELU")
+        self.unet = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=int(num_res_units),
+            norm=None,
+            act="PRELU",
+        )
         # the top level ends in an up-convolution followed by a residual unit (conv + identity): zero both
         # so the correction starts at exactly 0; gradients still reach the up-convolution via the identity
         for last in [m for m in self.unet.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))][-2:]:

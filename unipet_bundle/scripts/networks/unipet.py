@@ -325,10 +325,18 @@ class UniPET(nn.Module):
         self.san_variant = san_variant
         # constructor arguments, so a copy with another SAN variant can be built (match_checkpoint_san_variant)
         self.init_kwargs = dict(
-            in_channels=in_channels, out_channels=out_channels, channels=channels, num_blocks=num_blocks,
-            latent_dim=latent_dim, san_channels=san_channels, use_san=use_san,
-            residual_scale_init=residual_scale_init, san_reduction=san_reduction,
-            zero_init_output=zero_init_output, padding_mode=padding_mode, san_variant=san_variant,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            num_blocks=num_blocks,
+            latent_dim=latent_dim,
+            san_channels=san_channels,
+            use_san=use_san,
+            residual_scale_init=residual_scale_init,
+            san_reduction=san_reduction,
+            zero_init_output=zero_init_output,
+            padding_mode=padding_mode,
+            san_variant=san_variant,
         )
         self.global_skip = in_channels == out_channels
 
@@ -347,13 +355,17 @@ class UniPET(nn.Module):
         self.san = None
         n_stages = len(san_channels) if use_san else 0
         if use_san:
-            self.san = StyleAlignmentNetwork(channels, san_channels, latent_dim, san_reduction, san_variant, padding_mode)
+            self.san = StyleAlignmentNetwork(
+                channels, san_channels, latent_dim, san_reduction, san_variant, padding_mode
+            )
         # Even spread of blocks over stages; with num_blocks divisible by n_stages this is
         # ceil(num_blocks / n_stages) consecutive blocks per latent, and every latent is always used
         # (an unused stage would break DistributedDataParallel without find_unused_parameters).
         self.latent_index: List[int] = [i * n_stages // num_blocks for i in range(num_blocks)]
 
-    def _run(self, x: torch.Tensor, keep_features: bool, use_styles: bool = True) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _run(
+        self, x: torch.Tensor, keep_features: bool, use_styles: bool = True
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UniPET expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}")
         feat = self.input_conv(x)
@@ -462,6 +474,11 @@ def match_checkpoint_san_variant(net: "UniPET", state_dict: Mapping[str, Any]) -
     variant = checkpoint_san_variant(state_dict)
     if variant is None or not isinstance(net, UniPET) or variant == net.san_variant:
         return net
-    logger.info("checkpoint holds a SAN %s; building the network with san_variant=%s (config: %s)", variant, variant, net.san_variant)
+    logger.info(
+        "checkpoint holds a SAN %s; building the network with san_variant=%s (config: %s)",
+        variant,
+        variant,
+        net.san_variant,
+    )
     device = next(net.parameters()).device
     return UniPET(**{**net.init_kwargs, "san_variant": variant}).to(device).train(net.training)

@@ -17,8 +17,10 @@ from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_in
 def _without_sdk(argv: list[str]) -> None:
     from scripts.deploy.deploy_app.pet_series import run_without_sdk
 
-    parser = argparse.ArgumentParser(prog="python -m scripts.deploy.deploy_app --without_sdk",
-                                     description="UniPET Deploy-app flow without the App SDK")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.deploy.deploy_app --without_sdk",
+        description="UniPET Deploy-app flow without the App SDK",
+    )
     parser.add_argument("--without_sdk", action="store_true")
     parser.add_argument("-i", "--input", required=True, help="folder of DICOM studies (searched recursively)")
     parser.add_argument("-o", "--output", required=True, help="output folder")
@@ -27,8 +29,9 @@ def _without_sdk(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--write_nifti", action="store_true")
     args = parser.parse_args(argv)
-    for path in run_without_sdk(args.input, args.output, args.model, device=args.device, overwrite=args.overwrite,
-                                write_nifti=args.write_nifti):
+    for path in run_without_sdk(
+        args.input, args.output, args.model, device=args.device, overwrite=args.overwrite, write_nifti=args.write_nifti
+    ):
         print(path)
 
 

@@ -61,12 +61,23 @@ class UniPETDenoiseApp(Application):
         bundle_path = Path(app_context.model_path)
 
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="dicom_loader")
-        selector = DICOMSeriesSelectorOperator(self, rules=PET_SELECTION_RULES, all_matched=True, name="pet_series_selector")
+        selector = DICOMSeriesSelectorOperator(
+            self, rules=PET_SELECTION_RULES, all_matched=True, name="pet_series_selector"
+        )
         to_suv = PETSeriesToSUVOperator(self, name="pet_series_to_suv")
-        infer = UniPETInferenceOperator(self, bundle_path=bundle_path, device=os.environ.get("UNIPET_DEVICE") or None,
-                                        name="unipet_bundle_inference")
-        writer = DerivedPETSeriesWriterOperator(self, output_folder=output_path, overwrite=_flag("UNIPET_OVERWRITE"),
-                                                write_nifti=_flag("UNIPET_WRITE_NIFTI"), name="derived_pet_writer")
+        infer = UniPETInferenceOperator(
+            self,
+            bundle_path=bundle_path,
+            device=os.environ.get("UNIPET_DEVICE") or None,
+            name="unipet_bundle_inference",
+        )
+        writer = DerivedPETSeriesWriterOperator(
+            self,
+            output_folder=output_path,
+            overwrite=_flag("UNIPET_OVERWRITE"),
+            write_nifti=_flag("UNIPET_WRITE_NIFTI"),
+            name="derived_pet_writer",
+        )
 
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, to_suv, {("study_selected_series_list", "study_selected_series_list")})

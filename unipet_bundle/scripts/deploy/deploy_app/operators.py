@@ -14,7 +14,6 @@ from typing import Any
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from scripts.inference.denoise import BundleDenoiser
 from scripts.deploy.deploy_app.pet_series import (
     DenoisedPET,
     PETVolume,
@@ -24,8 +23,14 @@ from scripts.deploy.deploy_app.pet_series import (
     series_name,
     write_denoised,
 )
+from scripts.inference.denoise import BundleDenoiser
 
-__all__ = ["DerivedPETSeriesWriterOperator", "PETSeriesToSUVOperator", "UniPETInferenceOperator", "selected_series_files"]
+__all__ = [
+    "DerivedPETSeriesWriterOperator",
+    "PETSeriesToSUVOperator",
+    "UniPETInferenceOperator",
+    "selected_series_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,9 @@ def selected_series_files(study_selected_series_list: Any) -> list[tuple[str, li
                 native = sop.get_native_sop_instance()
                 filename = getattr(native, "filename", None)
                 if not isinstance(filename, str) or not filename:
-                    raise RuntimeError("a selected PET instance has no file name: the series must come from files on disk")
+                    raise RuntimeError(
+                        "a selected PET instance has no file name: the series must come from files on disk"
+                    )
                 files.append(filename)
             out.append((series_name(str(series.SeriesInstanceUID), getattr(series, "SeriesNumber", None)), files))
     return out
@@ -70,7 +77,9 @@ class PETSeriesToSUVOperator(Operator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         selected = op_input.receive(self.input_name)
-        volumes: list[PETVolume] = [pet_volume_from_files(files, name) for name, files in selected_series_files(selected)]
+        volumes: list[PETVolume] = [
+            pet_volume_from_files(files, name) for name, files in selected_series_files(selected)
+        ]
         if not volumes:
             raise RuntimeError("no PET (Modality PT) series selected in the input")
         _check_unique(v.name for v in volumes)
@@ -89,7 +98,9 @@ class UniPETInferenceOperator(Operator):
         device: ``cuda:0``/``cpu``; None: CUDA when available.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, bundle_path: str | Path, device: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, bundle_path: str | Path, device: str | None = None, **kwargs: Any
+    ) -> None:
         self.bundle_path = Path(bundle_path)
         self.device = device
         self.input_name = "pet_volumes"
@@ -117,8 +128,13 @@ class DerivedPETSeriesWriterOperator(Operator):
     """
 
     def __init__(
-        self, fragment: Fragment, *args: Any, output_folder: str | Path, overwrite: bool = False,
-        write_nifti: bool = False, **kwargs: Any,
+        self,
+        fragment: Fragment,
+        *args: Any,
+        output_folder: str | Path,
+        overwrite: bool = False,
+        write_nifti: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.overwrite = overwrite

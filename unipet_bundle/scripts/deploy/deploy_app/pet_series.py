@@ -137,7 +137,9 @@ def find_pet_series(input_dir: str | os.PathLike) -> list[list[Path]]:
     groups: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "StudyInstanceUID", "SeriesInstanceUID"])
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["Modality", "StudyInstanceUID", "SeriesInstanceUID"]
+            )
         except Exception:  # not DICOM: the SDK's loader skips such files too
             continue
         if str(ds.get("Modality", "")).strip().upper() != "PT":
@@ -151,7 +153,12 @@ def find_pet_series(input_dir: str | os.PathLike) -> list[list[Path]]:
 def denoise_volume(denoiser: BundleDenoiser, volume: PETVolume) -> DenoisedPET:
     """Run the bundle's inference on one volume; the result is checked to be float (never uint8)."""
     denoised = denoiser(volume.suv, volume.affine, name=volume.name)
-    return DenoisedPET(volume, check_float_volume(denoised, f"denoised {volume.name}"), denoiser.model_version, dict(denoiser.model_info))
+    return DenoisedPET(
+        volume,
+        check_float_volume(denoised, f"denoised {volume.name}"),
+        denoiser.model_version,
+        dict(denoiser.model_info),
+    )
 
 
 def write_denoised(
@@ -177,8 +184,14 @@ def write_denoised(
     derivation = derivation_text(item.model_version, trained, by="the UniPET MONAI Deploy app")
     series_dir = out / f"{item.source.name}{DICOM_SUFFIX}"
     write_derived_pet_series(
-        suv, item.source.headers, item.source.suv_factor, series_dir, model_version=item.model_version,
-        derivation_description=derivation, overwrite=overwrite, trained=trained,
+        suv,
+        item.source.headers,
+        item.source.suv_factor,
+        series_dir,
+        model_version=item.model_version,
+        derivation_description=derivation,
+        overwrite=overwrite,
+        trained=trained,
     )
     try:
         err = verify_written_series(series_dir, suv, item.source.suv_factor)
@@ -188,7 +201,9 @@ def write_denoised(
     written = [series_dir]
     logger.info("wrote %s (%d slices; read-back SUV error %.3g)", series_dir, len(item.source.headers), err)
     if write_nifti:
-        written.append(save_nifti(suv, item.source.affine, out / f"{item.source.name}_denoised.nii.gz", overwrite=overwrite))
+        written.append(
+            save_nifti(suv, item.source.affine, out / f"{item.source.name}_denoised.nii.gz", overwrite=overwrite)
+        )
     return written
 
 
@@ -211,7 +226,9 @@ def run_without_sdk(
     denoiser = BundleDenoiser(bundle_root, model_file=model_file, device=device, overrides=overrides)
     written: list[Path] = []
     for volume in volumes:
-        written += write_denoised(denoise_volume(denoiser, volume), output_dir, overwrite=overwrite, write_nifti=write_nifti)
+        written += write_denoised(
+            denoise_volume(denoiser, volume), output_dir, overwrite=overwrite, write_nifti=write_nifti
+        )
     return written
 
 
@@ -219,5 +236,7 @@ def _check_unique(names: Iterable[str]) -> None:
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise UniPETInputError(f"two selected series map to the output name {name}: the input holds the same series twice")
+            raise UniPETInputError(
+                f"two selected series map to the output name {name}: the input holds the same series twice"
+            )
         seen.add(name)

@@ -30,8 +30,14 @@ class UniPETLabelApp(MONAILabelApp):
         self.bundle_path = Path(conf.get("bundle_path") or _DEFAULT_BUNDLE).expanduser().resolve()
         if str(self.bundle_path) not in sys.path:
             sys.path.insert(0, str(self.bundle_path))  # the bundle's `scripts` package
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="UniPET",
-                         description="UniPET low-dose PET denoising (research use only)", version="1")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="UniPET",
+            description="UniPET low-dose PET denoising (research use only)",
+            version="1",
+        )
 
     def init_infers(self) -> dict[str, Any]:
         from scripts.deploy.monailabel_task import TASK_NAME, create_task
