@@ -370,3 +370,19 @@ def test_plain_unet_baseline_is_residual_identity_without_normalisation():
     pred.sum().backward()
     assert sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None) > 0
     assert "scripts.networks.plain_unet.ResidualUNet" in " ".join(FULL_RUNS["unet"])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replicate_pad_equals_f_pad_and_keeps_the_memory_format(memory_format, dtype):
+    from scripts.networks.modulated_conv import replicate_pad
+
+    for p in (1, 2):
+        x = torch.randn(2, 3, 5, 6, 7).to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        ours, ref = replicate_pad(x, p), F.pad(x, [p] * 6, mode="replicate")
+        assert torch.equal(ours, ref) and ours.is_contiguous(memory_format=memory_format)
+        if dtype == torch.float32:  # gradients: the same sums, possibly in another order
+            g = torch.randn_like(ours)
+            torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    scripted = torch.jit.script(replicate_pad)
+    assert torch.equal(scripted(x.detach(), 1), F.pad(x.detach(), [1] * 6, mode="replicate"))

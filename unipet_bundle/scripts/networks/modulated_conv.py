@@ -18,6 +18,39 @@ PADDING_MODES = ("zeros", "replicate", "reflect")
 """Padding modes of the UniPET convolutions (``torch.nn.Conv3d`` names)."""
 
 
+def replicate_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Edge-replicate padding of the last three axes by ``p`` voxels, in ``x``'s memory format.
+
+    The same values as ``F.pad(x, [p] * 6, mode="replicate")`` (tested bit for bit, gradients too), but
+    that kernel is ~3x slower on a channels-last input and clones in bf16: it was 8 % (fp32) to 15-29 %
+    (bf16, channels-last) of the network's CPU time (issue 14 profile). Interior copy, then the two faces
+    of each axis from the already padded array, so edges and corners come out replicated.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2p, H + 2p, W + 2p)``.
+    """
+    b, c, d, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        out = torch.empty(
+            (b, c, d + 2 * p, h + 2 * p, w + 2 * p),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=torch.channels_last_3d,
+        )
+    else:
+        out = torch.empty((b, c, d + 2 * p, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device)
+    out[:, :, p : p + d, p : p + h, p : p + w] = x
+    for i in range(p):
+        out[:, :, i, p : p + h, p : p + w] = x[:, :, 0]
+        out[:, :, p + d + i, p : p + h, p : p + w] = x[:, :, d - 1]
+    for i in range(p):
+        out[:, :, :, i, p : p + w] = out[:, :, :, p, p : p + w]
+        out[:, :, :, p + h + i, p : p + w] = out[:, :, :, p + h - 1, p : p + w]
+    for i in range(p):
+        out[:, :, :, :, i] = out[:, :, :, :, p]
+        out[:, :, :, :, p + w + i] = out[:, :, :, :, p + w - 1]
+    return out
+
+
 class ModulatedConv3d(nn.Module):
     """3D convolution whose weights are scaled per sample and per input channel by a style vector.
 
@@ -85,6 +118,8 @@ class ModulatedConv3d(nn.Module):
         if self.padding_mode == "zeros" or self.padding == 0:
             return x, self.padding
         p = self.padding
+        if self.padding_mode == "replicate":
+            return replicate_pad(x, p), 0
         return F.pad(x, [p, p, p, p, p, p], mode=self.padding_mode), 0
 
     def forward(self, x: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
