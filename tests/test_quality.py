@@ -152,6 +152,17 @@ def test_quality_benchmark_end_to_end(work):
     assert "| 20 | plain MONAI UNet (residual, L1) |" in table and "ahead of the plain MONAI UNet" in table
     assert "PSNR dB (UDPET, ref max)" in table and "does **not** beat" in table
     assert "sha256" not in table and result["provenance"]["checkpoints_sha256"]
+    # metadata.json's eval_metrics come from the same result (update_docs writes them)
+    metrics = quality.eval_metrics(result)
+    assert metrics["in_family_drf20_unipet_psnr"] == round(s["unipet"]["20"]["psnr"], 2)
+    assert metrics["unseen_recon_drf150_gaussian_psnr"] == round(unseen["summary"]["gaussian"]["150"]["psnr"], 2)
+    assert metrics["in_family_drf30_vanilla_psnr"] == round(s["vanilla"]["30"]["psnr"], 2)
+    meta = work / "metadata.json"
+    meta.write_text((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
+    quality.update_eval_metrics(meta, result)
+    written = json.loads(meta.read_text())
+    assert written["eval_metrics"] == json.loads(json.dumps(metrics))
+    assert written["version"] == json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["version"]
 
 
 def test_quality_benchmark_denoises_with_the_bundle_inference(work, tmp_path):

@@ -874,12 +874,43 @@ def run(
     if update_docs:
         plot(result, BUNDLE_ROOT / "docs" / "quality_families.png")
         update_model_card(BUNDLE_ROOT / "docs" / "README.md", table)
+        update_eval_metrics(BUNDLE_ROOT / "configs" / "metadata.json", result)
     print(table)
     print(
         f"wrote {out / 'quality.json'}, cases.csv, regions.csv, quality.md and the PNGs"
         + (" and updated docs/README.md" if update_docs else "")
     )
     return result
+
+
+EVAL_METRIC_KEYS = {"psnr": 2, "ssim": 4, "texture_ratio": 3, "mean_lesion_suvmax_bias_pct": 1}
+
+
+def eval_metrics(result: Mapping[str, Any], model: str = "unipet") -> dict[str, Any]:
+    """metadata.json's ``eval_metrics``: per family and DRF, the scored model's PSNR, SSIM, texture ratio,
+    signed mean lesion SUVmax bias and liver SUVmean bias, next to the input's, the tuned Gaussian's and
+    (when scored) vanilla's PSNR, so the zoo entry carries the model card's headline numbers."""
+    out: dict[str, Any] = {"data": result.get("data", ""), "command": result.get("command", ""), "model": model}
+    for fam, fr in result["families"].items():
+        s = fr["summary"]
+        for d in fr["drfs"]:
+            prefix = f"{fam}_drf{d}"
+            for key, digits in EVAL_METRIC_KEYS.items():
+                v = s[model][d].get(key)
+                out[f"{prefix}_{model}_{key}"] = None if v is None else round(float(v), digits)
+            liver = (s[model][d].get("liver") or {}).get("mean_suvmean_bias_pct")
+            out[f"{prefix}_{model}_liver_suvmean_bias_pct"] = None if liver is None else round(float(liver), 1)
+            for other in ("input", "gaussian", "vanilla"):
+                if other in s and d in s[other]:
+                    out[f"{prefix}_{other}_psnr"] = round(float(s[other][d]["psnr"]), 2)
+    return out
+
+
+def update_eval_metrics(metadata_file: Path, result: Mapping[str, Any]) -> None:
+    """Write :func:`eval_metrics` of ``result`` into ``metadata_file`` (every other key kept as it is)."""
+    meta = json.loads(Path(metadata_file).read_text())
+    meta["eval_metrics"] = eval_metrics(result)
+    atomic_write(metadata_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=4) + "\n"))
 
 
 def _mean_curve(curves: Sequence[Mapping[str, list]]) -> dict[str, Any]:
