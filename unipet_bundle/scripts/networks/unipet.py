@@ -48,7 +48,11 @@ class ChannelAttention3d(nn.Module):
     """Squeeze-and-excitation channel attention: ``x * gain * sigmoid(MLP(global_avg_pool(x)))``.
 
     ``gain`` 1 is the classic gate (0.2.0), which halves the signal at initialisation (sigmoid ~ 0.5);
-    the v2 SAN uses ``gain=2`` so the gate starts at unit gain and stacked stages keep their scale.
+    the v2/v3 SAN uses ``gain=2`` so the gate starts at unit gain and stacked stages keep their scale.
+
+    Not MONAI's ``ChannelSELayer`` (checked, issue 17): its gate has no gain, so it cannot express the
+    unit-gain gate that keeps the v2/v3 SAN's activations alive, and its parameter names (``fc.0``,
+    ``fc.2``) differ from ours, so 0.2.0-0.4.0 weights would no longer load strictly.
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
     """
