@@ -29,7 +29,7 @@ def test_shipped_weights_beat_the_low_dose_input_on_a_fresh_drf20_scan():
     net, sizes = network_from_config(BUNDLE_ROOT / "configs" / "train.json", BUNDLE_ROOT)
     verify_sha256(SHIPPED, recorded_sha256(SHIPPED, BUNDLE_ROOT))
     state = load_checkpoint(SHIPPED)
-    assert checkpoint_san_variant(state) == "v1"  # the 0.2.0 SAN; train.json builds v2 since issue 15
+    assert checkpoint_san_variant(state) == "v3"  # 0.4.0: the train.json SAN since 0.4
     net = match_checkpoint_san_variant(net, state)
     net.load_state_dict(state)  # strict: every key of the default network (with the shipped SAN variant)
     # a phantom and noise seed no training subject used (those come from SeedSequence(6))
