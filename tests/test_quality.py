@@ -374,3 +374,16 @@ def test_data_step_simulates_phantom_ranges_in_parallel(tmp_path, monkeypatch):
     ranges = [(int(c[c.index("--first_subject") + 1]), int(c[c.index("--n_subjects") + 1])) for c in cmds]
     assert ranges == [(0, 2), (2, 5), (5, 7)] and threads == 1  # contiguous, disjoint, covering 0..6
     assert all(c[c.index("--seed") + 1] == str(train_models.PHANTOM_SEED) for c in cmds)
+
+
+def test_all_ships_the_vanilla_model_by_default(tmp_path, monkeypatch):
+    tm = train_models.TrainModels(str(tmp_path / "w"))
+    steps = []
+    for name in ("data", "unipet", "branch", "full_run", "drf_specific"):
+        monkeypatch.setattr(tm, name, lambda *a, _n=name, **k: steps.append(_n))
+    monkeypatch.setattr(tm, "ship", lambda model="unipet", **k: steps.append(("ship", model)))
+    tm.all()
+    assert steps[0] == "data" and steps[-1] == ("ship", "vanilla")  # 0.4.0 ships vanilla (model card)
+    steps.clear()
+    tm.all(ship_model="unipet")
+    assert steps[-1] == ("ship", "unipet")
