@@ -259,7 +259,12 @@ def _load_networks(
     return nets, {"checkpoints_sha256": info, **settings}
 
 
-def _denoiser(net: torch.nn.Module, key: tuple[str, int | None], settings: Mapping[str, Any]) -> BundleDenoiser:
+def _denoiser(
+    net: torch.nn.Module,
+    key: tuple[str, int | None],
+    settings: Mapping[str, Any],
+    inference_overrides: Mapping[str, Any] | None = None,
+) -> BundleDenoiser:
     """``net`` run by the bundle's own inference (``configs/inference.json``: orientation, precision wrapper,
     sliding window, residual), so the table comes from the workflow users run. Each test volume stays on its
     own grid (``resample`` off: the simulated families are on the 4 mm training grid already); the
@@ -274,6 +279,7 @@ def _denoiser(net: torch.nn.Module, key: tuple[str, int | None], settings: Mappi
             "progress": False,
             "suv_max": float(settings["suv_max"]),
             "network_axcodes": settings["network_axcodes"],
+            **dict(inference_overrides or {}),
         },
     )
 
@@ -290,6 +296,7 @@ def _inference_settings(denoiser: BundleDenoiser) -> dict[str, Any]:
         "blend_mode": str(inferer.mode),
         "padding_mode": str(inferer.padding_mode),
         "precision": denoiser.inference_network.precision,
+        "level_lock_fwhm_mm": float(denoiser.level_lock_fwhm_mm),
     }
 
 
@@ -714,6 +721,7 @@ def run(
     max_test_subjects: int = 0,
     update_docs: bool = True,
     threads: int = 0,
+    inference_overrides: Any = None,
 ) -> dict[str, Any]:
     """Evaluate the models on the test families and write the quality tables (see the module docstring).
 
@@ -729,6 +737,8 @@ def run(
         max_test_subjects: score only the first N test subjects of each family (0: all).
         update_docs: write the table into docs/README.md and docs/quality.png.
         threads: torch CPU threads (0: PyTorch's default).
+        inference_overrides: ``configs/inference.json`` values for every network model, e.g.
+            ``"{'level_lock_fwhm_mm': 20}"`` (default: the config's own).
     """
     from scripts.common.options import as_bool
 
@@ -755,7 +765,11 @@ def run(
         fam_drfs[f] = [float(d) for d in _as_list(drfs)] if drfs is not None else _family_drfs(data, test)
     all_drfs = sorted({d for v in fam_drfs.values() for d in v})
     nets, provenance = _load_networks(work, ckpt, config, all_drfs, model_list)
-    denoisers = {key: _denoiser(net, key, provenance) for key, net in nets.items()}
+    if inference_overrides is not None and not isinstance(inference_overrides, Mapping):
+        raise UniPETInputError(
+            f"--inference_overrides {inference_overrides!r}: give a dict, e.g. \"{{'level_lock_fwhm_mm': 20}}\""
+        )
+    denoisers = {key: _denoiser(net, key, provenance, inference_overrides) for key, net in nets.items()}
     provenance.update(_inference_settings(next(iter(denoisers.values()))))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -763,7 +777,8 @@ def run(
         "description": "UniPET quality benchmark (simulated data), per test family",
         "command": f"python -m scripts.benchmarks.quality --work_dir {work_dir}"
         + (f" --models {','.join(model_list)}" if models else "")
-        + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else ""),
+        + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else "")
+        + (f' --inference_overrides "{dict(inference_overrides)}"' if inference_overrides else ""),
         "models": model_list,
         "families": {},
         "provenance": provenance,

@@ -190,6 +190,7 @@ class BundleDenoiser:
         self.model_info: dict[str, Any] = dict(parser.get_parsed_content("model_info"))
         self.model_version = bundle_version(self.bundle_root)
         self.suv_max = float(parser.get_parsed_content("suv_max"))
+        self.level_lock_fwhm_mm = float(parser.get_parsed_content("level_lock_fwhm_mm"))
         self.patch_size = [int(v) for v in parser.get_parsed_content("patch_size")]
         self.inferer = parser.get_parsed_content("inferer")
         preprocessing = parser.get_parsed_content("preprocessing")

@@ -1,0 +1,88 @@
+"""The level lock of the inference residual (``level_lock_fwhm_mm``, issue 15: quantities are sacred).
+
+The trained weights carry a level bias of their own (0.4.0: +1.4 % on a flat 2 SUV volume). With the lock
+the network's correction loses its low-pass part on the network grid, so a flat volume keeps its level and
+the volume its total activity, whatever the weights; structure finer than the FWHM passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts.inference.residual import NativeResidualSUVd, lock_level
+
+
+def _noise(shape, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lock_removes_a_constant_and_keeps_the_sum_zero():
+    flat = torch.full((24, 20, 16), 0.028)
+    assert lock_level(flat.clone(), (4.0, 4.0, 4.0), 20.0).abs().max() < 1e-7
+    c = _noise((30, 40, 25)) + 0.3  # a biased correction: mean 0.3
+    locked = lock_level(c.clone(), (4.0, 4.0, 4.0), 20.0)
+    # mirrored faces keep the filter's sum: the locked correction adds nothing to the total
+    assert abs(locked.double().sum().item()) < 1e-3 * c.double().abs().sum().item()
+    assert abs(locked.double().mean().item()) < 1e-6
+
+
+def test_lock_passes_fine_structure_and_zero_fwhm_is_identity():
+    c = _noise((32, 32, 32), seed=1)  # white: almost all its power is far above 1/FWHM
+    locked = lock_level(c.clone(), (4.0, 4.0, 4.0), 20.0)
+    kept = float((locked * c).sum() / (c * c).sum())
+    assert kept > 0.99, f"the lock removed {100 * (1 - kept):.2f} % of a white correction"
+    assert torch.equal(lock_level(c.clone(), (4.0, 4.0, 4.0), 0.0), c)
+    # a smooth correction (a 40 mm wide bump) is mostly removed: that is what the lock is for
+    x = torch.arange(32, dtype=torch.float32) * 4.0 - 64.0
+    bump = torch.exp(-(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) / (2 * 40.0**2))
+    assert lock_level(bump.clone(), (4.0, 4.0, 4.0), 20.0).abs().max() < 0.3 * bump.max()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_lock_refuses_a_bad_fwhm(bad):
+    with pytest.raises(ValueError, match="level_lock_fwhm_mm"):
+        NativeResidualSUVd(level_lock_fwhm_mm=bad)
+
+
+def _residual_data(native: np.ndarray, native_affine: np.ndarray, net: torch.Tensor, net_affine: np.ndarray, gain):
+    image = MetaTensor(net[None], affine=torch.as_tensor(net_affine), meta={"original_affine": native_affine})
+    return {"image": image, "pred": image * gain, "native_suv": torch.from_numpy(native[None].copy())}
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_biased_network_keeps_the_total_and_a_flat_level(resampled):
+    """A network that scales everything by 1.05 (a 5 % level bias) keeps the input's total and flat level
+    with the lock; without it the total moves by 5 %."""
+    suv_max = 20.0
+    rng = np.random.default_rng(3)
+    native = (2.0 + 0.3 * rng.standard_normal((40, 36, 32))).astype(np.float32)
+    native_affine = np.diag([2.0, 2.0, 2.0, 1.0]) if resampled else np.diag([4.0, 4.0, 4.0, 1.0])
+    if resampled:  # the network grid: 4 mm, half the voxels per axis, same field of view
+        net = torch.from_numpy(native.reshape(20, 2, 18, 2, 16, 2).mean(axis=(1, 3, 5)) / suv_max)
+        net_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+        net_affine[:3, 3] = 1.0  # voxel centres of 2x2x2 blocks of 2 mm voxels
+    else:
+        net, net_affine = torch.from_numpy(native / suv_max), native_affine
+    totals = {}
+    for fwhm in (0.0, 24.0):
+        t = NativeResidualSUVd(suv_max=suv_max, level_lock_fwhm_mm=fwhm)
+        out = t(_residual_data(native, native_affine, net, net_affine, 1.05))["pred"]
+        totals[fwhm] = float(out.double().sum() / float(native.astype(np.float64).sum()))
+    assert abs(totals[0.0] - 1.05) < 0.005, totals  # the bias, unlocked
+    assert abs(totals[24.0] - 1.0) < 0.002, totals  # locked: the input's total
+
+
+def test_inference_config_exposes_the_lock():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    lock = float(parser["level_lock_fwhm_mm"])
+    assert lock >= 0.0
+    residual = parser.get_parsed_content("postprocessing#transforms#0")
+    assert isinstance(residual, NativeResidualSUVd) and residual.level_lock_fwhm_mm == lock
