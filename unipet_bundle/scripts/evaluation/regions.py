@@ -69,6 +69,24 @@ _PEAK_COLUMNS = (
     "input_suvpeak_bias_true_pct",
     "suvpeak_bias_true_pct",
 )
+# Lesion-only numbers after diameter_mm, size_bin and host: NaN on organ and background rows.
+_LESION_NUMBER_COLUMNS = (
+    "background_suv",
+    "true_contrast",
+    "full_suvpeak",
+    "input_suvpeak",
+    "suvpeak",
+    *_PEAK_COLUMNS,
+    "full_rc_max",
+    "input_rc_max",
+    "rc_max",
+    "full_cr",
+    "input_cr",
+    "cr",
+    "full_cov_pct",
+    "input_cov_pct",
+    "cov_pct",
+)
 REGION_COLUMNS = (
     "subject",
     "drf",
@@ -88,21 +106,7 @@ REGION_COLUMNS = (
     "diameter_mm",
     "size_bin",
     "host",
-    "background_suv",
-    "true_contrast",
-    "full_suvpeak",
-    "input_suvpeak",
-    "suvpeak",
-    *_PEAK_COLUMNS,
-    "full_rc_max",
-    "input_rc_max",
-    "rc_max",
-    "full_cr",
-    "input_cr",
-    "cr",
-    "full_cov_pct",
-    "input_cov_pct",
-    "cov_pct",
+    *_LESION_NUMBER_COLUMNS,
 )
 SIZE_BINS_MM = ((0.0, 10.0, "<10 mm"), (10.0, 20.0, "10-20 mm"), (20.0, math.inf, ">=20 mm"))
 """Lesion size bins by true diameter: (lower, upper, name), lower inclusive."""
@@ -310,24 +314,7 @@ def region_rows(
             }
         )
         row = rows[-1]
-        for col in (
-            "diameter_mm",
-            "background_suv",
-            "true_contrast",
-            "full_suvpeak",
-            "input_suvpeak",
-            "suvpeak",
-            *_PEAK_COLUMNS,
-            "full_rc_max",
-            "input_rc_max",
-            "rc_max",
-            "full_cr",
-            "input_cr",
-            "cr",
-            "full_cov_pct",
-            "input_cov_pct",
-            "cov_pct",
-        ):
+        for col in ("diameter_mm", *_LESION_NUMBER_COLUMNS):
             row[col] = float("nan")
         row["size_bin"], row["host"] = "", str(info.get("host", ""))
         if row["kind"] == "lesion":
