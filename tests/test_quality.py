@@ -281,22 +281,27 @@ def test_train_models_commands(tmp_path, monkeypatch):
     monkeypatch.setattr(train_models, "_run", lambda cmd, threads: calls.append((cmd, threads)))
     tm = train_models.TrainModels(str(tmp_path / "w"), threads=1)
     with pytest.raises(UniPETInputError, match="run the `data` step first"):
-        tm.unipet()
+        tm.with_align()
     (tmp_path / "w" / "sim").mkdir(parents=True)
     tm.datalist.write_text("{}")
-    tm.unipet()
+    tm.with_align()  # the branch point: 0.4.0's recipe, its L_align weight pinned in the command
     cmd, threads = calls[-1]
     assert cmd[1:5] == ["-m", "monai.bundle", "run", "--config_file"] and threads == 1
-    assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/unipet")
-    with pytest.raises(UniPETInputError, match="run the `unipet` step first"):
+    assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/with_align")
+    assert cmd[cmd.index("--align_weight") + 1] == "0.2"
+    with pytest.raises(UniPETInputError, match="run the `with_align` step first"):
         tm.branch("vanilla")
-    snap = tm.models / "unipet" / train_models.SNAPSHOT
+    snap = tm.models / "with_align" / train_models.SNAPSHOT
     snap.parent.mkdir(parents=True)
     snap.write_bytes(b"x")
     tm.branch("rals_only")
     cmd = calls[-1][0]
     assert cmd[cmd.index("--init_checkpoint") + 1] == str(snap)
     assert cmd[-4:] == ["--train_san", "false", "--align_weight", "0"]
+    tm.branch("unipet")  # the shipped UniPET: same stage 1, stage 2 without L_align
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/unipet")
+    assert cmd[cmd.index("--align_weight") + 1] == "0" and cmd[cmd.index("--init_checkpoint") + 1] == str(snap)
     tm.drf_specific([20])
     cmd = calls[-1][0]
     assert cmd[cmd.index("--drfs") + 1] == "[20]" and cmd[cmd.index("--stage1_epochs") + 1] == "23"
@@ -376,14 +381,15 @@ def test_data_step_simulates_phantom_ranges_in_parallel(tmp_path, monkeypatch):
     assert all(c[c.index("--seed") + 1] == str(train_models.PHANTOM_SEED) for c in cmds)
 
 
-def test_all_ships_the_vanilla_model_by_default(tmp_path, monkeypatch):
+def test_all_ships_unipet_by_default(tmp_path, monkeypatch):
     tm = train_models.TrainModels(str(tmp_path / "w"))
     steps = []
-    for name in ("data", "unipet", "branch", "full_run", "drf_specific"):
+    for name in ("data", "with_align", "branch", "full_run", "drf_specific"):
         monkeypatch.setattr(tm, name, lambda *a, _n=name, **k: steps.append(_n))
     monkeypatch.setattr(tm, "ship", lambda model="unipet", **k: steps.append(("ship", model)))
     tm.all()
-    assert steps[0] == "data" and steps[-1] == ("ship", "vanilla")  # 0.4.0 ships vanilla (model card)
+    # 0.4.0 shipped vanilla; 0.5.0 ships UniPET trained without L_align (model card)
+    assert steps[:2] == ["data", "with_align"] and steps[-1] == ("ship", "unipet")
     steps.clear()
-    tm.all(ship_model="unipet")
-    assert steps[-1] == ("ship", "unipet")
+    tm.all(ship_model="vanilla")
+    assert steps[-1] == ("ship", "vanilla")

@@ -101,6 +101,7 @@ BASELINES = (
     "rals_only",
     "no_hotspot",
     "no_regional",
+    "with_align",
 )
 MODEL_ORDER = (
     "input",
@@ -112,6 +113,7 @@ MODEL_ORDER = (
     "rals_only",
     "no_hotspot",
     "no_regional",
+    "with_align",
     "unipet",
 )
 
@@ -125,8 +127,10 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "unet": ("plain MONAI UNet (residual, L1)", "unet/model_stage1.pt"),
     "no_hotspot": ("ablation: no hot-spot sampling", "no_hotspot/model.pt"),
     "no_regional": ("ablation: no regional SUV loss", "no_regional/model.pt"),
+    # 0.4.0's UniPET recipe (stage 2 with L_align at 0.2): the run whose stage 1 every branch starts from
+    "with_align": ("ablation: + L_align (0.4.0 recipe)", "unipet/model.pt"),
 }
-OPTIONAL_MODELS = ("no_hotspot", "no_regional")
+OPTIONAL_MODELS = ("no_hotspot", "no_regional", "with_align")
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
 OTHER_NETWORKS = {"unet": "scripts.networks.plain_unet.ResidualUNet"}

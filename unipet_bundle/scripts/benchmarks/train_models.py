@@ -16,17 +16,22 @@ resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
    ``sim_unseen/``: the held-out unseen-reconstruction family (``unseen_recon`` profile, seed 1313, DRFs
    4, 7, 20, 30, 100, 150; never trained on): 6 phantoms, the first 2 tune the Gaussian baseline, the other
    4 are its test subjects (``family.json`` says which). ``--profile fixed`` gives the 0.2.0 data.
-2. ``unipet``: UniPET with the default ``configs/train.json`` (stage 1: 2000 iterations, stage 2: 1000),
-   which also keeps the state at the end of stage 1 (``checkpoint_iter002000.pt``).
+2. ``with_align``: both stages of ``configs/train.json`` with L_align at 0.2 (0.4.0's UniPET recipe; stage 1:
+   2000 iterations, stage 2: 1000), which also keeps the state at the end of stage 1
+   (``checkpoint_iter002000.pt``): the branch point of every model below.
 3. Branches from that state, each into its own folder (same stage 1, same data, same LR schedule):
+   ``unipet`` (**the shipped model since 0.5.0**: stage 2 without L_align, validated every epoch),
    ``vanilla`` (1000 more stage-1 iterations on all DRFs: the vanilla universal model, compute-matched to
-   UniPET), ``drf_specific`` (300 more stage-1 iterations on one DRF each), ``san_only`` (stage 2 without
-   the adversarial RALS term) and ``rals_only`` (stage 2 with the SAN frozen and no alignment loss).
+   UniPET), ``drf_specific`` (300 more stage-1 iterations on one DRF each), ``san_only`` (stage 2 with the SAN
+   and L_align, no adversarial RALS term) and ``rals_only`` (stage 2 with the SAN frozen and no alignment loss).
    Issue 15 adds ``reference_weights`` (0.2.0's 0.001 loss weights) and ``psnr_selection`` (best by PSNR).
    ``full_run NAME``: a whole run with other settings, same compute: ``unet`` (MONAI ``UNet``, no
    normalisation, residual, L1: ``scripts.networks.plain_unet.ResidualUNet``), ``no_hotspot``
    (``hotspot_fraction`` 0), ``no_regional`` (``regional_weight`` 0), ``dose_balanced`` (``dose_balance`` 0.5).
 4. ``ship``: copies UniPET's ``model.pt`` into ``models/`` and records its SHA-256 in ``large_files.yml``.
+
+Every command pins the loss weights it was run with where they differ from today's defaults, so a changed
+default (0.5.0: ``align_weight`` 0.2 -> 0) does not change what a step reproduces.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -61,18 +66,23 @@ VAL_SUBJECTS = [f"phantom_{i:03d}" for i in range(28, 32)]  # with the defaults 
 TEST_SUBJECTS = [f"phantom_{i:03d}" for i in range(32, 36)] + ["real_sts001"]
 STAGE1_EPOCHS, EPOCHS, DRF_SPECIFIC_EPOCHS = 20, 30, 3
 SNAPSHOT = "checkpoint_iter002000.pt"  # the end of stage 1 of the default config (20 epochs x 100)
+SNAPSHOT_RUN = "with_align"  # the full run whose stage 1 every branch starts from
+# 0.4.0's stage 2 (L_align at 0.2; the default was 0.2 until 0.5.0): it costs 1.6 dB of validation PSNR
+ALIGN_0_4 = ["--align_weight", "0.2"]
 
 # name -> overrides of configs/train.json for the branches from the end of stage 1
 BRANCHES: dict[str, list[str]] = {
+    # the shipped UniPET (0.5.0): stage 2 without L_align; validated every epoch (the other runs: every 2)
+    "unipet": ["--align_weight", "0", "--val_interval", "1"],
     "vanilla": ["--stage1_epochs", str(EPOCHS)],
-    "san_only": ["--adv_weight", "0"],
+    "san_only": ["--adv_weight", "0", *ALIGN_0_4],
     "rals_only": ["--train_san", "false", "--align_weight", "0"],
     # issue 15 ablations of stage-2-only settings (same stage 1)
     "reference_weights": ["--align_weight", "0.001", "--adv_weight", "0.001"],  # 0.2.0's loss weights
     "psnr_selection": ["--selection_metric", "val_psnr"],  # best checkpoint by PSNR alone
 }
 
-# name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `unipet`):
+# name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`):
 # the settings that change stage 1 too, and the plain MONAI UNet a user would pick instead
 FULL_RUNS: dict[str, list[str]] = {
     "no_hotspot": ["--hotspot_fraction", "0"],  # patches centred on tissue only
@@ -312,17 +322,17 @@ class TrainModels:
         )
 
     def _snapshot(self) -> Path:
-        path = self.models / "unipet" / SNAPSHOT
+        path = self.models / SNAPSHOT_RUN / SNAPSHOT
         if not path.is_file():
-            raise UniPETInputError(f"{path} not found: run the `unipet` step first (at least through stage 1)")
+            raise UniPETInputError(f"{path} not found: run the `{SNAPSHOT_RUN}` step first (at least through stage 1)")
         return path
 
-    def unipet(self) -> None:
-        """UniPET, both stages, with the default configs/train.json."""
-        self._train("unipet", [])
+    def with_align(self) -> None:
+        """Both stages with L_align at 0.2 (0.4.0's UniPET); its end of stage 1 is every branch's start."""
+        self._train(SNAPSHOT_RUN, ALIGN_0_4)
 
     def branch(self, name: str) -> None:
-        """One branch from the end of UniPET's stage 1: vanilla, san_only or rals_only."""
+        """One branch from the end of stage 1 (``BRANCHES``: unipet, vanilla, san_only, rals_only, ...)."""
         if name not in BRANCHES:
             raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted(BRANCHES)}")
         self._train(name, ["--init_checkpoint", str(self._snapshot()), *BRANCHES[name]])
@@ -359,11 +369,13 @@ class TrainModels:
         """Copy a model's best weights to models/model.pt and record their SHA-256 in large_files.yml.
 
         ``model``: ``unipet`` (its best stage-2 weights, the default) or, when the quality table shows that
-        SAN/RALS do not beat it, another model of the same architecture (``vanilla``: best stage-1 weights;
-        ``san_only``, ``rals_only``, ``no_hotspot``, ``no_regional``); the model card must then say which.
+        SAN/RALS do not beat it, another model of the same architecture (``vanilla``: best stage-1 weights, as
+        0.4.0 shipped; ``with_align``, ``san_only``, ``rals_only``, ``no_hotspot``, ``no_regional``); the
+        model card must then say which.
         """
         files = {
             "unipet": "model.pt",
+            "with_align": "model.pt",
             "vanilla": "model_stage1.pt",
             "san_only": "model.pt",
             "rals_only": "model.pt",
@@ -384,11 +396,11 @@ class TrainModels:
         write_large_files(BUNDLE_ROOT, {"models/model.pt": digest})
         print(f"shipped {target} (sha256 {digest}); recorded in {BUNDLE_ROOT / LARGE_FILES}")
 
-    def all(self, ship_model: str = "vanilla") -> None:
-        """Every step in order, one process at a time, then ship ``ship_model`` (0.4.0 ships ``vanilla``: the
-        quality table put it ahead of the SAN-trained UniPET; see the model card)."""
+    def all(self, ship_model: str = "unipet") -> None:
+        """Every step in order, one process at a time, then ship ``ship_model`` (0.4.0 shipped ``vanilla``;
+        0.5.0 ships ``unipet``, trained without L_align: see the model card)."""
         self.data()
-        self.unipet()
+        self.with_align()
         for name in BRANCHES:
             self.branch(name)
         for name in FULL_RUNS:
