@@ -1,12 +1,18 @@
 """Shared test set-up: puts the bundle root on sys.path (as ``monai.bundle run`` does) and names shared paths."""
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "unipet_bundle"
@@ -62,19 +68,61 @@ def run_python(
     )
 
 
-def run_inference_in_process(**overrides) -> None:
-    """``configs/inference.json`` through MONAI's ConfigWorkflow in this interpreter (no logging.conf, no
-    progress bars), with ``overrides`` as config keys: the one in-process inference runner of the tests."""
+def bundle_parser(config_files: Sequence[str] = ("inference.json",), **overrides: Any) -> ConfigParser:
+    """The bundle's configs as ``monai.bundle run`` parses them, without running anything: the one in-process
+    config parser of the tests.
+
+    Args:
+        config_files: file names under ``configs/``, merged in this order (e.g. ``("train.json", "evaluate.json")``).
+        overrides: config keys set after ``bundle_root`` (this checkout's bundle), so they may replace it too.
+
+    Returns:
+        the ConfigParser; nothing parsed yet (``get_parsed_content`` instantiates on demand).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in config_files])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    return parser
+
+
+def bundle_workflow(
+    config_files: Sequence[str] = ("inference.json",), workflow_type: str = "infer", **overrides: Any
+) -> ConfigWorkflow:
+    """The bundle's configs in MONAI's ConfigWorkflow in this interpreter (no logging.conf), not yet initialised:
+    the one in-process workflow builder of the tests.
+
+    Args:
+        config_files: file names under ``configs/``, merged in this order.
+        workflow_type: ``"infer"``, ``"train"`` or ``"eval"`` (the properties ``check_properties`` checks).
+        overrides: config keys; ``bundle_root`` defaults to this checkout's bundle.
+    """
     from monai.bundle import ConfigWorkflow
 
-    overrides.setdefault("progress", False)
-    workflow = ConfigWorkflow(
-        config_file=str(BUNDLE_ROOT / "configs" / "inference.json"),
+    return ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in config_files],
         logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(BUNDLE_ROOT),
-        **overrides,
+        workflow_type=workflow_type,
+        **{"bundle_root": str(BUNDLE_ROOT), **overrides},
     )
+
+
+def run_workflow_in_process(workflow: ConfigWorkflow) -> ConfigWorkflow:
+    """Initialise, run and finalise ``workflow`` (e.g. from ``bundle_workflow``) as ``monai.bundle run`` does.
+
+    Returns:
+        the same workflow, finished (its parser holds the parsed config).
+    """
     workflow.initialize()
     workflow.run()
     workflow.finalize()
+    return workflow
+
+
+def run_inference_in_process(**overrides: Any) -> ConfigWorkflow:
+    """``configs/inference.json`` through MONAI's ConfigWorkflow in this interpreter (no logging.conf, no
+    progress bars unless ``progress`` is given), with ``overrides`` as config keys: the one in-process inference
+    runner of the tests. Returns the finished workflow."""
+    overrides.setdefault("progress", False)
+    return run_workflow_in_process(bundle_workflow(("inference.json",), "infer", **overrides))

@@ -30,9 +30,11 @@ import numpy as np
 import pet_dicom_factory as factory
 import pytest
 from pydicom.uid import MRImageStorage, generate_uid
+from test_inference import TINY as TINY_INFERENCE
+from test_inference import bundle_run as bundle_run_inference
 from test_training import TINY, bundle_run
 
-from conftest import BUNDLE_ROOT, run_python
+from conftest import BUNDLE_ROOT, bundle_parser, run_python
 from scripts.common.errors import UniPETInputError, user_error, worker_user_error
 from scripts.data.io import save_nifti
 from scripts.data.suv import main as suv_main
@@ -402,30 +404,8 @@ def test_inference_bundle_run_one_line(tmp_path):
     save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / "a_good.nii.gz")
     _mixed(data / "b_mixed")
     before = tree_digest(data)
-    proc = run_python(
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--dataset_dir",
-        data,
-        "--output_dir",
-        out,
-        "--checkpoint",
-        "",
-        "--allow_untrained",
-        "true",
-        "--channels",
-        "4",
-        "--num_blocks",
-        "2",
-        "--latent_dim",
-        "8",
-        "--san_channels",
-        "[4,4]",
-        "--patch_size",
-        "[16,16,16]",
+    proc = bundle_run_inference(
+        ["--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true", *TINY_INFERENCE]
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "mixes 2 image series" in one_error_line(proc.stderr)
@@ -517,20 +497,10 @@ TRAIN_REFUSED = {
 
 
 def _train_parser(root: Path, datalist_file: Path | None = None, **extra):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
-    parser.update(
-        {
-            "bundle_root": str(BUNDLE_ROOT),
-            "dataset_dir": str(root),
-            "datalist_file": str(datalist_file or ""),
-            "val_fraction": 0.5,
-            **extra,
-        }
+    return bundle_parser(
+        ["train.json"],
+        **{"dataset_dir": str(root), "datalist_file": str(datalist_file or ""), "val_fraction": 0.5, **extra},
     )
-    return parser
 
 
 @pytest.mark.parametrize("case", list(TRAIN_REFUSED))
@@ -650,32 +620,9 @@ def test_a_newline_in_a_folder_name_cannot_forge_log_lines_and_hidden_entries_ar
     series(data / ".hidden_series")
     (data / ".DS_Store").write_text("x")
     (data / "notes.txt").write_text("x")
-    proc = run_python(
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--dataset_dir",
-        data,
-        "--output_dir",
-        out,
-        "--checkpoint",
-        "",
-        "--allow_untrained",
-        "true",
-        "--progress",
-        "false",
-        "--channels",
-        "4",
-        "--num_blocks",
-        "2",
-        "--latent_dim",
-        "8",
-        "--san_channels",
-        "[4,4]",
-        "--patch_size",
-        "[16,16,16]",
+    proc = bundle_run_inference(
+        ["--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true"]
+        + ["--progress", "false", *TINY_INFERENCE],
         OMP_NUM_THREADS="1",
     )
     log = proc.stdout + proc.stderr

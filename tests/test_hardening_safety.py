@@ -30,9 +30,10 @@ import torch
 from ignite.engine import Engine
 from test_hardening_inputs import one_error_line
 from test_inference import TINY_KW, perturbed_checkpoint, phantom, run_in_process
+from test_inference import bundle_run as bundle_run_inference
 from test_training import TINY, bundle_run
 
-from conftest import BUNDLE_ROOT, run_python
+from conftest import BUNDLE_ROOT, bundle_parser, bundle_workflow, run_python, run_workflow_in_process
 from scripts.common.errors import CheckpointError, UniPETInputError, user_error
 from scripts.common.large_files import read_large_files, recorded_sha256, write_large_files
 from scripts.common.weights import atomic_torch_save, file_sha256, load_checkpoint, verify_sha256
@@ -82,12 +83,7 @@ def test_the_crafted_checkpoint_really_runs_code_when_loaded_unsafely(tmp_path):
 
 
 def _parser(files: list[str], **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in files])
-    parser.update({"bundle_root": str(BUNDLE_ROOT), **NET_OVERRIDES, **overrides})
-    return parser
+    return bundle_parser(files, **{**NET_OVERRIDES, **overrides})
 
 
 def _latest(path: Path) -> None:
@@ -281,21 +277,9 @@ def test_hash_mismatch_stops_inference_with_exit_2(tmp_path):
     data, out = tmp_path / "in", tmp_path / "out"
     save_nifti(phantom((16, 16, 16)), np.diag([4.0, 4.0, 4.0, 1.0]), data / "a.nii.gz")
     ckpt = perturbed_checkpoint(tmp_path / "p.pt")
-    proc = run_python(
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/inference.json",
-        "--dataset_dir",
-        data,
-        "--output_dir",
-        out,
-        "--checkpoint",
-        ckpt,
-        "--checkpoint_sha256",
-        "ab" * 32,
-        *[arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))],
+    proc = bundle_run_inference(
+        ["--dataset_dir", data, "--output_dir", out, "--checkpoint", ckpt, "--checkpoint_sha256", "ab" * 32]
+        + [arg for k, v in NET_OVERRIDES.items() for arg in (f"--{k}", json.dumps(v))]
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not the recorded abababababababab" in one_error_line(proc.stderr)
@@ -330,16 +314,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _workflow(files: list[str], **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    return ConfigWorkflow(
-        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in files],
-        logging_file=False,
-        workflow_type="train" if files == ["train.json"] else "eval",
-        bundle_root=str(BUNDLE_ROOT),
-        **NET_OVERRIDES,
-        **overrides,
-    )
+    return bundle_workflow(files, "train" if files == ["train.json"] else "eval", **NET_OVERRIDES, **overrides)
 
 
 def test_training_never_replaces_another_runs_weights_unless_asked(tmp_path):
@@ -442,8 +417,6 @@ def _leaks(text: str) -> list[str]:
 
 
 def test_patient_identifiers_never_reach_logs_or_outputs(tmp_path, caplog, capfd):
-    from monai.bundle import ConfigWorkflow
-
     caplog.set_level(logging.DEBUG)
     series_dir = tmp_path / "dicom" / "scan1"
     suv = phantom((16, 14, 12), seed=8, hot=None) + 0.5
@@ -473,23 +446,18 @@ def test_patient_identifiers_never_reach_logs_or_outputs(tmp_path, caplog, capfd
         affine,
         tmp_path / "pairs" / "scan1" / "drf_10.nii.gz",
     )
-    workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "evaluate.json")],
-        logging_file=False,
-        workflow_type="eval",
-        bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(tmp_path / "pairs"),
-        ckpt_dir=str(tmp_path / "ckpt"),
-        output_dir=str(tmp_path / "runs"),
-        eval_split="all",
-        patch_size=[16, 16, 16],
-        checkpoint="",
-        allow_untrained=True,
-        **NET_OVERRIDES,
+    run_workflow_in_process(
+        _workflow(
+            ["train.json", "evaluate.json"],
+            dataset_dir=str(tmp_path / "pairs"),
+            ckpt_dir=str(tmp_path / "ckpt"),
+            output_dir=str(tmp_path / "runs"),
+            eval_split="all",
+            patch_size=[16, 16, 16],
+            checkpoint="",
+            allow_untrained=True,
+        )
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
 
     captured = capfd.readouterr()
     logged = caplog.text + captured.out + captured.err

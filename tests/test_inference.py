@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import BUNDLE_ROOT, run_inference_in_process, run_python
+from conftest import BUNDLE_ROOT, bundle_parser, bundle_workflow, run_inference_in_process, run_python
 from scripts.common.errors import CheckpointError, UniPETInputError
 from scripts.common.options import as_bool, check_output_format, check_spacing
 from scripts.data.io import save_nifti
@@ -49,8 +49,12 @@ INT16_MAX = 32767
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def bundle_run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *args, timeout=timeout)
+def bundle_run(args: list[object], timeout: int = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run --config_file configs/inference.json <args>`` in a new interpreter (run_python:
+    ``env_vars`` are added to the child's environment)."""
+    return run_python(
+        "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", *args, timeout=timeout, **env_vars
+    )
 
 
 run_in_process = run_inference_in_process  # the same config without a new interpreter (no logging.conf)
@@ -117,8 +121,6 @@ def test_options_parse_cli_strings():
 
 
 def test_config_matches_training_and_has_inference_properties(tmp_path):
-    from monai.bundle import ConfigParser, ConfigWorkflow
-
     infer = json.loads(CONFIG.read_text())
     train = json.loads((BUNDLE_ROOT / "configs" / "train.json").read_text())
     for key in ("suv_max", "patch_size", "sw_batch_size", "channels", "num_blocks", "latent_dim", "san_channels"):
@@ -127,17 +129,13 @@ def test_config_matches_training_and_has_inference_properties(tmp_path):
     assert (infer["output_format"], infer["resample"], infer["target_spacing"]) == ("nifti", True, [4.0, 4.0, 4.0])
     assert infer["inferer"]["sw_device"] == "@device" and infer["inferer"]["device"] == "cpu"
     assert infer["inferer"]["mode"] == "gaussian" and infer["inferer"]["roi_size"] == "@patch_size"
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG))
-    parser["bundle_root"] = str(BUNDLE_ROOT)
+    parser = bundle_parser(["inference.json"])
     assert parser.get_parsed_content("checkpoint") == str(BUNDLE_ROOT) + "/models/model.pt"
     assert isinstance(parser.get_parsed_content("network_def"), UniPET)
     save_nifti(phantom((8, 8, 8)), np.eye(4), tmp_path / "in" / "a.nii.gz")
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIG),
-        logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(BUNDLE_ROOT),
+    workflow = bundle_workflow(
+        ["inference.json"],
+        "infer",
         dataset_dir=str(tmp_path / "in"),
         output_dir=str(tmp_path / "out"),
         checkpoint="",
@@ -599,16 +597,11 @@ def test_a_volume_smaller_than_the_window_keeps_its_level_and_is_flagged(tmp_pat
 
 def test_study_progress_bar_is_labelled_and_follows_progress():
     """Issue 16: the inference bar says what it counts (studies); `--progress false` turns it off."""
-    from monai.bundle import ConfigParser
-
     from scripts.engines.progress import LossProgressBar
 
     for progress, expected in ((True, 1), (False, 0)):
-        parser = ConfigParser()
-        parser.read_config(str(CONFIG))
-        parser["bundle_root"] = str(BUNDLE_ROOT)
-        parser["progress"] = progress
-        parser["qc"] = None  # not under test; its handler needs the output folder
+        # qc: not under test; its handler needs the output folder
+        parser = bundle_parser(["inference.json"], progress=progress, qc=None)
         bars = [h for h in parser.get_parsed_content("handlers") if isinstance(h, LossProgressBar)]
         assert len(bars) == expected
     assert (

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from test_inference import TINY  # the tiny network's CLI flags, as the other inference tests use
 
 from conftest import BUNDLE_ROOT, run_python
 from scripts.common.errors import UniPETInputError
@@ -43,18 +44,6 @@ from scripts.inference.inputs import prepare_datalist
 from scripts.inference.writer import SaveDenoisedd
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
-TINY = [
-    "--channels",
-    "4",
-    "--num_blocks",
-    "2",
-    "--latent_dim",
-    "8",
-    "--san_channels",
-    "[4,4]",
-    "--patch_size",
-    "[16,16,16]",
-]
 
 
 def body(shape=(12, 12, 10), seed: int = 0) -> np.ndarray:
