@@ -12,7 +12,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.inference.residual import NativeResidualSUVd, lock_level
+from scripts.data.level_lock import lock_level
+from scripts.inference.residual import NativeResidualSUVd
 
 
 def _noise(shape, seed=0) -> torch.Tensor:
@@ -86,3 +87,31 @@ def test_inference_config_exposes_the_lock():
     assert lock >= 0.0
     residual = parser.get_parsed_content("postprocessing#transforms#0")
     assert isinstance(residual, NativeResidualSUVd) and residual.level_lock_fwhm_mm == lock
+
+
+def test_level_lockd_on_the_network_grid_keeps_the_input_total():
+    """evaluate.json's form of the lock (prediction on the input's own grid), on a 5 % biased prediction."""
+    from scripts.data.level_lock import LevelLockd
+
+    image = MetaTensor(
+        (2.0 + 0.3 * _noise((1, 24, 20, 16), seed=4)) / 20.0, affine=torch.diag(torch.tensor([3.0, 3.0, 2.0, 1.0]))
+    )
+    pred = image * 1.05
+    out = LevelLockd(level_lock_fwhm_mm=20.0)({"image": image, "pred": pred})["pred"]
+    assert isinstance(out, MetaTensor) and out.shape == pred.shape
+    assert abs(float(out.double().sum() / image.double().sum()) - 1.0) < 1e-4
+    assert torch.equal(LevelLockd(level_lock_fwhm_mm=0.0)({"image": image, "pred": pred})["pred"], pred)
+
+
+def test_evaluate_config_scores_the_locked_output():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+    from scripts.data.level_lock import LevelLockd
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / n) for n in ("train.json", "evaluate.json")])
+    infer = ConfigParser()
+    infer.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    lock = parser.get_parsed_content("validate#postprocessing#transforms#0")
+    assert isinstance(lock, LevelLockd) and lock.level_lock_fwhm_mm == float(infer["level_lock_fwhm_mm"]) > 0

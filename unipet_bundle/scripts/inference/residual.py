@@ -17,17 +17,13 @@ extra memory is about one native-size plane stack of the two coarse axes (~0.2 G
 MONAI ``Invertd``'s float64 resamplings of both the prediction and the network input (each with a
 native-size float64 coordinate grid; 8.4 GB peak).
 
-Level lock (``level_lock_fwhm_mm`` > 0): before the correction crosses grids, its low-pass part (a Gaussian of
-that FWHM, mirrored at the volume's faces so it keeps the sum) is removed. The network may then only remove
-structure finer than the FWHM; the mean over any region much larger than it, a flat volume's level and the
-volume's total activity are the measured ones, whatever bias the trained weights carry (the 0.4.0 model
-lifts a flat 2 SUV volume by 1.4 % and lowers the real series' body total by 3 %). The price is the input's
-noise at scales above the FWHM, which comes back (measured in the model card).
+Level lock (``level_lock_fwhm_mm`` > 0, :mod:`scripts.data.level_lock`): before the correction crosses grids,
+its low-pass part is removed on the network grid, so levels over regions larger than the FWHM and the total
+activity are the input's.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -36,12 +32,11 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from scipy import ndimage
 
+from scripts.data.level_lock import lock_level, plain_float32
 from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
-from scripts.data.recon import FWHM_TO_SIGMA
 
-__all__ = ["NativeResidualSUVd", "add_resampled", "lock_level"]
+__all__ = ["NativeResidualSUVd", "add_resampled"]
 
 # voxels per slab of the last interpolation pass: bounds its temporaries to a few tens of MB
 _SLAB_VOXELS = 4_000_000
@@ -99,36 +94,6 @@ def add_resampled(target: np.ndarray, source: torch.Tensor, voxel_map: np.ndarra
         np.add(chunk, slab.numpy(), out=chunk)
 
 
-def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> torch.Tensor:
-    """Remove the low-pass part of ``correction`` in place and return it: ``c <- c - G_fwhm * c``.
-
-    Args:
-        correction: (x, y, z) float32 tensor, the network's correction in SUV on the network grid.
-        spacing_mm: that grid's voxel size (3 values, mm).
-        fwhm_mm: FWHM of the Gaussian low-pass (mm); 0 returns ``correction`` unchanged.
-
-    The filter mirrors the volume at its faces (half-sample symmetric, scipy's ``reflect``), which keeps the
-    volume's sum exactly, so the corrected volume keeps the input's total activity; a constant correction
-    (a flat bias) is removed entirely.
-    """
-    fwhm = float(fwhm_mm)
-    if not math.isfinite(fwhm) or fwhm < 0.0:
-        raise ValueError(f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}")
-    if fwhm == 0.0:
-        return correction
-    sigma = [fwhm * FWHM_TO_SIGMA / float(s) for s in spacing_mm]
-    c = correction.numpy()
-    low = ndimage.gaussian_filter(c.astype(np.float64), sigma, mode="reflect", truncate=4.0)
-    np.subtract(c, low.astype(np.float32), out=c)
-    return correction
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A plain CPU float32 tensor (no MetaTensor bookkeeping on the arithmetic); no copy when already one."""
-    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-    return t.detach().to("cpu", torch.float32)
-
-
 class NativeResidualSUVd(MapTransform):
     """``pred`` (normalised, on the network grid) -> denoised SUV on the native grid, via the residual.
 
@@ -142,7 +107,7 @@ class NativeResidualSUVd(MapTransform):
         suv_max: the normalisation (network units = SUV / suv_max).
         axcodes: ``network_axcodes``: the orientation the preprocessing's ``Orientationd`` produced.
         level_lock_fwhm_mm: remove the correction's low-pass part at this FWHM (mm) on the network grid
-            (:func:`lock_level`); 0 (off) returns the network's correction as it is.
+            (:func:`scripts.data.level_lock.lock_level`); 0 (off) returns the network's correction as it is.
     """
 
     def __init__(
@@ -164,14 +129,14 @@ class NativeResidualSUVd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         image = d[self.image_key]
-        native = _plain(d[self.native_key])
+        native = plain_float32(d[self.native_key])
         if not native[0].numpy().flags.writeable:  # e.g. a read-only memory map: never write into an input file
             native = native.clone()
         storage_affine = np.asarray(torch.as_tensor(image.meta["original_affine"]).cpu().double().numpy()).reshape(4, 4)
         net_affine = torch.as_tensor(image.affine).cpu().double().numpy().reshape(4, 4)
         for key in self.key_iterator(d):
             pred = d[key]
-            correction = _plain(pred)[0] - _plain(image)[0]
+            correction = plain_float32(pred)[0] - plain_float32(image)[0]
             correction.mul_(self.suv_max)
             lock_level(correction, np.linalg.norm(net_affine[:3, :3], axis=0), self.level_lock_fwhm_mm)
             native_np = native[0].numpy()
