@@ -1,9 +1,10 @@
 """SAN check on trained weights (issue 15): styles differ by dose, and zeroing them changes the output.
 
 ``scripts.benchmarks.style_proxy.san_report`` measures it on windows of one subject at DRF 4, 20, 100.
-The shipped 0.2.0 model fails it (its SAN is dead: identical styles for every dose), so that test is a
-strict xfail while the shipped model is not UniPET (0.4.0 ships the vanilla model, see the model card); the
-check itself is tested on networks whose styles are known.
+The shipped 0.2.0 model failed it (its SAN was dead: identical styles for every dose), and 0.4.0 shipped the
+vanilla model (styles zero by design); the 0.5.0 UniPET, trained without L_align, passes it (styles differ
+across doses by ~11 % of their size, zeroing them changes ~24 % of the correction). The check itself is
+tested on networks whose styles are known.
 """
 
 from __future__ import annotations
@@ -43,12 +44,6 @@ def test_check_tells_a_live_san_from_a_dead_one(windows):
     assert san_is_alive(live), (live, SAN_ALIVE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the shipped 0.4.0 model is the vanilla universal model: its styles are zero by "
-    "design (UniPET's trained SAN is alive but cost image quality; issue 15)",
-)
 def test_shipped_model_styles_depend_on_the_dose(windows):
     state = load_checkpoint(BUNDLE_ROOT / "models" / "model.pt")
     net = UniPET(san_variant=checkpoint_san_variant(state), **SMALL)

@@ -128,7 +128,7 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "no_hotspot": ("ablation: no hot-spot sampling", "no_hotspot/model.pt"),
     "no_regional": ("ablation: no regional SUV loss", "no_regional/model.pt"),
     # 0.4.0's UniPET recipe (stage 2 with L_align at 0.2): the run whose stage 1 every branch starts from
-    "with_align": ("ablation: + L_align (0.4.0 recipe)", "unipet/model.pt"),
+    "with_align": ("ablation: + L_align (0.4.0 recipe)", "with_align/model.pt"),
 }
 OPTIONAL_MODELS = ("no_hotspot", "no_regional", "with_align")
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
