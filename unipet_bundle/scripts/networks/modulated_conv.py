@@ -122,6 +122,25 @@ class ModulatedConv3d(nn.Module):
             return replicate_pad(x, p), 0
         return F.pad(x, [p, p, p, p, p, p], mode=self.padding_mode), 0
 
+    def conv_unmodulated(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, Cin, D, H, W) convolved with the raw shared weight (padding as configured, no (de)modulation).
+
+        With :meth:`demodulation`: ``forward(x, s) == conv_unmodulated(x * (1 + s)) * demodulation(s, B)`` up to
+        float rounding, which lets a caller fold the per-channel factors into its own element-wise passes
+        (:class:`scripts.networks.unipet.ModulatedResBlock`)."""
+        xp, pad = self._pad(x)
+        return F.conv3d(xp, self.weight.to(x.dtype), None, 1, pad)
+
+    def demodulation(self, style: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """The demodulation factor, ``(B, Cout, 1, 1, 1)`` for a style ``(B, Cin)`` or ``(1, Cout, 1, 1, 1)`` for
+        ``style=None`` (zero style), float32 and > 0; ``None`` without demodulation."""
+        if not self.demodulate:
+            return None
+        w2 = self.weight.float().pow(2).sum(dim=(2, 3, 4))  # (Cout, Cin)
+        if style is None:
+            return torch.rsqrt(w2.sum(dim=1) + self.eps).reshape(1, self.out_channels, 1, 1, 1)
+        return torch.rsqrt((1.0 + style.float()).pow(2) @ w2.t() + self.eps).reshape(batch, self.out_channels, 1, 1, 1)
+
     def forward(self, x: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Convolve ``x`` (B, Cin, D, H, W) with weights modulated by ``style`` (B, Cin); returns (B, Cout, D, H, W)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:

@@ -226,8 +226,25 @@ class ModulatedResBlock(nn.Module):
             styles = affine(latent)
             s1 = styles[:, : self.channels]
             s2 = styles[:, self.channels :]
-        res = self.conv2(self.act(self.conv1(x, s1)), s2)
-        return x + res * self.residual_scale
+        # x + r * modconv2(PReLU(modconv1(x, s1)), s2) with the per-channel factors folded together: the
+        # demodulation d1 > 0 commutes with PReLU (PReLU(d * a) = d * PReLU(a)), so d1 and conv2's input
+        # modulation (1 + s2) are one multiply, and d2 * r rides on the residual add (addcmul): three
+        # element-wise passes per block instead of six (issue 14; the same function up to float rounding).
+        b = x.shape[0]
+        a = self.conv1.conv_unmodulated(
+            x if s1 is None else x * (1.0 + s1).to(x.dtype).reshape(b, self.channels, 1, 1, 1)
+        )
+        mid = self.conv1.demodulation(s1, b)
+        if s2 is not None:
+            scale2 = (1.0 + s2.float()).reshape(b, self.channels, 1, 1, 1)
+            mid = scale2 if mid is None else mid * scale2
+        h = self.act(a)
+        if mid is not None:
+            h = h * mid.to(h.dtype)
+        c = self.conv2.conv_unmodulated(h)
+        d2 = self.conv2.demodulation(s2, b)
+        k = self.residual_scale if d2 is None else d2 * self.residual_scale
+        return torch.addcmul(x, c, k.to(c.dtype))
 
 
 class UniPET(nn.Module):
