@@ -7,6 +7,8 @@ the volume its total activity, whatever the weights; structure finer than the FW
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -94,7 +96,9 @@ def test_level_lockd_on_the_network_grid_keeps_the_input_total():
     from scripts.data.level_lock import LevelLockd
 
     image = MetaTensor(
-        (2.0 + 0.3 * _noise((1, 24, 20, 16), seed=4)) / 20.0, affine=torch.diag(torch.tensor([3.0, 3.0, 2.0, 1.0]))
+        (2.0 + 0.3 * _noise((1, 24, 20, 16), seed=4)) / 20.0,
+        affine=torch.diag(torch.tensor([3.0, 3.0, 2.0, 1.0])),
+        meta={"filename_or_obj": "x.nii.gz"},
     )
     pred = image * 1.05
     out = LevelLockd(level_lock_fwhm_mm=20.0)({"image": image, "pred": pred})["pred"]
@@ -115,3 +119,62 @@ def test_evaluate_config_scores_the_locked_output():
     infer.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
     lock = parser.get_parsed_content("validate#postprocessing#transforms#0")
     assert isinstance(lock, LevelLockd) and lock.level_lock_fwhm_mm == float(infer["level_lock_fwhm_mm"]) > 0
+
+
+def test_lock_acts_in_millimetres_on_an_anisotropic_grid():
+    """A Gaussian bump locked on a 4 x 4 x 2 mm grid keeps what the analytic transfer says: the low-pass of a
+    Gaussian of sigma_b by one of sigma_f is a Gaussian whose peak is prod(sigma_b / sqrt(sigma_b^2 + sigma_f^2))."""
+    from scripts.data.recon import FWHM_TO_SIGMA
+
+    spacing, fwhm, sigma_b = (4.0, 4.0, 2.0), 20.0, 8.0  # bump sigma 8 mm on every axis
+    shape = (48, 48, 96)
+    axes = [(torch.arange(n, dtype=torch.float64) - n // 2) * sp for n, sp in zip(shape, spacing)]
+    r2 = axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2
+    bump = torch.exp(-r2 / (2 * sigma_b**2)).float()
+    locked = lock_level(bump.clone(), spacing, fwhm)
+    sigma_f = fwhm * FWHM_TO_SIGMA
+    expected = 1.0 - (sigma_b / math.sqrt(sigma_b**2 + sigma_f**2)) ** 3
+    centre = locked[shape[0] // 2, shape[1] // 2, shape[2] // 2].item()
+    assert abs(centre - expected) < 0.01, (centre, expected)
+    # the same bump with the axes' spacings mixed up is locked differently: the spacing is used per axis
+    wrong = lock_level(bump.clone(), (2.0, 4.0, 4.0), fwhm)[shape[0] // 2, shape[1] // 2, shape[2] // 2].item()
+    assert abs(wrong - expected) > 0.02
+
+
+def test_evaluation_preprocessing_gives_the_lock_the_voxel_size(tmp_path):
+    """evaluate.json's preprocessing keeps the loader's affine, so LevelLockd sees 4 x 4 x 2 mm, not 1 mm."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+    from scripts.data.io import save_nifti
+    from scripts.data.level_lock import LevelLockd
+
+    for name in ("full_dose", "drf_4"):
+        save_nifti(
+            np.full((10, 12, 14), 2.0, np.float32), np.diag([4.0, 4.0, 2.0, 1.0]), tmp_path / "s" / f"{name}.nii.gz"
+        )
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / n) for n in ("train.json", "evaluate.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    pre = parser.get_parsed_content("validate#preprocessing")
+    item = pre({"image": str(tmp_path / "s" / "drf_4.nii.gz"), "label": str(tmp_path / "s" / "full_dose.nii.gz")})
+    spacing = np.linalg.norm(np.asarray(item["image"].affine)[:3, :3], axis=0)
+    np.testing.assert_allclose(sorted(spacing), [2.0, 4.0, 4.0], atol=1e-5)
+    out = LevelLockd(level_lock_fwhm_mm=20.0)({"image": item["image"], "pred": item["image"] * 1.05})["pred"]
+    assert abs(float(out.sum() / item["image"].sum()) - 1.0) < 1e-4
+    # without the loader's metadata (track_meta off, as in training) the lock refuses instead of guessing 1 mm
+    train = ConfigParser()
+    train.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    train["bundle_root"] = str(BUNDLE_ROOT)
+    bare = train.get_parsed_content("validate#preprocessing")(
+        {"image": str(tmp_path / "s" / "drf_4.nii.gz"), "label": str(tmp_path / "s" / "full_dose.nii.gz")}
+    )
+    with pytest.raises(ValueError, match="track_meta"):
+        LevelLockd(level_lock_fwhm_mm=20.0)({"image": bare["image"], "pred": bare["image"]})
+
+
+def test_lock_refuses_a_non_finite_correction():
+    c = torch.zeros(8, 8, 8)
+    c[4, 4, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lock_level(c, (4.0, 4.0, 4.0), 20.0)

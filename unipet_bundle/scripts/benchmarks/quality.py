@@ -920,7 +920,8 @@ def eval_metrics(result: Mapping[str, Any], model: str = "unipet") -> dict[str, 
 
 def update_eval_metrics(metadata_file: Path, result: Mapping[str, Any], model: str = "unipet") -> None:
     """Write :func:`eval_metrics` of ``result`` for ``model`` (the shipped one) into ``metadata_file`` (every
-    other key kept as it is). 0.4.0 ships the vanilla model: ``update_eval_metrics(meta, result, "vanilla")``."""
+    other key kept as it is). 0.4.0 shipped the vanilla model (``update_eval_metrics(meta, result, "vanilla")``);
+    0.5.0 ships UniPET, the default."""
     meta = json.loads(Path(metadata_file).read_text())
     meta["eval_metrics"] = eval_metrics(result, model)
     atomic_write(metadata_file, lambda tmp: tmp.write_text(json.dumps(meta, indent=4) + "\n"))

@@ -30,8 +30,11 @@ resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
    (``hotspot_fraction`` 0), ``no_regional`` (``regional_weight`` 0), ``dose_balanced`` (``dose_balance`` 0.5).
 4. ``ship``: copies UniPET's ``model.pt`` into ``models/`` and records its SHA-256 in ``large_files.yml``.
 
-Every command pins the loss weights it was run with where they differ from today's defaults, so a changed
-default (0.5.0: ``align_weight`` 0.2 -> 0) does not change what a step reproduces.
+The steps that reproduce 0.4.0 runs (``with_align``, ``san_only``) pin ``--align_weight 0.2``, so the changed
+default (0.5.0: ``align_weight`` 0.2 -> 0) does not change what they reproduce; ``psnr_selection`` and the
+full runs (``no_hotspot``, ``no_regional``, ``dose_balanced``) use today's defaults: they are ablations of the
+0.5.0 recipe (stage 2 without L_align). ``branch unipet`` validates every epoch, the other runs every 2
+epochs, so its best checkpoint is picked from twice as many candidates.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -82,7 +85,8 @@ BRANCHES: dict[str, list[str]] = {
     "psnr_selection": ["--selection_metric", "val_psnr"],  # best checkpoint by PSNR alone
 }
 
-# name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`):
+# name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
+# today's defaults, i.e. no L_align in stage 2):
 # the settings that change stage 1 too, and the plain MONAI UNet a user would pick instead
 FULL_RUNS: dict[str, list[str]] = {
     "no_hotspot": ["--hotspot_fraction", "0"],  # patches centred on tissue only

@@ -54,10 +54,14 @@ def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> tor
         raise ValueError(f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}")
     if fwhm == 0.0:
         return correction
-    sigma = [fwhm * FWHM_TO_SIGMA / float(s) for s in spacing_mm]
     c = correction.numpy()
-    low = ndimage.gaussian_filter(c.astype(np.float64), sigma, mode="reflect", truncate=4.0)
-    np.subtract(c, low.astype(np.float32), out=c)
+    if not np.isfinite(c).all():
+        # a NaN would spread over the whole kernel (~4 FWHM wide) and the error would name the lock
+        raise ValueError("the network's correction holds NaN or Inf voxels: the network failed on this input")
+    sigma = [fwhm * FWHM_TO_SIGMA / float(s) for s in spacing_mm]
+    # float32 in and out (scipy filters each line in double precision): no float64 copy of the volume
+    low = ndimage.gaussian_filter(c, sigma, output=np.float32, mode="reflect", truncate=4.0)
+    np.subtract(c, low, out=c)
     return correction
 
 
@@ -91,6 +95,14 @@ class LevelLockd(MapTransform):
         if self.level_lock_fwhm_mm == 0.0:
             return d
         image = d[self.image_key]
+        meta = getattr(image, "meta", None) or {}
+        if not isinstance(image, MetaTensor) or "filename_or_obj" not in meta:
+            # without the loader's metadata MONAI re-wraps the array with an identity affine (1 mm voxels):
+            # the lock would silently act at the wrong scale
+            raise ValueError(
+                f"LevelLockd needs '{self.image_key}' as a MetaTensor with the loader's metadata (its affine gives "
+                "the voxel size): keep track_meta on in the preprocessing"
+            )
         affine = torch.as_tensor(image.affine).cpu().double().numpy().reshape(4, 4)
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         for key in self.key_iterator(d):
@@ -98,5 +110,6 @@ class LevelLockd(MapTransform):
             base = plain_float32(image)[0]
             correction = plain_float32(pred)[0] - base
             lock_level(correction, spacing, self.level_lock_fwhm_mm)  # unit-free: the lock is linear
-            d[key] = pred.detach().clone().copy_((base + correction)[None])  # keeps type, meta and device
+            locked = pred.detach().float().clone()  # float32: a bf16 prediction would round the correction away
+            d[key] = locked.copy_((base + correction)[None])  # keeps type, meta and device
         return d
