@@ -98,6 +98,10 @@ def test_one_derivation_text_gives_the_texts_of_the_inference_writer_and_the_dep
     assert derivation_text("1.2.3", trained, by="the UniPET MONAI Deploy app") == (
         f"Denoised with UniPET (deep-learning PET denoising, model version 1.2.3, {state}) by the UniPET MONAI Deploy app; {tail}"
     )
+    # 0.5.0: the level lock's width, when one was applied, is named (inference.json's default is 20 mm)
+    assert derivation_text("1.2.3", trained, level_lock_fwhm_mm=20.0) == (
+        f"Denoised with UniPET (deep-learning PET denoising, model version 1.2.3, {state}, level lock 20 mm); {tail}"
+    )
 
 
 def _volume_policies():

@@ -573,6 +573,7 @@ def test_explicit_untrained_run_says_untrained_in_the_dicom_series_and_the_sidec
     assert "UNTRAINED" in derived.reference.SeriesDescription and "NOT denoised" in derived.reference.SeriesDescription
     assert len(derived.reference.SeriesDescription) <= 64
     assert "UNTRAINED" in derived.reference.DerivationDescription
+    assert f"level lock {side['processing']['level_lock_fwhm_mm']:g} mm" in derived.reference.DerivationDescription
 
 
 # ------------------------------------------------------------------ volumes smaller than a window (issue 12)

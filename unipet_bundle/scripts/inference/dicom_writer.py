@@ -323,14 +323,18 @@ def _derived_slice(
     return ds
 
 
-def derivation_text(model_version: str, trained: bool = True, by: str = "") -> str:
+def derivation_text(model_version: str, trained: bool = True, by: str = "", level_lock_fwhm_mm: float = 0.0) -> str:
     """The DerivationDescription of a derived series: what made it (``by``, e.g. "the UniPET MONAI Deploy app"),
-    from which model version, whether the network was trained, and that it is for research only.
+    from which model version, whether the network was trained, the level lock's width when one was applied
+    (``level_lock_fwhm_mm`` > 0: the network's corrections coarser than that were removed), and that it is for
+    research only.
 
     One text for every writer (inference, the Deploy app, direct calls); :func:`write_derived_pet_series`
     cuts it to the 1024-character ST limit.
     """
     state = "trained checkpoint" if trained else "UNTRAINED network (identity: NOT denoised)"
+    if float(level_lock_fwhm_mm) > 0:
+        state += f", level lock {float(level_lock_fwhm_mm):g} mm"
     maker = f" by {by}" if by else ""
     return (
         f"Denoised with UniPET (deep-learning PET denoising, model version {model_version}, {state}){maker}; research use "

@@ -388,7 +388,11 @@ class SaveDenoisedd(MapTransform):
             os.chmod(staged["sidecar"], default_file_mode())
 
     def _derivation(self) -> str:
-        return derivation_text(self.model_version, bool(self.model_info.get("trained", False)))
+        return derivation_text(
+            self.model_version,
+            bool(self.model_info.get("trained", False)),
+            level_lock_fwhm_mm=float(self.processing.get("level_lock_fwhm_mm", 0.0) or 0.0),
+        )
 
     def _sidecar(
         self,

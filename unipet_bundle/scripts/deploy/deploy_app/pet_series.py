@@ -77,6 +77,7 @@ class DenoisedPET:
     suv: np.ndarray
     model_version: str
     model_info: dict[str, Any]
+    level_lock_fwhm_mm: float = 0.0
 
 
 def series_name(series_uid: str, series_number: Any = None) -> str:
@@ -158,6 +159,7 @@ def denoise_volume(denoiser: BundleDenoiser, volume: PETVolume) -> DenoisedPET:
         check_float_volume(denoised, f"denoised {volume.name}"),
         denoiser.model_version,
         dict(denoiser.model_info),
+        denoiser.level_lock_fwhm_mm,
     )
 
 
@@ -181,7 +183,9 @@ def write_denoised(
     out = Path(output_dir).expanduser()
     suv = check_float_volume(item.suv, f"denoised {item.source.name}")
     trained = bool(item.model_info.get("trained", False))
-    derivation = derivation_text(item.model_version, trained, by="the UniPET MONAI Deploy app")
+    derivation = derivation_text(
+        item.model_version, trained, by="the UniPET MONAI Deploy app", level_lock_fwhm_mm=item.level_lock_fwhm_mm
+    )
     series_dir = out / f"{item.source.name}{DICOM_SUFFIX}"
     write_derived_pet_series(
         suv,
