@@ -21,7 +21,9 @@ RSS is its own), interleaved (A, B, C, A, B, C, ...) and repeated, medians repor
   network input back to the native grid in float64, then the residual, and the network in the default
   memory layout, ``memory_format`` contiguous), kept here so the memory/speed gain of issue 14 is measured
   against it in the same run. It shares the reader (the first input read once), the QC report and the
-  writer with ``e2e``: their speed-ups count for both.
+  writer with ``e2e``: their speed-ups count for both. It has no level lock (0.5.0): with the lock on (the
+  default) the two outputs differ by what the lock removes; ``--override`` a file with
+  ``{"level_lock_fwhm_mm": 0}`` to compare them like for like.
 
 For issue 14's whole-body target run the Quadra-size study at its own voxel size, e.g.
 ``--sizes "[[440,440,644]]" --e2e_spacing 1.65 --large_variants "['e2e_today','e2e']" --repeats 1``:
