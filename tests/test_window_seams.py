@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLE_ROOT, run_inference_in_process
+from scripts.data.body import body_hull
 from scripts.data.io import save_nifti
 
 CONFIG = BUNDLE_ROOT / "configs" / "inference.json"
@@ -108,17 +109,6 @@ def test_flat_volume_keeps_its_mean_without_the_lock(flat_outputs):
     assert abs(ratio - 1) < 0.005, f"flat {LEVEL} SUV came back {100 * (ratio - 1):+.2f} %"
 
 
-def _body_hull(suv: np.ndarray, margin: int = 3) -> np.ndarray:
-    """The body outline of an SUV volume: voxels above 0.5 SUV, closed, holes filled, dilated by ``margin``
-    voxels. Counting "voxels above 0.5 SUV of the input" instead selects voxels whose noise is positive and
-    cuts across the skin edge, so any smoothing, even one that keeps every count, loses activity there (see
-    the next test)."""
-    from scipy import ndimage
-
-    hull = ndimage.binary_fill_holes(ndimage.binary_closing(suv > 0.5, iterations=2))
-    return ndimage.binary_dilation(hull, iterations=margin)
-
-
 def test_body_hull_counts_what_a_count_preserving_filter_keeps(real_pet_dir):
     """Why the body-total test counts inside the body hull: a Gaussian filter that keeps every count (mirrored
     faces) keeps the hull total, while the input-thresholded mask loses about 2 % with it."""
@@ -126,10 +116,11 @@ def test_body_hull_counts_what_a_count_preserving_filter_keeps(real_pet_dir):
 
     from scripts.data.suv import read_pet_series
 
-    suv = read_pet_series(real_pet_dir).suv.astype(np.float64)
+    series = read_pet_series(real_pet_dir)
+    suv = series.suv.astype(np.float64)
     smooth = ndimage.gaussian_filter(suv, 1.0, mode="reflect")
     assert abs(smooth.sum() / suv.sum() - 1) < 1e-6
-    hull, thresholded = _body_hull(suv), suv > 0.5
+    hull, thresholded = body_hull(suv > 0.5, series.affine), suv > 0.5
     assert abs(smooth[hull].sum() / suv[hull].sum() - 1) < 0.005
     assert smooth[thresholded].sum() / suv[thresholded].sum() - 1 < -0.01
 
@@ -144,10 +135,11 @@ def test_real_series_keeps_the_body_total(tmp_path, real_pet_dir):
     data = tmp_path / "in"
     data.mkdir()
     (data / "sts001").symlink_to(real_pet_dir, target_is_directory=True)
-    source = read_pet_series(real_pet_dir).suv.astype(np.float64)
+    series = read_pet_series(real_pet_dir)
+    source = series.suv.astype(np.float64)
     _infer(data, tmp_path / "out", precision="fp32")
     y = np.asarray(nib.load(str(tmp_path / "out" / "sts001_denoised.nii.gz")).dataobj, dtype=np.float64)
-    hull = _body_hull(source)
+    hull = body_hull(source > 0.5, series.affine)
     ratio = y[hull].sum() / source[hull].sum()
     assert abs(ratio - 1) < 0.01, f"body total (hull) changed by {100 * (ratio - 1):+.2f} %"
     whole = y.sum() / source.sum()
