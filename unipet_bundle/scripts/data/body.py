@@ -55,4 +55,6 @@ def body_hull(mask: np.ndarray, affine: np.ndarray, margin_mm: float = 12.0) -> 
     coarse = ndimage.binary_dilation(coarse, iterations=steps)
     if b > 1:
         coarse = coarse.repeat(b, 0).repeat(b, 1).repeat(b, 2)[: shape[0], : shape[1], : shape[2]]
-    return coarse | mask
+    out = np.empty_like(mask)  # the mask's memory order: the QC packs it without a transposing copy
+    np.logical_or(coarse, mask, out=out)
+    return out
