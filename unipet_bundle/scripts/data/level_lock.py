@@ -26,6 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from scripts.common.geometry import voxel_spacing
 from scripts.data.recon import FWHM_TO_SIGMA
 
 __all__ = ["LevelLockd", "lock_level", "plain_float32"]
@@ -103,8 +104,7 @@ class LevelLockd(MapTransform):
                 f"LevelLockd needs '{self.image_key}' as a MetaTensor with the loader's metadata (its affine gives "
                 "the voxel size): keep track_meta on in the preprocessing"
             )
-        affine = torch.as_tensor(image.affine).cpu().double().numpy().reshape(4, 4)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        spacing = voxel_spacing(image.affine)
         for key in self.key_iterator(d):
             pred = d[key]
             base = plain_float32(image)[0]

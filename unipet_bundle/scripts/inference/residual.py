@@ -33,6 +33,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from scripts.common.geometry import voxel_spacing
 from scripts.data.level_lock import lock_level, plain_float32
 from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 
@@ -138,7 +139,7 @@ class NativeResidualSUVd(MapTransform):
             pred = d[key]
             correction = plain_float32(pred)[0] - plain_float32(image)[0]
             correction.mul_(self.suv_max)
-            lock_level(correction, np.linalg.norm(net_affine[:3, :3], axis=0), self.level_lock_fwhm_mm)
+            lock_level(correction, voxel_spacing(net_affine), self.level_lock_fwhm_mm)
             native_np = native[0].numpy()
             view, view_affine = to_network_view(native_np, storage_affine, self.axcodes)
             if tuple(view.shape) != tuple(correction.shape) or not np.allclose(view_affine, net_affine, atol=1e-4):
