@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.data.level_lock import lock_level
+from scripts.data.level_lock import LevelLockd, lock_level
 from scripts.inference.residual import NativeResidualSUVd
 
 
@@ -44,10 +44,13 @@ def test_lock_passes_fine_structure_and_zero_fwhm_is_identity():
     assert lock_level(bump.clone(), (4.0, 4.0, 4.0), 20.0).abs().max() < 0.3 * bump.max()
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "twenty", None])
 def test_lock_refuses_a_bad_fwhm(bad):
+    for build in (NativeResidualSUVd, LevelLockd):
+        with pytest.raises(ValueError, match="level_lock_fwhm_mm"):
+            build(level_lock_fwhm_mm=bad)
     with pytest.raises(ValueError, match="level_lock_fwhm_mm"):
-        NativeResidualSUVd(level_lock_fwhm_mm=bad)
+        lock_level(torch.zeros(2, 2, 2), (4.0, 4.0, 4.0), bad)
 
 
 def _residual_data(native: np.ndarray, native_affine: np.ndarray, net: torch.Tensor, net_affine: np.ndarray, gain):

@@ -29,13 +29,24 @@ from scipy import ndimage
 from scripts.common.geometry import voxel_spacing
 from scripts.data.recon import FWHM_TO_SIGMA
 
-__all__ = ["LevelLockd", "lock_level", "plain_float32"]
+__all__ = ["LevelLockd", "check_lock_fwhm", "lock_level", "plain_float32"]
 
 
 def plain_float32(x: Any) -> torch.Tensor:
     """A plain CPU float32 tensor (no MetaTensor bookkeeping on the arithmetic); no copy when already one."""
     t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
     return t.detach().to("cpu", torch.float32)
+
+
+def check_lock_fwhm(fwhm_mm: Any) -> float:
+    """``fwhm_mm`` as a float, or a ``ValueError`` naming the key: it must be finite and >= 0 (0: lock off)."""
+    try:
+        fwhm = float(fwhm_mm)
+    except (TypeError, ValueError):
+        fwhm = float("nan")
+    if not math.isfinite(fwhm) or fwhm < 0.0:
+        raise ValueError(f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}")
+    return fwhm
 
 
 def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> torch.Tensor:
@@ -50,9 +61,7 @@ def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> tor
     volume's sum exactly, so the corrected volume keeps the input's total activity; a constant correction
     (a flat bias) is removed entirely.
     """
-    fwhm = float(fwhm_mm)
-    if not math.isfinite(fwhm) or fwhm < 0.0:
-        raise ValueError(f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}")
+    fwhm = check_lock_fwhm(fwhm_mm)
     if fwhm == 0.0:
         return correction
     c = correction.numpy()
@@ -88,8 +97,8 @@ class LevelLockd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        lock_level(torch.zeros(1, 1, 1), (1.0, 1.0, 1.0), level_lock_fwhm_mm)
-        self.image_key, self.level_lock_fwhm_mm = image_key, float(level_lock_fwhm_mm)
+        # a bad value is refused at parse time
+        self.image_key, self.level_lock_fwhm_mm = image_key, check_lock_fwhm(level_lock_fwhm_mm)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -34,7 +34,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.common.geometry import voxel_spacing
-from scripts.data.level_lock import lock_level, plain_float32
+from scripts.data.level_lock import check_lock_fwhm, lock_level, plain_float32
 from scripts.data.orientation import DEFAULT_AXCODES, check_axcodes, to_network_view
 
 __all__ = ["NativeResidualSUVd", "add_resampled"]
@@ -122,8 +122,7 @@ class NativeResidualSUVd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        lock_level(torch.zeros(1, 1, 1), (1.0, 1.0, 1.0), level_lock_fwhm_mm)  # refuse a bad value at parse time
-        self.level_lock_fwhm_mm = float(level_lock_fwhm_mm)
+        self.level_lock_fwhm_mm = check_lock_fwhm(level_lock_fwhm_mm)  # a bad value is refused at parse time
         self.image_key, self.native_key, self.suv_max = image_key, native_key, float(suv_max)
         self.axcodes = check_axcodes(axcodes)
 
