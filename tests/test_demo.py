@@ -67,8 +67,20 @@ def test_demo_with_weights_uses_them(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "UNTRAINED" not in proc.stdout and "UniPET output" in proc.stdout
     low = nib.load(tmp_path / "low_dose_drf20.nii.gz").get_fdata()
-    den = nib.load(tmp_path / "denoised_drf20.nii.gz").get_fdata()
+    den = nib.load(tmp_path / "denoised_drf20.nii.gz").get_fdata(dtype=np.float32)
     assert np.abs(den - low).max() > 0.05, "the demo's output equals its input: the weights were not used"
+    # and it is exactly what inference.json writes with these weights (not merely "changed")
+    import shutil
+
+    from conftest import run_inference_in_process
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(tmp_path / "low_dose_drf20.nii.gz", src / "low.nii.gz")
+    run_inference_in_process(
+        dataset_dir=str(src), output_dir=str(out), checkpoint=str(ckpt), resample=False, qc_report=False, device="cpu"
+    )
+    np.testing.assert_array_equal(den, nib.load(out / "low_denoised.nii.gz").get_fdata(dtype=np.float32))
 
 
 def test_demo_bad_input_is_one_clear_line(tmp_path):
