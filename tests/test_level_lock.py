@@ -44,13 +44,23 @@ def test_lock_passes_fine_structure_and_zero_fwhm_is_identity():
     assert lock_level(bump.clone(), (4.0, 4.0, 4.0), 20.0).abs().max() < 0.3 * bump.max()
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "twenty", None])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "twenty", None, True, False])
 def test_lock_refuses_a_bad_fwhm(bad):
     for build in (NativeResidualSUVd, LevelLockd):
         with pytest.raises(ValueError, match="level_lock_fwhm_mm"):
             build(level_lock_fwhm_mm=bad)
     with pytest.raises(ValueError, match="level_lock_fwhm_mm"):
         lock_level(torch.zeros(2, 2, 2), (4.0, 4.0, 4.0), bad)
+
+
+def test_lock_refuses_a_width_below_one_voxel():
+    """Below a voxel the Gaussian passes the correction almost whole, so the lock would remove all of it (the
+    output would be the input): refused with the grid's voxel size, not run."""
+    c = torch.randn(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"narrower than a voxel .*4 mm"):
+        lock_level(c.clone(), (4.0, 4.0, 2.0), 3.0)
+    kept = lock_level(c.clone(), (4.0, 4.0, 2.0), 4.0)  # one voxel: accepted, keeps part of the correction
+    assert 0.2 < float(kept.std() / c.std()) < 0.9
 
 
 def _residual_data(native: np.ndarray, native_affine: np.ndarray, net: torch.Tensor, net_affine: np.ndarray, gain):

@@ -390,8 +390,9 @@ def test_replicate_pad_equals_f_pad_and_keeps_the_memory_format(memory_format, d
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
-    """The SAN's high-pass runs a depthwise box conv instead of ``avg_pool3d`` (issue 14: 14x faster on the
-    CPU); the values and gradients are those of the pooled replicate-padded input, also at 1-voxel extents."""
+    """The SAN's high-pass no longer calls ``avg_pool3d`` (issue 14: no fast 3D CPU kernel); its local mean has
+    the values and gradients of the pooled replicate-padded input, also at 1-voxel extents, and a bf16 input
+    (features under autocast) gets a float32 mean, as autocast gave ``avg_pool3d`` (the high-pass stays float32)."""
     from scripts.networks.unipet import local_mean3
 
     gen = torch.Generator().manual_seed(0)
@@ -404,4 +405,10 @@ def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
         torch.testing.assert_close(
             torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=1e-6
         )
-    assert torch.equal(local_mean3(torch.full((1, 2, 4, 4, 4), 2.5)), torch.full((1, 2, 4, 4, 4), 2.5))
+        xb = x.detach().to(torch.bfloat16)
+        mean_b = local_mean3(xb)
+        assert mean_b.dtype == torch.float32
+        torch.testing.assert_close(mean_b, F.avg_pool3d(F.pad(xb.float(), [1] * 6, mode="replicate"), 3, 1))
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = local_mean3(torch.full((1, 2, 4, 4, 4), 0.1, dtype=dtype))
+        assert torch.all(flat == flat.flatten()[0]) and abs(float(flat.flatten()[0]) - 0.1) < 1e-3

@@ -41,7 +41,8 @@ def plain_float32(x: Any) -> torch.Tensor:
 def check_lock_fwhm(fwhm_mm: Any) -> float:
     """``fwhm_mm`` as a float, or a ``ValueError`` naming the key: it must be finite and >= 0 (0: lock off)."""
     try:
-        fwhm = float(fwhm_mm)
+        # a bool is a mistyped switch, not a width (True would be 1 mm: a lock that removes everything)
+        fwhm = float("nan") if isinstance(fwhm_mm, bool) else float(fwhm_mm)
     except (TypeError, ValueError):
         fwhm = float("nan")
     if not math.isfinite(fwhm) or fwhm < 0.0:
@@ -64,6 +65,15 @@ def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> tor
     fwhm = check_lock_fwhm(fwhm_mm)
     if fwhm == 0.0:
         return correction
+    widest = max(float(s) for s in spacing_mm)
+    if fwhm < widest:
+        # a Gaussian narrower than a voxel passes the correction almost whole, so the lock would remove all of it
+        # and return the input unchanged (1 mm at 4 mm voxels keeps 0 % of it): the opposite of a small width
+        raise ValueError(
+            f"level_lock_fwhm_mm {fwhm:g} mm is narrower than a voxel of the network grid ({widest:g} mm): the lock "
+            f"would remove the whole correction; set 0 to turn it off or a width of at least {widest:g} mm "
+            "(default 20)"
+        )
     c = correction.numpy()
     if not np.isfinite(c).all():
         # a NaN would spread over the whole kernel (~4 FWHM wide) and the error would name the lock

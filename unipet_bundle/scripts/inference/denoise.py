@@ -41,6 +41,7 @@ from monai.transforms import Compose
 from scripts.common.errors import UniPETInputError, user_error
 from scripts.common.versioning import bundle_version
 from scripts.common.weights import file_sha256
+from scripts.data.level_lock import check_lock_fwhm
 from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.writer import SaveDenoisedd
 
@@ -190,7 +191,7 @@ class BundleDenoiser:
         self.model_info: dict[str, Any] = dict(parser.get_parsed_content("model_info"))
         self.model_version = bundle_version(self.bundle_root)
         self.suv_max = float(parser.get_parsed_content("suv_max"))
-        self.level_lock_fwhm_mm = float(parser.get_parsed_content("level_lock_fwhm_mm"))
+        self.level_lock_fwhm_mm = check_lock_fwhm(parser.get_parsed_content("level_lock_fwhm_mm"))
         self.patch_size = [int(v) for v in parser.get_parsed_content("patch_size")]
         self.inferer = parser.get_parsed_content("inferer")
         preprocessing = parser.get_parsed_content("preprocessing")
