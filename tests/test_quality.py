@@ -204,10 +204,20 @@ def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
         families="unseen_recon",
         models="unipet",
         out_dir=str(tmp_path / "q"),
+        drfs="[7,150]",
     )
     s = result["families"]["unseen_recon"]["summary"]
     assert set(s) == {"input", "gaussian", "unipet"}
     assert len(result["families"]["unseen_recon"]["targets"]) == 2 * 4  # no vanilla / DRF-specific rows
+    # the recorded command (model card, metadata eval_metrics) names every argument that changed the table
+    cmd = result["command"]
+    for part in (
+        f"--checkpoint {work / 'unipet.pt'}",
+        '--families "[unseen_recon]"',
+        "--models unipet",
+        '--drfs "[7,150]"',
+    ):
+        assert part in cmd, (part, cmd)
 
 
 def _summary(
