@@ -191,3 +191,25 @@ def test_lock_refuses_a_non_finite_correction():
     c[4, 4, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         lock_level(c, (4.0, 4.0, 4.0), 20.0)
+
+
+def test_inference_with_a_lock_narrower_than_a_voxel_is_a_user_error_and_writes_nothing(tmp_path):
+    """The width rule can only be checked on the network grid, after the network ran: it must still end as a
+    user error (one ``error:`` line, exit 2 at the CLI) with no output written."""
+    import nibabel as nib
+
+    from conftest import run_inference_in_process
+    from scripts.common.errors import UniPETInputError, user_error
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    vol = np.full((24, 24, 16), 1.0, np.float32)
+    vol[8:16, 8:16, 5:11] = 3.0
+    nib.save(nib.Nifti1Image(vol, np.diag([4.0, 4.0, 4.0, 1.0])), src / "x.nii.gz")
+    with pytest.raises(Exception) as info:
+        run_inference_in_process(
+            dataset_dir=str(src), output_dir=str(out), level_lock_fwhm_mm=2.0, qc_report=False, device="cpu"
+        )
+    err = user_error(info.value)
+    assert isinstance(err, UniPETInputError) and "narrower than a voxel" in str(err) and "4 mm" in str(err)
+    assert not out.exists() or not list(out.rglob("*.nii*"))

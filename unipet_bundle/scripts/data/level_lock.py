@@ -26,6 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from scripts.common.errors import UniPETInputError
 from scripts.common.geometry import voxel_spacing
 from scripts.data.recon import FWHM_TO_SIGMA
 
@@ -39,14 +40,17 @@ def plain_float32(x: Any) -> torch.Tensor:
 
 
 def check_lock_fwhm(fwhm_mm: Any) -> float:
-    """``fwhm_mm`` as a float, or a ``ValueError`` naming the key: it must be finite and >= 0 (0: lock off)."""
+    """``fwhm_mm`` as a float, or a :class:`UniPETInputError` (a ``ValueError``, so the CLIs print one line and
+    exit 2) naming the key: it must be finite and >= 0 (0: lock off)."""
     try:
         # a bool is a mistyped switch, not a width (True would be 1 mm: a lock that removes everything)
         fwhm = float("nan") if isinstance(fwhm_mm, bool) else float(fwhm_mm)
     except (TypeError, ValueError):
         fwhm = float("nan")
     if not math.isfinite(fwhm) or fwhm < 0.0:
-        raise ValueError(f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}")
+        raise UniPETInputError(
+            f"level_lock_fwhm_mm must be a finite number >= 0 (0 turns the lock off), got {fwhm_mm!r}"
+        )
     return fwhm
 
 
@@ -69,7 +73,7 @@ def lock_level(correction: torch.Tensor, spacing_mm: Any, fwhm_mm: float) -> tor
     if fwhm < widest:
         # a Gaussian narrower than a voxel passes the correction almost whole, so the lock would remove all of it
         # and return the input unchanged (1 mm at 4 mm voxels keeps 0 % of it): the opposite of a small width
-        raise ValueError(
+        raise UniPETInputError(
             f"level_lock_fwhm_mm {fwhm:g} mm is narrower than a voxel of the network grid ({widest:g} mm): the lock "
             f"would remove the whole correction; set 0 to turn it off or a width of at least {widest:g} mm "
             "(default 20)"
