@@ -775,10 +775,10 @@ def run(
         # every argument that changes the table, so the recorded command reproduces it
         "command": f"python -m scripts.benchmarks.quality --work_dir {work_dir}"
         + (f" --checkpoint {checkpoint}" if checkpoint else "")
-        + (f' --families "[{",".join(fam_list)}]"' if families != ("in_family", "unseen_recon") else "")
+        + (f' --families "[{",".join(fam_list)}]"' if fam_list != ["in_family", "unseen_recon"] else "")
         + (f" --models {','.join(model_list)}" if models else "")
         + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else "")
-        + (f' --drfs "[{",".join(format_drf(float(d)) for d in _as_list(drfs))}]"' if drfs else "")
+        + (f' --drfs "[{",".join(format_drf(d) for d in all_drfs)}]"' if drfs is not None else "")
         + (f' --inference_overrides "{dict(inference_overrides)}"' if inference_overrides else ""),
         "models": model_list,
         "families": {},
