@@ -31,11 +31,20 @@ def test_cpu_only_machine_says_so_and_dry_runs_every_section(tmp_path):
     result = json.loads(out.read_text())
     assert result["cuda"] is False and result["dry_run"] is True and result["errors"] == {}
     sections = result["sections"]
-    assert set(sections) == {"train_stage1", "train_stage2", "inference_network", "inference_e2e", "multi_gpu_train"}
+    assert set(sections) == {
+        "train_stage1",
+        "train_stage2",
+        "train_workflow",
+        "inference_network",
+        "inference_e2e",
+        "evaluate",
+        "multi_gpu_train",
+    }
     for stage in ("train_stage1", "train_stage2"):
         assert sections[stage]["iterations_per_s"] > 0 and sections[stage]["precision"] in ("bf16", "fp32")
     assert sections["multi_gpu_train"]["backend"] == "gloo" and sections["multi_gpu_train"]["processes"] == 2
     assert sections["inference_network"]["seconds"] > 0 and sections["inference_e2e"]["seconds"] > 0
+    assert sections["train_workflow"]["validation"] and sections["evaluate"]["seconds_incl_startup"] > 0
     for sec in sections.values():  # a memory figure for each
         assert any("peak" in k and v > 0 for k, v in sec.items()), sec
     assert not list(tmp_path.glob("*.tmp*")), "no half-written output"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -453,6 +454,28 @@ def test_published_size_override_parses():
     assert net.channels == 64 and net.num_blocks == 8 and net.latent_dim == 256
     assert parser.get_parsed_content("patch_size") == [64, 64, 64]
     assert parser.get_parsed_content("stage1_iterations") == 150 * 1000
+
+
+@pytest.mark.parametrize("files", [["train.json"], ["train.json", "evaluate.json"]])
+def test_validation_metrics_compare_tensors_on_one_device(files):
+    """The sliding window stitches ``pred`` on its output device (the CPU) while the evaluator moves ``label`` to
+    the GPU: every key the metrics read must be moved to that device too. On CUDA train.json failed at its first
+    validation before 0.5.2 ("found at least two devices, cuda:0 and cpu"); on a CPU-only machine only this
+    check can see it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in files])
+    out_device = parser.get("validate#inferer#device")
+    assert out_device == "cpu"
+    moved: set[str] = set()
+    for t in parser.get("validate#postprocessing#transforms"):
+        if isinstance(t, dict) and t.get("_target_") == "EnsureTyped" and t.get("device") == out_device:
+            moved |= {t["keys"]} if isinstance(t["keys"], str) else set(t["keys"])
+    read = {"pred", "label"}
+    for metric in (parser.get("validate#metrics") or {}).values():
+        read |= set(re.findall(r"'(\w+)'", metric["output_transform"]))
+    assert read <= moved, f"metrics read {sorted(read)} but only {sorted(moved)} are moved to {out_device!r}"
 
 
 def test_training_alias_matches_run():

@@ -10,6 +10,10 @@ On a CUDA machine (target: under 5 minutes in all):
   (440x440x644 voxels of 1.65 mm) resampled to the network's 4 mm grid;
 - ``inference_e2e``: the same study as a NIfTI through ``python -m monai.bundle run --config_file
   configs/inference.json`` (load, resample, infer, invert, write: what a user waits for);
+- ``train_workflow``: ``python -m monai.bundle run training --config_file configs/train.json`` on one device at
+  the published size, a few iterations of both stages with validation (the whole workflow a user runs: data
+  loading, hot-spot sampling, regional loss, critic, validation metrics, checkpoints) on small synthetic pairs;
+- ``evaluate``: ``configs/evaluate.json`` with the shipped weights on the same pairs (level lock, report);
 - ``multi_gpu_train``: ``configs/multi_gpu_train.json`` at the published size under ``torchrun`` with nccl
   (one process per GPU), a few iterations of both stages on tiny synthetic pairs;
 
@@ -21,7 +25,8 @@ nccl, peak RSS instead of GPU memory), marks the JSON ``"dry_run": true`` and ex
 A failing section is reported in one line and in the JSON, and makes the exit status 1.
 
     cd unipet_bundle && python -m scripts.benchmarks.gpu_check [--out runs/benchmarks/gpu_check.json] [--iterations 10]
-        [--sections "['train','inference_network','inference_e2e','multi_gpu_train']"] [--dry_run false]
+        [--sections "['train','train_workflow','inference_network','inference_e2e','evaluate','multi_gpu_train']"]
+        [--dry_run false]
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ __all__ = ["SECTIONS", "TINY", "run", "synthetic_study"]
 logger = logging.getLogger("unipet.gpu_check")
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("train", "inference_network", "inference_e2e", "multi_gpu_train")
+SECTIONS = ("train", "train_workflow", "inference_network", "inference_e2e", "evaluate", "multi_gpu_train")
 QUADRA_SHAPE = (440, 440, 644)
 QUADRA_SPACING = (1.65, 1.65, 1.65)
 TARGET_TOTAL_S = 300.0
@@ -361,7 +366,11 @@ def inference_e2e_section(dev: torch.device, dry: bool, work: Path, timeout: flo
     }
 
 
-def _pairs(root: Path, shape: Sequence[int], n_subjects: int = 2, seed: int = 0) -> Path:
+def _pairs(work: Path, shape: Sequence[int], n_subjects: int = 2, seed: int = 0) -> Path:
+    """Synthetic training pairs (DRF 4 and 20 per subject) under ``work``; made once per shape and count."""
+    root = work / f"pairs_{n_subjects}x{'x'.join(str(int(n)) for n in shape)}"
+    if root.is_dir():
+        return root
     rng = np.random.default_rng(seed)
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     for s in range(n_subjects):
@@ -373,15 +382,9 @@ def _pairs(root: Path, shape: Sequence[int], n_subjects: int = 2, seed: int = 0)
     return root
 
 
-def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) -> dict[str, Any]:
-    """configs/multi_gpu_train.json under torchrun (nccl on CUDA, gloo in a dry run): 4 iterations, both stages."""
-    cuda = dev.type == "cuda"
-    nproc = max(1, torch.cuda.device_count()) if cuda else 2
-    files = ["configs/train.json", "configs/multi_gpu_train.json"] + ([] if dry else ["configs/published_size.json"])
-    patch = TINY["patch_size"][0] if dry else 64
-    # every rank needs at least one validation item (DistributedSampler): 2 items per subject, a third of them
-    data = _pairs(work / "pairs", [patch + 8] * 3, n_subjects=max(3, 2 * nproc))
-    overrides = {
+def _train_overrides(dry: bool, n_items: int) -> dict[str, Any]:
+    """A few iterations of both stages with one validation at the end (tiny networks in a dry run)."""
+    return {
         **(TINY if dry else {}),
         "epochs": 2,
         "epoch_length": 2,
@@ -389,10 +392,94 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
         "val_interval": 2,
         "critic_pretrain_iterations": 1,
         "val_fraction": 0.34,
-        "val_max_items": max(2, nproc),
+        "val_max_items": n_items,
         "num_workers": 0,
         "precision": "bf16",
     }
+
+
+def _bundle_cmd(files: Sequence[str], data: Path, run_dir: Path, overrides: dict[str, Any]) -> list[str]:
+    return [
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr([f"configs/{f}" for f in files]),
+        "--dataset_dir",
+        str(data),
+        "--ckpt_dir",
+        str(run_dir / "ckpt"),
+        "--output_dir",
+        str(run_dir / "runs"),
+        *_cli_overrides(overrides),
+    ]
+
+
+def _published(dry: bool) -> tuple[list[str], int]:
+    """The extra config file and the patch edge of the training sections."""
+    return ([], TINY["patch_size"][0]) if dry else (["published_size.json"], 64)
+
+
+def train_workflow_section(dev: torch.device, dry: bool, work: Path, timeout: float) -> dict[str, Any]:
+    """configs/train.json through ``monai.bundle run`` on one device: 4 iterations, both stages, validation."""
+    extra, patch = _published(dry)
+    files = ["train.json", *extra]
+    data = _pairs(work, [patch + 8] * 3, n_subjects=3)
+    run_dir = work / "train_workflow"
+    cmd = [sys.executable, *_bundle_cmd(files, data, run_dir, _train_overrides(dry, 2))]
+    with DeviceMemoryPoller(dev.type == "cuda") as mem:
+        code, log, sec = _run_logged(cmd, _env(), timeout)
+    if code != 0 or not (run_dir / "ckpt" / "model.pt").is_file():
+        raise RuntimeError(f"train.json run failed (exit {code}): {_log_summary(log)}")
+    return {
+        "train_workflow": {
+            "seconds_incl_startup": sec,
+            "iterations": 4,
+            "stages": [1, 2],
+            "validation": True,
+            "config": "+".join(files) + (" (dry-run sizes)" if dry else ""),
+            **mem.as_dict(),
+        }
+    }
+
+
+def evaluate_section(dev: torch.device, dry: bool, work: Path, timeout: float) -> dict[str, Any]:
+    """configs/evaluate.json (shipped weights; untrained tiny network in a dry run) on the synthetic pairs."""
+    _, patch = _published(dry)
+    data = _pairs(work, [patch + 8] * 3, n_subjects=3)
+    run_dir = work / "evaluate"
+    overrides: dict[str, Any] = {"eval_split": "all", "write_montages": "false"}
+    files = ["train.json", "evaluate.json"]
+    cmd = [sys.executable, *_bundle_cmd(files, data, run_dir, {**(TINY if dry else {}), **overrides})]
+    if dry:
+        cmd += ["--checkpoint", "", "--allow_untrained", "true"]
+    else:
+        cmd += ["--checkpoint", str(BUNDLE_ROOT / "models" / "model.pt")]
+    with DeviceMemoryPoller(dev.type == "cuda") as mem:
+        code, log, sec = _run_logged(cmd, _env(), timeout)
+    summary = run_dir / "runs" / "eval" / "summary.json"
+    if code != 0 or not summary.is_file():
+        raise RuntimeError(f"evaluate.json run failed (exit {code}): {_log_summary(log)}")
+    return {
+        "evaluate": {
+            "seconds_incl_startup": sec,
+            "items": 6,
+            "volume_shape": [patch + 8] * 3,
+            "config": "+".join(files),
+            **mem.as_dict(),
+        }
+    }
+
+
+def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) -> dict[str, Any]:
+    """configs/multi_gpu_train.json under torchrun (nccl on CUDA, gloo in a dry run): 4 iterations, both stages."""
+    cuda = dev.type == "cuda"
+    nproc = max(1, torch.cuda.device_count()) if cuda else 2
+    extra, patch = _published(dry)
+    files = ["train.json", "multi_gpu_train.json", *extra]
+    # every rank needs at least one validation item (DistributedSampler): 2 items per subject, a third of them
+    data = _pairs(work, [patch + 8] * 3, n_subjects=max(3, 2 * nproc))
+    run_dir = work / "multi_gpu"
     port = 29500 + os.getpid() % 1000
     cmd = [
         sys.executable,
@@ -400,25 +487,14 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         f"--master_port={port}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        repr(files),
-        "--dataset_dir",
-        str(data),
-        "--ckpt_dir",
-        str(work / "ckpt"),
-        "--output_dir",
-        str(work / "runs"),
-        *_cli_overrides(overrides),
+        *_bundle_cmd(files, data, run_dir, _train_overrides(dry, max(2, nproc))),
     ]
     env = _env()
     if not cuda:
         env["OMP_NUM_THREADS"] = "1"
     with DeviceMemoryPoller(cuda) as mem:
         code, log, sec = _run_logged(cmd, env, timeout)
-    if code != 0 or not (work / "ckpt" / "checkpoint_latest.pt").is_file():
+    if code != 0 or not (run_dir / "ckpt" / "checkpoint_latest.pt").is_file():
         raise RuntimeError(f"torchrun multi_gpu_train.json failed (exit {code}): {_log_summary(log)}")
     return {
         "multi_gpu_train": {
@@ -427,7 +503,7 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
             "backend": "nccl" if cuda else "gloo",
             "iterations": 4,
             "stages": [1, 2],
-            "config": "+".join(Path(f).name for f in files),
+            "config": "+".join(files),
             **mem.as_dict(),
         }
     }
@@ -446,7 +522,8 @@ def run(
     Args:
         out: JSON result path (written atomically, also when a section fails; default under runs/, git-ignored).
         iterations: timed training iterations per stage (after 2 warm-up iterations).
-        sections: any of "train", "inference_network", "inference_e2e", "multi_gpu_train".
+        sections: any of "train", "train_workflow", "inference_network", "inference_e2e", "evaluate",
+            "multi_gpu_train".
         dry_run: force (true) or forbid (false) the tiny CPU dry run; default: dry run exactly when CUDA is
             absent. A dry run on a CUDA machine still uses the GPU, at tiny sizes.
         timeout_s: limit of each subprocess section (bundle inference run, torchrun).
@@ -499,7 +576,9 @@ def run(
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "train": lambda: train_section(dev, dry, iterations),
         "inference_network": lambda: inference_network_section(dev, dry),
+        "train_workflow": lambda: train_workflow_section(dev, dry, work, timeout_s),
         "inference_e2e": lambda: inference_e2e_section(dev, dry, work, timeout_s),
+        "evaluate": lambda: evaluate_section(dev, dry, work, timeout_s),
         "multi_gpu_train": lambda: multi_gpu_section(dev, dry, work, timeout_s),
     }
     try:
