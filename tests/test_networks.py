@@ -412,3 +412,53 @@ def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
     for dtype in (torch.float32, torch.bfloat16):
         flat = local_mean3(torch.full((1, 2, 4, 4, 4), 0.1, dtype=dtype))
         assert torch.all(flat == flat.flatten()[0]) and abs(float(flat.flatten()[0]) - 0.1) < 1e-3
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_product_is_the_padded_product_bit_for_bit(memory_format, dtype):
+    from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
+
+    x = torch.randn(2, 3, 5, 6, 7).to(dtype).contiguous(memory_format=memory_format)
+    s = (torch.rand(2, 3, 1, 1, 1) + 0.5).to(dtype)
+    for p in (1, 2):
+        ours = replicate_pad_product(x, s, p)
+        assert torch.equal(ours, replicate_pad(x * s, p)) and ours.is_contiguous(memory_format=memory_format)
+    assert torch.equal(torch.jit.script(replicate_pad_product)(x, s, 1), replicate_pad(x * s, 1))
+
+
+@pytest.mark.parametrize("padding_mode", ["replicate", "zeros", "reflect"])
+def test_inference_path_computes_the_training_function(padding_mode):
+    """Without gradients the blocks write each product into the next conv's padded input and the 16 -> 1 output
+    conv runs depthwise + channel sum (issue 14); with gradients the plain path runs. Same function, with live
+    styles, in both memory formats, scripted too; in bf16 the output conv's channel sum is float32."""
+    torch.manual_seed(0)
+    net = UniPET(padding_mode=padding_mode, **SMALL).eval()
+    with torch.no_grad():  # live styles and a non-zero output conv (both zero-initialised)
+        for block in net.blocks:
+            block.style_affine.weight.normal_(0, 0.3)
+            block.style_affine.bias.normal_(0, 0.1)
+        net.output_conv.weight.normal_(0, 0.1)
+        net.output_conv.bias.fill_(0.01)
+    x = torch.rand(2, 1, 16, 17, 18) * 0.3
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        n, xi = net.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
+        train_path = n(xi)  # gradients on: the plain path
+        assert train_path.requires_grad
+        with torch.no_grad():
+            fast = n(xi)
+            no_styles = n.forward_without_styles(xi)
+        torch.testing.assert_close(fast, train_path.detach(), rtol=0, atol=2e-6)
+        assert float((fast - no_styles).abs().max()) > 1e-3  # the styles take part in the fast path
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=0, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feat = torch.randn(2, SMALL["channels"], 6, 6, 6).to(torch.bfloat16)
+            out_b = net._output(feat)
+            conv_b = net.output_conv(feat)  # the plain conv under autocast: one bf16 rounding of its output
+        ref = F.conv3d(F.pad(feat.float(), [1] * 6, mode="replicate"), net.output_conv.weight, net.output_conv.bias)
+        if padding_mode == "replicate":
+            assert out_b.dtype == torch.float32
+            # bf16 per-channel partial sums, summed in float32: about as close as the bf16 conv itself
+            err, err_conv = float((out_b - ref).abs().mean()), float((conv_b.float() - ref).abs().mean())
+            assert err < 1.5 * err_conv, (err, err_conv)

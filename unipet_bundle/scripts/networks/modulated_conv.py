@@ -12,36 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedConv3d", "PADDING_MODES"]
+__all__ = ["ModulatedConv3d", "PADDING_MODES", "replicate_pad", "replicate_pad_product"]
 
 PADDING_MODES = ("zeros", "replicate", "reflect")
 """Padding modes of the UniPET convolutions (``torch.nn.Conv3d`` names)."""
 
 
-def replicate_pad(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Edge-replicate padding of the last three axes by ``p`` voxels, in ``x``'s memory format.
-
-    The same values as ``F.pad(x, [p] * 6, mode="replicate")`` (tested bit for bit, gradients too), but
-    that kernel is ~3x slower on a channels-last input and clones in bf16: it was 8 % (fp32) to 15-29 %
-    (bf16, channels-last) of the network's CPU time (issue 14 profile). Interior copy, then the two faces
-    of each axis from the already padded array, so edges and corners come out replicated.
-
-    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2p, H + 2p, W + 2p)``.
-    """
+def _padded_empty(x: torch.Tensor, p: int) -> torch.Tensor:
+    """An uninitialised ``(B, C, D + 2p, H + 2p, W + 2p)`` tensor in ``x``'s memory format, dtype and device."""
     b, c, d, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        out = torch.empty(
+        return torch.empty(
             (b, c, d + 2 * p, h + 2 * p, w + 2 * p),
             dtype=x.dtype,
             device=x.device,
             memory_format=torch.channels_last_3d,
         )
-    else:
-        out = torch.empty((b, c, d + 2 * p, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device)
-    out[:, :, p : p + d, p : p + h, p : p + w] = x
+    return torch.empty((b, c, d + 2 * p, h + 2 * p, w + 2 * p), dtype=x.dtype, device=x.device)
+
+
+def _fill_replicate_faces(out: torch.Tensor, p: int) -> torch.Tensor:
+    """Edge-replicate the ``p``-voxel border of ``out`` from its interior (written already), in place.
+
+    The two faces of each axis are copied from the already padded array, axis after axis, so edges and
+    corners come out replicated."""
+    d, h, w = out.shape[2] - 2 * p, out.shape[3] - 2 * p, out.shape[4] - 2 * p
     for i in range(p):
-        out[:, :, i, p : p + h, p : p + w] = x[:, :, 0]
-        out[:, :, p + d + i, p : p + h, p : p + w] = x[:, :, d - 1]
+        out[:, :, i, p : p + h, p : p + w] = out[:, :, p, p : p + h, p : p + w]
+        out[:, :, p + d + i, p : p + h, p : p + w] = out[:, :, p + d - 1, p : p + h, p : p + w]
     for i in range(p):
         out[:, :, :, i, p : p + w] = out[:, :, :, p, p : p + w]
         out[:, :, :, p + h + i, p : p + w] = out[:, :, :, p + h - 1, p : p + w]
@@ -49,6 +47,37 @@ def replicate_pad(x: torch.Tensor, p: int) -> torch.Tensor:
         out[:, :, :, :, i] = out[:, :, :, :, p]
         out[:, :, :, :, p + w + i] = out[:, :, :, :, p + w - 1]
     return out
+
+
+def replicate_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Edge-replicate padding of the last three axes by ``p`` voxels, in ``x``'s memory format.
+
+    The same values as ``F.pad(x, [p] * 6, mode="replicate")`` (tested bit for bit, gradients too), but
+    that kernel is ~3x slower on a channels-last input and clones in bf16: it was 8 % (fp32) to 15-29 %
+    (bf16, channels-last) of the network's CPU time (issue 14 profile). Interior copy, then the faces.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2p, H + 2p, W + 2p)``.
+    """
+    d, h, w = x.shape[2], x.shape[3], x.shape[4]
+    out = _padded_empty(x, p)
+    out[:, :, p : p + d, p : p + h, p : p + w] = x
+    return _fill_replicate_faces(out, p)
+
+
+def replicate_pad_product(x: torch.Tensor, scale: torch.Tensor, p: int) -> torch.Tensor:
+    """``replicate_pad(x * scale, p)`` with the product written straight into the padded tensor's interior.
+
+    ``scale`` broadcasts against ``x`` (e.g. a per-sample, per-channel factor ``(B, C, 1, 1, 1)``) and has
+    ``x``'s dtype. Saves the interior copy of the padding (a full pass over the features: ~13 % of the
+    network's CPU time before 0.5.2). The same values bit for bit. No autograd (an ``out=`` product):
+    callers use it only with gradients off (inference, validation).
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2p, H + 2p, W + 2p)``.
+    """
+    d, h, w = x.shape[2], x.shape[3], x.shape[4]
+    out = _padded_empty(x, p)
+    torch.mul(x, scale, out=out[:, :, p : p + d, p : p + h, p : p + w])
+    return _fill_replicate_faces(out, p)
 
 
 class ModulatedConv3d(nn.Module):
@@ -130,6 +159,11 @@ class ModulatedConv3d(nn.Module):
         (:class:`scripts.networks.unipet.ModulatedResBlock`)."""
         xp, pad = self._pad(x)
         return F.conv3d(xp, self.weight.to(x.dtype), None, 1, pad)
+
+    def conv_padded(self, xp: torch.Tensor) -> torch.Tensor:
+        """:meth:`conv_unmodulated` for an input that is already padded by ``kernel_size // 2`` voxels (a "valid"
+        conv): ``(B, Cin, D + 2p, H + 2p, W + 2p) -> (B, Cout, D, H, W)``."""
+        return F.conv3d(xp, self.weight.to(xp.dtype), None, 1, 0)
 
     def demodulation(self, style: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
         """The demodulation factor, ``(B, Cout, 1, 1, 1)`` for a style ``(B, Cin)`` or ``(1, Cout, 1, 1, 1)`` for

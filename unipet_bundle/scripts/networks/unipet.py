@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .modulated_conv import PADDING_MODES, ModulatedConv3d, replicate_pad
+from .modulated_conv import PADDING_MODES, ModulatedConv3d, replicate_pad, replicate_pad_product
 
 __all__ = [
     "local_mean3",
@@ -254,17 +254,30 @@ class ModulatedResBlock(nn.Module):
         # modulation (1 + s2) are one multiply, and d2 * r rides on the residual add (addcmul): three
         # element-wise passes per block instead of six (issue 14; the same function up to float rounding).
         b = x.shape[0]
-        a = self.conv1.conv_unmodulated(
-            x if s1 is None else x * (1.0 + s1).to(x.dtype).reshape(b, self.channels, 1, 1, 1)
-        )
+        # Without gradients (inference, validation) and with replicate padding, each product is written straight
+        # into the next conv's padded input (replicate_pad_product): no interior copy, the same values.
+        # Autograd cannot go through those out= products, so training keeps the plain path.
+        direct = self.conv1.padding_mode == "replicate" and not torch.is_grad_enabled()
+        scale1: Optional[torch.Tensor] = None
+        if s1 is not None:
+            scale1 = (1.0 + s1).to(x.dtype).reshape(b, self.channels, 1, 1, 1)
+        if direct:
+            xp = replicate_pad(x, 1) if scale1 is None else replicate_pad_product(x, scale1, 1)
+            a = self.conv1.conv_padded(xp)
+        else:
+            a = self.conv1.conv_unmodulated(x if scale1 is None else x * scale1)
         mid = self.conv1.demodulation(s1, b)
         if s2 is not None:
             scale2 = (1.0 + s2.float()).reshape(b, self.channels, 1, 1, 1)
             mid = scale2 if mid is None else mid * scale2
         h = self.act(a)
-        if mid is not None:
-            h = h * mid.to(h.dtype)
-        c = self.conv2.conv_unmodulated(h)
+        if direct:
+            hp = replicate_pad(h, 1) if mid is None else replicate_pad_product(h, mid.to(h.dtype), 1)
+            c = self.conv2.conv_padded(hp)
+        else:
+            if mid is not None:
+                h = h * mid.to(h.dtype)
+            c = self.conv2.conv_unmodulated(h)
         d2 = self.conv2.demodulation(s2, b)
         k = self.residual_scale if d2 is None else d2 * self.residual_scale
         return torch.addcmul(x, c, k.to(c.dtype))
@@ -425,10 +438,30 @@ class UniPET(nn.Module):
             feat = block(feat, latent)
             if keep_features:
                 features.append(feat)
-        out = self.output_conv(feat)
+        out = self._output(feat)
         if self.global_skip:
             out = out + x
         return out, features
+
+    def _output(self, feat: torch.Tensor) -> torch.Tensor:
+        """The output conv. Without gradients and with one output channel and replicate padding it runs as a
+        depthwise 3x3x3 conv and a channel sum (the same function up to float rounding): a ``C -> 1`` conv3d has
+        no fast CPU kernel and cost as much as a full ``C -> C`` layer (issue 14 profile), the depthwise form
+        ~1/5 of that. The channel sum accumulates in float32 for bf16/fp16 features (a float32 result)."""
+        conv = self.output_conv
+        if self.out_channels != 1 or self.padding_mode != "replicate" or torch.is_grad_enabled():
+            return conv(feat)
+        c = feat.shape[1]
+        w = conv.weight.reshape(c, 1, 3, 3, 3).to(feat.dtype)
+        per_channel = nn.functional.conv3d(replicate_pad(feat, 1), w, None, 1, 0, 1, c)
+        acc = feat.dtype
+        if acc == torch.bfloat16 or acc == torch.float16:
+            acc = torch.float32
+        out = per_channel.sum(dim=1, keepdim=True, dtype=acc)
+        bias = conv.bias
+        if bias is not None:
+            out = out + bias.to(acc).reshape(1, 1, 1, 1, 1)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise ``x`` (B, in_channels, D, H, W), normalised SUV; returns (B, out_channels, D, H, W)."""
