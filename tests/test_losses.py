@@ -271,3 +271,41 @@ def test_regional_loss_gradient_shapes_and_errors():
         RegionalSUVLoss(mean_weight=0, max_weight=0)
     with pytest.raises(ValueError, match="equal"):
         loss(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 5))
+
+
+def test_regional_max_focus_weighs_hot_spot_windows_up_and_keeps_the_scale():
+    """max_focus (0.5.2): the local-max term of windows with a full-dose hot spot counts more than that of flat
+    tissue; 0 is the unweighted loss; the weights average 1, so a uniform error keeps its size."""
+    torch.manual_seed(0)
+    full = 0.1 + 0.01 * torch.randn(1, 1, 24, 24, 24)
+    full[..., 10:12, 10:12, 10:12] = 0.6
+    lesion_off = full.clone()
+    lesion_off[..., 10:12, 10:12, 10:12] = 0.45  # -25 % SUVmax, background exact
+    noisy_bg = full + 0.03 * torch.rand_like(full)  # background error, lesion kept (+ up to 0.03)
+    noisy_bg[..., 10:12, 10:12, 10:12] = 0.6
+    plain = RegionalSUVLoss((5, 9), mean_weight=0)
+    focus = RegionalSUVLoss((5, 9), mean_weight=0, max_focus=4.0)
+    assert RegionalSUVLoss((5, 9), mean_weight=0, max_focus=0.0)(lesion_off, full) == plain(lesion_off, full)
+    # the focused loss ranks the lesion error higher relative to the background error than the plain one does
+    ratio_plain = plain(lesion_off, full) / plain(noisy_bg, full)
+    ratio_focus = focus(lesion_off, full) / focus(noisy_bg, full)
+    assert ratio_focus > 1.5 * ratio_plain, (float(ratio_focus), float(ratio_plain))
+    shifted = full + 0.05  # the same error in every window: weights of mean 1 keep it
+    torch.testing.assert_close(focus(shifted, full), plain(shifted, full))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_focus"):
+            RegionalSUVLoss(max_focus=bad)
+
+
+def test_regional_sample_weight_scales_each_item():
+    torch.manual_seed(0)
+    full = torch.rand(2, 1, 12, 12, 12)
+    pred = full + 0.05 * torch.randn_like(full)
+    loss = RegionalSUVLoss((3, 5))
+    both = loss(pred, full)
+    torch.testing.assert_close(loss(pred, full, sample_weight=torch.ones(2)), both)
+    first_only = loss(pred, full, sample_weight=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(first_only, loss(pred[:1], full[:1]) / 2)  # the mean still runs over the batch
+    for bad in (torch.tensor([1.0]), torch.tensor([1.0, -1.0])):
+        with pytest.raises(ValueError, match="sample_weight"):
+            loss(pred, full, sample_weight=bad)

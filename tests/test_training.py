@@ -751,3 +751,59 @@ def test_style_statistics_see_a_dead_and_a_live_san():
             block.style_affine.weight.normal_(0, 0.5)
     live = style_statistics(net, x)
     assert live["style_abs_b0"] > 0 and live["style_spread_b0"] > 0
+
+
+def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
+    """regional_drf_exponent (0.5.2): each patch's regional term weighs (drf / reference) ** -exponent, from the
+    batch's 'drf' key; without that key the trainer refuses instead of assuming a DRF."""
+    from scripts.losses.regional import RegionalSUVLoss
+
+    gen, critic, _, low, full = tiny_setup
+    drf = torch.tensor([4.0, 100.0])
+    loss = RegionalSUVLoss((3, 5), max_focus=2.0)
+
+    def g_regional(exponent: float, batch: dict) -> float:
+        torch.manual_seed(0)
+        g = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+        with torch.no_grad():
+            g.output_conv.weight.normal_(0, 0.05)  # not the identity: a non-zero regional error
+        trainer = UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=1,
+            train_data_loader=[batch],
+            generator=g,
+            g_optimizer=torch.optim.SGD(g.parameters(), lr=0.0),
+            stage1_iterations=1,
+            regional_loss=loss,
+            regional_weight=1.0,
+            regional_drf_exponent=exponent,
+        )
+        trainer.run()
+        return trainer.state.output["g_regional"], g
+
+    batch = {"image": low, "label": full, "drf": drf}
+    plain, g = g_regional(0.0, batch)
+    weighted, _ = g_regional(0.5, batch)
+    with torch.no_grad():
+        pred = g(low)
+    per_item = [float(loss(pred[i : i + 1], full[i : i + 1])) for i in range(2)]
+    assert abs(plain - float(loss(pred, full))) < 1e-6
+    # item weights 1 and (100 / 4) ** -0.5 = 0.2; the focus weights are normalised over the batch, so compare
+    # with the loss's own sample_weight rather than with single-item losses
+    assert abs(weighted - float(loss(pred, full, sample_weight=torch.tensor([1.0, 0.2])))) < 1e-6
+    assert weighted < plain and per_item[1] > 0
+    with pytest.raises(ValueError, match="'drf' key"):
+        g_regional(0.5, {"image": low, "label": full})
+    with pytest.raises(ValueError, match="regional_drf_exponent"):
+        UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[batch],
+            generator=gen,
+            g_optimizer=torch.optim.SGD(gen.parameters(), lr=0.0),
+            regional_loss=loss,
+            stage1_iterations=1,
+            regional_weight=1.0,
+            regional_drf_exponent=-1.0,
+        )

@@ -114,6 +114,10 @@ MODEL_ORDER = (
     "no_hotspot",
     "no_regional",
     "with_align",
+    "regional_x5",
+    "regional_focus",
+    "regional_focus_drf",
+    "dose_balanced_s2",
     "unipet",
 )
 
@@ -129,8 +133,21 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "no_regional": ("ablation: no regional SUV loss", "no_regional/model.pt"),
     # 0.4.0's UniPET recipe (stage 2 with L_align at 0.2): the run whose stage 1 every branch starts from
     "with_align": ("ablation: + L_align (0.4.0 recipe)", "with_align/model.pt"),
+    # 0.5.2 lesion-safety trials (train_models branches): the shipped recipe with a stronger regional loss
+    "regional_x5": ("trial: regional loss x5", "regional_x5/model.pt"),
+    "regional_focus": ("trial: regional loss x5, max focus 4", "regional_focus/model.pt"),
+    "regional_focus_drf": ("trial: regional x5, focus 4, DRF-weighted", "regional_focus_drf/model.pt"),
+    "dose_balanced_s2": ("trial: dose-balanced stage 2", "dose_balanced_s2/model.pt"),
 }
-OPTIONAL_MODELS = ("no_hotspot", "no_regional", "with_align")
+OPTIONAL_MODELS = (
+    "no_hotspot",
+    "no_regional",
+    "with_align",
+    "regional_x5",
+    "regional_focus",
+    "regional_focus_drf",
+    "dose_balanced_s2",
+)
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
 OTHER_NETWORKS = {"unet": "scripts.networks.plain_unet.ResidualUNet"}

@@ -83,6 +83,33 @@ BRANCHES: dict[str, list[str]] = {
     # issue 15 ablations of stage-2-only settings (same stage 1)
     "reference_weights": ["--align_weight", "0.001", "--adv_weight", "0.001"],  # 0.2.0's loss weights
     "psnr_selection": ["--selection_metric", "val_psnr"],  # best checkpoint by PSNR alone
+    # 0.5.2 lesion-safety trials: the shipped recipe (unipet) with a stronger regional SUV-consistency loss
+    "regional_x5": ["--align_weight", "0", "--val_interval", "1", "--regional_weight", "1.0"],
+    "regional_focus": [
+        "--align_weight",
+        "0",
+        "--val_interval",
+        "1",
+        "--regional_weight",
+        "1.0",
+        "--regional_max_focus",
+        "4",
+    ],
+    # regional_focus with the regional term weighted (drf / 4) ** -0.5 per patch: the lesion push where it is cheap
+    "regional_focus_drf": [
+        "--align_weight",
+        "0",
+        "--val_interval",
+        "1",
+        "--regional_weight",
+        "1.0",
+        "--regional_max_focus",
+        "4",
+        "--regional_drf_exponent",
+        "0.5",
+    ],
+    # stage 2 with dose-balanced sampling (every DRF an equal expected share of the L1 loss)
+    "dose_balanced_s2": ["--align_weight", "0", "--val_interval", "1", "--dose_balance", "0.5"],
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but

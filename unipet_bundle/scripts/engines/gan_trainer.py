@@ -21,7 +21,7 @@ Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-traini
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -260,6 +260,11 @@ class UniPETTrainer(Trainer):
         align_weight, adv_weight, l1_weight: loss weights (reference: 0.001, 0.001, 1).
         regional_loss: ``RegionalSUVLoss`` (local means and maxima vs the full dose), used in both stages
             with ``regional_weight`` (0: off).
+        regional_drf_exponent, regional_drf_reference: each patch's regional term is weighted by
+            ``(drf / regional_drf_reference) ** -regional_drf_exponent`` (0: every patch alike). The DRF comes
+            from the batch's ``drf`` key (training only: inference needs no DRF). At high DRF a noisy lesion
+            cannot be told from a noise peak, so pressing on its local maximum there buys noise, not lesions;
+            at low DRF it is cheap. A batch without ``drf`` is an error when the exponent is set.
         stage_clock: the :class:`StageClock` shared with the schedule and the best-checkpoint saver; when
             given, ``stage1_iterations`` must be left at 0 or agree with it.
         monitor_interval: every this many iterations (0: never) the output also holds the generator
@@ -313,6 +318,8 @@ class UniPETTrainer(Trainer):
         adv_weight: float = 1e-3,
         regional_loss: Callable | None = None,
         regional_weight: float = 0.0,
+        regional_drf_exponent: float = 0.0,
+        regional_drf_reference: float = 4.0,
         stage_clock: StageClock | None = None,
         monitor_interval: int = 0,
         n_critic: int = 1,
@@ -378,6 +385,13 @@ class UniPETTrainer(Trainer):
         self.stage1_iterations = stage_clock.stage1_iterations
         self.regional_loss = regional_loss
         self.regional_weight = float(regional_weight)
+        self.regional_drf_exponent = float(regional_drf_exponent)
+        self.regional_drf_reference = float(regional_drf_reference)
+        if not (self.regional_drf_exponent >= 0 and math.isfinite(self.regional_drf_exponent)):
+            raise ValueError(f"regional_drf_exponent must be a finite number >= 0, got {regional_drf_exponent}")
+        if not (self.regional_drf_reference > 0 and math.isfinite(self.regional_drf_reference)):
+            raise ValueError(f"regional_drf_reference must be a finite number > 0, got {regional_drf_reference}")
+        self._regional_sample_weight: torch.Tensor | None = None
         if self.regional_weight > 0 and regional_loss is None:
             raise ValueError("regional_weight > 0 needs a regional_loss (scripts.losses.regional.RegionalSUVLoss)")
         self.monitor_interval = int(monitor_interval)
@@ -433,7 +447,26 @@ class UniPETTrainer(Trainer):
     def _regional(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         if self.regional_loss is None or self.regional_weight <= 0:
             return torch.zeros((), device=pred.device)
-        return self.regional_loss(pred, full)
+        w = self._regional_sample_weight
+        if w is None:
+            return self.regional_loss(pred, full)
+        return self.regional_loss(pred, full, sample_weight=w.to(pred.device))
+
+    def _set_regional_sample_weight(self, batchdata: Any, n: int) -> None:
+        """Per-patch weights of the regional term from the batch's DRFs (``regional_drf_exponent``), or None."""
+        self._regional_sample_weight = None
+        if self.regional_drf_exponent == 0 or self.regional_weight <= 0 or self.regional_loss is None:
+            return
+        drf = batchdata.get("drf") if isinstance(batchdata, Mapping) else None
+        if drf is None:
+            raise ValueError(
+                "regional_drf_exponent > 0 needs each training item's DRF in the batch ('drf' key, as "
+                "scripts.data.training_data.paired_datalist writes it); set regional_drf_exponent 0 otherwise"
+            )
+        drf_t = torch.as_tensor(drf, dtype=torch.float32).flatten()
+        if drf_t.numel() != n or not bool(torch.all(drf_t > 0)):
+            raise ValueError(f"batch 'drf' must hold one DRF > 0 per patch ({n}), got {drf_t.tolist()}")
+        self._regional_sample_weight = (drf_t / self.regional_drf_reference) ** -self.regional_drf_exponent
 
     def _autocast(self):
         return autocast(self.precision, self._device_type)
@@ -468,6 +501,7 @@ class UniPETTrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         low, full = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine._set_regional_sample_weight(batchdata, low.shape[0])
         engine.state.output = output = {Keys.IMAGE: low, Keys.LABEL: full}
         engine.stage_clock.iteration = engine.state.iteration
         phase = engine.phase_of(engine.state.iteration)

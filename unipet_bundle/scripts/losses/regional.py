@@ -12,6 +12,12 @@ a 20-70 mm region at 4 mm voxels, from a small lesion's SUVpeak to an organ's me
 
 Stride 1, "same" size (average pools ignore the padding, max pools pad with -inf), in the network's
 units (SUV / 20). No gradient flows to ``full``.
+
+``max_focus`` > 0 (0.5.2) weights the local-max term of each window by its full-dose contrast: window
+weight ``1 + max_focus * c / mean(c)`` with ``c = maxpool_k(full) - avgpool_k(full)`` (>= 0), normalised so
+the weights average 1 over the batch. Windows holding a hot spot above its surroundings (a lesion, a hot
+organ's edge) then count more than flat tissue, where most windows are and where the max term mostly
+measures noise; the total scale of the term stays that of the unweighted one. Labels are not needed.
 """
 
 from __future__ import annotations
@@ -49,34 +55,61 @@ class RegionalSUVLoss(nn.Module):
         windows: odd box sizes in voxels (each >= 1; 1 would be plain voxel-wise L1).
         mean_weight: weight of the local-mean term (regional levels: organ SUVmean, body totals).
         max_weight: weight of the local-max term (lesion SUVmax; with the larger windows, SUVpeak-like).
+        max_focus: contrast weighting of the local-max term (0: off, every window alike; see the module doc).
 
     Shapes: ``pred`` and ``full`` ``(B, C, D, H, W)``, equal; returns a scalar.
     """
 
-    def __init__(self, windows: Sequence[int] = (5, 9, 17), mean_weight: float = 1.0, max_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        windows: Sequence[int] = (5, 9, 17),
+        mean_weight: float = 1.0,
+        max_weight: float = 1.0,
+        max_focus: float = 0.0,
+    ) -> None:
         super().__init__()
         windows = tuple(int(k) for k in windows)
         if not windows or any(k < 1 or k % 2 == 0 for k in windows):
             raise ValueError(f"windows must be a non-empty list of odd sizes >= 1, got {list(windows)}")
         if mean_weight < 0 or max_weight < 0 or mean_weight + max_weight == 0:
             raise ValueError(f"mean_weight and max_weight must be >= 0 and not both 0, got {mean_weight}, {max_weight}")
+        if not max_focus >= 0 or max_focus == float("inf"):  # also refuses NaN
+            raise ValueError(f"max_focus must be a finite number >= 0, got {max_focus}")
         self.windows = windows
         self.mean_weight = float(mean_weight)
         self.max_weight = float(max_weight)
+        self.max_focus = float(max_focus)
 
-    def forward(self, pred: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, full: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; ``sample_weight`` (B,) >= 0 scales each batch item's terms (e.g. by its DRF; None: all 1).
+        The focus weights are normalised over the whole batch either way."""
         if pred.shape != full.shape or pred.dim() != 5:
             raise ValueError(
                 f"RegionalSUVLoss expects equal (B, C, D, H, W) tensors, got {list(pred.shape)} and {list(full.shape)}"
             )
         pred = pred.float()
         full = full.detach().float()
+        sw: torch.Tensor | None = None
+        if sample_weight is not None:
+            sw = torch.as_tensor(sample_weight, dtype=torch.float32, device=pred.device).flatten()
+            if sw.numel() != pred.shape[0] or not bool(torch.all(sw >= 0)):
+                raise ValueError(f"sample_weight must hold one weight >= 0 per batch item, got {sw.tolist()}")
+            sw = sw.reshape(-1, 1, 1, 1, 1)
         total = pred.new_zeros(())
         for k in self.windows:
             # a window larger than the patch is clipped to the largest odd size that fits, per axis
             kernel = tuple(min(k, n if n % 2 else n - 1) for n in pred.shape[2:])
+            need_mean = self.mean_weight > 0 or (self.max_weight > 0 and self.max_focus > 0)
+            full_mean = _box(full, kernel, "mean") if need_mean else full
             if self.mean_weight > 0:
-                total = total + self.mean_weight * F.l1_loss(_box(pred, kernel, "mean"), _box(full, kernel, "mean"))
+                err_mean = (_box(pred, kernel, "mean") - full_mean).abs()
+                total = total + self.mean_weight * (err_mean if sw is None else err_mean * sw).mean()
             if self.max_weight > 0:
-                total = total + self.max_weight * F.l1_loss(_box(pred, kernel, "max"), _box(full, kernel, "max"))
+                full_max = _box(full, kernel, "max")
+                err = (_box(pred, kernel, "max") - full_max).abs()
+                if self.max_focus > 0:
+                    contrast = (full_max - full_mean).clamp_min(0)
+                    weight = 1.0 + self.max_focus * contrast / contrast.mean().clamp_min(1e-12)
+                    err = err * (weight / weight.mean())
+                total = total + self.max_weight * (err if sw is None else err * sw).mean()
         return total / len(self.windows)
