@@ -80,7 +80,9 @@ class RegionalSUVLoss(nn.Module):
         self.max_weight = float(max_weight)
         self.max_focus = float(max_focus)
 
-    def forward(self, pred: torch.Tensor, full: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pred: torch.Tensor, full: torch.Tensor, sample_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss; ``sample_weight`` (B,) >= 0 scales each batch item's terms (e.g. by its DRF; None: all 1).
         The focus weights are normalised over the whole batch either way."""
         if pred.shape != full.shape or pred.dim() != 5:
