@@ -330,9 +330,9 @@ def test_ship_copies_weights_and_records_their_hash(tmp_path, monkeypatch):
     (root / "models").mkdir(parents=True)
     monkeypatch.setattr(train_models, "BUNDLE_ROOT", root)
     tm = train_models.TrainModels(str(tmp_path / "w"))
-    with pytest.raises(UniPETInputError, match="run the `unipet` step to the end first"):
-        tm.ship()
-    src = _perturbed_default_net(tm.models / "unipet" / "model.pt", 0)
+    with pytest.raises(UniPETInputError, match="run the `dose_balanced_s2` step to the end first"):
+        tm.ship()  # the default since 0.5.2: UniPET with a dose-balanced stage 2
+    src = _perturbed_default_net(tm.models / "dose_balanced_s2" / "model.pt", 0)
     tm.ship()
     from scripts.common.large_files import recorded_sha256
     from scripts.common.weights import file_sha256
@@ -398,8 +398,9 @@ def test_all_ships_unipet_by_default(tmp_path, monkeypatch):
         monkeypatch.setattr(tm, name, lambda *a, _n=name, **k: steps.append(_n))
     monkeypatch.setattr(tm, "ship", lambda model="unipet", **k: steps.append(("ship", model)))
     tm.all()
-    # 0.4.0 shipped vanilla; 0.5.0 ships UniPET trained without L_align (model card)
-    assert steps[:2] == ["data", "with_align"] and steps[-1] == ("ship", "unipet")
+    # 0.4.0 shipped vanilla; 0.5.0-0.5.1 UniPET trained without L_align; 0.5.2 with a dose-balanced stage 2
+    assert steps[:2] == ["data", "with_align"] and steps[-1] == ("ship", "dose_balanced_s2")
+    assert "dose_balanced_s2" in train_models.BRANCHES
     steps.clear()
     tm.all(ship_model="vanilla")
     assert steps[-1] == ("ship", "vanilla")

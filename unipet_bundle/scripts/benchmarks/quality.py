@@ -116,8 +116,7 @@ MODEL_ORDER = (
     "with_align",
     "regional_x5",
     "regional_focus",
-    "regional_focus_drf",
-    "dose_balanced_s2",
+    "unipet_0_5",
     "unipet",
 )
 
@@ -136,8 +135,8 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     # 0.5.2 lesion-safety trials (train_models branches): the shipped recipe with a stronger regional loss
     "regional_x5": ("trial: regional loss x5", "regional_x5/model.pt"),
     "regional_focus": ("trial: regional loss x5, max focus 4", "regional_focus/model.pt"),
-    "regional_focus_drf": ("trial: regional x5, focus 4, DRF-weighted", "regional_focus_drf/model.pt"),
-    "dose_balanced_s2": ("trial: dose-balanced stage 2", "dose_balanced_s2/model.pt"),
+    # the UniPET shipped by 0.5.0-0.5.1 (uniform DRF sampling in stage 2)
+    "unipet_0_5": ("0.5.1 UniPET (uniform DRF sampling)", "unipet/model.pt"),
 }
 OPTIONAL_MODELS = (
     "no_hotspot",
@@ -145,8 +144,7 @@ OPTIONAL_MODELS = (
     "with_align",
     "regional_x5",
     "regional_focus",
-    "regional_focus_drf",
-    "dose_balanced_s2",
+    "unipet_0_5",
 )
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)

@@ -95,20 +95,8 @@ BRANCHES: dict[str, list[str]] = {
         "--regional_max_focus",
         "4",
     ],
-    # regional_focus with the regional term weighted (drf / 4) ** -0.5 per patch: the lesion push where it is cheap
-    "regional_focus_drf": [
-        "--align_weight",
-        "0",
-        "--val_interval",
-        "1",
-        "--regional_weight",
-        "1.0",
-        "--regional_max_focus",
-        "4",
-        "--regional_drf_exponent",
-        "0.5",
-    ],
-    # stage 2 with dose-balanced sampling (every DRF an equal expected share of the L1 loss)
+    # the shipped UniPET since 0.5.2: the 0.5.0 recipe (unipet) with dose-balanced sampling in stage 2 (every DRF an
+    # equal expected share of the L1 loss; uniform sampling let the high DRFs dominate and over-smoothed DRF 4)
     "dose_balanced_s2": ["--align_weight", "0", "--val_interval", "1", "--dose_balance", "0.5"],
 }
 
@@ -396,15 +384,17 @@ class TrainModels:
             )
 
     # -- shipping ------------------------------------------------------------------------------------------
-    def ship(self, overwrite: bool = False, model: str = "unipet") -> None:
+    def ship(self, overwrite: bool = False, model: str = "dose_balanced_s2") -> None:
         """Copy a model's best weights to models/model.pt and record their SHA-256 in large_files.yml.
 
-        ``model``: ``unipet`` (its best stage-2 weights, the default) or, when the quality table shows that
+        ``model``: ``dose_balanced_s2`` (UniPET with dose-balanced stage 2, the default since 0.5.2), ``unipet``
+        (the 0.5.0-0.5.1 UniPET: its best stage-2 weights) or, when the quality table shows that
         SAN/RALS do not beat it, another model of the same architecture (``vanilla``: best stage-1 weights, as
         0.4.0 shipped; ``with_align``, ``san_only``, ``rals_only``, ``no_hotspot``, ``no_regional``); the
         model card must then say which.
         """
         files = {
+            "dose_balanced_s2": "model.pt",
             "unipet": "model.pt",
             "with_align": "model.pt",
             "vanilla": "model_stage1.pt",
@@ -427,9 +417,9 @@ class TrainModels:
         write_large_files(BUNDLE_ROOT, {"models/model.pt": digest})
         print(f"shipped {target} (sha256 {digest}); recorded in {BUNDLE_ROOT / LARGE_FILES}")
 
-    def all(self, ship_model: str = "unipet") -> None:
+    def all(self, ship_model: str = "dose_balanced_s2") -> None:
         """Every step in order, one process at a time, then ship ``ship_model`` (0.4.0 shipped ``vanilla``;
-        0.5.0 ships ``unipet``, trained without L_align: see the model card)."""
+        0.5.0-0.5.1 ``unipet``, trained without L_align; 0.5.2 ``dose_balanced_s2``: see the model card)."""
         self.data()
         self.with_align()
         for name in BRANCHES:
