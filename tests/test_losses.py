@@ -306,6 +306,6 @@ def test_regional_sample_weight_scales_each_item():
     torch.testing.assert_close(loss(pred, full, sample_weight=torch.ones(2)), both)
     first_only = loss(pred, full, sample_weight=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(first_only, loss(pred[:1], full[:1]) / 2)  # the mean still runs over the batch
-    for bad in (torch.tensor([1.0]), torch.tensor([1.0, -1.0])):
+    for bad in (torch.tensor([1.0]), torch.tensor([1.0, -1.0]), torch.tensor([1.0, float("inf")])):
         with pytest.raises(ValueError, match="sample_weight"):
             loss(pred, full, sample_weight=bad)

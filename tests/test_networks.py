@@ -448,7 +448,7 @@ def test_inference_path_computes_the_training_function(padding_mode):
         with torch.no_grad():
             fast = n(xi)
             no_styles = n.forward_without_styles(xi)
-        torch.testing.assert_close(fast, train_path.detach(), rtol=0, atol=2e-6)
+        torch.testing.assert_close(fast, train_path.detach(), rtol=1e-5, atol=1e-5)
         assert float((fast - no_styles).abs().max()) > 1e-3  # the styles take part in the fast path
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=0, atol=1e-6)

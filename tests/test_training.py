@@ -793,6 +793,8 @@ def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
     # with the loss's own sample_weight rather than with single-item losses
     assert abs(weighted - float(loss(pred, full, sample_weight=torch.tensor([1.0, 0.2])))) < 1e-6
     assert weighted < plain and per_item[1] > 0
+    named, _ = g_regional(0.5, {"image": low, "label": full, "drf": ["4", "drf_100"]})  # datalist spellings
+    assert abs(named - weighted) < 1e-9
     with pytest.raises(ValueError, match="'drf' key"):
         g_regional(0.5, {"image": low, "label": full})
     with pytest.raises(ValueError, match="regional_drf_exponent"):

@@ -436,7 +436,7 @@ def train_workflow_section(dev: torch.device, dry: bool, work: Path, timeout: fl
             "seconds_incl_startup": sec,
             "iterations": 4,
             "stages": [1, 2],
-            "validation": True,
+            "validation": "val_psnr" in log,  # the validation metrics were logged
             "config": "+".join(files) + (" (dry-run sizes)" if dry else ""),
             **mem.as_dict(),
         }

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from scripts.common.options import as_bool
 from scripts.common.weights import unwrap as _unwrap  # the one DDP/DataParallel unwrap
+from scripts.data.layout import parse_drf
 from scripts.engines.precision import autocast, config_precision, resolve_precision
 
 __all__ = [
@@ -264,7 +265,8 @@ class UniPETTrainer(Trainer):
             ``(drf / regional_drf_reference) ** -regional_drf_exponent`` (0: every patch alike). The DRF comes
             from the batch's ``drf`` key (training only: inference needs no DRF). At high DRF a noisy lesion
             cannot be told from a noise peak, so pressing on its local maximum there buys noise, not lesions;
-            at low DRF it is cheap. A batch without ``drf`` is an error when the exponent is set.
+            at low DRF it is cheap. A batch without ``drf`` is an error when the exponent is set. The weights are
+            not renormalised: patches above the reference DRF simply count less.
         stage_clock: the :class:`StageClock` shared with the schedule and the best-checkpoint saver; when
             given, ``stage1_iterations`` must be left at 0 or agree with it.
         monitor_interval: every this many iterations (0: never) the output also holds the generator
@@ -463,7 +465,13 @@ class UniPETTrainer(Trainer):
                 "regional_drf_exponent > 0 needs each training item's DRF in the batch ('drf' key, as "
                 "scripts.data.training_data.paired_datalist writes it); set regional_drf_exponent 0 otherwise"
             )
-        drf_t = torch.as_tensor(drf, dtype=torch.float32).flatten()
+        values = (
+            drf.flatten().tolist() if torch.is_tensor(drf) else list(drf) if isinstance(drf, (list, tuple)) else [drf]
+        )
+        try:  # datalists may name a DRF "4" or "drf_4" (scripts.data.layout.parse_drf)
+            drf_t = torch.tensor([float(parse_drf(str(v))) for v in values], dtype=torch.float32)
+        except ValueError as exc:
+            raise ValueError(f"batch 'drf' must hold one DRF per patch, got {values}: {exc}") from exc
         if drf_t.numel() != n or not bool(torch.all(drf_t > 0)):
             raise ValueError(f"batch 'drf' must hold one DRF > 0 per patch ({n}), got {drf_t.tolist()}")
         self._regional_sample_weight = (drf_t / self.regional_drf_reference) ** -self.regional_drf_exponent

@@ -93,10 +93,10 @@ class RegionalSUVLoss(nn.Module):
         full = full.detach().float()
         sw: torch.Tensor | None = None
         if sample_weight is not None:
-            sw = torch.as_tensor(sample_weight, dtype=torch.float32, device=pred.device).flatten()
-            if sw.numel() != pred.shape[0] or not bool(torch.all(sw >= 0)):
-                raise ValueError(f"sample_weight must hold one weight >= 0 per batch item, got {sw.tolist()}")
-            sw = sw.reshape(-1, 1, 1, 1, 1)
+            cpu = torch.as_tensor(sample_weight, dtype=torch.float32).detach().cpu().flatten()  # checked on the CPU
+            if cpu.numel() != pred.shape[0] or not bool(torch.all(torch.isfinite(cpu) & (cpu >= 0))):
+                raise ValueError(f"sample_weight must hold one finite weight >= 0 per batch item, got {cpu.tolist()}")
+            sw = cpu.to(pred.device).reshape(-1, 1, 1, 1, 1)
         total = pred.new_zeros(())
         for k in self.windows:
             # a window larger than the patch is clipped to the largest odd size that fits, per axis
