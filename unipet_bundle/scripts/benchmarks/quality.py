@@ -103,22 +103,9 @@ BASELINES = (
     "no_regional",
     "with_align",
 )
-MODEL_ORDER = (
-    "input",
-    "gaussian",
-    "unet",
-    "vanilla",
-    "drf_specific",
-    "san_only",
-    "rals_only",
-    "no_hotspot",
-    "no_regional",
-    "with_align",
-    "regional_x5",
-    "regional_focus",
-    "unipet_0_5",
-    "unipet",
-)
+# table order: the baselines UniPET is judged against, then the 0.5.2 trials and the 0.5.1 UniPET (shown, not judged
+# against), then the shipped model
+MODEL_ORDER = (*BASELINES, "regional_x5", "regional_focus", "unipet_0_5", "unipet")
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
 NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
