@@ -42,6 +42,19 @@ def real_pet_dir() -> Path:
     return REAL_PET_DIR
 
 
+@pytest.fixture(scope="session")
+def real_series_default_output(real_pet_dir, tmp_path_factory) -> Path:
+    """The real series (as folder ``sts001``) through ``inference.json`` with every default (the shipped
+    weights, fp32): one whole-body run (~20 s on 2 cores), shared by the tests that only read its output.
+    Returns the output folder (``sts001_denoised.nii.gz`` and its sidecar)."""
+    root = tmp_path_factory.mktemp("real_series_default")
+    data = root / "in"
+    data.mkdir()
+    (data / "sts001").symlink_to(real_pet_dir, target_is_directory=True)
+    run_inference_in_process(dataset_dir=str(data), output_dir=str(root / "out"))
+    return root / "out"
+
+
 def run_python(
     *argv: object,
     cwd: str | os.PathLike = BUNDLE_ROOT,

@@ -80,7 +80,10 @@ def test_demo_with_weights_uses_them(tmp_path):
     run_inference_in_process(
         dataset_dir=str(src), output_dir=str(out), checkpoint=str(ckpt), resample=False, qc_report=False, device="cpu"
     )
-    np.testing.assert_array_equal(den, nib.load(out / "low_denoised.nii.gz").get_fdata(dtype=np.float32))
+    # up to float32 rounding: the thread counts of the two processes may differ (see the shipped-weights test below)
+    np.testing.assert_allclose(
+        den, nib.load(out / "low_denoised.nii.gz").get_fdata(dtype=np.float32), rtol=0, atol=1e-4
+    )
 
 
 def test_demo_bad_input_is_one_clear_line(tmp_path):
@@ -91,30 +94,27 @@ def test_demo_bad_input_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_denoises_with_the_bundle_inference(tmp_path):
-    """Issue 17, one inference path: the demo runs configs/inference.json's own pipeline with its network, so its
-    denoised volume is exactly what inference.json writes for its low-dose volume with the same (shipped) weights,
-    on the volume's own grid. The 24-slice phantom is thinner than a window: the padding is inference.json's too
-    (the demo's former hand-written copy padded with zeros)."""
+def test_demo_defaults_to_the_shipped_weights_and_denoises_with_the_bundle_inference(tmp_path):
+    """Without --checkpoint the demo uses the shipped weights (hash checked). Issue 17, one inference path: the demo
+    runs configs/inference.json's own pipeline with its network, so its denoised volume is what inference.json
+    writes for its low-dose volume with the same (shipped) weights, on the volume's own grid. The 24-slice phantom
+    is thinner than a window: the padding is inference.json's too (the demo's former hand-written copy padded
+    with zeros). One demo run serves both checks (each run costs ~20 s of the suite)."""
     import shutil
 
     from conftest import run_inference_in_process
 
     demo_dir, src, out = tmp_path / "demo", tmp_path / "in", tmp_path / "out"
     proc = _demo([], demo_dir)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "UNTRAINED" not in log and "UniPET output" in proc.stdout
+    assert "models/model.pt" in proc.stdout and "matches its recorded SHA-256" in log
     src.mkdir()
     shutil.copy(demo_dir / "low_dose_drf20.nii.gz", src / "low.nii.gz")
     run_inference_in_process(dataset_dir=str(src), output_dir=str(out), resample=False, qc_report=False, device="cpu")
     demo_den = nib.load(demo_dir / "denoised_drf20.nii.gz").get_fdata(dtype=np.float32)
     bundle_den = nib.load(out / "low_denoised.nii.gz").get_fdata(dtype=np.float32)
-    np.testing.assert_array_equal(demo_den, bundle_den)
-
-
-@pytest.mark.slow
-def test_demo_defaults_to_the_shipped_weights(tmp_path):
-    proc = _demo([], tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert "UNTRAINED" not in out and "UniPET output" in proc.stdout
-    assert "models/model.pt" in proc.stdout and "matches its recorded SHA-256" in out
+    # same pipeline, same weights: equal up to float32 rounding (oneDNN's summation order follows the thread count,
+    # which the demo's process and this one may set differently: an exact comparison failed under OMP_NUM_THREADS=1)
+    np.testing.assert_allclose(demo_den, bundle_den, rtol=0, atol=1e-4)
