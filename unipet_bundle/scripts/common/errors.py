@@ -38,9 +38,10 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from ignite.engine import Engine, Events
+if TYPE_CHECKING:  # ignite (and with it torch) only when an engine attaches: the CLIs' --help starts faster
+    from ignite.engine import Engine
 
 __all__ = [
     "CheckpointError",
@@ -272,6 +273,8 @@ class ErrorPassthrough:
     """
 
     def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
 
     def __call__(self, engine: Engine, exc: BaseException) -> None:
