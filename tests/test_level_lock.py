@@ -120,18 +120,21 @@ def test_level_lockd_on_the_network_grid_keeps_the_input_total():
     assert torch.equal(LevelLockd(level_lock_fwhm_mm=0.0)({"image": image, "pred": pred})["pred"], pred)
 
 
-def test_evaluate_config_scores_the_locked_output():
+@pytest.mark.parametrize("configs", [("train.json",), ("train.json", "evaluate.json")])
+def test_validation_and_evaluation_score_the_locked_output(configs):
+    """Training's validation (which selects the checkpoint) and evaluate.json score what inference.json writes."""
     from monai.bundle import ConfigParser
 
     from conftest import BUNDLE_ROOT
     from scripts.data.level_lock import LevelLockd
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / n) for n in ("train.json", "evaluate.json")])
+    parser.read_config([str(BUNDLE_ROOT / "configs" / n) for n in configs])
     infer = ConfigParser()
     infer.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
     lock = parser.get_parsed_content("validate#postprocessing#transforms#0")
     assert isinstance(lock, LevelLockd) and lock.level_lock_fwhm_mm == float(infer["level_lock_fwhm_mm"]) > 0
+    assert parser.get_parsed_content("track_meta") is True  # the lock reads the voxel size from the affine
 
 
 def test_lock_acts_in_millimetres_on_an_anisotropic_grid():
@@ -155,7 +158,7 @@ def test_lock_acts_in_millimetres_on_an_anisotropic_grid():
 
 
 def test_evaluation_preprocessing_gives_the_lock_the_voxel_size(tmp_path):
-    """evaluate.json's preprocessing keeps the loader's affine, so LevelLockd sees 4 x 4 x 2 mm, not 1 mm."""
+    """The validation/evaluation preprocessing keeps the loader's affine, so LevelLockd sees 4 x 4 x 2 mm, not 1 mm."""
     from monai.bundle import ConfigParser
 
     from conftest import BUNDLE_ROOT
@@ -175,10 +178,11 @@ def test_evaluation_preprocessing_gives_the_lock_the_voxel_size(tmp_path):
     np.testing.assert_allclose(sorted(spacing), [2.0, 4.0, 4.0], atol=1e-5)
     out = LevelLockd(level_lock_fwhm_mm=20.0)({"image": item["image"], "pred": item["image"] * 1.05})["pred"]
     assert abs(float(out.sum() / item["image"].sum()) - 1.0) < 1e-4
-    # without the loader's metadata (track_meta off, as in training) the lock refuses instead of guessing 1 mm
+    # without the loader's metadata (a user turning track_meta off) the lock refuses instead of guessing 1 mm
     train = ConfigParser()
     train.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     train["bundle_root"] = str(BUNDLE_ROOT)
+    train["track_meta"] = False
     bare = train.get_parsed_content("validate#preprocessing")(
         {"image": str(tmp_path / "s" / "drf_4.nii.gz"), "label": str(tmp_path / "s" / "full_dose.nii.gz")}
     )
