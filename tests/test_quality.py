@@ -404,3 +404,25 @@ def test_all_ships_unipet_by_default(tmp_path, monkeypatch):
     steps.clear()
     tm.all(ship_model="vanilla")
     assert steps[-1] == ("ship", "vanilla")
+
+
+def test_runs_before_the_locked_validation_keep_their_selection(tmp_path, monkeypatch):
+    """0.5.3 made training's validation score the level-locked output. The runs that predate it (the shipped
+    0.5.2 weights among them) must still select on the unlocked network, or a rerun would pick another epoch
+    than the weights and quality rows it reproduces; a run listed as new gets the config's default."""
+    runs = []
+    monkeypatch.setattr(train_models, "_run", lambda cmd, threads: runs.append(cmd))
+    tm = train_models.TrainModels(str(tmp_path / "w"))
+    tm.datalist.parent.mkdir(parents=True)
+    tm.datalist.write_text("{}")
+    snapshot = tm.models / train_models.SNAPSHOT_RUN / train_models.SNAPSHOT
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_bytes(b"")
+    for name in ("dose_balanced_s2", "focus_low_drf"):
+        tm.branch(name)
+    tm.with_align()
+    legacy, new, stage1 = runs
+    for cmd in (legacy, stage1):
+        assert cmd[-2:] == ["--level_lock_fwhm_mm", "0"], cmd
+    assert "--level_lock_fwhm_mm" not in new
+    assert train_models.LOCKED_SELECTION_RUNS <= set(train_models.BRANCHES) | set(train_models.FULL_RUNS)

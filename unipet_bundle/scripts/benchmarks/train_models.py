@@ -73,6 +73,12 @@ SNAPSHOT_RUN = "with_align"  # the full run whose stage 1 every branch starts fr
 # 0.4.0's stage 2 (L_align at 0.2; the default was 0.2 until 0.5.0): it costs 1.6 dB of validation PSNR
 ALIGN_0_4 = ["--align_weight", "0.2"]
 
+# Since 0.5.3 training's validation scores the level-locked prediction (what inference writes). The runs below
+# that predate it selected their best checkpoint on the unlocked network; they keep doing so, so that each
+# reproduces the weights and quality rows it gave (the shipped 0.5.2 weights among them). New runs: the default.
+UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0"]
+LOCKED_SELECTION_RUNS = {"focus_low_drf"}  # the runs that select on the locked validation (the default)
+
 # name -> overrides of configs/train.json for the branches from the end of stage 1
 BRANCHES: dict[str, list[str]] = {
     # the shipped UniPET (0.5.0): stage 2 without L_align; validated every epoch (the other runs: every 2)
@@ -98,6 +104,38 @@ BRANCHES: dict[str, list[str]] = {
     # the shipped UniPET since 0.5.2: the 0.5.0 recipe (unipet) with dose-balanced sampling in stage 2 (every DRF an
     # equal expected share of the L1 loss; uniform sampling let the high DRFs dominate and over-smoothed DRF 4)
     "dose_balanced_s2": ["--align_weight", "0", "--val_interval", "1", "--dose_balance", "0.5"],
+    # 0.5.3 trials, not shipped (model card): dose_balanced_s2 plus the hot-spot-focused regional term
+    # (regional_focus), weighted per patch by (DRF / 4) ** -0.5, meant to act where lesions lose most (low DRF) and
+    # not where the focus cost PSNR (DRF 50-100); it kept lesions at DRF 4-20 but left noise at DRF 50-100
+    "focus_balanced": [
+        "--align_weight",
+        "0",
+        "--val_interval",
+        "1",
+        "--dose_balance",
+        "0.5",
+        "--regional_weight",
+        "1.0",
+        "--regional_max_focus",
+        "4",
+        "--regional_drf_exponent",
+        "0.5",
+    ],
+    # the same with the regional term falling as 1 / DRF: DRF 50-100 got worse still (the low-DRF focus leaks)
+    "focus_low_drf": [
+        "--align_weight",
+        "0",
+        "--val_interval",
+        "1",
+        "--dose_balance",
+        "0.5",
+        "--regional_weight",
+        "1.0",
+        "--regional_max_focus",
+        "4",
+        "--regional_drf_exponent",
+        "1.0",
+    ],
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
@@ -317,6 +355,8 @@ class TrainModels:
 
     # -- training ----------------------------------------------------------------------------------------
     def _train(self, name: str, extra: list[str]) -> None:
+        if name not in LOCKED_SELECTION_RUNS:
+            extra = [*extra, *UNLOCKED_SELECTION]
         if not self.datalist.is_file():
             raise UniPETInputError(f"{self.datalist} not found: run the `data` step first")
         _run(
