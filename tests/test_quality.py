@@ -307,7 +307,9 @@ def test_train_models_commands(tmp_path, monkeypatch):
     tm.branch("rals_only")
     cmd = calls[-1][0]
     assert cmd[cmd.index("--init_checkpoint") + 1] == str(snap)
-    assert cmd[-4:] == ["--train_san", "false", "--align_weight", "0"]
+    overrides = ["--train_san", "false", "--align_weight", "0"]
+    at = cmd.index("--train_san")
+    assert cmd[at : at + 4] == overrides  # then the overrides that keep a pre-0.5.3 run what it was
     tm.branch("unipet")  # the shipped UniPET: same stage 1, stage 2 without L_align
     cmd = calls[-1][0]
     assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/unipet")
@@ -407,9 +409,10 @@ def test_all_ships_unipet_by_default(tmp_path, monkeypatch):
 
 
 def test_runs_before_the_locked_validation_keep_their_selection(tmp_path, monkeypatch):
-    """0.5.3 made training's validation score the level-locked output. The runs that predate it (the shipped
-    0.5.2 weights among them) must still select on the unlocked network, or a rerun would pick another epoch
-    than the weights and quality rows it reproduces; a run listed as new gets the config's default."""
+    """0.5.3 made training's validation score the level-locked output and stage 2 sample dose-balanced. The runs
+    that predate it (the shipped 0.5.2 weights among them) must still select on the unlocked network and sample
+    stage 2 as they did, or a rerun would train and pick other weights than the ones and the quality rows it
+    reproduces; a run listed as new selects with the config's default."""
     runs = []
     monkeypatch.setattr(train_models, "_run", lambda cmd, threads: runs.append(cmd))
     tm = train_models.TrainModels(str(tmp_path / "w"))
@@ -425,4 +428,7 @@ def test_runs_before_the_locked_validation_keep_their_selection(tmp_path, monkey
     for cmd in (legacy, stage1):
         assert cmd[-2:] == ["--level_lock_fwhm_mm", "0"], cmd
     assert "--level_lock_fwhm_mm" not in new
+    # and stage 2 is sampled as each run's own dose_balance says (the 0.5.3 default is 0.5 for stage 2)
+    for cmd, balance in ((legacy, "0.5"), (new, "0.5"), (stage1, "0")):
+        assert cmd[cmd.index("--stage2_dose_balance") + 1] == balance, cmd
     assert train_models.LOCKED_SELECTION_RUNS <= set(train_models.BRANCHES) | set(train_models.FULL_RUNS)
