@@ -809,3 +809,75 @@ def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
             regional_weight=1.0,
             regional_drf_exponent=-1.0,
         )
+
+
+def test_stage2_dose_balance_switches_the_sampler_at_the_stage_boundary_and_after_a_resume(tiny_setup):
+    """stage2_dose_balance (0.5.3): each epoch is drawn by its stage's sampler. The trainer syncs the stage clock
+    when an epoch starts, so the first epoch of a run resumed in stage 2 is drawn by stage 2's sampler too (the
+    clock of a fresh process says iteration 0 until the first iteration ran)."""
+    from scripts.data.training_data import StageDoseSampler
+
+    gen, critic, _, low, full = tiny_setup
+    log: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __len__(self) -> int:
+            return 4
+
+        def __iter__(self):
+            log.append(self.name)
+            return iter(range(4))
+
+    def run(resume_at: int = 0) -> list[str]:
+        log.clear()
+        clock = StageClock(4)  # 2 epochs of 2 iterations in stage 1, then stage 2
+        loader = torch.utils.data.DataLoader(
+            [{"image": low[0], "label": full[0]}] * 4,
+            batch_size=2,
+            sampler=StageDoseSampler(Recorder("stage1"), Recorder("stage2"), clock),
+        )
+        trainer = UniPETTrainer(
+            device="cpu",
+            max_epochs=3,
+            epoch_length=2,
+            train_data_loader=loader,
+            generator=gen,
+            g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
+            critic=critic,
+            d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4),
+            stage_clock=clock,
+            align_loss=StyleAlignmentLoss(),
+            critic_loss=RALSCriticLoss(),
+            adv_loss=RALSGeneratorLoss(),
+            mask_fn=lambda x: torch.ones_like(x),
+            critic_pretrain_iterations=1,
+        )
+        if resume_at:  # what MONAI's CheckpointLoader restores
+            trainer.state.iteration, trainer.state.epoch = resume_at, resume_at // 2
+        trainer.run()
+        return list(log)
+
+    assert run() == ["stage1", "stage1", "stage2"]
+    assert run(resume_at=4) == ["stage2"]
+
+
+def test_default_config_samples_stage2_dose_balanced_with_the_trainers_clock():
+    """The shipped recipe is train.json's default (0.5.3): uniform stage 1, stage 2 drawn ~ DRF^-0.5, the switch
+    read from the one stage clock the trainer also uses."""
+    from monai.bundle import ConfigParser
+
+    from scripts.data.training_data import StageDoseSampler
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    assert (parser["dose_balance"], parser["stage2_dose_balance"]) == (0.0, 0.5)
+    parser["train#datalist"] = [{"drf": 4}, {"drf": 100}]
+    sampler = parser.get_parsed_content("train#sampler")
+    assert isinstance(sampler, StageDoseSampler)
+    assert sampler.stage_clock is parser.get_parsed_content("stage_clock")
+    assert isinstance(sampler.stage2, torch.utils.data.WeightedRandomSampler)
+    np.testing.assert_allclose(sampler.stage2.weights.numpy(), [4**-0.5, 100**-0.5], rtol=1e-6)
+    assert parser.get_parsed_content("train#dataloader#shuffle") is False

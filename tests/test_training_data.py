@@ -168,3 +168,29 @@ def test_dose_balanced_sampler_equalises_drfs():
     assert 0.75 < (draws == 4).mean() < 0.92  # expected 5 / 6
     with pytest.raises(ValueError, match="dose_balance"):
         dose_balanced_sampler(datalist, -1.0)
+
+
+def test_stage2_dose_balance_builds_one_sampler_per_stage():
+    """0 / 0 stays the DataLoader's shuffle, equal values one weighted sampler (as before 0.5.3), and different
+    values a StageDoseSampler whose stage-1 part draws exactly what DataLoader(shuffle=True) draws."""
+    from scripts.data.training_data import StageDoseSampler
+    from scripts.engines.gan_trainer import StageClock
+
+    datalist = [{"drf": d} for d in (4, 4, 100, 100)]
+    clock = StageClock(10)
+    assert dose_balanced_sampler(datalist, 0.0, 0, 0.0, clock) is None
+    assert isinstance(dose_balanced_sampler(datalist, 0.5, 0, None, clock), torch.utils.data.WeightedRandomSampler)
+    sampler = dose_balanced_sampler(datalist, 0.0, 3, 0.5, clock)
+    assert isinstance(sampler, StageDoseSampler) and len(sampler) == 4
+    torch.manual_seed(7)
+    first = [int(b) for b in torch.utils.data.DataLoader(range(4), sampler=sampler)]  # stage 1: a permutation
+    torch.manual_seed(7)
+    assert first == [int(b) for b in torch.utils.data.DataLoader(range(4), shuffle=True)]
+    assert sorted(first) == [0, 1, 2, 3]
+    clock.iteration = 10  # the coming iteration 11 is in stage 2: weighted draws with replacement
+    draws = np.array([datalist[i]["drf"] for _ in range(50) for i in sampler])
+    assert 0.75 < (draws == 4).mean() < 0.92  # expected 5 / 6
+    with pytest.raises(ValueError, match="stage_clock"):
+        dose_balanced_sampler(datalist, 0.0, 0, 0.5)
+    with pytest.raises(ValueError, match="stage2_dose_balance"):
+        dose_balanced_sampler(datalist, 0.0, 0, float("nan"), clock)

@@ -73,11 +73,20 @@ SNAPSHOT_RUN = "with_align"  # the full run whose stage 1 every branch starts fr
 # 0.4.0's stage 2 (L_align at 0.2; the default was 0.2 until 0.5.0): it costs 1.6 dB of validation PSNR
 ALIGN_0_4 = ["--align_weight", "0.2"]
 
-# Since 0.5.3 training's validation scores the level-locked prediction (what inference writes). The runs below
-# that predate it selected their best checkpoint on the unlocked network; they keep doing so, so that each
-# reproduces the weights and quality rows it gave (the shipped 0.5.2 weights among them). New runs: the default.
+# Two 0.5.3 defaults change what a run does: training's validation scores the level-locked prediction (what
+# inference writes), and stage 2 samples dose-balanced (stage2_dose_balance 0.5, the shipped recipe). The runs
+# below that predate them selected their best checkpoint on the unlocked network and drew stage 2 as stage 1;
+# they keep doing so, so that each reproduces the weights and quality rows it gave (the shipped 0.5.2 weights
+# among them). Runs named in LOCKED_SELECTION_RUNS select on the locked validation (the default).
 UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0"]
-LOCKED_SELECTION_RUNS = {"focus_low_drf"}  # the runs that select on the locked validation (the default)
+LOCKED_SELECTION_RUNS = {"focus_low_drf"}
+
+
+def _pre_0_5_3(extra: list[str]) -> list[str]:
+    """Stage 2 sampled with the run's own ``--dose_balance`` (0 when it sets none), as before 0.5.3."""
+    balance = extra[extra.index("--dose_balance") + 1] if "--dose_balance" in extra else "0"
+    return ["--stage2_dose_balance", balance]
+
 
 # name -> overrides of configs/train.json for the branches from the end of stage 1
 BRANCHES: dict[str, list[str]] = {
@@ -355,6 +364,8 @@ class TrainModels:
 
     # -- training ----------------------------------------------------------------------------------------
     def _train(self, name: str, extra: list[str]) -> None:
+        # every run here sets its stage-2 sampling explicitly (all predate the stage2_dose_balance default)
+        extra = [*extra, *_pre_0_5_3(extra)]
         if name not in LOCKED_SELECTION_RUNS:
             extra = [*extra, *UNLOCKED_SELECTION]
         if not self.datalist.is_file():

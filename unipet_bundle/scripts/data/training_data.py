@@ -29,7 +29,14 @@ from scripts.data.datalist import make_datalist
 from scripts.data.layout import check_3d, check_same_grid, parse_drf, read_grid
 from scripts.data.volume_checks import check_pet_volume
 
-__all__ = ["CheckedLoadImaged", "paired_datalist", "PatchSamplingWeightsd", "hotspot_mask", "dose_balanced_sampler"]
+__all__ = [
+    "CheckedLoadImaged",
+    "paired_datalist",
+    "PatchSamplingWeightsd",
+    "hotspot_mask",
+    "dose_balanced_sampler",
+    "StageDoseSampler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -289,27 +296,77 @@ class PatchSamplingWeightsd(MapTransform):
         return d
 
 
-def dose_balanced_sampler(datalist: list[dict[str, Any]], dose_balance: float = 0.0, seed: int = 0) -> Any:
+def _balance(value: Any, key: str) -> float:
+    alpha = float(value)
+    if not (alpha >= 0 and np.isfinite(alpha)):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+    return alpha
+
+
+def dose_balanced_sampler(
+    datalist: list[dict[str, Any]],
+    dose_balance: float = 0.0,
+    seed: int = 0,
+    stage2_dose_balance: float | None = None,
+    stage_clock: Any = None,
+) -> Any:
     """A sampler that draws each (low-dose, full-dose) pair with probability ``~ DRF ** -dose_balance``.
 
     The L1 loss of a pair grows with its noise, ~sqrt(DRF), so with uniform sampling the highest DRFs
     dominate the gradient; ``dose_balance=0.5`` makes every DRF's expected share of the L1 loss equal,
-    ``0`` (the default) is uniform sampling (returns None: the DataLoader then shuffles). Sampling is with
-    replacement, ``len(datalist)`` draws per epoch, seeded.
+    ``0`` is uniform sampling. Sampling is with replacement, ``len(datalist)`` draws per epoch, seeded.
+
+    ``stage2_dose_balance`` (None: the same as ``dose_balance``) sets stage 2's value on its own; the shipped
+    recipe is 0 in stage 1 and 0.5 in stage 2. When the two differ the sampler asks ``stage_clock`` (the
+    trainer's :class:`scripts.engines.gan_trainer.StageClock`, which it syncs at every epoch start) which stage
+    the coming epoch is in, so an epoch that straddles the boundary is drawn with its first iteration's stage
+    (with the default schedule the boundary falls between epochs).
 
     Returns:
-        ``torch.utils.data.WeightedRandomSampler`` or None.
+        None when both stages sample uniformly (the DataLoader then shuffles, as before 0.5.3); a
+        ``torch.utils.data.WeightedRandomSampler`` when both stages share one nonzero value; otherwise a
+        :class:`StageDoseSampler`.
     """
     import torch
 
-    alpha = float(dose_balance)
-    if alpha == 0.0 or not datalist:
+    alpha1 = _balance(dose_balance, "dose_balance")
+    alpha2 = alpha1 if stage2_dose_balance is None else _balance(stage2_dose_balance, "stage2_dose_balance")
+    if not datalist or alpha1 == alpha2 == 0.0:
         return None
-    if alpha < 0:
-        raise ValueError(f"dose_balance must be >= 0, got {dose_balance}")
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
-    weights = drfs**-alpha
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.utils.data.WeightedRandomSampler(
-        weights.tolist(), num_samples=len(datalist), replacement=True, generator=generator
-    )
+
+    def sampler(alpha: float) -> Any:
+        if alpha == 0.0:
+            # what DataLoader(shuffle=True) builds: the same draws as a uniform run without this sampler
+            return torch.utils.data.RandomSampler(range(len(datalist)))
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.utils.data.WeightedRandomSampler(
+            (drfs**-alpha).tolist(), num_samples=len(datalist), replacement=True, generator=generator
+        )
+
+    if alpha1 == alpha2:
+        return sampler(alpha1)
+    if stage_clock is None:
+        raise ValueError("stage2_dose_balance differs from dose_balance: the sampler needs the trainer's stage_clock")
+    return StageDoseSampler(sampler(alpha1), sampler(alpha2), stage_clock)
+
+
+class StageDoseSampler:
+    """Draws each epoch from the sampler of the stage that epoch is in (see :func:`dose_balanced_sampler`).
+
+    Args:
+        stage1, stage2: samplers over the same datalist (same length).
+        stage_clock: an object with ``iteration`` (the last iteration run) and ``stage_of(iteration)``.
+    """
+
+    def __init__(self, stage1: Any, stage2: Any, stage_clock: Any) -> None:
+        self.stage1, self.stage2, self.stage_clock = stage1, stage2, stage_clock
+
+    def __len__(self) -> int:
+        return len(self.stage1)
+
+    def __iter__(self) -> Any:
+        # a generator: the stage is read when the DataLoader draws the epoch's first batch, after the trainer
+        # synced the clock at the epoch's start (also right after a resume)
+        coming = self.stage_clock.stage_of(self.stage_clock.iteration + 1)
+        yield from self.stage2 if coming == 2 else self.stage1

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
@@ -412,6 +413,13 @@ class UniPETTrainer(Trainer):
         self.mixed_precision = self.precision == "bf16"
         self._device_type = device_type
         self._san_enabled: bool | None = None
+        # the clock also tells the training sampler which stage an epoch is in (stage2_dose_balance): sync it
+        # when each epoch starts, so it is right from the first epoch of a resumed run, before any iteration
+        self.add_event_handler(Events.EPOCH_STARTED, self._sync_stage_clock)
+
+    @staticmethod
+    def _sync_stage_clock(engine: UniPETTrainer) -> None:
+        engine.stage_clock.iteration = engine.state.iteration
 
     # -- helpers -------------------------------------------------------------------------------------
     def stage_of(self, iteration: int) -> int:
