@@ -426,7 +426,7 @@ def test_runs_before_the_locked_validation_keep_their_selection(tmp_path, monkey
     tm.with_align()
     legacy, new, stage1 = runs
     for cmd in (legacy, stage1):
-        assert cmd[-2:] == ["--level_lock_fwhm_mm", "0"], cmd
+        assert cmd[-4:] == ["--level_lock_fwhm_mm", "0", "--track_meta", "False"], cmd  # fire: "False", not "false"
     assert "--level_lock_fwhm_mm" not in new
     # and stage 2 is sampled as each run's own dose_balance says (the 0.5.3 default is 0.5 for stage 2)
     for cmd, balance in ((legacy, "0.5"), (new, "0.5"), (stage1, "0")):

@@ -864,6 +864,49 @@ def test_stage2_dose_balance_switches_the_sampler_at_the_stage_boundary_and_afte
     assert run(resume_at=4) == ["stage2"]
 
 
+def test_stage2_is_drawn_by_its_sampler_from_its_first_iteration_when_a_pass_spans_epochs(tiny_setup):
+    """Ignite keeps one data iterator across epochs until a pass over the data ends: with 3 batches per pass and
+    2 iterations per epoch, the pass started at iteration 4 (stage 1) would still serve iterations 5 and 6 (stage
+    2). The trainer starts a new pass after the last stage-1 iteration, so they come from stage 2's sampler."""
+    from ignite.engine import Events
+
+    from scripts.data.training_data import StageDoseSampler
+
+    gen, critic, _, low, _ = tiny_setup
+    items = [{"image": torch.full_like(low[0], 0.01 * i), "label": torch.full_like(low[0], 0.01 * i)} for i in range(6)]
+    clock = StageClock(4)
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=2, sampler=StageDoseSampler([0, 1, 2, 0, 1, 2], [3, 4, 5, 3, 4, 5], clock)
+    )
+    trainer = UniPETTrainer(
+        device="cpu",
+        max_epochs=3,
+        epoch_length=2,
+        train_data_loader=loader,
+        generator=gen,
+        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
+        critic=critic,
+        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4),
+        stage_clock=clock,
+        align_loss=StyleAlignmentLoss(),
+        critic_loss=RALSCriticLoss(),
+        adv_loss=RALSGeneratorLoss(),
+        mask_fn=lambda x: torch.ones_like(x),
+        critic_pretrain_iterations=1,
+    )
+    drawn: dict[int, set[int]] = {}
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED,
+        lambda e: drawn.setdefault(
+            e.state.iteration, {round(float(v) * 100) for v in e.state.batch["image"][:, 0, 0, 0, 0]}
+        ),
+    )
+    trainer.run()
+    assert set(drawn) == set(range(1, 7))
+    assert all(drawn[i] <= {0, 1, 2} for i in range(1, 5)), drawn
+    assert all(drawn[i] <= {3, 4, 5} for i in range(5, 7)), drawn
+
+
 def test_default_config_samples_stage2_dose_balanced_with_the_trainers_clock():
     """The shipped recipe is train.json's default (0.5.3): uniform stage 1, stage 2 drawn ~ DRF^-0.5, the switch
     read from the one stage clock the trainer also uses."""

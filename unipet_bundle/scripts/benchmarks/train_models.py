@@ -32,8 +32,11 @@ resumes from its own ``checkpoint_latest.pt`` when re-run after an interruption:
 
 The steps that reproduce 0.4.0 runs (``with_align``, ``san_only``) pin ``--align_weight 0.2``, so the changed
 default (0.5.0: ``align_weight`` 0.2 -> 0) does not change what they reproduce; ``psnr_selection`` and the
-full runs (``no_hotspot``, ``no_regional``, ``dose_balanced``) use today's defaults: they are ablations of the
-0.5.0 recipe (stage 2 without L_align). ``branch unipet`` validates every epoch, the other runs every 2
+full runs (``no_hotspot``, ``no_regional``, ``dose_balanced``) use the 0.5.0 defaults: they are ablations of the
+0.5.0 recipe (stage 2 without L_align). Every run here keeps the pre-0.5.3 sampling of stage 2 (its own
+``--dose_balance``) and, except ``focus_low_drf``, the unlocked validation (``UNLOCKED_SELECTION``), so each
+reproduces what it gave. 0.5.2-0.5.3 lesion-safety trials: ``regional_x5``, ``regional_focus``,
+``dose_balanced_s2`` (shipped since 0.5.2), ``focus_balanced``, ``focus_low_drf``. ``branch unipet`` validates every epoch, the other runs every 2
 epochs, so its best checkpoint is picked from twice as many candidates.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
@@ -78,7 +81,7 @@ ALIGN_0_4 = ["--align_weight", "0.2"]
 # below that predate them selected their best checkpoint on the unlocked network and drew stage 2 as stage 1;
 # they keep doing so, so that each reproduces the weights and quality rows it gave (the shipped 0.5.2 weights
 # among them). Runs named in LOCKED_SELECTION_RUNS select on the locked validation (the default).
-UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0"]
+UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0", "--track_meta", "False"]  # the pre-0.5.3 validation config
 LOCKED_SELECTION_RUNS = {"focus_low_drf"}
 
 

@@ -9,8 +9,8 @@ input's, whatever the weights. The price is the input's noise at scales above th
 (measured in the model card: at 20 mm, -0.1 to -0.2 dB at DRF 100, +0.1 to +1 dB at DRF 4-20).
 
 Used by ``inference.json`` (:class:`scripts.inference.residual.NativeResidualSUVd`, on the network grid before
-the correction goes back to the input grid) and ``evaluate.json`` (:class:`LevelLockd`), with one key,
-``level_lock_fwhm_mm``.
+the correction goes back to the input grid) and by ``train.json``'s validation, which ``evaluate.json``
+inherits (:class:`LevelLockd`), with one key, ``level_lock_fwhm_mm``.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ class LevelLockd(MapTransform):
     """The level lock of :class:`scripts.inference.residual.NativeResidualSUVd`, for a prediction on the grid of
     the network input itself.
 
-    ``evaluate.json`` scores the network on each test volume's grid (no return to a native grid); this applies
-    the same lock there, so what is evaluated is what ``inference.json`` writes.
+    Training's validation (which selects the checkpoint) and ``evaluate.json`` score the network on each volume's
+    grid (no return to a native grid); this applies the same lock there, so what is scored is what
+    ``inference.json`` writes. A non-finite prediction is an error (the network has diverged), which ends a
+    training run at that validation.
 
     Args:
         keys: the prediction key (``pred``): (1, x, y, z) in normalised units (SUV / ``suv_max``).

@@ -318,9 +318,10 @@ def dose_balanced_sampler(
 
     ``stage2_dose_balance`` (None: the same as ``dose_balance``) sets stage 2's value on its own; the shipped
     recipe is 0 in stage 1 and 0.5 in stage 2. When the two differ the sampler asks ``stage_clock`` (the
-    trainer's :class:`scripts.engines.gan_trainer.StageClock`, which it syncs at every epoch start) which stage
-    the coming epoch is in, so an epoch that straddles the boundary is drawn with its first iteration's stage
-    (with the default schedule the boundary falls between epochs).
+    trainer's :class:`scripts.engines.gan_trainer.StageClock`) which stage the coming iteration is in whenever
+    the DataLoader starts a pass over the data; :class:`scripts.engines.gan_trainer.UniPETTrainer` syncs the clock
+    when an epoch starts (so a resumed run is right from its first batch) and starts a new pass right after the
+    last stage-1 iteration, so stage 2 is drawn by its own sampler from its first iteration.
 
     Returns:
         None when both stages sample uniformly (the DataLoader then shuffles, as before 0.5.3); a
@@ -331,6 +332,14 @@ def dose_balanced_sampler(
 
     alpha1 = _balance(dose_balance, "dose_balance")
     alpha2 = alpha1 if stage2_dose_balance is None else _balance(stage2_dose_balance, "stage2_dose_balance")
+    if datalist:
+        # --dose_balance alone no longer sets stage 2 (0.5.3): say what each stage draws
+        logger.info(
+            "training pairs drawn ~ DRF^-%g in stage 1 and ~ DRF^-%g in stage 2 (dose_balance, stage2_dose_balance; "
+            "0 = uniform)",
+            alpha1,
+            alpha2,
+        )
     if not datalist or alpha1 == alpha2 == 0.0:
         return None
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
@@ -366,7 +375,7 @@ class StageDoseSampler:
         return len(self.stage1)
 
     def __iter__(self) -> Any:
-        # a generator: the stage is read when the DataLoader draws the epoch's first batch, after the trainer
-        # synced the clock at the epoch's start (also right after a resume)
+        # read when the DataLoader starts a pass: the trainer keeps the clock at the last iteration run, syncs it
+        # when an epoch starts (right after a resume too) and starts a new pass at the stage boundary
         coming = self.stage_clock.stage_of(self.stage_clock.iteration + 1)
         yield from self.stage2 if coming == 2 else self.stage1

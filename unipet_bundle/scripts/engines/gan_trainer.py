@@ -416,10 +416,23 @@ class UniPETTrainer(Trainer):
         # the clock also tells the training sampler which stage an epoch is in (stage2_dose_balance): sync it
         # when each epoch starts, so it is right from the first epoch of a resumed run, before any iteration
         self.add_event_handler(Events.EPOCH_STARTED, self._sync_stage_clock)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._restart_data_at_stage2)
 
     @staticmethod
     def _sync_stage_clock(engine: UniPETTrainer) -> None:
         engine.stage_clock.iteration = engine.state.iteration
+
+    @staticmethod
+    def _restart_data_at_stage2(engine: UniPETTrainer) -> None:
+        """Ignite keeps one data iterator across epochs until it runs out, so a sampler that reads the stage
+        when an iterator starts (``StageDoseSampler``) would serve stage 1's draws into stage 2 for up to a
+        whole pass: start a new iterator right after the last stage-1 iteration."""
+        sampler = getattr(getattr(engine, "data_loader", None), "sampler", None)
+        if (
+            engine.state.iteration == engine.stage_clock.stage1_iterations
+            and getattr(sampler, "stage_clock", None) is engine.stage_clock
+        ):
+            engine.set_data(engine.data_loader)
 
     # -- helpers -------------------------------------------------------------------------------------
     def stage_of(self, iteration: int) -> int:
