@@ -170,7 +170,7 @@ def test_dose_balanced_sampler_equalises_drfs():
         dose_balanced_sampler(datalist, -1.0)
 
 
-def test_stage2_dose_balance_builds_one_sampler_per_stage():
+def test_stage2_dose_balance_builds_one_sampler_per_stage(caplog):
     """0 / 0 stays the DataLoader's shuffle, equal values one weighted sampler (as before 0.5.3), and different
     values a StageDoseSampler whose stage-1 part draws exactly what DataLoader(shuffle=True) draws."""
     from scripts.data.training_data import StageDoseSampler
@@ -180,8 +180,10 @@ def test_stage2_dose_balance_builds_one_sampler_per_stage():
     clock = StageClock(10)
     assert dose_balanced_sampler(datalist, 0.0, 0, 0.0, clock) is None
     assert isinstance(dose_balanced_sampler(datalist, 0.5, 0, None, clock), torch.utils.data.WeightedRandomSampler)
-    sampler = dose_balanced_sampler(datalist, 0.0, 3, 0.5, clock)
+    with caplog.at_level("INFO"):
+        sampler = dose_balanced_sampler(datalist, 0.0, 3, 0.5, clock)
     assert isinstance(sampler, StageDoseSampler) and len(sampler) == 4
+    assert "DRF^-0 in stage 1 and ~ DRF^-0.5 in stage 2" in caplog.text  # --dose_balance alone no longer sets both
     torch.manual_seed(7)
     first = [int(b) for b in torch.utils.data.DataLoader(range(4), sampler=sampler)]  # stage 1: a permutation
     torch.manual_seed(7)

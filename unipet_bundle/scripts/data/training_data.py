@@ -314,7 +314,7 @@ def dose_balanced_sampler(
 
     The L1 loss of a pair grows with its noise, ~sqrt(DRF), so with uniform sampling the highest DRFs
     dominate the gradient; ``dose_balance=0.5`` makes every DRF's expected share of the L1 loss equal,
-    ``0`` is uniform sampling. Sampling is with replacement, ``len(datalist)`` draws per epoch, seeded.
+    ``0`` is uniform sampling. Sampling is with replacement, ``len(datalist)`` draws per pass, seeded.
 
     ``stage2_dose_balance`` (None: the same as ``dose_balance``) sets stage 2's value on its own; the shipped
     recipe is 0 in stage 1 and 0.5 in stage 2. When the two differ the sampler asks ``stage_clock`` (the
@@ -361,7 +361,8 @@ def dose_balanced_sampler(
 
 
 class StageDoseSampler:
-    """Draws each epoch from the sampler of the stage that epoch is in (see :func:`dose_balanced_sampler`).
+    """Draws each pass over the data from the sampler of the stage the pass starts in (see
+    :func:`dose_balanced_sampler`).
 
     Args:
         stage1, stage2: samplers over the same datalist (same length).

@@ -413,8 +413,9 @@ class UniPETTrainer(Trainer):
         self.mixed_precision = self.precision == "bf16"
         self._device_type = device_type
         self._san_enabled: bool | None = None
-        # the clock also tells the training sampler which stage an epoch is in (stage2_dose_balance): sync it
-        # when each epoch starts, so it is right from the first epoch of a resumed run, before any iteration
+        # the clock also tells the training sampler which stage a pass over the data starts in
+        # (stage2_dose_balance): sync it when each epoch starts, so it is right from the first epoch of a resumed
+        # run, before any iteration
         self.add_event_handler(Events.EPOCH_STARTED, self._sync_stage_clock)
         self.add_event_handler(Events.ITERATION_COMPLETED, self._restart_data_at_stage2)
 
@@ -427,12 +428,13 @@ class UniPETTrainer(Trainer):
         """Ignite keeps one data iterator across epochs until it runs out, so a sampler that reads the stage
         when an iterator starts (``StageDoseSampler``) would serve stage 1's draws into stage 2 for up to a
         whole pass: start a new iterator right after the last stage-1 iteration."""
-        sampler = getattr(getattr(engine, "data_loader", None), "sampler", None)
+        loader = engine.state.dataloader
         if (
             engine.state.iteration == engine.stage_clock.stage1_iterations
-            and getattr(sampler, "stage_clock", None) is engine.stage_clock
+            and engine.state.iteration < engine.state.max_epochs * engine.state.epoch_length  # a stage 2 follows
+            and getattr(getattr(loader, "sampler", None), "stage_clock", None) is engine.stage_clock
         ):
-            engine.set_data(engine.data_loader)
+            engine.set_data(loader)
 
     # -- helpers -------------------------------------------------------------------------------------
     def stage_of(self, iteration: int) -> int:
