@@ -170,6 +170,33 @@ def test_dose_balanced_sampler_equalises_drfs():
         dose_balanced_sampler(datalist, -1.0)
 
 
+def test_distributed_sampling_keeps_each_stages_dose_balance():
+    """multi_gpu_train.json (0.5.3): each rank draws its own share with its stage's balance (until 0.5.3 the
+    DistributedSampler ignored dose_balance); the trainer passes the epoch on to the distributed parts."""
+    from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+
+    from scripts.data.training_data import StageDoseSampler
+    from scripts.engines.gan_trainer import StageClock
+
+    datalist = [{"drf": d} for d in (4, 4, 4, 100, 100, 100)]
+    clock = StageClock(10)
+    share = {"distributed": True, "num_replicas": 2, "rank": 0}
+    uniform = dose_balanced_sampler(datalist, 0.0, 0, 0.0, clock, **share)
+    assert isinstance(uniform, DistributedSampler) and len(uniform) == 3  # MONAI's workflow sets its epoch
+    both = dose_balanced_sampler(datalist, 0.5, 0, None, clock, **share)
+    assert isinstance(both, DistributedWeightedRandomSampler) and len(both) == 3
+    staged = dose_balanced_sampler(datalist, 0.0, 0, 0.5, clock, **share)
+    assert isinstance(staged, StageDoseSampler) and len(staged) == 3
+    assert isinstance(staged.stage2, DistributedWeightedRandomSampler)
+    staged.set_epoch(3)
+    assert staged.stage1.epoch == staged.stage2.epoch == 3
+    ranks = [set(dose_balanced_sampler(datalist, 0.0, 0, 0.5, clock, True, 2, r).stage1) for r in (0, 1)]
+    assert ranks[0].isdisjoint(ranks[1]) and ranks[0] | ranks[1] == set(range(6))  # stage 1: disjoint shares
+    clock.iteration = 10
+    draws = [datalist[i]["drf"] for e in range(60) for i in (staged.set_epoch(e), staged)[1]]
+    assert 0.7 < np.mean(np.array(draws) == 4) < 0.95  # stage 2 weighted ~ DRF^-0.5 (5 : 1 per pair)
+
+
 def test_stage2_dose_balance_builds_one_sampler_per_stage(caplog):
     """0 / 0 stays the DataLoader's shuffle, equal values one weighted sampler (as before 0.5.3), and different
     values a StageDoseSampler whose stage-1 part draws exactly what DataLoader(shuffle=True) draws."""

@@ -309,6 +309,9 @@ def dose_balanced_sampler(
     seed: int = 0,
     stage2_dose_balance: float | None = None,
     stage_clock: Any = None,
+    distributed: bool = False,
+    num_replicas: int | None = None,
+    rank: int | None = None,
 ) -> Any:
     """A sampler that draws each (low-dose, full-dose) pair with probability ``~ DRF ** -dose_balance``.
 
@@ -323,10 +326,15 @@ def dose_balanced_sampler(
     when an epoch starts (so a resumed run is right from its first batch) and starts a new pass right after the
     last stage-1 iteration, so stage 2 is drawn by its own sampler from its first iteration.
 
+    ``distributed`` (``multi_gpu_train.json``): each rank draws from its own share of the datalist, with MONAI's
+    ``DistributedSampler`` (uniform) or ``DistributedWeightedRandomSampler`` (``num_replicas``, ``rank``: from the
+    process group unless given).
+
     Returns:
         None when both stages sample uniformly (the DataLoader then shuffles, as before 0.5.3); a
         ``torch.utils.data.WeightedRandomSampler`` when both stages share one nonzero value; otherwise a
-        :class:`StageDoseSampler`.
+        :class:`StageDoseSampler`. Distributed: ``DistributedSampler`` / ``DistributedWeightedRandomSampler``
+        in those two cases (MONAI's workflow sets their epoch), else a :class:`StageDoseSampler` of them.
     """
     import torch
 
@@ -340,11 +348,21 @@ def dose_balanced_sampler(
             alpha1,
             alpha2,
         )
-    if not datalist or alpha1 == alpha2 == 0.0:
+    if not datalist or (alpha1 == alpha2 == 0.0 and not distributed):
         return None
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
 
     def sampler(alpha: float) -> Any:
+        if distributed:
+            from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+
+            share = {"even_divisible": True, "num_replicas": num_replicas, "rank": rank}
+            if alpha == 0.0:
+                return DistributedSampler(range(len(datalist)), shuffle=True, **share)
+            generator = torch.Generator().manual_seed(int(seed))
+            return DistributedWeightedRandomSampler(
+                range(len(datalist)), (drfs**-alpha).tolist(), generator=generator, **share
+            )
         if alpha == 0.0:
             # what DataLoader(shuffle=True) builds: the same draws as a uniform run without this sampler
             return torch.utils.data.RandomSampler(range(len(datalist)))
@@ -374,6 +392,12 @@ class StageDoseSampler:
 
     def __len__(self) -> int:
         return len(self.stage1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to distributed parts (their shuffle follows it); the trainer calls this."""
+        for part in (self.stage1, self.stage2):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
 
     def __iter__(self) -> Any:
         # read when the DataLoader starts a pass: the trainer keeps the clock at the last iteration run, syncs it

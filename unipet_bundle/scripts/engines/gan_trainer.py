@@ -422,6 +422,10 @@ class UniPETTrainer(Trainer):
     @staticmethod
     def _sync_stage_clock(engine: UniPETTrainer) -> None:
         engine.stage_clock.iteration = engine.state.iteration
+        sampler = getattr(engine.state.dataloader, "sampler", None)
+        if getattr(sampler, "stage_clock", None) is engine.stage_clock and hasattr(sampler, "set_epoch"):
+            # MONAI's workflow sets the epoch of a DistributedSampler only; a per-stage sampler of them is ours
+            sampler.set_epoch(engine.state.epoch)
 
     @staticmethod
     def _restart_data_at_stage2(engine: UniPETTrainer) -> None:
