@@ -102,8 +102,9 @@ def tiny_setup():
     return gen, critic, batches, low, full
 
 
-def _trainer(gen, critic, batches, stage1, total, pretrain, recorder=None):
-    return UniPETTrainer(
+def _trainer(gen, critic, batches, stage1, total, pretrain, recorder=None, **overrides):
+    """A tiny two-stage trainer: one epoch of ``total`` iterations unless ``overrides`` say otherwise."""
+    args = dict(
         device="cpu",
         max_epochs=1,
         epoch_length=total,
@@ -119,6 +120,7 @@ def _trainer(gen, critic, batches, stage1, total, pretrain, recorder=None):
         mask_fn=lambda x: torch.ones_like(x),
         critic_pretrain_iterations=pretrain,
     )
+    return UniPETTrainer(**{**args, **overrides})
 
 
 def test_stage1_trains_base_network_only(tiny_setup):
@@ -839,22 +841,7 @@ def test_stage2_dose_balance_switches_the_sampler_at_the_stage_boundary_and_afte
             batch_size=2,
             sampler=StageDoseSampler(Recorder("stage1"), Recorder("stage2"), clock),
         )
-        trainer = UniPETTrainer(
-            device="cpu",
-            max_epochs=3,
-            epoch_length=2,
-            train_data_loader=loader,
-            generator=gen,
-            g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
-            critic=critic,
-            d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4),
-            stage_clock=clock,
-            align_loss=StyleAlignmentLoss(),
-            critic_loss=RALSCriticLoss(),
-            adv_loss=RALSGeneratorLoss(),
-            mask_fn=lambda x: torch.ones_like(x),
-            critic_pretrain_iterations=1,
-        )
+        trainer = _trainer(gen, critic, loader, stage1=4, total=2, pretrain=1, max_epochs=3, stage_clock=clock)
         if resume_at:  # what MONAI's CheckpointLoader restores
             trainer.state.iteration, trainer.state.epoch = resume_at, resume_at // 2
         trainer.run()
@@ -878,22 +865,8 @@ def test_stage2_is_drawn_by_its_sampler_from_its_first_iteration_when_a_pass_spa
     loader = torch.utils.data.DataLoader(
         items, batch_size=2, sampler=StageDoseSampler([0, 1, 2, 0, 1, 2], [3, 4, 5, 3, 4, 5], clock)
     )
-    trainer = UniPETTrainer(
-        device="cpu",
-        max_epochs=3,
-        epoch_length=2,
-        train_data_loader=loader,
-        generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
-        critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4),
-        stage_clock=clock,
-        align_loss=StyleAlignmentLoss(),
-        critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: torch.ones_like(x),
-        critic_pretrain_iterations=1,
-    )
+    # 2 epochs of 2 iterations in stage 1, then stage 2
+    trainer = _trainer(gen, critic, loader, stage1=4, total=2, pretrain=1, max_epochs=3, stage_clock=clock)
     drawn: dict[int, set[int]] = {}
     trainer.add_event_handler(
         Events.ITERATION_STARTED,

@@ -91,10 +91,16 @@ def _pre_0_5_3(extra: list[str]) -> list[str]:
     return ["--stage2_dose_balance", balance]
 
 
+# the stage-2 overrides the lesion-safety trials build on: 0.5.0's UniPET (stage 2 without L_align, validated every
+# epoch), its dose-balanced variant (shipped since 0.5.2) and the hot-spot-focused regional loss (0.5.2 trial)
+UNIPET_S2 = ["--align_weight", "0", "--val_interval", "1"]
+DOSE_BALANCED_S2 = [*UNIPET_S2, "--dose_balance", "0.5"]
+REGIONAL_FOCUS = ["--regional_weight", "1.0", "--regional_max_focus", "4"]
+
 # name -> overrides of configs/train.json for the branches from the end of stage 1
 BRANCHES: dict[str, list[str]] = {
     # the shipped UniPET (0.5.0): stage 2 without L_align; validated every epoch (the other runs: every 2)
-    "unipet": ["--align_weight", "0", "--val_interval", "1"],
+    "unipet": [*UNIPET_S2],
     "vanilla": ["--stage1_epochs", str(EPOCHS)],
     "san_only": ["--adv_weight", "0", *ALIGN_0_4],
     "rals_only": ["--train_san", "false", "--align_weight", "0"],
@@ -102,52 +108,16 @@ BRANCHES: dict[str, list[str]] = {
     "reference_weights": ["--align_weight", "0.001", "--adv_weight", "0.001"],  # 0.2.0's loss weights
     "psnr_selection": ["--selection_metric", "val_psnr"],  # best checkpoint by PSNR alone
     # 0.5.2 lesion-safety trials: the shipped recipe (unipet) with a stronger regional SUV-consistency loss
-    "regional_x5": ["--align_weight", "0", "--val_interval", "1", "--regional_weight", "1.0"],
-    "regional_focus": [
-        "--align_weight",
-        "0",
-        "--val_interval",
-        "1",
-        "--regional_weight",
-        "1.0",
-        "--regional_max_focus",
-        "4",
-    ],
+    "regional_x5": [*UNIPET_S2, "--regional_weight", "1.0"],
+    "regional_focus": [*UNIPET_S2, *REGIONAL_FOCUS],
     # the shipped UniPET since 0.5.2: the 0.5.0 recipe (unipet) with dose-balanced sampling in stage 2 (every DRF an
     # equal expected share of the L1 loss; uniform sampling let the high DRFs dominate and over-smoothed DRF 4)
-    "dose_balanced_s2": ["--align_weight", "0", "--val_interval", "1", "--dose_balance", "0.5"],
-    # 0.5.3 trials, not shipped (model card): dose_balanced_s2 plus the hot-spot-focused regional term
-    # (regional_focus), weighted per patch by (DRF / 4) ** -0.5, meant to act where lesions lose most (low DRF) and
-    # not where the focus cost PSNR (DRF 50-100); it kept lesions at DRF 4-20 but left noise at DRF 50-100
-    "focus_balanced": [
-        "--align_weight",
-        "0",
-        "--val_interval",
-        "1",
-        "--dose_balance",
-        "0.5",
-        "--regional_weight",
-        "1.0",
-        "--regional_max_focus",
-        "4",
-        "--regional_drf_exponent",
-        "0.5",
-    ],
-    # the same with the regional term falling as 1 / DRF: DRF 50-100 got worse still (the low-DRF focus leaks)
-    "focus_low_drf": [
-        "--align_weight",
-        "0",
-        "--val_interval",
-        "1",
-        "--dose_balance",
-        "0.5",
-        "--regional_weight",
-        "1.0",
-        "--regional_max_focus",
-        "4",
-        "--regional_drf_exponent",
-        "1.0",
-    ],
+    "dose_balanced_s2": [*DOSE_BALANCED_S2],
+    # 0.5.3 trials, not shipped (model card): dose_balanced_s2 plus the hot-spot-focused regional term, weighted per
+    # patch by (DRF / 4) ** -exponent, meant to act where lesions lose most (low DRF) and not where the focus cost
+    # PSNR (DRF 50-100); both kept lesions at DRF 4-20 but left noise at DRF 50-100, the 1 / DRF weighting no less
+    "focus_balanced": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "0.5"],
+    "focus_low_drf": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"],
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but

@@ -422,23 +422,28 @@ class UniPETTrainer(Trainer):
     @staticmethod
     def _sync_stage_clock(engine: UniPETTrainer) -> None:
         engine.stage_clock.iteration = engine.state.iteration
-        sampler = getattr(engine.state.dataloader, "sampler", None)
-        if getattr(sampler, "stage_clock", None) is engine.stage_clock and hasattr(sampler, "set_epoch"):
+        sampler = UniPETTrainer._stage_sampler(engine)
+        if hasattr(sampler, "set_epoch"):
             # MONAI's workflow sets the epoch of a DistributedSampler only; a per-stage sampler of them is ours
             sampler.set_epoch(engine.state.epoch)
+
+    @staticmethod
+    def _stage_sampler(engine: UniPETTrainer) -> Any:
+        """The data loader's sampler when it draws by this trainer's stage clock (``StageDoseSampler``), else None."""
+        sampler = getattr(engine.state.dataloader, "sampler", None)
+        return sampler if getattr(sampler, "stage_clock", None) is engine.stage_clock else None
 
     @staticmethod
     def _restart_data_at_stage2(engine: UniPETTrainer) -> None:
         """Ignite keeps one data iterator across epochs until it runs out, so a sampler that reads the stage
         when an iterator starts (``StageDoseSampler``) would serve stage 1's draws into stage 2 for up to a
         whole pass: start a new iterator right after the last stage-1 iteration."""
-        loader = engine.state.dataloader
         if (
             engine.state.iteration == engine.stage_clock.stage1_iterations
             and engine.state.iteration < engine.state.max_epochs * engine.state.epoch_length  # a stage 2 follows
-            and getattr(getattr(loader, "sampler", None), "stage_clock", None) is engine.stage_clock
+            and UniPETTrainer._stage_sampler(engine) is not None
         ):
-            engine.set_data(loader)
+            engine.set_data(engine.state.dataloader)
 
     # -- helpers -------------------------------------------------------------------------------------
     def stage_of(self, iteration: int) -> int:
