@@ -26,7 +26,8 @@ def test_cpu_only_machine_says_so_and_dry_runs_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = _cli(["--out", str(out), "--iterations", "2"])
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    kept = "".join(f"\n--- {p.name} (last 6000 characters)\n{p.read_text()[-6000:]}" for p in tmp_path.glob("*.log"))
+    assert proc.returncode == 0, log[-4000:] + kept
     assert "No CUDA device" in log and "DRY RUN" in log
     result = json.loads(out.read_text())
     assert result["cuda"] is False and result["dry_run"] is True and result["errors"] == {}
@@ -131,3 +132,20 @@ def test_default_is_chosen_by_the_rule():
     native = _result()
     native["ran_as"]["bf16"] = "fp32"
     assert choose_default(native) == ("fp32", "bf16 is not native on this machine (fell back to fp32)")
+
+
+def test_a_dying_subprocess_keeps_its_cause_and_its_whole_log(tmp_path, monkeypatch):
+    # a rank killed by a C++ abort prints no "Error" line, and torchrun's own report fills the tail
+    abort = "terminate called after throwing an instance of 'gloo::EnforceNotMet'"
+    log = (
+        "startup\n" * 50 + f"{abort}\n  what():  [enforce fail at pair.cc:1] peer closed\n" + "torchrun report\n" * 200
+    )
+    monkeypatch.setattr(gpu_check, "_run_logged", lambda cmd, env, timeout: (1, log, 0.1))
+    out = tmp_path / "g.json"
+    assert gpu_check.run(out=str(out), sections=["multi_gpu_train"]) == 1
+    msg = json.loads(out.read_text())["errors"]["multi_gpu_train"]
+    assert msg.startswith("SubprocessSectionError: torchrun multi_gpu_train.json failed (exit 1)")
+    assert abort in msg and "what():  [enforce fail" in msg
+    kept = tmp_path / "g.multi_gpu_train.log"
+    assert f"(whole log: {kept})" in msg and kept.read_text() == log
+    assert not list(tmp_path.glob("*.tmp*"))

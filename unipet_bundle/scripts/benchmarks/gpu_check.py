@@ -54,7 +54,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.common.errors import UniPETInputError
-from scripts.common.io import atomic_write_json
+from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.options import as_bool
 from scripts.data.io import save_nifti
 from scripts.engines.gan_trainer import UniPETTrainer
@@ -313,14 +313,27 @@ def _run_logged(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return code, log, time.perf_counter() - t0
 
 
+# what a dying process leaves behind: Python errors, and the C++ aborts (gloo, OpenMP) that print no "Error"
+_FATAL_MARKERS = ("terminate called", "what():", "enforce fail", "fatal python error", "segmentation fault", "aborted")
+
+
 def _log_summary(log: str, tail: int = 600) -> str:
     """The error lines of a subprocess log (first few, de-duplicated) and its last ``tail`` characters."""
     errors: list[str] = []
     for line in log.splitlines():
         text = line.split("]: ", 1)[-1].strip()  # torchrun prefixes "[rankN]: "
-        if ("Error" in text or text.lower().startswith("error")) and text not in errors:
+        fatal = "Error" in text or text.lower().startswith("error") or any(m in text.lower() for m in _FATAL_MARKERS)
+        if fatal and text not in errors:
             errors.append(text)
-    return " | ".join(errors[:4]) + " ... " + log[-tail:].replace("\n", " ")
+    return " | ".join(errors[:6]) + " ... " + log[-tail:].replace("\n", " ")
+
+
+class SubprocessSectionError(RuntimeError):
+    """A section's subprocess failed; ``log`` is its whole output, which ``run`` keeps beside the JSON."""
+
+    def __init__(self, what: str, code: int, log: str) -> None:
+        super().__init__(f"{what} failed (exit {code}): {_log_summary(log)}")
+        self.log = log
 
 
 def _env() -> dict[str, str]:
@@ -354,7 +367,7 @@ def inference_e2e_section(dev: torch.device, dry: bool, work: Path, timeout: flo
     with DeviceMemoryPoller(dev.type == "cuda") as mem:
         code, log, sec = _run_logged(cmd, _env(), timeout)
     if code != 0 or not (out / "quadra_study_denoised.nii.gz").is_file():
-        raise RuntimeError(f"inference.json run failed (exit {code}): {_log_summary(log)}")
+        raise SubprocessSectionError("inference.json run", code, log)
     return {
         "inference_e2e": {
             "seconds": sec,
@@ -430,7 +443,7 @@ def train_workflow_section(dev: torch.device, dry: bool, work: Path, timeout: fl
     with DeviceMemoryPoller(dev.type == "cuda") as mem:
         code, log, sec = _run_logged(cmd, _env(), timeout)
     if code != 0 or not (run_dir / "ckpt" / "model.pt").is_file():
-        raise RuntimeError(f"train.json run failed (exit {code}): {_log_summary(log)}")
+        raise SubprocessSectionError("train.json run", code, log)
     return {
         "train_workflow": {
             "seconds_incl_startup": sec,
@@ -459,7 +472,7 @@ def evaluate_section(dev: torch.device, dry: bool, work: Path, timeout: float) -
         code, log, sec = _run_logged(cmd, _env(), timeout)
     summary = run_dir / "runs" / "eval" / "summary.json"
     if code != 0 or not summary.is_file():
-        raise RuntimeError(f"evaluate.json run failed (exit {code}): {_log_summary(log)}")
+        raise SubprocessSectionError("evaluate.json run", code, log)
     return {
         "evaluate": {
             "seconds_incl_startup": sec,
@@ -495,7 +508,7 @@ def multi_gpu_section(dev: torch.device, dry: bool, work: Path, timeout: float) 
     with DeviceMemoryPoller(cuda) as mem:
         code, log, sec = _run_logged(cmd, env, timeout)
     if code != 0 or not (run_dir / "ckpt" / "checkpoint_latest.pt").is_file():
-        raise RuntimeError(f"torchrun multi_gpu_train.json failed (exit {code}): {_log_summary(log)}")
+        raise SubprocessSectionError("torchrun multi_gpu_train.json", code, log)
     return {
         "multi_gpu_train": {
             "seconds_incl_startup": sec,
@@ -592,6 +605,10 @@ def run(
                 logger.info("section %s done in %.1f s", name, time.perf_counter() - t0)
             except Exception as exc:  # one failing section must not hide the others' numbers
                 msg = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, SubprocessSectionError):  # the whole log, for what the summary cut
+                    log_path = _section_log_path(Path(out), name)
+                    atomic_write(log_path, lambda tmp, text=exc.log: tmp.write_text(text))
+                    msg += f" (whole log: {log_path})"
                 result["errors"][name] = msg
                 logger.debug(traceback.format_exc())
                 print(
@@ -607,6 +624,11 @@ def run(
     _print_table(result)
     print(f"wrote {out}")
     return 1 if result["errors"] else 0
+
+
+def _section_log_path(out: Path, section: str) -> Path:
+    """Where a failed subprocess section's whole log is kept: beside the JSON, named for the section."""
+    return out.with_name(f"{out.stem}.{section}.log")
 
 
 def _print_table(result: dict[str, Any]) -> None:
