@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import BUNDLE_ROOT, run_python
+from conftest import BUNDLE_ROOT, bundle_parser, run_python
 from scripts.common.weights import load_checkpoint
 from scripts.data.io import save_nifti
 from scripts.engines.gan_trainer import UniPETTrainer
@@ -811,6 +811,72 @@ def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
             regional_weight=1.0,
             regional_drf_exponent=-1.0,
         )
+
+
+def test_regional_term_is_weighted_by_the_noise_each_patch_shows(tiny_setup):
+    """regional_noise_exponent (0.5.4): each patch's regional term weighs min(1, (sigma / reference) ** -exponent),
+    sigma = std(low - full) over the patch, and multiplies the DRF weight when both are set."""
+    from scripts.losses.regional import RegionalSUVLoss
+
+    gen, _, _, low, full = tiny_setup
+    loss = RegionalSUVLoss((3, 5), max_focus=2.0)
+    noisy = full + 0.2 * torch.randn_like(full)  # patch 1 much noisier than patch 0
+    low2 = torch.cat([low[:1], noisy[1:]])
+    sigma = (low2 - full).flatten(1).std(dim=1)
+    assert sigma[1] > 2 * sigma[0]
+    ref = float(sigma[0]) * 2.0  # patch 0 is below the reference (weight capped at 1), patch 1 above it
+
+    def run(batch: dict, **knobs) -> tuple[float, UniPET]:
+        torch.manual_seed(0)
+        g = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+        with torch.no_grad():
+            g.output_conv.weight.normal_(0, 0.05)
+        trainer = UniPETTrainer(
+            device="cpu",
+            max_epochs=1,
+            epoch_length=1,
+            train_data_loader=[batch],
+            generator=g,
+            g_optimizer=torch.optim.SGD(g.parameters(), lr=0.0),
+            stage1_iterations=1,
+            regional_loss=loss,
+            regional_weight=1.0,
+            **knobs,
+        )
+        trainer.run()
+        return trainer.state.output["g_regional"], g
+
+    batch = {"image": low2, "label": full, "drf": torch.tensor([4.0, 100.0])}
+    weighted, g = run(batch, regional_noise_exponent=1.0, regional_noise_reference=ref)
+    with torch.no_grad():
+        pred = g(low2)
+    expected = torch.tensor([1.0, ref / float(sigma[1])])
+    assert abs(weighted - float(loss(pred, full, sample_weight=expected))) < 1e-6
+    plain, _ = run(batch)
+    assert abs(plain - float(loss(pred, full))) < 1e-6 and abs(weighted - plain) > 1e-6
+    both, _ = run(batch, regional_noise_exponent=1.0, regional_noise_reference=ref, regional_drf_exponent=0.5)
+    assert abs(both - float(loss(pred, full, sample_weight=expected * torch.tensor([1.0, 0.2])))) < 1e-6
+    for bad in ({"regional_noise_exponent": -1.0}, {"regional_noise_reference": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UniPETTrainer(
+                device="cpu",
+                max_epochs=1,
+                train_data_loader=[batch],
+                generator=gen,
+                g_optimizer=torch.optim.SGD(gen.parameters(), lr=0.0),
+                regional_loss=loss,
+                stage1_iterations=1,
+                regional_weight=1.0,
+                **bad,
+            )
+
+
+def test_train_json_hands_the_noise_weighting_to_the_trainer_in_its_units():
+    """The config gives the reference in SUV; the trainer works in normalised SUV (divided by suv_max)."""
+    parser = bundle_parser(("train.json",), regional_noise_exponent=2.0, regional_noise_reference_suv=0.5, suv_max=25.0)
+    assert parser.get_parsed_content("train#trainer#regional_noise_exponent") == 2.0
+    assert abs(parser.get_parsed_content("train#trainer#regional_noise_reference") - 0.02) < 1e-12
+    assert bundle_parser(("train.json",)).get_parsed_content("regional_noise_exponent") == 0.0  # off by default
 
 
 def test_stage2_dose_balance_switches_the_sampler_at_the_stage_boundary_and_after_a_resume(tiny_setup):

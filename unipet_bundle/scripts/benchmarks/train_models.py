@@ -34,9 +34,10 @@ The steps that reproduce 0.4.0 runs (``with_align``, ``san_only``) pin ``--align
 default (0.5.0: ``align_weight`` 0.2 -> 0) does not change what they reproduce; ``psnr_selection`` and the
 full runs (``no_hotspot``, ``no_regional``, ``dose_balanced``) use the 0.5.0 defaults: they are ablations of the
 0.5.0 recipe (stage 2 without L_align). Every run here keeps the pre-0.5.3 sampling of stage 2 (its own
-``--dose_balance``) and, except ``focus_low_drf``, the unlocked validation (``UNLOCKED_SELECTION``), so each
+``--dose_balance``) and, except ``LOCKED_SELECTION_RUNS``, the unlocked validation (``UNLOCKED_SELECTION``), so each
 reproduces what it gave. 0.5.2-0.5.3 lesion-safety trials: ``regional_x5``, ``regional_focus``,
-``dose_balanced_s2`` (shipped since 0.5.2), ``focus_balanced``, ``focus_low_drf``. ``branch unipet`` validates every epoch, the other runs every 2
+``dose_balanced_s2`` (shipped since 0.5.2), ``focus_balanced``, ``focus_low_drf``; 0.5.4: ``focus_noise``,
+``focus_noise_sq`` (the focus weighted by each patch's visible noise, ``regional_noise_exponent`` 1 / 2). ``branch unipet`` validates every epoch, the other runs every 2
 epochs, so its best checkpoint is picked from twice as many candidates.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
@@ -82,7 +83,7 @@ ALIGN_0_4 = ["--align_weight", "0.2"]
 # they keep doing so, so that each reproduces the weights and quality rows it gave (the shipped 0.5.2 weights
 # among them). Runs named in LOCKED_SELECTION_RUNS select on the locked validation (the default).
 UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0", "--track_meta", "False"]  # the pre-0.5.3 validation config
-LOCKED_SELECTION_RUNS = {"focus_low_drf"}
+LOCKED_SELECTION_RUNS = {"focus_low_drf", "focus_noise", "focus_noise_sq"}
 
 
 def _pre_0_5_3(extra: list[str]) -> list[str]:
@@ -118,6 +119,10 @@ BRANCHES: dict[str, list[str]] = {
     # PSNR (DRF 50-100); both kept lesions at DRF 4-20 but left noise at DRF 50-100, the 1 / DRF weighting no less
     "focus_balanced": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "0.5"],
     "focus_low_drf": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"],
+    # 0.5.4 trial: the focus weighted by the noise each patch shows (what the network can see) instead of its DRF label,
+    # which on the randomised data tells a patch's noise only loosely (correlation 0.5 of the logs)
+    "focus_noise": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_noise_exponent", "1.0"],
+    "focus_noise_sq": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_noise_exponent", "2.0"],  # inverse variance
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but

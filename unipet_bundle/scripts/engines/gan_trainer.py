@@ -268,6 +268,12 @@ class UniPETTrainer(Trainer):
             cannot be told from a noise peak, so pressing on its local maximum there buys noise, not lesions;
             at low DRF it is cheap. A batch without ``drf`` is an error when the exponent is set. The weights are
             not renormalised: patches above the reference DRF simply count less.
+        regional_noise_exponent, regional_noise_reference: each patch's regional term is also weighted by
+            ``min(1, (sigma / regional_noise_reference) ** -regional_noise_exponent)`` (0: off), where ``sigma`` is
+            the standard deviation of ``low - full`` over the patch, in the trainer's units (normalised SUV; the
+            config gives the reference in SUV). The noise a window shows, unlike its DRF label, is what the
+            network can see: on randomised data a DRF-4 patch of a low-count study can be noisier than a DRF-20
+            patch of another (training only: inference needs nothing). Multiplies the DRF weight when both are set.
         stage_clock: the :class:`StageClock` shared with the schedule and the best-checkpoint saver; when
             given, ``stage1_iterations`` must be left at 0 or agree with it.
         monitor_interval: every this many iterations (0: never) the output also holds the generator
@@ -323,6 +329,8 @@ class UniPETTrainer(Trainer):
         regional_weight: float = 0.0,
         regional_drf_exponent: float = 0.0,
         regional_drf_reference: float = 4.0,
+        regional_noise_exponent: float = 0.0,
+        regional_noise_reference: float = 0.0125,
         stage_clock: StageClock | None = None,
         monitor_interval: int = 0,
         n_critic: int = 1,
@@ -394,6 +402,12 @@ class UniPETTrainer(Trainer):
             raise ValueError(f"regional_drf_exponent must be a finite number >= 0, got {regional_drf_exponent}")
         if not (self.regional_drf_reference > 0 and math.isfinite(self.regional_drf_reference)):
             raise ValueError(f"regional_drf_reference must be a finite number > 0, got {regional_drf_reference}")
+        self.regional_noise_exponent = float(regional_noise_exponent)
+        self.regional_noise_reference = float(regional_noise_reference)
+        if not (self.regional_noise_exponent >= 0 and math.isfinite(self.regional_noise_exponent)):
+            raise ValueError(f"regional_noise_exponent must be a finite number >= 0, got {regional_noise_exponent}")
+        if not (self.regional_noise_reference > 0 and math.isfinite(self.regional_noise_reference)):
+            raise ValueError(f"regional_noise_reference must be a finite number > 0, got {regional_noise_reference}")
         self._regional_sample_weight: torch.Tensor | None = None
         if self.regional_weight > 0 and regional_loss is None:
             raise ValueError("regional_weight > 0 needs a regional_loss (scripts.losses.regional.RegionalSUVLoss)")
@@ -486,11 +500,26 @@ class UniPETTrainer(Trainer):
             return self.regional_loss(pred, full)
         return self.regional_loss(pred, full, sample_weight=w.to(pred.device))
 
-    def _set_regional_sample_weight(self, batchdata: Any, n: int) -> None:
-        """Per-patch weights of the regional term from the batch's DRFs (``regional_drf_exponent``), or None."""
+    def _set_regional_sample_weight(self, batchdata: Any, low: torch.Tensor, full: torch.Tensor) -> None:
+        """Per-patch weights of the regional term from the batch's DRFs (``regional_drf_exponent``) and the noise
+        each patch shows (``regional_noise_exponent``), or None when neither is set. ``low``, ``full``: the
+        (B, 1, X, Y, Z) prepared batch."""
         self._regional_sample_weight = None
-        if self.regional_drf_exponent == 0 or self.regional_weight <= 0 or self.regional_loss is None:
+        if self.regional_weight <= 0 or self.regional_loss is None:
             return
+        weight = torch.ones(low.shape[0], dtype=torch.float32)
+        if self.regional_drf_exponent > 0:
+            weight = weight * self._drf_weight(batchdata, low.shape[0])
+        if self.regional_noise_exponent > 0:
+            with torch.no_grad():
+                sigma = (low.float() - full.float()).flatten(1).std(dim=1).cpu()
+            ratio = sigma.clamp_min(1e-12) / self.regional_noise_reference
+            weight = weight * ratio.pow(-self.regional_noise_exponent).clamp(max=1.0)
+        if self.regional_drf_exponent > 0 or self.regional_noise_exponent > 0:
+            self._regional_sample_weight = weight
+
+    def _drf_weight(self, batchdata: Any, n: int) -> torch.Tensor:
+        """``(drf / regional_drf_reference) ** -regional_drf_exponent`` per patch, from the batch's ``drf`` key."""
         drf = batchdata.get("drf") if isinstance(batchdata, Mapping) else None
         if drf is None:
             raise ValueError(
@@ -506,7 +535,7 @@ class UniPETTrainer(Trainer):
             raise ValueError(f"batch 'drf' must hold one DRF per patch, got {values}: {exc}") from exc
         if drf_t.numel() != n or not bool(torch.all(drf_t > 0)):
             raise ValueError(f"batch 'drf' must hold one DRF > 0 per patch ({n}), got {drf_t.tolist()}")
-        self._regional_sample_weight = (drf_t / self.regional_drf_reference) ** -self.regional_drf_exponent
+        return (drf_t / self.regional_drf_reference) ** -self.regional_drf_exponent
 
     def _autocast(self):
         return autocast(self.precision, self._device_type)
@@ -541,7 +570,7 @@ class UniPETTrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         low, full = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        engine._set_regional_sample_weight(batchdata, low.shape[0])
+        engine._set_regional_sample_weight(batchdata, low, full)
         engine.state.output = output = {Keys.IMAGE: low, Keys.LABEL: full}
         engine.stage_clock.iteration = engine.state.iteration
         phase = engine.phase_of(engine.state.iteration)

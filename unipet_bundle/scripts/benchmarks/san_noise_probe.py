@@ -1,0 +1,221 @@
+"""What do a trained UniPET's SAN latents know? A linear probe of the noise level and of the DRF (issue 15).
+
+The label-free SAN must read how noisy a window is. This probe draws tissue-centred windows (the training patch
+size) from paired studies, at the same places for every DRF, runs the network's SAN on each, and fits a ridge
+regression from the concatenated latents to
+
+* ``log_noise``: the log of the window's true noise, the standard deviation of ``low - full`` over the window
+  (SUV), which the network can see;
+* ``log_drf``: the log of the study's DRF label, which on randomised data (count levels that vary by subject)
+  tells a window's noise only loosely.
+
+Each fit is scored leave-one-subject-out (R^2 and the median relative error of the predicted value), next to the
+same probe on two hand-made features (log std of a high-pass of the window, log window mean) as a baseline.
+R^2 near 1: the latents carry that quantity; near or below 0: they do not (beyond its mean).
+
+    cd unipet_bundle && python -m scripts.benchmarks.san_noise_probe --checkpoint models/model.pt \
+        --dataset_dir DIR [--datalist_file DIR/datalist.json] [--split "[validation,test]"] [--windows 24] \
+        [--output runs/benchmarks/san_noise_probe.json]
+
+The windows are the stored arrays divided by ``suv_max`` (no reorientation): the probe measures what the latents
+hold, not the network's quality. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
+from scripts.common.io import atomic_write_json, check_output_path
+from scripts.common.weights import load_network_weights
+from scripts.data.io import load_nifti
+from scripts.data.training_data import paired_datalist
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
+logger = logging.getLogger("unipet.benchmark")
+
+
+def loso_ridge(features: np.ndarray, target: np.ndarray, groups: np.ndarray, lam: float = 0.01) -> dict[str, float]:
+    """Leave-one-group-out ridge regression of ``target`` (N,) on ``features`` (N, F), standardised on each fold's
+    training part; ``lam`` scales the penalty per training sample. Returns ``r2`` (1 - SSE / SST over the held-out
+    predictions) and ``median_rel_error`` (median |exp(pred - target) - 1|: the relative error of the predicted
+    value for a log target). Needs at least two groups."""
+    features = np.asarray(features, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    groups = np.asarray(groups)
+    if len(np.unique(groups)) < 2:
+        raise UniPETInputError("the probe needs windows from at least two subjects (leave-one-subject-out)")
+    pred = np.zeros_like(target)
+    for g in np.unique(groups):
+        train, test = groups != g, groups == g
+        mu, sd = features[train].mean(0), features[train].std(0) + 1e-8
+        a = np.c_[(features[train] - mu) / sd, np.ones(train.sum())]
+        penalty = lam * train.sum() * np.eye(a.shape[1])
+        penalty[-1, -1] = 0.0  # the intercept is not shrunk
+        w = np.linalg.solve(a.T @ a + penalty, a.T @ target[train])
+        pred[test] = np.c_[(features[test] - mu) / sd, np.ones(test.sum())] @ w
+    sst = float(((target - target.mean()) ** 2).sum())
+    return {
+        "r2": 1.0 - float(((pred - target) ** 2).sum()) / max(sst, 1e-12),
+        "median_rel_error": float(np.median(np.abs(np.exp(pred - target) - 1.0))),
+    }
+
+
+def simple_features(windows: np.ndarray) -> np.ndarray:
+    """The baseline's features of windows (N, 1, D, H, W): log std of a 1D second difference along the last axis
+    (a high-pass: noise plus edges) and log mean, (N, 2)."""
+    hp = windows - 0.5 * (np.roll(windows, 1, -1) + np.roll(windows, -1, -1))
+    return np.stack(
+        [np.log(hp.std(axis=(1, 2, 3, 4)) + 1e-6), np.log(np.abs(windows.mean(axis=(1, 2, 3, 4))) + 1e-6)], 1
+    )
+
+
+def draw_windows(
+    entries: Sequence[dict[str, Any]], size: int, per_subject: int, threshold_suv: float, seed: int
+) -> list[dict[str, Any]]:
+    """Per entry (one low-dose study of a subject), ``per_subject`` windows of ``size``^3 voxels (SUV) centred on
+    full-dose tissue above ``threshold_suv``, at the same centres for every DRF of a subject."""
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    centres: dict[str, np.ndarray] = {}
+    fulls: dict[str, np.ndarray] = {}
+    out = []
+    for e in entries:
+        subject = str(e["subject"])
+        if subject not in fulls:
+            full, _ = load_nifti(e["label"], mmap=False)
+            if min(full.shape) < size:
+                raise UniPETInputError(f"{e['label']}: shape {list(full.shape)} is smaller than the {size}^3 window")
+            inner = full[half : full.shape[0] - half, half : full.shape[1] - half, half : full.shape[2] - half]
+            cand = np.argwhere(inner > threshold_suv) + half
+            if len(cand) == 0:
+                raise UniPETInputError(f"{e['label']}: no voxel above {threshold_suv} SUV to centre a window on")
+            centres[subject] = cand[rng.choice(len(cand), min(per_subject, len(cand)), replace=False)]
+            fulls[subject] = full
+        low, _ = load_nifti(e["image"], mmap=False)
+        cut = [tuple(slice(c - half, c - half + size) for c in ctr) for ctr in centres[subject]]
+        out.append(
+            {
+                "subject": subject,
+                "drf": float(e["drf"]),
+                "low": np.stack([low[s] for s in cut])[:, None].astype(np.float32),
+                "full": np.stack([fulls[subject][s] for s in cut])[:, None].astype(np.float32),
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def san_latents(net: torch.nn.Module, windows: np.ndarray, batch: int = 8) -> np.ndarray:
+    """The concatenated SAN latents (N, n_stages * latent_dim) of normalised windows (N, 1, D, H, W)."""
+    if getattr(net, "san", None) is None:
+        raise UniPETInputError("this network has no SAN (use_san false): there are no latents to probe")
+    net.eval()
+    parts = []
+    for i in range(0, len(windows), batch):
+        x = torch.from_numpy(windows[i : i + batch])
+        parts.append(torch.cat([z.float() for z in net.san(net.input_conv(x))], dim=1).numpy())
+    return np.concatenate(parts)
+
+
+def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, ridge: float = 0.01) -> dict[str, Any]:
+    """The probe's table: ``{feature set: {target: loso_ridge(...)}}`` plus the number of windows and subjects."""
+    low = np.concatenate([d["low"] for d in drawn])
+    full = np.concatenate([d["full"] for d in drawn])
+    groups = np.concatenate([[d["subject"]] * len(d["low"]) for d in drawn])
+    drf = np.concatenate([[d["drf"]] * len(d["low"]) for d in drawn])
+    noise = (low - full).reshape(len(low), -1).std(axis=1)
+    targets = {"log_noise": np.log(np.maximum(noise, 1e-9)), "log_drf": np.log(drf)}
+    feats = {"san_latents": san_latents(net, low / suv_max), "simple_features": simple_features(low / suv_max)}
+    table = {name: {t: loso_ridge(f, y, groups, ridge) for t, y in targets.items()} for name, f in feats.items()}
+    noise_by_drf = {
+        f"{d:g}": [float(q) for q in np.quantile(noise[drf == d], [0.1, 0.5, 0.9])] for d in sorted(set(drf.tolist()))
+    }
+    return {
+        "windows": int(len(low)),
+        "subjects": int(len(np.unique(groups))),
+        "probe": table,
+        "corr_log_drf_log_noise": float(np.corrcoef(targets["log_drf"], targets["log_noise"])[0, 1]),
+        "window_noise_suv_q10_q50_q90_by_drf": noise_by_drf,
+    }
+
+
+def run(
+    checkpoint: str = "models/model.pt",
+    dataset_dir: str = "",
+    datalist_file: str = "",
+    split: str | Sequence[str] = ("validation", "test"),
+    windows: int = 24,
+    threshold_suv: float = 0.5,
+    config_file: str = "configs/train.json",
+    seed: int = 0,
+    ridge: float = 0.01,
+    output: str = "runs/benchmarks/san_noise_probe.json",
+    overwrite: bool = True,
+) -> dict[str, Any]:
+    """Probe ``checkpoint``'s SAN latents on ``split`` of a paired dataset; print the table and write ``output``.
+
+    Args:
+        checkpoint: UniPET weights (a network with a SAN), read with the bundle's one weight loader (strict).
+        dataset_dir: the paired dataset folder (``scripts.data.pairs`` layout).
+        datalist_file: its datalist JSON (empty: split ``dataset_dir`` by subject as ``train.json`` does).
+        split: the datalist split(s) to draw from (default validation and test: subjects training never saw).
+        windows: windows per subject (the same centres at every DRF).
+        threshold_suv: a window centre lies on full-dose tissue above this SUV.
+        config_file: the training config that builds the network (``network_def``, ``patch_size``, ``suv_max``).
+        seed: of the window centres.
+        ridge: the ridge penalty per training sample (on standardised features).
+        output: JSON result path (written atomically).
+        overwrite: replace an existing ``output``.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
+    if not dataset_dir:
+        raise UniPETInputError("--dataset_dir is required: the paired dataset folder to draw windows from")
+    out = Path(output)
+    check_output_path(out, overwrite)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / config_file) if not Path(config_file).is_absolute() else config_file)
+    size = int(parser.get_parsed_content("patch_size")[0])
+    suv_max = float(parser.get_parsed_content("suv_max"))
+    net, info = load_network_weights(parser.get_parsed_content("network_def"), checkpoint, strict=True)
+    splits = [split] if isinstance(split, str) else list(split)
+    entries = [e for sp in splits for e in paired_datalist(dataset_dir, sp, datalist_file or None)]
+    drawn = draw_windows(entries, size, int(windows), float(threshold_suv), int(seed))
+    result = {
+        "checkpoint": str(checkpoint),
+        "splits": splits,
+        "window_size": size,
+        **probe(net, drawn, suv_max, float(ridge)),
+    }
+    atomic_write_json(out, result)
+    print(
+        f"\nSAN latent probe of {checkpoint}: {result['windows']} windows of {size}^3 from {result['subjects']} "
+        f"subjects ({', '.join(splits)}), leave-one-subject-out ridge"
+    )
+    print(f"  {'features':16s} {'target':10s} {'R^2':>7s} {'median rel. error':>18s}")
+    for name, per_target in result["probe"].items():
+        for target, score in per_target.items():
+            print(f"  {name:16s} {target:10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
+    print(f"  correlation of log DRF with log window noise: {result['corr_log_drf_log_noise']:.2f}")
+    print(f"wrote {out}")
+    return result
+
+
+def main() -> None:
+    try:
+        # the result is printed as a table and written as JSON, not dumped again
+        fire.Fire(run, name="python -m scripts.benchmarks.san_noise_probe", serialize=lambda _: None)
+    except (UniPETInputError, CheckpointError) as exc:
+        exit_bad_input(exc)
+
+
+if __name__ == "__main__":
+    main()
