@@ -149,3 +149,7 @@ def test_a_dying_subprocess_keeps_its_cause_and_its_whole_log(tmp_path, monkeypa
     kept = tmp_path / "g.multi_gpu_train.log"
     assert f"(whole log: {kept})" in msg and kept.read_text() == log
     assert not list(tmp_path.glob("*.tmp*"))
+    # a later run in which the section passes removes the stale log
+    monkeypatch.setattr(gpu_check, "multi_gpu_section", lambda *a: {"multi_gpu_train": {"seconds_incl_startup": 1.0}})
+    assert gpu_check.run(out=str(out), sections=["multi_gpu_train"]) == 0
+    assert not kept.exists()

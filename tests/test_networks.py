@@ -253,8 +253,8 @@ def test_san_keeps_activation_scale_and_reads_the_noise_level_at_init(variant, a
         for stage in net.san.stages:
             feat, _ = stage(feat)
             scales.append(feat.abs().mean().item())
-        la = net.san(net.input_conv(low_noise))
-        lb = net.san(net.input_conv(high_noise))
+        la = net.san_latents(low_noise)
+        lb = net.san_latents(high_noise)
     ratios = [b / a for a, b in zip(scales, scales[1:])]
     diffs = [((a - b).norm() / torch.maximum(a.norm(), b.norm())).item() for a, b in zip(la, lb)]
     if alive:
@@ -331,7 +331,7 @@ def test_v3_san_reads_the_noise_level_more_than_the_anatomy_at_init():
             torch.manual_seed(seed)
             net = UniPET(san_variant=variant, **CPU_CONFIG).eval()
             with torch.no_grad():
-                lat = {k: torch.cat(net.san(net.input_conv(w)), dim=1)[0] for k, w in windows.items()}
+                lat = {k: torch.cat(net.san_latents(w), dim=1)[0] for k, w in windows.items()}
             dose = np.mean([(lat[(a, 1.0)] - lat[(a, 0.2)]).norm().item() for a in (0, 1)])
             anatomy = np.mean([(lat[(1, s)] - lat[(0, s)]).norm().item() for s in (0.2, 1.0)])
             per_seed.append(dose / anatomy)

@@ -1,5 +1,5 @@
-"""`python -m scripts.benchmarks.san_noise_probe`: the leave-one-subject-out ridge it scores with, and a run on tiny
-pairs with the shipped weights (windows at the same places for every DRF, the noise target, the table and JSON)."""
+"""`python -m scripts.benchmarks.san_noise_probe`: the leave-one-subject-out ridge it scores with, the windows it draws,
+and a run on tiny pairs with the shipped weights (the noise target, the table and JSON, bad input)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,35 @@ def test_loso_ridge_scores_held_out_subjects():
         probe.loso_ridge(informative, target, np.zeros(200))
 
 
+def test_windows_sit_at_the_same_places_for_every_drf_and_reach_the_volume_edge(tmp_path):
+    data = _pairs(tmp_path / "pairs", n_subjects=1, shape=(32, 33, 40))
+    full = str(data / "sub0" / "full_dose.nii.gz")
+    entries = [  # a datalist may spell a DRF "4" or "drf_100"
+        {"subject": "sub0", "drf": name, "image": str(data / "sub0" / f"drf_{d}.nii.gz"), "label": full}
+        for d, name in ((4, "4"), (100, "drf_100"))
+    ]
+    drawn = probe.draw_windows(entries, 32, 5, 0.5, 0)
+    assert [d["drf"] for d in drawn] == [4.0, 100.0]
+    assert drawn[0]["full"] is drawn[1]["full"] and drawn[0]["low"].shape == (5, 1, 32, 32, 32)
+    # same places: the two DRFs' windows differ only by their noise (std 0.1 and 0.5 SUV around the same full dose)
+    for d, sd in zip(drawn, (0.1, 0.5)):
+        assert abs(float((d["low"] - d["full"]).std()) - sd) < 0.05 * sd
+    with pytest.raises(UniPETInputError, match="--windows must be at least 1"):
+        probe.draw_windows(entries, 32, 0, 0.5, 0)
+    with pytest.raises(UniPETInputError, match="smaller than the 48"):
+        probe.draw_windows(entries, 48, 5, 0.5, 0)
+
+
+def test_a_network_without_a_san_is_refused():
+    from scripts.networks.unipet import UniPET
+
+    with pytest.raises(UniPETInputError, match="no SAN"):
+        probe.check_has_san(UniPET(channels=4, num_blocks=2, use_san=False))
+    probe.check_has_san(UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4)))  # no error
+    with pytest.raises(UniPETInputError, match="no windows"):
+        probe.probe(UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4)), [], 20.0)
+
+
 def _pairs(root, drfs=(4, 100), n_subjects=3, shape=(40, 40, 36)):
     rng = np.random.default_rng(1)
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -42,13 +71,12 @@ def _pairs(root, drfs=(4, 100), n_subjects=3, shape=(40, 40, 36)):
 def test_probe_cli_on_tiny_pairs_with_the_shipped_weights(tmp_path):
     data = _pairs(tmp_path / "pairs")
     out = tmp_path / "probe.json"
-    args = ["--dataset_dir", str(data), "--split", "training", "--windows", "6", "--output", str(out)]
+    args = ["--dataset_dir", str(data), "--split", "all", "--windows", "6", "--output", str(out)]
     proc = run_python("-m", "scripts.benchmarks.san_noise_probe", "--checkpoint", "models/model.pt", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert "SAN latent probe" in proc.stdout and "log_noise" in proc.stdout
-    # the split keeps 2 of 3 subjects for training (val_fraction 0.2 of 3 rounds to one): 6 windows x 2 DRFs each
-    assert result["subjects"] >= 2 and result["windows"] == 12 * result["subjects"]
+    assert result["subjects"] == 3 and result["windows"] == 3 * 6 * 2  # every subject: 6 windows x 2 DRFs
     assert set(result["probe"]) == {"san_latents", "simple_features"}
     for scores in result["probe"].values():
         assert set(scores) == {"log_noise", "log_drf"} and all(np.isfinite(v["r2"]) for v in scores.values())

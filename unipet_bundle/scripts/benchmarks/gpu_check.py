@@ -600,15 +600,19 @@ def run(
                 continue
             logger.info("section %s ...", name)
             t0 = time.perf_counter()
+            log_path = _section_log_path(Path(out), name)
             try:
                 result["sections"].update(steps[name]())
                 logger.info("section %s done in %.1f s", name, time.perf_counter() - t0)
+                log_path.unlink(missing_ok=True)  # an earlier run's failure log would now mislead
             except Exception as exc:  # one failing section must not hide the others' numbers
                 msg = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, SubprocessSectionError):  # the whole log, for what the summary cut
-                    log_path = _section_log_path(Path(out), name)
-                    atomic_write(log_path, lambda tmp, text=exc.log: tmp.write_text(text))
-                    msg += f" (whole log: {log_path})"
+                    try:
+                        atomic_write(log_path, lambda tmp, text=exc.log: tmp.write_text(text))
+                        msg += f" (whole log: {log_path})"
+                    except OSError as write_exc:
+                        msg += f" (its whole log could not be written to {log_path}: {write_exc})"
                 result["errors"][name] = msg
                 logger.debug(traceback.format_exc())
                 print(

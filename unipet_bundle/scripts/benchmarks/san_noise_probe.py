@@ -37,7 +37,8 @@ from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_in
 from scripts.common.io import atomic_write_json, check_output_path
 from scripts.common.weights import load_network_weights
 from scripts.data.io import load_nifti
-from scripts.data.training_data import paired_datalist
+from scripts.data.layout import parse_drf
+from scripts.evaluation.split import evaluation_datalist
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("unipet.benchmark")
@@ -82,32 +83,37 @@ def draw_windows(
     entries: Sequence[dict[str, Any]], size: int, per_subject: int, threshold_suv: float, seed: int
 ) -> list[dict[str, Any]]:
     """Per entry (one low-dose study of a subject), ``per_subject`` windows of ``size``^3 voxels (SUV) centred on
-    full-dose tissue above ``threshold_suv``, at the same centres for every DRF of a subject."""
+    full-dose tissue above ``threshold_suv``, at the same centres for every DRF of a subject. Entries as
+    :func:`scripts.evaluation.split.evaluation_datalist` gives them (``subject``, ``drf``, ``image``, ``label``).
+    Only the windows are kept, not the volumes."""
+    if per_subject < 1:
+        raise UniPETInputError(f"--windows must be at least 1, got {per_subject}")
     rng = np.random.default_rng(seed)
     half = size // 2
-    centres: dict[str, np.ndarray] = {}
-    fulls: dict[str, np.ndarray] = {}
+    cuts: dict[str, list[tuple[slice, ...]]] = {}
+    full_windows: dict[str, np.ndarray] = {}
     out = []
     for e in entries:
         subject = str(e["subject"])
-        if subject not in fulls:
+        if subject not in cuts:
             full, _ = load_nifti(e["label"], mmap=False)
             if min(full.shape) < size:
                 raise UniPETInputError(f"{e['label']}: shape {list(full.shape)} is smaller than the {size}^3 window")
-            inner = full[half : full.shape[0] - half, half : full.shape[1] - half, half : full.shape[2] - half]
+            # every centre c with a whole window [c - half, c - half + size) inside the volume
+            inner = full[tuple(slice(half, n - size + half + 1) for n in full.shape)]
             cand = np.argwhere(inner > threshold_suv) + half
             if len(cand) == 0:
                 raise UniPETInputError(f"{e['label']}: no voxel above {threshold_suv} SUV to centre a window on")
-            centres[subject] = cand[rng.choice(len(cand), min(per_subject, len(cand)), replace=False)]
-            fulls[subject] = full
+            centres = cand[rng.choice(len(cand), min(per_subject, len(cand)), replace=False)]
+            cuts[subject] = [tuple(slice(c - half, c - half + size) for c in ctr) for ctr in centres]
+            full_windows[subject] = np.stack([full[c] for c in cuts[subject]])[:, None].astype(np.float32)
         low, _ = load_nifti(e["image"], mmap=False)
-        cut = [tuple(slice(c - half, c - half + size) for c in ctr) for ctr in centres[subject]]
         out.append(
             {
                 "subject": subject,
-                "drf": float(e["drf"]),
-                "low": np.stack([low[s] for s in cut])[:, None].astype(np.float32),
-                "full": np.stack([fulls[subject][s] for s in cut])[:, None].astype(np.float32),
+                "drf": float(parse_drf(str(e["drf"]))),
+                "low": np.stack([low[c] for c in cuts[subject]])[:, None].astype(np.float32),
+                "full": full_windows[subject],
             }
         )
     return out
@@ -116,18 +122,27 @@ def draw_windows(
 @torch.no_grad()
 def san_latents(net: torch.nn.Module, windows: np.ndarray, batch: int = 8) -> np.ndarray:
     """The concatenated SAN latents (N, n_stages * latent_dim) of normalised windows (N, 1, D, H, W)."""
-    if getattr(net, "san", None) is None:
-        raise UniPETInputError("this network has no SAN (use_san false): there are no latents to probe")
+    check_has_san(net)
     net.eval()
     parts = []
     for i in range(0, len(windows), batch):
         x = torch.from_numpy(windows[i : i + batch])
-        parts.append(torch.cat([z.float() for z in net.san(net.input_conv(x))], dim=1).numpy())
+        parts.append(torch.cat([z.float() for z in net.san_latents(x)], dim=1).numpy())
     return np.concatenate(parts)
+
+
+def check_has_san(net: torch.nn.Module) -> None:
+    """Refuse a network without SAN latents (a ``use_san=False`` UniPET, or another network) as a user error."""
+    if getattr(net, "san", None) is None or not hasattr(net, "san_latents"):
+        raise UniPETInputError(
+            "this checkpoint's network has no SAN (use_san false, or not a UniPET): there are no latents to probe"
+        )
 
 
 def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, ridge: float = 0.01) -> dict[str, Any]:
     """The probe's table: ``{feature set: {target: loso_ridge(...)}}`` plus the number of windows and subjects."""
+    if not drawn:
+        raise UniPETInputError("no windows to probe: the chosen split(s) hold no pairs")
     low = np.concatenate([d["low"] for d in drawn])
     full = np.concatenate([d["full"] for d in drawn])
     groups = np.concatenate([[d["subject"]] * len(d["low"]) for d in drawn])
@@ -166,8 +181,10 @@ def run(
     Args:
         checkpoint: UniPET weights (a network with a SAN), read with the bundle's one weight loader (strict).
         dataset_dir: the paired dataset folder (``scripts.data.pairs`` layout).
-        datalist_file: its datalist JSON (empty: split ``dataset_dir`` by subject as ``train.json`` does).
-        split: the datalist split(s) to draw from (default validation and test: subjects training never saw).
+        datalist_file: its datalist JSON (empty: ``dataset_dir``/datalist.json when there is one, else the split
+            ``config_file`` makes: its ``val_fraction``, ``test_fraction``, ``seed`` and ``drfs``, as evaluation does).
+        split: the split(s) to draw from, as ``evaluate.json``'s ``eval_split`` (default validation and test:
+            subjects training never saw; test falls back to validation when it is empty).
         windows: windows per subject (the same centres at every DRF).
         threshold_suv: a window centre lies on full-dose tissue above this SUV.
         config_file: the training config that builds the network (``network_def``, ``patch_size``, ``suv_max``).
@@ -186,8 +203,16 @@ def run(
     size = int(parser.get_parsed_content("patch_size")[0])
     suv_max = float(parser.get_parsed_content("suv_max"))
     net, info = load_network_weights(parser.get_parsed_content("network_def"), checkpoint, strict=True)
+    check_has_san(net)
     splits = [split] if isinstance(split, str) else list(split)
-    entries = [e for sp in splits for e in paired_datalist(dataset_dir, sp, datalist_file or None)]
+    split_keys = ("drfs", "val_fraction", "seed", "test_fraction")  # the split training made
+    same_split = {k: parser.get_parsed_content(k) for k in split_keys}
+    entries, seen = [], set()
+    for sp in splits:  # "test" falls back to validation when empty: keep each pair once
+        for e in evaluation_datalist(dataset_dir, sp, datalist_file or None, **same_split):
+            if (e["subject"], str(e["drf"])) not in seen:
+                seen.add((e["subject"], str(e["drf"])))
+                entries.append(e)
     drawn = draw_windows(entries, size, int(windows), float(threshold_suv), int(seed))
     result = {
         "checkpoint": str(checkpoint),

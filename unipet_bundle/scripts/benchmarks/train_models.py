@@ -120,7 +120,7 @@ BRANCHES: dict[str, list[str]] = {
     "focus_balanced": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "0.5"],
     "focus_low_drf": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"],
     # 0.5.4 trial: the focus weighted by the noise each patch shows (what the network can see) instead of its DRF label,
-    # which on the randomised data tells a patch's noise only loosely (correlation 0.5 of the logs)
+    # which on the randomised data tells a patch's noise only loosely (correlation 0.69 of the logs, san_noise_probe)
     "focus_noise": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_noise_exponent", "1.0"],
     "focus_noise_sq": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_noise_exponent", "2.0"],  # inverse variance
 }

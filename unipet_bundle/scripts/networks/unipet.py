@@ -481,16 +481,24 @@ class UniPET(nn.Module):
         return self._run(x, False, False)[0]
 
     @torch.jit.export
+    def san_latents(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The SAN's latent of every stage, ``len(san_channels)`` tensors ``(B, latent_dim)``, for an input ``x``
+        (B, in_channels, D, H, W); empty for ``use_san=False``. For SAN checks and probes."""
+        san = self.san
+        if san is None:
+            return []
+        return san(self.input_conv(x))
+
+    @torch.jit.export
     def block_styles(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The style vectors of every block, ``num_blocks`` tensors ``(B, 2 * channels)`` (``s1`` then ``s2``).
 
         Empty for ``use_san=False``. For monitoring (mean |s|, spread across a batch) and SAN checks.
         """
         styles: List[torch.Tensor] = []
-        san = self.san
-        if san is None:
+        if self.san is None:
             return styles
-        latents = san(self.input_conv(x))
+        latents = self.san_latents(x)
         for i, block in enumerate(self.blocks):
             affine = block.style_affine
             if affine is not None:
