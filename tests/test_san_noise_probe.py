@@ -20,8 +20,11 @@ def test_loso_ridge_scores_held_out_subjects():
     groups = np.repeat(np.arange(4), 50)
     target = rng.normal(size=200)
     informative = np.c_[2 * target + 0.05 * rng.normal(size=200), rng.normal(size=200)]
-    good = probe.loso_ridge(informative, target, groups)
+    good = probe.loso_ridge(informative, target, groups, predictions=True)
     assert good["r2"] > 0.95 and good["median_rel_error"] < 0.1
+    sse = float(((good["pred"] - target) ** 2).sum())  # the score is that of the held-out predictions it returns
+    assert abs(good["r2"] - (1 - sse / float(((target - target.mean()) ** 2).sum()))) < 1e-12
+    assert "pred" not in probe.loso_ridge(informative, target, groups)
     useless = probe.loso_ridge(rng.normal(size=(200, 5)), target, groups)
     assert useless["r2"] < 0.1
     with pytest.raises(UniPETInputError, match="at least two subjects"):
@@ -75,6 +78,8 @@ def test_probe_cli_on_tiny_pairs_with_the_shipped_weights(tmp_path):
     proc = run_python("-m", "scripts.benchmarks.san_noise_probe", "--checkpoint", "models/model.pt", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "_points" not in result and "pred" not in json.dumps(result["probe"])
     assert "SAN latent probe" in proc.stdout and "log_noise" in proc.stdout
     assert result["subjects"] == 3 and result["windows"] == 3 * 6 * 2  # every subject: 6 windows x 2 DRFs
     assert set(result["probe"]) == {"san_latents", "simple_features"}
@@ -89,7 +94,7 @@ def test_probe_cli_on_tiny_pairs_with_the_shipped_weights(tmp_path):
     bad = ["--checkpoint", str(tmp_path / "none.pt"), *args[:2], "--output", str(refused)]
     proc = run_python("-m", "scripts.benchmarks.san_noise_probe", *bad)
     assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr[-2000:]
-    assert proc.stderr.strip().count("\n") == 0 and not refused.exists()
+    assert proc.stderr.strip().count("\n") == 0 and not refused.exists() and not refused.with_suffix(".png").exists()
     with pytest.raises(UniPETInputError, match="--dataset_dir is required"):
         probe.run(output=str(refused))
     assert not refused.exists()

@@ -18,7 +18,8 @@ R^2 near 1: the latents carry that quantity; near or below 0: they do not (beyon
         [--output runs/benchmarks/san_noise_probe.json]
 
 The windows are the stored arrays divided by ``suv_max`` (no reorientation): the probe measures what the latents
-hold, not the network's quality. Prints a table and writes JSON.
+hold, not the network's quality. Prints a table and writes JSON, and a PNG beside it (held-out predicted against true
+window noise, coloured by DRF; the window noise by DRF label).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
-from scripts.common.io import atomic_write_json, check_output_path
+from scripts.common.io import atomic_write, atomic_write_json, check_output_path
 from scripts.common.weights import load_network_weights
 from scripts.data.io import load_nifti
 from scripts.data.layout import parse_drf
@@ -44,11 +45,14 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("unipet.benchmark")
 
 
-def loso_ridge(features: np.ndarray, target: np.ndarray, groups: np.ndarray, lam: float = 0.01) -> dict[str, float]:
+def loso_ridge(
+    features: np.ndarray, target: np.ndarray, groups: np.ndarray, lam: float = 0.01, predictions: bool = False
+) -> dict[str, Any]:
     """Leave-one-group-out ridge regression of ``target`` (N,) on ``features`` (N, F), standardised on each fold's
     training part; ``lam`` scales the penalty per training sample. Returns ``r2`` (1 - SSE / SST over the held-out
     predictions) and ``median_rel_error`` (median |exp(pred - target) - 1|: the relative error of the predicted
-    value for a log target). Needs at least two groups."""
+    value for a log target), and with ``predictions`` the held-out predictions ``pred`` (N,). Needs at least two
+    groups."""
     features = np.asarray(features, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     groups = np.asarray(groups)
@@ -64,10 +68,13 @@ def loso_ridge(features: np.ndarray, target: np.ndarray, groups: np.ndarray, lam
         w = np.linalg.solve(a.T @ a + penalty, a.T @ target[train])
         pred[test] = np.c_[(features[test] - mu) / sd, np.ones(test.sum())] @ w
     sst = float(((target - target.mean()) ** 2).sum())
-    return {
+    score: dict[str, Any] = {
         "r2": 1.0 - float(((pred - target) ** 2).sum()) / max(sst, 1e-12),
         "median_rel_error": float(np.median(np.abs(np.exp(pred - target) - 1.0))),
     }
+    if predictions:
+        score["pred"] = pred
+    return score
 
 
 def simple_features(windows: np.ndarray) -> np.ndarray:
@@ -150,7 +157,11 @@ def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, rid
     noise = (low - full).reshape(len(low), -1).std(axis=1)
     targets = {"log_noise": np.log(np.maximum(noise, 1e-9)), "log_drf": np.log(drf)}
     feats = {"san_latents": san_latents(net, low / suv_max), "simple_features": simple_features(low / suv_max)}
-    table = {name: {t: loso_ridge(f, y, groups, ridge) for t, y in targets.items()} for name, f in feats.items()}
+    scored = {
+        n: {t: loso_ridge(f, y, groups, ridge, predictions=True) for t, y in targets.items()} for n, f in feats.items()
+    }
+    table = {n: {t: {k: v for k, v in sc.items() if k != "pred"} for t, sc in per.items()} for n, per in scored.items()}
+    points = {n: {t: sc["pred"] for t, sc in per.items()} for n, per in scored.items()}
     noise_by_drf = {
         f"{d:g}": [float(q) for q in np.quantile(noise[drf == d], [0.1, 0.5, 0.9])] for d in sorted(set(drf.tolist()))
     }
@@ -160,7 +171,44 @@ def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, rid
         "probe": table,
         "corr_log_drf_log_noise": float(np.corrcoef(targets["log_drf"], targets["log_noise"])[0, 1]),
         "window_noise_suv_q10_q50_q90_by_drf": noise_by_drf,
+        "_points": {"targets": targets, "drf": drf, "pred": points},  # for the figure; not written to the JSON
     }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Held-out predicted against true window noise (SUV, log axes) for the latents and the hand-made features,
+    coloured by DRF; and the true window noise by DRF, which shows how far apart the label puts look-alikes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result["_points"]
+    drf, true = pts["drf"], np.exp(pts["targets"]["log_noise"])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
+    drfs = sorted(set(drf.tolist()))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(drfs)))
+    for ax, name in zip(axes[:2], ("san_latents", "simple_features")):
+        pred = np.exp(pts["pred"][name]["log_noise"])
+        for d, c in zip(drfs, colours):
+            m = drf == d
+            ax.scatter(true[m], pred[m], s=6, color=c, alpha=0.6, label=f"DRF {d:g}")
+        lims = [min(true.min(), pred.min()), max(true.max(), pred.max())]
+        ax.plot(lims, lims, color="grey", ls="--")
+        score = result["probe"][name]["log_noise"]
+        ax.set(xscale="log", yscale="log", xlabel="true window noise (SUV)", ylabel="predicted (held-out subject)")
+        ax.set_title(f"{name}: R^2 {score['r2']:.2f}, median error {100 * score['median_rel_error']:.0f} %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, markerscale=3)
+    axes[2].boxplot([true[drf == d] for d in drfs], tick_labels=[f"{d:g}" for d in drfs])
+    axes[2].set(yscale="log", xlabel="DRF label", ylabel="true window noise (SUV)")
+    axes[2].set_title(f"window noise by DRF (log correlation {result['corr_log_drf_log_noise']:.2f})")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(
+        f"SAN latent probe: {result['checkpoint']} ({result['windows']} windows, {result['subjects']} subjects)"
+    )
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plt.close(fig)
 
 
 def run(
@@ -190,14 +238,15 @@ def run(
         config_file: the training config that builds the network (``network_def``, ``patch_size``, ``suv_max``).
         seed: of the window centres.
         ridge: the ridge penalty per training sample (on standardised features).
-        output: JSON result path (written atomically).
-        overwrite: replace an existing ``output``.
+        output: JSON result path (written atomically); the figure goes beside it, ``.png`` for ``.json``.
+        overwrite: replace an existing ``output`` and figure.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s")
     if not dataset_dir:
         raise UniPETInputError("--dataset_dir is required: the paired dataset folder to draw windows from")
     out = Path(output)
     check_output_path(out, overwrite)
+    check_output_path(out.with_suffix(".png"), overwrite)
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / config_file) if not Path(config_file).is_absolute() else config_file)
     size = int(parser.get_parsed_content("patch_size")[0])
@@ -220,7 +269,10 @@ def run(
         "window_size": size,
         **probe(net, drawn, suv_max, float(ridge)),
     }
+    points = result.pop("_points")
     atomic_write_json(out, result)
+    figure = out.with_suffix(".png")
+    plot({**result, "_points": points}, figure)
     print(
         f"\nSAN latent probe of {checkpoint}: {result['windows']} windows of {size}^3 from {result['subjects']} "
         f"subjects ({', '.join(splits)}), leave-one-subject-out ridge"
@@ -230,7 +282,7 @@ def run(
         for target, score in per_target.items():
             print(f"  {name:16s} {target:10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
     print(f"  correlation of log DRF with log window noise: {result['corr_log_drf_log_noise']:.2f}")
-    print(f"wrote {out}")
+    print(f"wrote {out} and {figure}")
     return result
 
 
