@@ -37,7 +37,8 @@ full runs (``no_hotspot``, ``no_regional``, ``dose_balanced``) use the 0.5.0 def
 ``--dose_balance``) and, except ``LOCKED_SELECTION_RUNS``, the unlocked validation (``UNLOCKED_SELECTION``), so each
 reproduces what it gave. 0.5.2-0.5.3 lesion-safety trials: ``regional_x5``, ``regional_focus``,
 ``dose_balanced_s2`` (shipped since 0.5.2), ``focus_balanced``, ``focus_low_drf``; 0.5.4: ``focus_noise``,
-``focus_noise_sq``, ``focus_noise_half`` (the focus weighted by each patch's visible noise, ``regional_noise_exponent`` 1 / 2 / 2 at half weight). ``branch unipet`` validates every epoch, the other runs every 2
+``focus_noise_sq``, ``focus_noise_half``, ``focus_noise_light`` (the focus weighted by each patch's visible noise,
+``regional_noise_exponent`` 1 / 2 / 2 at ``regional_weight`` 0.5 / 2 at 0.3). ``branch unipet`` validates every epoch, the other runs every 2
 epochs, so its best checkpoint is picked from twice as many candidates.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
@@ -83,7 +84,7 @@ ALIGN_0_4 = ["--align_weight", "0.2"]
 # they keep doing so, so that each reproduces the weights and quality rows it gave (the shipped 0.5.2 weights
 # among them). Runs named in LOCKED_SELECTION_RUNS select on the locked validation (the default).
 UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0", "--track_meta", "False"]  # the pre-0.5.3 validation config
-LOCKED_SELECTION_RUNS = {"focus_low_drf", "focus_noise", "focus_noise_sq", "focus_noise_half"}
+LOCKED_SELECTION_RUNS = {"focus_low_drf", "focus_noise", "focus_noise_sq", "focus_noise_half", "focus_noise_light"}
 
 
 def _pre_0_5_3(extra: list[str]) -> list[str]:
@@ -128,6 +129,15 @@ BRANCHES: dict[str, list[str]] = {
         *DOSE_BALANCED_S2,
         "--regional_weight",
         "0.5",
+        "--regional_max_focus",
+        "4",
+        "--regional_noise_exponent",
+        "2.0",
+    ],
+    "focus_noise_light": [  # and at 0.3, next to the shipped model's 0.2 without the focus
+        *DOSE_BALANCED_S2,
+        "--regional_weight",
+        "0.3",
         "--regional_max_focus",
         "4",
         "--regional_noise_exponent",
