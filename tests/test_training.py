@@ -755,34 +755,40 @@ def test_style_statistics_see_a_dead_and_a_live_san():
     assert live["style_abs_b0"] > 0 and live["style_spread_b0"] > 0
 
 
+def _one_regional_step(batch: dict, loss, **knobs) -> tuple[float, UniPET]:
+    """One stage-1 iteration (learning rate 0) of a fresh tiny UniPET whose output is not the identity, with the
+    regional term at weight 1 and ``knobs``; returns the unweighted regional term and the generator."""
+    torch.manual_seed(0)
+    g = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
+    with torch.no_grad():
+        g.output_conv.weight.normal_(0, 0.05)  # not the identity: a non-zero regional error
+    trainer = UniPETTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=1,
+        train_data_loader=[batch],
+        generator=g,
+        g_optimizer=torch.optim.SGD(g.parameters(), lr=0.0),
+        stage1_iterations=1,
+        regional_loss=loss,
+        regional_weight=1.0,
+        **knobs,
+    )
+    trainer.run()
+    return trainer.state.output["g_regional"], g
+
+
 def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
     """regional_drf_exponent (0.5.2): each patch's regional term weighs (drf / reference) ** -exponent, from the
     batch's 'drf' key; without that key the trainer refuses instead of assuming a DRF."""
     from scripts.losses.regional import RegionalSUVLoss
 
-    gen, critic, _, low, full = tiny_setup
+    *_, low, full = tiny_setup
     drf = torch.tensor([4.0, 100.0])
     loss = RegionalSUVLoss((3, 5), max_focus=2.0)
 
-    def g_regional(exponent: float, batch: dict) -> float:
-        torch.manual_seed(0)
-        g = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
-        with torch.no_grad():
-            g.output_conv.weight.normal_(0, 0.05)  # not the identity: a non-zero regional error
-        trainer = UniPETTrainer(
-            device="cpu",
-            max_epochs=1,
-            epoch_length=1,
-            train_data_loader=[batch],
-            generator=g,
-            g_optimizer=torch.optim.SGD(g.parameters(), lr=0.0),
-            stage1_iterations=1,
-            regional_loss=loss,
-            regional_weight=1.0,
-            regional_drf_exponent=exponent,
-        )
-        trainer.run()
-        return trainer.state.output["g_regional"], g
+    def g_regional(exponent: float, batch: dict) -> tuple[float, UniPET]:
+        return _one_regional_step(batch, loss, regional_drf_exponent=exponent)
 
     batch = {"image": low, "label": full, "drf": drf}
     plain, g = g_regional(0.0, batch)
@@ -800,17 +806,7 @@ def test_regional_term_is_weighted_by_each_patchs_drf(tiny_setup):
     with pytest.raises(ValueError, match="'drf' key"):
         g_regional(0.5, {"image": low, "label": full})
     with pytest.raises(ValueError, match="regional_drf_exponent"):
-        UniPETTrainer(
-            device="cpu",
-            max_epochs=1,
-            train_data_loader=[batch],
-            generator=gen,
-            g_optimizer=torch.optim.SGD(gen.parameters(), lr=0.0),
-            regional_loss=loss,
-            stage1_iterations=1,
-            regional_weight=1.0,
-            regional_drf_exponent=-1.0,
-        )
+        g_regional(-1.0, batch)
 
 
 def test_regional_term_is_weighted_by_the_noise_each_patch_shows(tiny_setup):
@@ -818,7 +814,7 @@ def test_regional_term_is_weighted_by_the_noise_each_patch_shows(tiny_setup):
     sigma = std(low - full) over the patch, and multiplies the DRF weight when both are set."""
     from scripts.losses.regional import RegionalSUVLoss
 
-    gen, _, _, low, full = tiny_setup
+    *_, low, full = tiny_setup
     loss = RegionalSUVLoss((3, 5), max_focus=2.0)
     noisy = full + 0.2 * torch.randn_like(full)  # patch 1 much noisier than patch 0
     low2 = torch.cat([low[:1], noisy[1:]])
@@ -827,24 +823,7 @@ def test_regional_term_is_weighted_by_the_noise_each_patch_shows(tiny_setup):
     ref = float(sigma[0]) * 2.0  # patch 0 is below the reference (weight capped at 1), patch 1 above it
 
     def run(batch: dict, **knobs) -> tuple[float, UniPET]:
-        torch.manual_seed(0)
-        g = UniPET(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
-        with torch.no_grad():
-            g.output_conv.weight.normal_(0, 0.05)
-        trainer = UniPETTrainer(
-            device="cpu",
-            max_epochs=1,
-            epoch_length=1,
-            train_data_loader=[batch],
-            generator=g,
-            g_optimizer=torch.optim.SGD(g.parameters(), lr=0.0),
-            stage1_iterations=1,
-            regional_loss=loss,
-            regional_weight=1.0,
-            **knobs,
-        )
-        trainer.run()
-        return trainer.state.output["g_regional"], g
+        return _one_regional_step(batch, loss, **knobs)
 
     batch = {"image": low2, "label": full, "drf": torch.tensor([4.0, 100.0])}
     # the noise weight needs no DRF: a batch without one is fine
@@ -859,17 +838,7 @@ def test_regional_term_is_weighted_by_the_noise_each_patch_shows(tiny_setup):
     assert abs(both - float(loss(pred, full, sample_weight=expected * torch.tensor([1.0, 0.2])))) < 1e-6
     for bad in ({"regional_noise_exponent": -1.0}, {"regional_noise_reference": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            UniPETTrainer(
-                device="cpu",
-                max_epochs=1,
-                train_data_loader=[batch],
-                generator=gen,
-                g_optimizer=torch.optim.SGD(gen.parameters(), lr=0.0),
-                regional_loss=loss,
-                stage1_iterations=1,
-                regional_weight=1.0,
-                **bad,
-            )
+            run(batch, **bad)
 
 
 def test_train_json_hands_the_noise_weighting_to_the_trainer_in_its_units():

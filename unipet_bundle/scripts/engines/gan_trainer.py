@@ -65,6 +65,14 @@ class FeatureTap(nn.Module):
         return self.generator.forward_with_features(x)
 
 
+def _finite(value: Any, name: str, positive: bool) -> float:
+    """``value`` as a float that is finite and > 0 (``positive``) or >= 0, else a ValueError naming ``name``."""
+    number = float(value)
+    if not (math.isfinite(number) and (number > 0 if positive else number >= 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    return number
+
+
 def prepare_paired_batch(
     batchdata: dict[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,18 +404,10 @@ class UniPETTrainer(Trainer):
         self.stage1_iterations = stage_clock.stage1_iterations
         self.regional_loss = regional_loss
         self.regional_weight = float(regional_weight)
-        self.regional_drf_exponent = float(regional_drf_exponent)
-        self.regional_drf_reference = float(regional_drf_reference)
-        if not (self.regional_drf_exponent >= 0 and math.isfinite(self.regional_drf_exponent)):
-            raise ValueError(f"regional_drf_exponent must be a finite number >= 0, got {regional_drf_exponent}")
-        if not (self.regional_drf_reference > 0 and math.isfinite(self.regional_drf_reference)):
-            raise ValueError(f"regional_drf_reference must be a finite number > 0, got {regional_drf_reference}")
-        self.regional_noise_exponent = float(regional_noise_exponent)
-        self.regional_noise_reference = float(regional_noise_reference)
-        if not (self.regional_noise_exponent >= 0 and math.isfinite(self.regional_noise_exponent)):
-            raise ValueError(f"regional_noise_exponent must be a finite number >= 0, got {regional_noise_exponent}")
-        if not (self.regional_noise_reference > 0 and math.isfinite(self.regional_noise_reference)):
-            raise ValueError(f"regional_noise_reference must be a finite number > 0, got {regional_noise_reference}")
+        self.regional_drf_exponent = _finite(regional_drf_exponent, "regional_drf_exponent", positive=False)
+        self.regional_drf_reference = _finite(regional_drf_reference, "regional_drf_reference", positive=True)
+        self.regional_noise_exponent = _finite(regional_noise_exponent, "regional_noise_exponent", positive=False)
+        self.regional_noise_reference = _finite(regional_noise_reference, "regional_noise_reference", positive=True)
         self._regional_sample_weight: torch.Tensor | None = None
         if self.regional_weight > 0 and regional_loss is None:
             raise ValueError("regional_weight > 0 needs a regional_loss (scripts.losses.regional.RegionalSUVLoss)")
