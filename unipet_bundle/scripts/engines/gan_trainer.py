@@ -21,7 +21,7 @@ Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-traini
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from scripts.common.options import as_bool
 from scripts.common.weights import unwrap as _unwrap  # the one DDP/DataParallel unwrap
-from scripts.data.layout import parse_drf
+from scripts.engines.batches import batch_drfs, prepare_paired_batch
 from scripts.engines.precision import autocast, config_precision, resolve_precision
 
 __all__ = [
@@ -61,8 +61,9 @@ class FeatureTap(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.generator.forward_with_features(x)
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        # kwargs: the generator's other inputs (the DRF of a DRF-conditioned network); none for UniPET
+        return self.generator.forward_with_features(x, **kwargs)
 
 
 def _finite(value: Any, name: str, positive: bool) -> float:
@@ -71,17 +72,6 @@ def _finite(value: Any, name: str, positive: bool) -> float:
     if not (math.isfinite(number) and (number > 0 if positive else number >= 0)):
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
     return number
-
-
-def prepare_paired_batch(
-    batchdata: dict[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low-dose ``image``, full-dose ``label``) as float tensors on ``device``, shapes (B, 1, X, Y, Z)."""
-    low = batchdata[Keys.IMAGE].to(device=device, non_blocking=non_blocking, dtype=torch.float32)
-    full = batchdata[Keys.LABEL].to(device=device, non_blocking=non_blocking, dtype=torch.float32)
-    return low.as_tensor() if hasattr(low, "as_tensor") else low, full.as_tensor() if hasattr(
-        full, "as_tensor"
-    ) else full
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
@@ -222,17 +212,18 @@ class TwoStageLR(torch.optim.lr_scheduler.LRScheduler):
 
 
 @torch.no_grad()
-def style_statistics(generator: nn.Module, x: torch.Tensor) -> dict[str, float]:
+def style_statistics(generator: nn.Module, x: torch.Tensor, **kwargs: Any) -> dict[str, float]:
     """Per-block style monitoring: ``style_abs_b{i}`` (mean |s|) and ``style_spread_b{i}`` (std across the
     batch, averaged over channels: 0 means every input gets the same style, i.e. a dead SAN).
 
-    Empty for a generator without styles. ``x``: (B, 1, D, H, W) low-dose batch.
+    Empty for a generator without styles. ``x``: (B, 1, D, H, W) low-dose batch; ``kwargs``: the generator's
+    other inputs (the DRF of a DRF-conditioned network).
     """
     net = _unwrap(generator)
     if not hasattr(net, "block_styles"):
         return {}
     out: dict[str, float] = {}
-    for i, s in enumerate(net.block_styles(x)):
+    for i, s in enumerate(net.block_styles(x, **kwargs)):
         s = s.float()
         out[f"style_abs_b{i}"] = s.abs().mean().item()
         out[f"style_spread_b{i}"] = s.std(dim=0).mean().item() if s.shape[0] > 1 else 0.0
@@ -409,6 +400,7 @@ class UniPETTrainer(Trainer):
         self.regional_noise_exponent = _finite(regional_noise_exponent, "regional_noise_exponent", positive=False)
         self.regional_noise_reference = _finite(regional_noise_reference, "regional_noise_reference", positive=True)
         self._regional_sample_weight: torch.Tensor | None = None
+        self._generator_kwargs: dict[str, Any] = {}  # the generator's keyword inputs of this iteration
         if self.regional_weight > 0 and regional_loss is None:
             raise ValueError("regional_weight > 0 needs a regional_loss (scripts.losses.regional.RegionalSUVLoss)")
         self.monitor_interval = int(monitor_interval)
@@ -520,21 +512,7 @@ class UniPETTrainer(Trainer):
 
     def _drf_weight(self, batchdata: Any, n: int) -> torch.Tensor:
         """``(drf / regional_drf_reference) ** -regional_drf_exponent`` per patch, from the batch's ``drf`` key."""
-        drf = batchdata.get("drf") if isinstance(batchdata, Mapping) else None
-        if drf is None:
-            raise ValueError(
-                "regional_drf_exponent > 0 needs each training item's DRF in the batch ('drf' key, as "
-                "scripts.data.training_data.paired_datalist writes it); set regional_drf_exponent 0 otherwise"
-            )
-        values = (
-            drf.flatten().tolist() if torch.is_tensor(drf) else list(drf) if isinstance(drf, (list, tuple)) else [drf]
-        )
-        try:  # datalists may name a DRF "4" or "drf_4" (scripts.data.layout.parse_drf)
-            drf_t = torch.tensor([float(parse_drf(str(v))) for v in values], dtype=torch.float32)
-        except ValueError as exc:
-            raise ValueError(f"batch 'drf' must hold one DRF per patch, got {values}: {exc}") from exc
-        if drf_t.numel() != n or not bool(torch.all(drf_t > 0)):
-            raise ValueError(f"batch 'drf' must hold one DRF > 0 per patch ({n}), got {drf_t.tolist()}")
+        drf_t = batch_drfs(batchdata, n, "regional_drf_exponent > 0 (set it to 0 otherwise)")
         return (drf_t / self.regional_drf_reference) ** -self.regional_drf_exponent
 
     def _autocast(self):
@@ -569,7 +547,11 @@ class UniPETTrainer(Trainer):
         pre-training) the generator step. Each step adds its scalars to ``engine.state.output`` as it runs."""
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
-        low, full = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        low, full = batch[0], batch[1]
+        # a 4-tuple (MONAI's prepare_batch convention) carries keyword inputs of the generator, e.g. the DRF of a
+        # DRF-conditioned network (scripts.engines.batches.PrepareDRFConditionedBatch); every call gets them
+        engine._generator_kwargs = dict(batch[3]) if len(batch) == 4 else {}
         engine._set_regional_sample_weight(batchdata, low, full)
         engine.state.output = output = {Keys.IMAGE: low, Keys.LABEL: full}
         engine.stage_clock.iteration = engine.state.iteration
@@ -606,7 +588,7 @@ class UniPETTrainer(Trainer):
         self.g_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             # through the feature tap: under DDP it is the one wrapper that synchronises gradients
-            pred, _ = self.feature_tap(low)
+            pred, _ = self.feature_tap(low, **self._generator_kwargs)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
             l1 = torch.nn.functional.l1_loss(pred.float(), full)
             regional = self._regional(pred.float(), full)
@@ -639,7 +621,7 @@ class UniPETTrainer(Trainer):
         """
         self.critic.train()
         with torch.no_grad(), self._autocast():
-            fake = self.generator(low).float()
+            fake = self.generator(low, **self._generator_kwargs).float()
         for _ in range(self.n_critic):
             self.d_optimizer.zero_grad(set_to_none=True)
             with self._autocast():
@@ -673,13 +655,13 @@ class UniPETTrainer(Trainer):
             p.requires_grad_(False)
         try:
             with self._autocast():
-                pred, feats_low = self.feature_tap(low)
+                pred, feats_low = self.feature_tap(low, **self._generator_kwargs)
                 self.fire_event(IterationEvents.FORWARD_COMPLETED)
                 pred = pred.float()
                 l1 = torch.nn.functional.l1_loss(pred, full)
                 if self.align_loss is not None and self.align_weight > 0:
                     with torch.no_grad():
-                        _, feats_full = self.feature_tap(full)
+                        _, feats_full = self.feature_tap(full, **self._generator_kwargs)
                     align = self.align_loss(feats_low, feats_full)
                 else:
                     align = torch.zeros((), device=pred.device)
@@ -703,7 +685,7 @@ class UniPETTrainer(Trainer):
                         }
                     )
                 )
-                output.update(style_statistics(self.generator, low))
+                output.update(style_statistics(self.generator, low, **self._generator_kwargs))
             loss.backward()
             self.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.g_optimizer.step()

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -177,9 +178,9 @@ class PrecisionNetwork(nn.Module):
         if self.memory_format != "contiguous":
             network.to(memory_format=_MEMORY_FORMATS[self.memory_format])  # 4D/5D parameters only: the conv weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with autocast(self.precision, self.device_type):
-            out = self.network(x)
+            out = self.network(x, **kwargs)  # kwargs: e.g. the DRF of a DRF-conditioned network
         return out.float()
 
     def extra_repr(self) -> str:

@@ -420,16 +420,24 @@ class UniPET(nn.Module):
         # (an unused stage would break DistributedDataParallel without find_unused_parameters).
         self.latent_index: List[int] = [i * n_stages // num_blocks for i in range(num_blocks)]
 
+    def _style_latents(self, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """The latent of every style stage for the input-conv features ``feat``: the SAN's (``drf`` unused: the
+        label-free model reads the noise itself); empty without a SAN. Subclasses may take the latents from
+        elsewhere (:class:`scripts.networks.drf_conditioned.DRFConditionedUniPET`: from the DRF label)."""
+        san = self.san
+        if san is None:
+            return []
+        return san(feat)
+
     def _run(
-        self, x: torch.Tensor, keep_features: bool, use_styles: bool = True
+        self, x: torch.Tensor, keep_features: bool, use_styles: bool = True, drf: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UniPET expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}")
         feat = self.input_conv(x)
         latents: List[torch.Tensor] = []
-        san = self.san
-        if san is not None and use_styles:
-            latents = san(feat)
+        if use_styles:
+            latents = self._style_latents(feat, drf)
         features: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             latent: Optional[torch.Tensor] = None

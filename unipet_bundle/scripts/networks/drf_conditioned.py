@@ -1,0 +1,167 @@
+"""The "label given" upper bound of UniPET: the same base network, its styles computed from the DRF label (FiLM).
+
+UniPET's style alignment network (SAN) reads the noise of each window and needs no dose label. This model
+replaces the SAN by a small MLP of the dose reduction factor (feature-wise modulation, FiLM), keeping every
+other part (base network, per-block style layers, losses, training recipe). It answers one question: how
+much of what a dose-aware network could do does the label-free SAN reach? It is a research baseline, not a
+product: inference needs the study's DRF, which a clinical series does not carry reliably, so
+``configs/inference.json`` never builds it (the quality benchmark runs it with the test volume's true DRF).
+"""
+
+# No ``from __future__ import annotations``: UniPET's methods stay TorchScript-compatible.
+import math
+from collections.abc import Mapping
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .unipet import UniPET
+
+__all__ = ["DRFStyleEncoder", "DRFConditionedUniPET", "FixedDRF"]
+
+
+class DRFStyleEncoder(nn.Module):
+    """An MLP from the dose reduction factor to one latent per style stage (FiLM conditioning).
+
+    The DRF enters as ``u = log(drf / reference_drf) / log(span_drf / reference_drf)`` (0 at DRF 4, 1 at
+    DRF 100 with the defaults): noise grows as ``sqrt(drf)``, so the log is the natural scale, and
+    ``u`` keeps the training range near [0, 1]. Two hidden layers, then a linear head per stage with the
+    same LeakyReLU as the SAN's latents, so the per-block style layers see latents of the same kind.
+
+    Shapes: ``drf (B,)`` (DRF > 0, dimensionless) ``-> [(B, latent_dim)] * n_latents``.
+    """
+
+    def __init__(
+        self,
+        n_latents: int,
+        latent_dim: int,
+        hidden: int = 64,
+        reference_drf: float = 4.0,
+        span_drf: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if n_latents < 1 or latent_dim < 1 or hidden < 1:
+            raise ValueError(f"n_latents, latent_dim and hidden must be >= 1, got {n_latents}, {latent_dim}, {hidden}")
+        if not (reference_drf > 0 and span_drf > reference_drf):
+            raise ValueError(f"need 0 < reference_drf < span_drf, got {reference_drf} and {span_drf}")
+        self.log_reference = math.log(float(reference_drf))
+        self.log_span = math.log(float(span_drf)) - self.log_reference
+        self.body = nn.Sequential(nn.Linear(1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
+        self.heads = nn.ModuleList([nn.Linear(hidden, latent_dim) for _ in range(n_latents)])
+        self.latent_act = nn.LeakyReLU(0.2)
+
+    def forward(self, drf: torch.Tensor) -> List[torch.Tensor]:
+        u = (torch.log(drf.float().reshape(-1, 1)) - self.log_reference) / self.log_span
+        h = self.body(u)
+        return [self.latent_act(head(h)) for head in self.heads]
+
+
+class DRFConditionedUniPET(UniPET):
+    """UniPET with its styles from the DRF label instead of the SAN: the "label given" (FiLM) upper bound.
+
+    Same base network and per-block style layers as :class:`~scripts.networks.unipet.UniPET` (``use_san=True``;
+    the zero-initialised style layers make a fresh model exactly its stage-1 base network), but the latents
+    come from :class:`DRFStyleEncoder` of the DRF passed to :meth:`forward`. A stage-1 checkpoint of either
+    model loads with :meth:`load_bdn_state_dict` (a UniPET checkpoint's SAN weights are dropped: this
+    model has no SAN).
+
+    Units: input and output normalised SUV, as UniPET; ``drf`` dimensionless (> 0).
+
+    Shapes: ``x (B, in_channels, D, H, W)``, ``drf (B,)`` or one value for the whole batch (a sliding window
+    runs several windows of one volume at once) ``-> (B, out_channels, D, H, W)``. Without ``drf`` (or with
+    ``use_styles`` off) it is the base network with zero styles.
+
+    Args:
+        drf_hidden: width of the DRF encoder's hidden layers.
+        reference_drf, span_drf: the DRFs mapped to 0 and 1 on the encoder's log scale.
+        Every other argument is UniPET's (``use_san`` is always on: the style layers are what is conditioned).
+    """
+
+    takes_drf = True  # training and validation hand it each item's DRF (configs/train.json: network_takes_drf)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: int = 64,
+        num_blocks: int = 8,
+        latent_dim: int = 256,
+        san_channels: Sequence[int] = (32, 64, 128, 256),
+        residual_scale_init: float = 0.1,
+        zero_init_output: bool = True,
+        padding_mode: str = "replicate",
+        drf_hidden: int = 64,
+        reference_drf: float = 4.0,
+        span_drf: float = 100.0,
+        **unused: Any,
+    ) -> None:
+        # the training config passes UniPET's SAN settings too; they have no meaning here
+        unused.pop("use_san", None), unused.pop("san_variant", None), unused.pop("san_reduction", None)
+        if unused:
+            raise TypeError(f"DRFConditionedUniPET got unknown arguments {sorted(unused)}")
+        super().__init__(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            num_blocks=num_blocks,
+            latent_dim=latent_dim,
+            san_channels=san_channels,
+            use_san=True,
+            residual_scale_init=residual_scale_init,
+            zero_init_output=zero_init_output,
+            padding_mode=padding_mode,
+        )
+        self.san = None  # the latents come from the DRF; san_channels only sets how many style stages there are
+        self.drf_encoder = DRFStyleEncoder(len(self.san_channels), latent_dim, drf_hidden, reference_drf, span_drf)
+
+    def _style_latents(self, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        if drf is None:
+            return []
+        drf = torch.as_tensor(drf, dtype=torch.float32, device=feat.device).reshape(-1)
+        if drf.numel() == 1:
+            drf = drf.expand(feat.shape[0])
+        if drf.numel() != feat.shape[0] or not bool(torch.all(drf > 0)):
+            raise ValueError(
+                f"drf must hold one DRF > 0 per input (or one for all {feat.shape[0]}), got {drf.tolist()}"
+            )
+        return self.drf_encoder(drf)
+
+    def forward(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        """Denoise ``x`` (B, in_channels, D, H, W), normalised SUV, at dose reduction factor(s) ``drf``."""
+        return self._run(x, False, True, drf)[0]
+
+    def forward_with_features(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None):  # type: ignore[override]
+        """Prediction plus the base network's feature map after every block (the trainer's feature tap)."""
+        return self._run(x, True, True, drf)
+
+    def block_styles(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> List[torch.Tensor]:  # type: ignore[override]
+        """The style vectors of every block for the DRF(s) ``drf`` (empty without one); ``x`` sets the batch size."""
+        if drf is None:
+            return []
+        latents = self._style_latents(x, drf)
+        return [block.style_affine(latents[self.latent_index[i]]) for i, block in enumerate(self.blocks)]
+
+    @staticmethod
+    def _is_san_key(name: str) -> bool:
+        return name.startswith("drf_encoder.") or ".style_affine." in name
+
+    def load_bdn_state_dict(self, state_dict: Mapping[str, Any]) -> List[str]:
+        """Load a stage-1 (or any UniPET) checkpoint's base network; a UniPET's SAN weights are left out."""
+        kept = {k: v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("san.")}
+        return super().load_bdn_state_dict(kept)
+
+
+class FixedDRF(nn.Module):
+    """A :class:`DRFConditionedUniPET` run at one known DRF, so it takes ``forward(x)`` like every other network
+    (the inference path, the quality benchmark's per-DRF models). Shapes as the wrapped network's."""
+
+    def __init__(self, network: DRFConditionedUniPET, drf: float) -> None:
+        super().__init__()
+        if not float(drf) > 0:
+            raise ValueError(f"drf must be > 0, got {drf}")
+        self.network = network
+        self.register_buffer("drf", torch.tensor([float(drf)]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, self.drf)
