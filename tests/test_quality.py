@@ -220,6 +220,50 @@ def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
         assert part in cmd, (part, cmd)
 
 
+def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
+    """The DRF-conditioned model is one network, run through the bundle inference at each test volume's true DRF
+    (also an unseen one), and judged by the shipped model's targets."""
+    from scripts.networks.drf_conditioned import DRFConditionedUniPET
+
+    own = tmp_path / "w"
+    own.mkdir()
+    (own / "sim_unseen").symlink_to(work / "sim_unseen", target_is_directory=True)
+    template, _ = network_from_config(BUNDLE_ROOT / "configs" / "train.json", BUNDLE_ROOT)
+    torch.manual_seed(4)
+    film = DRFConditionedUniPET(**template.init_kwargs)
+    with torch.no_grad():
+        film.output_conv.weight.normal_(0.0, 0.02)
+        for block in film.blocks:
+            block.style_affine.weight.normal_(0.0, 0.05)
+    (own / "models" / "film").mkdir(parents=True)
+    torch.save(film.state_dict(), own / "models" / "film" / "model.pt")
+    seen: list[float] = []
+    film_forward = DRFConditionedUniPET.forward
+
+    def record(self, x, drf=None):
+        seen.append(float(drf.flatten()[0]))
+        return film_forward(self, x, drf)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DRFConditionedUniPET, "forward", record)
+        result = quality.run(
+            str(own),
+            checkpoint=str(work / "unipet.pt"),
+            update_docs=False,
+            families="unseen_recon",
+            models="unipet,film",
+            out_dir=str(tmp_path / "q"),
+            drfs="[7,150]",
+        )
+    assert set(seen) == {7.0, 150.0}  # the exact DRFs, not the nearest trained one
+    fam = result["families"]["unseen_recon"]
+    assert set(fam["summary"]) == {"input", "gaussian", "unipet", "film"}
+    checks = fam["targets_by_model"]["film"]
+    assert [c["target"] for c in checks] == [c["target"] for c in fam["targets"]]
+    assert [c["value"] for c in checks] != [c["value"] for c in fam["targets"]]
+    assert "upper bound: DRF given (FiLM)" in (tmp_path / "q" / "quality.md").read_text()
+
+
 def _summary(
     unipet: float, specific: float, vanilla: float, tex_u: float, bias: float, bias_g: float, liver: float
 ) -> dict:
@@ -314,6 +358,15 @@ def test_train_models_commands(tmp_path, monkeypatch):
     cmd = calls[-1][0]
     assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/unipet")
     assert cmd[cmd.index("--align_weight") + 1] == "0" and cmd[cmd.index("--init_checkpoint") + 1] == str(snap)
+    # the DRF-given upper bound: the snapshot's weights (its SAN left out), stage 2 alone for the branches' length
+    tm.branch("film_focus")
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--bdn_ckpt") + 1] == str(snap) and "--init_checkpoint" not in cmd
+    assert cmd[cmd.index("--stage1_epochs") + 1] == "0"
+    assert int(cmd[cmd.index("--epochs") + 1]) == train_models.EPOCHS - train_models.STAGE1_EPOCHS
+    assert "DRFConditionedUniPET" in cmd[cmd.index("--network_def") + 1]
+    assert cmd[cmd.index("--regional_drf_exponent") + 1] == "1.0" and cmd[cmd.index("--dose_balance") + 1] == "0.5"
+    assert "--level_lock_fwhm_mm" not in cmd  # a new run: selected on the locked validation
     tm.drf_specific([20])
     cmd = calls[-1][0]
     assert cmd[cmd.index("--drfs") + 1] == "[20]" and cmd[cmd.index("--stage1_epochs") + 1] == "23"
@@ -431,4 +484,8 @@ def test_runs_before_the_locked_validation_keep_their_selection(tmp_path, monkey
     # and stage 2 is sampled as each run's own dose_balance says (the 0.5.3 default is 0.5 for stage 2)
     for cmd, balance in ((legacy, "0.5"), (new, "0.5"), (stage1, "0")):
         assert cmd[cmd.index("--stage2_dose_balance") + 1] == balance, cmd
-    assert train_models.LOCKED_SELECTION_RUNS <= set(train_models.BRANCHES) | set(train_models.FULL_RUNS)
+    assert train_models.LOCKED_SELECTION_RUNS <= {
+        *train_models.BRANCHES,
+        *train_models.CONDITIONED_BRANCHES,
+        *train_models.FULL_RUNS,
+    }

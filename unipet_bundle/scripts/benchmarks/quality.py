@@ -64,6 +64,7 @@ from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
+from scripts.networks.drf_conditioned import DRFConditionedUniPET, FixedDRF
 from scripts.networks.unipet import match_checkpoint_san_variant
 
 logger = logging.getLogger("unipet.quality")
@@ -105,7 +106,7 @@ BASELINES = (
 )
 # table order: the baselines UniPET is judged against, then the 0.5.2 trials and the 0.5.1 UniPET (shown, not judged
 # against), then the shipped model
-MODEL_ORDER = (*BASELINES, "regional_x5", "regional_focus", "unipet_0_5", "unipet")
+MODEL_ORDER = (*BASELINES, "regional_x5", "regional_focus", "unipet_0_5", "film", "film_focus", "unipet")
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
 NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
@@ -124,7 +125,12 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "regional_focus": ("trial: regional loss x5, max focus 4", "regional_focus/model.pt"),
     # the UniPET shipped by 0.5.0-0.5.1 (uniform DRF sampling in stage 2)
     "unipet_0_5": ("0.5.1 UniPET (uniform DRF sampling)", "unipet/model.pt"),
+    # 0.5.5: the "label given" upper bound (train_models.CONDITIONED_BRANCHES), run at each test volume's true DRF
+    "film": ("upper bound: DRF given (FiLM)", "film/model.pt"),
+    "film_focus": ("upper bound: DRF given, DRF-weighted focus", "film_focus/model.pt"),
 }
+# models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
+CONDITIONED_MODELS = ("film", "film_focus")
 OPTIONAL_MODELS = (
     "no_hotspot",
     "no_regional",
@@ -132,6 +138,8 @@ OPTIONAL_MODELS = (
     "regional_x5",
     "regional_focus",
     "unipet_0_5",
+    "film",
+    "film_focus",
 )
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
@@ -253,6 +261,11 @@ def _load_networks(
         rel = NETWORK_MODELS[key][1]
         if rel is None:
             nets[(key, None)] = load(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))
+        elif key in CONDITIONED_MODELS:
+            # the DRF-conditioned upper bound: the training config's UniPET settings, styles from the DRF label
+            net = load(work / "models" / rel, build=lambda: DRFConditionedUniPET(**template.init_kwargs))
+            for d in drfs:
+                nets[(key, float(d))] = FixedDRF(net, float(d)).eval()
         elif "{drf}" in rel:
             for d in sorted({_nearest_trained(d) for d in drfs}):
                 nets[(key, d)] = load(work / "models" / rel.format(drf=d))
@@ -382,15 +395,19 @@ _PSNR_GAP_TARGETS: tuple[tuple[str, str, float, bool], ...] = (
 )
 
 
-def check_targets(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: Sequence[str]) -> list[dict[str, Any]]:
+def check_targets(
+    summary: Mapping[str, Mapping[str, Mapping[str, Any]]], drfs: Sequence[str], model: str = "unipet"
+) -> list[dict[str, Any]]:
     """Issue 15's targets for the shipped UniPET that this summary can judge, each with its numbers and verdict.
 
-    Needs ``input``, ``gaussian`` and ``unipet``; the vanilla, DRF-specific and plain-UNet comparisons
+    Needs ``input``, ``gaussian`` and ``model`` (default ``unipet``; another key judges that model by the same
+    targets, e.g. the DRF-given upper bound ``film``); the vanilla, DRF-specific and plain-UNet comparisons
     (``_PSNR_GAP_TARGETS``) are added when those models were scored."""
-    u, checks = summary["unipet"], []
+    judged = model
+    u, checks = summary[judged], []
 
     def db(model: str, d: str) -> float:
-        return summary[model][d]["psnr"]
+        return summary[judged if model == "unipet" else model][d]["psnr"]
 
     for d in drfs:
         margin = _gaussian_margin(float(d))
@@ -516,6 +533,11 @@ def markdown(result: Mapping[str, Any]) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else '**no**'} |" for c in fr["targets"]]
+        for m, checks in (fr.get("targets_by_model") or {}).items():
+            lines.append(
+                f"\nThe same targets for {LABELS[m]} (not shippable: it is given the DRF): "
+                f"{sum(c['met'] for c in checks)} of {len(checks)} met."
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -814,9 +836,12 @@ def run(
                 low, low_affine = load_nifti(data / subject / f"drf_{d}.nii.gz")
                 outputs = {"input": low, "gaussian": gaussian_filter_mm(low, spacing, gaussian[d]["fwhm_mm"])}
                 for key in model_list:
-                    denoise = (
-                        denoisers[(key, _nearest_trained(drf))] if key == "drf_specific" else denoisers[(key, None)]
-                    )
+                    if key == "drf_specific":
+                        denoise = denoisers[(key, _nearest_trained(drf))]
+                    elif key in CONDITIONED_MODELS:
+                        denoise = denoisers[(key, float(drf))]
+                    else:
+                        denoise = denoisers[(key, None)]
                     outputs[key] = denoise(low, low_affine, name=f"{subject} DRF {d}")
                 for model, pred in outputs.items():
                     row = score(pred, full, labels, table, low, spacing, subject, d, provenance)
@@ -863,6 +888,8 @@ def run(
         }
         fr["baselines_beaten"] = baselines_beaten(summary, drf_names)
         fr["targets"] = check_targets(summary, drf_names)
+        # the DRF-given upper bounds judged by the same targets: how far knowing the DRF would take the method
+        fr["targets_by_model"] = {m: check_targets(summary, drf_names, m) for m in CONDITIONED_MODELS if m in summary}
         real = [s for s in test if _simulated_from_real(data / s)]
         if real:
             fr["real_subject"] = {

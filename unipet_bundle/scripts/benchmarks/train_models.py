@@ -39,7 +39,10 @@ reproduces what it gave. 0.5.2-0.5.3 lesion-safety trials: ``regional_x5``, ``re
 ``dose_balanced_s2`` (shipped since 0.5.2), ``focus_balanced``, ``focus_low_drf``; 0.5.4: ``focus_noise``,
 ``focus_noise_sq``, ``focus_noise_half``, ``focus_noise_light`` (the focus weighted by each patch's visible noise,
 ``regional_noise_exponent`` 1 / 2 / 2 at ``regional_weight`` 0.5 / 2 at 0.3). ``branch unipet`` validates every epoch, the other runs every 2
-epochs, so its best checkpoint is picked from twice as many candidates.
+epochs, so its best checkpoint is picked from twice as many candidates. 0.5.5: ``film`` and ``film_focus``, the
+"label given" upper bound (``CONDITIONED_BRANCHES``: UniPET's styles from the DRF label, FiLM, instead of the SAN;
+the shipped recipe, and ``focus_low_drf``'s), which start from the same stage-1 weights (``--bdn_ckpt``) and
+train stage 2 alone; not shippable (inference needs the DRF), scored by ``scripts.benchmarks.quality``.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -84,7 +87,15 @@ ALIGN_0_4 = ["--align_weight", "0.2"]
 # they keep doing so, so that each reproduces the weights and quality rows it gave (the shipped 0.5.2 weights
 # among them). Runs named in LOCKED_SELECTION_RUNS select on the locked validation (the default).
 UNLOCKED_SELECTION = ["--level_lock_fwhm_mm", "0", "--track_meta", "False"]  # the pre-0.5.3 validation config
-LOCKED_SELECTION_RUNS = {"focus_low_drf", "focus_noise", "focus_noise_sq", "focus_noise_half", "focus_noise_light"}
+LOCKED_SELECTION_RUNS = {
+    "focus_low_drf",
+    "focus_noise",
+    "focus_noise_sq",
+    "focus_noise_half",
+    "focus_noise_light",
+    "film",
+    "film_focus",
+}
 
 
 def _pre_0_5_3(extra: list[str]) -> list[str]:
@@ -143,6 +154,23 @@ BRANCHES: dict[str, list[str]] = {
         "--regional_noise_exponent",
         "2.0",
     ],
+}
+
+# The "label given" upper bound (issue 15's optional FiLM model): scripts.networks.drf_conditioned.DRFConditionedUniPET,
+# UniPET with its styles from the DRF label instead of the SAN, same training config otherwise.
+DRF_CONDITIONED_NETWORK = (
+    "{'_target_': 'scripts.networks.drf_conditioned.DRFConditionedUniPET', 'channels': '@channels', "
+    "'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', 'san_channels': '@san_channels', "
+    "'padding_mode': '@padding_mode'}"
+)
+# name -> overrides for the DRF-conditioned branches. They cannot resume the snapshot's training state (its network
+# holds a SAN this model has not), so each starts from the snapshot's weights (--bdn_ckpt: the same stage-1 base
+# network) and trains stage 2 alone for the branches' 1000 iterations, with the same stage-2 schedule; only the
+# base network's AdamW moments start afresh. Not shippable (inference needs the DRF): the quality benchmark only.
+CONDITIONED_BRANCHES: dict[str, list[str]] = {
+    "film": [*DOSE_BALANCED_S2],  # the shipped recipe (dose_balanced_s2), DRF given
+    # the DRF-weighted lesion focus (focus_low_drf's recipe), which the label-free SAN could not switch by dose
+    "film_focus": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"],
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
@@ -400,9 +428,21 @@ class TrainModels:
         self._train(SNAPSHOT_RUN, ALIGN_0_4)
 
     def branch(self, name: str) -> None:
-        """One branch from the end of stage 1 (``BRANCHES``: unipet, vanilla, san_only, rals_only, ...)."""
+        """One branch from the end of stage 1 (``BRANCHES``: unipet, vanilla, san_only, rals_only, ...; and the
+        DRF-conditioned upper bounds of ``CONDITIONED_BRANCHES``: film, film_focus)."""
+        if name in CONDITIONED_BRANCHES:
+            start = [
+                "--bdn_ckpt",
+                str(self._snapshot()),
+                "--stage1_epochs",
+                "0",
+                "--epochs",
+                str(EPOCHS - STAGE1_EPOCHS),
+            ]
+            self._train(name, [*start, "--network_def", DRF_CONDITIONED_NETWORK, *CONDITIONED_BRANCHES[name]])
+            return
         if name not in BRANCHES:
-            raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted(BRANCHES)}")
+            raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted([*BRANCHES, *CONDITIONED_BRANCHES])}")
         self._train(name, ["--init_checkpoint", str(self._snapshot()), *BRANCHES[name]])
 
     def full_run(self, name: str) -> None:
