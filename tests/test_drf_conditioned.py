@@ -1,4 +1,5 @@
-"""The DRF-conditioned (FiLM, "label given") upper bound: network, batches, trainer and the training config."""
+"""UniPET with styles from a scalar condition: the DRF-conditioned (FiLM, "label given") upper bound and the label-free
+noise-statistics variant: networks, batches, trainer and the training config."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from scripts.engines.batches import PrepareDRFConditionedBatch, batch_drfs, prep
 from scripts.engines.gan_trainer import UniPETTrainer, generator_param_groups
 from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss
 from scripts.networks.critic import PatchCritic
-from scripts.networks.drf_conditioned import DRFConditionedUniPET, DRFStyleEncoder, FixedDRF
+from scripts.networks.drf_conditioned import (
+    DRFConditionedUniPET,
+    DRFStyleEncoder,
+    FixedDRF,
+    NoiseConditionedUniPET,
+    window_noise_features,
+)
 from scripts.networks.unipet import UniPET
 
 SMALL = dict(channels=4, num_blocks=2, latent_dim=8, san_channels=(4, 4))
@@ -59,6 +66,33 @@ def test_styles_follow_the_drf_per_item():
     styles = net.block_styles(x, torch.tensor([4.0, 100.0]))
     assert len(styles) == SMALL["num_blocks"] and (styles[0][0] - styles[0][1]).abs().max() > 1e-3
     assert net.block_styles(x) == []
+
+
+def test_noise_styled_model_reads_its_own_input():
+    """Label-free: the styles come from each window's log high-pass std and log mean, so a noisier window of the
+    same activity gets other styles, with no DRF anywhere; a fresh model is its stage-1 base network."""
+    torch.manual_seed(0)
+    base = UniPET(**SMALL)
+    with torch.no_grad():
+        base.output_conv.weight.normal_(0.0, 0.1)
+    net = NoiseConditionedUniPET(**SMALL)
+    missing = net.load_bdn_state_dict(base.state_dict())
+    assert missing and all(k.startswith("noise_encoder.") for k in missing)
+    activity = torch.full((1, 1, 12, 12, 12), 0.1)
+    x = torch.cat([activity + 0.005 * torch.randn_like(activity), activity + 0.05 * torch.randn_like(activity)])
+    torch.testing.assert_close(net(x), base.forward_without_styles(x), rtol=0, atol=1e-6)
+    features = window_noise_features(x)
+    assert features.shape == (2, 2) and features[1, 0] - features[0, 0] > 1.5  # log std: 10x the noise
+    assert abs(float(features[0, 1] - features[1, 1])) < 0.1  # log mean: the same activity
+    assert torch.isfinite(window_noise_features(torch.zeros(1, 1, 8, 8, 8))).all()  # air stays finite
+    _with_styles(net)
+    styles = net.block_styles(x)
+    assert len(styles) == SMALL["num_blocks"] and (styles[0][0] - styles[0][1]).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[1:], net(x[1:]), rtol=0, atol=1e-6)  # per window, no batch mixing
+    assert not NoiseConditionedUniPET.takes_drf and DRFConditionedUniPET.takes_drf
+    style = {n for n, p in net.named_parameters() if any(p is q for q in net.san_parameters())}
+    assert style and all(n.startswith("noise_encoder.") or ".style_affine." in n for n in style)
 
 
 @pytest.mark.parametrize("drf", [torch.tensor([4.0, 0.0]), torch.tensor([4.0, 10.0, 20.0]), torch.tensor(-1.0)])

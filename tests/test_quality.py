@@ -222,8 +222,8 @@ def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
 
 def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
     """The DRF-conditioned model is one network, run through the bundle inference at each test volume's true DRF
-    (also an unseen one), and judged by the shipped model's targets."""
-    from scripts.networks.drf_conditioned import DRFConditionedUniPET
+    (also an unseen one), and judged by the shipped model's targets; the label-free styled model runs as it is."""
+    from scripts.networks.drf_conditioned import DRFConditionedUniPET, NoiseConditionedUniPET
 
     own = tmp_path / "w"
     own.mkdir()
@@ -238,6 +238,9 @@ def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
     (own / "models" / "film").mkdir(parents=True)
     torch.save(film.state_dict(), own / "models" / "film" / "model.pt")
     seen: list[float] = []
+    noise = NoiseConditionedUniPET(**template.init_kwargs)  # label-free: the plain inference path
+    (own / "models" / "noise_styles").mkdir(parents=True)
+    torch.save(noise.state_dict(), own / "models" / "noise_styles" / "model.pt")
     film_forward = DRFConditionedUniPET.forward
 
     def record(self, x, drf=None):
@@ -251,13 +254,13 @@ def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
             checkpoint=str(work / "unipet.pt"),
             update_docs=False,
             families="unseen_recon",
-            models="unipet,film",
+            models="unipet,film,noise_styles",
             out_dir=str(tmp_path / "q"),
             drfs="[7,150]",
         )
     assert set(seen) == {7.0, 150.0}  # the exact DRFs, not the nearest trained one
     fam = result["families"]["unseen_recon"]
-    assert set(fam["summary"]) == {"input", "gaussian", "unipet", "film"}
+    assert set(fam["summary"]) == {"input", "gaussian", "unipet", "film", "noise_styles"}
     checks = fam["targets_by_model"]["film"]
     assert [c["target"] for c in checks] == [c["target"] for c in fam["targets"]]
     assert [c["value"] for c in checks] != [c["value"] for c in fam["targets"]]
@@ -367,6 +370,10 @@ def test_train_models_commands(tmp_path, monkeypatch):
     assert "DRFConditionedUniPET" in cmd[cmd.index("--network_def") + 1]
     assert cmd[cmd.index("--regional_drf_exponent") + 1] == "1.0" and cmd[cmd.index("--dose_balance") + 1] == "0.5"
     assert "--level_lock_fwhm_mm" not in cmd  # a new run: selected on the locked validation
+    tm.branch("noise_styles")  # label-free: the window-statistics encoder, the shipped recipe
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--bdn_ckpt") + 1] == str(snap) and "--init_checkpoint" not in cmd
+    assert cmd[cmd.index("--network_def") + 1].startswith("{'_target_': 'scripts.networks.drf_conditioned.Noise")
     tm.drf_specific([20])
     cmd = calls[-1][0]
     assert cmd[cmd.index("--drfs") + 1] == "[20]" and cmd[cmd.index("--stage1_epochs") + 1] == "23"

@@ -64,7 +64,7 @@ from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
-from scripts.networks.drf_conditioned import DRFConditionedUniPET, FixedDRF
+from scripts.networks.drf_conditioned import DRFConditionedUniPET, FixedDRF, NoiseConditionedUniPET
 from scripts.networks.unipet import match_checkpoint_san_variant
 
 logger = logging.getLogger("unipet.quality")
@@ -106,7 +106,16 @@ BASELINES = (
 )
 # table order: the baselines UniPET is judged against, then the 0.5.2 trials and the 0.5.1 UniPET (shown, not judged
 # against), then the shipped model
-MODEL_ORDER = (*BASELINES, "regional_x5", "regional_focus", "unipet_0_5", "film", "film_focus", "unipet")
+MODEL_ORDER = (
+    *BASELINES,
+    "regional_x5",
+    "regional_focus",
+    "unipet_0_5",
+    "noise_styles",
+    "film",
+    "film_focus",
+    "unipet",
+)
 
 # model key -> (table label, checkpoint below <work_dir>/models, or None for the shipped model)
 NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
@@ -128,9 +137,17 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     # 0.5.5: the "label given" upper bound (train_models.CONDITIONED_BRANCHES), run at each test volume's true DRF
     "film": ("upper bound: DRF given (FiLM)", "film/model.pt"),
     "film_focus": ("upper bound: DRF given, DRF-weighted focus", "film_focus/model.pt"),
+    # 0.5.5 trial: label-free, styles from hand-made window statistics instead of the SAN
+    "noise_styles": ("trial: styles from window noise statistics", "noise_styles/model.pt"),
 }
 # models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
 CONDITIONED_MODELS = ("film", "film_focus")
+# UniPET variants with another style source: built with the training config's UniPET settings
+STYLED_NETWORKS = {
+    "film": DRFConditionedUniPET,
+    "film_focus": DRFConditionedUniPET,
+    "noise_styles": NoiseConditionedUniPET,
+}
 OPTIONAL_MODELS = (
     "no_hotspot",
     "no_regional",
@@ -140,6 +157,7 @@ OPTIONAL_MODELS = (
     "unipet_0_5",
     "film",
     "film_focus",
+    "noise_styles",
 )
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
@@ -263,7 +281,7 @@ def _load_networks(
             nets[(key, None)] = load(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))
         elif key in CONDITIONED_MODELS:
             # the DRF-conditioned upper bound: the training config's UniPET settings, styles from the DRF label
-            net = load(work / "models" / rel, build=lambda: DRFConditionedUniPET(**template.init_kwargs))
+            net = load(work / "models" / rel, build=lambda: STYLED_NETWORKS[key](**template.init_kwargs))
             for d in drfs:
                 nets[(key, float(d))] = FixedDRF(net, float(d)).eval()
         elif "{drf}" in rel:
@@ -271,7 +289,9 @@ def _load_networks(
                 nets[(key, d)] = load(work / "models" / rel.format(drf=d))
         else:
             build = None
-            if key in OTHER_NETWORKS:
+            if key in STYLED_NETWORKS:
+                build = lambda: STYLED_NETWORKS[key](**template.init_kwargs)  # noqa: E731
+            elif key in OTHER_NETWORKS:
                 module, _, cls = OTHER_NETWORKS[key].rpartition(".")
                 build = getattr(importlib.import_module(module), cls)
             nets[(key, None)] = load(work / "models" / rel, build=build)

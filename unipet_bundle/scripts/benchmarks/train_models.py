@@ -95,6 +95,7 @@ LOCKED_SELECTION_RUNS = {
     "focus_noise_light",
     "film",
     "film_focus",
+    "noise_styles",
 }
 
 
@@ -156,21 +157,26 @@ BRANCHES: dict[str, list[str]] = {
     ],
 }
 
-# The "label given" upper bound (issue 15's optional FiLM model): scripts.networks.drf_conditioned.DRFConditionedUniPET,
-# UniPET with its styles from the DRF label instead of the SAN, same training config otherwise.
-DRF_CONDITIONED_NETWORK = (
-    "{'_target_': 'scripts.networks.drf_conditioned.DRFConditionedUniPET', 'channels': '@channels', "
-    "'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', 'san_channels': '@san_channels', "
-    "'padding_mode': '@padding_mode'}"
+# UniPET with its styles from a scalar condition instead of the SAN (scripts.networks.drf_conditioned): the "label
+# given" upper bound (issue 15's optional FiLM model: the DRF label) and a label-free variant (hand-made noise
+# statistics of each window), same training config otherwise.
+_STYLED = (
+    "'channels': '@channels', 'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', "
+    "'san_channels': '@san_channels', 'padding_mode': '@padding_mode'}"
 )
-# name -> overrides for the DRF-conditioned branches. They cannot resume the snapshot's training state (its network
-# holds a SAN this model has not), so each starts from the snapshot's weights (--bdn_ckpt: the same stage-1 base
-# network) and trains stage 2 alone for the branches' 1000 iterations, with the same stage-2 schedule; only the
-# base network's AdamW moments start afresh. Not shippable (inference needs the DRF): the quality benchmark only.
-CONDITIONED_BRANCHES: dict[str, list[str]] = {
-    "film": [*DOSE_BALANCED_S2],  # the shipped recipe (dose_balanced_s2), DRF given
+DRF_CONDITIONED_NETWORK = "{'_target_': 'scripts.networks.drf_conditioned.DRFConditionedUniPET', " + _STYLED
+NOISE_CONDITIONED_NETWORK = "{'_target_': 'scripts.networks.drf_conditioned.NoiseConditionedUniPET', " + _STYLED
+# name -> (network_def, overrides) for the branches with another style source. They cannot resume the snapshot's
+# training state (its network holds a SAN these have not), so each starts from the snapshot's weights (--bdn_ckpt:
+# the same stage-1 base network) and trains stage 2 alone for the branches' 1000 iterations, with the same stage-2
+# schedule; only the base network's AdamW moments start afresh. The DRF-given ones are not shippable (inference
+# needs the DRF); all are scored by the quality benchmark.
+CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
+    "film": (DRF_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2]),  # the shipped recipe (dose_balanced_s2), DRF given
     # the DRF-weighted lesion focus (focus_low_drf's recipe), which the label-free SAN could not switch by dose
-    "film_focus": [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"],
+    "film_focus": (DRF_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"]),
+    # label-free: the shipped recipe, styles from each window's log high-pass std and log mean instead of the SAN
+    "noise_styles": (NOISE_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2]),
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
@@ -429,7 +435,7 @@ class TrainModels:
 
     def branch(self, name: str) -> None:
         """One branch from the end of stage 1 (``BRANCHES``: unipet, vanilla, san_only, rals_only, ...; and the
-        DRF-conditioned upper bounds of ``CONDITIONED_BRANCHES``: film, film_focus)."""
+        branches with another style source, ``CONDITIONED_BRANCHES``: film, film_focus, noise_styles)."""
         if name in CONDITIONED_BRANCHES:
             start = [
                 "--bdn_ckpt",
@@ -439,7 +445,8 @@ class TrainModels:
                 "--epochs",
                 str(EPOCHS - STAGE1_EPOCHS),
             ]
-            self._train(name, [*start, "--network_def", DRF_CONDITIONED_NETWORK, *CONDITIONED_BRANCHES[name]])
+            network, overrides = CONDITIONED_BRANCHES[name]
+            self._train(name, [*start, "--network_def", network, *overrides])
             return
         if name not in BRANCHES:
             raise UniPETInputError(f"unknown branch {name!r}: use one of {sorted([*BRANCHES, *CONDITIONED_BRANCHES])}")

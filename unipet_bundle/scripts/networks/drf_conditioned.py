@@ -1,11 +1,16 @@
-"""The "label given" upper bound of UniPET: the same base network, its styles computed from the DRF label (FiLM).
+"""UniPET with its styles from a scalar condition instead of the SAN (FiLM): two research variants.
 
-UniPET's style alignment network (SAN) reads the noise of each window and needs no dose label. This model
-replaces the SAN by a small MLP of the dose reduction factor (feature-wise modulation, FiLM), keeping every
-other part (base network, per-block style layers, losses, training recipe). It answers one question: how
-much of what a dose-aware network could do does the label-free SAN reach? It is a research baseline, not a
-product: inference needs the study's DRF, which a clinical series does not carry reliably, so
-``configs/inference.json`` never builds it (the quality benchmark runs it with the test volume's true DRF).
+UniPET's style alignment network (SAN) reads the noise of each window through a learned encoder. These models
+replace the SAN by a small MLP of one or two numbers, keeping every other part (base network, per-block style
+layers, losses, training recipe):
+
+* :class:`DRFConditionedUniPET`, the "label given" upper bound: the MLP reads the dose reduction factor. It
+  answers how much of what a dose-aware network could do the label-free SAN reaches. Not a product: inference
+  needs the study's DRF, which a clinical series does not carry reliably, so ``configs/inference.json`` never
+  builds it (the quality benchmark runs it with the test volume's true DRF).
+* :class:`NoiseConditionedUniPET`, label-free: the MLP reads two hand-made statistics of the window itself
+  (:func:`window_noise_features`), the ones the SAN's probe compared against (``san_noise_probe``). It asks
+  whether a fixed, simple noise reading steers the same network better than the learned SAN.
 """
 
 # No ``from __future__ import annotations``: UniPET's methods stay TorchScript-compatible.
@@ -16,18 +21,52 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .unipet import UniPET
+from .unipet import UniPET, local_mean3
 
-__all__ = ["DRFStyleEncoder", "DRFConditionedUniPET", "FixedDRF"]
+__all__ = [
+    "StyleMLP",
+    "DRFStyleEncoder",
+    "window_noise_features",
+    "ConditionedStylesUniPET",
+    "DRFConditionedUniPET",
+    "NoiseConditionedUniPET",
+    "FixedDRF",
+]
 
 
-class DRFStyleEncoder(nn.Module):
-    """An MLP from the dose reduction factor to one latent per style stage (FiLM conditioning).
+class StyleMLP(nn.Module):
+    """An MLP from a few numbers per input to one latent per style stage (FiLM conditioning).
+
+    Two hidden layers, then a linear head per stage with the same LeakyReLU as the SAN's latents, so the
+    per-block style layers see latents of the same kind.
+
+    Shapes: ``(B, n_inputs) -> [(B, latent_dim)] * n_latents``.
+    """
+
+    def __init__(self, n_inputs: int, n_latents: int, latent_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        if min(n_inputs, n_latents, latent_dim, hidden) < 1:
+            raise ValueError(
+                f"n_inputs, n_latents, latent_dim and hidden must be >= 1, got {n_inputs}, {n_latents}, "
+                f"{latent_dim}, {hidden}"
+            )
+        self.body = nn.Sequential(
+            nn.Linear(n_inputs, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2)
+        )
+        self.heads = nn.ModuleList([nn.Linear(hidden, latent_dim) for _ in range(n_latents)])
+        self.latent_act = nn.LeakyReLU(0.2)
+
+    def forward(self, u: torch.Tensor) -> List[torch.Tensor]:
+        h = self.body(u.float())
+        return [self.latent_act(head(h)) for head in self.heads]
+
+
+class DRFStyleEncoder(StyleMLP):
+    """:class:`StyleMLP` of the dose reduction factor.
 
     The DRF enters as ``u = log(drf / reference_drf) / log(span_drf / reference_drf)`` (0 at DRF 4, 1 at
     DRF 100 with the defaults): noise grows as ``sqrt(drf)``, so the log is the natural scale, and
-    ``u`` keeps the training range near [0, 1]. Two hidden layers, then a linear head per stage with the
-    same LeakyReLU as the SAN's latents, so the per-block style layers see latents of the same kind.
+    ``u`` keeps the training range near [0, 1].
 
     Shapes: ``drf (B,)`` (DRF > 0, dimensionless) ``-> [(B, latent_dim)] * n_latents``.
     """
@@ -40,45 +79,45 @@ class DRFStyleEncoder(nn.Module):
         reference_drf: float = 4.0,
         span_drf: float = 100.0,
     ) -> None:
-        super().__init__()
-        if n_latents < 1 or latent_dim < 1 or hidden < 1:
-            raise ValueError(f"n_latents, latent_dim and hidden must be >= 1, got {n_latents}, {latent_dim}, {hidden}")
+        super().__init__(1, n_latents, latent_dim, hidden)
         if not (reference_drf > 0 and span_drf > reference_drf):
             raise ValueError(f"need 0 < reference_drf < span_drf, got {reference_drf} and {span_drf}")
         self.log_reference = math.log(float(reference_drf))
         self.log_span = math.log(float(span_drf)) - self.log_reference
-        self.body = nn.Sequential(nn.Linear(1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
-        self.heads = nn.ModuleList([nn.Linear(hidden, latent_dim) for _ in range(n_latents)])
-        self.latent_act = nn.LeakyReLU(0.2)
 
-    def forward(self, drf: torch.Tensor) -> List[torch.Tensor]:
-        u = (torch.log(drf.float().reshape(-1, 1)) - self.log_reference) / self.log_span
-        h = self.body(u)
-        return [self.latent_act(head(h)) for head in self.heads]
+    def forward(self, drf: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
+        return super().forward((torch.log(drf.float().reshape(-1, 1)) - self.log_reference) / self.log_span)
 
 
-class DRFConditionedUniPET(UniPET):
-    """UniPET with its styles from the DRF label instead of the SAN: the "label given" (FiLM) upper bound.
+def window_noise_features(x: torch.Tensor) -> torch.Tensor:
+    """Two label-free statistics of each window: ``log`` of the standard deviation of its local high-pass (the
+    window minus its 3x3x3 local mean: mostly noise, little anatomy) and ``log`` of its mean (PET noise grows with
+    the activity), each floored at 1e-4 (normalised SUV; 0.002 SUV) so that air stays finite.
+
+    Shapes: ``(B, 1, D, H, W)`` normalised SUV ``-> (B, 2)`` float32.
+    """
+    x = x.float()
+    high_pass = (x - local_mean3(x)).flatten(1)
+    std = high_pass.std(dim=1, correction=0)
+    mean = x.flatten(1).mean(dim=1)
+    return torch.stack([torch.log(std.clamp_min(1e-4)), torch.log(mean.clamp_min(1e-4))], dim=1)
+
+
+class ConditionedStylesUniPET(UniPET):
+    """UniPET whose style latents come from a :class:`StyleMLP` (attribute ``encoder_name``) instead of the SAN.
 
     Same base network and per-block style layers as :class:`~scripts.networks.unipet.UniPET` (``use_san=True``;
-    the zero-initialised style layers make a fresh model exactly its stage-1 base network), but the latents
-    come from :class:`DRFStyleEncoder` of the DRF passed to :meth:`forward`. A stage-1 checkpoint of either
-    model loads with :meth:`load_bdn_state_dict` (a UniPET checkpoint's SAN weights are dropped: this
-    model has no SAN).
-
-    Units: input and output normalised SUV, as UniPET; ``drf`` dimensionless (> 0).
-
-    Shapes: ``x (B, in_channels, D, H, W)``, ``drf (B,)`` or one value for the whole batch (a sliding window
-    runs several windows of one volume at once) ``-> (B, out_channels, D, H, W)``. Without ``drf`` (or with
-    ``use_styles`` off) it is the base network with zero styles.
+    the zero-initialised style layers make a fresh model exactly its stage-1 base network). A stage-1 checkpoint
+    of either model loads with :meth:`load_bdn_state_dict` (a UniPET checkpoint's SAN weights are dropped: this
+    model has no SAN). Subclasses build the encoder and say what it reads (:meth:`_style_latents`).
 
     Args:
-        drf_hidden: width of the DRF encoder's hidden layers.
-        reference_drf, span_drf: the DRFs mapped to 0 and 1 on the encoder's log scale.
-        Every other argument is UniPET's (``use_san`` is always on: the style layers are what is conditioned).
+        Every argument is UniPET's (``use_san`` is always on: the style layers are what is conditioned; the SAN
+        settings a training config passes are ignored, ``san_channels`` only sets how many style stages there are).
     """
 
-    takes_drf = True  # training and validation hand it each item's DRF (configs/train.json: network_takes_drf)
+    takes_drf = False  # whether training and validation must hand it each item's DRF (train.json: network_takes_drf)
+    encoder_name = ""
 
     def __init__(
         self,
@@ -91,15 +130,12 @@ class DRFConditionedUniPET(UniPET):
         residual_scale_init: float = 0.1,
         zero_init_output: bool = True,
         padding_mode: str = "replicate",
-        drf_hidden: int = 64,
-        reference_drf: float = 4.0,
-        span_drf: float = 100.0,
         **unused: Any,
     ) -> None:
         # the training config passes UniPET's SAN settings too; they have no meaning here
         unused.pop("use_san", None), unused.pop("san_variant", None), unused.pop("san_reduction", None)
         if unused:
-            raise TypeError(f"DRFConditionedUniPET got unknown arguments {sorted(unused)}")
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unused)}")
         super().__init__(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -112,10 +148,47 @@ class DRFConditionedUniPET(UniPET):
             zero_init_output=zero_init_output,
             padding_mode=padding_mode,
         )
-        self.san = None  # the latents come from the DRF; san_channels only sets how many style stages there are
-        self.drf_encoder = DRFStyleEncoder(len(self.san_channels), latent_dim, drf_hidden, reference_drf, span_drf)
+        self.san = None
 
-    def _style_latents(self, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    def _is_san_key(self, name: str) -> bool:  # type: ignore[override]
+        return name.startswith(self.encoder_name + ".") or ".style_affine." in name
+
+    def load_bdn_state_dict(self, state_dict: Mapping[str, Any]) -> List[str]:
+        """Load a stage-1 (or any UniPET) checkpoint's base network; a UniPET's SAN weights are left out."""
+        kept = {k: v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("san.")}
+        return super().load_bdn_state_dict(kept)
+
+    def _styles(self, latents: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [block.style_affine(latents[self.latent_index[i]]) for i, block in enumerate(self.blocks)]
+
+
+class DRFConditionedUniPET(ConditionedStylesUniPET):
+    """UniPET with its styles from the DRF label instead of the SAN: the "label given" (FiLM) upper bound.
+
+    The latents come from :class:`DRFStyleEncoder` of the DRF passed to :meth:`forward`.
+
+    Units: input and output normalised SUV, as UniPET; ``drf`` dimensionless (> 0).
+
+    Shapes: ``x (B, in_channels, D, H, W)``, ``drf (B,)`` or one value for the whole batch (a sliding window
+    runs several windows of one volume at once) ``-> (B, out_channels, D, H, W)``. Without ``drf`` (or with
+    ``use_styles`` off) it is the base network with zero styles.
+
+    Args:
+        drf_hidden: width of the DRF encoder's hidden layers.
+        reference_drf, span_drf: the DRFs mapped to 0 and 1 on the encoder's log scale.
+        Every other argument is :class:`ConditionedStylesUniPET`'s.
+    """
+
+    takes_drf = True
+    encoder_name = "drf_encoder"
+
+    def __init__(
+        self, *args: Any, drf_hidden: int = 64, reference_drf: float = 4.0, span_drf: float = 100.0, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.drf_encoder = DRFStyleEncoder(len(self.san_channels), self.latent_dim, drf_hidden, reference_drf, span_drf)
+
+    def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
         if drf is None:
             return []
         drf = torch.as_tensor(drf, dtype=torch.float32, device=feat.device).reshape(-1)
@@ -139,17 +212,35 @@ class DRFConditionedUniPET(UniPET):
         """The style vectors of every block for the DRF(s) ``drf`` (empty without one); ``x`` sets the batch size."""
         if drf is None:
             return []
-        latents = self._style_latents(x, drf)
-        return [block.style_affine(latents[self.latent_index[i]]) for i, block in enumerate(self.blocks)]
+        return self._styles(self._style_latents(x, x, drf))
 
-    @staticmethod
-    def _is_san_key(name: str) -> bool:
-        return name.startswith("drf_encoder.") or ".style_affine." in name
 
-    def load_bdn_state_dict(self, state_dict: Mapping[str, Any]) -> List[str]:
-        """Load a stage-1 (or any UniPET) checkpoint's base network; a UniPET's SAN weights are left out."""
-        kept = {k: v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("san.")}
-        return super().load_bdn_state_dict(kept)
+class NoiseConditionedUniPET(ConditionedStylesUniPET):
+    """Label-free UniPET whose styles come from two hand-made statistics of each input window, not the SAN.
+
+    The latents come from a :class:`StyleMLP` of :func:`window_noise_features` (log std of the window's local
+    high-pass, log mean), computed from the network's own input: like UniPET it needs no DRF, so it runs through
+    the bundle's inference and training unchanged.
+
+    Units: input and output normalised SUV. Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``.
+
+    Args:
+        noise_hidden: width of the encoder's hidden layers.
+        Every other argument is :class:`ConditionedStylesUniPET`'s.
+    """
+
+    encoder_name = "noise_encoder"
+
+    def __init__(self, *args: Any, noise_hidden: int = 64, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_encoder = StyleMLP(2, len(self.san_channels), self.latent_dim, noise_hidden)
+
+    def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        return self.noise_encoder(window_noise_features(x[:, :1]))
+
+    def block_styles(self, x: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
+        """The style vectors of every block for the windows ``x`` (B, 1, D, H, W)."""
+        return self._styles(self.noise_encoder(window_noise_features(x[:, :1])))
 
 
 class FixedDRF(nn.Module):

@@ -420,10 +420,11 @@ class UniPET(nn.Module):
         # (an unused stage would break DistributedDataParallel without find_unused_parameters).
         self.latent_index: List[int] = [i * n_stages // num_blocks for i in range(num_blocks)]
 
-    def _style_latents(self, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        """The latent of every style stage for the input-conv features ``feat``: the SAN's (``drf`` unused: the
-        label-free model reads the noise itself); empty without a SAN. Subclasses may take the latents from
-        elsewhere (:class:`scripts.networks.drf_conditioned.DRFConditionedUniPET`: from the DRF label)."""
+    def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """The latent of every style stage for the input ``x`` and its input-conv features ``feat``: the SAN's of
+        ``feat`` (``drf`` unused: the label-free model reads the noise itself); empty without a SAN. Subclasses
+        take the latents from elsewhere (:mod:`scripts.networks.drf_conditioned`: the DRF label, or hand-made
+        statistics of ``x``)."""
         san = self.san
         if san is None:
             return []
@@ -437,7 +438,7 @@ class UniPET(nn.Module):
         feat = self.input_conv(x)
         latents: List[torch.Tensor] = []
         if use_styles:
-            latents = self._style_latents(feat, drf)
+            latents = self._style_latents(x, feat, drf)
         features: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             latent: Optional[torch.Tensor] = None
