@@ -46,8 +46,11 @@ def test_fresh_model_is_its_stage1_base_network_at_every_drf():
     assert missing and all(k.startswith("drf_encoder.") for k in missing)
     x = torch.rand(2, 1, 12, 12, 12)
     expected = base.forward_without_styles(x)
-    for drf in (torch.tensor([4.0, 100.0]), torch.tensor(20.0), None):
+    for drf in (torch.tensor([4.0, 100.0]), torch.tensor(20.0)):
         torch.testing.assert_close(net(x, drf), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(net.forward_without_styles(x), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the DRF of its input"):  # never a silent base network
+        net(x)
     assert net.san is None and "drf_encoder.heads.0.weight" in net.state_dict()
     assert not any(k.startswith("san.") for k in net.state_dict())
 
@@ -65,7 +68,8 @@ def test_styles_follow_the_drf_per_item():
     torch.testing.assert_close(FixedDRF(net, 100.0)(x[:1]), alone, rtol=0, atol=1e-6)
     styles = net.block_styles(x, torch.tensor([4.0, 100.0]))
     assert len(styles) == SMALL["num_blocks"] and (styles[0][0] - styles[0][1]).abs().max() > 1e-3
-    assert net.block_styles(x) == []
+    with pytest.raises(ValueError, match="needs the DRF"):
+        net.block_styles(x)
 
 
 def test_noise_styled_model_reads_its_own_input():
@@ -97,9 +101,12 @@ def test_noise_styled_model_reads_its_own_input():
 
 @pytest.mark.parametrize("drf", [torch.tensor([4.0, 0.0]), torch.tensor([4.0, 10.0, 20.0]), torch.tensor(-1.0)])
 def test_bad_drf_is_refused(drf):
-    net = DRFConditionedUniPET(**SMALL)
     with pytest.raises(ValueError, match="drf must hold one DRF > 0"):
-        net(torch.rand(2, 1, 8, 8, 8), drf)
+        DRFConditionedUniPET(**SMALL)(torch.rand(2, 1, 8, 8, 8), drf)
+
+
+def test_bad_settings_are_refused():
+    net = DRFConditionedUniPET(**SMALL)
     with pytest.raises(ValueError, match="drf must be > 0"):
         FixedDRF(net, 0.0)
     with pytest.raises(ValueError, match="reference_drf < span_drf"):
@@ -128,7 +135,9 @@ def test_prepare_batch_reads_each_items_drf():
     assert args == () and kwargs["drf"].tolist() == [4.0, 100.0] and kwargs["drf"].dtype == torch.float32
     assert type(low) is torch.Tensor and type(full) is torch.Tensor  # the trainer's plain tensors
     torch.testing.assert_close(low, prepare_paired_batch(batch)[0])
-    kept, _, _, _ = PrepareDRFConditionedBatch(keep_meta=True)(batch, "cpu")
+    one = {"image": image[:1], "label": image[:1] + 1, "drf": ["drf_4"]}
+    kept, _, _, kept_kwargs = PrepareDRFConditionedBatch(keep_meta=True)(one, "cpu")
+    assert kept_kwargs["drf"].tolist() == [4.0]
     assert isinstance(kept, MetaTensor) and kept.meta["filename_or_obj"] == "x"  # the level lock reads its meta
     assert batch_drfs({"drf": torch.tensor([20])}, 1, "x").tolist() == [20.0]
     with pytest.raises(ValueError, match="a DRF-conditioned network needs each item's DRF"):
@@ -137,6 +146,8 @@ def test_prepare_batch_reads_each_items_drf():
         PrepareDRFConditionedBatch()({**batch, "drf": [4]}, "cpu")
     with pytest.raises(ValueError, match="one DRF per item"):
         PrepareDRFConditionedBatch()({**batch, "drf": ["high", 4]}, "cpu")
+    with pytest.raises(ValueError, match="one volume at a time"):  # the sliding window would mix their windows
+        PrepareDRFConditionedBatch(keep_meta=True)(batch, "cpu")
 
 
 def test_trainer_gives_the_generator_each_patchs_drf():
@@ -159,15 +170,17 @@ def test_trainer_gives_the_generator_each_patchs_drf():
         critic_loss=RALSCriticLoss(),
         adv_loss=RALSGeneratorLoss(),
         mask_fn=lambda x: torch.ones_like(x),
-        critic_pretrain_iterations=0,
-        adv_weight=0.0,
+        critic_pretrain_iterations=1,
+        adv_weight=0.1,
         prepare_batch=PrepareDRFConditionedBatch(),
         monitor_interval=1,
     )
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
     trainer.run()
-    assert seen and all(v == [4.0, 100.0] for v in seen)
+    # every generator call got the DRFs (a forgotten one raises): stage 1 runs the base network, then the critic's
+    # pre-training step, then per joint iteration a critic step and a generator step (plus the style monitoring)
+    assert len(seen) >= 1 + 2 * 9 and all(v == [4.0, 100.0] for v in seen)
     styles = gen.block_styles(low, torch.tensor([4.0, 100.0]))
     assert (styles[0][0] - styles[0][1]).abs().max() > 1e-4, "stage 2 must learn DRF-dependent styles"
     assert outputs[-1]["style_spread_b0"] > 0  # the monitoring sees the DRFs too

@@ -113,7 +113,7 @@ def measure(
         state = load_checkpoint(
             BUNDLE_ROOT / bdn_checkpoint if not Path(bdn_checkpoint).is_absolute() else bdn_checkpoint
         )
-        gen.load_bdn_state_dict({k: v for k, v in state.items() if not gen._is_san_key(k)})
+        gen.load_bdn_state_dict({k: v for k, v in state.items() if not gen._is_san_key(k.removeprefix("module."))})
     critic = parser.get_parsed_content("critic_def")
     thr = normalised_threshold(parser.get_parsed_content("rals_threshold_suv2"), parser.get_parsed_content("suv_max"))
     window = parser.get_parsed_content("rals_window")

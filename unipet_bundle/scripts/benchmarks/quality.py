@@ -423,11 +423,10 @@ def check_targets(
     Needs ``input``, ``gaussian`` and ``model`` (default ``unipet``; another key judges that model by the same
     targets, e.g. the DRF-given upper bound ``film``); the vanilla, DRF-specific and plain-UNet comparisons
     (``_PSNR_GAP_TARGETS``) are added when those models were scored."""
-    judged = model
-    u, checks = summary[judged], []
+    u, checks = summary[model], []
 
-    def db(model: str, d: str) -> float:
-        return summary[judged if model == "unipet" else model][d]["psnr"]
+    def db(key: str, d: str) -> float:  # "unipet" stands for the judged model
+        return summary[model if key == "unipet" else key][d]["psnr"]
 
     for d in drfs:
         margin = _gaussian_margin(float(d))
@@ -468,9 +467,9 @@ def check_targets(
                 "met": bool(liver is not None and liver <= 5.0),
             }
         )
-        for model, wording, bound_db, strict in _PSNR_GAP_TARGETS:
-            if model in summary:
-                gap = db("unipet", d) - db(model, d)
+        for baseline, wording, bound_db, strict in _PSNR_GAP_TARGETS:
+            if baseline in summary:
+                gap = db("unipet", d) - db(baseline, d)
                 checks.append(
                     {
                         "target": f"DRF {d}: {wording.format(tol=-bound_db)}",

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.engines import default_prepare_batch
 from monai.utils import CommonKeys as Keys
 
 from scripts.data.layout import parse_drf
@@ -55,8 +56,9 @@ class PrepareDRFConditionedBatch:
     window batch of the volume.
 
     Args:
-        keep_meta: keep the image and label as they come (MetaTensors, as MONAI's ``default_prepare_batch`` does;
-            the validation's level lock reads the voxel size from them). False: plain float32 tensors, as
+        keep_meta: MONAI's ``default_prepare_batch`` (MetaTensors as they come: the validation's level lock reads
+            the voxel size from them), for the evaluators, which run one volume per batch (a larger batch is
+            refused: the sliding window mixes the volumes' windows). False: plain float32 tensors, as
             :func:`prepare_paired_batch` gives the trainer (metadata tracking on every op would slow training).
     """
 
@@ -71,8 +73,13 @@ class PrepareDRFConditionedBatch:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
         if self.keep_meta:
-            low = batchdata[Keys.IMAGE].to(device=device, non_blocking=non_blocking, **kwargs)
-            full = batchdata[Keys.LABEL].to(device=device, non_blocking=non_blocking, **kwargs)
+            low, full = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+            if low.shape[0] != 1:
+                # a sliding window batches windows of every volume of the batch together, so one DRF per volume
+                # could not follow its windows
+                raise ValueError(
+                    f"a DRF-conditioned network is validated one volume at a time (batch_size 1), got {low.shape[0]}"
+                )
         else:
             low, full = prepare_paired_batch(batchdata, device, non_blocking)
         drf = batch_drfs(batchdata, low.shape[0], "a DRF-conditioned network").to(device=low.device)

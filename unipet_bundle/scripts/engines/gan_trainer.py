@@ -548,6 +548,11 @@ class UniPETTrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        if len(batch) not in (2, 4) or (len(batch) == 4 and len(batch[2]) > 0):
+            raise ValueError(
+                "prepare_batch must return (low, full) or (low, full, (), {keyword inputs of the generator}); "
+                f"got {len(batch)} items"
+            )
         low, full = batch[0], batch[1]
         # a 4-tuple (MONAI's prepare_batch convention) carries keyword inputs of the generator, e.g. the DRF of a
         # DRF-conditioned network (scripts.engines.batches.PrepareDRFConditionedBatch); every call gets them
@@ -661,6 +666,8 @@ class UniPETTrainer(Trainer):
                 l1 = torch.nn.functional.l1_loss(pred, full)
                 if self.align_loss is not None and self.align_weight > 0:
                     with torch.no_grad():
+                        # the same keyword inputs as the low dose (a DRF-conditioned network sees the low dose's DRF
+                        # here too; every conditioned run of train_models keeps L_align off)
                         _, feats_full = self.feature_tap(full, **self._generator_kwargs)
                     align = self.align_loss(feats_low, feats_full)
                 else:

@@ -9,8 +9,9 @@ layers, losses, training recipe):
   needs the study's DRF, which a clinical series does not carry reliably, so ``configs/inference.json`` never
   builds it (the quality benchmark runs it with the test volume's true DRF).
 * :class:`NoiseConditionedUniPET`, label-free: the MLP reads two hand-made statistics of the window itself
-  (:func:`window_noise_features`), the ones the SAN's probe compared against (``san_noise_probe``). It asks
-  whether a fixed, simple noise reading steers the same network better than the learned SAN.
+  (:func:`window_noise_features`: log std of a high-pass, log mean; of the same kind as, not identical to, the
+  hand-made features ``san_noise_probe`` compares the SAN with). It asks whether a fixed, simple noise reading
+  steers the same network better than the learned SAN.
 """
 
 # No ``from __future__ import annotations``: UniPET's methods stay TorchScript-compatible.
@@ -170,8 +171,8 @@ class DRFConditionedUniPET(ConditionedStylesUniPET):
     Units: input and output normalised SUV, as UniPET; ``drf`` dimensionless (> 0).
 
     Shapes: ``x (B, in_channels, D, H, W)``, ``drf (B,)`` or one value for the whole batch (a sliding window
-    runs several windows of one volume at once) ``-> (B, out_channels, D, H, W)``. Without ``drf`` (or with
-    ``use_styles`` off) it is the base network with zero styles.
+    runs several windows of one volume at once) ``-> (B, out_channels, D, H, W)``. Without ``drf`` it raises
+    ValueError; :meth:`forward_without_styles` is the base network with zero styles.
 
     Args:
         drf_hidden: width of the DRF encoder's hidden layers.
@@ -190,7 +191,12 @@ class DRFConditionedUniPET(ConditionedStylesUniPET):
 
     def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
         if drf is None:
-            return []
+            # never a silent base network: a path that forgot to pass the DRF would give plausible, wrong output
+            raise ValueError(
+                "DRFConditionedUniPET needs the DRF of its input (forward(x, drf)); run it through FixedDRF, or "
+                "train and validate it with network_takes_drf (configs/train.json); forward_without_styles is "
+                "the base network"
+            )
         drf = torch.as_tensor(drf, dtype=torch.float32, device=feat.device).reshape(-1)
         if drf.numel() == 1:
             drf = drf.expand(feat.shape[0])
@@ -209,9 +215,7 @@ class DRFConditionedUniPET(ConditionedStylesUniPET):
         return self._run(x, True, True, drf)
 
     def block_styles(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> List[torch.Tensor]:  # type: ignore[override]
-        """The style vectors of every block for the DRF(s) ``drf`` (empty without one); ``x`` sets the batch size."""
-        if drf is None:
-            return []
+        """The style vectors of every block for the DRF(s) ``drf``; ``x`` sets the batch size."""
         return self._styles(self._style_latents(x, x, drf))
 
 
@@ -240,7 +244,7 @@ class NoiseConditionedUniPET(ConditionedStylesUniPET):
 
     def block_styles(self, x: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
         """The style vectors of every block for the windows ``x`` (B, 1, D, H, W)."""
-        return self._styles(self.noise_encoder(window_noise_features(x[:, :1])))
+        return self._styles(self._style_latents(x, x, None))
 
 
 class FixedDRF(nn.Module):
