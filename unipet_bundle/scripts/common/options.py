@@ -7,6 +7,7 @@ even when it reads ``"false"``. Every boolean option therefore goes through :fun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from scripts.common.errors import UniPETInputError
 
-__all__ = ["OUTPUT_FORMATS", "as_bool", "check_output_format", "check_spacing"]
+__all__ = ["OUTPUT_FORMATS", "as_bool", "check_output_format", "check_spacing", "finite_number"]
 
 OUTPUT_FORMATS = ("nifti", "dicom", "both")
 _TRUE = {"true", "1", "yes", "on"}
@@ -34,6 +35,15 @@ def as_bool(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise UniPETInputError(f"--{name} must be true or false, got {value!r}")
+
+
+def finite_number(value: Any, name: str, positive: bool = False) -> float:
+    """``value`` as a float that is finite and > 0 (``positive``) or >= 0, else a ValueError naming ``name``
+    (NaN and infinity included: a knob that is not a number must stop a run, not make it silently different)."""
+    number = float(value)
+    if not (math.isfinite(number) and (number > 0 if positive else number >= 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    return number
 
 
 def check_output_format(value: Any) -> str:

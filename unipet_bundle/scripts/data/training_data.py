@@ -25,6 +25,7 @@ import numpy as np
 from monai.transforms import LoadImaged, MapTransform
 
 from scripts.common.errors import UniPETInputError
+from scripts.common.options import finite_number
 from scripts.data.datalist import make_datalist
 from scripts.data.layout import check_3d, check_same_grid, parse_drf, read_grid
 from scripts.data.volume_checks import check_pet_volume
@@ -296,13 +297,6 @@ class PatchSamplingWeightsd(MapTransform):
         return d
 
 
-def _balance(value: Any, key: str) -> float:
-    alpha = float(value)
-    if not (alpha >= 0 and np.isfinite(alpha)):
-        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
-    return alpha
-
-
 def dose_balanced_sampler(
     datalist: list[dict[str, Any]],
     dose_balance: float = 0.0,
@@ -338,8 +332,8 @@ def dose_balanced_sampler(
     """
     import torch
 
-    alpha1 = _balance(dose_balance, "dose_balance")
-    alpha2 = alpha1 if stage2_dose_balance is None else _balance(stage2_dose_balance, "stage2_dose_balance")
+    alpha1 = finite_number(dose_balance, "dose_balance")
+    alpha2 = alpha1 if stage2_dose_balance is None else finite_number(stage2_dose_balance, "stage2_dose_balance")
     if datalist:
         # --dose_balance alone no longer sets stage 2 (0.5.3): say what each stage draws
         logger.info(

@@ -32,7 +32,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from scripts.common.options import as_bool
+from scripts.common.options import as_bool, finite_number
 from scripts.common.weights import unwrap as _unwrap  # the one DDP/DataParallel unwrap
 from scripts.engines.batches import batch_drfs, prepare_paired_batch
 from scripts.engines.precision import autocast, config_precision, resolve_precision
@@ -64,14 +64,6 @@ class FeatureTap(nn.Module):
     def forward(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # kwargs: the generator's other inputs (the DRF of a DRF-conditioned network); none for UniPET
         return self.generator.forward_with_features(x, **kwargs)
-
-
-def _finite(value: Any, name: str, positive: bool) -> float:
-    """``value`` as a float that is finite and > 0 (``positive``) or >= 0, else a ValueError naming ``name``."""
-    number = float(value)
-    if not (math.isfinite(number) and (number > 0 if positive else number >= 0)):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
-    return number
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
@@ -395,10 +387,12 @@ class UniPETTrainer(Trainer):
         self.stage1_iterations = stage_clock.stage1_iterations
         self.regional_loss = regional_loss
         self.regional_weight = float(regional_weight)
-        self.regional_drf_exponent = _finite(regional_drf_exponent, "regional_drf_exponent", positive=False)
-        self.regional_drf_reference = _finite(regional_drf_reference, "regional_drf_reference", positive=True)
-        self.regional_noise_exponent = _finite(regional_noise_exponent, "regional_noise_exponent", positive=False)
-        self.regional_noise_reference = _finite(regional_noise_reference, "regional_noise_reference", positive=True)
+        self.regional_drf_exponent = finite_number(regional_drf_exponent, "regional_drf_exponent", positive=False)
+        self.regional_drf_reference = finite_number(regional_drf_reference, "regional_drf_reference", positive=True)
+        self.regional_noise_exponent = finite_number(regional_noise_exponent, "regional_noise_exponent", positive=False)
+        self.regional_noise_reference = finite_number(
+            regional_noise_reference, "regional_noise_reference", positive=True
+        )
         self._regional_sample_weight: torch.Tensor | None = None
         self._generator_kwargs: dict[str, Any] = {}  # the generator's keyword inputs of this iteration
         if self.regional_weight > 0 and regional_loss is None:

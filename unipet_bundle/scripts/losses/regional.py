@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.common.options import finite_number
+
 __all__ = ["RegionalSUVLoss"]
 
 
@@ -73,8 +75,7 @@ class RegionalSUVLoss(nn.Module):
             raise ValueError(f"windows must be a non-empty list of odd sizes >= 1, got {list(windows)}")
         if mean_weight < 0 or max_weight < 0 or mean_weight + max_weight == 0:
             raise ValueError(f"mean_weight and max_weight must be >= 0 and not both 0, got {mean_weight}, {max_weight}")
-        if not max_focus >= 0 or max_focus == float("inf"):  # also refuses NaN
-            raise ValueError(f"max_focus must be a finite number >= 0, got {max_focus}")
+        finite_number(max_focus, "max_focus")
         self.windows = windows
         self.mean_weight = float(mean_weight)
         self.max_weight = float(max_weight)
