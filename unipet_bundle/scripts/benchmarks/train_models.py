@@ -42,7 +42,9 @@ reproduces what it gave. 0.5.2-0.5.3 lesion-safety trials: ``regional_x5``, ``re
 epochs, so its best checkpoint is picked from twice as many candidates. 0.5.5: ``film`` and ``film_focus``, the
 "label given" upper bound (``CONDITIONED_BRANCHES``: UniPET's styles from the DRF label, FiLM, instead of the SAN;
 the shipped recipe, and ``focus_low_drf``'s), which start from the same stage-1 weights (``--bdn_ckpt``) and
-train stage 2 alone; not shippable (inference needs the DRF), scored by ``scripts.benchmarks.quality``.
+train stage 2 alone; not shippable (inference needs the DRF), scored by ``scripts.benchmarks.quality``; and, the same
+way, ``noise_styles`` / ``noise_styles_fast`` (label-free: styles from two statistics of each window, the second at
+4x the style learning rate).
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -96,6 +98,7 @@ LOCKED_SELECTION_RUNS = {
     "film",
     "film_focus",
     "noise_styles",
+    "noise_styles_fast",
 }
 
 
@@ -177,6 +180,9 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
     "film_focus": (DRF_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2, *REGIONAL_FOCUS, "--regional_drf_exponent", "1.0"]),
     # label-free: the shipped recipe, styles from each window's log high-pass std and log mean instead of the SAN
     "noise_styles": (NOISE_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2]),
+    # the same with the style layers and encoder learning 4x faster (san_learning_rate 2e-4 -> 8e-4): is the label-free
+    # reading slower to learn from than the DRF label, or does it carry less?
+    "noise_styles_fast": (NOISE_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2, "--san_learning_rate", "8e-4"]),
 }
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
@@ -435,7 +441,8 @@ class TrainModels:
 
     def branch(self, name: str) -> None:
         """One branch from the end of stage 1 (``BRANCHES``: unipet, vanilla, san_only, rals_only, ...; and the
-        branches with another style source, ``CONDITIONED_BRANCHES``: film, film_focus, noise_styles)."""
+        branches with another style source, ``CONDITIONED_BRANCHES``: film, film_focus, noise_styles,
+        noise_styles_fast)."""
         if name in CONDITIONED_BRANCHES:
             start = [
                 "--bdn_ckpt",
