@@ -9,6 +9,7 @@ from ignite.engine import Events
 from monai.data import MetaTensor
 from test_training import TINY, bundle_run, make_pairs
 
+from scripts.benchmarks import train_models
 from scripts.common.weights import load_checkpoint, load_network_weights
 from scripts.engines.batches import PrepareDRFConditionedBatch, batch_drfs, prepare_paired_batch
 from scripts.engines.gan_trainer import UniPETTrainer, generator_param_groups
@@ -195,11 +196,6 @@ def test_training_config_runs_a_drf_conditioned_stage2(tmp_path):
     stage1 = tmp_path / "stage1.pt"
     torch.save(UniPET(**SMALL).state_dict(), stage1)
     ckpt = tmp_path / "film"
-    network = (
-        "{'_target_': 'scripts.networks.drf_conditioned.DRFConditionedUniPET', 'channels': '@channels', "
-        "'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', 'san_channels': '@san_channels', "
-        "'padding_mode': '@padding_mode'}"
-    )
     done = bundle_run(
         [
             "--config_file",
@@ -225,7 +221,7 @@ def test_training_config_runs_a_drf_conditioned_stage2(tmp_path):
             "--bdn_ckpt",
             str(stage1),
             "--network_def",
-            network,
+            train_models.DRF_CONDITIONED_NETWORK,  # as train_models' film branches set it
             "--regional_drf_exponent",
             "1.0",
             *TINY,

@@ -277,25 +277,31 @@ def _load_networks(
 
     for key in models:
         rel = NETWORK_MODELS[key][1]
+        build = _builder(key, template)
         if rel is None:
             nets[(key, None)] = load(checkpoint, recorded_sha256(checkpoint, BUNDLE_ROOT))
         elif key in CONDITIONED_MODELS:
-            # the DRF-conditioned upper bound: the training config's UniPET settings, styles from the DRF label
-            net = load(work / "models" / rel, build=lambda: STYLED_NETWORKS[key](**template.init_kwargs))
+            # the DRF-given upper bound: one network, run at each test volume's own DRF
+            net = load(work / "models" / rel, build=build)
             for d in drfs:
                 nets[(key, float(d))] = FixedDRF(net, float(d)).eval()
         elif "{drf}" in rel:
             for d in sorted({_nearest_trained(d) for d in drfs}):
                 nets[(key, d)] = load(work / "models" / rel.format(drf=d))
         else:
-            build = None
-            if key in STYLED_NETWORKS:
-                build = lambda: STYLED_NETWORKS[key](**template.init_kwargs)  # noqa: E731
-            elif key in OTHER_NETWORKS:
-                module, _, cls = OTHER_NETWORKS[key].rpartition(".")
-                build = getattr(importlib.import_module(module), cls)
             nets[(key, None)] = load(work / "models" / rel, build=build)
     return nets, {"checkpoints_sha256": info, **settings}
+
+
+def _builder(key: str, template: torch.nn.Module) -> Any:
+    """How to build model ``key``'s network before its weights load: None for a copy of the training config's own
+    (``template``); a UniPET variant with another style source gets the template's settings (``init_kwargs``)."""
+    if key in STYLED_NETWORKS:
+        return lambda: STYLED_NETWORKS[key](**template.init_kwargs)
+    if key in OTHER_NETWORKS:
+        module, _, cls = OTHER_NETWORKS[key].rpartition(".")
+        return getattr(importlib.import_module(module), cls)
+    return None
 
 
 def _denoiser(

@@ -159,9 +159,6 @@ class ConditionedStylesUniPET(UniPET):
         kept = {k: v for k, v in state_dict.items() if not k.removeprefix("module.").startswith("san.")}
         return super().load_bdn_state_dict(kept)
 
-    def _styles(self, latents: List[torch.Tensor]) -> List[torch.Tensor]:
-        return [block.style_affine(latents[self.latent_index[i]]) for i, block in enumerate(self.blocks)]
-
 
 class DRFConditionedUniPET(ConditionedStylesUniPET):
     """UniPET with its styles from the DRF label instead of the SAN: the "label given" (FiLM) upper bound.

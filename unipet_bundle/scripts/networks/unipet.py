@@ -504,10 +504,13 @@ class UniPET(nn.Module):
 
         Empty for ``use_san=False``. For monitoring (mean |s|, spread across a batch) and SAN checks.
         """
-        styles: List[torch.Tensor] = []
         if self.san is None:
-            return styles
-        latents = self.san_latents(x)
+            return []
+        return self._styles(self.san_latents(x))
+
+    def _styles(self, latents: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Each block's style vector ``(B, 2 * channels)`` from the stage latents (blocks without style layers: none)."""
+        styles: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             affine = block.style_affine
             if affine is not None:
