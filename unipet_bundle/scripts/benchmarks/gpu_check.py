@@ -53,15 +53,12 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.options import as_bool
 from scripts.data.io import save_nifti
-from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.engines.precision import PrecisionNetwork
-from scripts.losses.align import StyleAlignmentLoss
-from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask
-from scripts.networks.critic import PatchCritic
 
 __all__ = ["SECTIONS", "TINY", "run", "synthetic_study"]
 
@@ -176,49 +173,15 @@ def train_section(dev: torch.device, dry: bool, iterations: int, warmup: int = 2
     """Stage-1 and stage-2 iterations/s at the published size (tiny in a dry run), bf16, synthetic batch."""
     files = ["train.json"] + ([] if dry else ["published_size.json"])
     parser = _parser(files, {**(TINY if dry else {}), "precision": "bf16"}, dev)
-    s = {
-        k: parser.get_parsed_content(k)
-        for k in (
-            "critic_channels",
-            "patch_size",
-            "batch_size",
-            "num_samples",
-            "suv_max",
-            "rals_threshold_suv2",
-            "precision",
-        )
-    }
+    s = {k: parser.get_parsed_content(k) for k in (*TRAINER_SETTINGS, "precision")}
     torch.manual_seed(0)
     gen = parser.get_parsed_content("network_def", lazy=False).to(dev)
-    critic = PatchCritic(channels=tuple(s["critic_channels"])).to(dev)
-    n = int(s["batch_size"]) * int(s["num_samples"])
-    low = torch.rand(n, 1, *s["patch_size"], device=dev) * 0.3
-    batch = {"image": low, "label": (low + 0.05 * torch.randn_like(low)).clamp_min(0)}
-    thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
-    trainer = UniPETTrainer(
-        device=dev,
-        max_epochs=1,
-        epoch_length=1,
-        train_data_loader=[batch],
-        generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
-        critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1,
-        align_loss=StyleAlignmentLoss(),
-        critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: stylized_mask(x, threshold=thr),
-        critic_pretrain_iterations=0,
-        precision=s["precision"],
-    )
+    batch = synthetic_batch(s, dev)
+    n = len(batch["image"])
+    trainer = timing_trainer(gen, s, dev, batch, s["precision"])
     out: dict[str, Any] = {}
     for stage in (1, 2):
-
-        def step() -> None:
-            trainer.state.iteration = stage  # 1: stage 1; 2: the joint stage-2 step (no critic pre-training)
-            trainer._iteration(trainer, batch)
-
+        step = training_step(trainer, batch, stage)
         for _ in range(warmup):
             step()
         _reset_peak(dev)

@@ -45,6 +45,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from scripts.benchmarks.compute_peak import conv3d_peak, gflops_line, network_flops
+from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
 from scripts.common.io import atomic_write_json
 from scripts.common.large_files import recorded_sha256
 from scripts.data.phantom import make_phantom
@@ -52,10 +53,7 @@ from scripts.data.simulate import simulate_pet
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.engines.precision import PRECISIONS, PrecisionNetwork, resolve_precision
 from scripts.inference.model import load_weights
-from scripts.losses.align import StyleAlignmentLoss
-from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask
 from scripts.metrics.image_quality import psnr
-from scripts.networks.critic import PatchCritic
 
 __all__ = ["MIN_LESIONS_FOR_SIGN", "RULE", "choose_default", "choose_inference_default", "run"]
 
@@ -171,42 +169,9 @@ def _trainer(config: str, precision: str, seed: int) -> tuple[UniPETTrainer, dic
     parser["device"] = "$torch.device('cpu')"
     torch.manual_seed(seed)
     gen = parser.get_parsed_content("network_def", lazy=False)
-    s = {
-        k: parser.get_parsed_content(k)
-        for k in ("critic_channels", "patch_size", "batch_size", "num_samples", "suv_max", "rals_threshold_suv2")
-    }
-    critic = PatchCritic(channels=tuple(s["critic_channels"]))
-    n = int(s["batch_size"]) * int(s["num_samples"])
-    gen_rng = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 1, *s["patch_size"], generator=gen_rng) * 0.3
-    batch = {"image": low, "label": (low + 0.05 * torch.randn(low.shape, generator=gen_rng)).clamp_min(0)}
-    thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
-    trainer = UniPETTrainer(
-        device="cpu",
-        max_epochs=1,
-        epoch_length=1,
-        train_data_loader=[batch],
-        generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
-        critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1,
-        align_loss=StyleAlignmentLoss(),
-        critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: stylized_mask(x, threshold=thr),
-        critic_pretrain_iterations=0,
-        precision=precision,
-    )
-    return trainer, batch
-
-
-def _step(trainer: UniPETTrainer, batch: dict[str, torch.Tensor], iteration: int) -> Callable[[], None]:
-    def go() -> None:
-        trainer.state.iteration = iteration
-        trainer._iteration(trainer, batch)
-
-    return go
+    s = {k: parser.get_parsed_content(k) for k in TRAINER_SETTINGS}
+    batch = synthetic_batch(s, "cpu", seed)
+    return timing_trainer(gen, s, "cpu", batch, precision), batch
 
 
 def run(
@@ -277,7 +242,7 @@ def run(
     train_sizes = trainers["fp32"][1]["image"].shape
     tr = _interleaved(
         {
-            f"stage{st}_{p}": _step(trainers[p][0], trainers[p][1], 1 if st == 1 else 2)
+            f"stage{st}_{p}": training_step(trainers[p][0], trainers[p][1], 1 if st == 1 else 2)
             for st in (1, 2)
             for p in PRECISIONS
         },

@@ -24,11 +24,9 @@ import fire
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.benchmarks.timing_trainer import synthetic_batch, timing_trainer, training_step
 from scripts.common.io import atomic_write_json
 from scripts.engines.gan_trainer import UniPETTrainer
-from scripts.losses.align import StyleAlignmentLoss
-from scripts.losses.rals import RALSCriticLoss, RALSGeneratorLoss, normalised_threshold, stylized_mask
-from scripts.networks.critic import PatchCritic
 from scripts.networks.unipet import UniPET
 
 logger = logging.getLogger("unipet.benchmark")
@@ -59,24 +57,7 @@ def _make_trainer(s: dict[str, Any], device: torch.device, batch: dict[str, torc
         latent_dim=s["latent_dim"],
         san_channels=tuple(s["san_channels"]),
     ).to(device)
-    critic = PatchCritic(channels=tuple(s["critic_channels"])).to(device)
-    thr = normalised_threshold(s["rals_threshold_suv2"], s["suv_max"])
-    return UniPETTrainer(
-        device=device,
-        max_epochs=1,
-        epoch_length=1,
-        train_data_loader=[batch],
-        generator=gen,
-        g_optimizer=torch.optim.AdamW(gen.parameters(), lr=1e-4),
-        critic=critic,
-        d_optimizer=torch.optim.AdamW(critic.parameters(), lr=1e-4, betas=(0.9, 0.99)),
-        stage1_iterations=1,
-        align_loss=StyleAlignmentLoss(),
-        critic_loss=RALSCriticLoss(),
-        adv_loss=RALSGeneratorLoss(),
-        mask_fn=lambda x: stylized_mask(x, threshold=thr),
-        critic_pretrain_iterations=0,
-    )
+    return timing_trainer(gen, s, device, batch)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,17 +100,9 @@ def run(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = _sizes(config, override)
     patch = list(s["patch_size"])
-    n_patches = int(s["batch_size"]) * int(s["num_samples"])
-    low = torch.rand(n_patches, 1, *patch, device=dev) * 0.3
-    batch = {"image": low, "label": (low + 0.05 * torch.randn_like(low)).clamp_min(0)}
+    batch = synthetic_batch(s, dev)
+    n_patches = len(batch["image"])
     trainer = _make_trainer(s, dev, batch)
-
-    def stage(it: int):
-        def step():
-            trainer.state.iteration = it
-            trainer._iteration(trainer, batch)
-
-        return step
 
     win = int(window or patch[0])
     x = torch.rand(1, 1, win, win, win, device=dev) * 0.3
@@ -164,8 +137,8 @@ def run(
         return go
 
     variants = {
-        "stage1_iter": stage(1),
-        "stage2_iter": stage(2),
+        "stage1_iter": training_step(trainer, batch, 1),
+        "stage2_iter": training_step(trainer, batch, 2),
         "vanilla_window": infer(vanilla),
         "unipet_window": infer(unipet),
     }
