@@ -31,6 +31,32 @@ def test_loso_ridge_scores_held_out_subjects():
         probe.loso_ridge(informative, target, np.zeros(200))
 
 
+def test_study_level_finds_a_drf_the_image_cannot_tell_when_count_levels_vary_by_subject():
+    rng = np.random.default_rng(0)
+    drfs = np.array([4.0, 10.0, 20.0, 50.0, 100.0])
+    windows = 6
+    # window noise = count factor of the subject x sqrt(DRF), with a little window-to-window spread
+    counts = {"a": 0.05, "b": 0.1, "c": 0.2, "d": 0.4, "e": 0.8}
+    groups = np.repeat(np.array(list(counts)), len(drfs) * windows)
+    drf = np.tile(np.repeat(drfs, windows), len(counts))
+    noise = np.array([counts[g] for g in groups]) * np.sqrt(drf) * np.exp(0.01 * rng.normal(size=len(drf)))
+    feats = {"reads_noise": np.log(noise)[:, None], "reads_nothing": rng.normal(size=(len(drf), 3))}
+    study = probe.study_level(noise, drf, groups, feats, 0.01)
+    assert study["studies"] == 25
+    assert abs(study["within_subject_noise_slope"] - 0.5) < 0.01
+    # count factors doubling over 5 subjects: their q10-q90 lies 2 ** 3.2 = 9.2x apart in noise, 85x in DRF at slope 0.5
+    assert 75 < study["drf_span_of_one_label"] < 95
+    # even the oracle, the study's true noise, cannot give the DRF across subjects
+    for name in ("true_noise", "reads_noise", "reads_nothing"):
+        assert study["probe"][name]["log_drf"]["r2"] < 0.3, name
+    lo, mid, hi = study["noise_suv_by_drf"]["4"]
+    assert lo == pytest.approx(0.1, rel=0.05) and hi == pytest.approx(1.6, rel=0.05)
+    # one count level for every subject: the noise gives the DRF
+    same = np.exp(0.01 * rng.normal(size=len(drf))) * 0.1 * np.sqrt(drf)
+    study = probe.study_level(same, drf, groups, {"reads_noise": np.log(same)[:, None]}, 0.01)
+    assert study["probe"]["true_noise"]["log_drf"]["r2"] > 0.99 and study["drf_span_of_one_label"] < 1.1
+
+
 def test_windows_sit_at_the_same_places_for_every_drf_and_reach_the_volume_edge(tmp_path):
     data = _pairs(tmp_path / "pairs", n_subjects=1, shape=(32, 33, 40))
     full = str(data / "sub0" / "full_dose.nii.gz")
@@ -82,13 +108,20 @@ def test_probe_cli_on_tiny_pairs_with_the_shipped_weights(tmp_path):
     assert "_points" not in result and "pred" not in json.dumps(result["probe"])
     assert "SAN latent probe" in proc.stdout and "log_noise" in proc.stdout
     assert result["subjects"] == 3 and result["windows"] == 3 * 6 * 2  # every subject: 6 windows x 2 DRFs
-    assert set(result["probe"]) == {"san_latents", "simple_features"}
+    assert set(result["probe"]) == {"san_latents", "noise_features"}
     for scores in result["probe"].values():
         assert set(scores) == {"log_noise", "log_drf"} and all(np.isfinite(v["r2"]) for v in scores.values())
     # the true window noise is 0.05 * sqrt(DRF) SUV here: its quantiles per DRF say so
     q = result["window_noise_suv_q10_q50_q90_by_drf"]
     assert abs(q["4"][1] - 0.1) < 0.01 and abs(q["100"][1] - 0.5) < 0.05
     assert result["corr_log_drf_log_noise"] > 0.99
+    # per study: every subject has the same noise at a DRF here, so the true noise reads the DRF and one label
+    # spans no range; noise ~ DRF^0.5
+    study = result["study_level"]
+    assert study["studies"] == 6 and set(study["probe"]) == {"san_latents", "noise_features", "true_noise"}
+    assert study["probe"]["true_noise"]["log_drf"]["r2"] > 0.99
+    assert abs(study["within_subject_noise_slope"] - 0.5) < 0.03 and study["drf_span_of_one_label"] < 1.2
+    assert "Per study" in proc.stdout and "DRF^0.5" in proc.stdout
     # bad input: one line, exit 2, nothing written
     refused = tmp_path / "refused.json"
     bad = ["--checkpoint", str(tmp_path / "none.pt"), *args[:2], "--output", str(refused)]

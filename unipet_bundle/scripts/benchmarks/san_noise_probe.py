@@ -10,8 +10,17 @@ regression from the concatenated latents to
   tells a window's noise only loosely.
 
 Each fit is scored leave-one-subject-out (R^2 and the median relative error of the predicted value), next to the
-same probe on two hand-made features (log std of a high-pass of the window, log window mean) as a baseline.
+same probe on two hand-made features (:func:`scripts.networks.drf_conditioned.window_noise_features`: log std of the
+window's 3x3x3 high-pass, log window mean; what the ``noise_styles`` variant reads) as a baseline.
 R^2 near 1: the latents carry that quantity; near or below 0: they do not (beyond its mean).
+
+A second, study-level part asks whether the DRF can be read from an image at all, by any label-free reading:
+each study (one subject at one DRF) is summarised by the mean over its windows (latents, hand-made features) and by
+its true noise (the median window noise: an oracle no network has), and a leave-one-subject-out ridge predicts its
+log DRF from each. It also reports how the true noise grows with the DRF within a subject (the median slope of log
+noise on log DRF) and how far apart subjects at the same DRF lie, in DRF units of that slope. Where one DRF label
+spans a wide range of noise across subjects (count levels that vary by subject), a given noise level is several
+DRFs at once, and so is the full-dose noise a label-free network is asked to keep.
 
     cd unipet_bundle && python -m scripts.benchmarks.san_noise_probe --checkpoint models/model.pt \
         --dataset_dir DIR [--datalist_file DIR/datalist.json] [--split "[validation,test]"] [--windows 24] \
@@ -40,6 +49,7 @@ from scripts.common.weights import load_network_weights
 from scripts.data.io import load_nifti
 from scripts.data.layout import parse_drf
 from scripts.evaluation.split import evaluation_datalist
+from scripts.networks.drf_conditioned import window_noise_features
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("unipet.benchmark")
@@ -77,13 +87,51 @@ def loso_ridge(
     return score
 
 
-def simple_features(windows: np.ndarray) -> np.ndarray:
-    """The baseline's features of windows (N, 1, D, H, W): log std of a 1D second difference along the last axis
-    (a high-pass: noise plus edges) and log mean, (N, 2)."""
-    hp = windows - 0.5 * (np.roll(windows, 1, -1) + np.roll(windows, -1, -1))
-    return np.stack(
-        [np.log(hp.std(axis=(1, 2, 3, 4)) + 1e-6), np.log(np.abs(windows.mean(axis=(1, 2, 3, 4))) + 1e-6)], 1
+def noise_features(windows: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The baseline's features of normalised windows (N, 1, D, H, W): the bundle's one hand-made window reading,
+    :func:`~scripts.networks.drf_conditioned.window_noise_features` (log std of the 3x3x3 high-pass, log mean), (N, 2)."""
+    return np.concatenate(
+        [window_noise_features(torch.from_numpy(windows[i : i + batch])).numpy() for i in range(0, len(windows), batch)]
     )
+
+
+def study_level(
+    noise: np.ndarray, drf: np.ndarray, groups: np.ndarray, feats: dict[str, np.ndarray], ridge: float
+) -> dict[str, Any]:
+    """Can a study's DRF be read from its image? Windows (N,) of several studies (one subject at one DRF) are
+    summarised per study: ``feats`` (name: (N, F)) by their mean over the study's windows, the true window
+    ``noise`` (SUV) by its median (``true_noise``: an oracle). Returns the leave-one-subject-out ridge of log DRF
+    on each (``probe``), the per-study noise, the median within-subject slope of log noise on log DRF, and
+    ``drf_span_of_one_label``: the median over DRFs of ``exp((q90 - q10 of log study noise) / slope)``, how many
+    DRFs apart (as a factor) subjects given the same DRF look, read on that slope. The slope and span need two
+    DRFs per subject; with one they are None."""
+    studies = sorted(set(zip(groups.tolist(), drf.tolist())))
+    members = [(groups == g) & (drf == d) for g, d in studies]
+    s_groups = np.array([g for g, _ in studies])
+    s_drf = np.array([d for _, d in studies], dtype=np.float64)
+    s_noise = np.array([np.median(noise[m]) for m in members])
+    summaries = {name: np.stack([f[m].mean(0) for m in members]) for name, f in feats.items()}
+    summaries["true_noise"] = np.log(np.maximum(s_noise, 1e-9))[:, None]
+    slopes = []
+    for g in np.unique(s_groups):
+        m = s_groups == g
+        if len(set(s_drf[m].tolist())) > 1:
+            slopes.append(np.polyfit(np.log(s_drf[m]), np.log(np.maximum(s_noise[m], 1e-9)), 1)[0])
+    slope = float(np.median(slopes)) if slopes else None
+    spans = []
+    for d in sorted(set(s_drf.tolist())):
+        q10, q90 = np.quantile(np.log(np.maximum(s_noise[s_drf == d], 1e-9)), [0.1, 0.9])
+        spans.append(q90 - q10)
+    return {
+        "studies": len(studies),
+        "probe": {name: {"log_drf": loso_ridge(f, np.log(s_drf), s_groups, ridge)} for name, f in summaries.items()},
+        "noise_suv_by_drf": {
+            f"{d:g}": [float(v) for v in np.quantile(s_noise[s_drf == d], [0.0, 0.5, 1.0])]
+            for d in sorted(set(s_drf.tolist()))
+        },
+        "within_subject_noise_slope": slope,
+        "drf_span_of_one_label": float(np.exp(np.median(spans) / slope)) if slope and slope > 0 else None,
+    }
 
 
 def draw_windows(
@@ -156,7 +204,7 @@ def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, rid
     drf = np.concatenate([[d["drf"]] * len(d["low"]) for d in drawn])
     noise = (low - full).reshape(len(low), -1).std(axis=1)
     targets = {"log_noise": np.log(np.maximum(noise, 1e-9)), "log_drf": np.log(drf)}
-    feats = {"san_latents": san_latents(net, low / suv_max), "simple_features": simple_features(low / suv_max)}
+    feats = {"san_latents": san_latents(net, low / suv_max), "noise_features": noise_features(low / suv_max)}
     scored = {
         n: {t: loso_ridge(f, y, groups, ridge, predictions=True) for t, y in targets.items()} for n, f in feats.items()
     }
@@ -171,13 +219,16 @@ def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, rid
         "probe": table,
         "corr_log_drf_log_noise": float(np.corrcoef(targets["log_drf"], targets["log_noise"])[0, 1]),
         "window_noise_suv_q10_q50_q90_by_drf": noise_by_drf,
-        "_points": {"targets": targets, "drf": drf, "pred": points},  # for the figure; not written to the JSON
+        "study_level": study_level(noise, drf, groups, feats, ridge),
+        "_points": {"targets": targets, "drf": drf, "groups": groups, "pred": points},  # the figure's; not in the JSON
     }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Held-out predicted against true window noise (SUV, log axes) for the latents and the hand-made features,
-    coloured by DRF; and the true window noise by DRF, which shows how far apart the label puts look-alikes."""
+    coloured by DRF; the true window noise by DRF, which shows how far apart the label puts look-alikes; and each
+    subject's study noise against its DRF (one line per subject: parallel lines offset by the subject's count level
+    are what makes a DRF unreadable from the image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,10 +236,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     pts = result["_points"]
     drf, true = pts["drf"], np.exp(pts["targets"]["log_noise"])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5), constrained_layout=True)
     drfs = sorted(set(drf.tolist()))
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(drfs)))
-    for ax, name in zip(axes[:2], ("san_latents", "simple_features")):
+    for ax, name in zip(axes[:2], ("san_latents", "noise_features")):
         pred = np.exp(pts["pred"][name]["log_noise"])
         for d, c in zip(drfs, colours):
             m = drf == d
@@ -204,6 +255,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].set(yscale="log", xlabel="DRF label", ylabel="true window noise (SUV)")
     axes[2].set_title(f"window noise by DRF (log correlation {result['corr_log_drf_log_noise']:.2f})")
     axes[2].grid(alpha=0.3)
+    groups = pts["groups"]
+    for g in sorted(set(groups.tolist())):
+        m = groups == g
+        ds = sorted(set(drf[m].tolist()))
+        axes[3].plot(ds, [np.median(true[m & (drf == d)]) for d in ds], marker="o", label=str(g))
+    study = result["study_level"]
+    axes[3].set(xscale="log", yscale="log", xlabel="DRF label", ylabel="study noise (median window, SUV)")
+    oracle = study["probe"]["true_noise"]["log_drf"]["r2"]
+    axes[3].set_title(f"study noise per subject (reads the DRF: R^2 {oracle:.2f})")
+    axes[3].legend(fontsize=7)
+    axes[3].grid(alpha=0.3)
     fig.suptitle(
         f"SAN latent probe: {result['checkpoint']} ({result['windows']} windows, {result['subjects']} subjects)"
     )
@@ -282,6 +344,24 @@ def run(
         for target, score in per_target.items():
             print(f"  {name:16s} {target:10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
     print(f"  correlation of log DRF with log window noise: {result['corr_log_drf_log_noise']:.2f}")
+    study = result["study_level"]
+    print(
+        f"\nPer study ({study['studies']} studies: the mean of its windows; true_noise = its median window noise, an oracle)"
+    )
+    print(f"  {'summary':16s} {'target':10s} {'R^2':>7s} {'median rel. error':>18s}")
+    for name, per_target in study["probe"].items():
+        score = per_target["log_drf"]
+        print(f"  {name:16s} {'log_drf':10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
+    for d, (lo, mid, hi) in study["noise_suv_by_drf"].items():
+        print(f"  DRF {d:>5s}: study noise {lo:.3f} / {mid:.3f} / {hi:.3f} SUV (min / median / max over subjects)")
+    if study["within_subject_noise_slope"] is not None:
+        span = study["drf_span_of_one_label"]
+        print(
+            f"  within a subject the noise grows as DRF^{study['within_subject_noise_slope']:.2f}; subjects given the "
+            f"same DRF lie {span:.1f}x apart in DRF on that slope (q10-q90, median over DRFs)"
+            if span is not None
+            else f"  within a subject the noise grows as DRF^{study['within_subject_noise_slope']:.2f}"
+        )
     print(f"wrote {out} and {figure}")
     return result
 
