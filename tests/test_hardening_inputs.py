@@ -32,7 +32,7 @@ import pytest
 from pydicom.uid import MRImageStorage, generate_uid
 from test_inference import TINY as TINY_INFERENCE
 from test_inference import bundle_run as bundle_run_inference
-from test_training import TINY, bundle_run
+from test_training import TINY, bundle_run, train_args
 
 from conftest import BUNDLE_ROOT, bundle_parser, run_python
 from scripts.common.errors import UniPETInputError, user_error, worker_user_error
@@ -535,23 +535,7 @@ def test_training_bundle_run_one_line_and_no_folders(tmp_path):
     truncate(put(RNG.random((12, 12, 10)), root / "sub0" / "drf_4.nii.gz"))
     before = tree_digest(root)
     ckpt, out = tmp_path / "ckpt", tmp_path / "runs"
-    proc = bundle_run(
-        [
-            "--config_file",
-            "configs/train.json",
-            "--dataset_dir",
-            str(root),
-            "--ckpt_dir",
-            str(ckpt),
-            "--output_dir",
-            str(out),
-            "--epochs",
-            "1",
-            "--epoch_length",
-            "1",
-            *TINY,
-        ]
-    )
+    proc = bundle_run(train_args(root, ckpt, out, epochs=1, epoch_length=1))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "sub0/drf_4.nii.gz: cannot read as an image" in one_error_line(proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr

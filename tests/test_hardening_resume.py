@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from test_training import TINY, make_pairs
+from test_training import make_pairs, train_args
 
 from conftest import BUNDLE_ROOT
 from scripts.common.errors import CheckpointError
@@ -44,20 +44,14 @@ EPOCHS, EPOCH_LENGTH, PRETRAIN = 2, 10, 2
 TOTAL = EPOCHS * EPOCH_LENGTH
 STAGE1 = EPOCH_LENGTH  # stage1_epochs 1
 KILL_AT = (3, STAGE1 + PRETRAIN + 2)  # one kill in stage 1, one in joint stage 2
-SCHEDULE = [
-    "--epochs",
-    str(EPOCHS),
-    "--epoch_length",
-    str(EPOCH_LENGTH),
-    "--stage1_epochs",
-    "1",
-    "--critic_pretrain_iterations",
-    str(PRETRAIN),
-    "--val_interval",
-    "5",
-    "--val_fraction",
-    "0",
-]
+SCHEDULE = dict(
+    epochs=EPOCHS,
+    epoch_length=EPOCH_LENGTH,
+    stage1_epochs=1,
+    critic_pretrain_iterations=PRETRAIN,
+    val_interval=5,
+    val_fraction=0,
+)
 ITER_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (.*)")
 
 
@@ -71,18 +65,7 @@ def one_thread():
 
 
 def _args(data: Path, ckpt: Path, out: Path) -> list[str]:
-    return [
-        "--config_file",
-        "configs/train.json",
-        "--dataset_dir",
-        str(data),
-        "--ckpt_dir",
-        str(ckpt),
-        "--output_dir",
-        str(out),
-        *SCHEDULE,
-        *TINY,
-    ]
+    return train_args(data, ckpt, out, **SCHEDULE)
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

@@ -31,7 +31,7 @@ from ignite.engine import Engine
 from test_hardening_inputs import one_error_line
 from test_inference import TINY_KW, perturbed_checkpoint, phantom, run_in_process
 from test_inference import bundle_run as bundle_run_inference
-from test_training import TINY, bundle_run
+from test_training import bundle_run, train_args
 
 from conftest import BUNDLE_ROOT, bundle_parser, bundle_workflow, run_python, run_workflow_in_process
 from scripts.common.errors import CheckpointError, UniPETInputError, user_error
@@ -170,23 +170,7 @@ def test_corrupt_latest_checkpoint_stops_training_with_one_line(tmp_path):
     latest = ckpt / "checkpoint_latest.pt"
     latest.write_bytes(_truncated(tmp_path).read_bytes())
     before = latest.read_bytes()
-    proc = bundle_run(
-        [
-            "--config_file",
-            "configs/train.json",
-            "--dataset_dir",
-            str(root),
-            "--ckpt_dir",
-            str(ckpt),
-            "--output_dir",
-            str(tmp_path / "runs"),
-            "--epochs",
-            "1",
-            "--epoch_length",
-            "1",
-            *TINY,
-        ]
-    )
+    proc = bundle_run(train_args(root, ckpt, tmp_path / "runs", epochs=1, epoch_length=1))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert "checkpoint_latest.pt cannot be loaded" in line and "--resume false" in line, line

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,6 +61,21 @@ def make_pairs(root: Path, n_subjects: int = 3, shape=(24, 24, 20), drfs=(4, 20)
         for d in drfs:
             save_nifti(act + rng.normal(0, 0.05 * np.sqrt(d), shape), affine, root / f"sub{s}" / f"drf_{d}.nii.gz")
     return root
+
+
+def train_args(
+    data: Path, ckpt: Path | None = None, out: Path | None = None, *, config: str = "configs/train.json", **keys: Any
+) -> list[str]:
+    """``monai.bundle run`` arguments of a tiny training run on the pairs in ``data``: the config, the checkpoint and
+    output folders when given, ``--key value`` for every keyword in order, then the :data:`TINY` sizes."""
+    args = ["--config_file", config, "--dataset_dir", str(data)]
+    if ckpt is not None:
+        args += ["--ckpt_dir", str(ckpt)]
+    if out is not None:
+        args += ["--output_dir", str(out)]
+    for key, value in keys.items():
+        args += [f"--{key}", str(value)]
+    return [*args, *TINY]
 
 
 def bundle_run(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -288,25 +304,16 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
     proc = bundle_run(
         [
             "training",
-            "--config_file",
-            "configs/train.json",
-            "--dataset_dir",
-            str(data),
-            "--ckpt_dir",
-            str(ckpt),
-            "--output_dir",
-            str(out),
-            "--epochs",
-            "2",
-            "--epoch_length",
-            "2",
-            "--val_interval",
-            "1",
-            "--critic_pretrain_iterations",
-            "1",
-            "--val_fraction",
-            "0.34",
-            *TINY,
+            *train_args(
+                data,
+                ckpt,
+                out,
+                epochs=2,
+                epoch_length=2,
+                val_interval=1,
+                critic_pretrain_iterations=1,
+                val_fraction=0.34,
+            ),
         ]
     )
     log = proc.stdout + proc.stderr
@@ -335,27 +342,9 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
 def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    common = [
-        "--config_file",
-        "configs/train.json",
-        "--dataset_dir",
-        str(data),
-        "--ckpt_dir",
-        str(ckpt),
-        "--output_dir",
-        str(out),
-        "--epoch_length",
-        "2",
-        "--val_interval",
-        "5",
-        "--val_fraction",
-        "0",
-        "--critic_pretrain_iterations",
-        "1",
-        "--stage1_epochs",
-        "1",
-        *TINY,
-    ]
+    common = train_args(
+        data, ckpt, out, epoch_length=2, val_interval=5, val_fraction=0, critic_pretrain_iterations=1, stage1_epochs=1
+    )
     first = bundle_run([*common, "--epochs", "1"])
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     assert load_checkpoint(ckpt / "checkpoint_latest.pt")["trainer"]["iteration"] == 2
@@ -371,25 +360,15 @@ def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_bundle_training_snapshot_and_branch_from_it(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2)
-    common = [
-        "--config_file",
-        "configs/train.json",
-        "--dataset_dir",
-        str(data),
-        "--epoch_length",
-        "2",
-        "--val_interval",
-        "1",
-        "--val_fraction",
-        "0.5",
-        "--critic_pretrain_iterations",
-        "1",
-        "--epochs",
-        "2",
-        "--stage1_epochs",
-        "1",
-        *TINY,
-    ]
+    common = train_args(
+        data,
+        epoch_length=2,
+        val_interval=1,
+        val_fraction=0.5,
+        critic_pretrain_iterations=1,
+        epochs=2,
+        stage1_epochs=1,
+    )
     parent = tmp_path / "parent"
     first = bundle_run([*common, "--ckpt_dir", str(parent), "--output_dir", str(tmp_path / "out1"), "--epochs", "1"])
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
@@ -498,25 +477,17 @@ def test_multi_process_cpu_training_gloo(tmp_path):
         "-m",
         "monai.bundle",
         "run",
-        "--config_file",
-        "['configs/train.json','configs/multi_gpu_train.json']",
-        "--dataset_dir",
-        str(data),
-        "--ckpt_dir",
-        str(ckpt),
-        "--output_dir",
-        str(out),
-        "--epochs",
-        "2",
-        "--epoch_length",
-        "2",
-        "--val_interval",
-        "1",
-        "--critic_pretrain_iterations",
-        "1",
-        "--val_fraction",
-        "0.34",
-        *TINY,
+        *train_args(
+            data,
+            ckpt,
+            out,
+            config="['configs/train.json','configs/multi_gpu_train.json']",
+            epochs=2,
+            epoch_length=2,
+            val_interval=1,
+            critic_pretrain_iterations=1,
+            val_fraction=0.34,
+        ),
     ]
     proc = run_python(*cmd, timeout=600, OMP_NUM_THREADS="1")
     log = proc.stdout + proc.stderr
