@@ -1,5 +1,5 @@
-"""UniPET with styles from a scalar condition: the DRF-conditioned (FiLM, "label given") upper bound and the label-free
-noise-statistics variant: networks, batches, trainer and the training config."""
+"""UniPET variants: styles from a scalar condition (the DRF-conditioned FiLM "label given" upper bound, the label-free
+noise-statistics variant) and the thinning blend (DRF given): networks, batches, trainer and the training config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
-from test_training import TINY, bundle_run, make_pairs
+from test_training import bundle_run, make_pairs, train_args
 
 from scripts.benchmarks import train_models
 from scripts.common.weights import load_checkpoint, load_network_weights
@@ -20,6 +20,7 @@ from scripts.networks.drf_conditioned import (
     DRFStyleEncoder,
     FixedDRF,
     NoiseConditionedUniPET,
+    ThinningBlendUniPET,
     window_noise_features,
 )
 from scripts.networks.unipet import UniPET
@@ -100,10 +101,47 @@ def test_noise_styled_model_reads_its_own_input():
     assert style and all(n.startswith("noise_encoder.") or ".style_affine." in n for n in style)
 
 
+def test_thinning_blend_keeps_one_over_drf_of_the_input_per_item():
+    """x / DRF + (1 - 1/DRF) * UniPET(x), each item at its own DRF; the same state dict as UniPET, SAN included."""
+    torch.manual_seed(0)
+    base = UniPET(**SMALL)
+    with torch.no_grad():
+        base.output_conv.weight.normal_(0.0, 0.1)
+        for block in base.blocks:
+            block.style_affine.weight.normal_(0.0, 0.3)
+    net = ThinningBlendUniPET(**SMALL)
+    net.load_state_dict(base.state_dict())  # strict: a UniPET checkpoint (and training state) loads as it is
+    x = torch.rand(2, 1, 12, 12, 12) * 3
+    drf = torch.tensor([4.0, 100.0])
+    with torch.no_grad():
+        y = base(x)
+        out = net(x, drf)
+        keep = (1.0 / drf).view(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(out, keep * x + (1 - keep) * y, rtol=0, atol=1e-6)
+        assert float((out - y).abs().max()) > 1e-3  # the blend does something
+        torch.testing.assert_close(net(x, torch.tensor(4.0))[0], out[0], rtol=0, atol=1e-6)  # one DRF for all windows
+        torch.testing.assert_close(FixedDRF(net, 100.0)(x[1:]), out[1:], rtol=0, atol=1e-6)
+        # a flat volume stays flat and at its level whatever the DRF, when the network keeps it
+        flat = torch.full((1, 1, 12, 12, 12), 2.0)
+        torch.testing.assert_close(ThinningBlendUniPET(**SMALL)(flat, torch.tensor(7.0)), flat, rtol=0, atol=1e-6)
+        # the feature tap blends the same way; the styles are the SAN's, whatever the DRF
+        tapped, features = net.forward_with_features(x, drf)
+        torch.testing.assert_close(tapped, out, rtol=0, atol=1e-6)
+        assert len(features) == SMALL["num_blocks"]
+        for a, b in zip(net.block_styles(x, drf), base.block_styles(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ThinningBlendUniPET.takes_drf and net.san is not None
+    with pytest.raises(ValueError, match="ThinningBlendUniPET needs the DRF"):
+        net(x)
+    with pytest.raises(ValueError, match="in_channels must equal out_channels"):
+        ThinningBlendUniPET(**SMALL, in_channels=2, out_channels=1)
+
+
+@pytest.mark.parametrize("network", [DRFConditionedUniPET, ThinningBlendUniPET])
 @pytest.mark.parametrize("drf", [torch.tensor([4.0, 0.0]), torch.tensor([4.0, 10.0, 20.0]), torch.tensor(-1.0)])
-def test_bad_drf_is_refused(drf):
+def test_bad_drf_is_refused(network, drf):
     with pytest.raises(ValueError, match="drf must hold one DRF > 0"):
-        DRFConditionedUniPET(**SMALL)(torch.rand(2, 1, 8, 8, 8), drf)
+        network(**SMALL)(torch.rand(2, 1, 8, 8, 8), drf)
 
 
 def test_bad_settings_are_refused():
@@ -197,35 +235,20 @@ def test_training_config_runs_a_drf_conditioned_stage2(tmp_path):
     torch.save(UniPET(**SMALL).state_dict(), stage1)
     ckpt = tmp_path / "film"
     done = bundle_run(
-        [
-            "--config_file",
-            "configs/train.json",
-            "--dataset_dir",
-            str(data),
-            "--ckpt_dir",
-            str(ckpt),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--epoch_length",
-            "3",  # one critic pre-training step, then two generator steps (the first at the warm-up's zero rate)
-            "--val_interval",
-            "1",
-            "--val_fraction",
-            "0.5",
-            "--critic_pretrain_iterations",
-            "1",
-            "--epochs",
-            "1",
-            "--stage1_epochs",
-            "0",
-            "--bdn_ckpt",
-            str(stage1),
-            "--network_def",
-            train_models.DRF_CONDITIONED_NETWORK,  # as train_models' film branches set it
-            "--regional_drf_exponent",
-            "1.0",
-            *TINY,
-        ]
+        train_args(
+            data,
+            ckpt,
+            tmp_path / "out",
+            epoch_length=3,  # one critic pre-training step, then two generator steps (the first at the warm-up's zero rate)
+            val_interval=1,
+            val_fraction=0.5,
+            critic_pretrain_iterations=1,
+            epochs=1,
+            stage1_epochs=0,
+            bdn_ckpt=stage1,
+            network_def=train_models.DRF_CONDITIONED_NETWORK,  # as train_models' film branches set it
+            regional_drf_exponent=1.0,
+        )
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]

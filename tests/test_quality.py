@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -221,9 +222,9 @@ def test_quality_benchmark_scores_a_subset_of_models(work, tmp_path):
 
 
 def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
-    """The DRF-conditioned model is one network, run through the bundle inference at each test volume's true DRF
-    (also an unseen one), and judged by the shipped model's targets; the label-free styled model runs as it is."""
-    from scripts.networks.drf_conditioned import DRFConditionedUniPET, NoiseConditionedUniPET
+    """The DRF-conditioned models are one network each, run through the bundle inference at each test volume's true
+    DRF (also an unseen one), and judged by the shipped model's targets; the label-free styled model runs as it is."""
+    from scripts.networks.drf_conditioned import DRFConditionedUniPET, NoiseConditionedUniPET, ThinningBlendUniPET
 
     own = tmp_path / "w"
     own.mkdir()
@@ -241,26 +242,36 @@ def test_drf_given_upper_bound_is_run_at_each_volumes_own_drf(work, tmp_path):
     noise = NoiseConditionedUniPET(**template.init_kwargs)  # label-free: the plain inference path
     (own / "models" / "noise_styles").mkdir(parents=True)
     torch.save(noise.state_dict(), own / "models" / "noise_styles" / "model.pt")
-    film_forward = DRFConditionedUniPET.forward
+    blend = ThinningBlendUniPET(**template.init_kwargs)  # UniPET's own state dict, SAN included
+    blend.load_state_dict(film.state_dict(), strict=False)
+    (own / "models" / "thinning_blend").mkdir(parents=True)
+    torch.save(blend.state_dict(), own / "models" / "thinning_blend" / "model.pt")
+    forwards = {cls: cls.forward for cls in (DRFConditionedUniPET, ThinningBlendUniPET)}
 
-    def record(self, x, drf=None):
-        seen.append(float(drf.flatten()[0]))
-        return film_forward(self, x, drf)
+    def recorder(cls):
+        def record(self, x, drf=None):
+            seen.append((cls.__name__, float(drf.flatten()[0])))
+            return forwards[cls](self, x, drf)
+
+        return record
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DRFConditionedUniPET, "forward", record)
+        for cls in forwards:
+            mp.setattr(cls, "forward", recorder(cls))
         result = quality.run(
             str(own),
             checkpoint=str(work / "unipet.pt"),
             update_docs=False,
             families="unseen_recon",
-            models="unipet,film,noise_styles",
+            models="unipet,film,noise_styles,thinning_blend",
             out_dir=str(tmp_path / "q"),
             drfs="[7,150]",
         )
-    assert set(seen) == {7.0, 150.0}  # the exact DRFs, not the nearest trained one
+    # the exact DRFs, not the nearest trained one
+    assert set(seen) == {(c.__name__, d) for c in forwards for d in (7.0, 150.0)}
     fam = result["families"]["unseen_recon"]
-    assert set(fam["summary"]) == {"input", "gaussian", "unipet", "film", "noise_styles"}
+    assert set(fam["summary"]) == {"input", "gaussian", "unipet", "film", "noise_styles", "thinning_blend"}
+    assert set(fam["targets_by_model"]) == {"film", "thinning_blend"}
     checks = fam["targets_by_model"]["film"]
     assert [c["target"] for c in checks] == [c["target"] for c in fam["targets"]]
     gain = fam["summary"]["film"]["7"]["psnr"] - fam["summary"]["input"]["7"]["psnr"]
@@ -375,14 +386,30 @@ def test_train_models_commands(tmp_path, monkeypatch):
     cmd = calls[-1][0]
     assert cmd[cmd.index("--bdn_ckpt") + 1] == str(snap) and "--init_checkpoint" not in cmd
     assert cmd[cmd.index("--network_def") + 1].startswith("{'_target_': 'scripts.networks.drf_conditioned.Noise")
+    # the thinning blend: UniPET's own parameters, so it resumes the snapshot's training state like dose_balanced_s2
+    tm.branch("thinning_blend")
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--init_checkpoint") + 1] == str(snap) and "--bdn_ckpt" not in cmd
+    network = cmd[cmd.index("--network_def") + 1]
+    assert "ThinningBlendUniPET" in network and cmd[cmd.index("--dose_balance") + 1] == "0.5"
+    assert "--level_lock_fwhm_mm" not in cmd
+    from monai.bundle import ConfigParser
+
+    from scripts.networks.drf_conditioned import ThinningBlendUniPET
+
+    parser = ConfigParser()  # the override builds in train.json, with the train.json network's settings
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    default_kwargs = parser.get_parsed_content("network_def").init_kwargs
+    parser["network_def"] = ast.literal_eval(network)  # as fire hands monai.bundle run the override
+    built = parser.get_parsed_content("network_def")
+    assert isinstance(built, ThinningBlendUniPET) and built.init_kwargs == default_kwargs
+    assert parser.get_parsed_content("network_takes_drf") is True
     tm.drf_specific([20])
     cmd = calls[-1][0]
     assert cmd[cmd.index("--drfs") + 1] == "[20]" and cmd[cmd.index("--stage1_epochs") + 1] == "23"
     with pytest.raises(UniPETInputError, match="unknown branch"):
         tm.branch("nope")
     # the snapshot name follows the default config's stage-1 length
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     assert train_models.SNAPSHOT == f"checkpoint_iter{parser.get_parsed_content('stage1_iterations'):06d}.pt"

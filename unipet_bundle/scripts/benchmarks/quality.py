@@ -64,7 +64,12 @@ from scripts.evaluation.report import write_csv
 from scripts.inference.denoise import BundleDenoiser, network_from_config
 from scripts.losses.rals import stylized_mask
 from scripts.metrics.image_quality import noise_autocorrelation, psnr, quality_metrics
-from scripts.networks.drf_conditioned import DRFConditionedUniPET, FixedDRF, NoiseConditionedUniPET
+from scripts.networks.drf_conditioned import (
+    DRFConditionedUniPET,
+    FixedDRF,
+    NoiseConditionedUniPET,
+    ThinningBlendUniPET,
+)
 from scripts.networks.unipet import match_checkpoint_san_variant
 
 logger = logging.getLogger("unipet.quality")
@@ -114,6 +119,7 @@ MODEL_ORDER = (
     "noise_styles",
     "film",
     "film_focus",
+    "thinning_blend",
     "unipet",
 )
 
@@ -139,14 +145,17 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "film_focus": ("upper bound: DRF given, DRF-weighted focus", "film_focus/model.pt"),
     # 0.5.5 trial: label-free, styles from hand-made window statistics instead of the SAN
     "noise_styles": ("trial: styles from window noise statistics", "noise_styles/model.pt"),
+    # 0.5.6 trial, DRF given: the shipped recipe with the output keeping 1/DRF of the input (the thinning identity)
+    "thinning_blend": ("DRF given: UniPET + 1/DRF of the input", "thinning_blend/model.pt"),
 }
 # models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
-CONDITIONED_MODELS = ("film", "film_focus")
-# UniPET variants with another style source: built with the training config's UniPET settings
-STYLED_NETWORKS = {
+CONDITIONED_MODELS = ("film", "film_focus", "thinning_blend")
+# UniPET variants that are not the training config's network class: built with its UniPET settings
+VARIANT_NETWORKS = {
     "film": DRFConditionedUniPET,
     "film_focus": DRFConditionedUniPET,
     "noise_styles": NoiseConditionedUniPET,
+    "thinning_blend": ThinningBlendUniPET,
 }
 OPTIONAL_MODELS = (
     "no_hotspot",
@@ -158,6 +167,7 @@ OPTIONAL_MODELS = (
     "film",
     "film_focus",
     "noise_styles",
+    "thinning_blend",
 )
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
@@ -296,8 +306,8 @@ def _load_networks(
 def _builder(key: str, template: torch.nn.Module) -> Any:
     """How to build model ``key``'s network before its weights load: None for a copy of the training config's own
     (``template``); a UniPET variant with another style source gets the template's settings (``init_kwargs``)."""
-    if key in STYLED_NETWORKS:
-        return lambda: STYLED_NETWORKS[key](**template.init_kwargs)
+    if key in VARIANT_NETWORKS:
+        return lambda: VARIANT_NETWORKS[key](**template.init_kwargs)
     if key in OTHER_NETWORKS:
         module, _, cls = OTHER_NETWORKS[key].rpartition(".")
         return getattr(importlib.import_module(module), cls)

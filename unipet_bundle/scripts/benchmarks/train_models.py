@@ -44,7 +44,8 @@ epochs, so its best checkpoint is picked from twice as many candidates. 0.5.5: `
 the shipped recipe, and ``focus_low_drf``'s), which start from the same stage-1 weights (``--bdn_ckpt``) and
 train stage 2 alone; not shippable (inference needs the DRF), scored by ``scripts.benchmarks.quality``; and, the same
 way, ``noise_styles`` / ``noise_styles_fast`` (label-free: styles from two statistics of each window, the second at
-4x the style learning rate).
+4x the style learning rate). 0.5.6: ``thinning_blend`` (DRF given): ``dose_balanced_s2`` with its output keeping
+1/DRF of its input (``ThinningBlendUniPET``, UniPET's own parameters), so it resumes the snapshot like the others.
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -99,6 +100,7 @@ LOCKED_SELECTION_RUNS = {
     "film_focus",
     "noise_styles",
     "noise_styles_fast",
+    "thinning_blend",
 }
 
 
@@ -184,6 +186,17 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
     # reading slower to learn from than the DRF label, or does it carry less?
     "noise_styles_fast": (NOISE_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2, "--san_learning_rate", "8e-4"]),
 }
+
+# 0.5.6 trial, DRF given: UniPET whose output keeps 1/DRF of its input (scripts.networks.drf_conditioned.ThinningBlendUniPET:
+# the part of the full dose a thinned low dose determines exactly), so the network under it has one target at every
+# DRF, the truth. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's training
+# state like every branch in BRANCHES: the shipped recipe (dose_balanced_s2) with only the output blend changed.
+THINNING_BLEND_NETWORK = (
+    "{'_target_': 'scripts.networks.drf_conditioned.ThinningBlendUniPET', "
+    "'channels': '@channels', 'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', "
+    "'san_channels': '@san_channels', 'use_san': True, 'padding_mode': '@padding_mode', 'san_variant': '@san_variant'}"
+)
+BRANCHES["thinning_blend"] = [*DOSE_BALANCED_S2, "--network_def", THINNING_BLEND_NETWORK]
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
 # today's defaults, i.e. no L_align in stage 2):

@@ -1,17 +1,21 @@
-"""UniPET with its styles from a scalar condition instead of the SAN (FiLM): two research variants.
+"""UniPET variants that are told, or read differently, what the label-free SAN must infer: three research variants.
 
-UniPET's style alignment network (SAN) reads the noise of each window through a learned encoder. These models
+UniPET's style alignment network (SAN) reads the noise of each window through a learned encoder. The first two
 replace the SAN by a small MLP of one or two numbers, keeping every other part (base network, per-block style
-layers, losses, training recipe):
+layers, losses, training recipe); the third keeps UniPET whole and puts the DRF in by the physics of the data:
 
 * :class:`DRFConditionedUniPET`, the "label given" upper bound: the MLP reads the dose reduction factor. It
-  answers how much of what a dose-aware network could do the label-free SAN reaches. Not a product: inference
-  needs the study's DRF, which a clinical series does not carry reliably, so ``configs/inference.json`` never
-  builds it (the quality benchmark runs it with the test volume's true DRF).
+  answers how much of what a dose-aware network could do the label-free SAN reaches.
 * :class:`NoiseConditionedUniPET`, label-free: the MLP reads two hand-made statistics of the window itself
-  (:func:`window_noise_features`: log std of a high-pass, log mean; of the same kind as, not identical to, the
-  hand-made features ``san_noise_probe`` compares the SAN with). It asks whether a fixed, simple noise reading
-  steers the same network better than the learned SAN.
+  (:func:`window_noise_features`: log std of a high-pass, log mean; the hand-made features ``san_noise_probe``
+  compares the SAN with). It asks whether a fixed, simple noise reading steers the same network better than the
+  learned SAN.
+* :class:`ThinningBlendUniPET`, DRF given: UniPET's output blended with ``1/DRF`` of its input, the part of the
+  full dose a thinned low dose determines exactly; the network under it estimates the truth, label-free.
+
+The DRF-given ones are not products: inference needs the study's DRF, which a clinical series does not carry
+reliably, so ``configs/inference.json`` never builds them (the quality benchmark runs them with the test volume's
+true DRF, through :class:`FixedDRF`).
 """
 
 # No ``from __future__ import annotations``: UniPET's methods stay TorchScript-compatible.
@@ -31,6 +35,8 @@ __all__ = [
     "ConditionedStylesUniPET",
     "DRFConditionedUniPET",
     "NoiseConditionedUniPET",
+    "ThinningBlendUniPET",
+    "drf_per_item",
     "FixedDRF",
 ]
 
@@ -104,6 +110,24 @@ def window_noise_features(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.log(std.clamp_min(1e-4)), torch.log(mean.clamp_min(1e-4))], dim=1)
 
 
+def drf_per_item(drf: Optional[torch.Tensor], n: int, device: torch.device, needed_by: str) -> torch.Tensor:
+    """The DRF of each of ``n`` inputs as a float32 tensor ``(n,)`` on ``device``, from ``drf`` (``(n,)``, or one
+    value for all: a sliding window runs several windows of one volume at once). Raises ValueError when it is
+    missing (never a silent fallback: a path that forgot to pass the DRF would give plausible, wrong output), not
+    one per input, or not > 0; ``needed_by`` names the network in that message."""
+    if drf is None:
+        raise ValueError(
+            f"{needed_by} needs the DRF of its input (forward(x, drf)); run it through FixedDRF, or train and "
+            "validate it with network_takes_drf (configs/train.json)"
+        )
+    drf = torch.as_tensor(drf, dtype=torch.float32, device=device).reshape(-1)
+    if drf.numel() == 1:
+        drf = drf.expand(n)
+    if drf.numel() != n or not bool(torch.all(drf > 0)):
+        raise ValueError(f"drf must hold one DRF > 0 per input (or one for all {n}), got {drf.tolist()}")
+    return drf
+
+
 class ConditionedStylesUniPET(UniPET):
     """UniPET whose style latents come from a :class:`StyleMLP` (attribute ``encoder_name``) instead of the SAN.
 
@@ -149,7 +173,9 @@ class ConditionedStylesUniPET(UniPET):
             zero_init_output=zero_init_output,
             padding_mode=padding_mode,
         )
-        self.san = None
+
+    def _build_san(self, san_reduction: int) -> None:  # type: ignore[override]
+        return None  # the style latents come from the subclass's encoder
 
     def _is_san_key(self, name: str) -> bool:  # type: ignore[override]
         return name.startswith(self.encoder_name + ".") or ".style_affine." in name
@@ -187,21 +213,7 @@ class DRFConditionedUniPET(ConditionedStylesUniPET):
         self.drf_encoder = DRFStyleEncoder(len(self.san_channels), self.latent_dim, drf_hidden, reference_drf, span_drf)
 
     def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
-        if drf is None:
-            # never a silent base network: a path that forgot to pass the DRF would give plausible, wrong output
-            raise ValueError(
-                "DRFConditionedUniPET needs the DRF of its input (forward(x, drf)); run it through FixedDRF, or "
-                "train and validate it with network_takes_drf (configs/train.json); forward_without_styles is "
-                "the base network"
-            )
-        drf = torch.as_tensor(drf, dtype=torch.float32, device=feat.device).reshape(-1)
-        if drf.numel() == 1:
-            drf = drf.expand(feat.shape[0])
-        if drf.numel() != feat.shape[0] or not bool(torch.all(drf > 0)):
-            raise ValueError(
-                f"drf must hold one DRF > 0 per input (or one for all {feat.shape[0]}), got {drf.tolist()}"
-            )
-        return self.drf_encoder(drf)
+        return self.drf_encoder(drf_per_item(drf, feat.shape[0], feat.device, type(self).__name__))
 
     def forward(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
         """Denoise ``x`` (B, in_channels, D, H, W), normalised SUV, at dose reduction factor(s) ``drf``."""
@@ -244,11 +256,59 @@ class NoiseConditionedUniPET(ConditionedStylesUniPET):
         return self._styles(self._style_latents(x, x, None))
 
 
+class ThinningBlendUniPET(UniPET):
+    """UniPET (label-free SAN and all) whose correction is scaled by ``1 - 1/DRF``: the output is
+    ``x / DRF + (1 - 1 / DRF) * unipet(x)``, for a DRF that is known.
+
+    Why: paired low-dose data are made by thinning the full-dose counts (list-mode subsampling; the simulator does
+    the same), so the full dose is the low dose's own counts plus independent ones with ``1 - 1/DRF`` of the expected
+    total, and its best estimate from the low dose is ``x / DRF + (1 - 1/DRF) * E[truth | x]``. The blend puts that
+    known part in by the physics, so the network under it has one target at every DRF, the truth, which it can
+    estimate from the noise it sees (the SAN) without knowing the DRF; the label enters only through the exact
+    blend, never through learned weights, so it means the same on any reconstruction (unlike
+    :class:`DRFConditionedUniPET`, whose learned use of the label did not carry over to an unseen reconstruction).
+    Not a label-free model: the output needs the DRF.
+
+    Same parameters and state dict as :class:`~scripts.networks.unipet.UniPET` (a UniPET checkpoint and training
+    state load as they are). Units: normalised SUV in and out; ``drf`` dimensionless (> 0).
+
+    Shapes: ``x (B, in_channels, D, H, W)`` with ``in_channels == out_channels``, ``drf (B,)`` or one value for the
+    whole batch ``-> (B, out_channels, D, H, W)``. Without ``drf`` it raises ValueError.
+    """
+
+    takes_drf = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.global_skip:
+            raise ValueError(
+                "ThinningBlendUniPET blends its output with its input: in_channels must equal out_channels"
+            )
+
+    def _blend(self, x: torch.Tensor, out: torch.Tensor, drf: Optional[torch.Tensor]) -> torch.Tensor:
+        keep = 1.0 / drf_per_item(drf, x.shape[0], x.device, type(self).__name__)
+        keep = keep.reshape(-1, *([1] * (x.dim() - 1))).to(out.dtype)
+        return out + keep * (x.to(out.dtype) - out)
+
+    def forward(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        """Denoise ``x`` (B, in_channels, D, H, W), normalised SUV, at dose reduction factor(s) ``drf``."""
+        return self._blend(x, self._run(x, False)[0], drf)
+
+    def forward_with_features(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None):  # type: ignore[override]
+        """The blended prediction plus the network's feature map after every block (the trainer's feature tap)."""
+        out, features = self._run(x, True)
+        return self._blend(x, out, drf), features
+
+    def block_styles(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> List[torch.Tensor]:  # type: ignore[override]
+        """The SAN's style vectors for ``x`` (the DRF does not enter them)."""
+        return super().block_styles(x)
+
+
 class FixedDRF(nn.Module):
-    """A :class:`DRFConditionedUniPET` run at one known DRF, so it takes ``forward(x)`` like every other network
+    """A network that takes the DRF (:class:`DRFConditionedUniPET`, :class:`ThinningBlendUniPET`) run at one known DRF, so it takes ``forward(x)`` like every other network
     (the inference path, the quality benchmark's per-DRF models). Shapes as the wrapped network's."""
 
-    def __init__(self, network: DRFConditionedUniPET, drf: float) -> None:
+    def __init__(self, network: nn.Module, drf: float) -> None:
         super().__init__()
         if not float(drf) > 0:
             raise ValueError(f"drf must be > 0, got {drf}")

@@ -409,16 +409,21 @@ class UniPET(nn.Module):
             nn.init.zeros_(self.output_conv.weight)
             nn.init.zeros_(self.output_conv.bias)
 
-        self.san = None
+        self.san: Optional[StyleAlignmentNetwork] = None
         n_stages = len(san_channels) if use_san else 0
         if use_san:
-            self.san = StyleAlignmentNetwork(
-                channels, san_channels, latent_dim, san_reduction, san_variant, padding_mode
-            )
+            self.san = self._build_san(san_reduction)
         # Even spread of blocks over stages; with num_blocks divisible by n_stages this is
         # ceil(num_blocks / n_stages) consecutive blocks per latent, and every latent is always used
         # (an unused stage would break DistributedDataParallel without find_unused_parameters).
         self.latent_index: List[int] = [i * n_stages // num_blocks for i in range(num_blocks)]
+
+    def _build_san(self, san_reduction: int) -> Optional[StyleAlignmentNetwork]:
+        """The SAN of a ``use_san`` model, built after the base network. Subclasses whose latents come from elsewhere
+        (:mod:`scripts.networks.drf_conditioned`) return None: they keep the style stages and layers, not the SAN."""
+        return StyleAlignmentNetwork(
+            self.channels, self.san_channels, self.latent_dim, san_reduction, self.san_variant, self.padding_mode
+        )
 
     def _style_latents(self, x: torch.Tensor, feat: torch.Tensor, drf: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """The latent of every style stage for the input ``x`` and its input-conv features ``feat``: the SAN's of
