@@ -131,8 +131,16 @@ def test_thinning_blend_keeps_one_over_drf_of_the_input_per_item():
         for a, b in zip(net.block_styles(x, drf), base.block_styles(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert ThinningBlendUniPET.takes_drf and net.san is not None
-    with pytest.raises(ValueError, match="ThinningBlendUniPET needs the DRF"):
-        net(x)
+    with torch.no_grad():  # the zero-style base network is blended too, and needs the DRF as well
+        torch.testing.assert_close(
+            net.forward_without_styles(x, drf),
+            keep * x + (1 - keep) * base.forward_without_styles(x),
+            rtol=0,
+            atol=1e-6,
+        )
+    for call in (net, net.forward_without_styles):
+        with pytest.raises(ValueError, match="ThinningBlendUniPET needs the DRF"):
+            call(x)
     with pytest.raises(ValueError, match="in_channels must equal out_channels"):
         ThinningBlendUniPET(**SMALL, in_channels=2, out_channels=1)
 
@@ -223,6 +231,36 @@ def test_trainer_gives_the_generator_each_patchs_drf():
     styles = gen.block_styles(low, torch.tensor([4.0, 100.0]))
     assert (styles[0][0] - styles[0][1]).abs().max() > 1e-4, "stage 2 must learn DRF-dependent styles"
     assert outputs[-1]["style_spread_b0"] > 0  # the monitoring sees the DRFs too
+
+
+@pytest.mark.slow
+def test_training_config_resumes_a_unipet_snapshot_into_the_thinning_blend(tmp_path):
+    """train.json, as train_models' thinning_blend branch runs it: a UniPET run's end-of-stage-1 training state resumed
+    into ThinningBlendUniPET (same parameters), stage 2 trained and validated with each volume's DRF."""
+    data = make_pairs(tmp_path / "pairs", n_subjects=2)
+    schedule = dict(epoch_length=2, val_interval=1, val_fraction=0.5, critic_pretrain_iterations=1, stage1_epochs=1)
+    parent = tmp_path / "parent"
+    first = bundle_run(train_args(data, parent, tmp_path / "out1", epochs=1, **schedule))
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    snapshot = parent / "checkpoint_iter000002.pt"
+    ckpt = tmp_path / "blend"
+    done = bundle_run(
+        train_args(
+            data,
+            ckpt,
+            tmp_path / "out2",
+            epochs=2,
+            **schedule,
+            init_checkpoint=snapshot,
+            network_def=train_models.THINNING_BLEND_NETWORK,
+        )
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "iteration 2" in log and "g_adv" in log and "val_psnr_drf4" in log  # resumed, then stage 2 and validation
+    net, _ = load_network_weights(ThinningBlendUniPET(**SMALL), ckpt / "model.pt", None, strict=True)
+    assert any(float(b.style_affine.weight.abs().max()) > 0 for b in net.blocks), "stage 2 trained the style layers"
+    assert int(load_checkpoint(ckpt / "checkpoint_latest.pt")["trainer"]["iteration"]) == 4
 
 
 @pytest.mark.slow

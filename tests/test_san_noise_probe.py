@@ -29,6 +29,9 @@ def test_loso_ridge_scores_held_out_subjects():
     assert useless["r2"] < 0.1
     with pytest.raises(UniPETInputError, match="at least two subjects"):
         probe.loso_ridge(informative, target, np.zeros(200))
+    # one value to predict (e.g. data at one DRF): there is nothing to explain, so no R^2 (not a perfect 1)
+    assert probe.loso_ridge(informative, np.full(200, 1.5), groups)["r2"] is None
+    assert probe._r2({"r2": None}) == "n/a" and probe._r2({"r2": 0.4}) == "0.400"
 
 
 def test_study_level_finds_a_drf_the_image_cannot_tell_when_count_levels_vary_by_subject():

@@ -146,7 +146,7 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     # 0.5.5 trial: label-free, styles from hand-made window statistics instead of the SAN
     "noise_styles": ("trial: styles from window noise statistics", "noise_styles/model.pt"),
     # 0.5.6 trial, DRF given: the shipped recipe with the output keeping 1/DRF of the input (the thinning identity)
-    "thinning_blend": ("DRF given: UniPET + 1/DRF of the input", "thinning_blend/model.pt"),
+    "thinning_blend": ("DRF given: input / DRF + (1 - 1/DRF) x UniPET", "thinning_blend/model.pt"),
 }
 # models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
 CONDITIONED_MODELS = ("film", "film_focus", "thinning_blend")

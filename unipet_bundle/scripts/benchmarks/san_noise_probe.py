@@ -60,7 +60,7 @@ def loso_ridge(
 ) -> dict[str, Any]:
     """Leave-one-group-out ridge regression of ``target`` (N,) on ``features`` (N, F), standardised on each fold's
     training part; ``lam`` scales the penalty per training sample. Returns ``r2`` (1 - SSE / SST over the held-out
-    predictions) and ``median_rel_error`` (median |exp(pred - target) - 1|: the relative error of the predicted
+    predictions; None when the target holds one value) and ``median_rel_error`` (median |exp(pred - target) - 1|: the relative error of the predicted
     value for a log target), and with ``predictions`` the held-out predictions ``pred`` (N,). Needs at least two
     groups."""
     features = np.asarray(features, dtype=np.float64)
@@ -79,7 +79,8 @@ def loso_ridge(
         pred[test] = np.c_[(features[test] - mu) / sd, np.ones(test.sum())] @ w
     sst = float(((target - target.mean()) ** 2).sum())
     score: dict[str, Any] = {
-        "r2": 1.0 - float(((pred - target) ** 2).sum()) / max(sst, 1e-12),
+        # a target with one value (e.g. one DRF in the data) leaves nothing to explain: no R^2
+        "r2": 1.0 - float(((pred - target) ** 2).sum()) / sst if sst > 1e-12 else None,
         "median_rel_error": float(np.median(np.abs(np.exp(pred - target) - 1.0))),
     }
     if predictions:
@@ -101,9 +102,9 @@ def study_level(
     """Can a study's DRF be read from its image? Windows (N,) of several studies (one subject at one DRF) are
     summarised per study: ``feats`` (name: (N, F)) by their mean over the study's windows, the true window
     ``noise`` (SUV) by its median (``true_noise``: an oracle). Returns the leave-one-subject-out ridge of log DRF
-    on each (``probe``), the per-study noise, the median within-subject slope of log noise on log DRF, and
-    ``drf_span_of_one_label``: the median over DRFs of ``exp((q90 - q10 of log study noise) / slope)``, how many
-    DRFs apart (as a factor) subjects given the same DRF look, read on that slope. The slope and span need two
+    on each (``probe``), the study noise's min / median / max over subjects per DRF, the median within-subject slope
+    of log noise on log DRF, and ``drf_span_of_one_label``: ``exp(median over DRFs of (q90 - q10 of log study
+    noise) / slope)``, how many DRFs apart (as a factor) subjects given the same DRF look, read on that slope. The slope and span need two
     DRFs per subject; with one they are None."""
     studies = sorted(set(zip(groups.tolist(), drf.tolist())))
     members = [(groups == g) & (drf == d) for g, d in studies]
@@ -224,6 +225,11 @@ def probe(net: torch.nn.Module, drawn: list[dict[str, Any]], suv_max: float, rid
     }
 
 
+def _r2(score: dict[str, Any]) -> str:
+    """A score's R^2 for a table or title: three decimals, or ``n/a`` when there was nothing to explain."""
+    return "n/a" if score["r2"] is None else f"{score['r2']:.3f}"
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Held-out predicted against true window noise (SUV, log axes) for the latents and the hand-made features,
     coloured by DRF; the true window noise by DRF, which shows how far apart the label puts look-alikes; and each
@@ -248,7 +254,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(lims, lims, color="grey", ls="--")
         score = result["probe"][name]["log_noise"]
         ax.set(xscale="log", yscale="log", xlabel="true window noise (SUV)", ylabel="predicted (held-out subject)")
-        ax.set_title(f"{name}: R^2 {score['r2']:.2f}, median error {100 * score['median_rel_error']:.0f} %")
+        ax.set_title(f"{name}: R^2 {_r2(score)}, median error {100 * score['median_rel_error']:.0f} %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, markerscale=3)
     axes[2].boxplot([true[drf == d] for d in drfs], tick_labels=[f"{d:g}" for d in drfs])
@@ -262,8 +268,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[3].plot(ds, [np.median(true[m & (drf == d)]) for d in ds], marker="o", label=str(g))
     study = result["study_level"]
     axes[3].set(xscale="log", yscale="log", xlabel="DRF label", ylabel="study noise (median window, SUV)")
-    oracle = study["probe"]["true_noise"]["log_drf"]["r2"]
-    axes[3].set_title(f"study noise per subject (reads the DRF: R^2 {oracle:.2f})")
+    axes[3].set_title(f"study noise per subject (reads the DRF: R^2 {_r2(study['probe']['true_noise']['log_drf'])})")
     axes[3].legend(fontsize=7)
     axes[3].grid(alpha=0.3)
     fig.suptitle(
@@ -342,7 +347,7 @@ def run(
     print(f"  {'features':16s} {'target':10s} {'R^2':>7s} {'median rel. error':>18s}")
     for name, per_target in result["probe"].items():
         for target, score in per_target.items():
-            print(f"  {name:16s} {target:10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
+            print(f"  {name:16s} {target:10s} {_r2(score):>7s} {score['median_rel_error']:18.2f}")
     print(f"  correlation of log DRF with log window noise: {result['corr_log_drf_log_noise']:.2f}")
     study = result["study_level"]
     print(
@@ -351,7 +356,7 @@ def run(
     print(f"  {'summary':16s} {'target':10s} {'R^2':>7s} {'median rel. error':>18s}")
     for name, per_target in study["probe"].items():
         score = per_target["log_drf"]
-        print(f"  {name:16s} {'log_drf':10s} {score['r2']:7.3f} {score['median_rel_error']:18.2f}")
+        print(f"  {name:16s} {'log_drf':10s} {_r2(score):>7s} {score['median_rel_error']:18.2f}")
     for d, (lo, mid, hi) in study["noise_suv_by_drf"].items():
         print(f"  DRF {d:>5s}: study noise {lo:.3f} / {mid:.3f} / {hi:.3f} SUV (min / median / max over subjects)")
     if study["within_subject_noise_slope"] is not None:

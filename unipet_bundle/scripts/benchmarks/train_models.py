@@ -188,8 +188,8 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
 }
 
 # 0.5.6 trial, DRF given: UniPET whose output keeps 1/DRF of its input (scripts.networks.drf_conditioned.ThinningBlendUniPET:
-# the part of the full dose a thinned low dose determines exactly), so the network under it has one target at every
-# DRF, the truth. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's training
+# the share of the full dose's counts a thinned low dose holds), so the network under it has one target at every
+# DRF, the noise-free full dose. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's training
 # state like every branch in BRANCHES: the shipped recipe (dose_balanced_s2) with only the output blend changed.
 THINNING_BLEND_NETWORK = (
     "{'_target_': 'scripts.networks.drf_conditioned.ThinningBlendUniPET', "

@@ -10,8 +10,8 @@ layers, losses, training recipe); the third keeps UniPET whole and puts the DRF 
   (:func:`window_noise_features`: log std of a high-pass, log mean; the hand-made features ``san_noise_probe``
   compares the SAN with). It asks whether a fixed, simple noise reading steers the same network better than the
   learned SAN.
-* :class:`ThinningBlendUniPET`, DRF given: UniPET's output blended with ``1/DRF`` of its input, the part of the
-  full dose a thinned low dose determines exactly; the network under it estimates the truth, label-free.
+* :class:`ThinningBlendUniPET`, DRF given: UniPET's output blended with ``1/DRF`` of its input, the share of the
+  full dose's counts a thinned low dose holds; the network under it estimates the noise-free full dose, label-free.
 
 The DRF-given ones are not products: inference needs the study's DRF, which a clinical series does not carry
 reliably, so ``configs/inference.json`` never builds them (the quality benchmark runs them with the test volume's
@@ -262,11 +262,12 @@ class ThinningBlendUniPET(UniPET):
 
     Why: paired low-dose data are made by thinning the full-dose counts (list-mode subsampling; the simulator does
     the same), so the full dose is the low dose's own counts plus independent ones with ``1 - 1/DRF`` of the expected
-    total, and its best estimate from the low dose is ``x / DRF + (1 - 1/DRF) * E[truth | x]``. The blend puts that
-    known part in by the physics, so the network under it has one target at every DRF, the truth, which it can
-    estimate from the noise it sees (the SAN) without knowing the DRF; the label enters only through the exact
-    blend, never through learned weights, so it means the same on any reconstruction (unlike
-    :class:`DRFConditionedUniPET`, whose learned use of the label did not carry over to an unseen reconstruction).
+    total, and its mean given the low dose is ``x / DRF + (1 - 1/DRF) * E[noise-free full dose | x]``: exactly so in
+    the counts, approximately after the (not linear) reconstruction. The blend puts that part in by the physics, so
+    the network under it has one target at every DRF, the noise-free full dose, which it can estimate from the noise
+    it sees (the SAN) without knowing the DRF; the label enters only through the blend, never through learned
+    weights, so it means the same on any reconstruction (unlike :class:`DRFConditionedUniPET`, whose learned use of
+    the label did not carry over to an unseen reconstruction).
     Not a label-free model: the output needs the DRF.
 
     Same parameters and state dict as :class:`~scripts.networks.unipet.UniPET` (a UniPET checkpoint and training
@@ -302,6 +303,11 @@ class ThinningBlendUniPET(UniPET):
     def block_styles(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> List[torch.Tensor]:  # type: ignore[override]
         """The SAN's style vectors for ``x`` (the DRF does not enter them)."""
         return super().block_styles(x)
+
+    def forward_without_styles(self, x: torch.Tensor, drf: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        """The base network with zero styles, blended the same way (so it too needs the DRF: never a silent,
+        unblended output)."""
+        return self._blend(x, self._run(x, False, False)[0], drf)
 
 
 class FixedDRF(nn.Module):
