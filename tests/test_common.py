@@ -186,6 +186,13 @@ def test_the_one_cli_wrapper_prints_one_error_line_and_exits_2(capsys):
         "scripts.benchmarks.quality",
         "scripts.benchmarks.train_models",
         "scripts.benchmarks.inference_speed",
+        "scripts.benchmarks.san_noise_probe",
+        "scripts.benchmarks.gpu_check",
+        "scripts.benchmarks.loss_scales",
+        "scripts.benchmarks.style_proxy",
+        "scripts.benchmarks.training_speed",
+        "scripts.benchmarks.precision",
+        "scripts.benchmarks.compute_peak",
     ],
 )
 def test_every_command_line_tool_answers_bad_input_through_the_one_wrapper(module):
@@ -200,4 +207,55 @@ def test_every_command_line_tool_answers_bad_input_through_the_one_wrapper(modul
         for n in ast.walk(tree)
         if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.exit" and n.args and ast.unparse(n.args[0]) == "2"
     ]
-    assert "exit_bad_input" in calls and not exits, f"{module} prints its own error line and exit status"
+    # exit_bad_input itself, or the benchmarks' fire command line that calls it (scripts.common.cli.run_command)
+    wrapped = "exit_bad_input" in calls or "run_command" in calls
+    assert wrapped and not exits, f"{module} prints its own error line and exit status"
+
+
+def test_run_command_gives_bad_input_one_line_and_exit_2(monkeypatch, capsys):
+    from scripts.common.cli import run_command
+    from scripts.common.errors import CheckpointError, UniPETInputError
+
+    def tool(size: int = 1):
+        if size < 0:
+            raise UniPETInputError("--size must be >= 0,\n  got a negative one")
+        if size == 0:
+            raise CheckpointError("no weights")
+        if size == 7:
+            raise KeyError("a bug")
+        return {"size": size}
+
+    monkeypatch.setattr("sys.argv", ["tool", "--size", "3"])
+    assert run_command(tool, "python -m tool") == {"size": 3}
+    assert capsys.readouterr().out == ""  # the tool's output is its own printing, not the returned value
+    run_command(tool, "python -m tool", print_result=True)
+    assert "size" in capsys.readouterr().out
+    for value, message in (("-1", "error: --size must be >= 0, got a negative one"), ("0", "error: no weights")):
+        monkeypatch.setattr("sys.argv", ["tool", "--size", value])
+        with pytest.raises(SystemExit) as exit_:
+            run_command(tool, "python -m tool")
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip() == message
+    monkeypatch.setattr("sys.argv", ["tool", "--size", "7"])
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        run_command(tool, "python -m tool")
+
+    class OwnBadInput(ValueError):
+        pass
+
+    def strict():
+        raise OwnBadInput("a tool's own bad-input type")
+
+    monkeypatch.setattr("sys.argv", ["strict"])
+    with pytest.raises(SystemExit) as exit_:
+        run_command(strict, "python -m strict", bad_input=(OwnBadInput,))
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: a tool's own")
+
+
+def test_benchmark_without_its_weights_says_so_in_one_line():
+    from conftest import run_python
+
+    proc = run_python("-m", "scripts.benchmarks.loss_scales", "--bdn_checkpoint", "missing.pt", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and "missing.pt not found" in last, last
+    assert "Traceback" not in proc.stderr

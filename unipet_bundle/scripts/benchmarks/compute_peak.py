@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
@@ -35,6 +34,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from torch.utils.flop_counter import FlopCounterMode
 
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.engines.precision import (
     MEMORY_FORMATS,
@@ -329,5 +329,9 @@ def run(
     return result
 
 
+def main() -> None:
+    run_command(run, "python -m scripts.benchmarks.compute_peak")  # the table is the output, not the returned dict
+
+
 if __name__ == "__main__":
-    fire.Fire(run, serialize=lambda _: None)
+    main()

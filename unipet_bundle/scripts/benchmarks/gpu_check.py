@@ -48,12 +48,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
 from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
+from scripts.common.cli import run_command
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.options import as_bool
@@ -617,7 +617,8 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    sys.exit(fire.Fire(run, serialize=lambda _: None))  # the table is the output; the value is the exit status
+    # the table is the output; the value is the exit status
+    sys.exit(run_command(run, "python -m scripts.benchmarks.gpu_check"))
 
 
 if __name__ == "__main__":

@@ -65,12 +65,11 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scripts.common.errors import CheckpointError, exit_bad_input
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.weights import file_sha256
 from scripts.data.io import save_nifti
@@ -1018,9 +1017,8 @@ def _compare_nifti(a: Path, b: Path) -> dict[str, float]:
 def main() -> None:
     """CLI entry point: bad options give one ``error:`` line and exit status 2."""
     try:
-        fire.Fire(run, serialize=lambda _: None)  # the tables are the output, not the returned dict
-    except (BenchmarkInputError, CheckpointError) as exc:
-        exit_bad_input(exc)
+        # the tables are the output, not the returned dict
+        run_command(run, "python -m scripts.benchmarks.inference_speed", bad_input=(BenchmarkInputError,))
     except BenchmarkRunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.transforms import RandWeightedCropd
 
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.common.weights import load_checkpoint
 from scripts.data.training_data import PatchSamplingWeightsd
@@ -188,7 +188,7 @@ def measure(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fire.Fire(measure)
+    run_command(measure, "python -m scripts.benchmarks.loss_scales", print_result=True)
 
 
 if __name__ == "__main__":

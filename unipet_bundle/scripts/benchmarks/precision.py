@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
@@ -46,6 +45,7 @@ from monai.inferers import SlidingWindowInferer
 
 from scripts.benchmarks.compute_peak import conv3d_peak, gflops_line, network_flops
 from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.common.large_files import recorded_sha256
 from scripts.data.phantom import make_phantom
@@ -395,5 +395,9 @@ def run(
     return result
 
 
+def main() -> None:
+    run_command(run, "python -m scripts.benchmarks.precision")  # the table is the output, not the returned dict
+
+
 if __name__ == "__main__":
-    fire.Fire(run, serialize=lambda _: None)
+    main()

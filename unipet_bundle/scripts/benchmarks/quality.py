@@ -51,7 +51,8 @@ import torch
 from tqdm.auto import tqdm
 
 from scripts.benchmarks.train_models import TRAIN_DRFS
-from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
+from scripts.common.cli import run_command
+from scripts.common.errors import UniPETInputError
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.large_files import recorded_sha256
@@ -1026,14 +1027,9 @@ def _json_safe(obj: Any) -> Any:
 
 
 def main() -> None:
-    import fire
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        # serialize: the returned result is written to files and printed as a table, not dumped again
-        fire.Fire(run, name="python -m scripts.benchmarks.quality", serialize=lambda _: None)
-    except (UniPETInputError, CheckpointError) as exc:
-        exit_bad_input(exc)
+    # the result is written to files and printed as a table, not dumped again
+    run_command(run, "python -m scripts.benchmarks.quality")
 
 
 if __name__ == "__main__":

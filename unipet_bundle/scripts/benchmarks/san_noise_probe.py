@@ -38,12 +38,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.common.errors import CheckpointError, UniPETInputError, exit_bad_input
+from scripts.common.cli import run_command
+from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, atomic_write_json, check_output_path
 from scripts.common.weights import load_network_weights
 from scripts.data.io import load_nifti
@@ -372,11 +372,8 @@ def run(
 
 
 def main() -> None:
-    try:
-        # the result is printed as a table and written as JSON, not dumped again
-        fire.Fire(run, name="python -m scripts.benchmarks.san_noise_probe", serialize=lambda _: None)
-    except (UniPETInputError, CheckpointError) as exc:
-        exit_bad_input(exc)
+    # the result is printed as a table and written as JSON, not dumped again
+    run_command(run, "python -m scripts.benchmarks.san_noise_probe")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fire
 import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ def run(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    fire.Fire(run)
+    run_command(run, "python -m scripts.benchmarks.style_proxy", print_result=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.common.errors import UniPETInputError, exit_bad_input
+from scripts.common.cli import run_command
+from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write, check_output_path
 from scripts.common.large_files import LARGE_FILES, write_large_files
 from scripts.common.weights import file_sha256
@@ -547,13 +548,8 @@ class TrainModels:
 
 
 def main() -> None:
-    import fire
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        fire.Fire(TrainModels, name="python -m scripts.benchmarks.train_models")
-    except UniPETInputError as exc:
-        exit_bad_input(exc)
+    run_command(TrainModels, "python -m scripts.benchmarks.train_models")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 from monai.bundle import ConfigParser
 
 from scripts.benchmarks.timing_trainer import synthetic_batch, timing_trainer, training_step
+from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.networks.unipet import UniPET
@@ -199,5 +199,9 @@ def run(
     return result
 
 
+def main() -> None:
+    run_command(run, "python -m scripts.benchmarks.training_speed")  # the table is the output, not the returned dict
+
+
 if __name__ == "__main__":
-    fire.Fire(run, serialize=lambda _: None)  # the table is the output, not the returned dict
+    main()

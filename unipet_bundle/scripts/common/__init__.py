@@ -2,6 +2,7 @@
 (``tests/test_import_layers.py``; the layers are in ``docs/code_map.md``).
 
 - :mod:`.errors`: the bundle's error types and the one error hook (one ``error:`` line, exit status 2);
+- :mod:`.cli`: the benchmarks' ``fire`` command line, whose bad input ends in that one line (``run_command``);
 - :mod:`.options`: command-line option values (``as_bool``, voxel sizes, output formats);
 - :mod:`.io`: atomic writes, output-path checks, the modes of new files and folders;
 - :mod:`.geometry`: voxel size from an affine;
