@@ -252,12 +252,13 @@ def test_training_config_resumes_a_unipet_snapshot_into_the_thinning_blend(tmp_p
             epochs=2,
             **schedule,
             init_checkpoint=snapshot,
-            network_def=train_models.THINNING_BLEND_NETWORK,
+            **{"network_def#_target_": train_models.THINNING_BLEND_TARGET},  # as the thinning_blend branch sets it
         )
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert "iteration 2" in log and "g_adv" in log and "val_psnr_drf4" in log  # resumed, then stage 2 and validation
+    assert f"network_def#_target_: '{train_models.THINNING_BLEND_TARGET}'" in log  # the override reached the config
     net, _ = load_network_weights(ThinningBlendUniPET(**SMALL), ckpt / "model.pt", None, strict=True)
     assert any(float(b.style_affine.weight.abs().max()) > 0 for b in net.blocks), "stage 2 trained the style layers"
     assert int(load_checkpoint(ckpt / "checkpoint_latest.pt")["trainer"]["iteration"]) == 4

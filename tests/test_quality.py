@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 from pathlib import Path
@@ -390,8 +389,8 @@ def test_train_models_commands(tmp_path, monkeypatch):
     tm.branch("thinning_blend")
     cmd = calls[-1][0]
     assert cmd[cmd.index("--init_checkpoint") + 1] == str(snap) and "--bdn_ckpt" not in cmd
-    network = cmd[cmd.index("--network_def") + 1]
-    assert "ThinningBlendUniPET" in network and cmd[cmd.index("--dose_balance") + 1] == "0.5"
+    target = cmd[cmd.index("--network_def#_target_") + 1]  # only the class changes, not the config's arguments
+    assert "--network_def" not in cmd and cmd[cmd.index("--dose_balance") + 1] == "0.5"
     assert "--level_lock_fwhm_mm" not in cmd
     from monai.bundle import ConfigParser
 
@@ -400,7 +399,7 @@ def test_train_models_commands(tmp_path, monkeypatch):
     parser = ConfigParser()  # the override builds in train.json, with the train.json network's settings
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     default_kwargs = parser.get_parsed_content("network_def").init_kwargs
-    parser["network_def"] = ast.literal_eval(network)  # as fire hands monai.bundle run the override
+    parser["network_def#_target_"] = target  # as monai.bundle run applies the override
     built = parser.get_parsed_content("network_def")
     assert isinstance(built, ThinningBlendUniPET) and built.init_kwargs == default_kwargs
     assert parser.get_parsed_content("network_takes_drf") is True

@@ -306,7 +306,8 @@ def _load_networks(
 
 def _builder(key: str, template: torch.nn.Module) -> Any:
     """How to build model ``key``'s network before its weights load: None for a copy of the training config's own
-    (``template``); a UniPET variant with another style source gets the template's settings (``init_kwargs``)."""
+    (``template``); a UniPET variant of another class (``VARIANT_NETWORKS``) gets the template's settings
+    (``init_kwargs``)."""
     if key in VARIANT_NETWORKS:
         return lambda: VARIANT_NETWORKS[key](**template.init_kwargs)
     if key in OTHER_NETWORKS:

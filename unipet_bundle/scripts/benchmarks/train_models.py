@@ -190,14 +190,11 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
 
 # 0.5.6 trial, DRF given: UniPET whose output keeps 1/DRF of its input (scripts.networks.drf_conditioned.ThinningBlendUniPET:
 # the share of the full dose's counts a thinned low dose holds), so the network under it has one target at every
-# DRF, the noise-free full dose. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's training
-# state like every branch in BRANCHES: the shipped recipe (dose_balanced_s2) with only the output blend changed.
-THINNING_BLEND_NETWORK = (
-    "{'_target_': 'scripts.networks.drf_conditioned.ThinningBlendUniPET', "
-    "'channels': '@channels', 'num_blocks': '@num_blocks', 'latent_dim': '@latent_dim', "
-    "'san_channels': '@san_channels', 'use_san': True, 'padding_mode': '@padding_mode', 'san_variant': '@san_variant'}"
-)
-BRANCHES["thinning_blend"] = [*DOSE_BALANCED_S2, "--network_def", THINNING_BLEND_NETWORK]
+# DRF, the noise-free full dose. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's
+# training state like every branch in BRANCHES: the shipped recipe (dose_balanced_s2) with only train.json's network
+# class changed (its arguments stay the config's own).
+THINNING_BLEND_TARGET = "scripts.networks.drf_conditioned.ThinningBlendUniPET"
+BRANCHES["thinning_blend"] = [*DOSE_BALANCED_S2, "--network_def#_target_", THINNING_BLEND_TARGET]
 
 # name -> overrides of configs/train.json for full runs (both stages, same schedule and data as `with_align`, but
 # today's defaults, i.e. no L_align in stage 2):
