@@ -177,6 +177,8 @@ def test_inference_benchmark_end_to_end_against_todays_pipeline(tmp_path: Path):
     assert res["targets_met"]["e2e_speedup_1_5x"] == (entry["speedup_e2e"] >= 1.5)
     assert res["targets_met"]["e2e_peak_rss_3gb_6x_input"] is not None
     assert "Invertd" in json.dumps(res["today_pipeline_overrides"])
+    # the baseline is the 0.2.0 pipeline: the C library's default host memory handling, not ours
+    assert res["today_pipeline_overrides"]["host_memory_cache_mb"] == 0
 
 
 def test_inference_benchmark_bad_sizes_is_one_error_line(tmp_path: Path):

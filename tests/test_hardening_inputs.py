@@ -413,6 +413,22 @@ def test_inference_bundle_run_one_line(tmp_path):
     assert not out.exists() and tree_digest(data) == before
 
 
+def test_inference_refuses_a_bad_host_memory_cache_in_one_line(tmp_path):
+    data, out = tmp_path / "in", tmp_path / "out"
+    save_nifti(RNG.uniform(0.5, 5.0, size=(16, 16, 16)), AFFINE, data / "a.nii.gz")
+    before = tree_digest(data)
+    proc = bundle_run_inference(
+        ["--dataset_dir", data, "--output_dir", out, "--checkpoint", "", "--allow_untrained", "true"]
+        + [*TINY_INFERENCE, "--host_memory_cache_mb", "-5"]
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(
+        r"host_memory_cache_mb must be a whole number of MiB from 0 to 2047 .* got -5", one_error_line(proc.stderr)
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists() and tree_digest(data) == before
+
+
 # ------------------------------------------------------------------------------ training / evaluation
 
 

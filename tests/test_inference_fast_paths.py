@@ -232,3 +232,26 @@ def test_conv3d_peak_is_the_faster_layouts():
     by = peak["gflops_by_memory_format"]
     assert set(by) == {"contiguous", "channels_last_3d"} and peak["gflops"] == pytest.approx(max(by.values()))
     assert peak["memory_format"] == max(by, key=by.get)
+
+
+def test_conv3d_peak_of_one_window_is_onednns():
+    # PyTorch's conv3d runs a batch of one 16-channel 32^3 window on its im2col kernel (~20x slower here); the
+    # "peak" of a sw_batch_size 1 config was that slow path and reported the 1.3x target met. It must be oneDNN's.
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import profile
+
+    from scripts.benchmarks.compute_peak import conv3d_peak
+
+    def ops(fn) -> set:
+        with profile() as prof:
+            fn()
+        return {e.key for e in prof.key_averages()}
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    x, w = torch.rand(1, 16, 32, 32, 32), torch.rand(16, 16, 3, 3, 3)
+    assert "aten::slow_conv3d_forward" in ops(lambda: F.conv3d(x, w, None, 1, 1))  # the heuristic this avoids
+    for layout in ("contiguous", "channels_last_3d"):
+        seen = ops(lambda: conv3d_peak(16, "fp32", size=32, batch=1, repeats=1, memory_format=layout))
+        assert "aten::mkldnn_convolution" in seen and "aten::slow_conv3d_forward" not in seen, seen

@@ -34,6 +34,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 from torch.utils.flop_counter import FlopCounterMode
 
+from scripts.common.allocator import keep_freed_memory_as_configured
 from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.engines.precision import (
@@ -91,7 +92,8 @@ def conv3d_peak(
     repeats: int = 5,
     memory_format: str | None = None,
 ) -> dict[str, Any]:
-    """Throughput of one plain ``conv3d`` (``channels -> channels``, 3x3x3, "same" padding, no bias).
+    """Throughput of one plain ``conv3d`` (``channels -> channels``, 3x3x3, "same" padding, no bias); on the CPU
+    oneDNN's convolution called directly, whatever the batch size.
 
     The input is ``(batch, channels, size, size, size)`` in the precision's dtype (bf16 tensors for
     ``"bf16"``: the best case, no autocast casts), in ``memory_format`` (``"contiguous"`` or
@@ -125,9 +127,17 @@ def conv3d_peak(
     w = w.contiguous(memory_format=fmt)
     gflop = 2.0 * batch * channels * channels * 27 * size**3 / 1e9
 
+    # On the CPU, oneDNN itself: PyTorch's conv3d skips it for a batch of one narrow input (its heuristic, tuned
+    # for 2D, picks the im2col kernel, ~20x slower here), which would make a sw_batch_size 1 "peak" as slow as
+    # the network and report the target met.
+    onednn = dev.type == "cpu" and torch.backends.mkldnn.is_available()
+
     def call() -> None:
         with torch.no_grad():
-            F.conv3d(x, w, None, 1, 1)
+            if onednn:
+                torch.mkldnn_convolution(x, w, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+            else:
+                F.conv3d(x, w, None, 1, 1)
 
     seconds = median_time(call, dev, repeats=repeats, warmup=1)
     return {"gflop": gflop, "seconds": seconds, "gflops": gflop / seconds, "memory_format": memory_format}
@@ -247,6 +257,7 @@ def _network_from_config(config: str, override: str | None) -> tuple[torch.nn.Mo
     parser = ConfigParser()
     parser.read_config([config] + ([override] if override else []))
     net = parser.get_parsed_content("network_def").eval()
+    keep_freed_memory_as_configured(parser)  # the host memory setting inference runs with
     keys = ("channels", "patch_size", "sw_batch_size")
     sizes = {k: parser.get_parsed_content(k) for k in keys}
     sizes["memory_format"] = (

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scripts.common.allocator import keep_freed_memory_as_configured
 from scripts.common.cli import run_command
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.weights import file_sha256
@@ -159,6 +160,8 @@ def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
     return {
         # the 0.2.0 network stage: default memory layout (channels-last weights came with issue 14)
         **({"memory_format": "contiguous"} if "memory_format" in content_keys else {}),
+        # and the C library's default host memory handling (host_memory_cache_mb came with issue 14)
+        **({"host_memory_cache_mb": 0} if "host_memory_cache_mb" in content_keys else {}),
         "keep_native": {"_target_": "CopyItemsd", "keys": "image", "names": "native_suv"},
         "resample_transform#dtype": "$numpy.float64",
         "preprocessing#transforms": "$[@load_transform, @keep_native] + ([@resample_transform] if @resample_enabled else []) + @intensity_transforms",
@@ -392,8 +395,9 @@ def worker_main(spec_path: str) -> int:
     suv_max = float(parser.get_parsed_content("suv_max"))
     network = parser.get_parsed_content("network")
     load_weights(network, spec["checkpoint"], False, spec.get("checkpoint_sha256"))
-    if variant != "baseline":  # what inference.json hands the inferer: its precision and memory format
+    if variant != "baseline":  # what inference.json hands the inferer: its precision, memory format, host memory
         network = parser.get_parsed_content("inference_network")
+        keep_freed_memory_as_configured(parser)
     device = parser.get_parsed_content("device")
     image = synthetic_suv(spec["shape"], spec["seed"])[None, None]
     image /= suv_max  # the config's ScaleIntensityRanged (0..suv_max -> 0..1, no clipping), in place

@@ -45,6 +45,7 @@ from monai.inferers import SlidingWindowInferer
 
 from scripts.benchmarks.compute_peak import conv3d_peak, gflops_line, network_flops
 from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
+from scripts.common.allocator import keep_freed_memory_as_configured
 from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
 from scripts.common.large_files import recorded_sha256
@@ -150,6 +151,7 @@ def _inference_network(config: str, checkpoint: str | None) -> tuple[torch.nn.Mo
     parser = ConfigParser()
     parser.read_config(config)
     parser["bundle_root"] = str(BUNDLE_ROOT)
+    keep_freed_memory_as_configured(parser)  # the host memory setting inference runs with
     net = parser.get_parsed_content("network_def").eval()
     ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     info = load_weights(net, ckpt, False, recorded_sha256(ckpt, BUNDLE_ROOT))

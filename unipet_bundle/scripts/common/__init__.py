@@ -9,4 +9,5 @@
 - :mod:`.versioning`: the bundle version from ``configs/metadata.json``;
 - :mod:`.weights`: network weights read in one place (SHA-256, ``weights_only``, unwrap, provenance);
 - :mod:`.large_files`: the ``large_files.yml`` record of the shipped weights' SHA-256.
+- :mod:`.allocator`: freed host memory kept for reuse (glibc ``mallopt``; the configs' ``host_memory_cache_mb``).
 """
