@@ -38,6 +38,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose
 
+from scripts.common.allocator import keep_freed_memory_as_configured
 from scripts.common.errors import UniPETInputError, user_error
 from scripts.common.versioning import bundle_version
 from scripts.common.weights import file_sha256
@@ -98,7 +99,8 @@ class BundleDenoiser:
             default here, unlike ``inference.json``) makes missing weights an error, as an application
             must never present an untouched image as denoised.
         overrides: further config values (``patch_size``, ``sw_batch_size``, ``channels``...), as
-            ``monai.bundle run --key value`` would set them.
+            ``monai.bundle run --key value`` would set them. The config's ``host_memory_cache_mb`` is applied
+            to this process as ``inference.json``'s ``initialize`` does (see :mod:`scripts.common.allocator`).
         network: an eager network that already holds its weights (e.g. from ``scripts.common.weights``), used
             instead of the config's ``network`` and weights (``model_file`` is then not read); everything
             else (precision wrapper, sliding window, pre- and postprocessing) is still the config's. The demo
@@ -185,6 +187,9 @@ class BundleDenoiser:
                 parser["checkpoint"] = str(Path(model_file).expanduser().absolute())
             self.network = parser.get_parsed_content("network")
         self.device = torch.device(parser.get_parsed_content("device"))
+        # what inference.json's initialize does: freed host memory kept for reuse (process-wide; an embedding
+        # application that wants the C library's defaults overrides host_memory_cache_mb with 0)
+        self.host_memory: dict[str, Any] = keep_freed_memory_as_configured(parser)
         self.network = self.network.to(self.device).eval()
         # the evaluator's network in inference.json: the config's precision wrapper around the network
         self.inference_network = parser.get_parsed_content("inference_network").eval()
