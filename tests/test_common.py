@@ -330,6 +330,7 @@ def test_keep_freed_memory_refuses_bad_values_without_touching_the_allocator(val
 def test_keep_freed_memory_zero_and_other_c_libraries_keep_the_defaults(monkeypatch):
     from scripts.common import allocator
 
+    monkeypatch.setattr(allocator, "_applied", {})  # a process that has set nothing yet
     monkeypatch.setattr(allocator, "_glibc", lambda: pytest.fail("0 must not ask the C library"))
     assert allocator.keep_freed_memory(0) == {
         "applied": False,

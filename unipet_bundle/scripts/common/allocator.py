@@ -56,8 +56,9 @@ def _glibc() -> Any:
 def keep_freed_memory(cache_mb: Any) -> dict[str, Any]:
     """Keep up to ``cache_mb`` MiB of freed host memory for reuse (see the module docstring); 0 = glibc's defaults.
 
-    Called by the configs' ``initialize`` with their ``host_memory_cache_mb``. Returns what was done:
-    ``{"applied": bool, "cache_mb": int, "reason": str}``.
+    Called by the configs' ``initialize`` with their ``host_memory_cache_mb``. Returns what holds afterwards:
+    ``{"applied": bool, "cache_mb": int, "reason": str}``. A later call with another size changes it; 0 after a
+    size was set cannot restore glibc's dynamic defaults and says so (``applied`` stays True).
 
     Raises:
         UniPETInputError: ``cache_mb`` is not a whole number of MiB >= 0.
@@ -70,6 +71,13 @@ def keep_freed_memory(cache_mb: Any) -> dict[str, Any]:
         )
     mb = int(cache_mb)
     if mb == 0:
+        if _applied.get("applied"):  # glibc cannot be put back to its dynamic defaults: say what still holds
+            reason = (
+                f"host_memory_cache_mb 0 asked, but this process already keeps up to {_applied['cache_mb']} MiB "
+                "(set earlier; glibc's settings last until the process ends): start a new process for the defaults"
+            )
+            logger.warning("host memory: %s", reason)
+            return {"applied": True, "cache_mb": int(_applied["cache_mb"]), "reason": reason}
         return {"applied": False, "cache_mb": 0, "reason": "host_memory_cache_mb is 0: the C library's defaults"}
     libc = _glibc()
     if libc is None:
