@@ -11,9 +11,10 @@ same numbers bit for bit; model card, "Network GFLOP/s next to the machine's con
 glibc accepts on 64-bit) from the heap and to keep up to ``cache_mb`` MiB of freed memory at the heap's
 top instead of returning it. Blocks above 32 MiB (a whole volume) are still ``mmap``-ed and go back to
 the kernel when freed. Memory a process holds may grow by up to ``cache_mb`` at each heap's top, plus what
-fragmentation keeps between live blocks (measured: +0.04 GB peak RSS on a Quadra-size study, each
-DataLoader worker process its own). The setting is process-wide and lasts until the process ends; it turns glibc's dynamic threshold off. Other C libraries (musl, macOS,
-Windows) are left alone, with one log line. CUDA memory is not concerned (PyTorch caches it itself).
+fragmentation keeps between live blocks (measured: +0.04 GB peak RSS on a Quadra-size study; each DataLoader
+worker process has its own). The setting is process-wide and lasts until the process ends; it turns glibc's
+dynamic threshold off. Other C libraries (musl, macOS, Windows) are left alone, with one log line. CUDA memory
+is not concerned (PyTorch caches it itself).
 """
 
 from __future__ import annotations
