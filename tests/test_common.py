@@ -355,3 +355,84 @@ def test_every_run_config_sets_the_host_memory_cache_first(config):
     steps = parser["initialize"]
     # right after the error hook, before anything allocates the network's tensors
     assert steps[1] == "$scripts.common.allocator.keep_freed_memory(@host_memory_cache_mb)", steps
+
+
+# ------------------------------------------------------------------------- parallel gzip (issue 14)
+
+
+def _gz(data: bytes, threads: int, block: int = 64 << 10, level: int = 1) -> bytes:
+    import io
+
+    from scripts.common.parallel_gzip import ParallelGzipWriter
+
+    buf = io.BytesIO()
+    with ParallelGzipWriter(buf, level=level, threads=threads, block_bytes=block) as w:
+        cut = len(data) // 3  # writes that straddle block edges
+        assert w.write(data[:cut]) == cut and w.write(memoryview(data)[cut:]) == len(data) - cut
+        assert w.tell() == len(data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, 64 << 10, (64 << 10) + 7, 1_000_003])
+def test_parallel_gzip_is_one_ordinary_member_with_the_same_bytes_for_any_thread_count(n):
+    import gzip
+    import zlib
+
+    rng = np.random.default_rng(n)
+    data = (rng.random(n // 4 + 1, dtype=np.float32) * (rng.random(n // 4 + 1) > 0.5)).tobytes()[:n]
+    one = _gz(data, threads=1)
+    assert gzip.decompress(one) == data
+    assert _gz(data, threads=2) == one and _gz(data, threads=3) == one  # reproducible bytes
+    d = zlib.decompressobj(31)
+    assert d.decompress(one) == data and d.eof and d.unused_data == b""  # a single member, nothing after it
+    if n > 100_000:  # each block primed with the previous one's tail: the size of one gzip stream
+        assert abs(len(one) / len(gzip.compress(data, 1, mtime=0)) - 1) < 1e-3
+    assert one[:4] == b"\x1f\x8b\x08\x00" and one[4:8] == b"\0\0\0\0"  # gzip, deflate, no name, mtime 0
+
+
+def test_parallel_gzip_seeks_forward_only_and_an_interrupted_stream_stays_incomplete():
+    import gzip
+    import io
+
+    from scripts.common.parallel_gzip import ParallelGzipWriter
+
+    buf = io.BytesIO()
+    with ParallelGzipWriter(buf, threads=2, block_bytes=64 << 10) as w:
+        w.write(b"abc")
+        assert w.seek(10) == 10 and w.seek(10) == 10  # a header's padding: zeros
+        with pytest.raises(io.UnsupportedOperation):
+            w.seek(5)
+        w.write(b"xyz")
+    assert gzip.decompress(buf.getvalue()) == b"abc" + bytes(7) + b"xyz"
+    with pytest.raises(ValueError, match="closed"):
+        w.write(b"more")
+    cut = io.BytesIO()
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with ParallelGzipWriter(cut, threads=2, block_bytes=64 << 10) as w:
+            w.write(bytes(200_000))
+            raise RuntimeError("disk gone")
+    with pytest.raises(EOFError):  # no trailer: no reader takes it for a whole file
+        gzip.decompress(cut.getvalue())
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="level"):
+            ParallelGzipWriter(io.BytesIO(), level=bad)
+
+
+def test_nifti_written_on_every_core_reads_like_nibabels_own_in_nibabel_and_itk(tmp_path):
+    import itk
+    import nibabel as nib
+
+    from scripts.data.io import nifti_image, save_nifti, write_nifti
+
+    rng = np.random.default_rng(0)
+    suv = (rng.gamma(2.0, 1.0, size=(37, 29, 23)) * (rng.random((37, 29, 23)) > 0.3)).astype(np.float32)
+    affine = np.array([[-2.0, 0, 0, 10], [0, 2.5, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    ours = save_nifti(suv, affine, tmp_path / "ours.nii.gz")
+    nib.save(nifti_image(suv, affine), str(tmp_path / "nibabel.nii.gz"))
+    a, b = nib.load(str(ours)), nib.load(str(tmp_path / "nibabel.nii.gz"))
+    assert a.header.binaryblock == b.header.binaryblock
+    assert np.array_equal(np.asarray(a.dataobj), suv) and np.array_equal(a.affine, b.affine)
+    image = itk.imread(str(ours))  # zlib's gzread, as ITK, FSL and AFNI read
+    assert np.array_equal(itk.array_view_from_image(image).transpose(2, 1, 0), suv)
+    write_nifti(nifti_image(suv, affine), tmp_path / "plain.nii")  # uncompressed: nibabel's own writer
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "plain.nii")).dataobj), suv)

@@ -10,4 +10,5 @@
 - :mod:`.weights`: network weights read in one place (SHA-256, ``weights_only``, unwrap, provenance);
 - :mod:`.large_files`: the ``large_files.yml`` record of the shipped weights' SHA-256.
 - :mod:`.allocator`: freed host memory kept for reuse (glibc ``mallopt``; the configs' ``host_memory_cache_mb``).
+- :mod:`.parallel_gzip`: a gzip writer that compresses on every core (one ordinary gzip member, pigz's way).
 """

@@ -15,12 +15,15 @@ import numpy as np
 
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write
+from scripts.common.parallel_gzip import ParallelGzipWriter
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "load_nifti",
+    "nifti_image",
     "nifti_stem",
     "save_nifti",
+    "write_nifti",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -35,6 +38,31 @@ def nifti_stem(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def nifti_image(array: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
+    """``array`` (x, y, z[, t]) with a 4x4 RAS ``affine`` (mm) as the bundle writes every volume: ``dtype`` data
+    (float32 with scl_slope 1 for SUV, so the values survive exactly), mm units, q/sform code 1."""
+    data = np.asarray(array).astype(dtype, copy=False)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    return img
+
+
+def write_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> None:
+    """Write ``img`` to ``path`` as it stands (no temporary: callers pass one of theirs). A single-file image to a
+    ``.gz`` path is compressed on every core (:class:`scripts.common.parallel_gzip.ParallelGzipWriter`: one gzip
+    member at nibabel's level 1, ~1.8x faster on two cores, the same file size); anything else goes through
+    ``nibabel.save``."""
+    if str(path).endswith(".gz") and isinstance(img, nib.filebasedimages.SerializableImage):
+        if len(img.files_types) == 1:
+            with open(path, "wb") as raw, ParallelGzipWriter(raw) as gz:
+                img.to_stream(gz)
+            return
+    nib.save(img, str(path))
+
+
 def save_nifti(
     array: np.ndarray,
     affine: np.ndarray,
@@ -42,17 +70,12 @@ def save_nifti(
     overwrite: bool = False,
     dtype: type = np.float32,
 ) -> Path:
-    """Save ``array`` (x, y, z[, t]) with a 4x4 RAS ``affine`` (mm) as NIfTI, atomically.
+    """Save ``array`` (x, y, z[, t]) with a 4x4 RAS ``affine`` (mm) as NIfTI (:func:`nifti_image`), atomically.
 
     float data are stored as float32 with scl_slope 1, so SUV values survive exactly.
     """
-    data = np.asarray(array).astype(dtype, copy=False)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
+    img = nifti_image(array, affine, dtype)
+    return atomic_write(path, lambda tmp: write_nifti(img, tmp), overwrite=overwrite)
 
 
 def load_nifti(path: str | os.PathLike, dtype: type = np.float32, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

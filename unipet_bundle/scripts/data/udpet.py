@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write, atomic_write_json
-from scripts.data.io import NIFTI_SUFFIXES, nifti_stem
+from scripts.data.io import NIFTI_SUFFIXES, nifti_stem, write_nifti
 from scripts.data.layout import check_3d, check_same_grid, format_drf, natural_key, read_grid, scan_paired_dataset
 from scripts.data.suv import (
     check_body_suv,
@@ -701,7 +701,7 @@ def _write_suv(source: Path, factor: float, dest: Path) -> None:
     header["descrip"] = b"SUVbw g/mL (UniPET UDPET import)"
     # affine=None keeps the source qform/sform (codes and values) instead of rebuilding them.
     img = type(src)(suv.astype(np.float32), None, header=header)
-    atomic_write(dest, lambda tmp: nib.save(img, str(tmp)))
+    atomic_write(dest, lambda tmp: write_nifti(img, tmp))
 
 
 def _check_dirs(input_dir: Path, output_dir: Path, overwrite: bool) -> None:

@@ -40,7 +40,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -50,6 +49,7 @@ from scripts.common.errors import UniPETInputError, shown, write_error
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import default_file_mode, json_default
 from scripts.common.options import as_bool, check_output_format
+from scripts.data.io import nifti_image, write_nifti
 from scripts.data.suv import SUV_FACTOR_UNITS
 from scripts.inference.claims import (
     OutputClaim,
@@ -119,12 +119,7 @@ def _file_sha256(path: Path) -> str:
 def _write_nifti(suv: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """float32 SUV with scl_slope 1 and q/sform code 1, as :func:`scripts.data.io.save_nifti` writes it, but
     straight to ``path`` (a temporary of ours already; a second temporary inside it would not carry our PID)."""
-    img = nib.Nifti1Image(np.asarray(suv, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(np.float32)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, str(path))
+    write_nifti(nifti_image(suv, affine, np.float32), path)
     os.chmod(path, default_file_mode())
 
 
