@@ -413,6 +413,18 @@ def test_parallel_gzip_seeks_forward_only_and_an_interrupted_stream_stays_incomp
             raise RuntimeError("disk gone")
     with pytest.raises(EOFError):  # no trailer: no reader takes it for a whole file
         gzip.decompress(cut.getvalue())
+    dropped = io.BytesIO()
+    w = ParallelGzipWriter(dropped, threads=2, block_bytes=64 << 10)
+    w.write(bytes(100_000))
+    del w  # garbage-collected without close(): abandoned as well, not finished
+    with pytest.raises(EOFError):
+        gzip.decompress(dropped.getvalue())
+    big = bytes(range(256)) * 4000  # one write of many blocks after a partial one
+    whole = io.BytesIO()
+    with ParallelGzipWriter(whole, threads=2, block_bytes=64 << 10) as w:
+        w.write(b"x" * 1000)
+        w.write(big)
+    assert gzip.decompress(whole.getvalue()) == b"x" * 1000 + big
     for bad in (0, 10):
         with pytest.raises(ValueError, match="level"):
             ParallelGzipWriter(io.BytesIO(), level=bad)

@@ -92,10 +92,17 @@ class ParallelGzipWriter(io.RawIOBase):
         n = len(view)
         self._crc = zlib.crc32(view, self._crc)
         self._size += n
-        self._buffer += view
-        while len(self._buffer) >= self._block:
-            self._submit(bytes(self._buffer[: self._block]))
-            del self._buffer[: self._block]
+        pos = 0
+        if self._buffer:  # top up the partial block first
+            pos = min(self._block - len(self._buffer), n)
+            self._buffer += view[:pos]
+            if len(self._buffer) == self._block:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+        while n - pos >= self._block:  # whole blocks straight from the caller's data (one copy each)
+            self._submit(bytes(view[pos : pos + self._block]))
+            pos += self._block
+        self._buffer += view[pos:]
         return n
 
     def _submit(self, block: bytes) -> None:
@@ -104,14 +111,24 @@ class ParallelGzipWriter(io.RawIOBase):
         while len(self._pending) > 2 * self._threads:
             self._out.write(self._pending.popleft().result())
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # an unfinished stream: no trailer that would make it look complete
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pending.clear()
-            self._buffer.clear()
+    def _abandon(self) -> None:
+        """Close without the final block and trailer: an unfinished stream must not look complete to a reader."""
+        if not self.closed:
+            pool = getattr(self, "_pool", None)  # None: __init__ refused its arguments
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                self._pending.clear()
+                self._buffer.clear()
             super().close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abandon()
             return
         self.close()
+
+    def __del__(self) -> None:  # garbage-collected without close(): abandoned, not finished (IOBase would close)
+        self._abandon()
 
     def close(self) -> None:
         if self.closed:
