@@ -60,9 +60,9 @@ def loso_ridge(
 ) -> dict[str, Any]:
     """Leave-one-group-out ridge regression of ``target`` (N,) on ``features`` (N, F), standardised on each fold's
     training part; ``lam`` scales the penalty per training sample. Returns ``r2`` (1 - SSE / SST over the held-out
-    predictions; None when the target holds one value) and ``median_rel_error`` (median |exp(pred - target) - 1|: the relative error of the predicted
-    value for a log target), and with ``predictions`` the held-out predictions ``pred`` (N,). Needs at least two
-    groups."""
+    predictions; None when the target holds one value) and ``median_rel_error`` (median |exp(pred - target) - 1|:
+    the relative error of the predicted value for a log target), and with ``predictions`` the held-out predictions
+    ``pred`` (N,). Needs at least two groups."""
     features = np.asarray(features, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     groups = np.asarray(groups)
@@ -104,8 +104,8 @@ def study_level(
     ``noise`` (SUV) by its median (``true_noise``: an oracle). Returns the leave-one-subject-out ridge of log DRF
     on each (``probe``), the study noise's min / median / max over subjects per DRF, the median within-subject slope
     of log noise on log DRF, and ``drf_span_of_one_label``: ``exp(median over DRFs of (q90 - q10 of log study
-    noise) / slope)``, how many DRFs apart (as a factor) subjects given the same DRF look, read on that slope. The slope and span need two
-    DRFs per subject; with one they are None."""
+    noise) / slope)``, how many DRFs apart (as a factor) subjects given the same DRF look, read on that slope. The
+    slope and span need two DRFs per subject; with one they are None."""
     studies = sorted(set(zip(groups.tolist(), drf.tolist())))
     members = [(groups == g) & (drf == d) for g, d in studies]
     s_groups = np.array([g for g, _ in studies])

@@ -188,11 +188,11 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
     "noise_styles_fast": (NOISE_CONDITIONED_NETWORK, [*DOSE_BALANCED_S2, "--san_learning_rate", "8e-4"]),
 }
 
-# 0.5.6 trial, DRF given: UniPET whose output keeps 1/DRF of its input (scripts.networks.drf_conditioned.ThinningBlendUniPET:
-# the share of the full dose's counts a thinned low dose holds), so the network under it has one target at every
-# DRF, the noise-free full dose. Same parameters as UniPET, so unlike the CONDITIONED_BRANCHES it resumes the snapshot's
-# training state like every branch in BRANCHES: the shipped recipe (dose_balanced_s2) with only train.json's network
-# class changed (its arguments stay the config's own).
+# 0.5.6 trial, DRF given: UniPET whose output keeps 1/DRF of its input
+# (scripts.networks.drf_conditioned.ThinningBlendUniPET: the share of the full dose's counts a thinned low dose holds),
+# so the network under it has one target at every DRF, the noise-free full dose. Same parameters as UniPET, so unlike
+# the CONDITIONED_BRANCHES it resumes the snapshot's training state like every branch in BRANCHES: the shipped recipe
+# (dose_balanced_s2) with only train.json's network class changed (its arguments stay the config's own).
 THINNING_BLEND_TARGET = "scripts.networks.drf_conditioned.ThinningBlendUniPET"
 BRANCHES["thinning_blend"] = [*DOSE_BALANCED_S2, "--network_def#_target_", THINNING_BLEND_TARGET]
 

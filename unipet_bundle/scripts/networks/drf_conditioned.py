@@ -311,8 +311,9 @@ class ThinningBlendUniPET(UniPET):
 
 
 class FixedDRF(nn.Module):
-    """A network that takes the DRF (:class:`DRFConditionedUniPET`, :class:`ThinningBlendUniPET`) run at one known DRF, so it takes ``forward(x)`` like every other network
-    (the inference path, the quality benchmark's per-DRF models). Shapes as the wrapped network's."""
+    """A network that takes the DRF (:class:`DRFConditionedUniPET`, :class:`ThinningBlendUniPET`) run at one known
+    DRF, so it takes ``forward(x)`` like every other network (the inference path, the quality benchmark's per-DRF
+    models). Shapes as the wrapped network's."""
 
     def __init__(self, network: nn.Module, drf: float) -> None:
         super().__init__()
