@@ -388,6 +388,17 @@ def test_replicate_pad_equals_f_pad_and_keeps_the_memory_format(memory_format, d
     assert torch.equal(scripted(x.detach(), 1), F.pad(x.detach(), [1] * 6, mode="replicate"))
 
 
+def _box_mean(x):
+    """The reference 3x3x3 local mean: ``avg_pool3d`` of the replicate-padded input."""
+    return F.avg_pool3d(F.pad(x, [1] * 6, mode="replicate"), 3, 1)
+
+
+def _assert_values_and_gradients(ours, ref, x, gen, atol):
+    torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+    g = torch.randn(ours.shape, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
     """The SAN's high-pass no longer calls ``avg_pool3d`` (issue 14: no fast 3D CPU kernel); its local mean has
@@ -398,13 +409,7 @@ def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
     gen = torch.Generator().manual_seed(0)
     for shape in [(2, 3, 5, 6, 7), (1, 2, 1, 4, 3)]:
         x = torch.randn(*shape, generator=gen).contiguous(memory_format=memory_format).requires_grad_(True)
-        ours = local_mean3(x)
-        ref = F.avg_pool3d(F.pad(x, [1] * 6, mode="replicate"), 3, 1)
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
-        g = torch.randn(ours.shape, generator=gen)
-        torch.testing.assert_close(
-            torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=1e-6
-        )
+        _assert_values_and_gradients(local_mean3(x), _box_mean(x), x, gen, atol=1e-6)
         xb = x.detach().to(torch.bfloat16)
         mean_b = local_mean3(xb)
         assert mean_b.dtype == torch.float32
@@ -412,6 +417,52 @@ def test_san_local_mean_is_the_replicate_padded_box_mean(memory_format):
     for dtype in (torch.float32, torch.bfloat16):
         flat = local_mean3(torch.full((1, 2, 4, 4, 4), 0.1, dtype=dtype))
         assert torch.all(flat == flat.flatten()[0]) and abs(float(flat.flatten()[0]) - 0.1) < 1e-3
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_san_high_pass_is_the_input_minus_its_local_mean(memory_format):
+    """The SAN's high-pass runs as one depthwise convolution (issue 14) and stays ``x - local_mean3(x)``: values
+    and gradients, 1-voxel extents, float32 for bf16 features; a flat window's high-pass is zero."""
+    from scripts.networks.unipet import high_pass3, local_mean3
+
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(2, 3, 5, 6, 7), (1, 2, 1, 4, 3)]:
+        x = (torch.randn(*shape, generator=gen) + 3.0).contiguous(memory_format=memory_format).requires_grad_(True)
+        _assert_values_and_gradients(high_pass3(x), x - _box_mean(x), x, gen, atol=2e-6)
+        xb = x.detach().to(torch.bfloat16)
+        hb = high_pass3(xb)
+        assert hb.dtype == torch.float32
+        torch.testing.assert_close(hb, xb.float() - local_mean3(xb), rtol=0, atol=0)
+    flat = high_pass3(torch.full((1, 2, 4, 4, 4), 2.5))
+    assert float(flat.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("padding_mode", ["replicate", "zeros", "reflect"])
+def test_san_stage_strided_conv_pads_as_torch_does(padding_mode):
+    """The SAN stage's stride-2 convolution pads replicate inputs itself (``replicate_pad``: nn.Conv3d's F.pad is
+    slow on channels-last): the stage gives nn.Conv3d's own values bit for bit, odd sizes too, and gradients."""
+    from scripts.networks.unipet import SANStage
+
+    torch.manual_seed(0)
+    stage = SANStage(4, 8, 6, reduction=4, variant="v3", padding_mode=padding_mode)
+    for shape in [(2, 4, 8, 8, 8), (1, 4, 5, 7, 3)]:
+        x = torch.randn(*shape).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+        feat, latent = stage(x)
+        h = stage.attention(stage.act1(stage.reduce(x)))
+        ref = stage.act3(stage.expand(stage.act2(stage.down(h))))
+        assert torch.equal(feat, ref)
+        assert feat.shape[2:] == tuple((s + 1) // 2 for s in shape[2:])
+        (gx,) = torch.autograd.grad(feat.sum(), x)
+        (gr,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(gx, gr)
+        with torch.no_grad():  # inference writes the gate's product straight into the padded input
+            feat_ng, latent_ng = stage(x)
+        assert torch.equal(feat_ng, feat) and torch.equal(latent_ng, latent)
+        # the pooled statistics (two-pass mean and variance) are torch.var_mean's
+        var, mean = torch.var_mean(ref.detach().flatten(2), dim=2, correction=0)
+        pooled = torch.cat([mean, torch.log(torch.sqrt(var + 1e-12) + 1e-6)], dim=1)
+        torch.testing.assert_close(latent, stage.latent_act(stage.to_latent(pooled)), rtol=1e-5, atol=1e-6)
+        assert latent.shape == (shape[0], 6)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])

@@ -26,7 +26,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .unipet import UniPET, local_mean3
+from .unipet import UniPET, high_pass3
 
 __all__ = [
     "StyleMLP",
@@ -104,7 +104,7 @@ def window_noise_features(x: torch.Tensor) -> torch.Tensor:
     Shapes: ``(B, 1, D, H, W)`` normalised SUV ``-> (B, 2)`` float32.
     """
     x = x.float()
-    high_pass = (x - local_mean3(x)).flatten(1)
+    high_pass = high_pass3(x).flatten(1)
     std = high_pass.std(dim=1, correction=0)
     mean = x.flatten(1).mean(dim=1)
     return torch.stack([torch.log(std.clamp_min(1e-4)), torch.log(mean.clamp_min(1e-4))], dim=1)
