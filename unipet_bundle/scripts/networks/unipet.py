@@ -73,8 +73,10 @@ def high_pass3(x: torch.Tensor) -> torch.Tensor:
     """``x - local_mean3(x)``: each channel minus its 3x3x3 local mean, faces edge-replicated (the SAN's input).
 
     float32 input: one depthwise convolution of the replicate-padded input with the kernel ``delta - 1/27``, the
-    same function up to float rounding (tested to 1e-6) in one pass instead of three (the box mean, its division
-    and the difference: 1.3x faster in the network, issue 14). Other dtypes (bf16 features under autocast):
+    same function up to float rounding (tested to 2e-6) in one pass instead of three (the box mean, its division
+    and the difference: 6.5 instead of 10.1 ms for eight 32^3 windows of 16 channels, issue 14). Under autocast a
+    float32 input is convolved in the autocast dtype, as :func:`local_mean3`'s box convolution was; the SAN's bf16
+    features take the float32 path below. Other dtypes (bf16 features under autocast):
     ``x.float() - local_mean3(x)``, float32, as :func:`local_mean3` keeps that statistic.
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
