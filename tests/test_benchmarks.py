@@ -207,3 +207,7 @@ def test_training_benchmark_cli(tmp_path: Path):
     assert _finite_positive(res["ratio_stage2_over_stage1"])
     assert _finite_positive(res["ratio_unipet_over_vanilla_inference"])
     assert set(res["targets_met"]) == {"stage2_over_stage1", "san_inference_overhead"}
+    # it times what train.json trains: its network (padding, SAN variant), precision and losses
+    assert res["network"]["padding_mode"] == "replicate" and res["network"]["san_variant"] == "v3"
+    assert res["precision"] in ("bf16", "fp32") and "(the config's precision and losses)" in proc.stdout
+    assert res["settings"]["align_weight"] == 0.0 and res["settings"]["regional_weight"] > 0

@@ -259,6 +259,23 @@ def test_regional_loss_sees_level_shifts_and_lesion_peaks_that_voxel_l1_barely_s
     assert l1(flat_lesion, full) / l1(smooth, full) < 1.05
 
 
+def test_regional_box_max_of_the_full_dose_is_max_pool3d_bit_for_bit():
+    """The target's local maxima (no gradient) come from a sliding view, the prediction's from max_pool3d (its
+    backward): the same values, windows clipped at the faces, odd sizes, every axis."""
+    import torch.nn.functional as F
+
+    from scripts.losses.regional import _box
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 7, 12, 5, generator=gen)
+    for kernel in [(5, 5, 5), (7, 9, 5), (1, 3, 1)]:
+        pad = tuple(k // 2 for k in kernel)
+        ref = F.max_pool3d(x, kernel, 1, pad)
+        assert torch.equal(_box(x, kernel, "max"), ref)
+        xg = x.clone().requires_grad_(True)
+        assert torch.equal(_box(xg, kernel, "max"), ref)
+
+
 def test_regional_loss_gradient_shapes_and_errors():
     loss = RegionalSUVLoss((3, 17))
     pred = torch.rand(2, 1, 8, 10, 12, requires_grad=True)  # smaller than the 17 window: clipped per axis

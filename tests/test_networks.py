@@ -379,11 +379,18 @@ def test_replicate_pad_equals_f_pad_and_keeps_the_memory_format(memory_format, d
 
     for p in (1, 2):
         x = torch.randn(2, 3, 5, 6, 7).to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
-        ours, ref = replicate_pad(x, p), F.pad(x, [p] * 6, mode="replicate")
-        assert torch.equal(ours, ref) and ours.is_contiguous(memory_format=memory_format)
-        if dtype == torch.float32:  # gradients: the same sums, possibly in another order
+        ref = F.pad(x, [p] * 6, mode="replicate")
+        with torch.no_grad():  # inference: our own copy (interior, then the faces)
+            ours = replicate_pad(x, p)
+            assert torch.equal(ours, ref) and ours.is_contiguous(memory_format=memory_format)
+            assert torch.equal(replicate_pad(x.detach(), p), ref)
+        # training: torch's own padding, whose backward is one pass (ours cloned the gradient once per slice write)
+        ours = replicate_pad(x, p)
+        assert torch.equal(ours, ref) and ours.grad_fn is not None and "Replication" in ours.grad_fn.name()
+        assert torch.equal(replicate_pad(x.detach(), p), ref)  # a tensor that needs no gradient: our copy
+        if dtype == torch.float32:
             g = torch.randn_like(ours)
-            torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+            assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
     scripted = torch.jit.script(replicate_pad)
     assert torch.equal(scripted(x.detach(), 1), F.pad(x.detach(), [1] * 6, mode="replicate"))
 

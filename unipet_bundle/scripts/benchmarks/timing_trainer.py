@@ -15,8 +15,20 @@ from scripts.networks.critic import PatchCritic
 
 __all__ = ["TRAINER_SETTINGS", "synthetic_batch", "timing_trainer", "training_step"]
 
-TRAINER_SETTINGS = ("critic_channels", "patch_size", "batch_size", "num_samples", "suv_max", "rals_threshold_suv2")
-"""The training-config keys :func:`synthetic_batch` and :func:`timing_trainer` read."""
+TRAINER_SETTINGS = (
+    "critic_channels",
+    "patch_size",
+    "batch_size",
+    "num_samples",
+    "suv_max",
+    "rals_threshold_suv2",
+    "align_weight",
+    "adv_weight",
+    "regional_loss",
+    "regional_weight",
+)
+"""The training-config keys :func:`synthetic_batch` and :func:`timing_trainer` read (the losses a step computes
+are the config's: e.g. ``train.json`` has no L_align but a regional SUV loss)."""
 
 
 def synthetic_batch(
@@ -45,7 +57,8 @@ def timing_trainer(
     precision: str = "fp32",
 ) -> UniPETTrainer:
     """A :class:`UniPETTrainer` of one iteration per stage on ``batch``, with a fresh critic of the config's
-    ``critic_channels`` and the RALS mask at its threshold; ``precision`` as ``train.json``'s."""
+    ``critic_channels``, the RALS mask at its threshold and the config's loss weights and regional loss (the
+    :data:`TRAINER_SETTINGS` in ``settings``); ``precision`` as ``train.json``'s."""
     critic = PatchCritic(channels=tuple(settings["critic_channels"])).to(device)
     thr = normalised_threshold(settings["rals_threshold_suv2"], settings["suv_max"])
     return UniPETTrainer(
@@ -62,6 +75,10 @@ def timing_trainer(
         critic_loss=RALSCriticLoss(),
         adv_loss=RALSGeneratorLoss(),
         mask_fn=lambda x: stylized_mask(x, threshold=thr),
+        align_weight=float(settings["align_weight"]),
+        adv_weight=float(settings["adv_weight"]),
+        regional_loss=settings["regional_loss"],
+        regional_weight=float(settings["regional_weight"]),
         critic_pretrain_iterations=0,
         precision=precision,
     )

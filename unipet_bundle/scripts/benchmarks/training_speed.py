@@ -23,41 +23,21 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.benchmarks.timing_trainer import synthetic_batch, timing_trainer, training_step
+from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
 from scripts.common.cli import run_command
 from scripts.common.io import atomic_write_json
-from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.networks.unipet import UniPET
 
 logger = logging.getLogger("unipet.benchmark")
 
 
-def _sizes(config: str, override: str | None) -> dict[str, Any]:
+def _settings(config: str, override: str | None) -> tuple[UniPET, dict[str, Any]]:
+    """The config's generator (``network_def``: its padding, SAN variant and sizes) and the trainer settings."""
     parser = ConfigParser()
     parser.read_config([config] + ([override] if override else []))
-    keys = (
-        "channels",
-        "num_blocks",
-        "latent_dim",
-        "san_channels",
-        "critic_channels",
-        "patch_size",
-        "batch_size",
-        "num_samples",
-        "suv_max",
-        "rals_threshold_suv2",
-    )
-    return {k: parser.get_parsed_content(k) for k in keys}
-
-
-def _make_trainer(s: dict[str, Any], device: torch.device, batch: dict[str, torch.Tensor]) -> UniPETTrainer:
-    gen = UniPET(
-        channels=s["channels"],
-        num_blocks=s["num_blocks"],
-        latent_dim=s["latent_dim"],
-        san_channels=tuple(s["san_channels"]),
-    ).to(device)
-    return timing_trainer(gen, s, device, batch)
+    gen = parser.get_parsed_content("network_def", lazy=False)
+    s = {k: parser.get_parsed_content(k) for k in (*TRAINER_SETTINGS, "precision")}
+    return gen, s
 
 
 def _sync(device: torch.device) -> None:
@@ -98,36 +78,17 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    s = _sizes(config, override)
+    gen, s = _settings(config, override)
     patch = list(s["patch_size"])
     batch = synthetic_batch(s, dev)
     n_patches = len(batch["image"])
-    trainer = _make_trainer(s, dev, batch)
+    trainer = timing_trainer(gen.to(dev), s, dev, batch, s["precision"])
 
     win = int(window or patch[0])
     x = torch.rand(1, 1, win, win, win, device=dev) * 0.3
-    vanilla = (
-        UniPET(
-            channels=s["channels"],
-            num_blocks=s["num_blocks"],
-            latent_dim=s["latent_dim"],
-            san_channels=tuple(s["san_channels"]),
-            use_san=False,
-        )
-        .to(dev)
-        .eval()
-    )
-    unipet = (
-        UniPET(
-            channels=s["channels"],
-            num_blocks=s["num_blocks"],
-            latent_dim=s["latent_dim"],
-            san_channels=tuple(s["san_channels"]),
-            use_san=True,
-        )
-        .to(dev)
-        .eval()
-    )
+    # the same network with and without its SAN (the config's sizes, padding and SAN variant), as inference runs it
+    vanilla = UniPET(**{**gen.init_kwargs, "use_san": False}).to(dev).eval()
+    unipet = UniPET(**{**gen.init_kwargs, "use_san": True}).to(dev).eval()
 
     def infer(net):
         def go():
@@ -156,7 +117,9 @@ def run(
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "sizes": s,
+        "settings": {k: v for k, v in s.items() if k != "regional_loss"},
+        "network": gen.init_kwargs,
+        "precision": trainer.precision,
         "patches_per_iteration": n_patches,
         "window": win,
         "repeats": repeats,
@@ -180,7 +143,8 @@ def run(
     ]
     print(
         f"\nUniPET training/inference benchmark on {dev} ({torch.get_num_threads()} threads), "
-        f"{n_patches} patches of {patch}, medians of {repeats} interleaved repeats"
+        f"{n_patches} patches of {patch}, {trainer.precision} (the config's precision and losses), medians of {repeats} "
+        "interleaved repeats"
     )
     print(f"{'variant':34s} {'median s':>10s}  throughput")
     for name, t, extra in rows:

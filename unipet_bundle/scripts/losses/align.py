@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scripts.networks.unipet import spatial_mean_var
+
 __all__ = ["instance_stats", "StyleAlignmentLoss"]
 
 
@@ -29,11 +31,8 @@ def instance_stats(feat: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor,
     """
     if feat.dim() < 3:
         raise ValueError(f"instance_stats expects (B, C, *spatial), got shape {list(feat.shape)}")
-    flat = feat.flatten(2)
-    # float32 at least: E[x^2]-style reductions in half precision lose the small stds we care about.
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    var, mean = torch.var_mean(flat, dim=2, correction=0)
+    # float32 (reductions in half precision lose the small stds we care about), two passes (spatial_mean_var)
+    mean, var = spatial_mean_var(feat)
     return mean, torch.sqrt(var + eps)
 
 

@@ -45,8 +45,14 @@ def _box(x: torch.Tensor, kernel: tuple[int, int, int], mode: str) -> torch.Tens
         pad[axis] = k // 2
         if mode == "mean":
             x = F.avg_pool3d(x, tuple(size), 1, tuple(pad), count_include_pad=False)
-        else:
+        elif x.requires_grad:
             x = F.max_pool3d(x, tuple(size), 1, tuple(pad))
+        else:
+            # the full dose (no gradient): the maximum over a sliding view, the same values ~10-30x faster than
+            # max_pool3d's CPU kernel (which also builds the indices a backward pass would need)
+            widths = [0, 0, 0, 0, 0, 0]  # F.pad lists the last axis first
+            widths[2 * (2 - axis)] = widths[2 * (2 - axis) + 1] = k // 2
+            x = F.pad(x, widths, value=float("-inf")).unfold(2 + axis, k, 1).amax(dim=-1)
     return x
 
 
