@@ -211,3 +211,9 @@ def test_training_benchmark_cli(tmp_path: Path):
     assert res["network"]["padding_mode"] == "replicate" and res["network"]["san_variant"] == "v3"
     assert res["precision"] in ("bf16", "fp32") and "(the config's precision and losses)" in proc.stdout
     assert res["settings"]["align_weight"] == 0.0 and res["settings"]["regional_weight"] > 0
+    # a conditioned research network cannot be rebuilt without its SAN: one error line, nothing written
+    bad = tmp_path / "film.json"
+    bad.write_text(json.dumps({"network_def#_target_": "scripts.networks.drf_conditioned.DRFConditionedUniPET"}))
+    out2 = tmp_path / "film_bench.json"
+    proc = _cli("scripts.benchmarks.training_speed", ["--override", str(bad), "--output", str(out2)])
+    assert proc.returncode == 2 and "DRFConditionedUniPET" in proc.stderr and not out2.exists()

@@ -442,6 +442,11 @@ def test_san_high_pass_is_the_input_minus_its_local_mean(memory_format):
         torch.testing.assert_close(hb, xb.float() - local_mean3(xb), rtol=0, atol=0)
     flat = high_pass3(torch.full((1, 2, 4, 4, 4), 2.5))
     assert float(flat.abs().max()) < 1e-6
+    # float32 under autocast (a window statistic of the input): not convolved in bf16, the same as before
+    x = torch.rand(2, 1, 6, 6, 6, generator=gen) + 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = high_pass3(x)
+        assert ours.dtype == torch.float32 and torch.equal(ours, x - local_mean3(x))
 
 
 @pytest.mark.parametrize("padding_mode", ["replicate", "zeros", "reflect"])

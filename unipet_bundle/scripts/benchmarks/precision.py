@@ -389,7 +389,8 @@ def run(
         f"{a['body_total_change_pct']:+.4f} %"
     )
     for p in PRECISIONS:
-        print(gflops_line(f"network windows ({p})", achieved[p], peak[p], ran_as[p]))
+        # medians of separate timings: a context line; compute_peak's interleaved rounds judge the target
+        print(gflops_line(f"network windows ({p})", achieved[p], peak[p], ran_as[p], verdict="judged by compute_peak"))
     print(f"recommended training default: {result['recommended_default']} ({result['reason']})")
     print(f"recommended inference default: {result['recommended_inference_default']} ({result['inference_reason']})")
     atomic_write_json(Path(output), result)

@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 
 from scripts.benchmarks.timing_trainer import TRAINER_SETTINGS, synthetic_batch, timing_trainer, training_step
 from scripts.common.cli import run_command
+from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write_json
 from scripts.networks.unipet import UniPET
 
@@ -36,6 +37,13 @@ def _settings(config: str, override: str | None) -> tuple[UniPET, dict[str, Any]
     parser = ConfigParser()
     parser.read_config([config] + ([override] if override else []))
     gen = parser.get_parsed_content("network_def", lazy=False)
+    if type(gen) is not UniPET:
+        # the inference rows compare this network with and without its SAN; the conditioned research variants
+        # take their styles from elsewhere (and some need the DRF), so they cannot be rebuilt that way
+        raise UniPETInputError(
+            f"training_speed times the UniPET of network_def (scripts.networks.unipet.UniPET), not "
+            f"{type(gen).__module__}.{type(gen).__name__}: drop the network_def override"
+        )
     s = {k: parser.get_parsed_content(k) for k in (*TRAINER_SETTINGS, "precision")}
     return gen, s
 

@@ -70,19 +70,24 @@ def local_mean3(x: torch.Tensor) -> torch.Tensor:
     return p.div_(27.0)
 
 
+@torch.jit.unused
+def _autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (eager mode only: TorchScript cannot ask)."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def high_pass3(x: torch.Tensor) -> torch.Tensor:
     """``x - local_mean3(x)``: each channel minus its 3x3x3 local mean, faces edge-replicated (the SAN's input).
 
     float32 input: one depthwise convolution of the replicate-padded input with the kernel ``delta - 1/27``, the
     same function up to float rounding (tested to 2e-6) in one pass instead of three (the box mean, its division
-    and the difference: 6.5 instead of 10.1 ms for eight 32^3 windows of 16 channels, issue 14). Under autocast a
-    float32 input is convolved in the autocast dtype, as :func:`local_mean3`'s box convolution was; the SAN's bf16
-    features take the float32 path below. Other dtypes (bf16 features under autocast):
-    ``x.float() - local_mean3(x)``, float32, as :func:`local_mean3` keeps that statistic.
+    and the difference: 6.5 instead of 10.1 ms for eight 32^3 windows of 16 channels, issue 14). Other dtypes
+    (bf16 features under autocast), and float32 while autocast is on in eager mode (the convolution would round
+    the input itself to bf16, not only its mean): ``x.float() - local_mean3(x)``, float32.
 
     Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``.
     """
-    if x.dtype != torch.float32:
+    if x.dtype != torch.float32 or (not torch.jit.is_scripting() and _autocast_on(x)):
         return x.float() - local_mean3(x)
     c = x.shape[1]
     kernel = torch.full((c, 1, 3, 3, 3), -1.0 / 27.0, dtype=x.dtype, device=x.device)
@@ -91,7 +96,7 @@ def high_pass3(x: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_mean_var(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and (biased) variance over the spatial axes, in float32, in two passes.
+    """Per-sample, per-channel mean and (biased) variance over the spatial axes, in two passes, at least float32.
 
     Two vectorised passes (the mean, then the mean squared deviation) instead of ``torch.var_mean``, whose CPU
     kernel (Welford, one voxel after another) took ~10x longer on the SAN's and L_align's feature maps (issue 14);
@@ -99,7 +104,9 @@ def spatial_mean_var(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     Shapes: ``(B, C, *spatial) -> ((B, C), (B, C))``.
     """
-    flat = x.float().flatten(2)
+    flat = x.flatten(2)
+    if flat.dtype == torch.float16 or flat.dtype == torch.bfloat16:
+        flat = flat.float()
     mean = flat.mean(dim=2)
     var = (flat - mean.unsqueeze(2)).square().mean(dim=2)
     return mean, var
