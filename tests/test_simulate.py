@@ -246,7 +246,11 @@ def test_cli_writes_the_layout_and_refuses_to_overwrite(bundle_root, tmp_path):
     assert (subj / "drf_4.nii.gz").read_bytes() == before
 
     # same seed + --overwrite: the folder is replaced, with bit-identical content
+    first = {n: np.asarray(nib.load(str(subj / f"{n}.nii.gz")).dataobj) for n in ("full_dose", "drf_4", "drf_20")}
     sim.main(["--output_dir", str(out_dir), "--n_subjects", "1", "--seed", "5", "--overwrite", *SMALL])
+    for name, a in first.items():
+        b = np.asarray(nib.load(str(subj / f"{name}.nii.gz")).dataobj)
+        assert np.array_equal(a, b), f"{name}: max |diff| {np.abs(a.astype(np.float64) - b).max():.3g}"
     assert (subj / "drf_4.nii.gz").read_bytes() == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["phantom_000", "phantom_001"]
 
