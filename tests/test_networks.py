@@ -490,6 +490,29 @@ def test_padded_product_is_the_padded_product_bit_for_bit(memory_format, dtype):
     assert torch.equal(torch.jit.script(replicate_pad_product)(x, s, 1), replicate_pad(x * s, 1))
 
 
+def test_inference_block_writes_its_sum_into_its_own_conv_output():
+    """Without gradients a block adds the residual into its own second conv's output (``addcmul(..., out=c)``, issue
+    14): its input and the features a caller keeps are never overwritten, and the features equal the plain path's."""
+    torch.manual_seed(0)
+    net = UniPET(padding_mode="replicate", **SMALL).eval()
+    with torch.no_grad():
+        for block in net.blocks:
+            block.style_affine.weight.normal_(0, 0.3)
+            block.style_affine.bias.normal_(0, 0.1)
+    x = torch.rand(2, 1, 16, 16, 16) * 0.3
+    with torch.no_grad():
+        feat = net.input_conv(x)
+        kept = feat.clone()
+        out = net.blocks[0](feat, net.san_latents(x)[0])
+        assert torch.equal(feat, kept) and out.data_ptr() != feat.data_ptr()
+        fast, features = net.forward_with_features(x)
+    plain, plain_features = net.forward_with_features(x)  # gradients on: the plain path
+    assert len({f.data_ptr() for f in features}) == len(features)
+    for ours, ref in zip(features, plain_features):
+        torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("padding_mode", ["replicate", "zeros", "reflect"])
 def test_inference_path_computes_the_training_function(padding_mode):
     """Without gradients the blocks write each product into the next conv's padded input and the 16 -> 1 output
