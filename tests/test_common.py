@@ -355,6 +355,54 @@ def test_every_run_config_sets_the_host_memory_cache_first(config):
     steps = parser["initialize"]
     # right after the error hook, before anything allocates the network's tensors
     assert steps[1] == "$scripts.common.allocator.keep_freed_memory(@host_memory_cache_mb)", steps
+    # then oneMKL's VML dispatch, before any transform or network computes (PyTorch issue 188792)
+    assert steps[2] == "$scripts.common.vml_dispatch.resolve_vml_dispatch()", steps
+
+
+# ------------------------------------------------------------------------- oneMKL VML dispatch (reproducibility)
+
+_TWICE = """
+import hashlib
+import numpy as np
+from scripts.data.simulate import simulate_pet
+from scripts.common import vml_dispatch
+act = np.zeros((32, 32, 12), np.float32)
+act[6:26, 8:24, 1:11] = 1.0
+act[14:18, 14:18, 5:7] = 6.0
+runs = [simulate_pet(act, (12.0, 12.0, 32.0), drfs=[4], seed=5, n_angles=32, n_subsets=8) for _ in range(2)]
+first, again = (hashlib.md5(np.ascontiguousarray(r["drf"][4]).tobytes()).hexdigest() for r in runs)
+print(vml_dispatch.resolve_vml_dispatch(), first == again, first)
+"""
+
+
+def test_resolve_vml_dispatch_calls_each_op_once_per_process():
+    from conftest import run_python
+
+    code = "from scripts.common import vml_dispatch as v; print(v.resolve_vml_dispatch(), v.resolve_vml_dispatch())"
+    out = run_python("-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+    from scripts.common.vml_dispatch import VML_OPS
+
+    assert all(callable(getattr(torch, name, None)) for name in VML_OPS)
+
+
+def test_a_fresh_process_simulates_the_same_seed_the_same_way_from_its_first_call():
+    """oneMKL resolves a VML function's kernel on its first call; when that call runs on several threads at once one
+    thread may use a low-accuracy kernel for its chunk (PyTorch issue 188792). The simulator's attenuation factors are
+    its first large torch.exp: without the fix, the first simulation of a fresh process differed from its second in 4
+    of 24 processes (other Poisson counts in every voxel; a fresh-clone CI run failed on it once). Importing the
+    simulator resolves the dispatch first: sixteen fresh processes, each simulating one seed twice, all the same."""
+    from conftest import run_python
+
+    results = []
+    for _ in range(16):  # one after another: two processes at once on two cores made the race rarer, not likelier
+        proc = run_python("-c", _TWICE, OMP_NUM_THREADS="2")
+        assert proc.returncode == 0, proc.stderr
+        results.append(proc.stdout.split()[-3:])
+    # False: importing the simulator had resolved the dispatch already; True: the first run matched the second
+    assert all(r[:2] == ["False", "True"] for r in results), results
+    assert len({r[2] for r in results}) == 1, results
 
 
 # ------------------------------------------------------------------------- parallel gzip (issue 14)

@@ -11,4 +11,6 @@
 - :mod:`.large_files`: the ``large_files.yml`` record of the shipped weights' SHA-256.
 - :mod:`.allocator`: freed host memory kept for reuse (glibc ``mallopt``; the configs' ``host_memory_cache_mb``).
 - :mod:`.parallel_gzip`: a gzip writer that compresses on every core (one ordinary gzip member, pigz's way).
+- :mod:`.vml_dispatch`: oneMKL's VML kernels resolved once per process before any multi-threaded first call
+  (reproducible float unary ops: PyTorch issue 188792).
 """

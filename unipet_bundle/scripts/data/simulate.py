@@ -54,12 +54,16 @@ from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import atomic_write_json, check_output_path, default_dir_mode
 from scripts.common.versioning import bundle_version
+from scripts.common.vml_dispatch import resolve_vml_dispatch
 
 from .io import load_nifti, nifti_stem, save_nifti
 from .phantom import make_phantom, mu_map_from_suv
 from .projector import get_projector
 from .recon import OSEMReconstructor, gaussian_filter_mm
 from .volume_checks import check_pet_volume
+
+# the attenuation factors are a large first torch.exp: resolve oneMKL's dispatch before it (reproducible counts)
+resolve_vml_dispatch()
 
 __all__ = [
     "DEFAULT_DRFS",

@@ -41,6 +41,7 @@ from monai.transforms import Compose
 from scripts.common.allocator import keep_freed_memory_as_configured
 from scripts.common.errors import UniPETInputError, user_error
 from scripts.common.versioning import bundle_version
+from scripts.common.vml_dispatch import resolve_vml_dispatch
 from scripts.common.weights import file_sha256
 from scripts.data.level_lock import check_lock_fwhm
 from scripts.data.volume_checks import check_pet_volume
@@ -190,6 +191,7 @@ class BundleDenoiser:
         # what inference.json's initialize does: freed host memory kept for reuse (process-wide; an embedding
         # application that wants the C library's defaults overrides host_memory_cache_mb with 0)
         self.host_memory: dict[str, Any] = keep_freed_memory_as_configured(parser)
+        resolve_vml_dispatch()  # and oneMKL's VML kernels resolved before any multi-threaded first call
         self.network = self.network.to(self.device).eval()
         # the evaluator's network in inference.json: the config's precision wrapper around the network
         self.inference_network = parser.get_parsed_content("inference_network").eval()

@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from monai.metrics.regression import RegressionMetric
 from monai.utils import MetricReduction
 
+from scripts.common.vml_dispatch import resolve_vml_dispatch
+
+# local standard deviations and Gaussian windows of whole volumes: oneMKL's dispatch resolved first (reproducible)
+resolve_vml_dispatch()
+
 if TYPE_CHECKING:  # numpy is imported lazily in noise_autocorrelation (the metric classes do not need it)
     import numpy as np
 
