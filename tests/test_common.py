@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -357,6 +359,12 @@ def test_every_run_config_sets_the_host_memory_cache_first(config):
     assert steps[1] == "$scripts.common.allocator.keep_freed_memory(@host_memory_cache_mb)", steps
     # then oneMKL's VML dispatch, before any transform or network computes (PyTorch issue 188792)
     assert steps[2] == "$scripts.common.vml_dispatch.resolve_vml_dispatch()", steps
+    # every bundle module an initialize step calls is among the config's own imports (a fresh `monai.bundle run`
+    # has nothing else loaded: a module reached only through another import fails there, not in-process)
+    imported = {i.split("import ", 1)[1].strip() for i in parser["imports"] if i.startswith("$import ")}
+    for step in steps:
+        for module in re.findall(r"(scripts(?:\.\w+)+)\.\w+\(", step):
+            assert module in imported, (config, step, sorted(imported))
 
 
 # ------------------------------------------------------------------------- oneMKL VML dispatch (reproducibility)
@@ -375,18 +383,25 @@ print(vml_dispatch.resolve_vml_dispatch(), first == again, first)
 """
 
 
-def test_resolve_vml_dispatch_calls_each_op_once_per_process():
-    from conftest import run_python
+def test_resolve_vml_dispatch_calls_each_op_once_per_dtype_and_once_per_process(monkeypatch):
+    from scripts.common import vml_dispatch
 
-    code = "from scripts.common import vml_dispatch as v; print(v.resolve_vml_dispatch(), v.resolve_vml_dispatch())"
-    out = run_python("-c", code)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "False"]
-    from scripts.common.vml_dispatch import VML_OPS
+    calls = []
 
-    assert all(callable(getattr(torch, name, None)) for name in VML_OPS)
+    def counting(name):
+        real = getattr(torch, name)
+        return lambda x: calls.append((name, x.dtype, x.numel())) or real(x)
+
+    for name in vml_dispatch.VML_OPS:
+        monkeypatch.setattr(torch, name, counting(name))
+    monkeypatch.setattr(vml_dispatch, "_resolved", False)
+    assert vml_dispatch.resolve_vml_dispatch() is True
+    expected = {(name, dtype, 1) for name in vml_dispatch.VML_OPS for dtype in (torch.float32, torch.float64)}
+    assert len(calls) == len(expected) and set(calls) == expected
+    assert vml_dispatch.resolve_vml_dispatch() is False and len(calls) == len(expected)  # once per process
 
 
+@pytest.mark.slow
 def test_a_fresh_process_simulates_the_same_seed_the_same_way_from_its_first_call():
     """oneMKL resolves a VML function's kernel on its first call; when that call runs on several threads at once one
     thread may use a low-accuracy kernel for its chunk (PyTorch issue 188792). The simulator's attenuation factors are

@@ -9,8 +9,10 @@ chunk of that one call (PyTorch issue 188792; errors up to thousands of ulp). Me
 same seed drew other Poisson counts (every voxel of every dose differed), which broke "the same seed gives
 bit-identical images". One call of each function on a single element, on one thread, resolves the dispatch first.
 
-:func:`resolve_vml_dispatch` runs when :mod:`scripts` is imported, so every command, bundle config, MONAI Deploy or
-Label wrapper and DataLoader worker that imports the bundle is covered before it computes anything.
+:func:`resolve_vml_dispatch` runs as the third ``initialize`` step of every run config (inference, training,
+evaluation, multi-GPU training), in :class:`scripts.inference.denoise.BundleDenoiser` (MONAI Deploy, MONAI Label, the
+demo) and when :mod:`scripts.data.simulate` or :mod:`scripts.metrics.image_quality` is imported: the code that runs
+large unary ops. DataLoader workers forked after ``initialize`` inherit the resolved state.
 """
 
 from __future__ import annotations
