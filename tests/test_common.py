@@ -345,7 +345,7 @@ def test_keep_freed_memory_zero_and_other_c_libraries_keep_the_defaults(monkeypa
 
 
 @pytest.mark.parametrize("config", ["inference.json", "train.json", "evaluate.json", "multi_gpu_train.json"])
-def test_every_run_config_sets_the_host_memory_cache_first(config):
+def test_every_run_config_sets_the_process_up_first(config):
     from monai.bundle import ConfigParser
 
     from conftest import BUNDLE_ROOT
