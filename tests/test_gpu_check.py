@@ -107,6 +107,23 @@ def test_gflops_line_states_the_ratio_and_target():
     assert "(target <= 1.3: judged elsewhere)" in gflops_line("net", 18.0, 20.0, "fp32", verdict="judged elsewhere")
 
 
+def test_a_single_timed_stage_gives_no_verdict_of_its_own(tmp_path, bundle_root):
+    """network_stage_report (the inference benchmark's GFLOP/s line) times one stage against a separately timed
+    peak: its JSON and its printed line both defer to compute_peak (its JSON once carried a ratio-based true/false
+    that contradicted the line), whatever the ratio reads."""
+    from scripts.benchmarks.compute_peak import STAGE_VERDICT, network_stage_report
+
+    override = tmp_path / "tiny.json"
+    override.write_text(json.dumps({"channels": 4, "num_blocks": 4, "patch_size": [8, 8, 8], "sw_batch_size": 2}))
+    for seconds in (1e-9, 1e9):  # an absurdly fast stage ("met" by ratio) and an absurdly slow one
+        report = network_stage_report(
+            str(bundle_root / "configs/inference.json"), str(override), (8, 8, 16), seconds, repeats=1
+        )
+        assert report["verdict"] == STAGE_VERDICT == "judged by compute_peak" and "target_met" not in report
+        assert f"(target <= 1.3: {STAGE_VERDICT})" in report["line"]
+        assert report["windows"] >= 2 and report["network_gflops"] > 0
+
+
 def test_the_ratio_is_judged_per_round_and_not_on_an_unsteady_machine():
     """compute_peak's ratio is the median of per-round ratios, judged only from MIN_ROUNDS rounds whose peaks and
     network rates each agree within STEADY_SPREAD (one unsteady run read 1.05 "met" with the peak at half its rate)."""
