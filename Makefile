@@ -25,6 +25,9 @@ $(STAMP): requirements.txt
 	$(VPY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@$(VPY) -c 'import torch, monai; print(f"setup ok: torch {torch.__version__}, monai {monai.__version__}, cuda={torch.cuda.is_available()}")'
+	# the fused CPU kernel built once now (~1 min; g++ and ninja), not in the first inference; without them
+	# it says so and inference runs PyTorch's passes (the same numbers)
+	cd unipet_bundle && ../$(VPY) -m scripts.networks.fused_pad
 	@touch $@
 
 demo: setup

@@ -44,6 +44,7 @@ from scripts.engines.precision import (
     check_precision,
     resolve_precision,
 )
+from scripts.networks.fused_pad import fused_kernels_as_configured
 
 __all__ = [
     "TARGET_RATIO",
@@ -318,6 +319,7 @@ def _network_from_config(config: str, override: str | None) -> tuple[torch.nn.Mo
     parser.read_config([config] + ([override] if override else []))
     net = parser.get_parsed_content("network_def").eval()
     keep_freed_memory_as_configured(parser)  # the host memory setting inference runs with
+    fused_kernels_as_configured(parser)  # and the fused CPU kernel, as inference runs
     keys = ("channels", "patch_size", "sw_batch_size")
     sizes = {k: parser.get_parsed_content(k) for k in keys}
     sizes["memory_format"] = (

@@ -74,6 +74,7 @@ from scripts.common.cli import run_command
 from scripts.common.io import atomic_write, atomic_write_json
 from scripts.common.weights import file_sha256
 from scripts.data.io import save_nifti
+from scripts.networks.fused_pad import fused_kernels_as_configured
 
 __all__ = [
     "BenchmarkInputError",
@@ -398,6 +399,7 @@ def worker_main(spec_path: str) -> int:
     if variant != "baseline":  # what inference.json hands the inferer: its precision, memory format, host memory
         network = parser.get_parsed_content("inference_network")
         keep_freed_memory_as_configured(parser)
+        fused_kernels_as_configured(parser)  # and the fused CPU kernel, as inference runs
     device = parser.get_parsed_content("device")
     image = synthetic_suv(spec["shape"], spec["seed"])[None, None]
     image /= suv_max  # the config's ScaleIntensityRanged (0..suv_max -> 0..1, no clipping), in place

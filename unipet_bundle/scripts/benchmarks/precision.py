@@ -55,6 +55,7 @@ from scripts.engines.gan_trainer import UniPETTrainer
 from scripts.engines.precision import PRECISIONS, PrecisionNetwork, resolve_precision
 from scripts.inference.model import load_weights
 from scripts.metrics.image_quality import psnr
+from scripts.networks.fused_pad import fused_kernels_as_configured
 
 __all__ = ["MIN_LESIONS_FOR_SIGN", "RULE", "choose_default", "choose_inference_default", "run"]
 
@@ -152,6 +153,7 @@ def _inference_network(config: str, checkpoint: str | None) -> tuple[torch.nn.Mo
     parser.read_config(config)
     parser["bundle_root"] = str(BUNDLE_ROOT)
     keep_freed_memory_as_configured(parser)  # the host memory setting inference runs with
+    fused_kernels_as_configured(parser)  # and the fused CPU kernel, as inference runs
     net = parser.get_parsed_content("network_def").eval()
     ckpt = Path(checkpoint) if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     info = load_weights(net, ckpt, False, recorded_sha256(ckpt, BUNDLE_ROOT))

@@ -46,6 +46,7 @@ from scripts.common.weights import file_sha256
 from scripts.data.level_lock import check_lock_fwhm
 from scripts.data.volume_checks import check_pet_volume
 from scripts.inference.writer import SaveDenoisedd
+from scripts.networks.fused_pad import fused_kernels_as_configured
 
 __all__ = ["BundleDenoiser", "check_float_volume", "network_from_config", "suv_metatensor"]
 
@@ -100,8 +101,9 @@ class BundleDenoiser:
             default here, unlike ``inference.json``) makes missing weights an error, as an application
             must never present an untouched image as denoised.
         overrides: further config values (``patch_size``, ``sw_batch_size``, ``channels``...), as
-            ``monai.bundle run --key value`` would set them. The config's ``host_memory_cache_mb`` is applied
-            to this process as ``inference.json``'s ``initialize`` does (see :mod:`scripts.common.allocator`).
+            ``monai.bundle run --key value`` would set them. The config's ``host_memory_cache_mb`` and
+            ``fused_cpu_kernels`` are applied to this process as ``inference.json``'s ``initialize`` does (see
+            :mod:`scripts.common.allocator` and :mod:`scripts.networks.fused_pad`).
         network: an eager network that already holds its weights (e.g. from ``scripts.common.weights``), used
             instead of the config's ``network`` and weights (``model_file`` is then not read); everything
             else (precision wrapper, sliding window, pre- and postprocessing) is still the config's. The demo
@@ -192,6 +194,7 @@ class BundleDenoiser:
         # application that wants the C library's defaults overrides host_memory_cache_mb with 0)
         self.host_memory: dict[str, Any] = keep_freed_memory_as_configured(parser)
         resolve_vml_dispatch()  # and oneMKL's VML kernels resolved before any multi-threaded first call
+        self.fused_kernels: dict[str, Any] = fused_kernels_as_configured(parser)  # and the fused CPU kernel
         self.network = self.network.to(self.device).eval()
         # the evaluator's network in inference.json: the config's precision wrapper around the network
         self.inference_network = parser.get_parsed_content("inference_network").eval()

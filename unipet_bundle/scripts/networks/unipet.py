@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .fused_pad import prelu_scale_pad
 from .modulated_conv import PADDING_MODES, ModulatedConv3d, replicate_pad, replicate_pad_product
 
 __all__ = [
@@ -301,6 +302,11 @@ class ModulatedResBlock(nn.Module):
             nn.init.zeros_(self.style_affine.weight)
             nn.init.zeros_(self.style_affine.bias)
 
+    @torch.jit.unused
+    def _pad(self, x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor]) -> torch.Tensor:
+        # eager only (TorchScript keeps PyTorch's passes): the fused CPU kernel where it applies, see fused_pad
+        return prelu_scale_pad(x, scale, slope, 1)
+
     def forward(self, x: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
         s1: Optional[torch.Tensor] = None
         s2: Optional[torch.Tensor] = None
@@ -322,7 +328,10 @@ class ModulatedResBlock(nn.Module):
         if s1 is not None:
             scale1 = (1.0 + s1).to(x.dtype).reshape(b, self.channels, 1, 1, 1)
         if direct:
-            xp = replicate_pad(x, 1) if scale1 is None else replicate_pad_product(x, scale1, 1)
+            if torch.jit.is_scripting():
+                xp = replicate_pad(x, 1) if scale1 is None else replicate_pad_product(x, scale1, 1)
+            else:
+                xp = self._pad(x, scale1, None)
             a = self.conv1.conv_padded(xp)
         else:
             a = self.conv1.conv_unmodulated(x if scale1 is None else x * scale1)
@@ -330,11 +339,16 @@ class ModulatedResBlock(nn.Module):
         if s2 is not None:
             scale2 = (1.0 + s2.float()).reshape(b, self.channels, 1, 1, 1)
             mid = scale2 if mid is None else mid * scale2
-        h = self.act(a)
         if direct:
-            hp = replicate_pad(h, 1) if mid is None else replicate_pad_product(h, mid.to(h.dtype), 1)
+            if torch.jit.is_scripting():
+                h = self.act(a)
+                hp = replicate_pad(h, 1) if mid is None else replicate_pad_product(h, mid.to(h.dtype), 1)
+            else:
+                # PReLU, the product and the padding in one pass where the fused CPU kernel applies
+                hp = self._pad(a, None if mid is None else mid.to(a.dtype), self.act.weight)
             c = self.conv2.conv_padded(hp)
         else:
+            h = self.act(a)
             if mid is not None:
                 h = h * mid.to(h.dtype)
             c = self.conv2.conv_unmodulated(h)

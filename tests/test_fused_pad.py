@@ -1,0 +1,137 @@
+"""The fused CPU kernel of the residual blocks' padded products (`scripts.networks.fused_pad`, issue 14): the same
+values as PyTorch's passes bit for bit, used only where it applies, and a clean fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_python
+from scripts.networks import fused_pad
+from scripts.networks.fused_pad import enable_fused_kernels, fused_kernel_status, prelu_scale_pad
+from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
+from scripts.networks.unipet import UniPET
+
+CL = torch.channels_last_3d
+TOOLCHAIN = bool(shutil.which("g++") or shutil.which("c++")) and bool(
+    shutil.which("ninja") or importlib.util.find_spec("ninja")
+)
+
+
+@pytest.fixture
+def fused():
+    """The kernel in use for one test (built on first use), the process's previous setting restored after."""
+    if not TOOLCHAIN:
+        pytest.skip("no g++ or ninja here: the kernel cannot be built, the blocks run PyTorch's passes")
+    was = fused_kernel_status()["enabled"]
+    status = enable_fused_kernels(True)
+    # a machine with the toolchain must build it: a silent fallback here would leave every other test vacuous
+    assert status["in_use"], status["reason"]
+    yield
+    fused_pad._state["enabled"] = was
+
+
+def _reference(x, scale, slope, p):
+    h = x if slope is None else F.prelu(x, slope)
+    if scale is None:
+        return replicate_pad(h, p)
+    return replicate_pad(h * scale, p) if h.requires_grad else replicate_pad_product(h, scale, p)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 6, 5, 7), (1, 3, 1, 4, 2), (3, 5, 4, 4, 4)])
+@pytest.mark.parametrize("p", [1, 2])
+def test_the_kernel_gives_pytorchs_values_bit_for_bit(fused, shape, p):
+    g = torch.Generator().manual_seed(sum(shape) + p)
+    b, c = shape[:2]
+    x = torch.randn(shape, generator=g)
+    x.view(-1)[::7] = 0.0  # exact zeros: PReLU's boundary
+    x = x.contiguous(memory_format=CL)
+    scale = (torch.rand(b, c, 1, 1, 1, generator=g) + 0.5).contiguous()
+    for slope in (torch.rand(c, generator=g) * 0.5, torch.tensor([0.25]), None):
+        for sc in (scale, None):
+            before = fused_kernel_status()["calls"]
+            out = prelu_scale_pad(x, sc, slope, p)
+            assert fused_kernel_status()["calls"] == before + 1  # the kernel ran, not the fallback
+            ref = _reference(x, sc, slope, p)
+            assert out.shape == ref.shape == (b, c, shape[2] + 2 * p, shape[3] + 2 * p, shape[4] + 2 * p)
+            assert out.is_contiguous(memory_format=CL) and torch.equal(out, ref)
+
+
+def test_a_unipet_with_live_styles_gives_the_same_output_with_and_without_the_kernel(fused):
+    torch.manual_seed(0)
+    net = UniPET(channels=8, num_blocks=2, latent_dim=8, san_channels=(8, 8), zero_init_output=False).eval()
+    with torch.no_grad():
+        for block in net.blocks:  # the zero-initialised style layers made live, so every product is per sample
+            block.style_affine.weight.normal_(0.0, 0.3)
+            block.style_affine.bias.normal_(0.0, 0.3)
+            block.act.weight.uniform_(0.05, 0.5)
+    net = net.to(memory_format=CL)
+    x = (torch.rand(3, 1, 12, 10, 14) * 0.3).contiguous(memory_format=CL)
+    with torch.no_grad():
+        before = fused_kernel_status()["calls"]
+        y_fused = net(x)
+        assert fused_kernel_status()["calls"] == before + 2 * len(net.blocks)
+        fused_pad._state["enabled"] = False
+        y_torch = net(x)
+    assert torch.equal(y_fused, y_torch)
+    assert (y_fused - x).abs().max() > 1e-3  # a network that does something, so the comparison means something
+
+
+def test_where_it_does_not_apply_pytorchs_passes_run(fused):
+    x = torch.randn(2, 4, 3, 5, 4)
+    scale = torch.rand(2, 4, 1, 1, 1) + 0.5
+    slope = torch.full((4,), 0.2)
+    before = fused_kernel_status()["calls"]
+    cases = [
+        x,  # contiguous (NCDHW) layout
+        x.contiguous(memory_format=CL).to(torch.bfloat16),  # bf16
+        x.contiguous(memory_format=CL).requires_grad_(),  # autograd recording
+    ]
+    for case in cases:
+        sc = scale.to(case.dtype)
+        out = prelu_scale_pad(case, sc, slope.to(case.dtype), 1)
+        assert torch.equal(out.detach(), _reference(case, sc, slope.to(case.dtype), 1).detach())
+        assert out.requires_grad == case.requires_grad  # training's gradients still flow
+    assert fused_kernel_status()["calls"] == before
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_same_numbers(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(fused_pad, "_build", no_compiler)
+    monkeypatch.setitem(fused_pad._state, "module", None)
+    monkeypatch.setitem(fused_pad._state, "enabled", False)
+    with caplog.at_level(logging.INFO, logger="scripts.networks.fused_pad"):
+        status = enable_fused_kernels(True)
+    assert not status["in_use"] and "the build failed (RuntimeError: Ninja is required" in status["reason"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "PyTorch's passes (the same numbers" in warnings[0].getMessage()
+    x = torch.randn(1, 3, 2, 3, 4).contiguous(memory_format=CL)
+    scale, slope = torch.rand(1, 3, 1, 1, 1), torch.rand(3)
+    before = fused_kernel_status()["calls"]
+    assert torch.equal(prelu_scale_pad(x, scale, slope, 1), _reference(x, scale, slope, 1))
+    assert fused_kernel_status()["calls"] == before
+
+
+def test_inference_switches_it_with_one_config_key(bundle_root, monkeypatch):
+    config = json.loads((bundle_root / "configs" / "inference.json").read_text())
+    assert config["fused_cpu_kernels"] is True
+    assert "$scripts.networks.fused_pad.enable_fused_kernels(@fused_cpu_kernels)" in config["initialize"]
+    monkeypatch.setitem(fused_pad._state, "enabled", True)
+    status = enable_fused_kernels("false")  # as `monai.bundle run --fused_cpu_kernels false` passes it
+    assert not status["enabled"] and not status["in_use"] and status["reason"] == "fused_cpu_kernels is false"
+    with pytest.raises(ValueError, match="fused_cpu_kernels"):
+        enable_fused_kernels("perhaps")
+
+
+def test_the_command_line_reports_and_exits_zero():
+    proc = run_python("-m", "scripts.networks.fused_pad", "--fused_cpu_kernels", "false", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fused CPU kernel: not used: fused_cpu_kernels is false" in proc.stdout

@@ -1,0 +1,192 @@
+"""A fused CPU kernel for the residual blocks' padded products (issue 14), built once per machine.
+
+Without gradients a :class:`~scripts.networks.unipet.ModulatedResBlock` pads two products per block for its
+convolutions: ``x * (1 + s1)`` and ``PReLU(a) * d1 * (1 + s2)``. PyTorch spends three memory-bound passes on each
+(PReLU, the product into the padded interior, the faces); at the default 16 channels they are a third of a block's
+CPU time next to its two convolutions. ``csrc/scale_pad.cpp`` writes the padded result in one pass, with the same
+values bit for bit (tested).
+
+The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min, then cached in
+PyTorch's extension folder, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), as MONAI builds its own
+optional C++ parts. It is used only where it applies: float32, channels-last-3d features on the CPU (inference's
+default ``memory_format``), no autograd, outside TorchScript. Everywhere else, and when the build fails (no
+compiler: one WARNING says why), the blocks run PyTorch's own passes: the same numbers, slower.
+
+Switched by ``configs/inference.json``'s ``fused_cpu_kernels`` (default true; an ``initialize`` step calls
+:func:`enable_fused_kernels`; :class:`scripts.inference.denoise.BundleDenoiser` and the benchmarks read the same
+key). ``python -m scripts.networks.fused_pad`` builds it ahead (``make setup`` does) and says whether it loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
+
+__all__ = [
+    "enable_fused_kernels",
+    "fused_kernels_as_configured",
+    "fused_kernel_status",
+    "prelu_scale_pad",
+]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "scale_pad.cpp"
+CONFIG_KEY = "fused_cpu_kernels"
+
+_lock = threading.Lock()
+# "enabled": asked for; "module": the loaded extension or None; "reason": why it is not used (or "in use");
+# "calls": fused calls made (the tests check that the kernel ran, not only that it was built)
+_state: dict[str, Any] = {"enabled": False, "module": None, "reason": "not enabled", "calls": 0}
+
+
+def _extension_name() -> str:
+    # the source's hash in the name: an edited kernel never loads a stale build from the shared cache
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return f"unipet_scale_pad_{digest}"
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    # no -march=native: the cache may be shared by machines of other CPUs; the loop is memory-bound and
+    # vectorises with the baseline x86-64 instructions. -fopenmp: at::parallel_for's OpenMP loop lives in the header.
+    return load(
+        name=_extension_name(),
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
+    """Use the fused kernel from now on in this process (building it on first use), or stop using it.
+
+    Never raises for a failed build: it logs one WARNING with the reason and the blocks keep PyTorch's passes (the
+    same numbers). Returns :func:`fused_kernel_status`.
+    """
+    from scripts.common.options import as_bool
+
+    enabled = as_bool(enabled, CONFIG_KEY)
+    with _lock:
+        _state["enabled"] = enabled
+        if not enabled:
+            _state["reason"] = f"{CONFIG_KEY} is false"
+            logger.info("fused CPU kernel off (%s false): PyTorch's element-wise passes", CONFIG_KEY)
+            return fused_kernel_status()
+        if _state["module"] is None:
+            if not SOURCE.is_file():
+                _state["reason"] = f"its source {SOURCE} is missing"
+            else:
+                try:
+                    logger.info("fused CPU kernel: loading (compiled once per machine, ~1 min the first time)")
+                    _state["module"] = _build()
+                except Exception as err:  # no compiler, no ninja, unwritable cache: all mean "use PyTorch's path"
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    _state["reason"] = f"the build failed ({type(err).__name__}: {first[:300]})"
+            if _state["module"] is None:
+                logger.warning(
+                    "fused CPU kernel not used: %s; the residual blocks run PyTorch's passes (the same numbers, "
+                    "slower). Install g++ and ninja, or set %s false to silence this",
+                    _state["reason"],
+                    CONFIG_KEY,
+                )
+                return fused_kernel_status()
+        _state["reason"] = "in use"
+        logger.info("fused CPU kernel in use (float32 channels-last features without gradients)")
+    return fused_kernel_status()
+
+
+def fused_kernels_as_configured(parser: Any) -> dict[str, Any]:
+    """:func:`enable_fused_kernels` with a parsed bundle config's ``fused_cpu_kernels`` (false when absent)."""
+    enabled = parser.get_parsed_content(CONFIG_KEY) if CONFIG_KEY in parser else False
+    return enable_fused_kernels(enabled)
+
+
+def fused_kernel_status() -> dict[str, Any]:
+    """``{"enabled", "loaded", "in_use", "reason", "calls"}`` of this process."""
+    loaded = _state["module"] is not None
+    return {
+        "enabled": bool(_state["enabled"]),
+        "loaded": loaded,
+        "in_use": bool(_state["enabled"]) and loaded,
+        "reason": str(_state["reason"]),
+        "calls": int(_state["calls"]),
+    }
+
+
+def _applies(x: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
+    return (
+        _state["enabled"]
+        and _state["module"] is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and (scale is None or (scale.dtype == torch.float32 and scale.numel() == x.shape[0] * x.shape[1]))
+    )
+
+
+def prelu_scale_pad(
+    x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor], p: int
+) -> torch.Tensor:
+    """``replicate_pad(PReLU(x) * scale, p)``; ``slope=None`` skips the PReLU, ``scale=None`` the product.
+
+    Args:
+        x: ``(B, C, D, H, W)`` features.
+        scale: per-sample, per-channel factor ``(B, C, 1, 1, 1)`` in ``x``'s dtype, or None.
+        slope: the PReLU's weight, ``(C,)`` or ``(1,)``, or None.
+        p: padding width (voxels).
+
+    Returns ``(B, C, D + 2p, H + 2p, W + 2p)`` in ``x``'s memory format: from the fused kernel where it applies
+    (see the module docstring), else from PyTorch's passes; the same values either way. When autograd records, it
+    is PyTorch's differentiable passes.
+    """
+    if _applies(x, scale):
+        b, c = x.shape[0], x.shape[1]
+        s = x.new_ones((b, c)) if scale is None else scale.reshape(b, c).contiguous()
+        if slope is None:
+            k = x.new_ones((c,))
+        else:
+            k = slope.detach().to(torch.float32).reshape(-1).expand(c).contiguous()
+        _state["calls"] += 1
+        return _state["module"].scale_pad(x, s, k, int(p))
+    h = x if slope is None else F.prelu(x, slope)
+    if scale is None:
+        return replicate_pad(h, p)
+    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
+        return replicate_pad(h * scale, p)  # autograd cannot go through replicate_pad_product's out= product
+    return replicate_pad_product(h, scale, p)
+
+
+def build(fused_cpu_kernels: bool = True) -> None:
+    """Build (once per machine) and load the fused CPU kernel, and say whether it is in use.
+
+    Exit status 0 either way: without it the bundle runs PyTorch's passes (the same numbers, slower).
+
+    Args:
+        fused_cpu_kernels: false only reports that the kernel is off.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    status = enable_fused_kernels(fused_cpu_kernels)
+    print(f"fused CPU kernel: {'in use' if status['in_use'] else 'not used: ' + status['reason']}")
+
+
+def main() -> None:
+    from scripts.common.cli import run_command
+
+    run_command(build, "python -m scripts.networks.fused_pad")
+
+
+if __name__ == "__main__":
+    main()
