@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -135,3 +138,49 @@ def test_the_command_line_reports_and_exits_zero():
     proc = run_python("-m", "scripts.networks.fused_pad", "--fused_cpu_kernels", "false", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fused CPU kernel: not used: fused_cpu_kernels is false" in proc.stdout
+
+
+def test_a_built_kernel_is_imported_without_a_rebuild(fused, monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("load() called: the built library should have been imported directly")
+
+    monkeypatch.setattr(cpp, "load", no_rebuild)
+    monkeypatch.setitem(fused_pad._state, "module", None)
+    assert enable_fused_kernels(True)["in_use"]
+
+
+def _fake_builds(monkeypatch, tmp_path):
+    """TORCH_EXTENSIONS_DIR in tmp_path and a ``load`` that records its calls instead of compiling."""
+    import torch.utils.cpp_extension as cpp
+
+    calls = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: calls.append(kwargs) or object())
+    monkeypatch.setitem(fused_pad._state, "module", None)
+    monkeypatch.setitem(fused_pad._state, "enabled", False)
+    lock = fused_pad._build_directory(fused_pad._extension_name()) / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    return lock, calls
+
+
+def test_a_killed_builds_lock_is_removed_instead_of_hanging_every_run(monkeypatch, tmp_path, caplog):
+    lock, calls = _fake_builds(monkeypatch, tmp_path)
+    old = time.time() - fused_pad.BUILD_TIMEOUT_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="scripts.networks.fused_pad"):
+        status = enable_fused_kernels(True)
+    assert status["in_use"] and len(calls) == 1 and calls[0]["build_directory"] == str(lock.parent)
+    assert not lock.exists() and "did not finish" in caplog.text
+
+
+def test_a_build_running_in_another_process_is_waited_for(monkeypatch, tmp_path, caplog):
+    lock, calls = _fake_builds(monkeypatch, tmp_path)
+    threading.Timer(1.5, lock.unlink).start()  # the other build finishes
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="scripts.networks.fused_pad"):
+        status = enable_fused_kernels(True)
+    assert status["in_use"] and len(calls) == 1 and time.monotonic() - start >= 1.0
+    assert "did not finish" not in caplog.text

@@ -6,10 +6,13 @@ convolutions: ``x * (1 + s1)`` and ``PReLU(a) * d1 * (1 + s2)``. PyTorch spends 
 CPU time next to its two convolutions. ``csrc/scale_pad.cpp`` writes the padded result in one pass, with the same
 values bit for bit (tested).
 
-The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min, then cached in
-PyTorch's extension folder, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), as MONAI builds its own
-optional C++ parts. It is used only where it applies: float32, channels-last-3d features on the CPU (inference's
-default ``memory_format``), no autograd, outside TorchScript. Everywhere else, and when the build fails (no
+The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min), as MONAI builds
+its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``, the name
+holding a hash of the source, torch's version and the flags; later processes import the built library directly. A
+build lock left by a killed build is removed after :data:`BUILD_TIMEOUT_S` instead of being waited on forever.
+
+It is used only where it applies: float32, channels-last-3d features on the CPU (inference's default
+``memory_format``), no autograd, outside TorchScript. Everywhere else, and when the build fails (no
 compiler: one WARNING says why), the blocks run PyTorch's own passes: the same numbers, slower.
 
 Switched by ``configs/inference.json``'s ``fused_cpu_kernels`` (default true; an ``initialize`` step calls
@@ -20,8 +23,11 @@ key). ``python -m scripts.networks.fused_pad`` builds it ahead (``make setup`` d
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,22 +54,74 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"enabled": False, "module": None, "reason": "not enabled", "calls": 0}
 
 
+BUILD_TIMEOUT_S = 600.0
+"""A build lock older than this is an interrupted build's (a build takes ~1 min): removed, not waited on forever."""
+
+
 def _extension_name() -> str:
-    # the source's hash in the name: an edited kernel never loads a stale build from the shared cache
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    # the source, torch's version and the flags in the name: an edited kernel, or another torch, never loads a
+    # stale build from the shared cache
+    digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{_CFLAGS}".encode()).hexdigest()[:12]
     return f"unipet_scale_pad_{digest}"
 
 
+# no -march=native: the cache may be shared by machines of other CPUs; the loop is memory-bound and vectorises
+# with the baseline x86-64 instructions. -fopenmp: at::parallel_for's OpenMP loop lives in the header.
+_CFLAGS = ("-O3", "-fopenmp")
+
+
+def _build_directory(name: str) -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / "unipet" / name
+
+
+def _import_built(name: str, library: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Wait for a build another process is running; remove the lock of one that was killed.
+
+    PyTorch's own build lock is a bare file that ``load`` waits on for as long as it exists, so a build killed
+    mid-way (Ctrl-C, a job's time limit) would hang every later run at start-up."""
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > BUILD_TIMEOUT_S:
+            logger.warning("fused CPU kernel: removing %s, left %.0f s ago by a build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(1.0)
+
+
 def _build() -> Any:
+    name = _extension_name()
+    build_dir = _build_directory(name)
+    library = build_dir / f"{name}.so"
+    if library.is_file():
+        try:  # built before: imported directly, without PyTorch's lock and ninja's up-to-date check
+            return _import_built(name, library)
+        except ImportError as err:
+            logger.info("fused CPU kernel: rebuilding (%s)", err)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
     from torch.utils.cpp_extension import load
 
-    # no -march=native: the cache may be shared by machines of other CPUs; the loop is memory-bound and
-    # vectorises with the baseline x86-64 instructions. -fopenmp: at::parallel_for's OpenMP loop lives in the header.
     return load(
-        name=_extension_name(),
+        name=name,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=list(_CFLAGS),
         extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
         verbose=False,
     )
 
