@@ -108,12 +108,16 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_same_numbers(monkeypatc
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(fused_pad, "_build", no_compiler)
+    builds = []
+    monkeypatch.setattr(fused_pad, "_build", lambda: builds.append(1) or no_compiler())
     monkeypatch.setitem(fused_pad._state, "module", None)
     monkeypatch.setitem(fused_pad._state, "enabled", False)
+    monkeypatch.setitem(fused_pad._state, "failed", "")
     with caplog.at_level(logging.INFO, logger="scripts.networks.fused_pad"):
         status = enable_fused_kernels(True)
+        again = enable_fused_kernels(True)  # e.g. the next study's BundleDenoiser: no second build, no second warning
     assert not status["in_use"] and "the build failed (RuntimeError: Ninja is required" in status["reason"]
+    assert again == status and len(builds) == 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PyTorch's passes (the same numbers" in warnings[0].getMessage()
     x = torch.randn(1, 3, 2, 3, 4).contiguous(memory_format=CL)
@@ -160,6 +164,7 @@ def _fake_builds(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp, "load", lambda **kwargs: calls.append(kwargs) or object())
     monkeypatch.setitem(fused_pad._state, "module", None)
     monkeypatch.setitem(fused_pad._state, "enabled", False)
+    monkeypatch.setitem(fused_pad._state, "failed", "")
     lock = fused_pad._build_directory(fused_pad._extension_name()) / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()

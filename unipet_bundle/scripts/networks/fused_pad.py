@@ -51,7 +51,8 @@ CONFIG_KEY = "fused_cpu_kernels"
 _lock = threading.Lock()
 # "enabled": asked for; "module": the loaded extension or None; "reason": why it is not used (or "in use");
 # "calls": fused calls made (the tests check that the kernel ran, not only that it was built)
-_state: dict[str, Any] = {"enabled": False, "module": None, "reason": "not enabled", "calls": 0}
+# "failed": why the build failed in this process ("" until then), so it is tried once
+_state: dict[str, Any] = {"enabled": False, "module": None, "reason": "not enabled", "calls": 0, "failed": ""}
 
 
 BUILD_TIMEOUT_S = 600.0
@@ -141,6 +142,11 @@ def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
             _state["reason"] = f"{CONFIG_KEY} is false"
             logger.info("fused CPU kernel off (%s false): PyTorch's element-wise passes", CONFIG_KEY)
             return fused_kernel_status()
+        if _state["module"] is None and _state["failed"]:
+            # tried in this process already: one WARNING then, no rebuild per study (a Deploy app makes a
+            # BundleDenoiser per request)
+            _state["reason"] = _state["failed"]
+            return fused_kernel_status()
         if _state["module"] is None:
             if not SOURCE.is_file():
                 _state["reason"] = f"its source {SOURCE} is missing"
@@ -152,6 +158,7 @@ def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
                     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                     _state["reason"] = f"the build failed ({type(err).__name__}: {first[:300]})"
             if _state["module"] is None:
+                _state["failed"] = _state["reason"]
                 logger.warning(
                     "fused CPU kernel not used: %s; the residual blocks run PyTorch's passes (the same numbers, "
                     "slower). Install g++ and ninja, or set %s false to silence this",
