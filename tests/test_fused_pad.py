@@ -44,26 +44,36 @@ def _reference(x, scale, slope, p):
     h = x if slope is None else F.prelu(x, slope)
     if scale is None:
         return replicate_pad(h, p)
-    return replicate_pad(h * scale, p) if h.requires_grad else replicate_pad_product(h, scale, p)
+    if h.requires_grad or scale.requires_grad:
+        return replicate_pad(h * scale, p)
+    return replicate_pad_product(h, scale, p)
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 6, 5, 7), (1, 3, 1, 4, 2), (3, 5, 4, 4, 4)])
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # bit patterns: -0.0 differs from 0.0, NaNs compare
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 6, 5, 7), (1, 3, 1, 4, 2), (3, 5, 4, 4, 4), (1, 1, 1, 1, 1)])
 @pytest.mark.parametrize("p", [1, 2])
 def test_the_kernel_gives_pytorchs_values_bit_for_bit(fused, shape, p):
     g = torch.Generator().manual_seed(sum(shape) + p)
     b, c = shape[:2]
     x = torch.randn(shape, generator=g)
-    x.view(-1)[::7] = 0.0  # exact zeros: PReLU's boundary
+    flat = x.view(-1)
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40, -3.0])
+    flat[: min(flat.numel(), special.numel())] = special[: flat.numel()]  # PReLU's boundary and IEEE corners
+    flat[special.numel() :: 7] = -0.0
     x = x.contiguous(memory_format=CL)
     scale = (torch.rand(b, c, 1, 1, 1, generator=g) + 0.5).contiguous()
-    for slope in (torch.rand(c, generator=g) * 0.5, torch.tensor([0.25]), None):
+    slopes = (torch.rand(c, generator=g) * 0.5, torch.tensor([0.25]), torch.zeros(c), torch.full((c,), float("inf")))
+    for slope in (*slopes, None):
         for sc in (scale, None):
             before = fused_kernel_status()["calls"]
             out = prelu_scale_pad(x, sc, slope, p)
             assert fused_kernel_status()["calls"] == before + 1  # the kernel ran, not the fallback
             ref = _reference(x, sc, slope, p)
             assert out.shape == ref.shape == (b, c, shape[2] + 2 * p, shape[3] + 2 * p, shape[4] + 2 * p)
-            assert out.is_contiguous(memory_format=CL) and torch.equal(out, ref)
+            assert out.is_contiguous(memory_format=CL) and torch.equal(_bits(out), _bits(ref))
 
 
 def test_a_unipet_with_live_styles_gives_the_same_output_with_and_without_the_kernel(fused):
@@ -90,18 +100,25 @@ def test_where_it_does_not_apply_pytorchs_passes_run(fused):
     x = torch.randn(2, 4, 3, 5, 4)
     scale = torch.rand(2, 4, 1, 1, 1) + 0.5
     slope = torch.full((4,), 0.2)
+    cl = x.contiguous(memory_format=CL)
     before = fused_kernel_status()["calls"]
     cases = [
-        x,  # contiguous (NCDHW) layout
-        x.contiguous(memory_format=CL).to(torch.bfloat16),  # bf16
-        x.contiguous(memory_format=CL).requires_grad_(),  # autograd recording
+        (x, scale, slope),  # contiguous (NCDHW) layout
+        (cl.to(torch.bfloat16), scale.bfloat16(), slope.bfloat16()),  # bf16
+        (cl.clone().requires_grad_(), scale, slope),  # autograd records through the features ...
+        (cl, scale.clone().requires_grad_(), slope),  # ... or through the factor
+        (cl, scale[:1], slope),  # a factor broadcast over the batch: PyTorch's broadcasting
     ]
-    for case in cases:
-        sc = scale.to(case.dtype)
-        out = prelu_scale_pad(case, sc, slope.to(case.dtype), 1)
-        assert torch.equal(out.detach(), _reference(case, sc, slope.to(case.dtype), 1).detach())
-        assert out.requires_grad == case.requires_grad  # training's gradients still flow
+    for case, sc, sl in cases:
+        out = prelu_scale_pad(case, sc, sl, 1)
+        assert torch.equal(out.detach(), _reference(case, sc, sl, 1).detach())
+        assert out.requires_grad == (case.requires_grad or sc.requires_grad)  # training's gradients still flow
+    # an empty axis has no edge to replicate: never the kernel (called directly, it refuses)
+    empty = torch.empty(2, 4, 0, 3, 3).contiguous(memory_format=CL)
+    prelu_scale_pad(empty, None, None, 1)
     assert fused_kernel_status()["calls"] == before
+    with pytest.raises(RuntimeError, match="empty axis"):
+        fused_pad._state["module"].scale_pad(empty, torch.ones(2, 4), torch.ones(4), 1)
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_the_same_numbers(monkeypatch, caplog):
@@ -189,3 +206,23 @@ def test_a_build_running_in_another_process_is_waited_for(monkeypatch, tmp_path,
         status = enable_fused_kernels(True)
     assert status["in_use"] and len(calls) == 1 and time.monotonic() - start >= 1.0
     assert "did not finish" not in caplog.text
+
+
+@pytest.mark.parametrize("marker", ["wrong", "matching"])
+def test_a_library_without_a_finished_builds_record_is_rebuilt_not_loaded(monkeypatch, tmp_path, marker):
+    """A library the linker did not finish (a killed build) would crash the process when loaded: only one whose
+    bytes a finished build recorded is imported directly; anything else, and a library that fails to import, goes
+    back through the build."""
+    lock, calls = _fake_builds(monkeypatch, tmp_path)
+    lock.unlink()
+    name = fused_pad._extension_name()
+    library = lock.parent / f"{name}.so"
+    library.write_bytes(b"\x7fELF truncated")
+    digest = fused_pad._sha256(library) if marker == "matching" else "0" * 64
+    (lock.parent / f"{name}.so.sha256").write_text(digest + "\n")
+    import torch.utils.cpp_extension as cpp
+
+    record = lock.parent / f"{name}.so.sha256"
+    seen = []  # at build time the old record is gone: a build killed now leaves no record vouching for it
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: seen.append(record.exists()) or object())
+    assert enable_fused_kernels(True)["in_use"] and seen == [False]

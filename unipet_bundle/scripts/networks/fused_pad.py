@@ -26,6 +26,8 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from scripts.common.io import atomic_write
 from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
 
 __all__ = [
@@ -60,9 +63,10 @@ BUILD_TIMEOUT_S = 600.0
 
 
 def _extension_name() -> str:
-    # the source, torch's version and the flags in the name: an edited kernel, or another torch, never loads a
-    # stale build from the shared cache
-    digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{_CFLAGS}".encode()).hexdigest()[:12]
+    # the source, torch's and Python's versions, the CPU architecture and the flags in the name: an edited kernel,
+    # another interpreter or another machine sharing the cache never loads (or overwrites) another's build
+    key = f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{_CFLAGS}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + key.encode()).hexdigest()[:12]
     return f"unipet_scale_pad_{digest}"
 
 
@@ -92,32 +96,42 @@ def _clear_stale_lock(lock: Path) -> None:
 
     PyTorch's own build lock is a bare file that ``load`` waits on for as long as it exists, so a build killed
     mid-way (Ctrl-C, a job's time limit) would hang every later run at start-up."""
+    deadline = time.monotonic() + BUILD_TIMEOUT_S  # also bounds a lock stamped in the future (clock skew)
     while lock.exists():
         try:
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             return
-        if age > BUILD_TIMEOUT_S:
+        if age > BUILD_TIMEOUT_S or time.monotonic() > deadline:
             logger.warning("fused CPU kernel: removing %s, left %.0f s ago by a build that did not finish", lock, age)
             lock.unlink(missing_ok=True)
             return
         time.sleep(1.0)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _build() -> Any:
     name = _extension_name()
     build_dir = _build_directory(name)
-    library = build_dir / f"{name}.so"
-    if library.is_file():
-        try:  # built before: imported directly, without PyTorch's lock and ninja's up-to-date check
-            return _import_built(name, library)
-        except ImportError as err:
-            logger.info("fused CPU kernel: rebuilding (%s)", err)
+    library, lock = build_dir / f"{name}.so", build_dir / "lock"
+    # the linker writes the library in place, so a file alone may be a killed build's torso (loading one is a
+    # SIGBUS, not an ImportError): imported directly only when a finished build vouched for these very bytes
+    done = build_dir / f"{name}.so.sha256"
+    if library.is_file() and done.is_file() and not lock.exists():
+        if done.read_text().strip() == _sha256(library):
+            try:  # without PyTorch's lock and ninja's up-to-date check
+                return _import_built(name, library)
+            except ImportError as err:
+                logger.info("fused CPU kernel: rebuilding (%s)", err)
     build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir / "lock")
+    _clear_stale_lock(lock)
+    done.unlink(missing_ok=True)
     from torch.utils.cpp_extension import load
 
-    return load(
+    module = load(
         name=name,
         sources=[str(SOURCE)],
         extra_cflags=list(_CFLAGS),
@@ -125,6 +139,9 @@ def _build() -> Any:
         build_directory=str(build_dir),
         verbose=False,
     )
+    if library.is_file():
+        atomic_write(done, lambda tmp: tmp.write_text(_sha256(library) + "\n"))
+    return module
 
 
 def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
@@ -189,16 +206,26 @@ def fused_kernel_status() -> dict[str, Any]:
     }
 
 
-def _applies(x: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
-    return (
-        _state["enabled"]
-        and _state["module"] is not None
-        and x.device.type == "cpu"
+def _applies(x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor]) -> bool:
+    if not (_state["enabled"] and _state["module"] is not None):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, slope)):
+        return False  # autograd records: PyTorch's differentiable passes
+    if not (
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 5
+        and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and (scale is None or (scale.dtype == torch.float32 and scale.numel() == x.shape[0] * x.shape[1]))
+    ):
+        return False
+    b, c = x.shape[0], x.shape[1]
+    if scale is not None and not (
+        scale.device.type == "cpu" and scale.dtype == torch.float32 and tuple(scale.shape) == (b, c, 1, 1, 1)
+    ):
+        return False  # only the per-sample, per-channel factor; any other broadcast is PyTorch's
+    return slope is None or (
+        slope.device.type == "cpu" and slope.dtype == torch.float32 and slope.dim() == 1 and slope.numel() in (1, c)
     )
 
 
@@ -217,7 +244,7 @@ def prelu_scale_pad(
     (see the module docstring), else from PyTorch's passes; the same values either way. When autograd records, it
     is PyTorch's differentiable passes.
     """
-    if _applies(x, scale):
+    if _applies(x, scale, slope):
         b, c = x.shape[0], x.shape[1]
         s = x.new_ones((b, c)) if scale is None else scale.reshape(b, c).contiguous()
         if slope is None:
