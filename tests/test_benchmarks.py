@@ -179,6 +179,7 @@ def test_inference_benchmark_end_to_end_against_todays_pipeline(tmp_path: Path):
     assert "Invertd" in json.dumps(res["today_pipeline_overrides"])
     # the baseline is the 0.2.0 pipeline: the C library's default host memory handling, not ours
     assert res["today_pipeline_overrides"]["host_memory_cache_mb"] == 0
+    assert res["today_pipeline_overrides"]["fused_cpu_kernels"] is False  # nor our fused kernel
 
 
 def test_inference_benchmark_bad_sizes_is_one_error_line(tmp_path: Path):

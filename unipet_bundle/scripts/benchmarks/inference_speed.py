@@ -163,6 +163,9 @@ def today_pipeline(config: str | os.PathLike) -> dict[str, Any]:
         **({"memory_format": "contiguous"} if "memory_format" in content_keys else {}),
         # and the C library's default host memory handling (host_memory_cache_mb came with issue 14)
         **({"host_memory_cache_mb": 0} if "host_memory_cache_mb" in content_keys else {}),
+        # and PyTorch's own element-wise passes (the fused CPU kernel came with issue 14; contiguous features never
+        # use it, so this only keeps the baseline from building or loading it)
+        **({"fused_cpu_kernels": False} if "fused_cpu_kernels" in content_keys else {}),
         "keep_native": {"_target_": "CopyItemsd", "keys": "image", "names": "native_suv"},
         "resample_transform#dtype": "$numpy.float64",
         "preprocessing#transforms": "$[@load_transform, @keep_native] + ([@resample_transform] if @resample_enabled else []) + @intensity_transforms",
