@@ -48,6 +48,34 @@ windows of a simulated subject (seeds 0-2): latent change DRF 4 -> 100 over chan
 logger = logging.getLogger(__name__)
 
 
+@torch.jit.unused
+def _fused_padded(x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eager mode: the fused CPU kernel where it applies, else PyTorch's passes (:func:`fused_pad.prelu_scale_pad`)."""
+    return prelu_scale_pad(x, scale, slope, 1)
+
+
+def padded_input(
+    x: torch.Tensor, scale: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``replicate_pad(PReLU(x) * scale, 1)``, each factor optional: a 3x3x3 convolution's replicate-padded input.
+
+    In eager mode one fused pass on the CPU where it applies (float32 channels-last features, no autograd;
+    :mod:`scripts.networks.fused_pad`, switched by ``fused_cpu_kernels``), else PyTorch's passes; under TorchScript
+    always PyTorch's passes. The same values either way (tested bit for bit). ``scale``: ``(B, C, 1, 1, 1)``;
+    ``slope``: a PReLU weight.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2, H + 2, W + 2)``.
+    """
+    if not torch.jit.is_scripting():
+        return _fused_padded(x, scale, slope)
+    h = x if slope is None else nn.functional.prelu(x, slope)
+    if scale is None:
+        return replicate_pad(h, 1)
+    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
+        return replicate_pad(h * scale, 1)  # replicate_pad_product's out= product has no autograd
+    return replicate_pad_product(h, scale, 1)
+
+
 def local_mean3(x: torch.Tensor) -> torch.Tensor:
     """The 3x3x3 local mean of each channel, faces edge-replicated (``avg_pool3d`` of the replicate-padded input).
 
@@ -63,8 +91,8 @@ def local_mean3(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     if x.dtype == torch.float32:
         ones = torch.ones((c, 1, 3, 3, 3), dtype=x.dtype, device=x.device)
-        return nn.functional.conv3d(replicate_pad(x, 1), ones, None, 1, 0, 1, c).div_(27.0)
-    p = replicate_pad(x.float(), 1)
+        return nn.functional.conv3d(padded_input(x), ones, None, 1, 0, 1, c).div_(27.0)
+    p = padded_input(x.float())
     p = p[:, :, :-2] + p[:, :, 1:-1] + p[:, :, 2:]
     p = p[:, :, :, :-2] + p[:, :, :, 1:-1] + p[:, :, :, 2:]
     p = p[:, :, :, :, :-2] + p[:, :, :, :, 1:-1] + p[:, :, :, :, 2:]
@@ -93,7 +121,7 @@ def high_pass3(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     kernel = torch.full((c, 1, 3, 3, 3), -1.0 / 27.0, dtype=x.dtype, device=x.device)
     kernel[:, :, 1, 1, 1] = 26.0 / 27.0
-    return nn.functional.conv3d(replicate_pad(x, 1), kernel, None, 1, 0, 1, c)
+    return nn.functional.conv3d(padded_input(x), kernel, None, 1, 0, 1, c)
 
 
 def spatial_mean_var(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +233,7 @@ class SANStage(nn.Module):
             # channels-last input: see replicate_pad); without gradients the gate's product is written straight
             # into the padded input (no interior copy), as in ModulatedResBlock.
             gate = self.attention.gate(x).to(x.dtype)
-            if torch.is_grad_enabled():
-                xp = replicate_pad(x * gate, 1)
-            else:
-                xp = replicate_pad_product(x, gate, 1)
+            xp = padded_input(x, gate)
             x = self.act2(nn.functional.conv3d(xp, down.weight, down.bias, 2, 0))
         else:
             x = self.act2(down(self.attention(x)))
@@ -302,11 +327,6 @@ class ModulatedResBlock(nn.Module):
             nn.init.zeros_(self.style_affine.weight)
             nn.init.zeros_(self.style_affine.bias)
 
-    @torch.jit.unused
-    def _pad(self, x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor]) -> torch.Tensor:
-        # eager only (TorchScript keeps PyTorch's passes): the fused CPU kernel where it applies, see fused_pad
-        return prelu_scale_pad(x, scale, slope, 1)
-
     def forward(self, x: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
         s1: Optional[torch.Tensor] = None
         s2: Optional[torch.Tensor] = None
@@ -328,11 +348,7 @@ class ModulatedResBlock(nn.Module):
         if s1 is not None:
             scale1 = (1.0 + s1).to(x.dtype).reshape(b, self.channels, 1, 1, 1)
         if direct:
-            if torch.jit.is_scripting():
-                xp = replicate_pad(x, 1) if scale1 is None else replicate_pad_product(x, scale1, 1)
-            else:
-                xp = self._pad(x, scale1, None)
-            a = self.conv1.conv_padded(xp)
+            a = self.conv1.conv_padded(padded_input(x, scale1))
         else:
             a = self.conv1.conv_unmodulated(x if scale1 is None else x * scale1)
         mid = self.conv1.demodulation(s1, b)
@@ -340,13 +356,8 @@ class ModulatedResBlock(nn.Module):
             scale2 = (1.0 + s2.float()).reshape(b, self.channels, 1, 1, 1)
             mid = scale2 if mid is None else mid * scale2
         if direct:
-            if torch.jit.is_scripting():
-                h = self.act(a)
-                hp = replicate_pad(h, 1) if mid is None else replicate_pad_product(h, mid.to(h.dtype), 1)
-            else:
-                # PReLU, the product and the padding in one pass where the fused CPU kernel applies
-                hp = self._pad(a, None if mid is None else mid.to(a.dtype), self.act.weight)
-            c = self.conv2.conv_padded(hp)
+            # PReLU, the product and the padding in one pass where the fused CPU kernel applies
+            c = self.conv2.conv_padded(padded_input(a, None if mid is None else mid.to(a.dtype), self.act.weight))
         else:
             h = self.act(a)
             if mid is not None:
@@ -545,7 +556,7 @@ class UniPET(nn.Module):
             return conv(feat)
         c = feat.shape[1]
         w = conv.weight.reshape(c, 1, 3, 3, 3).to(feat.dtype)
-        per_channel = nn.functional.conv3d(replicate_pad(feat, 1), w, None, 1, 0, 1, c)
+        per_channel = nn.functional.conv3d(padded_input(feat), w, None, 1, 0, 1, c)
         acc = feat.dtype
         if acc == torch.bfloat16 or acc == torch.float16:
             acc = torch.float32
