@@ -4,7 +4,8 @@ Without gradients a :class:`~scripts.networks.unipet.ModulatedResBlock` pads two
 convolutions: ``x * (1 + s1)`` and ``PReLU(a) * d1 * (1 + s2)``. PyTorch spends three memory-bound passes on each
 (PReLU, the product into the padded interior, the faces); at the default 16 channels they are a third of a block's
 CPU time next to its two convolutions. ``csrc/scale_pad.cpp`` writes the padded result in one pass, with the same
-values bit for bit (tested).
+values bit for bit (tested). :func:`scripts.networks.unipet.padded_input` uses it for every other replicate padding
+the network does without gradients too (the SAN's, the output convolution's).
 
 The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min), as MONAI builds
 its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``, the name
