@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from scripts.common.io import atomic_write
-from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
+from scripts.networks.modulated_conv import prelu_replicate_pad
 
 __all__ = [
     "enable_fused_kernels",
@@ -254,12 +253,7 @@ def prelu_scale_pad(
             k = slope.detach().to(torch.float32).reshape(-1).expand(c).contiguous()
         _state["calls"] += 1
         return _state["module"].scale_pad(x, s, k, int(p))
-    h = x if slope is None else F.prelu(x, slope)
-    if scale is None:
-        return replicate_pad(h, p)
-    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
-        return replicate_pad(h * scale, p)  # autograd cannot go through replicate_pad_product's out= product
-    return replicate_pad_product(h, scale, p)
+    return prelu_replicate_pad(x, scale, slope, p)
 
 
 def build(fused_cpu_kernels: bool = True) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedConv3d", "PADDING_MODES", "replicate_pad", "replicate_pad_product"]
+__all__ = ["ModulatedConv3d", "PADDING_MODES", "prelu_replicate_pad", "replicate_pad", "replicate_pad_product"]
 
 PADDING_MODES = ("zeros", "replicate", "reflect")
 """Padding modes of the UniPET convolutions (``torch.nn.Conv3d`` names)."""
@@ -83,6 +83,26 @@ def replicate_pad_product(x: torch.Tensor, scale: torch.Tensor, p: int) -> torch
     out = _padded_empty(x, p)
     torch.mul(x, scale, out=out[:, :, p : p + d, p : p + h, p : p + w])
     return _fill_replicate_faces(out, p)
+
+
+def prelu_replicate_pad(
+    x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor], p: int
+) -> torch.Tensor:
+    """``replicate_pad(PReLU(x) * scale, p)`` in PyTorch's passes, each factor optional (``None``: skipped).
+
+    Without autograd the product goes straight into the padded tensor (:func:`replicate_pad_product`); when
+    autograd records through ``x`` or ``scale``, a plain product and :func:`replicate_pad` (an ``out=`` product has
+    no autograd). The reference path of the fused CPU kernel (``scripts.networks.fused_pad``) and the one under
+    TorchScript.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D + 2p, H + 2p, W + 2p)``.
+    """
+    h = x if slope is None else F.prelu(x, slope)
+    if scale is None:
+        return replicate_pad(h, p)
+    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
+        return replicate_pad(h * scale, p)
+    return replicate_pad_product(h, scale, p)
 
 
 class ModulatedConv3d(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .fused_pad import prelu_scale_pad
-from .modulated_conv import PADDING_MODES, ModulatedConv3d, replicate_pad, replicate_pad_product
+from .modulated_conv import PADDING_MODES, ModulatedConv3d, prelu_replicate_pad
 
 __all__ = [
     "local_mean3",
@@ -68,12 +68,7 @@ def padded_input(
     """
     if not torch.jit.is_scripting():
         return _fused_padded(x, scale, slope)
-    h = x if slope is None else nn.functional.prelu(x, slope)
-    if scale is None:
-        return replicate_pad(h, 1)
-    if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
-        return replicate_pad(h * scale, 1)  # replicate_pad_product's out= product has no autograd
-    return replicate_pad_product(h, scale, 1)
+    return prelu_replicate_pad(x, scale, slope, 1)
 
 
 def local_mean3(x: torch.Tensor) -> torch.Tensor:
