@@ -1,5 +1,6 @@
-"""The fused CPU kernel of the residual blocks' padded products (`scripts.networks.fused_pad`, issue 14): the same
-values as PyTorch's passes bit for bit, used only where it applies, and a clean fallback when it cannot be built."""
+"""The fused CPU kernels (`scripts.networks.fused_pad`, issue 14): the padded products give PyTorch's values bit for
+bit, the depthwise convolutions the same function up to float rounding; each is used only where it applies, with a
+clean fallback when the kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ import torch.nn.functional as F
 
 from conftest import run_python
 from scripts.networks import fused_pad
-from scripts.networks.fused_pad import enable_fused_kernels, fused_kernel_status, prelu_scale_pad
-from scripts.networks.modulated_conv import replicate_pad, replicate_pad_product
+from scripts.networks.fused_pad import (
+    DEPTHWISE_CHANNELS,
+    depthwise3_replicate,
+    enable_fused_kernels,
+    fused_kernel_status,
+    prelu_scale_pad,
+)
+from scripts.networks.modulated_conv import replicate_depthwise3, replicate_pad, replicate_pad_product
 from scripts.networks.unipet import UniPET
 
 CL = torch.channels_last_3d
@@ -87,14 +94,62 @@ def test_a_unipet_with_live_styles_gives_the_same_output_with_and_without_the_ke
     net = net.to(memory_format=CL)
     x = (torch.rand(3, 1, 12, 10, 14) * 0.3).contiguous(memory_format=CL)
     with torch.no_grad():
-        before = fused_kernel_status()["calls"]
+        before = fused_kernel_status()
         y_fused = net(x)
-        # each block's two paddings, the output convolution's, the SAN's high-pass and each SAN stage's gated input
-        assert fused_kernel_status()["calls"] == before + 2 * len(net.blocks) + 1 + 1 + len(net.san.stages)
+        after = fused_kernel_status()
+        # each block's two paddings and each SAN stage's gated input; the SAN's high-pass and the output convolution
+        # are the depthwise kernel's
+        assert after["calls"] == before["calls"] + 2 * len(net.blocks) + len(net.san.stages)
+        assert after["depthwise_calls"] == before["depthwise_calls"] + 2
         fused_pad._state["enabled"] = False
         y_torch = net(x)
-    assert torch.equal(y_fused, y_torch)
+    # the padded products are PyTorch's bits (above); the depthwise convolutions round differently
+    torch.testing.assert_close(y_fused, y_torch, rtol=0, atol=2e-6)
     assert (y_fused - x).abs().max() > 1e-3  # a network that does something, so the comparison means something
+
+
+@pytest.mark.parametrize("channels", DEPTHWISE_CHANNELS)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 1, 4, 2), (3, 4, 4, 9), (1, 1, 1, 1)])
+def test_the_depthwise_kernel_is_pytorchs_convolution_up_to_rounding(fused, channels, shape):
+    g = torch.Generator().manual_seed(channels + sum(shape))
+    b, spatial = shape[0], shape[1:]
+    x = torch.randn((b, channels, *spatial), generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(channels, 1, 3, 3, 3, generator=g)
+    for channel_sum in (False, True):
+        before = fused_kernel_status()["depthwise_calls"]
+        out = depthwise3_replicate(x, weight, channel_sum)
+        assert fused_kernel_status()["depthwise_calls"] == before + 1  # the kernel ran, not the fallback
+        ref = replicate_depthwise3(x, weight, channel_sum)
+        assert out.shape == ref.shape == (b, 1 if channel_sum else channels, *spatial)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+        # each output sums 27 (times C) products of unit-scale values: a few float32 ulps of that sum
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * (channels if channel_sum else 1))
+
+
+def test_where_the_depthwise_kernel_does_not_apply_pytorchs_passes_run(fused):
+    x = torch.randn(2, 8, 3, 5, 4)
+    weight = torch.randn(8, 1, 3, 3, 3)
+    cl = x.contiguous(memory_format=CL)
+    odd = torch.randn(2, 12, 3, 5, 4).contiguous(memory_format=CL)
+    before = fused_kernel_status()["depthwise_calls"]
+    cases = [
+        (x, weight),  # contiguous (NCDHW) layout
+        (cl.to(torch.bfloat16), weight),  # bf16
+        (cl.clone().requires_grad_(), weight),  # autograd records through the features ...
+        (cl, weight.clone().requires_grad_()),  # ... or through the weight
+        (odd, torch.randn(12, 1, 3, 3, 3)),  # a width the kernel is not compiled for
+    ]
+    for case, w in cases:
+        for channel_sum in (False, True):
+            out = depthwise3_replicate(case, w, channel_sum)
+            assert torch.equal(out.detach(), replicate_depthwise3(case, w, channel_sum).detach())
+            assert out.requires_grad == (case.requires_grad or w.requires_grad)
+    assert fused_kernel_status()["depthwise_calls"] == before
+    module = fused_pad._state["module"]
+    with pytest.raises(RuntimeError, match="empty axis"):  # nothing to replicate: called directly, it refuses
+        module.depthwise3_replicate(torch.empty(2, 8, 0, 3, 3).contiguous(memory_format=CL), weight, False)
+    with pytest.raises(RuntimeError, match="C must be 8, 16, 32 or 64"):
+        module.depthwise3_replicate(odd, torch.randn(12, 1, 3, 3, 3), False)
 
 
 def test_where_it_does_not_apply_pytorchs_passes_run(fused):

@@ -24,6 +24,7 @@ from conftest import run_python
 from scripts.data.io import save_nifti
 from scripts.data.phantom import make_phantom
 from scripts.deploy.package import BUNDLE_NAME, PackageError, package_bundle
+from scripts.networks.fused_pad import SOURCES
 
 
 def sha256(path: Path) -> str:
@@ -61,7 +62,8 @@ def test_zip_is_the_zoo_layout_with_weights(packaged):
             "models/model.pt",
             "scripts/__init__.py",
             "scripts/networks/unipet.py",
-            "scripts/networks/csrc/scale_pad.cpp",  # the fused CPU kernel builds from its source on the user's machine
+            # the fused CPU kernels build from their sources on the user's machine
+            *(f"scripts/networks/csrc/{source.name}" for source in SOURCES),
             "docs/README.md",
             "LICENSE",
             "large_files.yml",

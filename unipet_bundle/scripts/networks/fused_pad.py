@@ -1,20 +1,26 @@
-"""A fused CPU kernel for the residual blocks' padded products (issue 14), built once per machine.
+"""Fused CPU kernels for the network's padded passes (issue 14), built once per machine.
 
 Without gradients a :class:`~scripts.networks.unipet.ModulatedResBlock` pads two products per block for its
 convolutions: ``x * (1 + s1)`` and ``PReLU(a) * d1 * (1 + s2)``. PyTorch spends three memory-bound passes on each
 (PReLU, the product into the padded interior, the faces); at the default 16 channels they are a third of a block's
 CPU time next to its two convolutions. ``csrc/scale_pad.cpp`` writes the padded result in one pass, with the same
 values bit for bit (tested). :func:`scripts.networks.unipet.padded_input` uses it for every other replicate padding
-the network does without gradients too (the SAN's, the output convolution's).
+the network does without gradients too (the SAN's gated stage inputs).
 
-The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min), as MONAI builds
-its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``, the name
-holding a hash of the source, torch's version and the flags; later processes import the built library directly. A
+``csrc/depthwise3.cpp`` (:func:`depthwise3_replicate`) runs the network's two depthwise 3x3x3 convolutions, the SAN's
+high-pass and the output convolution (a depthwise one summed over the channels), on the unpadded input, reading its
+faces in place: no padded copy, and a loop faster than oneDNN's depthwise kernel at these widths. The same function
+up to float rounding (tested), not bit for bit.
+
+The kernels are C++, one library compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min),
+as MONAI builds its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``,
+the name holding a hash of the sources, torch's version and the flags; later processes import the built library directly. A
 build lock left by a killed build is removed after :data:`BUILD_TIMEOUT_S` instead of being waited on forever.
 
 It is used only where it applies: float32, channels-last-3d features on the CPU (inference's default
 ``memory_format``), no autograd, outside TorchScript. Everywhere else, and when the build fails (no
-compiler: one WARNING says why), the blocks run PyTorch's own passes: the same numbers, slower.
+compiler: one WARNING says why), the network runs PyTorch's own passes: the same numbers (up to float rounding for
+the depthwise convolutions), slower.
 
 Switched by ``configs/inference.json``'s ``fused_cpu_kernels`` (default true; an ``initialize`` step calls
 :func:`enable_fused_kernels`; :class:`scripts.inference.denoise.BundleDenoiser` and the benchmarks read the same
@@ -37,25 +43,35 @@ from typing import Any, Optional
 import torch
 
 from scripts.common.io import atomic_write
-from scripts.networks.modulated_conv import prelu_replicate_pad
+from scripts.networks.modulated_conv import prelu_replicate_pad, replicate_depthwise3
 
 __all__ = [
     "enable_fused_kernels",
     "fused_kernels_as_configured",
     "fused_kernel_status",
+    "depthwise3_replicate",
     "prelu_scale_pad",
 ]
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "scale_pad.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("scale_pad.cpp", "depthwise3.cpp", "module.cpp"))
+DEPTHWISE_CHANNELS = (8, 16, 32, 64)
+"""Channel counts :func:`depthwise3_replicate`'s kernel is compiled for (others run PyTorch's path)."""
 CONFIG_KEY = "fused_cpu_kernels"
 
 _lock = threading.Lock()
 # "enabled": asked for; "module": the loaded extension or None; "reason": why it is not used (or "in use");
-# "calls": fused calls made (the tests check that the kernel ran, not only that it was built)
+# "calls", "depthwise_calls": kernel calls made (the tests check that a kernel ran, not only that it was built)
 # "failed": why the build failed in this process ("" until then), so it is tried once
-_state: dict[str, Any] = {"enabled": False, "module": None, "reason": "not enabled", "calls": 0, "failed": ""}
+_state: dict[str, Any] = {
+    "enabled": False,
+    "module": None,
+    "reason": "not enabled",
+    "calls": 0,
+    "depthwise_calls": 0,
+    "failed": "",
+}
 
 
 BUILD_TIMEOUT_S = 600.0
@@ -66,12 +82,12 @@ def _extension_name() -> str:
     # the source, torch's and Python's versions, the CPU architecture and the flags in the name: an edited kernel,
     # another interpreter or another machine sharing the cache never loads (or overwrites) another's build
     key = f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{_CFLAGS}"
-    digest = hashlib.sha256(SOURCE.read_bytes() + key.encode()).hexdigest()[:12]
-    return f"unipet_scale_pad_{digest}"
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + key.encode()).hexdigest()[:12]
+    return f"unipet_fused_{digest}"
 
 
-# no -march=native: the cache may be shared by machines of other CPUs; the loop is memory-bound and vectorises
-# with the baseline x86-64 instructions. -fopenmp: at::parallel_for's OpenMP loop lives in the header.
+# no -march=native: the cache may be shared by machines of other CPUs (the depthwise loop carries its own AVX-512 and
+# AVX2 clones, chosen at load time; the padding loop is memory-bound). -fopenmp: at::parallel_for's OpenMP loop lives in the header.
 _CFLAGS = ("-O3", "-fopenmp")
 
 
@@ -133,7 +149,7 @@ def _build() -> Any:
 
     module = load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(source) for source in SOURCES],
         extra_cflags=list(_CFLAGS),
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
@@ -165,8 +181,9 @@ def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
             _state["reason"] = _state["failed"]
             return fused_kernel_status()
         if _state["module"] is None:
-            if not SOURCE.is_file():
-                _state["reason"] = f"its source {SOURCE} is missing"
+            missing = [str(source) for source in SOURCES if not source.is_file()]
+            if missing:
+                _state["reason"] = f"its source {missing[0]} is missing"
             else:
                 try:
                     logger.info("fused CPU kernel: loading (compiled once per machine, ~1 min the first time)")
@@ -195,7 +212,7 @@ def fused_kernels_as_configured(parser: Any) -> dict[str, Any]:
 
 
 def fused_kernel_status() -> dict[str, Any]:
-    """``{"enabled", "loaded", "in_use", "reason", "calls"}`` of this process."""
+    """``{"enabled", "loaded", "in_use", "reason", "calls", "depthwise_calls"}`` of this process."""
     loaded = _state["module"] is not None
     return {
         "enabled": bool(_state["enabled"]),
@@ -203,6 +220,7 @@ def fused_kernel_status() -> dict[str, Any]:
         "in_use": bool(_state["enabled"]) and loaded,
         "reason": str(_state["reason"]),
         "calls": int(_state["calls"]),
+        "depthwise_calls": int(_state["depthwise_calls"]),
     }
 
 
@@ -254,6 +272,37 @@ def prelu_scale_pad(
         _state["calls"] += 1
         return _state["module"].scale_pad(x, s, k, int(p))
     return prelu_replicate_pad(x, scale, slope, p)
+
+
+def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool = False) -> torch.Tensor:
+    """``conv3d(replicate_pad(x, 1), weight, groups=C)``, summed over the channels with ``channel_sum``; no bias.
+
+    Args:
+        x: ``(B, C, D, H, W)`` features.
+        weight: ``(C, 1, 3, 3, 3)`` depthwise kernel.
+        channel_sum: return the sum over the channels, ``(B, 1, D, H, W)``, accumulated in float32 (a float32
+            result for bf16/fp16 features).
+
+    Returns ``(B, C, D, H, W)`` (or ``(B, 1, D, H, W)``): from the fused kernel where it applies (float32
+    channels-last features on the CPU, C in :data:`DEPTHWISE_CHANNELS`, nothing recording gradients; see the module
+    docstring), else PyTorch's passes (:func:`~scripts.networks.modulated_conv.replicate_depthwise3`); the same function up
+    to float rounding.
+    """
+    c = x.shape[1] if x.dim() == 5 else 0
+    if (
+        _applies(x, None, None)
+        and c in DEPTHWISE_CHANNELS
+        and x.shape[2] > 0
+        and x.shape[3] > 0
+        and x.shape[4] > 0
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.numel() == c * 27
+    ):
+        _state["depthwise_calls"] += 1
+        return _state["module"].depthwise3_replicate(x, weight.detach().contiguous(), bool(channel_sum))
+    return replicate_depthwise3(x, weight, channel_sum)
 
 
 def build(fused_cpu_kernels: bool = True) -> None:

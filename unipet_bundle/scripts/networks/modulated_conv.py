@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedConv3d", "PADDING_MODES", "prelu_replicate_pad", "replicate_pad", "replicate_pad_product"]
+__all__ = [
+    "ModulatedConv3d",
+    "PADDING_MODES",
+    "prelu_replicate_pad",
+    "replicate_depthwise3",
+    "replicate_pad",
+    "replicate_pad_product",
+]
 
 PADDING_MODES = ("zeros", "replicate", "reflect")
 """Padding modes of the UniPET convolutions (``torch.nn.Conv3d`` names)."""
@@ -103,6 +110,24 @@ def prelu_replicate_pad(
     if torch.is_grad_enabled() and (h.requires_grad or scale.requires_grad):
         return replicate_pad(h * scale, p)
     return replicate_pad_product(h, scale, p)
+
+
+def replicate_depthwise3(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool = False) -> torch.Tensor:
+    """``conv3d(replicate_pad(x, 1), weight, groups=C)`` in PyTorch's passes, summed over the channels with
+    ``channel_sum`` (accumulated in float32 for bf16/fp16 features, a float32 result); no bias.
+
+    The reference path of the fused CPU kernel (``scripts.networks.fused_pad.depthwise3_replicate``) and the one under
+    TorchScript. ``weight``: ``(C, 1, 3, 3, 3)``.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``, or ``(B, 1, D, H, W)`` with ``channel_sum``.
+    """
+    out = F.conv3d(replicate_pad(x, 1), weight.to(x.dtype), None, 1, 0, 1, x.shape[1])
+    if not channel_sum:
+        return out
+    acc = x.dtype
+    if acc == torch.bfloat16 or acc == torch.float16:
+        acc = torch.float32
+    return out.sum(dim=1, keepdim=True, dtype=acc)
 
 
 class ModulatedConv3d(nn.Module):

@@ -14,8 +14,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .fused_pad import prelu_scale_pad
-from .modulated_conv import PADDING_MODES, ModulatedConv3d, prelu_replicate_pad
+from .fused_pad import depthwise3_replicate, prelu_scale_pad
+from .modulated_conv import PADDING_MODES, ModulatedConv3d, prelu_replicate_pad, replicate_depthwise3
 
 __all__ = [
     "local_mean3",
@@ -71,6 +71,27 @@ def padded_input(
     return prelu_replicate_pad(x, scale, slope, 1)
 
 
+@torch.jit.unused
+def _fused_depthwise(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool) -> torch.Tensor:
+    """Eager mode: the fused CPU kernel where it applies, else PyTorch's passes (:func:`fused_pad.depthwise3_replicate`)."""
+    return depthwise3_replicate(x, weight, channel_sum)
+
+
+def depthwise3(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool = False) -> torch.Tensor:
+    """``conv3d(replicate_pad(x, 1), weight, groups=C)``, summed over the channels with ``channel_sum``; no bias.
+
+    In eager mode the fused CPU kernel where it applies (float32 channels-last features, no autograd; it reads the
+    faces in place instead of padding a copy: :mod:`scripts.networks.fused_pad`), else PyTorch's passes; under
+    TorchScript always PyTorch's passes. The same function up to float rounding (tested). ``weight``:
+    ``(C, 1, 3, 3, 3)``.
+
+    Shapes: ``(B, C, D, H, W) -> (B, C, D, H, W)``, or ``(B, 1, D, H, W)`` with ``channel_sum``.
+    """
+    if not torch.jit.is_scripting():
+        return _fused_depthwise(x, weight, channel_sum)
+    return replicate_depthwise3(x, weight, channel_sum)
+
+
 def local_mean3(x: torch.Tensor) -> torch.Tensor:
     """The 3x3x3 local mean of each channel, faces edge-replicated (``avg_pool3d`` of the replicate-padded input).
 
@@ -103,7 +124,7 @@ def _autocast_on(x: torch.Tensor) -> bool:
 def high_pass3(x: torch.Tensor) -> torch.Tensor:
     """``x - local_mean3(x)``: each channel minus its 3x3x3 local mean, faces edge-replicated (the SAN's input).
 
-    float32 input: one depthwise convolution of the replicate-padded input with the kernel ``delta - 1/27``, the
+    float32 input: one depthwise convolution (:func:`depthwise3`) of the edge-replicated input with the kernel ``delta - 1/27``, the
     same function up to float rounding (tested to 2e-6) in one pass instead of three (the box mean, its division
     and the difference: 6.5 instead of 10.1 ms for eight 32^3 windows of 16 channels, issue 14). Other dtypes
     (bf16 features under autocast), and float32 while autocast is on in eager mode (the convolution would round
@@ -116,7 +137,7 @@ def high_pass3(x: torch.Tensor) -> torch.Tensor:
     c = x.shape[1]
     kernel = torch.full((c, 1, 3, 3, 3), -1.0 / 27.0, dtype=x.dtype, device=x.device)
     kernel[:, :, 1, 1, 1] = 26.0 / 27.0
-    return nn.functional.conv3d(padded_input(x), kernel, None, 1, 0, 1, c)
+    return depthwise3(x, kernel)
 
 
 def spatial_mean_var(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -550,15 +571,10 @@ class UniPET(nn.Module):
         if self.out_channels != 1 or self.padding_mode != "replicate" or torch.is_grad_enabled():
             return conv(feat)
         c = feat.shape[1]
-        w = conv.weight.reshape(c, 1, 3, 3, 3).to(feat.dtype)
-        per_channel = nn.functional.conv3d(padded_input(feat), w, None, 1, 0, 1, c)
-        acc = feat.dtype
-        if acc == torch.bfloat16 or acc == torch.float16:
-            acc = torch.float32
-        out = per_channel.sum(dim=1, keepdim=True, dtype=acc)
+        out = depthwise3(feat, conv.weight.reshape(c, 1, 3, 3, 3), True)
         bias = conv.bias
         if bias is not None:
-            out = out + bias.to(acc).reshape(1, 1, 1, 1, 1)
+            out = out + bias.to(out.dtype).reshape(1, 1, 1, 1, 1)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,3 @@ torch::Tensor scale_pad(const torch::Tensor& x, const torch::Tensor& scale, cons
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // no Python object is touched inside: other Python threads run meanwhile
-  m.def("scale_pad", &scale_pad, "edge-replicate padding of PReLU(x) * scale in one pass (channels-last, float32)",
-        py::call_guard<py::gil_scoped_release>());
-}

@@ -1,0 +1,15 @@
+// The Python bindings of the fused CPU kernels (scripts/networks/fused_pad.py builds this with the kernels' sources).
+#include <torch/extension.h>
+
+torch::Tensor scale_pad(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& slope, int64_t p);
+torch::Tensor depthwise3_replicate(const torch::Tensor& x, const torch::Tensor& weight, bool channel_sum);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // no Python object is touched inside: other Python threads run meanwhile
+  m.def("scale_pad", &scale_pad, "edge-replicate padding of PReLU(x) * scale in one pass (channels-last, float32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("depthwise3_replicate", &depthwise3_replicate,
+        "depthwise 3x3x3 convolution of the edge-replicated input, optionally summed over channels (channels-last, "
+        "float32)",
+        py::call_guard<py::gil_scoped_release>());
+}
