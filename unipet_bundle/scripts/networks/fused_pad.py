@@ -82,7 +82,12 @@ def _extension_name() -> str:
     # the source, torch's and Python's versions, the CPU architecture and the flags in the name: an edited kernel,
     # another interpreter or another machine sharing the cache never loads (or overwrites) another's build
     key = f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{_CFLAGS}"
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + key.encode()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for source in SOURCES:  # each file's name and size before its bytes: text moved between files changes the name
+        data = source.read_bytes()
+        h.update(f"{source.name}|{len(data)}|".encode() + data)
+    h.update(key.encode())
+    digest = h.hexdigest()[:12]
     return f"unipet_fused_{digest}"
 
 
@@ -161,10 +166,10 @@ def _build() -> Any:
 
 
 def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
-    """Use the fused kernel from now on in this process (building it on first use), or stop using it.
+    """Use the fused kernels from now on in this process (building them on first use), or stop using them.
 
-    Never raises for a failed build: it logs one WARNING with the reason and the blocks keep PyTorch's passes (the
-    same numbers). Returns :func:`fused_kernel_status`.
+    Never raises for a failed build: it logs one WARNING with the reason and the network keeps PyTorch's passes (the
+    same numbers up to float rounding). Returns :func:`fused_kernel_status`.
     """
     from scripts.common.options import as_bool
 
@@ -194,8 +199,8 @@ def enable_fused_kernels(enabled: bool = True) -> dict[str, Any]:
             if _state["module"] is None:
                 _state["failed"] = _state["reason"]
                 logger.warning(
-                    "fused CPU kernel not used: %s; the residual blocks run PyTorch's passes (the same numbers, "
-                    "slower). Install g++ and ninja, or set %s false to silence this",
+                    "fused CPU kernel not used: %s; the network runs PyTorch's passes (the same numbers up to float "
+                    "rounding, slower). Install g++ and ninja, or set %s false to silence this",
                     _state["reason"],
                     CONFIG_KEY,
                 )
@@ -296,9 +301,11 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
         and x.shape[3] > 0
         and x.shape[4] > 0
         and not (torch.is_grad_enabled() and weight.requires_grad)
+        # under autocast PyTorch's convolution runs in bf16: the kernel's float32 would be another function
+        and not torch.is_autocast_enabled("cpu")
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and weight.numel() == c * 27
+        and tuple(weight.shape) == (c, 1, 3, 3, 3)
     ):
         _state["depthwise_calls"] += 1
         return _state["module"].depthwise3_replicate(x, weight.detach().contiguous(), bool(channel_sum))
@@ -306,9 +313,10 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
 
 
 def build(fused_cpu_kernels: bool = True) -> None:
-    """Build (once per machine) and load the fused CPU kernel, and say whether it is in use.
+    """Build (once per machine) and load the fused CPU kernels, and say whether they are in use.
 
-    Exit status 0 either way: without it the bundle runs PyTorch's passes (the same numbers, slower).
+    Exit status 0 either way: without them the bundle runs PyTorch's passes (the same numbers up to float rounding,
+    slower).
 
     Args:
         fused_cpu_kernels: false only reports that the kernel is off.

@@ -4,8 +4,8 @@
 // through a padded copy and oneDNN's depthwise kernel; here ~2.7 ms for both the high-pass and the summed output.
 //
 // The same function as PyTorch's conv3d(replicate_pad(x, 1), weight, groups=C) up to float rounding (each output
-// voxel sums its 27 taps in the convolution's order, but whether a product and a sum are fused into one FMA
-// depends on the CPU's clone); the summed form adds the channels in order. Tested against PyTorch's path.
+// voxel sums its 27 taps in the convolution's order, but the AVX-512 and FMA clones fuse each product and sum into
+// one multiply-add, the baseline one does not); the summed form adds the channels in order. Tested against PyTorch.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -13,11 +13,13 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// AVX-512 and AVX2 clones beside the baseline one, chosen by the CPU when the library loads: the loop is bound by
-// its multiply-adds (27 per voxel and channel), which the baseline's 4-wide vectors run at a quarter of AVX-512's
-// rate; -march=native would tie a shared build cache to one CPU.
-#define UNIPET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && defined(__GLIBC__)
+// AVX-512 and AVX + FMA clones beside the baseline one, chosen by the CPU's features when the library loads (an ifunc):
+// the loop is bound by its multiply-adds (27 per voxel and channel), which the baseline's 4-wide vectors run at a
+// quarter of AVX-512's rate; -march=native would tie a shared build cache to one CPU. GCC on glibc only: clang does
+// not clone templates and other C libraries may lack ifuncs, and a failed build would take the padding kernel
+// (the same library) with it; elsewhere the baseline loop, still correct.
+#define UNIPET_CLONES __attribute__((target_clones("avx512f", "fma", "default")))
 #else
 #define UNIPET_CLONES
 #endif
