@@ -14,13 +14,14 @@ up to float rounding (tested), not bit for bit.
 
 The kernels are C++, one library compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min),
 as MONAI builds its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``,
-the name holding a hash of the sources, torch's version and the flags; later processes import the built library directly. A
-build lock left by a killed build is removed after :data:`BUILD_TIMEOUT_S` instead of being waited on forever.
+the name holding a hash of the sources, torch's version and the flags; later processes import the built library
+directly. A build lock left by a killed build is removed after :data:`BUILD_TIMEOUT_S` instead of being waited on
+forever.
 
-It is used only where it applies: float32, channels-last-3d features on the CPU (inference's default
-``memory_format``), no autograd, outside TorchScript. Everywhere else, and when the build fails (no
-compiler: one WARNING says why), the network runs PyTorch's own passes: the same numbers (up to float rounding for
-the depthwise convolutions), slower.
+They are used only where they apply: float32, channels-last-3d features on the CPU (inference's default
+``memory_format``), no autograd (and, for the depthwise one, no autocast), outside TorchScript. Everywhere else,
+and when the build fails (no compiler: one WARNING says why), the network runs PyTorch's own passes: the same numbers
+(up to float rounding for the depthwise convolutions), slower.
 
 Switched by ``configs/inference.json``'s ``fused_cpu_kernels`` (default true; an ``initialize`` step calls
 :func:`enable_fused_kernels`; :class:`scripts.inference.denoise.BundleDenoiser` and the benchmarks read the same
@@ -92,7 +93,8 @@ def _extension_name() -> str:
 
 
 # no -march=native: the cache may be shared by machines of other CPUs (the depthwise loop carries its own AVX-512 and
-# AVX2 clones, chosen at load time; the padding loop is memory-bound). -fopenmp: at::parallel_for's OpenMP loop lives in the header.
+# AVX + FMA clones, chosen at load time; the padding loop is memory-bound). -fopenmp: at::parallel_for's OpenMP loop
+# lives in the header.
 _CFLAGS = ("-O3", "-fopenmp")
 
 
@@ -289,9 +291,9 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
             result for bf16/fp16 features).
 
     Returns ``(B, C, D, H, W)`` (or ``(B, 1, D, H, W)``): from the fused kernel where it applies (float32
-    channels-last features on the CPU, C in :data:`DEPTHWISE_CHANNELS`, nothing recording gradients; see the module
-    docstring), else PyTorch's passes (:func:`~scripts.networks.modulated_conv.replicate_depthwise3`); the same function up
-    to float rounding.
+    channels-last features on the CPU, C in :data:`DEPTHWISE_CHANNELS`, a ``(C, 1, 3, 3, 3)`` weight, nothing recording
+    gradients, autocast off; see the module docstring), else PyTorch's passes
+    (:func:`~scripts.networks.modulated_conv.replicate_depthwise3`); the same function up to float rounding.
     """
     c = x.shape[1] if x.dim() == 5 else 0
     if (

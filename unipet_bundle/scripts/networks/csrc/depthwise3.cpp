@@ -98,7 +98,8 @@ torch::Tensor depthwise3_replicate(const torch::Tensor& x, const torch::Tensor& 
   // an empty axis has no edge voxel to replicate
   TORCH_CHECK(B == 0 || (D > 0 && H > 0 && W > 0), "depthwise3_replicate: cannot replicate-pad an empty axis");
   auto taps = weight.reshape({C, 27}).t().contiguous();  // (27, C): one tap's C weights side by side
-  auto out = torch::empty({B, channel_sum ? 1 : C, D, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  auto out = torch::empty({B, channel_sum ? 1 : C, D, H, W},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
   if (out.numel() == 0) return out;
   const float* xp = x.data_ptr<float>();
   const float* tp = taps.data_ptr<float>();
