@@ -40,6 +40,8 @@ __all__ = [
     "DicomSeriesError",
     "DicomVolume",
     "SeriesSummary",
+    "check_single_frame",
+    "dicom_number",
     "load_series",
     "ras_affine",
     "scan_folder",
@@ -54,6 +56,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # per cent between bed positions (3.19-3.29 mm in the STS_001 series), so only a gap well beyond that
 # (a missing slice doubles the step) is refused.
 _STEP_REL_TOL = 0.25
+# Every slice must lie within this fraction of a step of the uniform grid the affine describes: steps that each pass
+# the test above can still add up (20 slices of 3.0 mm then 20 of 3.7 mm put slices 6.8 mm off a 3.36 mm grid),
+# and beyond half a step a slice would be written into its neighbour's place. The STS_001 series: 0.04 mm.
+_GRID_REL_TOL = 0.5
 _ORIENTATION_TOL = 1e-3
 _SHEAR_PIXEL_TOL = 0.1
 
@@ -214,13 +220,49 @@ def select_series(
     return chosen
 
 
+def dicom_number(value: Any, keyword: str, path: Path | str) -> float:
+    """A DICOM decimal/integer string as a float, or a :class:`DicomSeriesError` naming the file, the tag and the value.
+
+    Exporting systems with a European locale sometimes write ``0,539`` for ``0.539``: guessing which one was meant
+    would risk a wrong number, so such a file is refused with the reason (a bare ``float()`` gave a traceback).
+    """
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        text = str(value)
+        hint = " (a decimal comma: DICOM numbers use a point)" if "," in text else ""
+        raise DicomSeriesError(
+            f"{path}: {keyword} {text[:40]!r} is not a number{hint}; the file is malformed: fix the tag or re-export the "
+            "series"
+        ) from None
+
+
 def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     value = ds.get(keyword)
     if value is None or len(value) != n:
         raise DicomSeriesError(
             f"{path}: {keyword} missing or malformed; the slice geometry is unknown, the series cannot be stacked"
         )
-    return np.asarray([float(v) for v in value], dtype=np.float64)
+    return np.asarray([dicom_number(v, keyword, path) for v in value], dtype=np.float64)
+
+
+def check_single_frame(chosen: SeriesSummary) -> None:
+    """Refuse a multi-frame (enhanced) image: checked before anything else is read from its tags.
+
+    Raises:
+        DicomSeriesError: a file holds more than one frame.
+    """
+    for p, ds in zip(chosen.files, chosen.headers):
+        frames = ds.get("NumberOfFrames", 1) or 1
+        try:
+            many = int(frames) > 1
+        except (TypeError, ValueError):
+            many = True  # a NumberOfFrames that is not a number is not a single-frame slice either
+        if many:
+            raise DicomSeriesError(
+                f"{p} is a multi-frame (enhanced) image: only single-frame slice series are supported; "
+                "export the series as single-frame slices"
+            )
 
 
 def ras_affine(
@@ -317,12 +359,7 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
     """
     headers = chosen.headers
     folder = chosen.files[0].parent
-    for p, ds in zip(chosen.files, headers):
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DicomSeriesError(
-                f"{p} is a multi-frame (enhanced) image: only single-frame slice series are supported; "
-                "export the series as single-frame slices"
-            )
+    check_single_frame(chosen)
 
     _check_same([(int(ds.Rows), int(ds.Columns)) for ds in headers], "Rows x Columns", folder)
     iops = [_float_list(ds, "ImageOrientationPatient", 6, p) for p, ds in zip(chosen.files, headers)]
@@ -361,6 +398,15 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
                 f"irregular slice spacing in {folder}: step {steps[worst]:.3f} mm between slices at {along[worst]:.2f} and "
                 f"{along[worst + 1]:.2f} mm (mean {slice_step:.3f} mm); missing slices? re-export the complete series"
             )
+        offsets = along - (along[0] + slice_step * np.arange(n))  # each slice's distance from the affine's grid
+        far = int(np.argmax(np.abs(offsets)))
+        if abs(offsets[far]) > _GRID_REL_TOL * slice_step:
+            raise DicomSeriesError(
+                f"slices in {folder} are not evenly spaced: steps {steps.min():.3f}-{steps.max():.3f} mm, so the slice at "
+                f"{along[far]:.2f} mm lies {abs(offsets[far]):.2f} mm from a uniform grid of {slice_step:.3f} mm (more than "
+                "half a step: it would be written into another slice's place); resample the series to uniform spacing "
+                "first (e.g. with ITK or dcm2niix)"
+            )
         drift = positions[-1] - positions[0] - normal * (along[-1] - along[0])
         if np.linalg.norm(drift) > _SHEAR_PIXEL_TOL * min(row_spacing, col_spacing):
             raise DicomSeriesError(
@@ -379,8 +425,9 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
     for k, path in enumerate(tqdm(files, desc="decoding slices", unit="slice", disable=None, leave=False)):
         stored, ds = _decode(path, rows, cols)
         # A missing slope/intercept means identity (DICOM default); values are kept in float64 until the caller casts.
-        slopes[k] = float(ds.RescaleSlope) if ds.get("RescaleSlope") not in (None, "") else 1.0
-        intercepts[k] = float(ds.RescaleIntercept) if ds.get("RescaleIntercept") not in (None, "") else 0.0
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slopes[k] = dicom_number(slope, "RescaleSlope", path) if slope not in (None, "") else 1.0
+        intercepts[k] = dicom_number(intercept, "RescaleIntercept", path) if intercept not in (None, "") else 0.0
         if not (np.isfinite(slopes[k]) and np.isfinite(intercepts[k])):
             raise DicomSeriesError(
                 f"{path}: RescaleSlope/RescaleIntercept {float(slopes[k])}/{float(intercepts[k])} is not a finite number, so every voxel "
@@ -395,6 +442,7 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
         "shape_xyz": [cols, rows, n],
         "spacing_mm": [col_spacing, row_spacing, slice_step],
         "slice_step_range_mm": [float(steps.min()), float(steps.max())] if n > 1 else [slice_step, slice_step],
+        "max_slice_offset_from_grid_mm": float(np.max(np.abs(offsets))) if n > 1 else 0.0,
         "image_orientation_patient": [float(v) for v in iop],
         "first_slice_position_lps_mm": [float(v) for v in positions[0]],
         "affine_ras": affine.tolist(),

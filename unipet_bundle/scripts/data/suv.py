@@ -53,7 +53,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from pydicom.dataset import Dataset
 
 from scripts.common.errors import UniPETInputError, exit_bad_input
 from scripts.common.io import atomic_write_json, check_output_path
-from scripts.data.dicom_series import DicomVolume, select_series, stack_series
+from scripts.data.dicom_series import DicomVolume, check_single_frame, select_series, stack_series
 from scripts.data.io import load_nifti, nifti_stem, save_nifti
 
 __all__ = [
@@ -249,8 +249,30 @@ def scan_reference_datetime(slices: Sequence[Dataset]) -> tuple[datetime, str]:
 _TIME_FIX = "pass --injection_datetime YYYYMMDDHHMMSS (or --injection_time HHMMSS on the scan date) with the real injection time"
 
 
-def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverrides) -> tuple[datetime, str, bool]:
-    """(injection date-time, where it came from, whether only a time of day was known)."""
+def _utc_offset(text: str) -> timedelta | None:
+    """The ``+HHMM``/``-HHMM`` offset of a DICOM DT or of TimezoneOffsetFromUTC, or None when there is none."""
+    m = re.search(r"([+-])(\d{2})(\d{2})$", text)
+    if m is None:
+        return None
+    sign = 1 if m.group(1) == "+" else -1
+    return sign * timedelta(hours=int(m.group(2)), minutes=int(m.group(3)))
+
+
+def _injection_datetime(
+    rp: Dataset,
+    reference: datetime,
+    overrides: SUVOverrides,
+    series_offset: Any = None,
+    warnings: list[str] | None = None,
+) -> tuple[datetime, str, bool]:
+    """(injection date-time, where it came from, whether only a time of day was known).
+
+    ``series_offset``: the series' TimezoneOffsetFromUTC (its acquisition times are that clock's). A
+    RadiopharmaceuticalStartDateTime with another explicit offset is converted to the series' clock; with an offset
+    but no series offset it is taken as the same local clock (a warning says so). Conflicting injection tags add a
+    warning to ``warnings``.
+    """
+    warnings = [] if warnings is None else warnings
     if overrides.injection_datetime is not None:
         parsed = parse_datetime(overrides.injection_datetime)
         if parsed is None:
@@ -269,7 +291,34 @@ def _injection_datetime(rp: Dataset, reference: datetime, overrides: SUVOverride
     if rp.get("RadiopharmaceuticalStartDateTime"):
         parsed = parse_datetime(rp.RadiopharmaceuticalStartDateTime)
         if parsed is not None:
-            return parsed, "RadiopharmaceuticalStartDateTime (0018,1078)", False
+            source = "RadiopharmaceuticalStartDateTime (0018,1078)"
+            own, series = _utc_offset(_text(rp.RadiopharmaceuticalStartDateTime)), _utc_offset(_text(series_offset))
+            if own is not None and series is not None and own != series:
+                # e.g. the injection logged in UTC, the scanner on local time: one clock, or the uptake is off by hours
+                parsed = parsed - own + series
+                source += (
+                    f" (converted from its UTC offset to the series' TimezoneOffsetFromUTC {_text(series_offset)})"
+                )
+            elif own is not None and series is None:
+                warnings.append(
+                    f"RadiopharmaceuticalStartDateTime has a UTC offset ({_text(rp.RadiopharmaceuticalStartDateTime)[-5:]}) "
+                    "but the series has no TimezoneOffsetFromUTC: both taken as the same local clock"
+                )
+            clock = parse_time(rp.get("RadiopharmaceuticalStartTime"))
+            if clock is not None:
+                as_dated = parse_datetime(rp.RadiopharmaceuticalStartDateTime)
+                apart = (
+                    abs((datetime.combine(as_dated.date(), clock) - as_dated).total_seconds())
+                    if as_dated is not None
+                    else 0.0
+                )
+                if min(apart, 86400.0 - apart) > 1.0:
+                    warnings.append(
+                        f"RadiopharmaceuticalStartDateTime ({as_dated.time().isoformat()}) and RadiopharmaceuticalStartTime "
+                        f"({clock.isoformat()}) disagree: the date-time is used (QIBA); check the injection time, or pass "
+                        "--injection_datetime"
+                    )
+            return parsed, source, False
         # a date without a time of day: its date is still the injection day, the time must come from elsewhere
         dated = _parse_date(_text(rp.RadiopharmaceuticalStartDateTime)[:8])
     clock = parse_time(rp.get("RadiopharmaceuticalStartTime"))
@@ -387,6 +436,50 @@ def _positive_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) and number > 0 else None
+
+
+def _tag_positive(value: Any, what: str) -> float | None:
+    """A tag's positive number; None when it is absent, empty, zero or negative (the caller says "missing or zero").
+
+    Raises:
+        SUVError: present but not a number (e.g. ``81,25`` from a European-locale export): named as such, never
+            reported as missing and never guessed.
+    """
+    if value is None or _text(value) == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        hint = " (a decimal comma: DICOM numbers use a point)" if "," in _text(value) else ""
+        raise SUVError(
+            f"{what} {_text(value)[:40]!r} is not a number{hint}: fix the tag, or {_SUV_FACTOR_HINT}"
+        ) from None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _check_corrections(ds: Dataset) -> list[str]:
+    """CorrectedImage (0028,0051)'s values, refused when they lack attenuation or decay correction.
+
+    QIBA's vendor-neutral SUV computes body-weight SUV only for images corrected for both (ATTN and DECY): a
+    non-attenuation-corrected image's values are not activity concentrations, and one without decay correction would
+    need a factor per bed. An absent or empty tag (type 2) is not evidence either way and is accepted.
+
+    Raises:
+        SUVError: a non-empty CorrectedImage without ATTN or without DECY.
+    """
+    value = ds.get("CorrectedImage")
+    values = [value] if isinstance(value, str) else list(value or [])
+    values = [_text(v).upper() for v in values if _text(v)]
+    missing = [c for c in ("ATTN", "DECY") if c not in values] if values else []
+    if missing:
+        meaning = {"ATTN": "attenuation", "DECY": "decay"}
+        listed = "\\".join(values)  # DICOM's value separator
+        raise SUVError(
+            f"CorrectedImage (0028,0051) is {listed}, without {' and '.join(missing)}: the images are not "
+            f"{' and '.join(meaning[m] for m in missing)} corrected, so body-weight SUV is not meaningful (QIBA needs "
+            f"ATTN and DECY); use the corrected series, or {_SUV_FACTOR_HINT}"
+        )
+    return values
 
 
 def _normalise_units(units: Any) -> str:
@@ -580,12 +673,16 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
     info: dict[str, Any] = {}
     warnings: list[str] = []
     decay = check_decay_correction(ds.get("DecayCorrection"))
+    _check_corrections(ds)
     if overrides.patient_weight_kg is not None:
         weight_kg, weight_what = _positive_float(overrides.patient_weight_kg), "--patient_weight"
         if weight_kg is None:
             raise SUVError(f"--patient_weight must be a number of kg > 0 (got {overrides.patient_weight_kg!r})")
     else:
-        weight_kg, weight_what = _positive_float(ds.get("PatientWeight")), "PatientWeight (0010,1030)"
+        weight_kg, weight_what = (
+            _tag_positive(ds.get("PatientWeight"), "PatientWeight (0010,1030)"),
+            "PatientWeight (0010,1030)",
+        )
     if weight_kg is None:
         raise SUVError(
             f"PatientWeight (0010,1030) is missing or zero: body-weight SUV needs the weight in kg; pass --patient_weight KG, or {_SUV_FACTOR_HINT}"
@@ -604,12 +701,15 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
         if dose_bq is None:
             raise SUVError(f"--injected_dose must be a number of Bq > 0 (got {overrides.injected_dose_bq!r})")
     else:
-        dose_bq, dose_what = _positive_float(rp.get("RadionuclideTotalDose")), "RadionuclideTotalDose (0018,1074)"
+        dose_bq, dose_what = (
+            _tag_positive(rp.get("RadionuclideTotalDose"), "RadionuclideTotalDose (0018,1074)"),
+            "RadionuclideTotalDose (0018,1074)",
+        )
     if dose_bq is None:
         raise SUVError(
             f"RadionuclideTotalDose (0018,1074) is missing or zero: the injected dose (Bq) is unknown; pass --injected_dose BQ, or {_SUV_FACTOR_HINT}"
         )
-    half_life_s = _positive_float(rp.get("RadionuclideHalfLife"))
+    half_life_s = _tag_positive(rp.get("RadionuclideHalfLife"), "RadionuclideHalfLife (0018,1075)")
     if half_life_s is None and decay == "START":
         raise SUVError(
             f"RadionuclideHalfLife (0018,1075) is missing or zero: the dose cannot be decayed to the scan time; {_SUV_FACTOR_HINT}"
@@ -637,7 +737,9 @@ def _suv_bw_from_tags(ds: Dataset, slices: Sequence[Dataset], overrides: SUVOver
 
     if decay == "START":
         reference, reference_source = scan_reference_datetime(slices)
-        injection, injection_source, time_only = _injection_datetime(rp, reference, overrides)
+        injection, injection_source, time_only = _injection_datetime(
+            rp, reference, overrides, ds.get("TimezoneOffsetFromUTC"), warnings
+        )
         decay_time_s, time_warnings = uptake_time_s(
             injection,
             reference,
@@ -845,13 +947,38 @@ def _descriptive_info(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+_RADIOPHARMACEUTICAL_KEYS = (
+    "RadionuclideTotalDose",
+    "RadionuclideHalfLife",
+    "RadiopharmaceuticalStartDateTime",
+    "RadiopharmaceuticalStartTime",
+)
+
+
+def _first_radiopharmaceutical(ds: Dataset) -> Dataset | None:
+    sequence = ds.get("RadiopharmaceuticalInformationSequence")
+    return sequence[0] if sequence else None
+
+
 def _check_consistent(slices: Sequence[Dataset], folder: Path) -> None:
-    """Units, decay reference and weight are per-series facts; differing values mean mixed data."""
-    for keyword in ("Units", "DecayCorrection", "PatientWeight"):
+    """Units, decay reference, corrections, weight, dose and injection time are per-series facts: differing values
+    mean mixed or damaged data (the SUV factor is computed from one slice's tags, so it would depend on which)."""
+    for keyword in ("Units", "DecayCorrection", "CorrectedImage", "PatientWeight"):
         values = {_text(ds.get(keyword)) for ds in slices}
         if len(values) > 1:
             raise SUVError(
                 f"slices in {folder} disagree on {keyword} ({', '.join(sorted(values))}): not one PET series; keep one series per folder"
+            )
+    for keyword in _RADIOPHARMACEUTICAL_KEYS:
+        values = set()
+        for ds in slices:
+            rp = _first_radiopharmaceutical(ds)
+            values.add(_text(rp.get(keyword)) if rp is not None else "")
+        if len(values) > 1:
+            raise SUVError(
+                f"slices in {folder} disagree on {keyword} in RadiopharmaceuticalInformationSequence "
+                f"({', '.join(sorted(v or '(absent)' for v in values))}): the dose or injection time would depend on the "
+                "slice read; re-export the series, or pass --injected_dose / --injection_datetime, or --suv_factor"
             )
 
 
@@ -882,6 +1009,7 @@ def read_pet_series(
     overrides = overrides if overrides is not None else SUVOverrides()
     folder = Path(dicom_dir).expanduser()
     chosen = select_series(folder, series_uid=series_uid, modality="PT")
+    check_single_frame(chosen)  # an enhanced image first: its per-frame tags would only give misleading errors below
     _check_consistent(chosen.headers, folder)
     # The factor comes first so a missing tag fails before the pixel data are decoded.
     factor, info = compute_suv_factor(
