@@ -166,3 +166,24 @@ def test_an_enhanced_multi_frame_image_is_refused_as_such_first(tmp_path):
 
     with pytest.raises(DicomSeriesError, match="multi-frame"):
         read_pet_series(_series(tmp_path, edit))
+
+
+def test_pixel_padding_is_zero_activity_and_said(tmp_path):
+    # a row outside the reconstructed field of view, stored as PixelPaddingValue -32768: it decoded to SUV -7.97
+    def edit(ds, k):
+        stored = np.frombuffer(ds.PixelData, dtype=np.int16).reshape(ds.Rows, ds.Columns).copy()
+        if k == 1:
+            stored[0, :] = -32768
+        ds.PixelData = stored.tobytes()
+        ds.PixelPaddingValue = -32768
+
+    series = read_pet_series(_series(tmp_path, edit))
+    assert series.info["padding_voxels"] == VOLUME.shape[0]
+    assert np.all(series.suv[:, 0, 1] == 0.0) and series.suv.min() >= 0.0
+    assert any("PixelPaddingValue" in w for w in series.info["warnings"])
+
+
+def test_lossy_compressed_pixels_are_warned_about_and_recorded(tmp_path):
+    series = read_pet_series(_series(tmp_path, lambda ds, k: setattr(ds, "LossyImageCompression", "01")))
+    assert series.info["lossy_image_compression"] == "01"
+    assert any("lossy compression" in w for w in series.info["warnings"])

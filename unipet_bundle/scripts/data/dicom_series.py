@@ -246,6 +246,20 @@ def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     return np.asarray([dicom_number(v, keyword, path) for v in value], dtype=np.float64)
 
 
+def _padding_mask(ds: Dataset, stored: np.ndarray, path: Path) -> np.ndarray | None:
+    """Where the stored values are PixelPaddingValue (0028,0120), or within it and PixelPaddingRangeLimit (0028,0121):
+    pixels outside the reconstructed field of view, which hold no measurement. None without the tag."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or value == "":
+        return None
+    low = high = dicom_number(value, "PixelPaddingValue", path)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is not None and limit != "":
+        other = dicom_number(limit, "PixelPaddingRangeLimit", path)
+        low, high = min(low, other), max(low, other)
+    return (stored >= low) & (stored <= high)
+
+
 def check_single_frame(chosen: SeriesSummary) -> None:
     """Refuse a multi-frame (enhanced) image: checked before anything else is read from its tags.
 
@@ -421,6 +435,7 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
     volume = np.empty((cols, rows, n), dtype=np.float64)
     slopes = np.ones(n)
     intercepts = np.zeros(n)
+    padding_voxels = 0
     datasets: list[Dataset] = []
     for k, path in enumerate(tqdm(files, desc="decoding slices", unit="slice", disable=None, leave=False)):
         stored, ds = _decode(path, rows, cols)
@@ -434,6 +449,11 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
                 "of the slice would be NaN/Inf; the file is damaged: re-export the series"
             )
         volume[:, :, k] = stored.T.astype(np.float64) * slopes[k] + intercepts[k]
+        padded = _padding_mask(ds, stored, path)
+        if padded is not None:
+            # outside the reconstructed field of view: no measured activity, not a (often very negative) value
+            volume[:, :, k][padded.T] = 0.0
+            padding_voxels += int(padded.sum())
         datasets.append(ds)
 
     affine = ras_affine(iop, positions[0], (row_spacing, col_spacing), slice_step)
@@ -443,6 +463,7 @@ def stack_series(chosen: SeriesSummary) -> DicomVolume:
         "spacing_mm": [col_spacing, row_spacing, slice_step],
         "slice_step_range_mm": [float(steps.min()), float(steps.max())] if n > 1 else [slice_step, slice_step],
         "max_slice_offset_from_grid_mm": float(np.max(np.abs(offsets))) if n > 1 else 0.0,
+        "padding_voxels": padding_voxels,
         "image_orientation_patient": [float(v) for v in iop],
         "first_slice_position_lps_mm": [float(v) for v in positions[0]],
         "affine_ras": affine.tolist(),

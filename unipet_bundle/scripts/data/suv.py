@@ -928,6 +928,7 @@ def _descriptive_info(ds: Dataset) -> dict[str, Any]:
         "series_number": "SeriesNumber",
         "series_type": "SeriesType",
         "corrected_image": "CorrectedImage",
+        "lossy_image_compression": "LossyImageCompression",
         "reconstruction_method": "ReconstructionMethod",
         "attenuation_correction_method": "AttenuationCorrectionMethod",
         "scatter_correction_method": "ScatterCorrectionMethod",
@@ -1024,6 +1025,16 @@ def read_pet_series(
     }.get(str(info.get("units")), "SUV")
     if suv_factor is not None:
         source = f"SUV from --suv_factor {factor:g}"
+    if any(_text(ds.get("LossyImageCompression")) == "01" for ds in chosen.headers):
+        info["warnings"].append(
+            "LossyImageCompression (0028,2110) is 01: the pixel values went through lossy compression, so SUVs may "
+            "differ from the scanner's; use the original series for quantitative work"
+        )
+    if volume.geometry.get("padding_voxels"):
+        info["warnings"].append(
+            f"{volume.geometry['padding_voxels']} voxels hold PixelPaddingValue (0028,0120) (outside the reconstructed "
+            "field of view): set to 0, not converted"
+        )
     body_median, body_warnings = check_body_suv(
         suv, f"{folder}: {source}", allow_implausible=overrides.allow_implausible_suv
     )
