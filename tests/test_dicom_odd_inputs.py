@@ -187,3 +187,34 @@ def test_lossy_compressed_pixels_are_warned_about_and_recorded(tmp_path):
     series = read_pet_series(_series(tmp_path, lambda ds, k: setattr(ds, "LossyImageCompression", "01")))
     assert series.info["lossy_image_compression"] == "01"
     assert any("lossy compression" in w for w in series.info["warnings"])
+
+
+def test_an_overwrite_that_fails_leaves_the_previous_pair_and_a_torn_pair_is_refused(tmp_path, monkeypatch):
+    from scripts.data import suv as suv_module
+    from scripts.data.suv import SUVOverrides, convert_dicom_to_suv, convert_suv_to_bqml
+
+    folder = _series(tmp_path)
+    out = tmp_path / "out" / "x.nii.gz"
+    side = out.with_name("x.json")
+    convert_dicom_to_suv(folder, out)
+    before = out.read_bytes(), side.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # the sidecar's write fails after the new NIfTI was complete: both previous files stay as they were
+    with monkeypatch.context() as m:
+        m.setattr(suv_module, "atomic_write_json", disk_full)
+        with pytest.raises(OSError):
+            convert_dicom_to_suv(folder, out, overwrite=True, overrides=SUVOverrides(patient_weight_kg=60.0))
+    assert (out.read_bytes(), side.read_bytes()) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.json", "x.nii.gz"]  # no temporary left behind
+
+    # a kill between the two renames leaves a new sidecar beside the old volume: refused, not converted wrongly
+    other = tmp_path / "other" / "y.nii.gz"
+    convert_dicom_to_suv(folder, other, overrides=SUVOverrides(patient_weight_kg=60.0))
+    side.write_bytes(other.with_name("y.json").read_bytes())
+    with pytest.raises(SUVError, match="nifti_sha256 does not match"):
+        convert_suv_to_bqml(out, tmp_path / "bq.nii.gz")
+    assert not (tmp_path / "bq.nii.gz").exists()
+    convert_suv_to_bqml(other, tmp_path / "bq.nii.gz")  # an intact pair converts

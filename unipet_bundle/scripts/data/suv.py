@@ -61,9 +61,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from scripts.common.errors import UniPETInputError, exit_bad_input
-from scripts.common.io import atomic_write_json, check_output_path
+from scripts.common.io import atomic_write, atomic_write_json, check_output_path
+from scripts.common.weights import file_sha256
 from scripts.data.dicom_series import DicomVolume, check_single_frame, select_series, stack_series
-from scripts.data.io import load_nifti, nifti_stem, save_nifti
+from scripts.data.io import load_nifti, nifti_image, nifti_stem, write_nifti
 
 __all__ = [
     "PETSeries",
@@ -1093,13 +1094,24 @@ def _check_nifti_name(output: str | os.PathLike) -> None:
 
 
 def _write_pair(array: np.ndarray, affine: np.ndarray, info: dict[str, Any], out: Path, overwrite: bool) -> None:
-    """NIfTI then sidecar, each atomic; if the sidecar fails the new NIfTI is removed (no half pair)."""
-    save_nifti(array, affine, out, overwrite=overwrite)
-    try:
-        atomic_write_json(sidecar_path(out), info, overwrite=overwrite)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+    """The NIfTI and its sidecar, the sidecar holding the NIfTI's SHA-256 (``nifti_sha256``).
+
+    Both are complete under temporary names before either replaces a file: a failed write (a full disk) leaves any
+    previous pair as it was. The sidecar is renamed first, so a kill between the two renames leaves a new sidecar
+    beside the old NIfTI, which :func:`convert_suv_to_bqml` refuses by the hash instead of converting the old volume
+    with the new factor.
+    """
+    side = sidecar_path(out)
+    for path in (out, side):
+        if path.exists() and not overwrite:
+            raise UniPETInputError(f"output {path} already exists: remove it, choose another path, or pass --overwrite")
+    img = nifti_image(array, affine, np.float32)
+
+    def write_both(tmp: Path) -> None:
+        write_nifti(img, tmp)
+        atomic_write_json(side, {**info, "nifti_sha256": file_sha256(tmp)}, overwrite=overwrite)
+
+    atomic_write(out, write_both, overwrite=overwrite)
 
 
 def convert_dicom_to_suv(
@@ -1158,6 +1170,13 @@ def convert_suv_to_bqml(
                 f"sidecar {side} is not readable JSON ({type(exc).__name__}); pass --suv_factor instead"
             ) from None
         factor = _check_factor(meta.get("suv_factor") if isinstance(meta, dict) else None, f"suv_factor in {side}")
+        recorded = meta.get("nifti_sha256")
+        if recorded and recorded != file_sha256(src):
+            raise SUVError(
+                f"sidecar {side} belongs to another version of {src} (its nifti_sha256 does not match: an interrupted "
+                "--overwrite, or the volume was edited), so its SUV factor may not be this volume's; convert the DICOM "
+                "series again, or pass --suv_factor"
+            )
         units = str(meta.get("units") or "BQML")
         if units == "GML":
             raise SUVError(
