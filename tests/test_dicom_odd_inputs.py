@@ -218,3 +218,38 @@ def test_an_overwrite_that_fails_leaves_the_previous_pair_and_a_torn_pair_is_ref
         convert_suv_to_bqml(out, tmp_path / "bq.nii.gz")
     assert not (tmp_path / "bq.nii.gz").exists()
     convert_suv_to_bqml(other, tmp_path / "bq.nii.gz")  # an intact pair converts
+
+
+def _strip_part10_header(folder: Path) -> None:
+    """Rewrite every slice as a bare implicit-VR dataset (no preamble, no ``DICM``, no file meta), as some older PACS
+    and CD exports store them."""
+    import pydicom
+
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        pydicom.dcmwrite(path, ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+
+
+def test_a_series_without_the_part10_header_is_read_not_called_non_dicom(tmp_path):
+    folder = _series(tmp_path)
+    reference = read_pet_series(folder)
+    _strip_part10_header(folder)
+    series = read_pet_series(folder)
+    np.testing.assert_array_equal(series.suv, reference.suv)
+    np.testing.assert_array_equal(series.affine, reference.affine)
+
+
+def test_inference_discovery_does_not_skip_a_patient_stored_without_the_part10_header(tmp_path):
+    from scripts.inference.inputs import _dicom_modality
+
+    folder = _series(tmp_path)
+    _strip_part10_header(folder)
+    assert _dicom_modality(folder) == "PT"  # a patient folder the discovery must not skip as "no DICOM files"
+
+
+def test_a_file_that_is_not_dicom_is_still_refused(tmp_path):
+    folder = _series(tmp_path)
+    (folder / "notes.dcm").write_bytes(b"these are not the slices you are looking for\\n" * 20)
+    with pytest.raises(DicomSeriesError, match="notes.dcm is not a DICOM file"):
+        read_pet_series(folder)

@@ -42,6 +42,7 @@ __all__ = [
     "SeriesSummary",
     "check_single_frame",
     "dicom_number",
+    "read_dicom",
     "load_series",
     "ras_affine",
     "scan_folder",
@@ -112,6 +113,30 @@ class DicomVolume:
         return self.datasets[0]
 
 
+def read_dicom(path: str | os.PathLike, **kwargs: Any) -> Dataset:
+    """``pydicom.dcmread``, also for a dataset written without the Part-10 header (no 128-byte preamble and ``DICM``
+    prefix: older PACS and CD exports write these), which pydicom refuses unless forced. A forced read is kept only
+    when it found a SOP class or an image (a file that is not DICOM still raises ``InvalidDicomError``); its
+    transfer syntax is the encoding it was read with, so its pixel data decode.
+    """
+    try:
+        ds = pydicom.dcmread(path, **kwargs)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, force=True, **kwargs)
+        if not ("SOPClassUID" in ds or ("Modality" in ds and "Rows" in ds)):
+            raise
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    if not ds.file_meta.get("TransferSyntaxUID"):
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit is not False
+            else (pydicom.uid.ExplicitVRLittleEndian if little is not False else pydicom.uid.ExplicitVRBigEndian)
+        )
+    return ds
+
+
 def _is_image(ds: Dataset) -> bool:
     """Image objects are recognised by SOP class, so a truncated image file is not mistaken for a non-image."""
     sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
@@ -155,7 +180,7 @@ def scan_folder(dicom_dir: str | os.PathLike) -> tuple[dict[str, SeriesSummary],
     skipped: list[str] = []
     for path in tqdm(files, desc="reading DICOM headers", unit="file", disable=None, leave=False):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_dicom(path, stop_before_pixels=True)
         except InvalidDicomError:
             raise DicomSeriesError(
                 f"{path} is not a DICOM file: remove it from {folder} (the folder must hold only the series)"
@@ -321,7 +346,7 @@ def _syntax(ds: Dataset) -> str:
 
 def _decode(path: Path, rows: int, cols: int) -> tuple[np.ndarray, Dataset]:
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
     except Exception as exc:
         raise DicomSeriesError(
             f"{path}: cannot read DICOM file ({type(exc).__name__}: {exc}); replace or remove it"

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -50,7 +49,7 @@ from scripts.common.errors import UniPETInputError, shown
 from scripts.common.geometry import voxel_spacing
 from scripts.common.io import check_output_path
 from scripts.common.options import as_bool, check_output_format
-from scripts.data.dicom_series import DicomSeriesError
+from scripts.data.dicom_series import DicomSeriesError, read_dicom
 from scripts.data.io import NIFTI_SUFFIXES, load_nifti, nifti_stem
 from scripts.data.suv import SUVError, check_body_suv, read_pet_series
 from scripts.data.volume_checks import check_pet_volume
@@ -130,7 +129,7 @@ def _dicom_modality(folder: Path) -> str | None:
         if not path.is_file() or path.name.startswith("."):
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+            ds = read_dicom(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID", "Rows"])
         except Exception:  # not DICOM, or damaged: a PET folder with such a file fails validation later
             continue
         modality = str(ds.get("Modality", "") or "").strip()
