@@ -120,29 +120,36 @@ def test_an_injection_time_in_another_utc_offset_is_converted_to_the_scanners_cl
     assert series.info["decay_time_s"] == pytest.approx(3600.0)
     assert series.suv_factor == pytest.approx(expected_factor(decay_s=3600.0), rel=1e-6)
     assert "converted from its UTC offset" in series.info["injection_time_source"]
+    # the time tag (10:00, the series' clock) agrees with the converted date-time: nothing to warn about
+    assert not any("disagree" in w for w in series.info["warnings"])
 
 
-def test_an_offset_without_the_series_own_is_taken_as_local_with_a_warning(tmp_path):
+def test_both_ends_of_the_uptake_are_put_on_the_series_clock(tmp_path):
+    # a scanner writing offsets writes them on both date-times: 10:00 UTC scan, 09:00 UTC injection, on a UTC+1 series
+    def edit(ds, k):
+        ds.TimezoneOffsetFromUTC = "+0100"
+        ds.AcquisitionDateTime = f"{SERIES_DATE}100000+0000"
+        radiopharm(ds).RadiopharmaceuticalStartDateTime = f"{SERIES_DATE}090000+0000"
+
+    series = read_pet_series(_series(tmp_path, edit))
+    assert series.info["decay_time_s"] == pytest.approx(3600.0)  # the scan's offset was dropped: 0 s, SUV 31 % low
+
+
+@pytest.mark.parametrize(
+    ("start", "decay_s", "warning"),
+    [
+        # an offset, but the series says nothing of its own clock: one local clock, and the user is told
+        (f"{SERIES_DATE}100000+0100", 3600.0, "no TimezoneOffsetFromUTC"),
+        # the date-time says 09:00, the time tag 10:00 (the factory's): QIBA uses the date-time, and the user is told
+        (f"{SERIES_DATE}090000", 7200.0, "disagree"),
+    ],
+)
+def test_doubtful_injection_times_are_used_as_qiba_says_with_a_warning(tmp_path, start, decay_s, warning):
     series = read_pet_series(
-        _series(
-            tmp_path,
-            lambda ds, k: setattr(radiopharm(ds), "RadiopharmaceuticalStartDateTime", f"{SERIES_DATE}100000+0100"),
-        )
+        _series(tmp_path, lambda ds, k: setattr(radiopharm(ds), "RadiopharmaceuticalStartDateTime", start))
     )
-    assert series.info["decay_time_s"] == pytest.approx(3600.0)
-    assert any("no TimezoneOffsetFromUTC" in w for w in series.info["warnings"])
-
-
-def test_disagreeing_injection_date_time_and_time_are_warned_about(tmp_path):
-    # the date-time says 09:00, the time tag 10:00 (the factory's): QIBA uses the date-time, and the user is told
-    series = read_pet_series(
-        _series(
-            tmp_path,
-            lambda ds, k: setattr(radiopharm(ds), "RadiopharmaceuticalStartDateTime", f"{SERIES_DATE}090000"),
-        )
-    )
-    assert series.info["decay_time_s"] == pytest.approx(7200.0)
-    assert any("disagree" in w and "RadiopharmaceuticalStartTime" in w for w in series.info["warnings"])
+    assert series.info["decay_time_s"] == pytest.approx(decay_s)
+    assert any(warning in w for w in series.info["warnings"])
 
 
 @pytest.mark.parametrize(
@@ -253,3 +260,46 @@ def test_a_file_that_is_not_dicom_is_still_refused(tmp_path):
     (folder / "notes.dcm").write_bytes(b"these are not the slices you are looking for\\n" * 20)
     with pytest.raises(DicomSeriesError, match="notes.dcm is not a DICOM file"):
         read_pet_series(folder)
+
+
+def test_per_series_tags_written_differently_but_meaning_the_same_are_one_value(tmp_path):
+    def edit(ds, k):
+        if k % 2:
+            radiopharm(ds).RadiopharmaceuticalStartTime = "100000"  # "100000.00" on the others
+            radiopharm(ds).RadionuclideTotalDose = "3.0e8"  # "300000000" on the others
+            ds.CorrectedImage = ["ATTN", "DECY"]  # ["DECY", "ATTN"] on the others
+
+    assert read_pet_series(_series(tmp_path, edit)).suv_factor == pytest.approx(expected_factor(), rel=1e-6)
+
+
+def test_a_user_factor_does_not_need_consistent_dose_tags(tmp_path):
+    def edit(ds, k):
+        if k >= 3:
+            radiopharm(ds).RadionuclideTotalDose = str(DOSE_BQ / 2)
+
+    assert read_pet_series(_series(tmp_path, edit), suv_factor=4e-4).suv_factor == pytest.approx(4e-4)
+
+
+def test_a_failed_volume_rename_puts_the_previous_sidecar_back(tmp_path, monkeypatch):
+    import os
+
+    from scripts.common import io as io_module
+    from scripts.data.suv import SUVOverrides, convert_dicom_to_suv
+
+    folder = _series(tmp_path)
+    out = tmp_path / "out" / "x.nii.gz"
+    convert_dicom_to_suv(folder, out)
+    before = out.read_bytes(), out.with_name("x.json").read_bytes()
+    real_replace = os.replace
+
+    def volume_rename_fails(src, dst):
+        if str(dst).endswith(".nii.gz"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(io_module.os, "replace", volume_rename_fails)
+        with pytest.raises(OSError):
+            convert_dicom_to_suv(folder, out, overwrite=True, overrides=SUVOverrides(patient_weight_kg=60.0))
+    assert (out.read_bytes(), out.with_name("x.json").read_bytes()) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.json", "x.nii.gz"]

@@ -209,9 +209,23 @@ def _combine(day: Any, clock: Any) -> datetime | None:
     return datetime.combine(d, t) if d is not None and t is not None else None
 
 
+def _on_series_clock(value: Any, series_offset: Any) -> tuple[datetime | None, bool]:
+    """A DICOM DT on the series' clock: ``(date-time or None, whether it was converted)``.
+
+    A DT carrying a UTC offset other than the series' TimezoneOffsetFromUTC is moved onto the series' clock (e.g. an
+    injection logged in UTC on a UTC+1 scanner); without either offset it is taken as it is (local time). Every DT
+    that enters the uptake time goes through here, so both ends of it are on one clock.
+    """
+    parsed = parse_datetime(value)
+    own, series = _utc_offset(_text(value)), _utc_offset(_text(series_offset))
+    if parsed is not None and own is not None and series is not None and own != series:
+        return parsed - own + series, True
+    return parsed, False
+
+
 def _acquisition_datetime(ds: Dataset) -> datetime | None:
     if ds.get("AcquisitionDateTime"):
-        parsed = parse_datetime(ds.AcquisitionDateTime)
+        parsed, _ = _on_series_clock(ds.AcquisitionDateTime, ds.get("TimezoneOffsetFromUTC"))
         if parsed is not None:
             return parsed
     return _combine(ds.get("AcquisitionDate") or ds.get("SeriesDate") or ds.get("StudyDate"), ds.get("AcquisitionTime"))
@@ -290,13 +304,11 @@ def _injection_datetime(
         return datetime.combine(reference.date(), clock), "--injection_time (user) on the reference date", True
     dated = None
     if rp.get("RadiopharmaceuticalStartDateTime"):
-        parsed = parse_datetime(rp.RadiopharmaceuticalStartDateTime)
+        parsed, converted = _on_series_clock(rp.RadiopharmaceuticalStartDateTime, series_offset)
         if parsed is not None:
             source = "RadiopharmaceuticalStartDateTime (0018,1078)"
             own, series = _utc_offset(_text(rp.RadiopharmaceuticalStartDateTime)), _utc_offset(_text(series_offset))
-            if own is not None and series is not None and own != series:
-                # e.g. the injection logged in UTC, the scanner on local time: one clock, or the uptake is off by hours
-                parsed = parsed - own + series
+            if converted:
                 source += (
                     f" (converted from its UTC offset to the series' TimezoneOffsetFromUTC {_text(series_offset)})"
                 )
@@ -307,15 +319,11 @@ def _injection_datetime(
                 )
             clock = parse_time(rp.get("RadiopharmaceuticalStartTime"))
             if clock is not None:
-                as_dated = parse_datetime(rp.RadiopharmaceuticalStartDateTime)
-                apart = (
-                    abs((datetime.combine(as_dated.date(), clock) - as_dated).total_seconds())
-                    if as_dated is not None
-                    else 0.0
-                )
+                # both on the series' clock (the time tag has no offset of its own)
+                apart = abs((datetime.combine(parsed.date(), clock) - parsed).total_seconds())
                 if min(apart, 86400.0 - apart) > 1.0:
                     warnings.append(
-                        f"RadiopharmaceuticalStartDateTime ({as_dated.time().isoformat()}) and RadiopharmaceuticalStartTime "
+                        f"RadiopharmaceuticalStartDateTime ({parsed.time().isoformat()}) and RadiopharmaceuticalStartTime "
                         f"({clock.isoformat()}) disagree: the date-time is used (QIBA); check the injection time, or pass "
                         "--injection_datetime"
                     )
@@ -962,25 +970,75 @@ def _first_radiopharmaceutical(ds: Dataset) -> Dataset | None:
     return sequence[0] if sequence else None
 
 
-def _check_consistent(slices: Sequence[Dataset], folder: Path) -> None:
-    """Units, decay reference, corrections, weight, dose and injection time are per-series facts: differing values
-    mean mixed or damaged data (the SUV factor is computed from one slice's tags, so it would depend on which)."""
-    for keyword in ("Units", "DecayCorrection", "CorrectedImage", "PatientWeight"):
-        values = {_text(ds.get(keyword)) for ds in slices}
+def _comparable(keyword: str, value: Any) -> Any:
+    """A per-series tag's value as it means, not as it is written: ``100000`` and ``100000.00`` are one time,
+    ``3.0e8`` and ``300000000`` one dose, ``DECY\\ATTN`` and ``ATTN\\DECY`` one set of corrections."""
+    if value is None or _text(value) == "":
+        return None
+    if keyword == "CorrectedImage":
+        values = [value] if isinstance(value, str) else list(value)
+        return frozenset(_text(v).upper() for v in values if _text(v))
+    if keyword in ("PatientWeight", "RadionuclideTotalDose", "RadionuclideHalfLife"):
+        try:
+            return f"{float(value):.6g}"
+        except (TypeError, ValueError):
+            return _text(value)
+    if keyword == "RadiopharmaceuticalStartTime":
+        clock = parse_time(value)
+        return clock.isoformat() if clock is not None else _text(value)
+    if keyword == "RadiopharmaceuticalStartDateTime":
+        parsed = parse_datetime(value)
+        return (parsed.isoformat(), _utc_offset(_text(value))) if parsed is not None else _text(value)
+    return _text(value).upper()
+
+
+def _check_consistent(
+    slices: Sequence[Dataset],
+    folder: Path,
+    units: str | None = None,
+    suv_factor: float | None = None,
+    overrides: SUVOverrides | None = None,
+) -> None:
+    """Per-series facts must be one value across the slices (compared as values, not as text): differing values mean
+    mixed or damaged data, and the SUV factor is computed from one slice's tags, so it would depend on which. Only the
+    tags the factor is computed from are compared: ``--suv_factor`` (or SUV pixels) needs no weight, dose, time or
+    corrections, and each user override replaces its tag."""
+    overrides = overrides if overrides is not None else SUVOverrides()
+    keywords = ["Units", "DecayCorrection"]
+    pixels_are_suv = _normalise_units(units if units is not None else slices[0].get("Units")) == "GML"
+    from_tags = suv_factor is None and not pixels_are_suv
+    if from_tags:
+        keywords.append("CorrectedImage")
+        if overrides.patient_weight_kg is None:
+            keywords.append("PatientWeight")
+    for keyword in keywords:
+        values = {_comparable(keyword, ds.get(keyword)) for ds in slices}
         if len(values) > 1:
+            shown = sorted({_text(ds.get(keyword)) or "(absent)" for ds in slices})
             raise SUVError(
-                f"slices in {folder} disagree on {keyword} ({', '.join(sorted(values))}): not one PET series; keep one series per folder"
+                f"slices in {folder} disagree on {keyword} ({', '.join(shown)}): not one PET series; keep one series per folder"
             )
+    if not from_tags:
+        return
+    skip = set()
+    if overrides.injected_dose_bq is not None:
+        skip.add("RadionuclideTotalDose")
+    if overrides.injection_datetime is not None or overrides.injection_time is not None:
+        skip.update(("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime"))
     for keyword in _RADIOPHARMACEUTICAL_KEYS:
-        values = set()
+        if keyword in skip:
+            continue
+        texts, values = set(), set()
         for ds in slices:
             rp = _first_radiopharmaceutical(ds)
-            values.add(_text(rp.get(keyword)) if rp is not None else "")
+            raw = rp.get(keyword) if rp is not None else None
+            values.add(_comparable(keyword, raw))
+            texts.add(_text(raw) or "(absent)")
         if len(values) > 1:
             raise SUVError(
                 f"slices in {folder} disagree on {keyword} in RadiopharmaceuticalInformationSequence "
-                f"({', '.join(sorted(v or '(absent)' for v in values))}): the dose or injection time would depend on the "
-                "slice read; re-export the series, or pass --injected_dose / --injection_datetime, or --suv_factor"
+                f"({', '.join(sorted(texts))}): the dose or injection time would depend on the slice read; re-export the "
+                "series, or pass --injected_dose / --injection_datetime, or --suv_factor"
             )
 
 
@@ -1012,7 +1070,7 @@ def read_pet_series(
     folder = Path(dicom_dir).expanduser()
     chosen = select_series(folder, series_uid=series_uid, modality="PT")
     check_single_frame(chosen)  # an enhanced image first: its per-frame tags would only give misleading errors below
-    _check_consistent(chosen.headers, folder)
+    _check_consistent(chosen.headers, folder, units, suv_factor, overrides)
     # The factor comes first so a missing tag fails before the pixel data are decoded.
     factor, info = compute_suv_factor(
         chosen.headers[0], units=units, suv_factor=suv_factor, slices=chosen.headers, overrides=overrides
@@ -1097,7 +1155,8 @@ def _write_pair(array: np.ndarray, affine: np.ndarray, info: dict[str, Any], out
     """The NIfTI and its sidecar, the sidecar holding the NIfTI's SHA-256 (``nifti_sha256``).
 
     Both are complete under temporary names before either replaces a file: a failed write (a full disk) leaves any
-    previous pair as it was. The sidecar is renamed first, so a kill between the two renames leaves a new sidecar
+    previous pair as it was, and a sidecar renamed before a failed NIfTI rename is put back. The sidecar is renamed
+    first, so a kill between the two renames leaves a new sidecar
     beside the old NIfTI, which :func:`convert_suv_to_bqml` refuses by the hash instead of converting the old volume
     with the new factor.
     """
@@ -1106,12 +1165,23 @@ def _write_pair(array: np.ndarray, affine: np.ndarray, info: dict[str, Any], out
         if path.exists() and not overwrite:
             raise UniPETInputError(f"output {path} already exists: remove it, choose another path, or pass --overwrite")
     img = nifti_image(array, affine, np.float32)
+    previous = side.read_bytes() if side.exists() else None
+    renamed: list[bool] = []
 
     def write_both(tmp: Path) -> None:
         write_nifti(img, tmp)
         atomic_write_json(side, {**info, "nifti_sha256": file_sha256(tmp)}, overwrite=overwrite)
+        renamed.append(True)
 
-    atomic_write(out, write_both, overwrite=overwrite)
+    try:
+        atomic_write(out, write_both, overwrite=overwrite)
+    except BaseException:
+        if renamed:  # the NIfTI's rename failed after the sidecar's: the previous sidecar goes back (or none)
+            if previous is None:
+                side.unlink(missing_ok=True)
+            else:
+                atomic_write(side, lambda tmp: tmp.write_bytes(previous))
+        raise
 
 
 def convert_dicom_to_suv(

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from scripts.common.errors import UniPETInputError
+from scripts.data.dicom_series import read_dicom
 from scripts.data.io import save_nifti
 from scripts.data.suv import read_pet_series
 from scripts.inference.denoise import BundleDenoiser, check_float_volume
@@ -138,8 +138,10 @@ def find_pet_series(input_dir: str | os.PathLike) -> list[list[Path]]:
     groups: dict[tuple[str, str], list[Path]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["Modality", "StudyInstanceUID", "SeriesInstanceUID"]
+            ds = read_dicom(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Rows"],
             )
         except Exception:  # not DICOM: the SDK's loader skips such files too
             continue
