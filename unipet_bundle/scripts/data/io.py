@@ -7,6 +7,7 @@ writes live on the common floor (:mod:`scripts.common.errors`, :mod:`scripts.com
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 from scripts.common.errors import UniPETInputError
 from scripts.common.io import atomic_write
 from scripts.common.parallel_gzip import ParallelGzipWriter
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -97,4 +100,38 @@ def load_nifti(path: str | os.PathLike, dtype: type = np.float32, mmap: bool = T
         raise UniPETInputError(
             f"{p}: cannot read as NIfTI ({type(exc).__name__}: {exc}); is the file complete?"
         ) from exc
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, _affine_in_mm(img, p)
+
+
+_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
+
+def _affine_in_mm(img: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    """The image's affine in mm, whatever spatial unit its header states, with a warning where the header's
+    orientation is doubtful. Every volume the bundle writes is in mm (:func:`nifti_image`), so a header in metres or
+    microns must be converted on reading, or a 4 mm voxel is taken as 0.004 or 4000 mm (nothing denoised, or an
+    allocation of petabytes). "unknown" is mm, as NIfTI readers assume."""
+    affine = np.asarray(img.affine, dtype=np.float64).copy()
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header):
+        return affine
+    unit = header.get_xyzt_units()[0] or "unknown"
+    affine[:3, :] *= _UNIT_TO_MM.get(unit, 1.0)
+    if unit in ("meter", "micron"):
+        logger.info("%s: header units %s: affine converted to mm", path, unit)
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if qform is not None and sform is not None and not np.allclose(qform, sform, rtol=0, atol=1e-3):
+        logger.warning(
+            "%s: the header's qform and sform disagree (largest difference %.3g): the sform is used (the NIfTI rule, "
+            "as nibabel and MONAI read it), while ITK-based viewers read the qform; check the orientation",
+            path,
+            float(np.max(np.abs(np.asarray(qform) - np.asarray(sform)))),
+        )
+    elif int(qcode) == 0 and int(scode) == 0:
+        logger.warning(
+            "%s: the header has neither a qform nor an sform (orientation unknown): the voxel sizes alone place the "
+            "image (a default axis order and origin); the output's geometry is no better than that",
+            path,
+        )
+    return affine

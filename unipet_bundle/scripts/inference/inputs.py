@@ -231,6 +231,28 @@ def check_orthogonal_axes(name: str, affine: np.ndarray, tol: float = 1e-3) -> N
         )
 
 
+VOXEL_MM_RANGE = (0.1, 20.0)
+"""Voxel sizes (mm) of real PET, preclinical (~0.4 mm) to coarse clinical (~6 mm) with a margin either way."""
+
+
+def check_voxel_size(name: str, affine: np.ndarray) -> None:
+    """Refuse a voxel size no PET scanner produces, before any network work: it means a header whose units or affine
+    are wrong (a 4 mm voxel stored as 4000 with units "mm" tried to allocate petabytes; as 0.004 it was left
+    untouched as "denoised").
+
+    Raises:
+        UniPETInputError: a voxel edge outside :data:`VOXEL_MM_RANGE`.
+    """
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    low, high = VOXEL_MM_RANGE
+    if np.any(sizes < low) or np.any(sizes > high) or not np.all(np.isfinite(sizes)):
+        shown = "x".join(f"{v:.4g}" for v in sizes)
+        raise UniPETInputError(
+            f"{name}: voxel size {shown} mm is not a PET voxel ({low:g}-{high:g} mm): the header's affine or spatial "
+            "units (xyzt_units) are wrong; fix the header (e.g. with nibabel) and run again"
+        )
+
+
 def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
     """Read ``item`` into SUV (float32 (X, Y, Z)) with its RAS affine; see the module docstring.
 
@@ -247,6 +269,7 @@ def load_volume(item: InferenceInput, check_body: bool = True) -> LoadedVolume:
         data, affine = load_nifti(item.path, dtype=np.float32, mmap=False)
         suv = check_pet_volume(str(item.path), data)
         check_orthogonal_axes(str(item.path), affine)
+        check_voxel_size(str(item.path), affine)
         if check_body:
             check_body_suv(
                 suv,
