@@ -457,17 +457,23 @@ def _tag_positive(value: Any, what: str) -> float | None:
     if value is None or _text(value) == "":
         return None
     try:
-        number = float(value)
+        float(value)
     except (TypeError, ValueError):
         hint = " (a decimal comma: DICOM numbers use a point)" if "," in _text(value) else ""
         raise SUVError(
             f"{what} {_text(value)[:40]!r} is not a number{hint}: fix the tag, or {_SUV_FACTOR_HINT}"
         ) from None
-    return number if math.isfinite(number) and number > 0 else None
+    return _positive_float(value)
 
 
-def _check_corrections(ds: Dataset) -> list[str]:
-    """CorrectedImage (0028,0051)'s values, refused when they lack attenuation or decay correction.
+def _corrected_image_values(value: Any) -> list[str]:
+    """CorrectedImage (0028,0051)'s values, upper-case: one string or a multi-valued element alike."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [_text(v).upper() for v in values if _text(v)]
+
+
+def _check_corrections(ds: Dataset) -> None:
+    """Refuse a CorrectedImage (0028,0051) that lacks attenuation or decay correction.
 
     QIBA's vendor-neutral SUV computes body-weight SUV only for images corrected for both (ATTN and DECY): a
     non-attenuation-corrected image's values are not activity concentrations, and one without decay correction would
@@ -476,9 +482,7 @@ def _check_corrections(ds: Dataset) -> list[str]:
     Raises:
         SUVError: a non-empty CorrectedImage without ATTN or without DECY.
     """
-    value = ds.get("CorrectedImage")
-    values = [value] if isinstance(value, str) else list(value or [])
-    values = [_text(v).upper() for v in values if _text(v)]
+    values = _corrected_image_values(ds.get("CorrectedImage"))
     missing = [c for c in ("ATTN", "DECY") if c not in values] if values else []
     if missing:
         meaning = {"ATTN": "attenuation", "DECY": "decay"}
@@ -488,7 +492,6 @@ def _check_corrections(ds: Dataset) -> list[str]:
             f"{' and '.join(meaning[m] for m in missing)} corrected, so body-weight SUV is not meaningful (QIBA needs "
             f"ATTN and DECY); use the corrected series, or {_SUV_FACTOR_HINT}"
         )
-    return values
 
 
 def _normalise_units(units: Any) -> str:
@@ -976,8 +979,7 @@ def _comparable(keyword: str, value: Any) -> Any:
     if value is None or _text(value) == "":
         return None
     if keyword == "CorrectedImage":
-        values = [value] if isinstance(value, str) else list(value)
-        return frozenset(_text(v).upper() for v in values if _text(v))
+        return frozenset(_corrected_image_values(value))
     if keyword in ("PatientWeight", "RadionuclideTotalDose", "RadionuclideHalfLife"):
         try:
             return f"{float(value):.6g}"

@@ -298,10 +298,7 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
     c = x.shape[1] if x.dim() == 5 else 0
     if (
         _applies(x, None, None)
-        and c in DEPTHWISE_CHANNELS
-        and x.shape[2] > 0
-        and x.shape[3] > 0
-        and x.shape[4] > 0
+        and c in DEPTHWISE_CHANNELS  # (_applies: a 5-D tensor with no empty axis)
         and not (torch.is_grad_enabled() and weight.requires_grad)
         # under autocast PyTorch's convolution runs in bf16: the kernel's float32 would be another function
         and not torch.is_autocast_enabled("cpu")
