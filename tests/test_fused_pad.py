@@ -1,6 +1,7 @@
 """The fused CPU kernels (`scripts.networks.fused_pad`, issue 14): the padded products give PyTorch's values bit for
-bit, the depthwise convolutions the same function up to float rounding; each is used only where it applies, with a
-clean fallback when the kernels cannot be built."""
+bit; the depthwise convolutions, the single-channel input convolution and the SAN front (high-pass, 1x1 reduction,
+PReLU, channel means) the same functions up to float rounding; each is used only where it applies, with a clean
+fallback when the kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from conftest import run_python
 from scripts.networks import fused_pad
 from scripts.networks.fused_pad import (
     DEPTHWISE_CHANNELS,
+    PROJECT_CHANNELS,
+    depthwise3_project_prelu,
     depthwise3_replicate,
     enable_fused_kernels,
     fused_kernel_status,
     prelu_scale_pad,
+    single_channel_conv3_replicate,
 )
 from scripts.networks.modulated_conv import replicate_depthwise3, replicate_pad, replicate_pad_product
 from scripts.networks.unipet import UniPET
@@ -97,10 +101,13 @@ def test_a_unipet_with_live_styles_gives_the_same_output_with_and_without_the_ke
         before = fused_kernel_status()
         y_fused = net(x)
         after = fused_kernel_status()
-        # each block's two paddings and each SAN stage's gated input; the SAN's high-pass and the output convolution
-        # are the depthwise kernel's
+        # each block's two paddings and each SAN stage's gated input; the output convolution is the depthwise
+        # kernel's, the input convolution the single-channel one's, the SAN's high-pass with its first stage's
+        # reduction the projecting one's
         assert after["calls"] == before["calls"] + 2 * len(net.blocks) + len(net.san.stages)
-        assert after["depthwise_calls"] == before["depthwise_calls"] + 2
+        assert after["depthwise_calls"] == before["depthwise_calls"] + 1
+        assert after["input_calls"] == before["input_calls"] + 1
+        assert after["project_calls"] == before["project_calls"] + 1
         fused_pad._state["enabled"] = False
         y_torch = net(x)
     # the padded products are PyTorch's bits (above); the depthwise convolutions round differently
@@ -124,6 +131,89 @@ def test_the_depthwise_kernel_is_pytorchs_convolution_up_to_rounding(fused, chan
         assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
         # each output sums 27 (times C) products of unit-scale values: a few float32 ulps of that sum
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * (channels if channel_sum else 1))
+
+
+@pytest.mark.parametrize("channels", DEPTHWISE_CHANNELS)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 1, 4, 2), (3, 4, 4, 9), (1, 1, 1, 1)])
+def test_the_input_conv_kernel_is_pytorchs_replicate_convolution_up_to_rounding(fused, channels, shape):
+    g = torch.Generator().manual_seed(channels + sum(shape) + 1)
+    b, spatial = shape[0], shape[1:]
+    x = torch.randn((b, 1, *spatial), generator=g)
+    weight = torch.randn(channels, 1, 3, 3, 3, generator=g)
+    bias = torch.randn(channels, generator=g)
+    conv = torch.nn.Conv3d(1, channels, 3, padding=1, padding_mode="replicate")  # what UniPET's input conv is
+    for layout in (torch.contiguous_format, CL):
+        for b_ in (bias, None):
+            before = fused_kernel_status()["input_calls"]
+            out = single_channel_conv3_replicate(x.contiguous(memory_format=layout), weight, b_)
+            assert fused_kernel_status()["input_calls"] == before + 1  # the kernel ran, not the fallback
+            with torch.no_grad():
+                conv.weight.copy_(weight)
+                conv.bias = None if b_ is None else torch.nn.Parameter(b_.clone())
+                ref = conv(x)
+            assert out.shape == ref.shape == (b, channels, *spatial) and out.is_contiguous(memory_format=CL)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # where it does not apply: PyTorch's convolution, the same function
+    for case, w in (
+        (x.to(torch.bfloat16), weight),
+        (x.clone().requires_grad_(), weight),
+        (x, torch.randn(12, 1, 3, 3, 3)),  # a width the kernel is not compiled for
+        (torch.randn(b, 2, *spatial), torch.randn(channels, 2, 3, 3, 3)),  # two input channels
+    ):
+        before = fused_kernel_status()["input_calls"]
+        out = single_channel_conv3_replicate(case, w.to(case.dtype), None)
+        assert fused_kernel_status()["input_calls"] == before
+        ref = F.conv3d(F.pad(case, (1,) * 6, mode="replicate"), w.to(case.dtype))
+        torch.testing.assert_close(out.detach().float(), ref.detach().float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", DEPTHWISE_CHANNELS)
+@pytest.mark.parametrize("mid", PROJECT_CHANNELS)
+def test_the_projecting_kernel_is_the_sans_front_up_to_rounding(fused, channels, mid):
+    g = torch.Generator().manual_seed(channels * mid)
+    weight = torch.randn(channels, 1, 3, 3, 3, generator=g)
+    proj = torch.randn(mid, channels, 1, 1, 1, generator=g) / channels**0.5
+    slope = torch.tensor([0.2])
+    # widths 7, 2 and 1: rows that end in a short group of voxels (the kernel projects four at a time)
+    for shape in [(2, 6, 5, 7), (1, 1, 4, 2), (3, 4, 4, 9), (1, 1, 1, 1)]:
+        x = torch.randn((shape[0], channels, *shape[1:]), generator=g).contiguous(memory_format=CL)
+        before = fused_kernel_status()["project_calls"]
+        y, means = depthwise3_project_prelu(x, weight, proj, slope)
+        assert fused_kernel_status()["project_calls"] == before + 1
+        ref = F.prelu(F.conv3d(replicate_depthwise3(x, weight), proj), slope)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=CL) and means.shape == (shape[0], mid)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(means, ref.mean(dim=(2, 3, 4)), rtol=1e-5, atol=1e-6)
+    # where it does not apply it says so (None): the SAN then runs its own passes
+    x = torch.randn(2, channels, 3, 4, 5).contiguous(memory_format=CL)
+    for case, p_, s_ in (
+        (x.to(torch.bfloat16), proj, slope),
+        (x.clone().requires_grad_(), proj, slope),
+        (x.contiguous(), proj, slope),  # NCDHW layout
+        (x, torch.randn(12, channels, 1, 1, 1), slope),  # an output width the kernel is not compiled for
+        (x, proj, torch.full((mid,), 0.2)),  # a per-channel PReLU
+    ):
+        assert depthwise3_project_prelu(case, weight, p_, s_) is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise3_project_prelu(x, weight, proj, slope) is None
+
+
+def test_the_san_gives_the_same_latents_with_and_without_its_fused_front(fused):
+    torch.manual_seed(1)
+    net = UniPET(channels=16, num_blocks=4, latent_dim=16, san_channels=(16, 32, 64, 64)).eval()  # the shipped sizes
+    net = net.to(memory_format=CL)
+    x = (torch.rand(2, 1, 16, 18, 13) * 0.3).contiguous(memory_format=CL)
+    with torch.no_grad():
+        before = fused_kernel_status()["project_calls"]
+        fused_latents = net.san_latents(x)
+        assert fused_kernel_status()["project_calls"] == before + 1
+        fused_pad._state["enabled"] = False
+        torch_latents = net.san_latents(x)
+    assert len(fused_latents) == 4
+    for a, b in zip(fused_latents, torch_latents):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and they are latents that differ from window to window, so the comparison means something
+    assert (fused_latents[0][0] - fused_latents[0][1]).abs().max() > 1e-3
 
 
 def _depthwise_by_hand(x, weight, channel_sum):

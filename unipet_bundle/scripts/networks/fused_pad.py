@@ -10,7 +10,10 @@ the network does without gradients too (the SAN's gated stage inputs).
 ``csrc/depthwise3.cpp`` (:func:`depthwise3_replicate`) runs the network's two depthwise 3x3x3 convolutions, the SAN's
 high-pass and the output convolution (a depthwise one summed over the channels), on the unpadded input, reading its
 faces in place: no padded copy, and a loop faster than oneDNN's depthwise kernel at these widths. The same function
-up to float rounding (tested), not bit for bit.
+up to float rounding (tested), not bit for bit. The same file's :func:`single_channel_conv3_replicate` runs the
+network's ``1 -> C`` input convolution the same way (oneDNN has no fast kernel for one input channel: ~7 ms of a
+~320 ms network on eight 32^3 windows, ~2.5 ms here), and :func:`depthwise3_project_prelu` the SAN's high-pass together
+with its first stage's 1x1 reduction, PReLU and channel means (four full-size passes in one).
 
 The kernels are C++, one library compiled on first use with ``torch.utils.cpp_extension`` (g++ and ninja; ~1 min),
 as MONAI builds its own optional C++ parts, into ``<TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/unipet/<name>``,
@@ -39,9 +42,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from scripts.common.io import atomic_write
 from scripts.networks.modulated_conv import prelu_replicate_pad, replicate_depthwise3
@@ -50,8 +54,10 @@ __all__ = [
     "enable_fused_kernels",
     "fused_kernels_as_configured",
     "fused_kernel_status",
+    "depthwise3_project_prelu",
     "depthwise3_replicate",
     "prelu_scale_pad",
+    "single_channel_conv3_replicate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,11 +65,13 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("scale_pad.cpp", "depthwise3.cpp", "module.cpp"))
 DEPTHWISE_CHANNELS = (8, 16, 32, 64)
 """Channel counts :func:`depthwise3_replicate`'s kernel is compiled for (others run PyTorch's path)."""
+PROJECT_CHANNELS = (8, 16)
+"""Output channel counts :func:`depthwise3_project_prelu`'s kernel is compiled for."""
 CONFIG_KEY = "fused_cpu_kernels"
 
 _lock = threading.Lock()
 # "enabled": asked for; "module": the loaded extension or None; "reason": why it is not used (or "in use");
-# "calls", "depthwise_calls": kernel calls made (the tests check that a kernel ran, not only that it was built)
+# "calls", "depthwise_calls", "input_calls", "project_calls": kernel calls made (the tests check that a kernel ran, not only that it was built)
 # "failed": why the build failed in this process ("" until then), so it is tried once
 _state: dict[str, Any] = {
     "enabled": False,
@@ -71,6 +79,8 @@ _state: dict[str, Any] = {
     "reason": "not enabled",
     "calls": 0,
     "depthwise_calls": 0,
+    "input_calls": 0,
+    "project_calls": 0,
     "failed": "",
 }
 
@@ -228,6 +238,8 @@ def fused_kernel_status() -> dict[str, Any]:
         "reason": str(_state["reason"]),
         "calls": int(_state["calls"]),
         "depthwise_calls": int(_state["depthwise_calls"]),
+        "input_calls": int(_state["input_calls"]),
+        "project_calls": int(_state["project_calls"]),
     }
 
 
@@ -309,6 +321,82 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
         _state["depthwise_calls"] += 1
         return _state["module"].depthwise3_replicate(x, weight.detach().contiguous(), bool(channel_sum))
     return replicate_depthwise3(x, weight, channel_sum)
+
+
+def single_channel_conv3_replicate(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``conv3d(pad(x, 1, mode="replicate"), weight, bias)`` for a single-channel input: a ``1 -> C`` 3x3x3 convolution
+    with replicate padding, what ``nn.Conv3d(1, C, 3, padding=1, padding_mode="replicate")`` computes.
+
+    Args:
+        x: ``(B, 1, D, H, W)`` input.
+        weight: ``(C, 1, 3, 3, 3)`` kernel.
+        bias: ``(C,)`` or None.
+
+    Returns ``(B, C, D, H, W)``: from the fused kernel where it applies (float32 contiguous input on the CPU, C in
+    :data:`DEPTHWISE_CHANNELS`, nothing recording gradients, autocast off; channels-last output), else PyTorch's
+    convolution; the same function up to float rounding.
+    """
+    c = weight.shape[0] if weight.dim() == 5 else 0
+    if (
+        _state["enabled"]
+        and _state["module"] is not None
+        and x.dim() == 5
+        and x.shape[1] == 1
+        and x.numel() > 0
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()  # one channel: channels-last and NCDHW are the same bytes
+        and c in DEPTHWISE_CHANNELS
+        and tuple(weight.shape) == (c, 1, 3, 3, 3)
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.numel() == c))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+        and not torch.is_autocast_enabled("cpu")  # PyTorch would convolve in bf16: another function
+    ):
+        _state["input_calls"] += 1
+        b = None if bias is None else bias.detach().reshape(-1).contiguous()
+        return _state["module"].single_channel_conv3_replicate(x, weight.detach().contiguous(), b)
+    return F.conv3d(F.pad(x, (1,) * 6, mode="replicate"), weight, bias)
+
+
+def depthwise3_project_prelu(
+    x: torch.Tensor, weight: torch.Tensor, proj: torch.Tensor, slope: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``y = prelu(conv3d(depthwise3(x), proj), slope)`` and ``y.mean(dim=(2, 3, 4))`` from one fused pass, or None where
+    the kernel does not apply (the caller then runs its own passes).
+
+    Args:
+        x: ``(B, C, D, H, W)`` features, C in :data:`DEPTHWISE_CHANNELS`.
+        weight: ``(C, 1, 3, 3, 3)`` depthwise kernel (edge-replicated faces, as :func:`depthwise3_replicate`).
+        proj: ``(M, C, 1, 1, 1)`` 1x1 convolution weight, no bias, M in :data:`PROJECT_CHANNELS`.
+        slope: the PReLU's single weight, ``(1,)``.
+
+    Returns ``(y (B, M, D, H, W) channels-last, means (B, M) float32)`` where it applies (float32 channels-last
+    features on the CPU, nothing recording gradients, autocast off), else None. The same function as those passes up
+    to float rounding (the means are summed per row in double, in a fixed order).
+    """
+    c = x.shape[1] if x.dim() == 5 else 0
+    m = proj.shape[0] if proj.dim() == 5 else 0
+    if not (
+        _applies(x, None, None)
+        and c in DEPTHWISE_CHANNELS
+        and m in PROJECT_CHANNELS
+        and tuple(proj.shape) == (m, c, 1, 1, 1)
+        and tuple(weight.shape) == (c, 1, 3, 3, 3)
+        and slope.numel() == 1
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (weight, proj, slope))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (weight, proj, slope)))
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return None
+    _state["project_calls"] += 1
+    y, means = _state["module"].depthwise3_project_prelu(
+        x, weight.detach().contiguous(), proj.detach().reshape(m, c).contiguous(), float(slope.detach().reshape(()))
+    )
+    return y, means
 
 
 def build(fused_cpu_kernels: bool = True) -> None:

@@ -14,7 +14,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .fused_pad import depthwise3_replicate, prelu_scale_pad
+from .fused_pad import (
+    depthwise3_project_prelu,
+    depthwise3_replicate,
+    prelu_scale_pad,
+    single_channel_conv3_replicate,
+)
 from .modulated_conv import PADDING_MODES, ModulatedConv3d, prelu_replicate_pad, replicate_depthwise3
 
 __all__ = [
@@ -92,6 +97,13 @@ def depthwise3(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool = False)
     return replicate_depthwise3(x, weight, channel_sum)
 
 
+@torch.jit.unused
+def _fused_single_channel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eager mode: the fused CPU kernel where it applies, else PyTorch's convolution
+    (``fused_pad.single_channel_conv3_replicate``)."""
+    return single_channel_conv3_replicate(x, weight, bias)
+
+
 def local_mean3(x: torch.Tensor) -> torch.Tensor:
     """The 3x3x3 local mean of each channel, faces edge-replicated (``avg_pool3d`` of the replicate-padded input).
 
@@ -135,10 +147,25 @@ def high_pass3(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype != torch.float32 or (not torch.jit.is_scripting() and _autocast_on(x)):
         return x.float() - local_mean3(x)
-    c = x.shape[1]
-    kernel = torch.full((c, 1, 3, 3, 3), -1.0 / 27.0, dtype=x.dtype, device=x.device)
+    return depthwise3(x, _high_pass_kernel(x))
+
+
+def _high_pass_kernel(x: torch.Tensor) -> torch.Tensor:
+    """The depthwise kernel ``delta - 1/27`` of :func:`high_pass3` for ``x``'s channels, ``(C, 1, 3, 3, 3)``."""
+    kernel = torch.full((x.shape[1], 1, 3, 3, 3), -1.0 / 27.0, dtype=x.dtype, device=x.device)
     kernel[:, :, 1, 1, 1] = 26.0 / 27.0
-    return depthwise3(x, kernel)
+    return kernel
+
+
+@torch.jit.unused
+def _fused_san_front(
+    x: torch.Tensor, reduce: torch.Tensor, slope: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Eager mode: ``act1(reduce(high_pass3(x)))`` and its channel means from one fused CPU pass, or None where the
+    kernel does not apply (``fused_pad.depthwise3_project_prelu``)."""
+    if x.dtype != torch.float32:
+        return None
+    return depthwise3_project_prelu(x, _high_pass_kernel(x), reduce, slope)
 
 
 def spatial_mean_var(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +208,11 @@ class ChannelAttention3d(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample, per-channel factor ``gain * sigmoid(MLP(global_avg_pool(x)))``, ``(B, C, 1, 1, 1)``."""
-        w = x.mean(dim=(2, 3, 4))
-        w = torch.sigmoid(self.fc2(self.act(self.fc1(w))))
+        return self.gate_from_mean(x.mean(dim=(2, 3, 4)))
+
+    def gate_from_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """:meth:`gate` from the input's per-sample, per-channel mean ``(B, C)`` (already known to a fused caller)."""
+        w = torch.sigmoid(self.fc2(self.act(self.fc1(mean))))
         if self.gain != 1.0:
             w = w * self.gain
         return w.reshape(w.shape[0], w.shape[1], 1, 1, 1)
@@ -243,13 +273,18 @@ class SANStage(nn.Module):
         nn.init.zeros_(self.to_latent.bias)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self.act1(self.reduce(x))
+        return self.forward_reduced(self.act1(self.reduce(x)), None)
+
+    def forward_reduced(self, x: torch.Tensor, mean: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The stage after its 1x1 reduction and first PReLU: ``x`` (B, mid, D, H, W) is ``act1(reduce(input))``,
+        ``mean`` its per-channel mean (B, mid) when a fused caller already has it (used only with replicate padding),
+        else None. Returns what :meth:`forward` returns."""
         down = self.down
         if down.padding_mode == "replicate":
             # The same numbers as attention then nn.Conv3d with its own replicate padding (F.pad, ~3x slower on a
             # channels-last input: see replicate_pad); without gradients the gate's product is written straight
             # into the padded input (no interior copy), as in ModulatedResBlock.
-            gate = self.attention.gate(x).to(x.dtype)
+            gate = self.attention.gate_from_mean(x.mean(dim=(2, 3, 4)) if mean is None else mean).to(x.dtype)
             xp = padded_input(x, gate)
             x = self.act2(nn.functional.conv3d(xp, down.weight, down.bias, 2, 0))
         else:
@@ -303,14 +338,27 @@ class StyleAlignmentNetwork(nn.Module):
             self.register_buffer("high_pass_marker", torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        latents: List[torch.Tensor] = []
+        first = 0  # the stages already run
         if self.high_pass:
             # features minus their 3x3x3 local mean (edge-replicated, whatever the conv padding: this is a
             # statistic, and zero padding would put a false edge at every window face); see SAN_VARIANTS
-            x = high_pass3(x)
-        latents: List[torch.Tensor] = []
-        for stage in self.stages:
-            x, latent = stage(x)
-            latents.append(latent)
+            front: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+            stage0 = self.stages[0]
+            if not torch.jit.is_scripting() and not torch.is_grad_enabled() and stage0.down.padding_mode == "replicate":
+                # the high-pass, the first stage's reduction, PReLU and gate mean in one fused CPU pass where it
+                # applies (issue 14: four full-size passes in one; the same function up to float rounding)
+                front = _fused_san_front(x, stage0.reduce.weight, stage0.act1.weight)
+            if front is not None:
+                x, latent = stage0.forward_reduced(front[0], front[1])
+                latents.append(latent)
+                first = 1
+            else:
+                x = high_pass3(x)
+        for i, stage in enumerate(self.stages):
+            if i >= first:
+                x, latent = stage(x)
+                latents.append(latent)
         return latents
 
 
@@ -546,7 +594,7 @@ class UniPET(nn.Module):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UniPET expects input (B, {self.in_channels}, D, H, W), got {list(x.shape)}")
-        feat = self.input_conv(x)
+        feat = self._input(x)
         latents: List[torch.Tensor] = []
         if use_styles:
             latents = self._style_latents(x, feat, drf)
@@ -562,6 +610,20 @@ class UniPET(nn.Module):
         if self.global_skip:
             out = out + x
         return out, features
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input conv. Without gradients, with one input channel and replicate padding, in eager mode, the fused
+        CPU kernel where it applies (:func:`fused_pad.single_channel_conv3_replicate`: oneDNN has no fast kernel for
+        one input channel, ~3.5x slower here); the same function up to float rounding."""
+        conv = self.input_conv
+        if (
+            self.in_channels != 1
+            or self.padding_mode != "replicate"
+            or torch.is_grad_enabled()
+            or torch.jit.is_scripting()
+        ):
+            return conv(x)
+        return _fused_single_channel(x, conv.weight, conv.bias)
 
     def _output(self, feat: torch.Tensor) -> torch.Tensor:
         """The output conv. Without gradients and with one output channel and replicate padding it runs as a
@@ -602,7 +664,7 @@ class UniPET(nn.Module):
         san = self.san
         if san is None:
             return []
-        return san(self.input_conv(x))
+        return san(self._input(x))
 
     @torch.jit.export
     def block_styles(self, x: torch.Tensor) -> List[torch.Tensor]:
