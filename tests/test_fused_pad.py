@@ -153,18 +153,31 @@ def test_the_input_conv_kernel_is_pytorchs_replicate_convolution_up_to_rounding(
                 ref = conv(x)
             assert out.shape == ref.shape == (b, channels, *spatial) and out.is_contiguous(memory_format=CL)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # where it does not apply: PyTorch's convolution, the same function
+    # where it does not apply it says so (None): the caller then runs its own convolution
     for case, w in (
         (x.to(torch.bfloat16), weight),
         (x.clone().requires_grad_(), weight),
         (x, torch.randn(12, 1, 3, 3, 3)),  # a width the kernel is not compiled for
         (torch.randn(b, 2, *spatial), torch.randn(channels, 2, 3, 3, 3)),  # two input channels
     ):
-        before = fused_kernel_status()["input_calls"]
-        out = single_channel_conv3_replicate(case, w.to(case.dtype), None)
-        assert fused_kernel_status()["input_calls"] == before
-        ref = F.conv3d(F.pad(case, (1,) * 6, mode="replicate"), w.to(case.dtype))
-        torch.testing.assert_close(out.detach().float(), ref.detach().float(), rtol=0, atol=1e-5)
+        assert single_channel_conv3_replicate(case, w, None) is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert single_channel_conv3_replicate(x, weight, bias) is None
+
+
+def test_the_input_conv_module_runs_where_the_kernel_does_not_apply(fused):
+    net = UniPET(channels=8, num_blocks=1, latent_dim=8, san_channels=(8,)).eval()
+    calls = []
+    net.input_conv.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(1, 1, 6, 6, 6)
+    with torch.no_grad():
+        net(x)  # the kernel: the module's hook does not run
+        assert calls == []
+        fused_pad._state["enabled"] = False
+        net(x)  # no kernel: the module itself, hooks and all
+    assert calls == [1]
+    net(x)  # with gradients: the module
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("channels", DEPTHWISE_CHANNELS)

@@ -9,6 +9,7 @@ test needs the network to change the image (`perturbed_checkpoint`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -164,6 +165,25 @@ def test_discovery_finds_nifti_files_and_pet_series_folders(tmp_path, caplog):
     assert [(i.name, i.kind) for i in found] == [("a", "nifti"), ("b", "nifti"), ("pet", "dicom")]
     assert "skipping folder ct: a CT series, not PET" in caplog.text
     assert "skipping folder docs: no DICOM files" in caplog.text
+
+
+def test_a_link_to_a_study_in_the_same_folder_is_denoised_once(tmp_path, caplog):
+    data = tmp_path / "in"
+    save_nifti(phantom((8, 8, 8)), np.eye(4), data / "b.nii.gz")
+    (data / "a_link.nii.gz").symlink_to(data / "b.nii.gz")  # sorts first, but the real file keeps its name
+    os.link(data / "b.nii.gz", data / "c_hard.nii.gz")  # a hard link: the same file too
+    factory.write_synthetic_series(data / "pet", np.ones((6, 5, 4)) * 1000.0)
+    (data / "pet_link").symlink_to(data / "pet", target_is_directory=True)
+    (data / "d.nii.gz").symlink_to(tmp_path / "missing.nii.gz")  # dangling: said so, not "not a NIfTI file"
+    (data / "e.nii.gz").symlink_to(data / "e.nii.gz")  # a loop
+    caplog.set_level("INFO")
+    found = discover_inputs(data)
+    assert [(i.name, i.kind) for i in found] == [("b", "nifti"), ("pet", "dicom")]
+    assert "skipping a_link.nii.gz: it is the same file on disk as b.nii.gz (a symbolic link to it)" in caplog.text
+    assert "skipping c_hard.nii.gz: it is the same file on disk as b.nii.gz (a hard link)" in caplog.text
+    assert "skipping pet_link: it is the same folder on disk as pet (a symbolic link to it)" in caplog.text
+    assert "skipping d.nii.gz: a link to" in caplog.text and "missing.nii.gz, which cannot be opened" in caplog.text
+    assert "skipping e.nii.gz: a link to" in caplog.text
 
 
 def test_nothing_to_denoise_says_what_was_looked_for(tmp_path):

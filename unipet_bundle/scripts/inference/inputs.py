@@ -139,6 +139,46 @@ def _dicom_modality(folder: Path) -> str | None:
     return other
 
 
+def _one_per_target(found: list[InferenceInput]) -> list[InferenceInput]:
+    """``found`` with each file or folder on disk once: entries that are the same file (a symbolic link to another
+    entry, or a hard link) are denoised once, under the name of the entry that is not a symbolic link (else the first
+    in sorted order), and each one left out is warned about by name."""
+    groups: dict[tuple[int, int], list[InferenceInput]] = {}
+    order: list[InferenceInput] = []
+    for item in found:
+        try:
+            st = item.path.stat()  # follows links: the file or folder itself
+        except OSError:  # gone or unreadable since it was listed: validation names it
+            order.append(item)
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key not in groups:
+            groups[key] = []
+            order.append(item)
+        groups[key].append(item)
+    kept: list[InferenceInput] = []
+    for item in order:
+        try:
+            st = item.path.stat()
+        except OSError:
+            kept.append(item)
+            continue
+        same = groups[(st.st_dev, st.st_ino)]
+        chosen = next((i for i in same if not i.path.is_symlink()), same[0])
+        kept.append(chosen)
+        for other in same:
+            if other is not chosen:
+                logger.warning(
+                    "skipping %s: it is the same %s on disk as %s (%s); the study is denoised once, as %s",
+                    shown(other.path.name),
+                    "file" if other.kind == "nifti" else "folder",
+                    shown(chosen.path.name),
+                    "a symbolic link to it" if other.path.is_symlink() else "a hard link",
+                    shown(chosen.name),
+                )
+    return sorted(kept, key=lambda i: i.path.name)
+
+
 def discover_inputs(
     dataset_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
 ) -> list[InferenceInput]:
@@ -197,10 +237,17 @@ def discover_inputs(
             else:
                 what = "no DICOM files" if modality is None else f"a {modality} series, not PET"
                 logger.info("skipping folder %s: %s", label, what)
+        elif entry.is_symlink() and not entry.exists():
+            logger.warning(
+                "skipping %s: a link to %s, which cannot be opened (missing, or a loop of links)",
+                label,
+                shown(os.readlink(entry)),
+            )
         elif outputs_here and entry.name.endswith(f"{OUTPUT_SUFFIX}.json"):
             logger.info("skipping %s: an output of an earlier run (output_dir is the dataset folder)", label)
         else:
             logger.info("skipping file %s: not a NIfTI file (*.nii, *.nii.gz) nor a DICOM series folder", label)
+    found = _one_per_target(found)
     if not found:
         raise UniPETInputError(
             f"nothing to denoise in {folder}: looked for *.nii and *.nii.gz files and for sub-folders holding a PET "

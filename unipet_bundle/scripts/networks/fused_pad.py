@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from scripts.common.io import atomic_write
 from scripts.networks.modulated_conv import prelu_replicate_pad, replicate_depthwise3
@@ -71,7 +70,8 @@ CONFIG_KEY = "fused_cpu_kernels"
 
 _lock = threading.Lock()
 # "enabled": asked for; "module": the loaded extension or None; "reason": why it is not used (or "in use");
-# "calls", "depthwise_calls", "input_calls", "project_calls": kernel calls made (the tests check that a kernel ran, not only that it was built)
+# "calls", "depthwise_calls", "input_calls", "project_calls": kernel calls made (the tests check that a kernel ran,
+# not only that it was built)
 # "failed": why the build failed in this process ("" until then), so it is tried once
 _state: dict[str, Any] = {
     "enabled": False,
@@ -229,7 +229,8 @@ def fused_kernels_as_configured(parser: Any) -> dict[str, Any]:
 
 
 def fused_kernel_status() -> dict[str, Any]:
-    """``{"enabled", "loaded", "in_use", "reason", "calls", "depthwise_calls"}`` of this process."""
+    """``{"enabled", "loaded", "in_use", "reason", "calls", "depthwise_calls", "input_calls", "project_calls"}`` of this
+    process (the ``*calls`` count each kernel's calls)."""
     loaded = _state["module"] is not None
     return {
         "enabled": bool(_state["enabled"]),
@@ -325,21 +326,22 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
 
 def single_channel_conv3_replicate(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """``conv3d(pad(x, 1, mode="replicate"), weight, bias)`` for a single-channel input: a ``1 -> C`` 3x3x3 convolution
-    with replicate padding, what ``nn.Conv3d(1, C, 3, padding=1, padding_mode="replicate")`` computes.
+) -> Optional[torch.Tensor]:
+    """``conv3d(pad(x, 1, mode="replicate"), weight, bias)`` for a single-channel input from the fused kernel (what
+    ``nn.Conv3d(1, C, 3, padding=1, padding_mode="replicate")`` computes), or None where it does not apply (the caller
+    then runs its own convolution, hooks and all).
 
     Args:
         x: ``(B, 1, D, H, W)`` input.
         weight: ``(C, 1, 3, 3, 3)`` kernel.
         bias: ``(C,)`` or None.
 
-    Returns ``(B, C, D, H, W)``: from the fused kernel where it applies (float32 contiguous input on the CPU, C in
-    :data:`DEPTHWISE_CHANNELS`, nothing recording gradients, autocast off; channels-last output), else PyTorch's
-    convolution; the same function up to float rounding.
+    Returns ``(B, C, D, H, W)`` channels-last where it applies (float32 contiguous input on the CPU, C in
+    :data:`DEPTHWISE_CHANNELS`, nothing recording gradients, autocast off), else None. The same function as PyTorch's
+    convolution up to float rounding.
     """
     c = weight.shape[0] if weight.dim() == 5 else 0
-    if (
+    if not (
         _state["enabled"]
         and _state["module"] is not None
         and x.dim() == 5
@@ -356,10 +358,10 @@ def single_channel_conv3_replicate(
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
         and not torch.is_autocast_enabled("cpu")  # PyTorch would convolve in bf16: another function
     ):
-        _state["input_calls"] += 1
-        b = None if bias is None else bias.detach().reshape(-1).contiguous()
-        return _state["module"].single_channel_conv3_replicate(x, weight.detach().contiguous(), b)
-    return F.conv3d(F.pad(x, (1,) * 6, mode="replicate"), weight, bias)
+        return None
+    _state["input_calls"] += 1
+    b = None if bias is None else bias.detach().reshape(-1).contiguous()
+    return _state["module"].single_channel_conv3_replicate(x, weight.detach().contiguous(), b)
 
 
 def depthwise3_project_prelu(
@@ -376,7 +378,8 @@ def depthwise3_project_prelu(
 
     Returns ``(y (B, M, D, H, W) channels-last, means (B, M) float32)`` where it applies (float32 channels-last
     features on the CPU, nothing recording gradients, autocast off), else None. The same function as those passes up
-    to float rounding (the means are summed per row in double, in a fixed order).
+    to float rounding (each row's sums in float, the rows' sums added in double in a fixed order: the same means on
+    any number of threads).
     """
     c = x.shape[1] if x.dim() == 5 else 0
     m = proj.shape[0] if proj.dim() == 5 else 0

@@ -98,8 +98,10 @@ def depthwise3(x: torch.Tensor, weight: torch.Tensor, channel_sum: bool = False)
 
 
 @torch.jit.unused
-def _fused_single_channel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Eager mode: the fused CPU kernel where it applies, else PyTorch's convolution
+def _fused_single_channel(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """Eager mode: the fused CPU kernel's ``1 -> C`` replicate-padded convolution, or None where it does not apply
     (``fused_pad.single_channel_conv3_replicate``)."""
     return single_channel_conv3_replicate(x, weight, bias)
 
@@ -344,16 +346,18 @@ class StyleAlignmentNetwork(nn.Module):
             # features minus their 3x3x3 local mean (edge-replicated, whatever the conv padding: this is a
             # statistic, and zero padding would put a false edge at every window face); see SAN_VARIANTS
             front: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-            stage0 = self.stages[0]
-            if not torch.jit.is_scripting() and not torch.is_grad_enabled() and stage0.down.padding_mode == "replicate":
-                # the high-pass, the first stage's reduction, PReLU and gate mean in one fused CPU pass where it
-                # applies (issue 14: four full-size passes in one; the same function up to float rounding)
-                front = _fused_san_front(x, stage0.reduce.weight, stage0.act1.weight)
-            if front is not None:
-                x, latent = stage0.forward_reduced(front[0], front[1])
-                latents.append(latent)
-                first = 1
-            else:
+            if not torch.jit.is_scripting() and not torch.is_grad_enabled() and len(self.stages) > 0:
+                stage0 = self.stages[0]
+                if stage0.down.padding_mode == "replicate":
+                    # the high-pass, the first stage's reduction, PReLU and gate mean in one fused CPU pass where it
+                    # applies (issue 14: four full-size passes in one; the same function up to float rounding; the
+                    # hooks of those sub-modules do not run then)
+                    front = _fused_san_front(x, stage0.reduce.weight, stage0.act1.weight)
+                    if front is not None:
+                        x, latent = stage0.forward_reduced(front[0], front[1])
+                        latents.append(latent)
+                        first = 1
+            if front is None:
                 x = high_pass3(x)
         for i, stage in enumerate(self.stages):
             if i >= first:
@@ -614,16 +618,19 @@ class UniPET(nn.Module):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """The input conv. Without gradients, with one input channel and replicate padding, in eager mode, the fused
         CPU kernel where it applies (:func:`fused_pad.single_channel_conv3_replicate`: oneDNN has no fast kernel for
-        one input channel, ~3.5x slower here); the same function up to float rounding."""
+        one input channel, ~2.5x slower here; the module's own hooks do not run then); the same function up to float
+        rounding. Everywhere else the module itself."""
         conv = self.input_conv
         if (
-            self.in_channels != 1
-            or self.padding_mode != "replicate"
-            or torch.is_grad_enabled()
-            or torch.jit.is_scripting()
+            self.in_channels == 1
+            and self.padding_mode == "replicate"
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_scripting()
         ):
-            return conv(x)
-        return _fused_single_channel(x, conv.weight, conv.bias)
+            out = _fused_single_channel(x, conv.weight, conv.bias)
+            if out is not None:
+                return out
+        return conv(x)
 
     def _output(self, feat: torch.Tensor) -> torch.Tensor:
         """The output conv. Without gradients and with one output channel and replicate padding it runs as a
