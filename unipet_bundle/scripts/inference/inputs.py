@@ -143,27 +143,16 @@ def _one_per_target(found: list[InferenceInput]) -> list[InferenceInput]:
     """``found`` with each file or folder on disk once: entries that are the same file (a symbolic link to another
     entry, or a hard link) are denoised once, under the name of the entry that is not a symbolic link (else the first
     in sorted order), and each one left out is warned about by name."""
-    groups: dict[tuple[int, int], list[InferenceInput]] = {}
-    order: list[InferenceInput] = []
+    groups: dict[Any, list[InferenceInput]] = {}  # in listing order
     for item in found:
         try:
             st = item.path.stat()  # follows links: the file or folder itself
-        except OSError:  # gone or unreadable since it was listed: validation names it
-            order.append(item)
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key not in groups:
-            groups[key] = []
-            order.append(item)
-        groups[key].append(item)
+            key: Any = (st.st_dev, st.st_ino)
+        except OSError:  # gone or unreadable since it was listed: kept alone, validation names it
+            key = id(item)
+        groups.setdefault(key, []).append(item)
     kept: list[InferenceInput] = []
-    for item in order:
-        try:
-            st = item.path.stat()
-        except OSError:
-            kept.append(item)
-            continue
-        same = groups[(st.st_dev, st.st_ino)]
+    for same in groups.values():
         chosen = next((i for i in same if not i.path.is_symlink()), same[0])
         kept.append(chosen)
         for other in same:

@@ -267,6 +267,20 @@ def _applies(x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[tor
     )
 
 
+def _weights_apply(c: int, weight: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether a convolution kernel can take ``weight`` (and ``others``) for ``c`` channels: a ``(c, 1, 3, 3, 3)``
+    weight, ``c`` in :data:`DEPTHWISE_CHANNELS`, every tensor float32 on the CPU and none recording gradients, autocast
+    off (PyTorch's convolution would run in bf16 there: the kernel's float32 would be another function)."""
+    tensors = [t for t in (weight, *others) if t is not None]
+    return (
+        c in DEPTHWISE_CHANNELS
+        and tuple(weight.shape) == (c, 1, 3, 3, 3)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
 def prelu_scale_pad(
     x: torch.Tensor, scale: Optional[torch.Tensor], slope: Optional[torch.Tensor], p: int
 ) -> torch.Tensor:
@@ -309,16 +323,7 @@ def depthwise3_replicate(x: torch.Tensor, weight: torch.Tensor, channel_sum: boo
     (:func:`~scripts.networks.modulated_conv.replicate_depthwise3`); the same function up to float rounding.
     """
     c = x.shape[1] if x.dim() == 5 else 0
-    if (
-        _applies(x, None, None)
-        and c in DEPTHWISE_CHANNELS  # (_applies: a 5-D tensor with no empty axis)
-        and not (torch.is_grad_enabled() and weight.requires_grad)
-        # under autocast PyTorch's convolution runs in bf16: the kernel's float32 would be another function
-        and not torch.is_autocast_enabled("cpu")
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and tuple(weight.shape) == (c, 1, 3, 3, 3)
-    ):
+    if _applies(x, None, None) and _weights_apply(c, weight):  # (_applies: a 5-D tensor with no empty axis)
         _state["depthwise_calls"] += 1
         return _state["module"].depthwise3_replicate(x, weight.detach().contiguous(), bool(channel_sum))
     return replicate_depthwise3(x, weight, channel_sum)
@@ -342,21 +347,10 @@ def single_channel_conv3_replicate(
     """
     c = weight.shape[0] if weight.dim() == 5 else 0
     if not (
-        _state["enabled"]
-        and _state["module"] is not None
-        and x.dim() == 5
+        _applies(x, None, None)  # one channel: channels-last and NCDHW are the same bytes
         and x.shape[1] == 1
-        and x.numel() > 0
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous()  # one channel: channels-last and NCDHW are the same bytes
-        and c in DEPTHWISE_CHANNELS
-        and tuple(weight.shape) == (c, 1, 3, 3, 3)
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.numel() == c))
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
-        and not torch.is_autocast_enabled("cpu")  # PyTorch would convolve in bf16: another function
+        and _weights_apply(c, weight, bias)
+        and (bias is None or bias.numel() == c)
     ):
         return None
     _state["input_calls"] += 1
@@ -385,14 +379,10 @@ def depthwise3_project_prelu(
     m = proj.shape[0] if proj.dim() == 5 else 0
     if not (
         _applies(x, None, None)
-        and c in DEPTHWISE_CHANNELS
         and m in PROJECT_CHANNELS
         and tuple(proj.shape) == (m, c, 1, 1, 1)
-        and tuple(weight.shape) == (c, 1, 3, 3, 3)
         and slope.numel() == 1
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (weight, proj, slope))
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (weight, proj, slope)))
-        and not torch.is_autocast_enabled("cpu")
+        and _weights_apply(c, weight, proj, slope)
     ):
         return None
     _state["project_calls"] += 1
