@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events as IGNITE_EVENTS
 from scipy.ndimage import gaussian_filter
 
 from conftest import BUNDLE_ROOT, bundle_parser, run_python
+from scripts.common.errors import TrainingDivergedError
 from scripts.common.weights import load_checkpoint
 from scripts.data.io import save_nifti
 from scripts.engines.gan_trainer import UniPETTrainer
@@ -244,6 +246,76 @@ def test_stage2_needs_a_critic(tiny_setup):
             g_optimizer=torch.optim.AdamW(gen.parameters()),
             stage1_iterations=1,
         )
+
+
+class PoisonedCriticLoss(RALSCriticLoss):
+    """The critic's loss with a NaN factor on the calls numbered in ``poisoned`` (1-based): NaN gradients there."""
+
+    def __init__(self, poisoned: set[int]):
+        super().__init__(gp_weight=10.0)
+        self.poisoned, self.calls = poisoned, 0
+
+    def forward(self, critic, real, fake, mask):
+        self.calls += 1
+        loss, terms = super().forward(critic, real, fake, mask)
+        return (loss * float("nan"), terms) if self.calls in self.poisoned else (loss, terms)
+
+
+def _weights_by_iteration(trainer, module) -> dict[int, list[torch.Tensor]]:
+    seen: dict[int, list[torch.Tensor]] = {0: _params(module)}
+    trainer.add_event_handler(
+        IGNITE_EVENTS.ITERATION_COMPLETED, lambda engine: seen.__setitem__(engine.state.iteration, _params(module))
+    )
+    return seen
+
+
+def test_a_nonfinite_gradient_skips_that_step_and_the_run_goes_on(tiny_setup, caplog):
+    """A NaN batch (generator, stage 1) and a NaN critic loss (stage 2) each cost their one step: the weights stay as
+    they were for that step, they change again at the next, nothing turns NaN, and the log and the output say so."""
+    gen, critic, batches, low, full = tiny_setup
+    poisoned = [dict(b) for b in batches]
+    poisoned[1] = {"image": low.clone().index_fill_(2, torch.tensor([3]), float("nan")), "label": full}
+    trainer = _trainer(gen, critic, poisoned, stage1=3, total=5, pretrain=2, recorder=PoisonedCriticLoss({1}))
+    gen_seen, critic_seen = _weights_by_iteration(trainer, gen), _weights_by_iteration(trainer, critic)
+    with caplog.at_level("WARNING"):
+        trainer.run()
+    assert not _changed(gen_seen[1], gen_seen[2]), "the NaN batch (iteration 2) must not move the generator"
+    assert _changed(gen_seen[2], gen_seen[3]), "the next stage-1 step trains again"
+    assert not _changed(critic_seen[3], critic_seen[4]), "the NaN critic loss (iteration 4) must not move the critic"
+    assert _changed(critic_seen[4], critic_seen[5]), "the next critic step trains again"
+    for module in (gen, critic):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert trainer.nonfinite_skipped == {"generator": 1, "critic": 1}
+    assert trainer.state.output["nonfinite_skipped"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert warnings == [
+        "iteration 2: non-finite generator gradients, step skipped (weights unchanged; 1 in a row, 1 in this run)",
+        "iteration 4: non-finite critic gradients, step skipped (weights unchanged; 1 in a row, 1 in this run)",
+    ]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_what_to_change(tiny_setup):
+    gen, critic, batches, low, full = tiny_setup
+    bad = [{"image": low * float("nan"), "label": full}] * 10
+    start = _params(gen)
+    trainer = _trainer(gen, critic, bad, stage1=10, total=10, pretrain=0, max_nonfinite_steps=2)
+    with pytest.raises(TrainingDivergedError) as err:
+        trainer.run()
+    msg = str(err.value)
+    assert "3 generator steps in a row had non-finite gradients (iterations 1-3)" in msg
+    assert "lower learning_rate" in msg and "--precision fp32" in msg and "--max_nonfinite_steps" in msg
+    assert not _changed(start, gen.parameters()), "no skipped step may touch the weights"
+    # a clean run never reports the key; 0 stops at the first bad step
+    with pytest.raises(TrainingDivergedError, match=r"1 critic steps in a row .*iterations 1-1"):
+        _trainer(gen, critic, batches, stage1=0, total=3, pretrain=3, recorder=PoisonedCriticLoss({1}), max_nonfinite_steps=0).run()
+    with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 0"):
+        _trainer(gen, critic, batches, stage1=1, total=1, pretrain=0, max_nonfinite_steps=-1)
+
+
+def test_train_json_hands_max_nonfinite_steps_to_the_trainer():
+    assert bundle_parser(("train.json",)).get_parsed_content("train#trainer#max_nonfinite_steps") == 10
+    parser = bundle_parser(("train.json",), max_nonfinite_steps=0)
+    assert parser.get_parsed_content("train#trainer#max_nonfinite_steps") == 0
 
 
 def test_mask_fn_from_config_units():

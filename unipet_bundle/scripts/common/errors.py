@@ -70,7 +70,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the network."""
 
 
-_USER_ERRORS = (UniPETInputError, CheckpointError, OSError)
+class TrainingDivergedError(RuntimeError):
+    """Training produced non-finite losses or gradients step after step: the message says which network, since when,
+    and what to change (the weights were not updated by those steps)."""
+
+
+_USER_ERRORS = (UniPETInputError, CheckpointError, TrainingDivergedError, OSError)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -142,7 +147,7 @@ def user_error(exc: BaseException | None) -> BaseException | None:
 
 def _user_error_names() -> set[str]:
     names: set[str] = set()
-    stack: list[type] = [UniPETInputError, CheckpointError]
+    stack: list[type] = [UniPETInputError, CheckpointError, TrainingDivergedError]
     while stack:
         cls = stack.pop()
         names.add(cls.__name__)

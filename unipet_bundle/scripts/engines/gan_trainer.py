@@ -20,6 +20,7 @@ Ablations of stage 2: ``adv_weight=0`` trains no critic and skips the pre-traini
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.common.errors import TrainingDivergedError
 from scripts.common.options import as_bool, finite_number
 from scripts.common.weights import unwrap as _unwrap  # the one DDP/DataParallel unwrap
 from scripts.engines.batches import batch_drfs, prepare_paired_batch
@@ -47,6 +49,8 @@ __all__ = [
     "loss_terms",
     "prepare_paired_batch",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureTap(nn.Module):
@@ -276,6 +280,9 @@ class UniPETTrainer(Trainer):
         train_san: train the SAN in stage 2 (the method). False keeps it frozen at its zero style, so stage 2
             fine-tunes the plain base network (the "RALS alone" ablation, with ``align_weight`` 0).
             ``adv_weight`` 0 trains no critic (the "SAN alone" ablation).
+        max_nonfinite_steps: optimiser steps with a non-finite gradient are skipped (the weights stay as they
+            were, one WARNING each); more than this many of one network (generator or critic) in a row stop the
+            run with a :class:`~scripts.common.errors.TrainingDivergedError`. 0 stops at the first.
         precision: ``"fp32"`` or ``"bf16"``: bf16 autocast of the networks (CPU or CUDA); weights, optimiser
             state and losses stay float32. Falls back to fp32, with one log line, on hardware without native
             bf16 (``scripts.engines.precision.resolve_precision``). :attr:`precision` is what runs.
@@ -293,6 +300,8 @@ class UniPETTrainer(Trainer):
     * critic (stage 2, adversarial): ``d_loss`` (``-wasserstein + gp_weight * gp``: it is dominated by the
       gradient penalty and can be in the thousands), ``d_wasserstein``, ``d_gp``, ``d_real``, ``d_fake``.
       During critic pre-training no generator step runs and the output holds no ``loss`` / ``g_*`` keys;
+    * ``nonfinite_skipped``: optimiser steps skipped so far for non-finite gradients (both networks), present
+      from the first skipped step on;
     * learning rates used by this iteration: ``lr_<group>`` per generator group (``lr_bdn``, ``lr_san``) and
       ``lr_critic`` (stage 2, adversarial);
     * monitoring (see ``monitor_interval``): ``grad_*`` and ``style_*``.
@@ -327,6 +336,7 @@ class UniPETTrainer(Trainer):
         n_critic: int = 1,
         critic_pretrain_iterations: int = 0,
         train_san: bool = True,
+        max_nonfinite_steps: int = 10,
         precision: str = "fp32",
         mixed_precision: bool | None = None,
         epoch_length: int | None = None,
@@ -407,6 +417,12 @@ class UniPETTrainer(Trainer):
         self.n_critic = int(n_critic)
         self.critic_pretrain_iterations = int(critic_pretrain_iterations)
         self.train_san = as_bool(train_san, "train_san")
+        if int(max_nonfinite_steps) < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        # per network: steps skipped in a row (since the first of them) and in this run
+        self._nonfinite_streak: dict[str, list[int]] = {"generator": [0, 0], "critic": [0, 0]}
+        self.nonfinite_skipped = {"generator": 0, "critic": 0}
         device_type = torch.device(device).type
         # mixed_precision (deprecated) True/False keeps its old meaning and wins over precision
         self.precision = resolve_precision(config_precision(precision, mixed_precision, device), device)
@@ -574,8 +590,50 @@ class UniPETTrainer(Trainer):
                 output[Keys.PRED] = fake
             else:
                 engine._generator_step(low, full, mask, adversarial, output)
+        skipped = sum(engine.nonfinite_skipped.values())
+        if skipped:  # from the first skipped step on, so the curve shows when and how often
+            output["nonfinite_skipped"] = skipped
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return output
+
+    def _step_if_finite(self, network: str, optimizer: Optimizer) -> bool:
+        """``optimizer.step()`` when every gradient of its parameters is finite; else no step (the weights and the
+        optimiser's moments stay as they were), a WARNING, and after more than ``max_nonfinite_steps`` such steps of
+        one network in a row a :class:`TrainingDivergedError`.
+
+        One bad batch (a transient NaN in a bf16 critic step was seen here once in a few fine-tuning runs) then costs
+        one step instead of every weight: without this check a single NaN gradient spreads through Adam into all
+        weights, and the run trains on NaN for the rest of its hours. The decision reads the gradients only: under DDP
+        they are all-reduced, so every rank decides the same way. Returns whether the step ran.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            optimizer.step()
+            self._nonfinite_streak[network][0] = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        streak = self._nonfinite_streak[network]
+        iteration = int(self.state.iteration)
+        if streak[0] == 0:
+            streak[1] = iteration
+        streak[0] += 1
+        self.nonfinite_skipped[network] += 1
+        logger.warning(
+            "iteration %d: non-finite %s gradients, step skipped (weights unchanged; %d in a row, %d in this run)",
+            iteration,
+            network,
+            streak[0],
+            self.nonfinite_skipped[network],
+        )
+        if streak[0] > self.max_nonfinite_steps:
+            rate = "critic_learning_rate" if network == "critic" else "learning_rate / stage2_learning_rate / san_learning_rate"
+            raise TrainingDivergedError(
+                f"training diverged: {streak[0]} {network} steps in a row had non-finite gradients (iterations "
+                f"{streak[1]}-{iteration}) and were skipped, so no weights were changed by them. Resume from the last "
+                f"checkpoint with a lower {rate}, or with --precision fp32; --max_nonfinite_steps "
+                f"(now {self.max_nonfinite_steps}) sets how many skipped steps in a row are tolerated"
+            )
+        return False
 
     def _stage1_step(self, low: torch.Tensor, full: torch.Tensor, output: dict[str, Any]) -> None:
         """Stage 1: one step of the base network with L1 (+ the regional term); SAN frozen at zero style.
@@ -599,7 +657,7 @@ class UniPETTrainer(Trainer):
             )
         loss.backward()
         self.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        self.g_optimizer.step()
+        self._step_if_finite("generator", self.g_optimizer)
         output.update(
             {
                 Keys.PRED: pred.detach(),
@@ -626,7 +684,7 @@ class UniPETTrainer(Trainer):
             with self._autocast():
                 d_loss, terms = self.critic_loss(self.critic, full, fake, mask)
             d_loss.backward()
-            self.d_optimizer.step()
+            self._step_if_finite("critic", self.d_optimizer)
         # the critic's own names: its loss is not the generator's and must never reach ``loss``
         output["d_loss"] = d_loss.item()
         output.update(
@@ -689,7 +747,7 @@ class UniPETTrainer(Trainer):
                 output.update(style_statistics(self.generator, low, **self._generator_kwargs))
             loss.backward()
             self.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            self.g_optimizer.step()
+            self._step_if_finite("generator", self.g_optimizer)
         finally:
             for p in judge.parameters():
                 p.requires_grad_(True)
