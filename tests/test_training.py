@@ -307,7 +307,9 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_what_to_change(tiny_setup):
     assert not _changed(start, gen.parameters()), "no skipped step may touch the weights"
     # a clean run never reports the key; 0 stops at the first bad step
     with pytest.raises(TrainingDivergedError, match=r"1 critic steps in a row .*iterations 1-1"):
-        _trainer(gen, critic, batches, stage1=0, total=3, pretrain=3, recorder=PoisonedCriticLoss({1}), max_nonfinite_steps=0).run()
+        _trainer(
+            gen, critic, batches, stage1=0, total=3, pretrain=3, recorder=PoisonedCriticLoss({1}), max_nonfinite_steps=0
+        ).run()
     with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 0"):
         _trainer(gen, critic, batches, stage1=1, total=1, pretrain=0, max_nonfinite_steps=-1)
 

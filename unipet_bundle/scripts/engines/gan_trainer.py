@@ -626,7 +626,11 @@ class UniPETTrainer(Trainer):
             self.nonfinite_skipped[network],
         )
         if streak[0] > self.max_nonfinite_steps:
-            rate = "critic_learning_rate" if network == "critic" else "learning_rate / stage2_learning_rate / san_learning_rate"
+            rate = (
+                "critic_learning_rate"
+                if network == "critic"
+                else "learning_rate / stage2_learning_rate / san_learning_rate"
+            )
             raise TrainingDivergedError(
                 f"training diverged: {streak[0]} {network} steps in a row had non-finite gradients (iterations "
                 f"{streak[1]}-{iteration}) and were skipped, so no weights were changed by them. Resume from the last "
