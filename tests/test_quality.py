@@ -344,6 +344,37 @@ def test_missing_model_is_a_clear_error(tmp_path, work):
         quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, models="vanilla")
 
 
+def test_trials_are_scored_on_validation_subjects_without_touching_a_test_subject(work, tmp_path):
+    """--score_on validation: the first half of each family's validation subjects tunes the Gaussian, the second
+    half is scored; the docs are never written; one validation subject is a clear error."""
+    with pytest.raises(UniPETInputError, match="--score_on must be test or validation"):
+        quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, score_on="train")
+    with pytest.raises(UniPETInputError, match="in_family has 1 validation subject"):
+        quality.run(str(work), checkpoint=str(work / "unipet.pt"), update_docs=False, score_on="validation")
+    two = tmp_path / "work"  # the fixture's folders, with two validation subjects in-family
+    (two / "sim").mkdir(parents=True)
+    for sub in (work / "sim").iterdir():
+        if sub.is_dir():
+            (two / "sim" / sub.name).symlink_to(sub)
+    listed = json.loads((work / "sim" / "datalist.json").read_text())
+    listed["validation"] += [e for e in listed["test"] if e["subject"] == "phantom_001"]
+    (two / "sim" / "datalist.json").write_text(json.dumps(listed))
+    result = quality.run(
+        str(two),
+        checkpoint=str(work / "unipet.pt"),
+        families="in_family",
+        models="unipet",
+        drfs="[20]",
+        out_dir=str(tmp_path / "q"),
+        score_on="validation",  # update_docs stays at its default: refused for validation scores
+    )
+    fam = result["families"]["in_family"]
+    assert fam["test_subjects"] == ["phantom_001"] and result["scored_on"] == "validation"
+    assert "--score_on validation" in result["command"]
+    text = (tmp_path / "q" / "quality.md").read_text()
+    assert "1 validation subjects (phantom_001)" in text and "no test subject was used" in text
+
+
 def test_train_models_commands(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train_models, "_run", lambda cmd, threads: calls.append((cmd, threads)))
@@ -408,6 +439,15 @@ def test_train_models_commands(tmp_path, monkeypatch):
     assert cmd[cmd.index("--drfs") + 1] == "[20]" and cmd[cmd.index("--stage1_epochs") + 1] == "23"
     with pytest.raises(UniPETInputError, match="unknown branch"):
         tm.branch("nope")
+    tm.finetune("identity")  # a short trial from the shipped weights, the shipped stage-2 recipe as it is now
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--bdn_ckpt") + 1] == str(BUNDLE_ROOT / "models" / "model.pt")
+    assert cmd[cmd.index("--ckpt_dir") + 1].endswith("models/finetune_identity")
+    assert cmd[cmd.index("--stage1_epochs") + 1] == "0" and cmd[cmd.index("--epochs") + 1] == "4"
+    assert cmd[cmd.index("--identity_fraction") + 1] == "0.15" and cmd[cmd.index("--stage2_dose_balance") + 1] == "0.5"
+    assert "--level_lock_fwhm_mm" not in cmd and "--init_checkpoint" not in cmd
+    with pytest.raises(UniPETInputError, match="unknown finetune run"):
+        tm.finetune("nope")
     # the snapshot name follows the default config's stage-1 length
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))

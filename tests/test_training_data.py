@@ -223,3 +223,51 @@ def test_stage2_dose_balance_builds_one_sampler_per_stage(caplog):
         dose_balanced_sampler(datalist, 0.0, 0, 0.5)
     with pytest.raises(ValueError, match="stage2_dose_balance"):
         dose_balanced_sampler(datalist, 0.0, 0, float("nan"), clock)
+
+
+def test_identity_pairs_are_each_full_dose_as_its_own_input_with_their_share_of_the_draws():
+    from scripts.data.training_data import IDENTITY_DRF, with_identity_pairs
+
+    pairs = [
+        {"image": f"/d/{s}/drf_{d}.nii.gz", "label": f"/d/{s}/full_dose.nii.gz", "drf": d, "subject": s}
+        for s in ("a", "b")
+        for d in (4, 20, 100)
+    ]
+    before = [dict(e) for e in pairs]
+    assert with_identity_pairs(pairs, 0.0) is pairs
+    both = with_identity_pairs(pairs, 0.2)
+    assert pairs == before and both[: len(pairs)] == pairs  # nothing modified, the pairs first
+    added = both[len(pairs) :]
+    assert added == [
+        {"image": f"/d/{s}/full_dose.nii.gz", "label": f"/d/{s}/full_dose.nii.gz", "drf": IDENTITY_DRF, "subject": s}
+        for s in ("a", "b")
+    ]
+    assert with_identity_pairs(both, 0.2)[len(both) :] == []  # a list that has them gets no second set
+    for alpha in (0.0, 0.5):
+        sampler = dose_balanced_sampler(both, alpha, seed=3, identity_fraction=0.2)
+        w = sampler.weights.numpy()
+        assert abs(w[len(pairs) :].sum() / w.sum() - 0.2) < 1e-9  # the share, whatever the dose balance
+        np.testing.assert_allclose(w[0] / w[2], (100 / 4) ** alpha, rtol=1e-6)  # the pairs keep their balance
+        draws = [both[i]["drf"] for _ in range(400) for i in sampler]
+        assert 0.16 < np.mean([d == IDENTITY_DRF for d in draws]) < 0.24
+    assert dose_balanced_sampler(pairs, 0.0, identity_fraction=0.2) is None  # no identity pairs: as before
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="identity_fraction"):
+            with_identity_pairs(pairs, bad)
+
+
+def test_train_json_adds_identity_pairs_only_when_asked(tmp_path):
+    from conftest import bundle_parser
+
+    data = make_pairs(tmp_path / "pairs", n_subjects=5, drfs=(4, 20))
+    plain = bundle_parser(("train.json",), dataset_dir=str(data)).get_parsed_content("train#datalist")
+    assert all(e["image"] != e["label"] for e in plain)
+    parser = bundle_parser(("train.json",), dataset_dir=str(data), identity_fraction=0.25)
+    listed = parser.get_parsed_content("train#datalist")
+    identity = [e for e in listed if e["image"] == e["label"]]
+    assert len(identity) == len({e["label"] for e in plain}) and len(listed) == len(plain) + len(identity)
+    sampler = parser.get_parsed_content("train#sampler")  # stage 1 uniform, stage 2 dose-balanced: both keep the share
+    for stage in (sampler.stage1, sampler.stage2):
+        w = stage.weights.numpy()
+        assert abs(w[len(plain) :].sum() / w.sum() - 0.25) < 1e-9
+    assert bundle_parser(("train.json",)).get_parsed_content("identity_fraction") == 0.0  # off by default

@@ -121,6 +121,8 @@ MODEL_ORDER = (
     "film",
     "film_focus",
     "thinning_blend",
+    "finetune_control",
+    "finetune_identity",
     "unipet",
 )
 
@@ -148,6 +150,10 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "noise_styles": ("trial: styles from window noise statistics", "noise_styles/model.pt"),
     # 0.5.6 trial, DRF given: the shipped recipe with the output keeping 1/DRF of the input (the thinning identity)
     "thinning_blend": ("DRF given: input / DRF + (1 - 1/DRF) x UniPET", "thinning_blend/model.pt"),
+    # 0.5.12 short trials from the shipped weights (train_models finetune): 400 more stage-2 iterations, and the same
+    # with 15 % identity pairs (the full dose as its own input)
+    "finetune_control": ("trial: shipped + 400 stage-2 iterations", "finetune_control/model.pt"),
+    "finetune_identity": ("trial: shipped + 400 iterations, 15 % identity pairs", "finetune_identity/model.pt"),
 }
 # models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
 CONDITIONED_MODELS = ("film", "film_focus", "thinning_blend")
@@ -169,6 +175,8 @@ OPTIONAL_MODELS = (
     "film_focus",
     "noise_styles",
     "thinning_blend",
+    "finetune_control",
+    "finetune_identity",
 )
 """Scored by default only when their checkpoint exists (full-run ablations, ~1 h of CPU each)."""
 # models whose network is not the training config's network_def (train_models.FULL_RUNS overrides it)
@@ -520,7 +528,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     for fam, fr in result["families"].items():
         s, drfs = fr["summary"], fr["drfs"]
         lines += [
-            f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} test subjects "
+            f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} "
+            f"{result.get('scored_on', 'test')} subjects "
             f"({', '.join(fr['test_subjects'])}), {fr['lesions_per_drf']} lesions, DRFs {', '.join(drfs)}"
             f"{'; never trained on: ' + ', '.join(fr['unseen_drfs']) if fr['unseen_drfs'] else ''}.",
             "",
@@ -780,6 +789,7 @@ def run(
     update_docs: bool = True,
     threads: int = 0,
     inference_overrides: Any = None,
+    score_on: str = "test",
 ) -> dict[str, Any]:
     """Evaluate the models on the test families and write the quality tables (see the module docstring).
 
@@ -797,6 +807,10 @@ def run(
         threads: torch CPU threads (0: PyTorch's default).
         inference_overrides: ``configs/inference.json`` values for every network model, e.g.
             ``"{'level_lock_fwhm_mm': 20}"`` (default: the config's own).
+        score_on: ``"test"`` (default: the model card's table) or ``"validation"``: each family's validation
+            subjects only, the first half tuning the Gaussian and the second half scored, so that trials can be
+            compared without touching a test subject (needs >= 2 validation subjects per family; never written
+            into the docs).
     """
     from scripts.common.options import as_bool
 
@@ -812,6 +826,16 @@ def run(
     if unknown or "unipet" not in model_list:
         raise UniPETInputError(f"--models {models!r}: must include unipet, from {list(NETWORK_MODELS)}")
     splits = {f: _family_split(work, f) for f in fam_list}
+    if score_on not in ("test", "validation"):
+        raise UniPETInputError(f"--score_on must be test or validation, got {score_on!r}")
+    if score_on == "validation":
+        for f, (data, val, _) in splits.items():
+            if len(val) < 2:
+                raise UniPETInputError(f"--score_on validation: {f} has {len(val)} validation subject(s), needs >= 2")
+            splits[f] = (data, val[: len(val) // 2], val[len(val) // 2 :])
+        if update_docs:
+            logger.info("--score_on validation: the docs' table (test subjects) is left as it is")
+            update_docs = False
     out = Path(out_dir).expanduser() if out_dir else work / "quality"
     ckpt = Path(checkpoint).expanduser() if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     config = BUNDLE_ROOT / "configs" / "train.json"
@@ -840,7 +864,9 @@ def run(
         + (f" --models {','.join(model_list)}" if models else "")
         + (f" --max_test_subjects {max_test_subjects}" if max_test_subjects else "")
         + (f' --drfs "[{",".join(format_drf(d) for d in all_drfs)}]"' if drfs is not None else "")
-        + (f' --inference_overrides "{dict(inference_overrides)}"' if inference_overrides else ""),
+        + (f' --inference_overrides "{dict(inference_overrides)}"' if inference_overrides else "")
+        + (" --score_on validation" if score_on == "validation" else ""),
+        "scored_on": score_on,
         "models": model_list,
         "families": {},
         "provenance": provenance,
@@ -861,7 +887,7 @@ def run(
         regions: list[dict[str, Any]] = []
         biases: dict[tuple[str, str], list[float]] = {}
         textures: dict[str, dict[str, list]] = {}
-        for subject in tqdm(test, desc=f"{fam}: test subjects", unit="subject"):
+        for subject in tqdm(test, desc=f"{fam}: {score_on} subjects", unit="subject"):
             full, _, spacing, labels, table = _subject_volumes(data, subject)
             liver = _liver_core(labels, table)
             if liver is not None:
@@ -944,7 +970,11 @@ def run(
         plot_texture(texture_means, fam, drf_names, out / f"texture_{fam}.png")
         atomic_write_json(out / "quality_partial.json", _json_safe(result))  # a long run keeps finished families
     result["data"] = "; ".join(
-        f"{f}: {len(v[2])} test subjects of {FAMILIES[f][0]}/ ({', '.join(v[2])})" for f, v in splits.items()
+        f"{f}: {len(v[2])} {score_on} subjects of {FAMILIES[f][0]}/ ({', '.join(v[2])})" for f, v in splits.items()
+    ) + (
+        "; the family's other validation subjects tuned the Gaussian, no test subject was used"
+        if score_on == "validation"
+        else ""
     )
     table = markdown(result)
 

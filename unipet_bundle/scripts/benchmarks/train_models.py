@@ -47,6 +47,11 @@ way, ``noise_styles`` / ``noise_styles_fast`` (label-free: styles from two stati
 4x the style learning rate). 0.5.6: ``thinning_blend`` (DRF given): ``dose_balanced_s2`` with its output keeping
 1/DRF of its input (``ThinningBlendUniPET``, UniPET's own parameters), so it resumes the snapshot like the others.
 
+0.5.12: ``finetune NAME`` (``FINETUNE_RUNS``): short trials that continue the shipped ``models/model.pt`` with a fresh
+critic for 400 stage-2 iterations (``--bdn_ckpt``, 100 of critic pre-training), the shipped recipe otherwise:
+``control`` (nothing else) and ``identity`` (``--identity_fraction 0.15``: identity pairs, the full dose as its own
+input). Minutes each; compare them with ``quality --score_on validation`` (validation subjects only).
+
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
 """
@@ -213,6 +218,16 @@ FULL_RUNS: dict[str, list[str]] = {
         "0",
     ],
 }
+
+
+# Short trials from the shipped weights (``finetune``): the shipped recipe's stage 2 (dose-balanced, no L_align, locked
+# validation every epoch) for 400 iterations, so a change can be tried in minutes against ``control``.
+FINETUNE_EPOCHS = 4
+FINETUNE_RUNS: dict[str, list[str]] = {
+    "control": [],
+    "identity": ["--identity_fraction", "0.15"],
+}
+FINETUNE_BASE = ["--align_weight", "0", "--val_interval", "1", "--dose_balance", "0", "--stage2_dose_balance", "0.5"]
 
 
 def _py() -> list[str]:
@@ -412,11 +427,12 @@ class TrainModels:
         atomic_write(folder / "family.json", lambda tmp: tmp.write_text(json.dumps(family, indent=2) + "\n"))
 
     # -- training ----------------------------------------------------------------------------------------
-    def _train(self, name: str, extra: list[str]) -> None:
-        # every run here sets its stage-2 sampling explicitly (all predate the stage2_dose_balance default)
-        extra = [*extra, *_pre_0_5_3(extra)]
-        if name not in LOCKED_SELECTION_RUNS:
-            extra = [*extra, *UNLOCKED_SELECTION]
+    def _train(self, name: str, extra: list[str], legacy: bool = True) -> None:
+        if legacy:
+            # every run before 0.5.12 sets its stage-2 sampling explicitly (all predate the stage2_dose_balance default)
+            extra = [*extra, *_pre_0_5_3(extra)]
+            if name not in LOCKED_SELECTION_RUNS:
+                extra = [*extra, *UNLOCKED_SELECTION]
         if not self.datalist.is_file():
             raise UniPETInputError(f"{self.datalist} not found: run the `data` step first")
         _run(
@@ -475,6 +491,18 @@ class TrainModels:
         if name not in FULL_RUNS:
             raise UniPETInputError(f"unknown full run {name!r}: use one of {sorted(FULL_RUNS)}")
         self._train(name, FULL_RUNS[name])
+
+    def finetune(self, name: str) -> None:
+        """A short trial from the shipped ``models/model.pt`` (``FINETUNE_RUNS``: control, identity), into
+        ``models/finetune_<name>``; see the module docstring."""
+        if name not in FINETUNE_RUNS:
+            raise UniPETInputError(f"unknown finetune run {name!r}: use one of {sorted(FINETUNE_RUNS)}")
+        start = ["--bdn_ckpt", str(BUNDLE_ROOT / "models" / "model.pt"), "--stage1_epochs", "0"]
+        self._train(
+            f"finetune_{name}",
+            [*start, "--epochs", str(FINETUNE_EPOCHS), *FINETUNE_BASE, *FINETUNE_RUNS[name]],
+            legacy=False,
+        )
 
     def drf_specific(self, drfs: Any = TRAIN_DRFS) -> None:
         """One model per training DRF: 300 more stage-1 iterations on that DRF alone, from the end of stage 1."""

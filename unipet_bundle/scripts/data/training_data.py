@@ -37,11 +37,14 @@ __all__ = [
     "hotspot_mask",
     "dose_balanced_sampler",
     "StageDoseSampler",
+    "with_identity_pairs",
+    "IDENTITY_DRF",
 ]
 
 logger = logging.getLogger(__name__)
 
 _SPLITS = ("training", "validation", "test")
+IDENTITY_DRF = 1.0  # an identity pair: the full dose as its own low-dose input, the "dose" it was acquired at
 
 
 def paired_datalist(
@@ -109,6 +112,42 @@ def paired_datalist(
         entries = [entries[int(i * step)] for i in range(max_items)]
     logger.info("%s: %d pairs from %s", split, len(entries), root)
     return entries
+
+
+def _identity_fraction(value: Any) -> float:
+    share = finite_number(value, "identity_fraction")
+    if share >= 1.0:
+        raise ValueError(f"identity_fraction must be below 1 (a share of the training draws), got {value}")
+    return share
+
+
+def _is_identity(entry: Mapping[str, Any]) -> bool:
+    return "image" in entry and str(entry["image"]) == str(entry.get("label"))
+
+
+def with_identity_pairs(datalist: list[dict[str, Any]], identity_fraction: float = 0.0) -> list[dict[str, Any]]:
+    """``datalist`` plus, when ``identity_fraction`` > 0, one identity pair per full-dose volume: that volume as its
+    own low-dose input (``drf`` :data:`IDENTITY_DRF`), whose right answer is to leave it as it is.
+
+    Why: trained on DRF 4-100 only, the network has never seen an input as clean as its target and smooths every
+    input, clean ones too; on a reconstruction whose DRF-4 images are nearly as clean as the full dose (the unseen
+    test family) that costs more than it removes. The share of the draws these pairs get is set by
+    :func:`dose_balanced_sampler` (same ``identity_fraction``), whatever the number of subjects.
+
+    Returns a new list (the entries given are not modified); the list given when the fraction is 0.
+    """
+    share = _identity_fraction(identity_fraction)
+    if share == 0.0 or not datalist:
+        return datalist
+    have = {str(e["label"]) for e in datalist if _is_identity(e)}  # a list that has them gets no second set
+    identity: dict[str, dict[str, Any]] = {}
+    for e in datalist:
+        if str(e["label"]) not in have and str(e["label"]) not in identity:
+            identity[str(e["label"])] = {**e, "image": e["label"], "drf": IDENTITY_DRF}
+    logger.info(
+        "training: %d identity pairs (full dose as its own input), %.0f %% of the draws", len(identity), 100 * share
+    )
+    return [*datalist, *identity.values()]
 
 
 def _check_entry(entry: Mapping[str, Any], split: str, checked_by_layout: bool) -> None:
@@ -306,6 +345,7 @@ def dose_balanced_sampler(
     distributed: bool = False,
     num_replicas: int | None = None,
     rank: int | None = None,
+    identity_fraction: float = 0.0,
 ) -> Any:
     """A sampler that draws each (low-dose, full-dose) pair with probability ``~ DRF ** -dose_balance``.
 
@@ -319,6 +359,10 @@ def dose_balanced_sampler(
     the DataLoader starts a pass over the data; :class:`scripts.engines.gan_trainer.UniPETTrainer` syncs the clock
     when an epoch starts (so a resumed run is right from its first batch) and starts a new pass right after the
     last stage-1 iteration, so stage 2 is drawn by its own sampler from its first iteration.
+
+    ``identity_fraction``: the identity pairs of the datalist (:func:`with_identity_pairs`: image and label the same
+    file) together get this share of the draws in both stages, spread evenly over them; the other pairs share the
+    rest as above.
 
     ``distributed`` (``multi_gpu_train.json``): each rank draws from its own share of the datalist, with MONAI's
     ``DistributedSampler`` (uniform) or ``DistributedWeightedRandomSampler`` (``num_replicas``, ``rank``: from the
@@ -342,27 +386,35 @@ def dose_balanced_sampler(
             alpha1,
             alpha2,
         )
-    if not datalist or (alpha1 == alpha2 == 0.0 and not distributed):
+    share = _identity_fraction(identity_fraction)
+    identity = np.array([_is_identity(e) for e in datalist], dtype=bool)
+    weighted_identity = share > 0.0 and identity.any() and not identity.all()
+    if not datalist or (alpha1 == alpha2 == 0.0 and not distributed and not weighted_identity):
         return None
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)
 
+    def weights(alpha: float) -> list[float]:
+        w = drfs**-alpha
+        if weighted_identity:
+            w[identity] = share / (1.0 - share) * w[~identity].sum() / identity.sum()
+        return w.tolist()
+
     def sampler(alpha: float) -> Any:
+        uniform = alpha == 0.0 and not weighted_identity
         if distributed:
             from monai.data import DistributedSampler, DistributedWeightedRandomSampler
 
-            share = {"even_divisible": True, "num_replicas": num_replicas, "rank": rank}
-            if alpha == 0.0:
-                return DistributedSampler(range(len(datalist)), shuffle=True, **share)
+            ranks = {"even_divisible": True, "num_replicas": num_replicas, "rank": rank}
+            if uniform:
+                return DistributedSampler(range(len(datalist)), shuffle=True, **ranks)
             generator = torch.Generator().manual_seed(int(seed))
-            return DistributedWeightedRandomSampler(
-                range(len(datalist)), (drfs**-alpha).tolist(), generator=generator, **share
-            )
-        if alpha == 0.0:
+            return DistributedWeightedRandomSampler(range(len(datalist)), weights(alpha), generator=generator, **ranks)
+        if uniform:
             # what DataLoader(shuffle=True) builds: the same draws as a uniform run without this sampler
             return torch.utils.data.RandomSampler(range(len(datalist)))
         generator = torch.Generator().manual_seed(int(seed))
         return torch.utils.data.WeightedRandomSampler(
-            (drfs**-alpha).tolist(), num_samples=len(datalist), replacement=True, generator=generator
+            weights(alpha), num_samples=len(datalist), replacement=True, generator=generator
         )
 
     if alpha1 == alpha2:
