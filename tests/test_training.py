@@ -285,12 +285,15 @@ def test_a_nonfinite_gradient_skips_that_step_and_the_run_goes_on(tiny_setup, ca
     assert _changed(critic_seen[4], critic_seen[5]), "the next critic step trains again"
     for module in (gen, critic):
         assert all(torch.isfinite(p).all() for p in module.parameters())
+    clean = _trainer(gen, critic, batches, stage1=1, total=2, pretrain=1)
+    clean.run()
+    assert "nonfinite_skipped" not in clean.state.output and clean.nonfinite_skipped == {"generator": 0, "critic": 0}
     assert trainer.nonfinite_skipped == {"generator": 1, "critic": 1}
     assert trainer.state.output["nonfinite_skipped"] == 2
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert warnings == [
-        "iteration 2: non-finite generator gradients, step skipped (weights unchanged; 1 in a row, 1 in this run)",
-        "iteration 4: non-finite critic gradients, step skipped (weights unchanged; 1 in a row, 1 in this run)",
+        "iteration 2: non-finite generator gradients, step skipped (weights unchanged; 1 in a row, 1 in this process)",
+        "iteration 4: non-finite critic gradients, step skipped (weights unchanged; 1 in a row, 1 in this process)",
     ]
 
 
@@ -303,9 +306,11 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_what_to_change(tiny_setup):
         trainer.run()
     msg = str(err.value)
     assert "3 generator steps in a row had non-finite gradients (iterations 1-3)" in msg
-    assert "lower learning_rate" in msg and "--precision fp32" in msg and "--max_nonfinite_steps" in msg
+    assert (
+        "--precision fp32" in msg and "before iteration 1 (--init_checkpoint" in msg and "--max_nonfinite_steps" in msg
+    )
     assert not _changed(start, gen.parameters()), "no skipped step may touch the weights"
-    # a clean run never reports the key; 0 stops at the first bad step
+    # 0 stops at the first bad step
     with pytest.raises(TrainingDivergedError, match=r"1 critic steps in a row .*iterations 1-1"):
         _trainer(
             gen, critic, batches, stage1=0, total=3, pretrain=3, recorder=PoisonedCriticLoss({1}), max_nonfinite_steps=0
@@ -656,6 +661,15 @@ def test_trainer_and_best_checkpoint_share_the_stage_clock(tiny_setup, tmp_path)
     clock.iteration = 4  # the trainer's next iteration is in stage 2
     saver(evaluator)
     assert (tmp_path / "model.pt").is_file()
+    # a validation during the critic pre-training judges weights stage 2 has not changed: not a stage-2 candidate
+    pre = tmp_path / "offset"
+    saver = StageBestCheckpoint(pre, gen, stage_clock=clock, stage2_offset=2)
+    for iteration, written in ((4, False), (5, False), (6, True)):
+        clock.iteration = iteration
+        saver(evaluator)
+        assert (pre / "model.pt").is_file() == written, iteration
+    assert saver.best_epoch == {2: evaluator.state.epoch}
+    assert bundle_parser(("train.json",)).get_parsed_content("validate#best_checkpoint").stage2_offset == 100
 
 
 def test_each_iteration_runs_the_step_of_its_phase(tiny_setup, monkeypatch):

@@ -251,6 +251,10 @@ def test_identity_pairs_are_each_full_dose_as_its_own_input_with_their_share_of_
         draws = [both[i]["drf"] for _ in range(400) for i in sampler]
         assert 0.16 < np.mean([d == IDENTITY_DRF for d in draws]) < 0.24
     assert dose_balanced_sampler(pairs, 0.0, identity_fraction=0.2) is None  # no identity pairs: as before
+    # several ranks: each weighs its own share of the list, the identity pairs keep theirs over all ranks together
+    ranks = [dose_balanced_sampler(both, 0.5, 0, None, None, True, 2, r, identity_fraction=0.2) for r in (0, 1)]
+    drawn = [both[i]["drf"] for _ in range(200) for s in ranks for i in s]
+    assert 0.14 < np.mean([d == IDENTITY_DRF for d in drawn]) < 0.26
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="identity_fraction"):
             with_identity_pairs(pairs, bad)

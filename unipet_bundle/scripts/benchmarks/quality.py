@@ -152,8 +152,8 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "thinning_blend": ("DRF given: input / DRF + (1 - 1/DRF) x UniPET", "thinning_blend/model.pt"),
     # 0.5.12 short trials from the shipped weights (train_models finetune): 400 more stage-2 iterations, and the same
     # with 15 % identity pairs (the full dose as its own input)
-    "finetune_control": ("trial: shipped + 400 stage-2 iterations", "finetune_control/model.pt"),
-    "finetune_identity": ("trial: shipped + 400 iterations, 15 % identity pairs", "finetune_identity/model.pt"),
+    "finetune_control": ("trial: shipped + 300 stage-2 steps", "finetune_control/model.pt"),
+    "finetune_identity": ("trial: shipped + 300 stage-2 steps, 15 % identity pairs", "finetune_identity/model.pt"),
 }
 # models that are given the DRF: one network, run at each test volume's own DRF (FixedDRF)
 CONDITIONED_MODELS = ("film", "film_focus", "thinning_blend")
@@ -520,7 +520,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"PSNR: UniPET's (SUV clipped to [0, {clip:g}], peak {clip:g}) and, in its own column, UDPET's (unclipped, "
         "peak = max of the full dose; not comparable with the first). Texture ratio: 1 = full-dose texture, < 1 "
         "over-smoothed. Lesion columns: signed mean SUVmax and SUVpeak (1 mL) bias vs the full dose over all "
-        "lesions of the test subjects (negative = peaks lost). Liver: SUVmean bias vs the full dose (QIBA bar 5 %) "
+        f"lesions of the {result.get('scored_on', 'test')} subjects (negative = peaks lost). Liver: SUVmean bias vs the full dose (QIBA bar 5 %) "
         "and CoV (noise). acf1: liver noise autocorrelation at one voxel in-plane / axially (full dose for comparison).",
         "",
     ]
@@ -836,7 +836,8 @@ def run(
         if update_docs:
             logger.info("--score_on validation: the docs' table (test subjects) is left as it is")
             update_docs = False
-    out = Path(out_dir).expanduser() if out_dir else work / "quality"
+    # never over the test run's files: a validation run has its own default folder
+    out = Path(out_dir).expanduser() if out_dir else work / ("quality" if score_on == "test" else "quality_validation")
     ckpt = Path(checkpoint).expanduser() if checkpoint else BUNDLE_ROOT / "models" / "model.pt"
     config = BUNDLE_ROOT / "configs" / "train.json"
     fam_drfs: dict[str, list[float]] = {}
@@ -972,7 +973,9 @@ def run(
     result["data"] = "; ".join(
         f"{f}: {len(v[2])} {score_on} subjects of {FAMILIES[f][0]}/ ({', '.join(v[2])})" for f, v in splits.items()
     ) + (
-        "; the family's other validation subjects tuned the Gaussian, no test subject was used"
+        "; the family's other validation subjects tuned the Gaussian, no test subject was used; in-family, the scored "
+        "subjects are also those training's validation selects checkpoints on, so only the unseen family is "
+        "independent of that selection"
         if score_on == "validation"
         else ""
     )

@@ -48,7 +48,8 @@ way, ``noise_styles`` / ``noise_styles_fast`` (label-free: styles from two stati
 1/DRF of its input (``ThinningBlendUniPET``, UniPET's own parameters), so it resumes the snapshot like the others.
 
 0.5.12: ``finetune NAME`` (``FINETUNE_RUNS``): short trials that continue the shipped ``models/model.pt`` with a fresh
-critic for 400 stage-2 iterations (``--bdn_ckpt``, 100 of critic pre-training), the shipped recipe otherwise:
+critic for 400 stage-2 iterations (``--bdn_ckpt``; the first 100 train the critic alone, so 300 generator steps), the
+shipped stage-2 recipe otherwise (selected on the locked validation, as a new run is):
 ``control`` (nothing else) and ``identity`` (``--identity_fraction 0.15``: identity pairs, the full dose as its own
 input). Minutes each; compare them with ``quality --score_on validation`` (validation subjects only).
 

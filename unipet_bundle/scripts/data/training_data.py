@@ -362,14 +362,17 @@ def dose_balanced_sampler(
 
     ``identity_fraction``: the identity pairs of the datalist (:func:`with_identity_pairs`: image and label the same
     file) together get this share of the draws in both stages, spread evenly over them; the other pairs share the
-    rest as above.
+    rest as above. With it, stage 1 draws with replacement even when ``dose_balance`` is 0. Distributed, each rank
+    weighs its own share of the datalist (MONAI's ``DistributedWeightedRandomSampler``), so the share holds over all
+    ranks together, not exactly on each.
 
     ``distributed`` (``multi_gpu_train.json``): each rank draws from its own share of the datalist, with MONAI's
     ``DistributedSampler`` (uniform) or ``DistributedWeightedRandomSampler`` (``num_replicas``, ``rank``: from the
     process group unless given).
 
     Returns:
-        None when both stages sample uniformly (the DataLoader then shuffles, as before 0.5.3); a
+        None when both stages sample uniformly and no identity pairs are weighted (the DataLoader then shuffles, as
+        before 0.5.3); a
         ``torch.utils.data.WeightedRandomSampler`` when both stages share one nonzero value; otherwise a
         :class:`StageDoseSampler`. Distributed: ``DistributedSampler`` / ``DistributedWeightedRandomSampler``
         in those two cases (MONAI's workflow sets their epoch), else a :class:`StageDoseSampler` of them.
@@ -389,6 +392,13 @@ def dose_balanced_sampler(
     share = _identity_fraction(identity_fraction)
     identity = np.array([_is_identity(e) for e in datalist], dtype=bool)
     weighted_identity = share > 0.0 and identity.any() and not identity.all()
+    if share > 0.0 and not weighted_identity and datalist:
+        logger.warning(
+            "identity_fraction %g but the training datalist has %s: nothing drawn as identity pairs (the datalist "
+            "goes through scripts.data.training_data.with_identity_pairs with the same fraction in train.json)",
+            share,
+            "only identity pairs" if identity.all() else "no identity pairs",
+        )
     if not datalist or (alpha1 == alpha2 == 0.0 and not distributed and not weighted_identity):
         return None
     drfs = np.array([float(e["drf"]) for e in datalist], dtype=np.float64)

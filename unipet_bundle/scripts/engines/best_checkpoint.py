@@ -65,6 +65,9 @@ class StageBestCheckpoint:
         filenames: file name per stage.
         rank: only rank 0 writes.
         cmp_fn: ``cmp_fn(new, best)`` is True when ``new`` is better (default: greater).
+        stage2_offset: stage-2 iterations before the generator's first stage-2 step (the critic pre-training):
+            a validation within them judges weights stage 2 has not changed, so it is not a stage-2 candidate
+            (a short fine-tuning run otherwise saved its starting weights as its stage-2 ``model.pt``).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class StageBestCheckpoint:
         filenames: dict[int, str] | None = None,
         rank: int = 0,
         cmp_fn: Callable[[float, float], bool] | None = None,
+        stage2_offset: int = 0,
     ) -> None:
         if stage_clock is None or not hasattr(stage_clock, "stage"):
             raise ValueError(
@@ -92,6 +96,7 @@ class StageBestCheckpoint:
         self.best: dict[int, float] = {}
         self.best_epoch: dict[int, int] = {}
         self.stage_clock = stage_clock
+        self.stage2_offset = int(stage2_offset)
 
     def state_dict(self) -> dict:
         return {
@@ -126,6 +131,14 @@ class StageBestCheckpoint:
         value = float(value)
         epoch = engine.state.epoch
         stage = self.stage_clock.stage
+        if stage == 2 and self.stage_clock.iteration - self.stage_clock.stage1_iterations <= self.stage2_offset:
+            logger.info(
+                "epoch %d: the generator has not been stepped in stage 2 yet (critic pre-training): not a candidate "
+                "for %s",
+                epoch,
+                self.filenames[2],
+            )
+            return
         best = self.best.get(stage)
         if best is not None and not self.cmp_fn(value, best):
             return

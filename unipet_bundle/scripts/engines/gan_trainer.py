@@ -300,8 +300,8 @@ class UniPETTrainer(Trainer):
     * critic (stage 2, adversarial): ``d_loss`` (``-wasserstein + gp_weight * gp``: it is dominated by the
       gradient penalty and can be in the thousands), ``d_wasserstein``, ``d_gp``, ``d_real``, ``d_fake``.
       During critic pre-training no generator step runs and the output holds no ``loss`` / ``g_*`` keys;
-    * ``nonfinite_skipped``: optimiser steps skipped so far for non-finite gradients (both networks), present
-      from the first skipped step on;
+    * ``nonfinite_skipped``: optimiser steps skipped for non-finite gradients (both networks) since this process
+      started (a resumed run counts afresh), present from the first skipped step on;
     * learning rates used by this iteration: ``lr_<group>`` per generator group (``lr_bdn``, ``lr_san``) and
       ``lr_critic`` (stage 2, adversarial);
     * monitoring (see ``monitor_interval``): ``grad_*`` and ``style_*``.
@@ -619,23 +619,21 @@ class UniPETTrainer(Trainer):
         streak[0] += 1
         self.nonfinite_skipped[network] += 1
         logger.warning(
-            "iteration %d: non-finite %s gradients, step skipped (weights unchanged; %d in a row, %d in this run)",
+            "iteration %d: non-finite %s gradients, step skipped (weights unchanged; %d in a row, %d in this process)",
             iteration,
             network,
             streak[0],
             self.nonfinite_skipped[network],
         )
         if streak[0] > self.max_nonfinite_steps:
-            rate = (
-                "critic_learning_rate"
-                if network == "critic"
-                else "learning_rate / stage2_learning_rate / san_learning_rate"
-            )
             raise TrainingDivergedError(
                 f"training diverged: {streak[0]} {network} steps in a row had non-finite gradients (iterations "
-                f"{streak[1]}-{iteration}) and were skipped, so no weights were changed by them. Resume from the last "
-                f"checkpoint with a lower {rate}, or with --precision fp32; --max_nonfinite_steps "
-                f"(now {self.max_nonfinite_steps}) sets how many skipped steps in a row are tolerated"
+                f"{streak[1]}-{iteration}) and were skipped, so no weights were changed by them; the weights these "
+                "steps started from give non-finite gradients again and again, so resuming them as they are repeats "
+                "it. Try --precision fp32 first (bf16 autocast), or start again from a checkpoint saved before "
+                f"iteration {streak[1]} (--init_checkpoint checkpoint_iter<N>.pt) with a lower learning rate; "
+                f"--max_nonfinite_steps (now {self.max_nonfinite_steps}) sets how many skipped steps in a row are "
+                "tolerated"
             )
         return False
 
