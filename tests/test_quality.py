@@ -448,6 +448,10 @@ def test_train_models_commands(tmp_path, monkeypatch):
     assert "--level_lock_fwhm_mm" not in cmd and "--init_checkpoint" not in cmd
     with pytest.raises(UniPETInputError, match="unknown finetune run"):
         tm.finetune("nope")
+    tm.branch("identity_pairs")  # the full branch of that trial: the shipped recipe plus identity pairs
+    cmd = calls[-1][0]
+    assert cmd[cmd.index("--init_checkpoint") + 1] == str(snap) and cmd[cmd.index("--identity_fraction") + 1] == "0.15"
+    assert cmd[cmd.index("--dose_balance") + 1] == "0.5" and "--level_lock_fwhm_mm" not in cmd
     # the snapshot name follows the default config's stage-1 length
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))

@@ -121,6 +121,7 @@ MODEL_ORDER = (
     "film",
     "film_focus",
     "thinning_blend",
+    "identity_pairs",
     "finetune_control",
     "finetune_identity",
     "unipet",
@@ -152,6 +153,7 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "thinning_blend": ("DRF given: input / DRF + (1 - 1/DRF) x UniPET", "thinning_blend/model.pt"),
     # 0.5.12 short trials from the shipped weights (train_models finetune): 400 more stage-2 iterations, and the same
     # with 15 % identity pairs (the full dose as its own input)
+    "identity_pairs": ("trial: 15 % identity pairs", "identity_pairs/model.pt"),
     "finetune_control": ("trial: shipped + 300 stage-2 steps", "finetune_control/model.pt"),
     "finetune_identity": ("trial: shipped + 300 stage-2 steps, 15 % identity pairs", "finetune_identity/model.pt"),
 }
@@ -175,6 +177,7 @@ OPTIONAL_MODELS = (
     "film_focus",
     "noise_styles",
     "thinning_blend",
+    "identity_pairs",
     "finetune_control",
     "finetune_identity",
 )

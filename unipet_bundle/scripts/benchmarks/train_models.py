@@ -51,7 +51,8 @@ way, ``noise_styles`` / ``noise_styles_fast`` (label-free: styles from two stati
 critic for 400 stage-2 iterations (``--bdn_ckpt``; the first 100 train the critic alone, so 300 generator steps), the
 shipped stage-2 recipe otherwise (selected on the locked validation, as a new run is):
 ``control`` (nothing else) and ``identity`` (``--identity_fraction 0.15``: identity pairs, the full dose as its own
-input). Minutes each; compare them with ``quality --score_on validation`` (validation subjects only).
+input). Minutes each; compare them with ``quality --score_on validation`` (validation subjects only). The full
+branch of the second is ``branch identity_pairs`` (``dose_balanced_s2`` with ``--identity_fraction 0.15``).
 
 Steps 3's branches are independent: on a 2-core CPU, run two of them at once with ``--threads 1``.
 The Gaussian-filter baseline needs no training (``scripts.benchmarks.quality`` tunes it).
@@ -108,6 +109,7 @@ LOCKED_SELECTION_RUNS = {
     "noise_styles",
     "noise_styles_fast",
     "thinning_blend",
+    "identity_pairs",
 }
 
 
@@ -199,6 +201,10 @@ CONDITIONED_BRANCHES: dict[str, tuple[str, list[str]]] = {
 # so the network under it has one target at every DRF, the noise-free full dose. Same parameters as UniPET, so unlike
 # the CONDITIONED_BRANCHES it resumes the snapshot's training state like every branch in BRANCHES: the shipped recipe
 # (dose_balanced_s2) with only train.json's network class changed (its arguments stay the config's own).
+# 0.5.12: the shipped recipe with 15 % identity pairs (the full dose as its own input); the short trial of
+# ``finetune identity`` bought +0.3 dB at DRF 4 and cost 0.1-0.2 dB at DRF 100 on validation subjects; not run in full yet
+BRANCHES["identity_pairs"] = [*DOSE_BALANCED_S2, "--identity_fraction", "0.15"]
+
 THINNING_BLEND_TARGET = "scripts.networks.drf_conditioned.ThinningBlendUniPET"
 BRANCHES["thinning_blend"] = [*DOSE_BALANCED_S2, "--network_def#_target_", THINNING_BLEND_TARGET]
 
