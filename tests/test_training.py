@@ -311,7 +311,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_what_to_change(tiny_setup):
     )
     assert not _changed(start, gen.parameters()), "no skipped step may touch the weights"
     # 0 stops at the first bad step
-    with pytest.raises(TrainingDivergedError, match=r"1 critic steps in a row .*iterations 1-1"):
+    with pytest.raises(TrainingDivergedError, match=r"1 critic step in a row .*iterations 1-1"):
         _trainer(
             gen, critic, batches, stage1=0, total=3, pretrain=3, recorder=PoisonedCriticLoss({1}), max_nonfinite_steps=0
         ).run()
@@ -418,6 +418,20 @@ def test_bundle_training_run_id_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_diverging_bundle_run_stops_with_one_line_and_exit_2(tmp_path):
+    """Through monai.bundle run: an absurd learning rate makes the next gradients non-finite; with
+    max_nonfinite_steps 0 the run stops at the first of them with the error's one line, not a traceback."""
+    data = make_pairs(tmp_path / "pairs", n_subjects=2)
+    args = train_args(
+        data, tmp_path / "ckpt", tmp_path / "out", epoch_length=4, epochs=1, stage1_epochs=1, val_fraction=0
+    )
+    proc = bundle_run([*args, "--learning_rate", "1e30", "--max_nonfinite_steps", "0"])
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "training diverged: 1 generator step in a row had non-finite gradients (iterations 2-2)" in err[-1]
+    assert "Traceback" not in proc.stderr
+
+
 def test_bundle_training_resumes_from_latest_checkpoint(tmp_path):
     data = make_pairs(tmp_path / "pairs", n_subjects=2)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"

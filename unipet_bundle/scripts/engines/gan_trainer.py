@@ -626,11 +626,11 @@ class UniPETTrainer(Trainer):
             self.nonfinite_skipped[network],
         )
         if streak[0] > self.max_nonfinite_steps:
+            steps = f"{streak[0]} {network} step" + ("s" if streak[0] != 1 else "")
             raise TrainingDivergedError(
-                f"training diverged: {streak[0]} {network} steps in a row had non-finite gradients (iterations "
-                f"{streak[1]}-{iteration}) and were skipped, so no weights were changed by them; the weights these "
-                "steps started from give non-finite gradients again and again, so resuming them as they are repeats "
-                "it. Try --precision fp32 first (bf16 autocast), or start again from a checkpoint saved before "
+                f"training diverged: {steps} in a row had non-finite gradients (iterations {streak[1]}-{iteration}) "
+                "and were skipped, so no weights were changed by them; resuming from these same weights will likely "
+                "repeat it. Try --precision fp32 first (bf16 autocast), or start again from a checkpoint saved before "
                 f"iteration {streak[1]} (--init_checkpoint checkpoint_iter<N>.pt) with a lower learning rate; "
                 f"--max_nonfinite_steps (now {self.max_nonfinite_steps}) sets how many skipped steps in a row are "
                 "tolerated"
