@@ -151,8 +151,9 @@ NETWORK_MODELS: dict[str, tuple[str, str | None]] = {
     "noise_styles": ("trial: styles from window noise statistics", "noise_styles/model.pt"),
     # 0.5.6 trial, DRF given: the shipped recipe with the output keeping 1/DRF of the input (the thinning identity)
     "thinning_blend": ("DRF given: input / DRF + (1 - 1/DRF) x UniPET", "thinning_blend/model.pt"),
-    # 0.5.12 short trials from the shipped weights (train_models finetune): 400 more stage-2 iterations, and the same
-    # with 15 % identity pairs (the full dose as its own input)
+    # 0.5.12: the shipped recipe with 15 % identity pairs (the full dose as its own input; train_models branch
+    # identity_pairs), and its short trials from the shipped weights (train_models finetune: 300 more generator steps,
+    # without and with the identity pairs)
     "identity_pairs": ("trial: 15 % identity pairs", "identity_pairs/model.pt"),
     "finetune_control": ("trial: shipped + 300 stage-2 steps", "finetune_control/model.pt"),
     "finetune_identity": ("trial: shipped + 300 stage-2 steps, 15 % identity pairs", "finetune_identity/model.pt"),
@@ -518,12 +519,13 @@ def _fmt(v: Any, digits: int, sign: bool = False) -> str:
 def markdown(result: Mapping[str, Any]) -> str:
     """The model card's tables: per family, one block per DRF, one row per model; baselines beaten; targets."""
     clip = float(result["provenance"]["suv_max"])
+    scored = result.get("scored_on", "test")
     lines = [
         f"Results on **simulated data** ({result['data']}), produced by `{result['command']}`.",
         f"PSNR: UniPET's (SUV clipped to [0, {clip:g}], peak {clip:g}) and, in its own column, UDPET's (unclipped, "
         "peak = max of the full dose; not comparable with the first). Texture ratio: 1 = full-dose texture, < 1 "
         "over-smoothed. Lesion columns: signed mean SUVmax and SUVpeak (1 mL) bias vs the full dose over all "
-        f"lesions of the {result.get('scored_on', 'test')} subjects (negative = peaks lost). Liver: SUVmean bias vs the full dose (QIBA bar 5 %) "
+        f"lesions of the {scored} subjects (negative = peaks lost). Liver: SUVmean bias vs the full dose (QIBA bar 5 %) "
         "and CoV (noise). acf1: liver noise autocorrelation at one voxel in-plane / axially (full dose for comparison).",
         "",
     ]
@@ -532,7 +534,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         s, drfs = fr["summary"], fr["drfs"]
         lines += [
             f"**{FAMILIES.get(fam, (None, fam))[1]}** (`{fam}`): {fr['n_test_subjects']} "
-            f"{result.get('scored_on', 'test')} subjects "
+            f"{scored} subjects "
             f"({', '.join(fr['test_subjects'])}), {fr['lesions_per_drf']} lesions, DRFs {', '.join(drfs)}"
             f"{'; never trained on: ' + ', '.join(fr['unseen_drfs']) if fr['unseen_drfs'] else ''}.",
             "",

